@@ -1,0 +1,127 @@
+"""Settings (home, preset, device) and presets.
+
+A preset is YAML in presets/ (data, not code). It may `extends:` another preset and
+override only what differs. Each stage reads its own section (`prepare`, `train`,
+`generate`, `finish`, `score`, `studio`) into its own small policy object, so a preset
+can grow a field without touching this file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import BadInput
+
+DEFAULT_PRESET = "tiny"
+
+
+def _env_path(name: str, default: Path) -> Path:
+    value = os.environ.get(name)
+    return Path(value).expanduser() if value else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where things live and what to run on. Built once at the front door and passed down."""
+
+    home: Path = field(default_factory=lambda: _env_path("PORTRAIT_HOME", Path("~/.portrait").expanduser()))
+    preset: str = field(default_factory=lambda: os.environ.get("PORTRAIT_PRESET", DEFAULT_PRESET))
+    device: str = field(default_factory=lambda: os.environ.get("PORTRAIT_DEVICE", "auto"))
+    debug: bool = False
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def identities_dir(self) -> Path:
+        return self.home / "identities"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    def with_(self, **changes: Any) -> "Settings":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A resolved preset: its name, base family, model roles and per-stage sections."""
+
+    name: str
+    family: str  # sd15 | sdxl
+    tiny: bool  # resolve every model to its make-tiny stand-in
+    models: dict[str, str]  # role -> registry id (base, vae, controlnet_canny, ...)
+    sections: dict[str, dict[str, Any]]
+    description: str = ""
+
+    def section(self, name: str) -> dict[str, Any]:
+        return dict(self.sections.get(name, {}))
+
+    def model(self, role: str) -> str:
+        try:
+            return self.models[role]
+        except KeyError:
+            raise BadInput(f"preset '{self.name}': no model for role '{role}'") from None
+
+
+def presets_root():
+    return resources.files("portrait.presets")
+
+
+def templates_root():
+    return resources.files("portrait.templates")
+
+
+def available_presets() -> list[str]:
+    return sorted(
+        p.name[: -len(".yaml")]
+        for p in presets_root().iterdir()
+        if p.name.endswith(".yaml") and p.name != "models.yaml"
+    )
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_preset_yaml(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    if name in seen:
+        raise BadInput(f"preset '{name}': `extends` loops through {' -> '.join(seen + (name,))}")
+    path = presets_root() / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(available_presets())
+        raise BadInput(f"unknown preset '{name}' (known: {known})")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise BadInput(f"presets/{name}.yaml: not a mapping")
+    parent = data.pop("extends", None)
+    if parent:
+        return deep_merge(_read_preset_yaml(parent, seen + (name,)), data)
+    return data
+
+
+def load_preset(name: str) -> Preset:
+    data = _read_preset_yaml(name)
+    reserved = {"name", "family", "tiny", "models", "description"}
+    return Preset(
+        name=name,
+        family=str(data.get("family", "sd15")),
+        tiny=bool(data.get("tiny", False)),
+        models=dict(data.get("models", {})),
+        sections={k: v for k, v in data.items() if k not in reserved and isinstance(v, dict)},
+        description=str(data.get("description", "")),
+    )

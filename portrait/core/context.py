@@ -1,0 +1,54 @@
+"""RunContext: what every stage that loads models is handed (never read from globals).
+
+The front doors (CLI, API, batch runner) build one RunContext and pass it down. Stages
+take what they need from it: the registry to resolve ids, the cache to reuse loaded
+models, the placement for device and dtype, and a progress callback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .cache import ModelCache
+from .config import Preset, Settings, load_preset
+from .device import Placement, placement
+from .registry import Registry, ResolvedModel
+
+Progress = Callable[[str, float, float], None]  # (what, done, total)
+
+
+def _no_progress(what: str, done: float, total: float) -> None:
+    return None
+
+
+@dataclass
+class RunContext:
+    settings: Settings
+    preset: Preset
+    registry: Registry
+    cache: ModelCache
+    placement: Placement
+    progress: Progress = field(default=_no_progress)
+
+    @classmethod
+    def create(cls, settings: Settings | None = None, preset: str | None = None, cache: ModelCache | None = None,
+               progress: Progress | None = None) -> "RunContext":
+        settings = settings or Settings()
+        chosen = load_preset(preset or settings.preset)
+        precision = chosen.section("runtime").get("precision", "auto")
+        return cls(
+            settings=settings,
+            preset=chosen,
+            registry=Registry.load(),
+            cache=cache or ModelCache(),
+            placement=placement(settings.device, precision),
+            progress=progress or _no_progress,
+        )
+
+    def resolve(self, model_id: str) -> ResolvedModel:
+        """Resolve through the registry, honouring the preset's tiny switch."""
+        return self.registry.resolve(model_id, self.settings, tiny=self.preset.tiny)
+
+    def resolve_role(self, role: str) -> ResolvedModel:
+        return self.resolve(self.preset.model(role))

@@ -1,0 +1,60 @@
+"""Device and precision choice, in one place so every stage agrees.
+
+CPU runs fp32 (fp16 matmuls on CPU are slow or unsupported); CUDA runs fp16, or bf16 when
+the card supports it and the preset asks for it. Offload is decided from free VRAM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import BadInput
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # "cpu" | "cuda" | "cuda:N"
+    dtype_name: str  # "float32" | "float16" | "bfloat16"
+    offload: bool = False  # enable_model_cpu_offload instead of .to(device)
+
+    @property
+    def dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype_name)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def resolve_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested not in ("auto", "cpu") and not requested.startswith("cuda"):
+        raise BadInput(f"--device: '{requested}' is not one of auto, cpu, cuda, cuda:N")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput(f"--device {requested}: no CUDA device is visible to torch")
+    return requested
+
+
+def placement(requested: str = "auto", precision: str = "auto", min_vram_gb: float = 0.0) -> Placement:
+    """Pick device, dtype and offload. `min_vram_gb` is what the pipeline needs resident."""
+    device = resolve_device(requested)
+    if device == "cpu":
+        return Placement("cpu", "float32", offload=False)
+    import torch
+
+    if precision == "auto":
+        dtype = "float16"
+    elif precision in ("float16", "fp16"):
+        dtype = "float16"
+    elif precision in ("bfloat16", "bf16"):
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    else:
+        dtype = "float32"
+    index = torch.device(device).index or 0
+    free, _total = torch.cuda.mem_get_info(index)
+    return Placement(device, dtype, offload=min_vram_gb > 0 and free / 2**30 < min_vram_gb)

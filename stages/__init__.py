@@ -1,0 +1,1 @@
+"""Pipeline stages: one module per stage; each imports only portrait.core."""

@@ -1,0 +1,1 @@
+"""Generation backends: one module each; a backend never imports another backend."""

@@ -1,0 +1,1 @@
+"""Style templates (templates/styles/*.yaml) and photo templates (templates/photos/NAME/)."""
