@@ -1,0 +1,38 @@
+"""portrait: an identity-preserving portrait studio.
+
+The Python API mirrors the CLI:
+
+    import portrait
+    report = portrait.prepare(["photos/"], out="prepared/")
+    identity = portrait.train(["photos/"], name="alice")
+    results = portrait.generate("alice", template="business", n=4, out="out/")
+    studio = portrait.Studio("jobs.db"); studio.run("spec.yaml")
+
+Names are imported lazily so `import portrait` stays cheap (no torch until needed).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "prepare": "portrait.flows.prepare:prepare",
+    "train": "portrait.flows.train:train",
+    "generate": "portrait.flows.generate:generate",
+    "Studio": "portrait.studio.api:Studio",
+    "Settings": "portrait.core.config:Settings",
+    "load_identity": "portrait.core.bundle:load_identity",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'portrait' has no attribute '{name}'")
+    module_name, attr = target.split(":")
+    return getattr(importlib.import_module(module_name), attr)

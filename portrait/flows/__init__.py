@@ -1,0 +1,1 @@
+"""Orchestration: each flow composes stages for one front-door verb (prepare, train, generate, finish)."""

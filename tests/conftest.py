@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny-model home made once per session, and real photos from packages."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_home(tmp_path_factory) -> "Settings":
+    """Settings whose HOME holds every make-tiny model (written once per test session)."""
+    from portrait.core.config import Settings
+    from portrait.core.tiny import make_tiny
+
+    home = tmp_path_factory.mktemp("portrait-home")
+    settings = Settings(home=home, preset="tiny", device="cpu")
+    make_tiny(settings)
+    return settings
+
+
+@pytest.fixture()
+def ctx(tiny_home):
+    """A fresh RunContext on the tiny preset (its own ModelCache)."""
+    from portrait.core.context import RunContext
+
+    return RunContext.create(tiny_home, preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    from skimage import data
+
+    return data.astronaut()
+
+
+@pytest.fixture(scope="session")
+def hopper() -> np.ndarray:
+    import matplotlib.cbook
+    from PIL import Image
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:
+        return np.asarray(Image.open(fh).convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def t1_group() -> np.ndarray:
+    """insightface's t1.jpg: six people."""
+    import insightface
+    from PIL import Image
+
+    path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+    return np.asarray(Image.open(path).convert("RGB"))
