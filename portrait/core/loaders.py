@@ -1,0 +1,465 @@
+"""The one place that turns registry ids into loaded diffusers objects.
+
+Real models and their make-tiny stand-ins go through the same functions: a diffusers
+folder, an A1111 single-file checkpoint (loaded offline with `from_single_file` and a
+config folder), or an explicit `--base PATH`. Loaded weights live in `ctx.cache`:
+
+- `load_components` loads a base once (unet, vae, text encoders, tokenizers, scheduler);
+- `load_pipeline` composes a pipeline class (txt2img / img2img / inpaint, with or without
+  ControlNets) around those same modules, so switching kind never reloads weights. The
+  pipelines share their modules: a LoRA or IP-Adapter loaded into one is seen by all of
+  them, exactly as with diffusers' `from_pipe`;
+- `load_controlnet`, `load_vae` load and cache one model each.
+
+Placement comes from `ctx.placement`: fp32 on CPU, fp16/bf16 on CUDA (with the fp16-fix
+VAE the sdxl preset names), `enable_model_cpu_offload` when placement.offload.
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .cache import CacheKey
+from .config import presets_root
+from .errors import BadInput, ModelMissing, PortraitError, bad_file
+from .registry import ResolvedModel
+from .tiny.tokenizer import EOS, write_clip_tokenizer
+
+KINDS = ("txt2img", "img2img", "inpaint")
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+# diffusers pipeline class per (family, kind, with ControlNet)
+_PIPELINES = {
+    ("sd15", "txt2img", False): "StableDiffusionPipeline",
+    ("sd15", "img2img", False): "StableDiffusionImg2ImgPipeline",
+    ("sd15", "inpaint", False): "StableDiffusionInpaintPipeline",
+    ("sd15", "txt2img", True): "StableDiffusionControlNetPipeline",
+    ("sd15", "img2img", True): "StableDiffusionControlNetImg2ImgPipeline",
+    ("sd15", "inpaint", True): "StableDiffusionControlNetInpaintPipeline",
+    ("sdxl", "txt2img", False): "StableDiffusionXLPipeline",
+    ("sdxl", "img2img", False): "StableDiffusionXLImg2ImgPipeline",
+    ("sdxl", "inpaint", False): "StableDiffusionXLInpaintPipeline",
+    ("sdxl", "txt2img", True): "StableDiffusionXLControlNetPipeline",
+    ("sdxl", "img2img", True): "StableDiffusionXLControlNetImg2ImgPipeline",
+    ("sdxl", "inpaint", True): "StableDiffusionXLControlNetInpaintPipeline",
+}
+
+_PARTS = {
+    "sd15": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+}
+
+
+@dataclass(frozen=True)
+class Components:
+    """A loaded base: its modules (by pipeline argument name) and what it is."""
+
+    model_id: str
+    family: str
+    modules: Mapping[str, Any]
+    source: Path  # the folder or file the weights came from
+
+    def __getitem__(self, name: str) -> Any:
+        return self.modules[name]
+
+
+# --- small helpers --------------------------------------------------------------------
+
+
+def _family(ctx, resolved: ResolvedModel | None, family: str | None) -> str:
+    chosen = family or (resolved.spec.family if resolved else None) or ctx.preset.family
+    if chosen not in _PARTS:
+        raise BadInput(f"unknown model family '{chosen}' (expected sd15 or sdxl)")
+    return chosen
+
+
+def _key(ctx, model_id: str, variant: Any = None) -> CacheKey:
+    return CacheKey(model_id, ctx.placement.device, ctx.placement.dtype_name, variant)
+
+
+def _resolve(ctx, model_id: str, explicit: Path | None = None) -> ResolvedModel:
+    if explicit is not None:
+        return ctx.registry.resolve(model_id, ctx.settings, tiny=ctx.preset.tiny, explicit=Path(explicit))
+    return ctx.resolve(model_id)
+
+
+def _weights_file(resolved: ResolvedModel) -> Path | None:
+    """The single checkpoint file of a single-file model, else None (a diffusers folder)."""
+    if resolved.path.is_file():
+        return resolved.path
+    top = [f for f in resolved.files if "/" not in f and f.endswith(WEIGHT_SUFFIXES)]
+    if len(top) == 1 and not (resolved.root / "model_index.json").exists() and not (resolved.root / "config.json").exists():
+        return resolved.root / top[0]
+    return None
+
+
+def _variant(folder: Path) -> str | None:
+    """'fp16' when a folder holds only fp16-variant weights (SDXL base's UNet, ControlNet v1.1)."""
+    names = [p.name for p in folder.glob("*") if p.is_file()]
+    plain = any(n.endswith((".safetensors", ".bin")) and ".fp16." not in n for n in names)
+    return "fp16" if not plain and any(".fp16." in n for n in names) else None
+
+
+def _dtype(ctx):
+    return ctx.placement.dtype
+
+
+def verified_file(ctx, resolved: ResolvedModel, name: str | None = None) -> Path:
+    """A model file whose sha256 matches the registry (when the registry knows it), cached per file."""
+    from .io import sha256_file
+
+    path = resolved.file(name) if name else resolved.path
+    if not path.is_file():
+        raise ModelMissing(resolved.spec.id, detail=f"{path.name} is absent")
+    expected = resolved.spec.sha256.get(name or path.name)
+    if expected and resolved.origin != "tiny":
+        stat = path.stat()
+        digest = ctx.cache.get(CacheKey(f"sha256:{path}", "", "", (stat.st_size, stat.st_mtime_ns)), lambda: sha256_file(path))
+        if digest != expected:
+            raise bad_file(path, f"sha256 {digest[:12]} does not match the registry ({expected[:12]}); re-download it")
+    return path
+
+
+def load_torch_file(ctx, resolved: ResolvedModel, name: str | None = None) -> dict:
+    """A pickle checkpoint (.bin/.pth/.ckpt): hash-checked, then `torch.load(weights_only=True)`."""
+    import torch
+
+    path = verified_file(ctx, resolved, name)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or non-tensor pickle is the user's file, not our bug
+        raise bad_file(path, f"cannot be read as a weights-only torch checkpoint ({exc.__class__.__name__})") from exc
+
+
+# --- config folders for single files -------------------------------------------------
+
+
+def single_file_config(ctx, resolved: ResolvedModel | None, family: str, name: str | None = None) -> Path:
+    """The local config folder `from_single_file(config=...)` needs, never the hub.
+
+    A tiny stand-in carries its own folder next to the weights (`config:` relative to the
+    model). Real checkpoints use a folder the package ships (presets/configs/NAME), which is
+    copied once into HOME/cache/configs/ with the CLIP tokenizers written beside it.
+    """
+    spec_config = resolved.spec.config if resolved else None
+    if resolved is not None and spec_config and (resolved.root / spec_config).is_dir():
+        return resolved.root / spec_config
+    name = name or spec_config or f"configs/{family}"
+    shipped = presets_root() / name
+    if not shipped.is_dir():
+        raise PortraitError(f"config folder '{name}' is not shipped with portrait")
+    target = ctx.settings.home / "cache" / name
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _copy_tree(shipped, tmp)
+        if (tmp / "model_index.json").exists():
+            import json
+
+            index = json.loads((tmp / "model_index.json").read_text())
+            for folder, pad in (("tokenizer", EOS), ("tokenizer_2", "!")):
+                if folder in index:
+                    write_clip_tokenizer(tmp / folder, pad_token=pad)
+        (tmp / ".complete").write_text("ok\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def _copy_tree(source, target: Path) -> None:
+    """Copy a Traversable (importlib.resources) folder; it may live inside a wheel."""
+    target.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.is_dir():
+            _copy_tree(item, target / item.name)
+        elif not item.name.endswith(".md"):
+            (target / item.name).write_bytes(item.read_bytes())
+
+
+# --- single models ----------------------------------------------------------------------
+
+
+def load_vae(ctx, model_id: str, explicit: Path | None = None):
+    """An AutoencoderKL from a folder (config.json + weights) or a single file."""
+
+    def factory():
+        from diffusers import AutoencoderKL
+
+        resolved = _resolve(ctx, model_id, explicit)
+        file = _weights_file(resolved)
+        if file is not None:
+            config = single_file_config(ctx, resolved, resolved.spec.family or ctx.preset.family)
+            return _place(ctx, AutoencoderKL.from_single_file(str(file), config=str(config), subfolder="vae",
+                                                              torch_dtype=_dtype(ctx), local_files_only=True))
+        return _place(ctx, AutoencoderKL.from_pretrained(resolved.root, torch_dtype=_dtype(ctx), variant=_variant(resolved.root)))
+
+    return ctx.cache.get(_key(ctx, model_id, ("vae", str(explicit) if explicit else None)), _friendly(factory, model_id))
+
+
+def _controlnet_folder(resolved: ResolvedModel) -> Path:
+    configs = [f for f in resolved.files if f == "config.json" or f.endswith("/config.json")]
+    return resolved.root / Path(configs[0]).parent if configs else resolved.root
+
+
+def load_controlnet(ctx, model_id: str, explicit: Path | None = None):
+    """A ControlNetModel: a folder (maybe an fp16 variant, maybe in a subfolder like
+    InstantID's ControlNetModel/) or a single ControlNet-v1-1 file with its config."""
+
+    def factory():
+        from diffusers import ControlNetModel
+
+        resolved = _resolve(ctx, model_id, explicit)
+        file = _weights_file(resolved)
+        if file is not None:
+            config = single_file_config(ctx, resolved, resolved.spec.family or "sd15", name="configs/controlnet-sd15")
+            model = ControlNetModel.from_single_file(str(file), config=str(config), torch_dtype=_dtype(ctx),
+                                                     local_files_only=True)
+        else:
+            folder = _controlnet_folder(resolved)
+            model = ControlNetModel.from_pretrained(folder, torch_dtype=_dtype(ctx), variant=_variant(folder))
+        return _place(ctx, model.eval())
+
+    return ctx.cache.get(_key(ctx, model_id, ("controlnet", str(explicit) if explicit else None)), _friendly(factory, model_id))
+
+
+def _place(ctx, module):
+    """Move a module to the device unless offload will manage it."""
+    if ctx.placement.offload:
+        return module
+    return module.to(ctx.placement.device)
+
+
+def _friendly(factory, model_id: str):
+    """Turn a loader's failure on a user's file into one line (exit 2), not a traceback."""
+
+    def run():
+        try:
+            return factory()
+        except PortraitError:
+            raise
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise BadInput(f"model '{model_id}': cannot load ({exc.__class__.__name__}: {first[:300]})") from exc
+
+    return run
+
+
+# --- bases --------------------------------------------------------------------------------
+
+
+def _folder_components(resolved: ResolvedModel, family: str, dtype) -> dict[str, Any]:
+    """Load each part of a diffusers folder by itself, so a folder whose model_index names a
+    custom pipeline (YamerMIX) or whose UNet is only an fp16 variant (SDXL base) still loads."""
+    import diffusers
+    import transformers
+
+    root = resolved.root
+    modules: dict[str, Any] = {}
+    for part in _PARTS[family]:
+        folder = root / part
+        if not folder.is_dir():
+            raise ModelMissing(resolved.spec.id, detail=f"{folder} is absent")
+        if part.startswith("tokenizer"):
+            modules[part] = transformers.CLIPTokenizer.from_pretrained(folder)
+        elif part == "scheduler":
+            config = diffusers.DDIMScheduler.load_config(folder)
+            modules[part] = getattr(diffusers, config["_class_name"]).from_config(config)
+        elif part.startswith("text_encoder"):
+            cls = transformers.CLIPTextModelWithProjection if part == "text_encoder_2" else transformers.CLIPTextModel
+            modules[part] = cls.from_pretrained(folder, dtype=dtype, variant=_variant(folder))
+        else:
+            cls = diffusers.UNet2DConditionModel if part == "unet" else diffusers.AutoencoderKL
+            modules[part] = cls.from_pretrained(folder, torch_dtype=dtype, variant=_variant(folder))
+    return modules
+
+
+def _single_file_components(ctx, resolved: ResolvedModel, file: Path, family: str, dtype) -> dict[str, Any]:
+    import diffusers
+
+    config = single_file_config(ctx, resolved, family)
+    cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+    extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    if file.suffix in PICKLE_SUFFIXES:
+        verified_file(ctx, resolved, file.name)  # diffusers loads pickles weights-only; we check the hash first
+    pipe = cls.from_single_file(str(file), config=str(config), torch_dtype=dtype, local_files_only=True, **extra)
+    return {part: getattr(pipe, part) for part in _PARTS[family]}
+
+
+def _default_vae_id(ctx, family: str) -> str | None:
+    """The preset's VAE when it fits the base family (sd-vae-ft-mse, sdxl-vae-fp16-fix)."""
+    vae_id = ctx.preset.models.get("vae")
+    if not vae_id:
+        return None
+    spec = ctx.registry.get(vae_id)
+    return vae_id if (spec.family or family) == family else None
+
+
+def load_components(ctx, model_id: str | None = None, *, family: str | None = None, base_path: Path | str | None = None,
+                    vae: str | None = "auto") -> Components:
+    """Load a base's modules once per (model, device, dtype, vae); cached in ctx.cache.
+
+    `base_path` is an explicit file or folder (`--base PATH`): a single-file checkpoint
+    (.safetensors, or a pickle .ckpt) or a diffusers folder. `vae="auto"` swaps in the
+    preset's VAE role; None keeps the base's own; any other value is a registry id.
+    """
+    model_id = model_id or ctx.preset.model("base")
+    explicit = Path(base_path) if base_path else None
+    resolved = _resolve(ctx, model_id, explicit)
+    fam = _family(ctx, resolved, family)
+    vae_id = _default_vae_id(ctx, fam) if vae == "auto" else vae
+
+    def factory() -> Components:
+        dtype = _dtype(ctx)
+        file = _weights_file(resolved)
+        if file is not None:
+            modules = _single_file_components(ctx, resolved, file, fam, dtype)
+        else:
+            modules = _folder_components(resolved, fam, dtype)
+        if vae_id:
+            modules["vae"] = load_vae(ctx, vae_id)
+        if not ctx.placement.offload:
+            for name, module in modules.items():
+                if hasattr(module, "to") and not name.startswith(("tokenizer", "scheduler")):
+                    module.to(ctx.placement.device)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            if name in modules:
+                modules[name].eval()
+        return Components(model_id, fam, modules, file or resolved.root)
+
+    variant = ("components", str(explicit) if explicit else None, vae_id)
+    return ctx.cache.get(_key(ctx, model_id, variant), _friendly(factory, model_id))
+
+
+def _build(cls, components: Components, extra: Mapping[str, Any]):
+    """Instantiate `cls` from shared modules, passing only what its constructor takes."""
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in components.modules.items() if k in accepted}
+    # Each pipeline gets its own scheduler object: schedulers keep per-call state (timesteps).
+    kwargs["scheduler"] = kwargs["scheduler"].__class__.from_config(kwargs["scheduler"].config)
+    defaults = {"safety_checker": None, "feature_extractor": None, "image_encoder": None,
+                "requires_safety_checker": False, "add_watermarker": False}
+    for name, value in defaults.items():
+        if name in accepted and name not in kwargs:
+            kwargs[name] = value
+    kwargs.update({k: v for k, v in extra.items() if k in accepted})
+    return cls(**kwargs)
+
+
+def load_pipeline(ctx, model_id: str | None = None, kind: str = "txt2img", controlnets: Iterable[str] = (), *,
+                  family: str | None = None, base_path: Path | str | None = None, vae: str | None = "auto",
+                  vae_slicing: bool = False, vae_tiling: bool = False, scheduler: str | None = None):
+    """A ready diffusers pipeline for `kind` (txt2img | img2img | inpaint), with ControlNets.
+
+    Built around `load_components` so kinds and ControlNet sets share one copy of the base
+    weights; the pipeline itself is cached per (model, kind, ControlNets, vae). `scheduler`
+    names a sampler (see SCHEDULERS); None keeps the model's own.
+    """
+    import diffusers
+
+    if kind not in KINDS:
+        raise BadInput(f"unknown pipeline kind '{kind}' (expected one of {', '.join(KINDS)})")
+    controlnets = tuple(controlnets)
+    components = load_components(ctx, model_id, family=family, base_path=base_path, vae=vae)
+    model_id = components.model_id
+    cls = getattr(diffusers, _PIPELINES[(components.family, kind, bool(controlnets))])
+
+    def factory():
+        extra: dict[str, Any] = {}
+        if controlnets:
+            nets = [load_controlnet(ctx, cid) for cid in controlnets]
+            for cid, net in zip(controlnets, nets):
+                _check_controlnet_fits(cid, net, components)
+            extra["controlnet"] = nets[0] if len(nets) == 1 else nets
+        pipe = _build(cls, components, extra)
+        if ctx.placement.offload:
+            pipe.enable_model_cpu_offload(device=ctx.placement.device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    variant = ("pipeline", kind, controlnets, str(base_path) if base_path else None, vae, components.source)
+    pipe = ctx.cache.get(_key(ctx, model_id, variant), _friendly(factory, model_id))
+    if vae_slicing:
+        pipe.vae.enable_slicing()
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    if scheduler:
+        set_scheduler(pipe, scheduler)
+    return pipe
+
+
+def _check_controlnet_fits(controlnet_id: str, net, components: Components) -> None:
+    """A ControlNet for the other family fails deep inside the UNet; say so up front."""
+    unet = components["unet"]
+    if net.config.cross_attention_dim != unet.config.cross_attention_dim or \
+            tuple(net.config.block_out_channels) != tuple(unet.config.block_out_channels):
+        raise BadInput(f"ControlNet '{controlnet_id}' does not fit base '{components.model_id}' "
+                       f"({components.family}): use a ControlNet of the same family")
+
+
+# --- schedulers -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SchedulerChoice:
+    cls: str
+    options: Mapping[str, Any]
+    a1111: str  # A1111's "Sampler" label for the PNG parameters chunk
+    schedule: str = ""  # A1111's "Schedule type" (Karras) when not the default
+
+
+SCHEDULERS: dict[str, SchedulerChoice] = {
+    "euler": SchedulerChoice("EulerDiscreteScheduler", {}, "Euler"),
+    "euler_a": SchedulerChoice("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "ddim": SchedulerChoice("DDIMScheduler", {}, "DDIM"),
+    "pndm": SchedulerChoice("PNDMScheduler", {}, "PLMS"),
+    "unipc": SchedulerChoice("UniPCMultistepScheduler", {}, "UniPC"),
+    "dpmpp_2m": SchedulerChoice("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),
+    "dpmpp_2m_karras": SchedulerChoice("DPMSolverMultistepScheduler",
+                                       {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}, "DPM++ 2M", "Karras"),
+    "dpmpp_2m_sde_karras": SchedulerChoice("DPMSolverMultistepScheduler",
+                                           {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+                                           "DPM++ 2M SDE", "Karras"),
+    "lcm": SchedulerChoice("LCMScheduler", {}, "LCM"),
+}
+
+
+def make_scheduler(name: str, config: Mapping[str, Any]):
+    """A diffusers scheduler for a sampler name, from a model's scheduler config."""
+    import diffusers
+
+    choice = SCHEDULERS.get(name)
+    if choice is None:
+        raise BadInput(f"unknown sampler '{name}' (known: {', '.join(SCHEDULERS)})")
+    # Karras sigmas are an Euler/DPM option; other classes ignore unknown keys, but a stale
+    # `use_karras_sigmas` from the base config must not leak into a plain choice.
+    base = {k: v for k, v in dict(config).items() if k not in ("use_karras_sigmas", "algorithm_type")}
+    return getattr(diffusers, choice.cls).from_config({**base, **choice.options})
+
+
+def set_scheduler(pipe, name: str):
+    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+    return pipe
+
+
+def sampler_label(name: str) -> tuple[str, str]:
+    """(Sampler, Schedule type) as A1111 writes them, e.g. ("DPM++ 2M", "Karras")."""
+    choice = SCHEDULERS.get(name)
+    if choice is None:
+        raise BadInput(f"unknown sampler '{name}' (known: {', '.join(SCHEDULERS)})")
+    return choice.a1111, choice.schedule

@@ -1,0 +1,379 @@
+"""Finishing: fusion -> retouch -> upscale (+ face restoration) -> score, then the gate.
+
+`finish` takes generated candidates and returns them ranked, each stage switchable (per
+template and on the CLI) and timed into the candidate's `timings`. `gate` wraps it for the
+generate flow: while fewer than the wanted number of candidates pass the identity
+threshold, it asks for more with new seeds, up to the preset's budget, then returns the
+best it has, marking those below the threshold `passed_gate: false`.
+
+    ranked = finish(ctx, identity, candidates, FinishSwitches())
+    outcome = gate(ctx, identity, candidates, switches, generate_more=lambda seeds: [...])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from portrait.core.errors import BadInput, ModelMissing, bad_file
+from portrait.core.faces import FaceAnalyzer, make_analyzer
+from portrait.core.io import write_image
+from portrait.core.types import Candidate, CandidateScore, FaceObservation, Identity, RankedResult
+from portrait.stages import fuse as fuse_stage
+from portrait.stages import retouch as retouch_stage
+from portrait.stages import score as score_stage
+from portrait.stages import upscale as upscale_stage
+
+STAGES = ("fuse", "retouch", "upscale", "restore", "score", "clip")
+
+
+@dataclass(frozen=True)
+class FinishSwitches:
+    """Which finishing stages run. Defaults: all but face restoration (it needs real weights)."""
+
+    fuse: bool = True
+    retouch: bool = True
+    upscale: bool = True
+    restore: bool = False
+    score: bool = True
+    clip: bool = True
+
+    @classmethod
+    def from_options(cls, *layers: Mapping[str, Any] | None) -> "FinishSwitches":
+        """Later layers win: preset `finish.switches`, then the template's, then CLI flags (None = unset)."""
+        values: dict[str, bool] = {}
+        for layer in layers:
+            for key, value in (layer or {}).items():
+                if value is None:
+                    continue
+                if key not in STAGES:
+                    raise BadInput(f"finish switch '{key}' is not one of {', '.join(STAGES)}")
+                values[key] = bool(value)
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, bool]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class FinishPolicy:
+    """The preset's `finish` and `score` sections, as the stages' policies."""
+
+    face_backend: str = "auto"
+    fuse: fuse_stage.FusePolicy = field(default_factory=fuse_stage.FusePolicy)
+    retouch: retouch_stage.RetouchPolicy = field(default_factory=retouch_stage.RetouchPolicy)
+    upscale: upscale_stage.UpscalePolicy = field(default_factory=upscale_stage.UpscalePolicy)
+    score: score_stage.ScorePolicy = field(default_factory=score_stage.ScorePolicy)
+    switches: Mapping[str, bool] = field(default_factory=dict)
+
+    @classmethod
+    def from_preset(cls, preset) -> "FinishPolicy":
+        section = preset.section("finish")
+        return cls(
+            face_backend=str(section.get("face_backend", "auto")),
+            fuse=fuse_stage.FusePolicy.from_section(section.get("fuse", {}) or {}),
+            retouch=retouch_stage.RetouchPolicy.from_section(section.get("retouch", {}) or {}),
+            upscale=upscale_stage.UpscalePolicy.from_section(section.get("upscale", {}) or {}),
+            score=score_stage.ScorePolicy.from_section(preset.section("score")),
+            switches=dict(section.get("switches", {}) or {}),
+        )
+
+
+@dataclass(frozen=True)
+class IdentityFaces:
+    """The identity as the face backend sees it: its embeddings and the reference face."""
+
+    space: str
+    consensus: np.ndarray
+    reference_embedding: np.ndarray | None
+    reference_image: np.ndarray
+    reference_face: FaceObservation
+
+
+def identity_faces(analyzer: FaceAnalyzer, identity: Identity) -> IdentityFaces:
+    """Embeddings of `identity` in the analyzer's space (from the bundle, else from its photos)."""
+    image = _read_rgb(identity.reference)
+    reference_face = fuse_stage.require_face(analyzer.detect(image), str(identity.reference))
+    consensus = identity.consensus.get(analyzer.backend)
+    if consensus is None:
+        consensus = _embed_photos(analyzer, [identity.reference, *identity.photos], reference_face)
+    return IdentityFaces(analyzer.backend, np.asarray(consensus, np.float32), reference_face.embedding, image,
+                         reference_face)
+
+
+def _embed_photos(analyzer: FaceAnalyzer, paths: Sequence[Path], reference_face: FaceObservation) -> np.ndarray:
+    """Mean embedding over the bundle's photos, for a backend the bundle has no consensus for."""
+    embeddings = [reference_face.embedding] if reference_face.embedding is not None else []
+    for path in paths[1:]:
+        faces = analyzer.detect(_read_rgb(path))
+        if faces and faces[0].embedding is not None:
+            embeddings.append(faces[0].embedding)
+    if not embeddings:
+        raise bad_file(paths[0], f"no face embedding could be computed with {analyzer.backend}")
+    if analyzer.backend == "dlib":  # euclidean space: the mean descriptor
+        return np.mean(embeddings, axis=0)
+    mean = np.mean([e / max(np.linalg.norm(e), 1e-8) for e in embeddings], axis=0)
+    return mean / max(np.linalg.norm(mean), 1e-8)
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise bad_file(path, "no such file") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise bad_file(path, f"unreadable image ({exc.__class__.__name__})") from None
+
+
+# --- finish -------------------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+
+    def __call__(self, name: str):
+        clock = self
+
+        class _Span:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock.timings[name] = round(clock.timings.get(name, 0.0) + time.perf_counter() - self.start, 4)
+
+        return _Span()
+
+
+@dataclass
+class _Finishers:
+    """What finishing loads once per call (all through the RunContext's cache)."""
+
+    policy: FinishPolicy
+    analyzer: FaceAnalyzer
+    who: IdentityFaces
+    upscaler: Any = None
+    restorer: Any = None
+    clip: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+def finish(ctx, identity: Identity, candidates: Sequence[Candidate], switches: FinishSwitches | None = None,
+           policy: FinishPolicy | None = None, analyzer: FaceAnalyzer | None = None) -> list[RankedResult]:
+    """Fuse, retouch, upscale, restore and score each candidate; return them ranked."""
+    policy = policy or FinishPolicy.from_preset(ctx.preset)
+    switches = switches or FinishSwitches.from_options(policy.switches)
+    if not candidates:
+        return []
+    kit = _prepare(ctx, identity, switches, policy, analyzer)
+    finished = [_finish_one(candidate, switches, kit) for candidate in candidates]
+    scores = _score_all(finished, switches, kit)
+    backend = candidates[0].request.backend
+    threshold = policy.score.threshold_for(backend, kit.analyzer.scale.threshold)
+    if not switches.score:  # nothing to rank by: generation order, no gate
+        return [RankedResult(c, s, i + 1, True) for i, (c, s) in enumerate(zip(finished, scores))]
+    return score_stage.rank(finished, scores, policy.score, threshold)
+
+
+def _prepare(ctx, identity: Identity, switches: FinishSwitches, policy: FinishPolicy,
+             analyzer: FaceAnalyzer | None) -> _Finishers:
+    analyzer = analyzer or make_analyzer(ctx, policy.face_backend)
+    kit = _Finishers(policy, analyzer, identity_faces(analyzer, identity))
+    if switches.upscale:
+        role = "upscaler_x2" if upscale_stage.native_scale_needed(policy.upscale.outscale) == 2 else "upscaler"
+        kit.upscaler = upscale_stage.load_model(ctx, ctx.preset.model(role))
+    if switches.restore:
+        kit.restorer, reason = upscale_stage.try_load_restorer(ctx, ctx.preset.model("face_restorer"))
+        if kit.restorer is None:
+            kit.notes.append(f"face restoration skipped: {reason}")
+    if switches.clip and switches.score:
+        try:
+            kit.clip = score_stage.load_clip(ctx, ctx.preset.model("clip"))
+        except ModelMissing as exc:
+            kit.notes.append(f"CLIP-T skipped: {exc}")
+    return kit
+
+
+def _finish_one(candidate: Candidate, switches: FinishSwitches, kit: _Finishers) -> Candidate:
+    timings = dict(candidate.timings)
+    clock = _Clock(timings)
+    notes = list(kit.notes)
+    image = candidate.image
+    with clock("detect"):
+        faces = kit.analyzer.detect(image, embed=False) if (switches.fuse or switches.retouch or switches.restore) else []
+    if switches.fuse:
+        if faces:
+            with clock("fuse"):
+                image = fuse_stage.fuse(kit.who.reference_image, kit.who.reference_face, image, faces[0],
+                                        kit.policy.fuse, target_name=f"seed {candidate.seed}").image
+        else:
+            notes.append("fusion skipped: no face in the candidate")
+    if switches.retouch and faces:
+        with clock("retouch"):
+            image = retouch_stage.retouch(image, faces, kit.policy.retouch).image
+    if switches.upscale and kit.upscaler is not None:
+        with clock("upscale"):
+            result = upscale_stage.upscale(image, kit.upscaler, kit.policy.upscale, source=f"seed {candidate.seed}")
+        faces = [_scaled(face, result.scale) for face in faces]
+        image = result.image
+    if switches.restore and kit.restorer is not None and faces:
+        with clock("restore"):
+            image = upscale_stage.restore_faces(image, faces, kit.restorer, kit.policy.upscale.restore_weight)
+    info = dict(candidate.info)
+    if notes:
+        info["finish_notes"] = notes
+    info["finish"] = switches.as_dict()
+    return dataclasses.replace(candidate, image=image, timings=timings, info=info)
+
+
+def _scaled(face: FaceObservation, scale: float) -> FaceObservation:
+    return dataclasses.replace(
+        face,
+        box=tuple(v * scale for v in face.box),
+        kps=np.asarray(face.kps, np.float32) * scale,
+        landmarks=None if face.landmarks is None else np.asarray(face.landmarks, np.float32) * scale,
+    )
+
+
+def _score_all(finished: list[Candidate], switches: FinishSwitches, kit: _Finishers) -> list[CandidateScore]:
+    if not switches.score:
+        return [CandidateScore(0.0, 0.0, 0, 0.0, None) for _ in finished]
+    clips: list[float | None] = [None] * len(finished)
+    if kit.clip is not None:
+        start = time.perf_counter()
+        clips = score_stage.clip_t(kit.clip, [c.image for c in finished], [c.request.prompt for c in finished])
+        share = round((time.perf_counter() - start) / len(finished), 4)
+        for candidate in finished:
+            candidate.timings["clip"] = share
+    scores = []
+    for candidate, clip in zip(finished, clips):
+        start = time.perf_counter()
+        faces = kit.analyzer.detect(candidate.image)
+        scores.append(score_stage.score_faces(faces, candidate.image.shape, kit.who.consensus,
+                                              kit.who.reference_embedding, kit.who.space, clip))
+        candidate.timings["score"] = round(time.perf_counter() - start, 4)
+    return scores
+
+
+# --- the gate -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    results: list[RankedResult]  # the `want` best, re-ranked 1..n
+    evaluated: int  # candidates scored in all
+    rounds: int  # regeneration rounds run
+    extra_seeds: tuple[int, ...]  # seeds generated beyond the first batch
+    passed: bool  # every returned result passed the gate
+
+
+GenerateMore = Callable[[list[int]], list[Candidate]]
+Evaluate = Callable[[list[Candidate]], list[RankedResult]]
+
+
+def run_gate(first: list[RankedResult], generate_more: GenerateMore, evaluate: Evaluate, want: int,
+             budget: int, rounds: int) -> GateOutcome:
+    """Regenerate while fewer than `want` results pass, within `budget` extra candidates and `rounds`.
+
+    New seeds continue after the largest seed seen, so a rerun with the same first seed
+    regenerates the same images.
+    """
+    pool = list(first)
+    spent, done_rounds, extra = 0, 0, []
+    while _count_passed(pool) < want and spent < budget and done_rounds < rounds:
+        count = min(want - _count_passed(pool), budget - spent)
+        start = max(r.candidate.seed for r in pool) + 1 if pool else 0
+        seeds = list(range(start, start + count))
+        fresh = generate_more(seeds)
+        if not fresh:
+            break
+        spent += len(fresh)
+        done_rounds += 1
+        extra.extend(c.seed for c in fresh)
+        pool.extend(evaluate(fresh))
+    best = sorted(pool, key=lambda r: (not r.passed_gate, _order_key(r)))[:want]
+    results = [dataclasses.replace(r, rank=i + 1) for i, r in enumerate(best)]
+    return GateOutcome(results, len(pool), done_rounds, tuple(extra), all(r.passed_gate for r in results))
+
+
+def _count_passed(pool: Sequence[RankedResult]) -> int:
+    return sum(1 for r in pool if r.passed_gate)
+
+
+def _order_key(result: RankedResult) -> tuple:
+    # ranks from different rounds are not comparable; similarity is
+    return (-result.score.similarity, -result.score.reference_similarity, result.candidate.seed)
+
+
+def gate(ctx, identity: Identity, candidates: Sequence[Candidate], switches: FinishSwitches | None,
+         generate_more: GenerateMore, want: int | None = None, policy: FinishPolicy | None = None) -> GateOutcome:
+    """finish + run_gate with the preset's budget; the generate flow's single call."""
+    policy = policy or FinishPolicy.from_preset(ctx.preset)
+    switches = switches or FinishSwitches.from_options(policy.switches)
+    analyzer = make_analyzer(ctx, policy.face_backend)
+
+    def evaluate(batch: list[Candidate]) -> list[RankedResult]:
+        return finish(ctx, identity, batch, switches, policy, analyzer)
+
+    first = evaluate(list(candidates))
+    want = want or len(candidates)
+    if not switches.score:
+        return GateOutcome(first[:want], len(first), 0, (), True)
+    return run_gate(first, generate_more, evaluate, want, policy.score.budget, policy.score.rounds)
+
+
+# --- reporting -----------------------------------------------------------------------------------
+
+
+def result_row(result: RankedResult) -> dict[str, Any]:
+    """One `results.json` entry: the contract's fields plus every score."""
+    score = result.score
+    return {
+        "path": str(result.path) if result.path else None,
+        "seed": result.candidate.seed,
+        "rank": result.rank,
+        "similarity": score.similarity,
+        "reference_similarity": score.reference_similarity,
+        "clip_t": score.clip_t,
+        "faces": score.faces,
+        "face_size": score.face_size,
+        "passed_gate": result.passed_gate,
+        "timings": dict(result.candidate.timings),
+        "notes": list(result.candidate.info.get("finish_notes", [])),
+    }
+
+
+def write_contact_sheet(results: Sequence[RankedResult], target: Path, thumb: int = 256, columns: int = 4) -> Path:
+    """A grid of the candidates in rank order, each captioned with its scores (green = passed the gate)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not results:
+        raise BadInput(f"{target}: no candidates to put on a contact sheet")
+    font = ImageFont.load_default()
+    caption_h = 44
+    columns = max(1, min(columns, len(results)))
+    rows = -(-len(results) // columns)
+    sheet = Image.new("RGB", (columns * (thumb + 8) + 8, rows * (thumb + caption_h + 8) + 8), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    for index, result in enumerate(results):
+        x = 8 + (index % columns) * (thumb + 8)
+        y = 8 + (index // columns) * (thumb + caption_h + 8)
+        tile = Image.fromarray(result.candidate.image)
+        tile.thumbnail((thumb, thumb))
+        sheet.paste(tile, (x + (thumb - tile.width) // 2, y + (thumb - tile.height) // 2))
+        colour = (60, 190, 90) if result.passed_gate else (220, 70, 60)
+        draw.rectangle([x - 3, y - 3, x + thumb + 2, y + thumb + 2], outline=colour, width=3)
+        s = result.score
+        clip = f"  clip {s.clip_t:.3f}" if s.clip_t is not None else ""
+        draw.text((x, y + thumb + 4), f"#{result.rank}  seed {result.candidate.seed}  faces {s.faces}", fill=(235, 235, 235), font=font)
+        draw.text((x, y + thumb + 18), f"id {s.similarity:.3f}  ref {s.reference_similarity:.3f}{clip}", fill=colour, font=font)
+        draw.text((x, y + thumb + 32), "passed" if result.passed_gate else "below gate", fill=colour, font=font)
+    return write_image(target, np.asarray(sheet))

@@ -1,0 +1,189 @@
+"""The generate flow: identity + template/prompt -> candidates -> finish -> ranked files.
+
+    result = generate("alice", template="business", n=4, out="out/")
+
+Composes stages only: resolve the request (stages.generate), run the backend, hand the
+candidates to the finish flow (fusion / retouch / upscale / score + the similarity gate)
+when it is available, then write each image atomically with its metadata chunks and a
+ranked results.json (DESIGN section 3).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from portrait.core.bundle import load_identity
+from portrait.core.cache import CacheKey
+from portrait.core.config import Settings
+from portrait.core.context import Progress, RunContext
+from portrait.core.errors import BadInput
+from portrait.core.io import safetensors_data_sha256, sha256_file, write_image, write_json
+from portrait.core.types import Candidate, CandidateScore, GenerationRequest, Identity, RankedResult
+from portrait.stages import generate as gen
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    identity: str
+    backend: str
+    template: str | None
+    out: Path
+    request: GenerationRequest
+    results: tuple[RankedResult, ...]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [r.path for r in self.results if r.path is not None]
+
+    def as_json(self) -> dict[str, Any]:
+        """results.json (DESIGN section 3), plus the resolved request for reproducibility."""
+        rows = []
+        for r in self.results:
+            rows.append({
+                "path": r.path.name if r.path else None,
+                "seed": r.candidate.seed,
+                "rank": r.rank,
+                "similarity": None if r.score.similarity is None else round(float(r.score.similarity), 4),
+                "passed_gate": bool(r.passed_gate),
+                "timings": {k: round(float(v), 4) for k, v in r.candidate.timings.items()},
+                "info": r.candidate.info,
+            })
+        return {"identity": self.identity, "backend": self.backend, "template": self.template, "results": rows,
+                "request": self.request.resolved(), **({"notes": self.info} if self.info else {})}
+
+
+def generate(identity: str | Identity, *, template: str | None = None, prompt: str | None = None,
+             backend: str | None = None, n: int | None = 4, seed: int | None = None, out: str | Path,
+             settings: Settings | None = None, preset: str | None = None, ctx: RunContext | None = None,
+             progress: Progress | None = None, finish: bool | dict[str, bool] = True,
+             **overrides: Any) -> GenerationResult:
+    """Generate `n` portraits of an identity into `out` and return them ranked."""
+    ctx = ctx or RunContext.create(settings, preset=preset, progress=progress)
+    report = progress or ctx.progress
+    person = identity if isinstance(identity, Identity) else load_identity(ctx.settings, identity)
+    policy = gen.GeneratePolicy.from_preset(ctx.preset)
+    chosen = _template(template, prompt, backend, policy)
+    if backend is None and chosen is not None and chosen.kind == "photo":
+        backend = "template"
+    request = gen.resolve_request(person, policy, template=chosen, prompt=prompt, backend=backend, n=n, seed=seed,
+                                  overrides=overrides)
+    out = Path(out).expanduser()
+    _check_out(out)
+
+    def run(req: GenerationRequest) -> list[Candidate]:
+        found = []
+        for cand in gen.generate_candidates(req, ctx):
+            found.append(cand)
+            report("generate", len(found), req.n)
+        return found
+
+    candidates = run(request)
+    ranked = _finish(ctx, person, request, candidates, run, finish)
+    written = _write(ctx, out, person, ranked)
+    result = GenerationResult(person.name, request.backend, request.template, out, request, tuple(written))
+    write_json(out / "results.json", result.as_json())
+    return result
+
+
+def _template(name: str | None, prompt: str | None, backend: str | None, policy: gen.GeneratePolicy):
+    if name is None and prompt:
+        return None
+    kind = "photo" if backend == "template" else None
+    return gen.find_template(name or gen.default_template_name(policy, backend or policy.backend), kind)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out}: --out exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"{out}: cannot create the output folder ({exc.strerror})") from None
+
+
+# --- finishing -----------------------------------------------------------------------------
+
+
+def _finish(ctx: RunContext, identity: Identity, request: GenerationRequest, candidates: list[Candidate],
+            run: Callable[[GenerationRequest], list[Candidate]], switches: bool | dict[str, bool]) -> list[RankedResult]:
+    """Hand off to the finish flow (fusion, retouch, upscale, score, gate) when it is installed."""
+    if switches is not False:
+        try:
+            from portrait.flows import finish as finish_flow
+        except ImportError:
+            finish_flow = None
+        if finish_flow is not None:
+            def generate_more(seeds: Sequence[int]) -> list[Candidate]:
+                more: list[Candidate] = []
+                for s in seeds:
+                    more += run(gen.with_seed(request, s))
+                return more
+
+            return finish_flow.finish_and_gate(ctx, identity, candidates, generate_more,
+                                               switches=switches if isinstance(switches, dict) else None)
+    return [RankedResult(c, CandidateScore(similarity=None, reference_similarity=None, faces=0, face_size=0.0),
+                         rank=i + 1, passed_gate=True) for i, c in enumerate(candidates)]
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:40] or "prompt"
+
+
+def _write(ctx: RunContext, out: Path, identity: Identity, ranked: list[RankedResult]) -> list[RankedResult]:
+    written = []
+    for r in ranked:
+        cand = r.candidate
+        started = time.perf_counter()
+        name = f"{_slug(identity.name)}_{_slug(cand.request.template or 'prompt')}_{cand.seed}.png"
+        model = cand.info.get("model", {})
+        loras = [gen.LoraUse(u["name"], float(u["weight"]), _lora_hash12(ctx, Path(u["path"])))
+                 for u in cand.info.get("loras", []) if u.get("path")]
+        model_file = model.get("file")
+        chunks = gen.image_metadata(
+            cand,
+            model_name=model.get("name", "unknown"),
+            model_hash10=(_model_hash(ctx, Path(model_file), model.get("sha256")) or "")[:10] or None
+            if model_file else None,
+            loras=loras,
+            extra={"rank": r.rank, "similarity": r.score.similarity, "passed_gate": r.passed_gate},
+        )
+        path = write_image(out / name, cand.image, chunks)
+        cand.timings["write"] = time.perf_counter() - started
+        written.append(RankedResult(cand, r.score, r.rank, r.passed_gate, path))
+    return written
+
+
+def _file_hashes(ctx: RunContext) -> dict:
+    """One cache entry holding every file hash of this context (hashing a 4 GB base takes ~15 s)."""
+    return ctx.cache.get(CacheKey("file-hashes", "-", "-"), dict)
+
+
+def _hashed(ctx: RunContext, path: Path, kind: str, compute: Callable[[Path], str]) -> str:
+    stat = path.stat()
+    key = (kind, str(path), stat.st_size, stat.st_mtime_ns)
+    hashes = _file_hashes(ctx)
+    if key not in hashes:
+        hashes[key] = compute(path)
+    return hashes[key]
+
+
+def _model_hash(ctx: RunContext, path: Path, known: str | None) -> str | None:
+    """sha256 of the base checkpoint (A1111 `Model hash` is its first 10 hex)."""
+    if known:
+        return known
+    if not path.is_file():
+        return None
+    return _hashed(ctx, path, "sha256", sha256_file)
+
+
+def _lora_hash12(ctx: RunContext, path: Path) -> str:
+    """A1111's LoRA hash: sha256 of the safetensors data after the header, first 12 hex."""
+    return _hashed(ctx, path, "safetensors-data", safetensors_data_sha256)[:12]

@@ -1,0 +1,229 @@
+"""`portrait prepare`: ingest -> analyze -> rank -> prepare -> caption, and the outputs.
+
+Writes into OUT: report.json (DESIGN section 3), train/NNN.png + NNN.txt (aligned crops and
+captions), reference.png (the fusion face, head and shoulders), photos/NNN.jpg (the top-k
+originals downscaled to <= 1024 px, for zero-shot embeddings) and contact_sheet.png (every
+input with kept/rejected and the reason). Returns a PrepareResult holding the TrainingSet.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from portrait.core.config import Settings
+from portrait.core.context import RunContext
+from portrait.core.errors import BadInput
+from portrait.core.faces import INSIGHTFACE_PACKS, FaceAnalyzer, make_analyzer
+from portrait.core.io import write_image, write_json, write_text
+from portrait.core.types import PhotoAssessment, PhotoScores, TrainingSet
+from portrait.stages.analyze import analyze
+from portrait.stages.caption import CaptionPolicy, caption
+from portrait.stages.ingest import IngestPolicy, ingest
+from portrait.stages.prepare import PrepareHooks, PreparePolicy, prepare as prepare_crops
+from portrait.stages.rank import Ranking, RankPolicy, rank
+
+KEPT_PHOTO_MAX_SIDE = 1024
+REFERENCE_SIZE = 512
+THUMB = 160
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    out: Path
+    training_set: TrainingSet
+    report: dict[str, Any]
+    face_backend: str
+
+    @property
+    def report_path(self) -> Path:
+        return self.out / "report.json"
+
+    @property
+    def contact_sheet(self) -> Path:
+        return self.out / "contact_sheet.png"
+
+
+def prepare(photos: Sequence[str | Path] | str | Path, out: str | Path, *, settings: Settings | None = None,
+            preset: str | None = None, face_backend: str | None = None, top_k: int | None = None,
+            ctx: RunContext | None = None, progress: Callable[[str, float, float], None] | None = None,
+            hooks: PrepareHooks = PrepareHooks(), extra_backends: Sequence[str] | None = None) -> PrepareResult:
+    """Rank, filter and prepare one person's photos. Raises BadInput (exit 2) when fewer than
+    the preset's `min_photos` are usable, after writing the report and contact sheet."""
+    inputs = [photos] if isinstance(photos, (str, Path)) else list(photos)
+    ctx = ctx or RunContext.create(settings, preset=preset, progress=progress)
+    progress = progress or ctx.progress
+    section = ctx.preset.section("prepare")
+    if top_k is not None:
+        section["top_k"] = top_k
+    out = Path(out)
+
+    ingested = ingest(inputs, IngestPolicy.from_section(section), progress)
+    analyzer = make_analyzer(ctx, face_backend or section.get("face_backend", "auto"))
+    analyses = analyze(ingested.photos, analyzer, progress)
+    ranking = rank(analyses, analyzer.scale, RankPolicy.from_section(section))
+    assessments = _in_input_order(ingested.order, ranking, ingested.rejected)
+    report = build_report(assessments, ranking, out)
+    write_json(out / "report.json", report)
+    write_contact_sheet(out / "contact_sheet.png", assessments)
+
+    minimum = int(section.get("min_photos", 3))
+    passed = sum(a.status == "kept" for a in assessments)
+    if passed < minimum:
+        raise BadInput(f"{', '.join(str(i) for i in inputs)}: only {passed} usable photo(s), need {minimum} "
+                       f"({summarize_reasons(assessments)}; see {out / 'report.json'})")
+
+    training_set = write_training_set(out, ranking, section, hooks, progress)
+    consensus = {ranking.space: ranking.consensus}
+    for backend in _extra_backends(ctx, analyzer, extra_backends):
+        extra = consensus_in_space(make_analyzer(ctx, backend), ranking.kept)
+        if extra is not None:
+            consensus[backend] = extra
+    training_set = TrainingSet(**{**training_set.__dict__, "consensus": consensus})
+    return PrepareResult(out, training_set, report, analyzer.backend)
+
+
+def _in_input_order(order: Sequence[str], ranking: Ranking, ingest_rejections) -> list[PhotoAssessment]:
+    by_source: dict[str, PhotoAssessment] = {a.source: a for a in ranking.assessments}
+    for r in ingest_rejections:
+        by_source[r.source] = PhotoAssessment(r.source, "rejected", r.reason, None)
+    return [by_source[s] for s in order if s in by_source]
+
+
+def summarize_reasons(assessments: Sequence[PhotoAssessment]) -> str:
+    counts = Counter(a.reason for a in assessments if a.status == "rejected")
+    return ", ".join(f"{n} {reason}" for reason, n in counts.most_common()) or "no photos rejected"
+
+
+def build_report(assessments: Sequence[PhotoAssessment], ranking: Ranking, out: Path) -> dict[str, Any]:
+    return {
+        "photos": [a.report_row() for a in assessments],
+        "reference": str(out / "reference.png") if ranking.reference else None,
+        "kept": sum(a.status == "kept" for a in assessments),
+        "rejected": sum(a.status == "rejected" for a in assessments),
+    }
+
+
+def write_training_set(out: Path, ranking: Ranking, section: dict, hooks: PrepareHooks,
+                       progress: Callable[[str, float, float], None] | None) -> TrainingSet:
+    policy = PreparePolicy.from_section(section)
+    captions = caption([a.face for a in ranking.kept], CaptionPolicy.from_section(section))
+    crops = prepare_crops([(a.photo, a.face) for a in ranking.kept], policy, hooks)
+    images, kept_photos = [], []
+    for i, (assessment, crop, text) in enumerate(zip(ranking.kept, crops, captions.texts)):
+        stem = f"{i:03d}"
+        images.append(write_image(out / "train" / f"{stem}.png", crop.image, {"source": assessment.source}))
+        write_text(out / "train" / f"{stem}.txt", text + "\n")
+        kept_photos.append(write_image(out / "photos" / f"{stem}.jpg", downscale(assessment.photo.image)))
+        if progress:
+            progress("preparing images", i + 1, len(ranking.kept))
+    reference = ranking.reference
+    ref_policy = PreparePolicy(**{**policy.__dict__, "resolution": max(REFERENCE_SIZE, policy.resolution)})
+    ref_crop = prepare_crops([(reference.photo, reference.face)], ref_policy)[0]
+    reference_path = write_image(out / "reference.png", ref_crop.image, {"source": reference.source})
+    return TrainingSet(
+        root=out,
+        images=tuple(images),
+        captions=captions.texts,
+        trigger=captions.trigger,
+        class_word=captions.class_word,
+        reference=reference_path,
+        consensus={ranking.space: ranking.consensus},
+        assessments=ranking.assessments,
+        kept_photos=tuple(kept_photos),
+    )
+
+
+def downscale(image: np.ndarray, max_side: int = KEPT_PHOTO_MAX_SIDE) -> np.ndarray:
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if max(h, w) <= max_side:
+        return image
+    scale = max_side / max(h, w)
+    return np.asarray(Image.fromarray(image).resize((round(w * scale), round(h * scale)), Image.Resampling.LANCZOS))
+
+
+def _extra_backends(ctx: RunContext, analyzer: FaceAnalyzer, wanted: Sequence[str] | None) -> list[str]:
+    """The other embedding spaces to fill the consensus for: by default every insightface pack
+    that resolves under this preset (zero-shot backends read them from the identity)."""
+    if wanted is not None:
+        return [b for b in wanted if b != analyzer.backend]
+    found = []
+    for pack in INSIGHTFACE_PACKS:
+        backend = f"insightface:{pack}"
+        if backend != analyzer.backend and ctx.registry.is_present(pack, ctx.settings, tiny=ctx.preset.tiny):
+            found.append(backend)
+    return found
+
+
+def consensus_in_space(analyzer: FaceAnalyzer, kept: Sequence[PhotoAssessment]) -> np.ndarray | None:
+    """The kept face's embedding in another backend's space: per photo the face that overlaps
+    the chosen face most (largest face when none overlaps), averaged."""
+    from portrait.stages.rank import _mean
+
+    vectors = []
+    for a in kept:
+        faces = [f for f in analyzer.detect(a.photo.image) if f.embedding is not None]
+        if not faces:
+            continue
+        best = max(faces, key=lambda f: (_iou(f.box, a.face.box), f.area))
+        vectors.append(best.embedding)
+    return _mean(vectors, analyzer.backend) if vectors else None
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+# --- contact sheet ---------------------------------------------------------------------------
+
+
+def write_contact_sheet(target: Path, assessments: Sequence[PhotoAssessment], columns: int = 6) -> Path:
+    """Every input as a thumbnail with a green (kept) or red (rejected) band and the reason."""
+    from PIL import Image, ImageDraw
+
+    label_h = 30
+    rows = max(1, -(-len(assessments) // columns))
+    cols = min(columns, max(1, len(assessments)))
+    sheet = Image.new("RGB", (cols * THUMB, rows * (THUMB + label_h)), (40, 40, 40))
+    draw = ImageDraw.Draw(sheet)
+    for i, a in enumerate(assessments):
+        x, y = (i % columns) * THUMB, (i // columns) * (THUMB + label_h)
+        if a.photo is not None:
+            thumb = _thumbnail(a)
+            sheet.paste(thumb, (x + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
+        else:
+            draw.line((x + 20, y + 20, x + THUMB - 20, y + THUMB - 20), fill=(120, 120, 120), width=3)
+            draw.line((x + 20, y + THUMB - 20, x + THUMB - 20, y + 20), fill=(120, 120, 120), width=3)
+        kept = a.status == "kept"
+        draw.rectangle((x, y + THUMB, x + THUMB - 1, y + THUMB + label_h - 1), fill=(30, 140, 60) if kept else (170, 40, 40))
+        name = Path(a.source.split("::")[-1]).name
+        draw.text((x + 4, y + THUMB + 2), name[:24], fill=(255, 255, 255))
+        status = f"kept {a.scores.total:.2f}" if kept else (a.reason or "rejected")
+        draw.text((x + 4, y + THUMB + 15), status, fill=(255, 255, 255))
+    return write_image(target, np.asarray(sheet))
+
+
+def _thumbnail(a: PhotoAssessment):
+    from PIL import Image, ImageDraw
+
+    pil = Image.fromarray(a.photo.image)
+    scale = THUMB / max(pil.size)
+    pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.Resampling.LANCZOS)
+    draw = ImageDraw.Draw(pil)
+    for face in a.faces:
+        box = tuple(v * scale for v in face.box)
+        color = (0, 255, 0) if face is a.face and a.status == "kept" else (255, 200, 0) if face is a.face else (200, 200, 200)
+        draw.rectangle(box, outline=color, width=2)
+    return pil
+
+
+__all__ = ["PrepareResult", "prepare", "PhotoScores"]

@@ -1,0 +1,271 @@
+"""`portrait train`: prepare -> train a LoRA -> validate and select -> write the Identity bundle.
+
+Where things go (HOME = settings.home):
+
+    HOME/identities/.NAME.work/      the run: prepare output, run.json, checkpoints/ (resume reads it)
+    HOME/identities/.NAME.staging/   the bundle being written
+    HOME/identities/NAME/            the finished bundle (see portrait/core/bundle.py), swapped in
+                                     by a rename only once every file is complete
+
+So an interrupted run never leaves a half bundle, and `--resume` finds its checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from portrait.core.bundle import check_name, identity_dir, load_identity, write_embeddings, write_manifest
+from portrait.core.cache import ModelCache
+from portrait.core.config import Settings
+from portrait.core.context import RunContext
+from portrait.core.errors import BadInput
+from portrait.core.io import sha256_file, write_json
+from portrait.core.types import Identity, TrainingSet
+from portrait.stages.train import (
+    FaceScorer,
+    TrainData,
+    TrainEvent,
+    TrainModels,
+    TrainPolicy,
+    TrainResult,
+    class_images,
+    discard_checkpoints,
+    result_summary,
+    save_diffusers_lora,
+    save_kohya_lora,
+    train_lora,
+    validation_summary,
+)
+
+EventSink = Callable[[TrainEvent], None]
+VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "insightface",
+                      "dlib", "numpy")
+
+
+def train(photos: Sequence[str | Path] | str | Path, name: str, *, settings: Settings | None = None,
+          preset: str | None = None, steps: int | None = None, rank: int | None = None, resume: bool = False,
+          overwrite: bool = False, zero_shot: bool = False, ctx: RunContext | None = None,
+          progress: Callable[[str, float, float], None] | None = None, on_event: EventSink | None = None) -> Identity:
+    """Learn `name` from `photos` and write HOME/identities/NAME. Returns the loaded Identity.
+
+    Refuses (BadInput, exit 2) an existing name unless `overwrite`, too few usable photos, and
+    an unwritable home. `resume` continues the interrupted run of the same name and options.
+    """
+    ctx = ctx or RunContext.create(settings, preset=preset, progress=progress)
+    settings = ctx.settings
+    emit = on_event or (lambda event: None)
+    check_name(name)
+    target = identity_dir(settings, name)
+    ensure_writable(settings.identities_dir)
+    if (target / "manifest.json").exists() and not overwrite:
+        raise BadInput(f"{target}: identity '{name}' already exists; pass --overwrite to replace it")
+    work = settings.identities_dir / f".{name}.work"
+    if not resume and work.exists():
+        shutil.rmtree(work)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    from portrait.flows.prepare import prepare
+
+    t0 = time.perf_counter()
+    emit(TrainEvent("prepare", 0, 0, message="analysing photos"))
+    prepared = prepare(photos, work / "prepare", ctx=ctx, progress=progress or ctx.progress)
+    timings["prepare"] = round(time.perf_counter() - t0, 3)
+    tset = prepared.training_set
+
+    result: TrainResult | None = None
+    policy: TrainPolicy | None = None
+    base: dict[str, Any] = {}
+    if not zero_shot:
+        policy = TrainPolicy.from_section(ctx.preset.section("train"), steps=steps, rank=rank)
+        result, base = train_identity(ctx, tset, prepared.face_backend, policy, work, resume, emit)
+        timings.update({f"train_{k}": v for k, v in result.timings.items()})
+    timings["total"] = round(time.perf_counter() - started, 3)
+
+    staging = settings.identities_dir / f".{name}.staging"
+    write_bundle(staging, name, ctx, prepared, result, policy, base, timings)
+    swap_into_place(staging, target)
+    discard_checkpoints(work, keep=bool(policy and policy.keep_checkpoints))
+    if not (policy and policy.keep_checkpoints):
+        shutil.rmtree(work, ignore_errors=True)
+    return load_identity(settings, name)
+
+
+def ensure_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise BadInput(f"{folder}: portrait home is not writable ({exc.strerror or exc})") from None
+
+
+# --- training -------------------------------------------------------------------------
+
+
+def train_identity(ctx: RunContext, tset: TrainingSet, face_backend: str, policy: TrainPolicy, work: Path,
+                   resume: bool, emit: EventSink) -> tuple[TrainResult, dict[str, Any]]:
+    from portrait.core.loaders import load_pipeline
+
+    base_id = ctx.preset.model("base")
+    # The trainer adds an adapter to the UNet: give it a pipeline of its own, never one shared
+    # through the ModelCache with generation.
+    train_ctx = dataclasses.replace(ctx, cache=ModelCache(max_items=4))
+    pipe = load_pipeline(train_ctx, base_id)
+    models = TrainModels(ctx.preset.family, pipe)
+    data = training_data(tset)
+    if policy.prior_preservation:
+        prompt = policy.class_prompt.format(**{"class": tset.class_word})
+        folder = class_image_folder(ctx, base_id, policy, prompt)
+        extra = class_images(models, prompt, policy, folder, ctx.placement.device, emit)
+        data = dataclasses.replace(data, class_images=extra, class_prompt=prompt)
+    result = train_lora(models, data, policy, work, device=ctx.placement.device, dtype_name=ctx.placement.dtype_name,
+                        scorer=face_scorer(ctx, face_backend, tset), resume=resume, base_model=base_id, on_event=emit)
+    return result, base_model_record(ctx, base_id)
+
+
+def training_data(tset: TrainingSet) -> TrainData:
+    from PIL import Image
+
+    images = []
+    for path in tset.images:
+        with Image.open(path) as im:
+            images.append(np.asarray(im.convert("RGB")))
+    return TrainData(tuple(images), tuple(tset.captions), tset.trigger, tset.class_word)
+
+
+def face_scorer(ctx: RunContext, face_backend: str, tset: TrainingSet) -> FaceScorer | None:
+    """Identity similarity of a generated image's largest face to the consensus; None when no face."""
+    consensus = tset.consensus.get(face_backend)
+    if consensus is None:
+        return None
+    from portrait.core.faces import make_analyzer
+
+    analyzer = make_analyzer(ctx, face_backend)
+
+    def score(image: np.ndarray) -> float | None:
+        faces = [f for f in analyzer.detect(image) if f.embedding is not None]
+        return analyzer.similarity(consensus, faces[0].embedding) if faces else None
+
+    return score
+
+
+def class_image_folder(ctx: RunContext, base_id: str, policy: TrainPolicy, prompt: str) -> Path:
+    import hashlib
+
+    key = hashlib.sha256(f"{base_id}|{ctx.preset.tiny}|{policy.resolution}|{policy.class_steps}|{policy.seed}|{prompt}"
+                         .encode()).hexdigest()[:16]
+    return ctx.settings.home / "cache" / "class-images" / key
+
+
+def base_model_record(ctx: RunContext, base_id: str) -> dict[str, Any]:
+    resolved = ctx.resolve(base_id)
+    weights = main_weights_file(resolved.root, resolved.files)
+    digest = None
+    if weights is not None:
+        digest = resolved.spec.sha256.get(weights.relative_to(resolved.root).as_posix()) or sha256_file(weights)
+    return {"id": base_id, "resolved": resolved.spec.id, "origin": resolved.origin,
+            "file": weights.relative_to(resolved.root).as_posix() if weights else None,
+            "sha256": digest, "hash": digest[:10] if digest else None}
+
+
+def main_weights_file(root: Path, files: Sequence[str]) -> Path | None:
+    """The file whose hash names a base: a single checkpoint, or the diffusers UNet weights."""
+    singles = [root / f for f in files if f.endswith((".safetensors", ".ckpt")) and "/" not in f]
+    if len(singles) == 1 and singles[0].is_file():
+        return singles[0]
+    unet = sorted((root / "unet").glob("diffusion_pytorch_model*.safetensors")) if (root / "unet").is_dir() else []
+    return unet[0] if unet else None
+
+
+# --- the bundle -----------------------------------------------------------------------
+
+
+def write_bundle(staging: Path, name: str, ctx: RunContext, prepared, result: TrainResult | None,
+                 policy: TrainPolicy | None, base: dict[str, Any], timings: dict[str, float]) -> None:
+    tset = prepared.training_set
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    shutil.copyfile(tset.reference, staging / "reference.png")
+    photos = []
+    for i, source in enumerate(tset.kept_photos):
+        rel = f"photos/{i:03d}{Path(source).suffix.lower() or '.png'}"
+        (staging / "photos").mkdir(exist_ok=True)
+        shutil.copyfile(source, staging / rel)
+        photos.append(rel)
+    write_embeddings(staging / "embeddings.npz", tset.consensus)
+    write_json(staging / "report.json", prepared.report)
+    manifest: dict[str, Any] = {
+        "name": name,
+        "trigger": tset.trigger,
+        "class_word": tset.class_word,
+        "preset": ctx.preset.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "reference": "reference.png",
+        "photos": photos,
+        "embeddings": "embeddings.npz",
+        "face_backend": prepared.face_backend,
+        "captions": list(tset.captions),
+        "versions": package_versions(),
+        "device": {"device": ctx.placement.device, "dtype": ctx.placement.dtype_name},
+        "timings": timings,
+    }
+    if result is not None and policy is not None:
+        family = ctx.preset.family
+        save_diffusers_lora(staging / "lora.safetensors", family, result.lora, result.rank, result.alpha,
+                            policy.unet_targets, policy.text_targets)
+        save_kohya_lora(staging / "lora_kohya.safetensors", family, result.lora, result.alpha,
+                        {"ss_network_dim": str(result.rank), "ss_network_alpha": str(result.alpha),
+                         "ss_base_model_version": family, "ss_output_name": name, "portrait_trigger": tset.trigger})
+        manifest["loras"] = {family: {"file": "lora.safetensors", "kohya": "lora_kohya.safetensors",
+                                      "base_model": base.get("id", ""), "base_hash": base.get("hash"),
+                                      "rank": result.rank, "alpha": result.alpha,
+                                      "text_encoder": policy.train_text_encoder}}
+        manifest["base_model"] = base
+        manifest["train"] = {**result_summary(result), "seed": policy.seed,
+                             "validation_seeds": list(policy.validation_seeds),
+                             "losses": [round(x, 6) for x in result.losses]}
+        manifest["validation"] = validation_summary(result)
+    write_manifest(staging, manifest)
+
+
+def swap_into_place(staging: Path, target: Path) -> None:
+    """Replace `target` with the finished `staging` folder by renames (the old one goes last)."""
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import portrait
+
+    found = {"portrait": portrait.__version__}
+    for name in VERSIONED_PACKAGES:
+        try:
+            found[name] = version(name if name != "dlib" else "dlib-bin")
+        except PackageNotFoundError:
+            try:
+                found[name] = version(name)
+            except PackageNotFoundError:
+                continue
+    return found
+
+
+__all__ = ["train", "ensure_writable", "write_bundle", "face_scorer"]

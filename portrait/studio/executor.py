@@ -1,0 +1,158 @@
+"""What runs one item, and how its outputs get into place.
+
+The runners (local, Ray) only move items between the store and an `Executor`; the
+executor is the seam where the real flows plug in (`FlowExecutor`), so the queue's
+semantics can be exercised with any object that has the same `run` method.
+
+`perform` is shared by every runner: it gives the executor a private staging folder,
+renames what it produced to names fixed by the item, removes the staging folder, and
+turns any error into an `Outcome` saying whether a retry can help.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from portrait.core.cache import ModelCache
+from portrait.core.config import Settings
+from portrait.core.errors import BadInput, ModelMissing, PortraitError
+
+from .spec import Item
+
+@dataclass(frozen=True)
+class ItemResult:
+    """What an executor produced: files in the staging folder to rename into place, and
+    outputs it already wrote in place itself (an identity bundle)."""
+
+    staged: tuple[Path, ...] = ()
+    in_place: tuple[Path, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Executor(Protocol):
+    def run(self, item: Item, staging: Path) -> ItemResult: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an item ended, as plain data (it crosses process boundaries under Ray)."""
+
+    ok: bool
+    outputs: tuple[str, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    error_kind: str | None = None  # bad_input | model_missing | error
+    permanent: bool = False
+    seconds: float = 0.0
+
+
+def classify(exc: BaseException) -> tuple[str, bool, str]:
+    """(kind, permanent, message). User errors never heal by retrying; anything else may
+    (out of memory, a busy disk, a flaky network mount), so it is retried with backoff."""
+    if isinstance(exc, ModelMissing):
+        return "model_missing", True, str(exc)
+    if isinstance(exc, BadInput):
+        return "bad_input", True, str(exc)
+    if isinstance(exc, PortraitError):
+        return "error", False, str(exc)
+    return "error", False, f"{exc.__class__.__name__}: {exc}"
+
+
+def staging_dir(item: Item) -> Path:
+    if item.kind == "generate":
+        # Beside the final names, so placing an output is a rename on one filesystem.
+        return Path(item.payload["dest"]) / f".{item.payload['stem']}.{item.id}.staging"
+    # Training writes its bundle in place itself (atomically); never write near the photos.
+    return Path(tempfile.gettempdir()) / f"portrait-train.{item.id}.staging"
+
+
+def final_names(item: Item, staged: tuple[Path, ...]) -> list[tuple[Path, Path]]:
+    """Fixed names per item, so a re-run after a crash overwrites instead of adding."""
+    dest = Path(item.payload["dest"])
+    stem = item.payload["stem"]
+    ordered = list(staged)
+    if len(ordered) == 1:
+        return [(ordered[0], dest / f"{stem}{ordered[0].suffix.lower()}")]
+    return [(src, dest / f"{stem}-{i}{src.suffix.lower()}") for i, src in enumerate(ordered)]
+
+
+def perform(executor: Executor, item: Item) -> Outcome:
+    """Run one item to an Outcome. Only KeyboardInterrupt/SystemExit escape."""
+    start = time.perf_counter()
+    staging = staging_dir(item)
+    shutil.rmtree(staging, ignore_errors=True)  # a crashed earlier attempt's leftovers
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        result = executor.run(item, staging)
+        placed = []
+        if item.kind == "generate":
+            if not result.staged:
+                raise PortraitError(f"{item.label}: generate wrote no image")
+            for src, target in final_names(item, result.staged):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src.replace(target)  # same folder tree, so an atomic rename
+                placed.append(str(target))
+        placed += [str(p) for p in result.in_place]
+        return Outcome(ok=True, outputs=tuple(placed), meta=result.meta, seconds=time.perf_counter() - start)
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded on the item
+        kind, permanent, message = classify(exc)
+        return Outcome(ok=False, error=message, error_kind=kind, permanent=permanent,
+                       seconds=time.perf_counter() - start)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+class FlowExecutor:
+    """Runs items through the real flows with one warm RunContext per preset.
+
+    All contexts share one ModelCache: pipelines are keyed by model id, device and dtype,
+    so two presets that use the same base share its weights too.
+    """
+
+    def __init__(self, settings: Settings, cache: ModelCache | None = None):
+        self.settings = settings
+        self.cache = cache or ModelCache()
+        self._contexts: dict[str, Any] = {}
+
+    def context(self, preset: str):
+        from portrait.core.context import RunContext
+
+        if preset not in self._contexts:
+            self._contexts[preset] = RunContext.create(self.settings.with_(preset=preset), preset=preset,
+                                                       cache=self.cache)
+        return self._contexts[preset]
+
+    def run(self, item: Item, staging: Path) -> ItemResult:
+        if item.kind == "train":
+            return self._train(item)
+        return self._generate(item, staging)
+
+    def _train(self, item: Item) -> ItemResult:
+        from portrait.flows.train import train
+
+        p = item.payload
+        extra = {"steps": p["steps"]} if p.get("steps") else {}
+        identity = train(p["photos"], p["name"], zero_shot=bool(p["zero_shot"]), ctx=self.context(p["preset"]),
+                         **extra)
+        return ItemResult(in_place=(Path(identity.root),), meta={"identity": identity.name,
+                                                                  "zero_shot": bool(p["zero_shot"])})
+
+    def _generate(self, item: Item, staging: Path) -> ItemResult:
+        from portrait.flows.generate import generate
+
+        p = item.payload
+        result = generate(p["identity"], template=p["template"], prompt=p["prompt"], backend=p["backend"], n=1,
+                          seed=p["seed"], out=staging, ctx=self.context(p["preset"]), finish=p["finish"],
+                          **p["overrides"])
+        report = result.as_json()
+        rows = [{k: v for k, v in row.items() if k != "path"} for row in report["results"]]
+        meta = {"backend": report["backend"], "template": report["template"], "results": rows}
+        if "notes" in report:
+            meta["notes"] = report["notes"]
+        # Rank order, so `<stem>.png` (or `<stem>-0.png`) is always the best candidate.
+        return ItemResult(staged=tuple(Path(path) for path in result.paths), meta=meta)

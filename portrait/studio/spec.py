@@ -1,0 +1,268 @@
+"""The job spec: what a studio batch should make, and its expansion into items.
+
+A spec (YAML or JSON) names identities (existing bundles, or photo folders to train first),
+templates and/or prompts, backends, a count and a seed. `expand` turns it into items:
+
+- one `train` item per identity that has `photos` and no bundle yet;
+- one `generate` item per identity x (template | prompt) x backend x image.
+
+Each item's id is a hash of its content (never of its position or of the time), so
+submitting the same spec twice adds nothing, and two specs that ask for the same image
+share it. Relative paths in a spec are relative to the spec file, like compose files,
+so a spec means the same thing from any working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from portrait.core.bundle import check_name
+from portrait.core.errors import BadInput, bad_file
+
+# Backends that need no trained LoRA: an identity used only with these is prepared
+# (`train --zero-shot`) instead of trained.
+ZERO_SHOT_BACKENDS = frozenset({"instantid", "faceid", "photomaker"})
+
+
+def known_backends() -> tuple[str, ...]:
+    """The backends this build has (the generate stage's table is the one source)."""
+    from portrait.stages.generate import BACKENDS
+
+    return tuple(BACKENDS)
+
+ItemKind = Literal["train", "generate"]
+
+
+class IdentitySpec(BaseModel):
+    """An identity to use: an existing bundle by name, or photos to train it from first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    photos: str | list[str] | None = None  # a folder, files, or a list of either
+    zero_shot: bool | None = None  # None: decided from the spec's backends
+    steps: int | None = Field(default=None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return check_name(value)
+
+
+class JobSpec(BaseModel):
+    """The batch spec (see examples/studio.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output: str
+    identities: list[IdentitySpec] = Field(min_length=1)
+    templates: list[str] = Field(default_factory=list)
+    prompts: list[str] = Field(default_factory=list)
+    negative_prompt: str | None = None
+    backends: list[str] = Field(default_factory=lambda: ["lora"], min_length=1)
+    count: int = Field(default=1, ge=1, le=10_000)
+    seed: int = Field(default=0, ge=0)
+    preset: str | None = None
+    steps: int | None = Field(default=None, ge=1)
+    guidance: float | None = Field(default=None, ge=0)
+    scheduler: str | None = None
+    lora_weight: float | None = Field(default=None, ge=0)
+    size: tuple[int, int] | None = None  # width, height
+    # Any other generate override (composition, controls, fast, options), as on the API.
+    generate: dict[str, Any] = Field(default_factory=dict)
+    # Post-processing switches for the finish flow (fuse, retouch, upscale, gate, ...);
+    # `finish: false` turns finishing off.
+    finish: bool | dict[str, bool] = True
+
+    @field_validator("identities", mode="before")
+    @classmethod
+    def _names_as_identities(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("templates", "prompts", "backends", mode="before")
+    @classmethod
+    def _one_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("backends")
+    @classmethod
+    def _known_backends(cls, value: list[str]) -> list[str]:
+        known = known_backends()
+        unknown = [b for b in value if b not in known]
+        if unknown:
+            raise ValueError(f"unknown backend {', '.join(unknown)} (known: {', '.join(known)})")
+        return list(dict.fromkeys(value))
+
+    @field_validator("generate")
+    @classmethod
+    def _known_overrides(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from portrait.stages.generate import OVERRIDABLE
+
+        unknown = sorted(set(value) - set(OVERRIDABLE))
+        if unknown:
+            raise ValueError(f"unknown generate option {', '.join(unknown)} (known: {', '.join(OVERRIDABLE)})")
+        return value
+
+    def overrides(self) -> dict[str, Any]:
+        """The generate overrides every item of this spec carries (None means: template default)."""
+        named = {"negative_prompt": self.negative_prompt, "steps": self.steps, "guidance": self.guidance,
+                 "scheduler": self.scheduler, "lora_weight": self.lora_weight,
+                 "width": self.size[0] if self.size else None, "height": self.size[1] if self.size else None}
+        return {**self.generate, **{k: v for k, v in named.items() if v is not None}}
+
+    @model_validator(mode="after")
+    def _something_to_make(self) -> "JobSpec":
+        if not self.templates and not self.prompts:
+            raise ValueError("give at least one of `templates` or `prompts`")
+        names = [i.name for i in self.identities]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"identity listed twice: {', '.join(duplicated)}")
+        return self
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of work in the store. `payload` is everything the executor needs, as JSON."""
+
+    id: str
+    kind: ItemKind
+    group: str  # items of one group share warm pipelines: preset/backend/identity
+    order: int  # position within the spec, for a stable run order
+    label: str  # human-readable: "alice / business / lora #2"
+    payload: dict[str, Any]
+    depends_on: str | None = None  # the train item this one waits for
+
+    @property
+    def priority(self) -> int:
+        # Training first: every generate item of that identity waits for it.
+        return 0 if self.kind == "train" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "group": self.group, "order": self.order, "label": self.label,
+                "payload": self.payload, "depends_on": self.depends_on}
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> "Item":
+        return cls(id=row["id"], kind=row["kind"], group=row["group"], order=int(row["order"]), label=row["label"],
+                   payload=dict(row["payload"]), depends_on=row.get("depends_on"))
+
+
+@dataclass(frozen=True)
+class Job:
+    """A spec, resolved and expanded. `id` is a hash of the resolved spec."""
+
+    id: str
+    source: str
+    spec: dict[str, Any]
+    items: tuple[Item, ...] = field(default=())
+
+
+def content_id(content: dict[str, Any], length: int = 16) -> str:
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:length]
+
+
+def slug(text: str, limit: int = 40) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    return cleaned[:limit].strip("-") or "prompt"
+
+
+def load_spec(path: Path | str) -> JobSpec:
+    """Read and validate a spec file; any problem is one BadInput line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise bad_file(path, "no such spec file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML is a superset of JSON
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise bad_file(path, f"unreadable spec ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+    return parse_spec(data, source=str(path))
+
+
+def parse_spec(data: Any, source: str = "spec") -> JobSpec:
+    if not isinstance(data, dict):
+        raise bad_file(source, "a spec must be a mapping (output, identities, templates, ...)")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "spec"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise bad_file(source, f"{where}: {first['msg']}{more}") from None
+    except BadInput as exc:  # check_name raises our own one-liner
+        raise bad_file(source, str(exc)) from None
+
+
+def _resolve(base: Path, value: str) -> str:
+    path = Path(value).expanduser()
+    return str((path if path.is_absolute() else base / path).resolve())
+
+
+def _photo_paths(base: Path, photos: str | list[str]) -> list[str]:
+    return [_resolve(base, p) for p in ([photos] if isinstance(photos, str) else photos)]
+
+
+def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exists, source: str = "spec") -> Job:
+    """Expand a spec into items. `identity_exists(name) -> bool` decides which need training."""
+    preset = spec.preset or default_preset
+    output = _resolve(base_dir, spec.output)
+    zero_shot_only = all(b in ZERO_SHOT_BACKENDS for b in spec.backends)
+    overrides = dict(sorted(spec.overrides().items()))
+    finish = dict(sorted(spec.finish.items())) if isinstance(spec.finish, dict) else spec.finish
+    styles = [("template", t, t) for t in spec.templates] + [("prompt", p, f"prompt-{slug(p)}") for p in spec.prompts]
+    items: list[Item] = []
+    order = 0
+    for ident in spec.identities:
+        train_id = None
+        if ident.photos is not None and not identity_exists(ident.name):
+            zero_shot = ident.zero_shot if ident.zero_shot is not None else zero_shot_only
+            payload = {"name": ident.name, "photos": _photo_paths(base_dir, ident.photos), "zero_shot": zero_shot,
+                       "preset": preset, "steps": ident.steps}
+            train_id = content_id({"kind": "train", **payload})
+            items.append(Item(id=train_id, kind="train", group=f"{preset}/train/{ident.name}", order=order,
+                              label=f"{ident.name} / train{' (zero-shot)' if zero_shot else ''}", payload=payload))
+            order += 1
+        for backend in spec.backends:
+            for style_kind, style, folder in styles:
+                for index in range(spec.count):
+                    seed = spec.seed + index
+                    payload = {
+                        "identity": ident.name,
+                        "template": style if style_kind == "template" else None,
+                        "prompt": style if style_kind == "prompt" else None,
+                        "backend": backend,
+                        "preset": preset,
+                        "seed": seed,
+                        "overrides": overrides,
+                        "finish": finish,
+                        "dest": str(Path(output) / ident.name / folder),
+                        "stem": f"{backend}-s{seed}",
+                    }
+                    # depends_on is left out of the id: the same image is the same item
+                    # whether its identity was trained by this job or existed already.
+                    items.append(Item(
+                        id=content_id({"kind": "generate", **payload}), kind="generate",
+                        group=f"{preset}/{backend}/{ident.name}", order=order,
+                        label=f"{ident.name} / {folder} / {backend} #{index + 1}", payload=payload,
+                        depends_on=train_id,
+                    ))
+                    order += 1
+    resolved = spec.model_dump(mode="json")
+    resolved.update(output=output, preset=preset)
+    resolved["identities"] = [
+        {**i, "photos": _photo_paths(base_dir, i["photos"]) if i.get("photos") is not None else None}
+        for i in resolved["identities"]
+    ]
+    unique = tuple({item.id: item for item in items}.values())
+    return Job(id=content_id(resolved, 12), source=source, spec=resolved, items=unique)

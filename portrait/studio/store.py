@@ -1,0 +1,430 @@
+"""The durable item store: SQLite in WAL mode, one row per item.
+
+States: pending -> running -> done | failed (and running -> pending again when a worker
+dies, or when a transient error is retried after a backoff).
+
+Guarantees, each one a single transaction (`BEGIN IMMEDIATE` takes SQLite's write lock,
+so two workers, in any processes, never claim the same item):
+
+- `claim` first re-queues the items of dead workers (same host and the process is gone:
+  at once; any host: when the lease has expired), fails items whose dependency failed,
+  then hands out one pending item, preferring the worker's current group so its
+  pipelines stay warm.
+- `complete` marks an item done only if this worker still holds it; the caller renames
+  the outputs into place before calling it, so `done` always means the files exist.
+- `fail` retries transient errors with exponential backoff up to `max_attempts` and fails
+  permanent ones at once, keeping the reason.
+
+A worker killed mid-item may have renamed some outputs already; outputs have names fixed
+by the item, so the re-run overwrites them and nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from portrait.core.errors import BadInput
+
+from .spec import Item, Job
+
+STATES = ("pending", "running", "done", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    ord INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    depends_on TEXT,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL,
+    error TEXT,
+    error_kind TEXT,
+    outputs TEXT NOT NULL DEFAULT '[]',
+    meta TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    seconds REAL,
+    worker TEXT,
+    host TEXT,
+    pid INTEGER,
+    pid_start TEXT,
+    lease_until REAL,
+    not_before REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS job_items (
+    job TEXT NOT NULL,
+    item TEXT NOT NULL,
+    PRIMARY KEY (job, item)
+);
+CREATE INDEX IF NOT EXISTS items_state ON items (state, priority, grp, ord);
+"""
+
+
+def process_start_token(pid: int) -> str:
+    """The kernel's start time of a process, so a reused pid is not mistaken for a live worker."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # The command name (field 2) may hold spaces; fields after the last ')' are fixed.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_alive(pid: int, start_token: str = "") -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs (macOS): trust kill(0)
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":  # killed but not yet reaped: it will never finish its item
+        return False
+    return not start_token or fields[19] == start_token
+
+
+@dataclass(frozen=True)
+class WorkerId:
+    """Who holds a lease: a unique id, and the host and process to check for liveness."""
+
+    id: str
+    host: str
+    pid: int
+    pid_start: str
+
+    @classmethod
+    def current(cls, tag: str = "") -> "WorkerId":
+        pid = os.getpid()
+        host = socket.gethostname()
+        suffix = f":{tag}" if tag else ""
+        return cls(f"{host}:{pid}:{uuid.uuid4().hex[:6]}{suffix}", host, pid, process_start_token(pid))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    lease_seconds: float = 120.0
+    max_attempts: int = 3
+    backoff_seconds: float = 5.0
+    backoff_max_seconds: float = 300.0
+
+    def backoff(self, attempts: int) -> float:
+        return min(self.backoff_seconds * 2 ** max(attempts - 1, 0), self.backoff_max_seconds)
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    """One item as the store sees it (what `status` reports)."""
+
+    item: Item
+    state: str
+    attempts: int
+    max_attempts: int
+    error: str | None
+    error_kind: str | None
+    outputs: tuple[str, ...]
+    meta: dict[str, Any]
+    created: float
+    started: float | None
+    finished: float | None
+    seconds: float | None
+    worker: str | None
+    lease_until: float | None
+    not_before: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.item.id, "kind": self.item.kind, "label": self.item.label, "group": self.item.group,
+            "state": self.state, "attempts": self.attempts, "max_attempts": self.max_attempts,
+            "error": self.error, "error_kind": self.error_kind, "outputs": list(self.outputs), "meta": self.meta,
+            "created": self.created, "started": self.started, "finished": self.finished, "seconds": self.seconds,
+            "worker": self.worker, "lease_until": self.lease_until, "depends_on": self.item.depends_on,
+        }
+
+
+@dataclass(frozen=True)
+class Submission:
+    job: str
+    added: int  # items new to the store
+    total: int  # items of this job
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    jobs: tuple[str, ...]
+    items: tuple[ItemRow, ...]
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return len(self.items)
+
+    @property
+    def finished(self) -> bool:
+        return self.counts.get("pending", 0) == 0 and self.counts.get("running", 0) == 0
+
+    def failed(self) -> list[ItemRow]:
+        return [r for r in self.items if r.state == "failed"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"jobs": list(self.jobs), "counts": dict(self.counts), "total": self.total,
+                "items": [r.as_dict() for r in self.items]}
+
+
+class Store:
+    """The SQLite store. Every method opens its own short connection, so a Store can be
+    shared by threads and its path handed to other processes."""
+
+    def __init__(self, path: Path | str, retry: RetryPolicy | None = None):
+        self.path = Path(path).expanduser()
+        self.retry = retry or RetryPolicy()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as con:
+                con.execute("PRAGMA journal_mode=WAL")
+                con.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise BadInput(f"{self.path}: not a studio store ({exc})") from None
+        except OSError as exc:
+            raise BadInput(f"{self.path}: cannot open the store ({exc.strerror or exc})") from None
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        try:
+            con.row_factory = sqlite3.Row
+            con.execute("PRAGMA busy_timeout=60000")
+            # FULL: a `done` that was reported survives a power cut, not only a crash.
+            con.execute("PRAGMA synchronous=FULL")
+            yield con
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    # -- submitting -------------------------------------------------------------------
+
+    def submit(self, job: Job) -> Submission:
+        now = time.time()
+        added = 0
+        with self._transaction() as con:
+            con.execute("INSERT OR IGNORE INTO jobs (id, source, spec, created) VALUES (?, ?, ?, ?)",
+                        (job.id, job.source, json.dumps(job.spec), now))
+            for item in job.items:
+                cur = con.execute(
+                    "INSERT OR IGNORE INTO items (id, kind, grp, ord, priority, label, payload, depends_on,"
+                    " max_attempts, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (item.id, item.kind, item.group, item.order, item.priority, item.label,
+                     json.dumps(item.payload), item.depends_on, self.retry.max_attempts, now),
+                )
+                added += cur.rowcount
+                con.execute("INSERT OR IGNORE INTO job_items (job, item) VALUES (?, ?)", (job.id, item.id))
+        return Submission(job=job.id, added=added, total=len(job.items))
+
+    # -- claiming ---------------------------------------------------------------------
+
+    def claim(self, worker: WorkerId, jobs: Iterable[str] | None = None, prefer_group: str | None = None,
+              lease_seconds: float | None = None) -> Item | None:
+        """Hand one runnable item to `worker`, or None. One transaction."""
+        now = time.time()
+        lease = lease_seconds if lease_seconds is not None else self.retry.lease_seconds
+        job_ids = list(jobs) if jobs is not None else None
+        with self._transaction() as con:
+            self._requeue_orphans(con, now)
+            self._fail_dependents(con, now)
+            where, args = self._job_filter(job_ids, "i")
+            row = con.execute(
+                "SELECT i.* FROM items i LEFT JOIN items d ON d.id = i.depends_on"
+                " WHERE i.state = 'pending' AND i.not_before <= ?"
+                " AND (i.depends_on IS NULL OR d.state = 'done')" + where +
+                " ORDER BY i.priority, (i.grp = ?) DESC, i.grp, i.ord LIMIT 1",
+                (now, *args, prefer_group or ""),
+            ).fetchone()
+            if row is None:
+                return None
+            cur = con.execute(
+                "UPDATE items SET state = 'running', attempts = attempts + 1, worker = ?, host = ?, pid = ?,"
+                " pid_start = ?, started = ?, finished = NULL, seconds = NULL, lease_until = ?"
+                " WHERE id = ? AND state = 'pending'",
+                (worker.id, worker.host, worker.pid, worker.pid_start, now, now + lease, row["id"]),
+            )
+            if cur.rowcount != 1:  # cannot happen under the write lock; never hand out twice
+                return None
+            return _item(row)
+
+    def _job_filter(self, job_ids: list[str] | None, alias: str) -> tuple[str, list[str]]:
+        if job_ids is None:
+            return "", []
+        marks = ",".join("?" * len(job_ids)) or "NULL"
+        return f" AND {alias}.id IN (SELECT item FROM job_items WHERE job IN ({marks}))", list(job_ids)
+
+    def _requeue_orphans(self, con: sqlite3.Connection, now: float) -> None:
+        here = socket.gethostname()
+        for row in con.execute("SELECT id, worker, host, pid, pid_start, lease_until, attempts, max_attempts"
+                               " FROM items WHERE state = 'running'").fetchall():
+            expired = row["lease_until"] is not None and row["lease_until"] < now
+            gone = row["host"] == here and row["pid"] is not None and not process_alive(row["pid"], row["pid_start"] or "")
+            if not (expired or gone):
+                continue
+            why = "its process is gone" if gone else "its lease expired"
+            if row["attempts"] >= row["max_attempts"]:
+                con.execute(
+                    "UPDATE items SET state = 'failed', error = ?, error_kind = 'crashed', finished = ?,"
+                    " lease_until = NULL WHERE id = ?",
+                    (f"worker {row['worker']} stopped while running it ({why}) after {row['attempts']} attempts",
+                     now, row["id"]))
+            else:
+                con.execute(
+                    "UPDATE items SET state = 'pending', error = ?, error_kind = 'crashed', lease_until = NULL,"
+                    " not_before = ? WHERE id = ?",
+                    (f"worker {row['worker']} stopped while running it ({why}); re-queued", now, row["id"]))
+
+    def _fail_dependents(self, con: sqlite3.Connection, now: float) -> None:
+        rows = con.execute(
+            "SELECT i.id, d.label, d.error FROM items i JOIN items d ON d.id = i.depends_on"
+            " WHERE i.state = 'pending' AND d.state = 'failed'").fetchall()
+        for row in rows:
+            con.execute(
+                "UPDATE items SET state = 'failed', error = ?, error_kind = 'dependency', finished = ? WHERE id = ?",
+                (f"needs '{row['label']}', which failed: {row['error']}", now, row["id"]))
+
+    # -- settling ---------------------------------------------------------------------
+
+    def heartbeat(self, worker: WorkerId, lease_seconds: float | None = None) -> int:
+        """Extend the lease of every item `worker` is running; returns how many."""
+        lease = lease_seconds if lease_seconds is not None else self.retry.lease_seconds
+        with self._transaction() as con:
+            return con.execute("UPDATE items SET lease_until = ? WHERE state = 'running' AND worker = ?",
+                               (time.time() + lease, worker.id)).rowcount
+
+    def complete(self, item_id: str, worker: WorkerId, outputs: Iterable[str], meta: dict[str, Any] | None = None) -> bool:
+        """Mark done (outputs already in place). False if the worker no longer holds the item."""
+        now = time.time()
+        with self._transaction() as con:
+            return con.execute(
+                "UPDATE items SET state = 'done', outputs = ?, meta = ?, finished = ?, seconds = ? - started,"
+                " error = NULL, error_kind = NULL, lease_until = NULL WHERE id = ? AND state = 'running' AND worker = ?",
+                (json.dumps([str(o) for o in outputs]), json.dumps(meta or {}, default=str), now, now, item_id,
+                 worker.id),
+            ).rowcount == 1
+
+    def fail(self, item_id: str, worker: WorkerId, error: str, kind: str, permanent: bool) -> str | None:
+        """Record an error. Returns the new state ('pending' for a retry, 'failed'), or None if not held."""
+        now = time.time()
+        with self._transaction() as con:
+            row = con.execute("SELECT attempts, max_attempts FROM items WHERE id = ? AND state = 'running'"
+                              " AND worker = ?", (item_id, worker.id)).fetchone()
+            if row is None:
+                return None
+            if permanent or row["attempts"] >= row["max_attempts"]:
+                con.execute("UPDATE items SET state = 'failed', error = ?, error_kind = ?, finished = ?,"
+                            " seconds = ? - started, lease_until = NULL WHERE id = ?",
+                            (error, kind, now, now, item_id))
+                return "failed"
+            con.execute("UPDATE items SET state = 'pending', error = ?, error_kind = ?, lease_until = NULL,"
+                        " not_before = ? WHERE id = ?",
+                        (error, kind, now + self.retry.backoff(row["attempts"]), item_id))
+            return "pending"
+
+    def release(self, item_id: str, worker: WorkerId) -> bool:
+        """Give an item back untouched (the worker was stopped); the attempt does not count."""
+        with self._transaction() as con:
+            return con.execute(
+                "UPDATE items SET state = 'pending', attempts = MAX(attempts - 1, 0), lease_until = NULL,"
+                " not_before = 0 WHERE id = ? AND state = 'running' AND worker = ?", (item_id, worker.id)).rowcount == 1
+
+    def retry_failed(self, jobs: Iterable[str] | None = None) -> int:
+        where, args = self._job_filter(list(jobs) if jobs is not None else None, "items")
+        with self._transaction() as con:
+            return con.execute(
+                "UPDATE items SET state = 'pending', attempts = 0, error = NULL, error_kind = NULL, not_before = 0,"
+                " finished = NULL, seconds = NULL WHERE state = 'failed'" + where, args).rowcount
+
+    # -- reading ----------------------------------------------------------------------
+
+    def job_ids(self) -> list[str]:
+        with self._connect() as con:
+            return [r["id"] for r in con.execute("SELECT id FROM jobs ORDER BY created")]
+
+    def job_spec(self, job_id: str) -> dict[str, Any] | None:
+        with self._connect() as con:
+            row = con.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return json.loads(row["spec"]) if row else None
+
+    def status(self, jobs: Iterable[str] | None = None) -> StoreStatus:
+        job_ids = list(jobs) if jobs is not None else None
+        where, args = self._job_filter(job_ids, "items")
+        with self._connect() as con:
+            rows = con.execute("SELECT * FROM items WHERE 1 = 1" + where + " ORDER BY priority, grp, ord",
+                               args).fetchall()
+        items = tuple(_row(r) for r in rows)
+        counts = {state: 0 for state in STATES}
+        for r in items:
+            counts[r.state] += 1
+        return StoreStatus(jobs=tuple(job_ids if job_ids is not None else self.job_ids()), items=items, counts=counts)
+
+    def counts(self, jobs: Iterable[str] | None = None) -> dict[str, int]:
+        where, args = self._job_filter(list(jobs) if jobs is not None else None, "items")
+        with self._connect() as con:
+            rows = con.execute("SELECT state, COUNT(*) AS n FROM items WHERE 1 = 1" + where + " GROUP BY state",
+                               args).fetchall()
+        counts = {state: 0 for state in STATES}
+        counts.update({r["state"]: r["n"] for r in rows})
+        return counts
+
+    def next_wakeup(self, jobs: Iterable[str] | None = None) -> float | None:
+        """When the earliest backed-off pending item becomes runnable (None if none waits)."""
+        where, args = self._job_filter(list(jobs) if jobs is not None else None, "items")
+        with self._connect() as con:
+            row = con.execute("SELECT MIN(not_before) AS t FROM items WHERE state = 'pending'" + where,
+                              args).fetchone()
+        return row["t"] if row and row["t"] is not None else None
+
+
+def _item(row: sqlite3.Row) -> Item:
+    return Item(id=row["id"], kind=row["kind"], group=row["grp"], order=row["ord"], label=row["label"],
+                payload=json.loads(row["payload"]), depends_on=row["depends_on"])
+
+
+def _row(row: sqlite3.Row) -> ItemRow:
+    return ItemRow(
+        item=_item(row), state=row["state"], attempts=row["attempts"], max_attempts=row["max_attempts"],
+        error=row["error"], error_kind=row["error_kind"], outputs=tuple(json.loads(row["outputs"])),
+        meta=json.loads(row["meta"]), created=row["created"], started=row["started"], finished=row["finished"],
+        seconds=row["seconds"], worker=row["worker"], lease_until=row["lease_until"], not_before=row["not_before"],
+    )

@@ -1,0 +1,77 @@
+"""Backend `faceid`: IP-Adapter FaceID / FaceID-Plus / FaceID-PlusV2 (SD1.5 and SDXL).
+
+Zero-shot: the identity comes from buffalo_l embeddings of the bundle's top-k photos (and,
+for Plus, CLIP ViT-H on their 224 aligned face crops), fed through diffusers' native
+IP-Adapter path. Works with the identity's trained LoRA of the same family (both active,
+next to the FaceID LoRA) and with ControlNets from the template or the reference photo.
+
+Options (template `options:` or `--option`): faceid_variant faceid|plusv2|plus,
+ip_adapter_scale (0.6), s_scale (1.0, PlusV2 shortcut), faceid_lora_scale (1.0),
+faceid_model (a file), id_mode mean|all|best, id_photos, face_locator, face_pack.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import ClassVar, Iterator
+
+from portrait.core.context import RunContext
+from portrait.core.types import Candidate, GenerationRequest
+from portrait.stages import embed as emb
+from portrait.stages import loras
+from portrait.stages import zeroshot as zs
+from portrait.stages.generate import candidate_seeds, with_seed
+from portrait.stages.sd import call_pipeline, control_kwargs, controlnet_ids, load_sd_pipeline, model_info, \
+    prepare_pipeline
+
+
+class FaceIDBackend:
+    name: ClassVar[str] = "faceid"
+    families: ClassVar[tuple[str, ...]] = ("sd15", "sdxl")
+
+    def generate(self, request: GenerationRequest, ctx: RunContext) -> Iterator[Candidate]:
+        started = time.perf_counter()
+        policy = zs.FaceIDPolicy.from_options(request.options)
+        embed_policy = emb.EmbedPolicy.from_options(request.options)
+        af = zs.faceid_adapter(ctx, policy)
+        inputs = zs.faceid_inputs(ctx, request.identity, policy, af, embed_policy)
+        controls = self._controls(request, ctx, embed_policy)
+        pipe = load_sd_pipeline(ctx, "txt2img", controlnet_ids(ctx, [c.name for c in controls]))
+        identity_lora = loras.identity_use(request.identity, ctx.preset.family, request.lora_weight)
+        stack = [identity_lora] if identity_lora else []
+        loras.attach(pipe, stack)
+        prepare_pipeline(pipe, request, ctx)
+        info = {
+            "identity_mode": "zero-shot+lora" if identity_lora else "zero-shot",
+            "adapter": {"id": af.model_id, "variant": policy.variant, "scale": policy.scale,
+                        "s_scale": policy.s_scale if policy.variant == "plusv2" else None,
+                        "lora_scale": policy.lora_scale},
+            "embedding": inputs.info(),
+            "model": model_info(ctx),
+            "loras": [u.as_info() for u in stack],
+            "controls": {c.name: {"strength": c.strength, "source": c.source} for c in controls},
+        }
+        if identity_lora is None:
+            info["note"] = f"no {ctx.preset.family} LoRA in the bundle: ran zero-shot"
+        setup = time.perf_counter() - started
+        with zs.attached_faceid(pipe, af, inputs, policy) as extra:
+            try:
+                for i, seed in enumerate(candidate_seeds(request)):
+                    t0 = time.perf_counter()
+                    zs.activate_with_faceid(pipe, [(u.adapter, u.weight) for u in stack], policy)
+                    image = call_pipeline(pipe, request, seed, **control_kwargs(controls), **extra)
+                    timings = {"generate": time.perf_counter() - t0}
+                    if i == 0:
+                        timings["load"] = setup
+                    yield Candidate(image=image, seed=seed, request=with_seed(request, seed, request.n),
+                                    timings=timings, info=dict(info))
+            finally:
+                if stack:
+                    pipe.disable_lora()
+
+    def _controls(self, request: GenerationRequest, ctx: RunContext, embed_policy: emb.EmbedPolicy) -> list:
+        if not request.controls:
+            return []
+        pose = request.options.get("template_image") or str(request.identity.reference)
+        image = emb.read_rgb(pose) if pose else None
+        return zs.zero_shot_controls(ctx, request, image, str(pose), embed_policy)

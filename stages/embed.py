@@ -1,0 +1,300 @@
+"""Embed stage: identity embeddings for the zero-shot adapters, from the identity's photos.
+
+Each adapter was trained on one embedding space, and only that space works:
+
+    InstantID          insightface antelopev2 (glintr100), raw `embedding` (not normalized)
+    FaceID             insightface buffalo_l (w600k_r50), `normed_embedding`
+    FaceID-Plus(V2)    buffalo_l `normed_embedding` + CLIP ViT-H hidden_states[-2] of a 224 norm_crop face
+    PhotoMaker v2      buffalo_l raw `embedding` (+ CLIP on the whole photo, done by the backend)
+
+Faces are located, then each pack's own ArcFace model embeds the arcface-aligned crop,
+exactly as insightface's `FaceAnalysis.get` does (norm_crop on the 5 keypoints, then the
+recognizer). Location and embedding are separate on purpose: any detector's 5 keypoints
+give the crop the recognizer expects, so a real preset uses the pack's SCRFD and the tiny
+preset (whose SCRFD is random by design) uses dlib, through the same embedding code.
+
+Several photos make one identity (`mode`): `mean` averages the unit directions (and, for a
+raw space, restores the photos' mean norm, because the adapter was trained on raw
+magnitudes), `all` keeps one row per photo (PhotoMaker stacks them; IP-Adapter takes them
+as several images), `best` keeps the first (the bundle lists photos best first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from portrait.core.cache import CacheKey
+from portrait.core.errors import BadInput
+from portrait.core.types import FaceObservation, Identity
+
+Mode = Literal["mean", "all", "best"]
+MODES = ("mean", "all", "best")
+
+
+@dataclass(frozen=True)
+class AdapterSpace:
+    """The embedding space one adapter was trained on."""
+
+    adapter: str
+    pack: str  # insightface pack (registry id)
+    recognizer: str  # the pack's ArcFace ONNX file
+    normalized: bool  # normed_embedding (True) or raw embedding (False)
+
+    @property
+    def backend(self) -> str:
+        return f"insightface:{self.pack}"
+
+
+SPACES: dict[str, AdapterSpace] = {
+    "instantid": AdapterSpace("instantid", "antelopev2", "glintr100.onnx", normalized=False),
+    "faceid": AdapterSpace("faceid", "buffalo_l", "w600k_r50.onnx", normalized=True),
+    "faceid_plus": AdapterSpace("faceid_plus", "buffalo_l", "w600k_r50.onnx", normalized=True),
+    "photomaker_v2": AdapterSpace("photomaker_v2", "buffalo_l", "w600k_r50.onnx", normalized=False),
+}
+
+
+@dataclass(frozen=True)
+class EmbedPolicy:
+    """How the identity's photos become one embedding (template/request `options`)."""
+
+    mode: Mode = "mean"
+    max_photos: int = 8  # the bundle's best photos; more add little and cost time
+    locator: str = "auto"  # auto | pack | dlib: who finds the faces (see module docstring)
+    pack: str | None = None  # override the adapter's pack; a different one is refused
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], default_mode: Mode = "mean") -> "EmbedPolicy":
+        mode = str(options.get("id_mode", default_mode))
+        if mode not in MODES:
+            raise BadInput(f"option id_mode='{mode}' is not one of {', '.join(MODES)}")
+        locator = str(options.get("face_locator", "auto"))
+        if locator not in ("auto", "pack", "dlib"):
+            raise BadInput(f"option face_locator='{locator}' is not one of auto, pack, dlib")
+        return cls(mode=mode, max_photos=int(options.get("id_photos", 8)), locator=locator,
+                   pack=options.get("face_pack"))
+
+
+@dataclass(frozen=True)
+class FaceCrop:
+    """One located face of one photo, with its embedding in the adapter's space."""
+
+    source: str
+    image: np.ndarray  # the whole photo, RGB uint8
+    face: FaceObservation  # kps/box from the locator; embedding from the pack's recognizer
+    embedding: np.ndarray  # raw or normalized, as the adapter wants
+
+
+@dataclass(frozen=True)
+class IdEmbedding:
+    """What an adapter is fed: (k, d) rows (k = 1 for mean/best, one per photo for all)."""
+
+    space: AdapterSpace
+    vectors: np.ndarray  # (k, d) float32
+    crops: tuple[FaceCrop, ...]  # the faces used, best first
+    mode: Mode
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def info(self) -> dict[str, Any]:
+        return {"space": self.space.backend, "normalized": self.space.normalized, "mode": self.mode,
+                "photos": [c.source for c in self.crops]}
+
+
+# --- checks ---------------------------------------------------------------------------------
+
+
+def space_for(adapter: str, policy: EmbedPolicy | None = None) -> AdapterSpace:
+    try:
+        space = SPACES[adapter]
+    except KeyError:
+        raise BadInput(f"no identity embedding is defined for adapter '{adapter}' "
+                       f"(known: {', '.join(SPACES)})") from None
+    if policy is not None and policy.pack and policy.pack not in (space.pack, space.backend):
+        raise wrong_pack(adapter, policy.pack, space)
+    return space
+
+
+def wrong_pack(adapter: str, given: str, space: AdapterSpace) -> BadInput:
+    return BadInput(f"{adapter} was trained on insightface {space.pack} embeddings; '{given}' embeddings live in "
+                    f"another space and would give a stranger's face (use face_pack={space.pack})")
+
+
+def check_space(adapter: str, backend: str) -> None:
+    """Refuse embeddings that were computed in another space than the adapter's."""
+    space = space_for(adapter)
+    if backend != space.backend:
+        raise wrong_pack(adapter, backend, space)
+
+
+# --- locating and embedding ------------------------------------------------------------------
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except (OSError, UnidentifiedImageError) as exc:
+        raise BadInput(f"{path}: unreadable image ({exc.__class__.__name__})") from None
+
+
+def identity_photos(identity: Identity, limit: int) -> list[Path]:
+    """The bundle's top-k photos (best first), or its reference when it kept none."""
+    photos = [p for p in identity.photos if p.is_file()][: max(1, limit)]
+    if photos:
+        return photos
+    if identity.reference.is_file():
+        return [identity.reference]
+    raise BadInput(f"identity '{identity.name}': no photos/ and no reference.png in {identity.root}")
+
+
+class Recognizer:
+    """One pack's ArcFace model, loaded by insightface's router from the pack folder."""
+
+    def __init__(self, onnx_path: Path, device: str = "cpu"):
+        import insightface
+
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else [
+            "CPUExecutionProvider"]
+        self.model = insightface.model_zoo.get_model(str(onnx_path), providers=providers)
+        if self.model is None or not hasattr(self.model, "get_feat"):
+            raise BadInput(f"{onnx_path}: not an insightface recognition model")
+        self.model.prepare(ctx_id=0 if device.startswith("cuda") else -1)
+        self.input_size = int(self.model.input_size[0])
+
+    def embed(self, image: np.ndarray, kps: np.ndarray) -> np.ndarray:
+        """Raw embedding of the face at `kps` in an RGB image (insightface's own recipe)."""
+        from portrait.core.faces import norm_crop
+
+        aligned = norm_crop(image, kps, self.input_size)
+        bgr = np.ascontiguousarray(aligned[:, :, ::-1])
+        return np.asarray(self.model.get_feat(bgr), dtype=np.float32).ravel()
+
+
+def load_recognizer(ctx, space: AdapterSpace) -> Recognizer:
+    resolved = ctx.resolve(space.pack)
+    path = resolved.file(space.recognizer)
+    if not path.is_file():
+        raise BadInput(f"{resolved.root}: pack '{space.pack}' has no {space.recognizer}")
+    key = CacheKey(resolved.spec.id, ctx.placement.device, "float32", ("recognizer", space.recognizer))
+    return ctx.cache.get(key, lambda: Recognizer(path, ctx.placement.device))
+
+
+def locator_backend(ctx, space: AdapterSpace, policy: EmbedPolicy) -> str:
+    if policy.locator == "dlib":
+        return "dlib"
+    if policy.locator == "pack":
+        return space.backend
+    # The tiny packs' detectors are random by design; their 5 points would be noise.
+    return "dlib" if ctx.preset.tiny else space.backend
+
+
+def make_locator(ctx, space: AdapterSpace, policy: EmbedPolicy):
+    from portrait.core.faces import make_analyzer
+
+    return make_analyzer(ctx, locator_backend(ctx, space, policy))
+
+
+def largest_face(locator, image: np.ndarray) -> FaceObservation | None:
+    faces = locator.detect(image, embed=False)
+    return max(faces, key=lambda f: f.area) if faces else None
+
+
+def face_crops(sources: Sequence[tuple[str, np.ndarray]], locator, recognizer: Recognizer,
+               space: AdapterSpace) -> list[FaceCrop]:
+    """Locate the largest face of each photo and embed it; photos without a face are skipped."""
+    crops = []
+    for source, image in sources:
+        face = largest_face(locator, image)
+        if face is None:
+            continue
+        raw = recognizer.embed(image, face.kps)
+        observed = FaceObservation(box=face.box, score=face.score, kps=face.kps, embedding=raw,
+                                   backend=space.backend, landmarks=face.landmarks)
+        crops.append(FaceCrop(source, image, observed, normalize(raw) if space.normalized else raw))
+    return crops
+
+
+def normalize(v: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(v))
+    return (v / norm).astype(np.float32) if norm > 0 else v.astype(np.float32)
+
+
+def combine(vectors: np.ndarray, mode: Mode, normalized: bool) -> np.ndarray:
+    """(n, d) per-photo embeddings -> (k, d) as the mode asks."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if mode == "all":
+        return vectors
+    if mode == "best":
+        return vectors[:1]
+    directions = np.stack([normalize(v) for v in vectors])
+    mean = normalize(directions.mean(axis=0))
+    if not normalized:
+        mean = mean * float(np.mean(np.linalg.norm(vectors, axis=1)))
+    return mean[None, :].astype(np.float32)
+
+
+def embed_identity(ctx, identity: Identity, adapter: str, policy: EmbedPolicy = EmbedPolicy()) -> IdEmbedding:
+    """The identity's embedding for `adapter` from its top-k photos (BadInput if none shows a face)."""
+    space = space_for(adapter, policy)
+    paths = identity_photos(identity, policy.max_photos)
+    sources = [(str(p), read_rgb(p)) for p in paths]
+    return embed_images(ctx, sources, adapter, policy, owner=f"identity '{identity.name}'")
+
+
+def embed_images(ctx, sources: Sequence[tuple[str, np.ndarray]], adapter: str, policy: EmbedPolicy = EmbedPolicy(),
+                 owner: str = "the given photos") -> IdEmbedding:
+    space = space_for(adapter, policy)
+    crops = face_crops(sources, make_locator(ctx, space, policy), load_recognizer(ctx, space), space)
+    if not crops:
+        where = ", ".join(s for s, _ in sources[:3]) + (" ..." if len(sources) > 3 else "")
+        raise BadInput(f"{owner}: no face found in its photos ({where})")
+    vectors = combine(np.stack([c.embedding for c in crops]), policy.mode, space.normalized)
+    return IdEmbedding(space, vectors, tuple(crops), policy.mode)
+
+
+# --- pose reference (InstantID keypoints) ------------------------------------------------------
+
+
+def pose_keypoints(ctx, image: np.ndarray, source: str, space_adapter: str = "instantid",
+                   policy: EmbedPolicy = EmbedPolicy()) -> np.ndarray:
+    """The 5 keypoints of the largest face of a pose reference (BadInput when it has none)."""
+    space = space_for(space_adapter, policy)
+    face = largest_face(make_locator(ctx, space, policy), image)
+    if face is None:
+        raise BadInput(f"{source}: no face found in the pose reference")
+    return np.asarray(face.kps, dtype=np.float32)
+
+
+# --- CLIP ViT-H face features (FaceID-Plus / PlusV2) ---------------------------------------------
+
+
+def clip_face_crops(crops: Sequence[FaceCrop], size: int = 224) -> list[np.ndarray]:
+    """The 224 arcface-aligned face crops IP-Adapter FaceID-Plus feeds to CLIP (`norm_crop`, ratio 2)."""
+    from portrait.core.faces import norm_crop
+
+    return [norm_crop(c.image, c.face.kps, size) for c in crops]
+
+
+def clip_hidden_states(image_encoder, processor, images: Sequence[np.ndarray], mode: Mode, device, dtype):
+    """(cond, uncond) CLIP hidden_states[-2], each [1, k, seq, hidden]; uncond is the encoder on a
+    zero pixel tensor, as IP-Adapter's FaceID-Plus does."""
+    import torch
+
+    pixels = processor(images=list(images), return_tensors="pt").pixel_values.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        cond = image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
+        uncond = image_encoder(torch.zeros_like(pixels[:1]), output_hidden_states=True).hidden_states[-2]
+    if mode == "mean":
+        cond = cond.mean(dim=0, keepdim=True)
+    elif mode == "best":
+        cond = cond[:1]
+    uncond = uncond.expand(cond.shape[0], -1, -1)
+    return cond[None], uncond[None]

@@ -1,0 +1,426 @@
+"""Generate stage: templates, request resolution, backend dispatch and output metadata.
+
+A GenerationRequest is resolved in one place, lowest priority first:
+preset `generate` section  <  template YAML  <  explicit overrides (CLI / API),
+and the resolved values travel with every candidate into its PNG chunks and results.json.
+
+Backends are named in BACKENDS as data ("module:Class") and imported only when used, so
+`portrait generate --backend lora` never imports InstantID's code, and the zero-shot
+backends plug in with a one-line edit of the table.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from portrait.core.config import Preset, templates_root
+from portrait.core.errors import BadInput
+from portrait.core.loaders import SCHEDULERS, sampler_label
+from portrait.core.types import Candidate, GenerationRequest, Identity
+
+# name -> "module:Class". Zero-shot backends add their rows here.
+BACKENDS: dict[str, str] = {
+    "lora": "portrait.stages.backends.lora:LoraBackend",
+    "template": "portrait.stages.backends.template:TemplateBackend",
+    "instantid": "portrait.stages.backends.instantid:InstantIDBackend",
+    "faceid": "portrait.stages.backends.faceid:FaceIDBackend",
+    "photomaker": "portrait.stages.backends.photomaker:PhotoMakerBackend",
+}
+
+COMPOSITIONS = ("merge", "switch", "composite")
+CONTROL_NAMES = ("canny", "openpose", "depth", "tile", "color")  # color feeds the tile ControlNet a mosaic
+VERSION = "portrait 0.1"
+
+
+# --- templates ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """One ControlNet input of a template: which control, from which image, how strong."""
+
+    name: str  # canny | openpose | depth | tile
+    strength: float
+    image: Path | None = None  # a pose/depth reference shipped with the template
+    preprocessed: bool = False  # the image already is the control map (skip the annotator)
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclass(frozen=True)
+class StyleLora:
+    model: str  # registry id or a path to a .safetensors
+    weight: float = 0.6
+
+
+@dataclass(frozen=True)
+class Template:
+    """A style template (prompt + settings) or a photo template (image + face options)."""
+
+    name: str
+    kind: str  # style | photo
+    root: Path  # folder that relative paths in the YAML are resolved against
+    title: str = ""
+    description: str = ""
+    prompt: str = ""
+    negative: str = ""
+    size: tuple[int, int] | None = None  # (width, height) at a 512 px base
+    steps: int | None = None
+    guidance: float | None = None
+    scheduler: str | None = None
+    lora_weight: float | None = None
+    composition: str = "merge"
+    fast: str | None = None  # "lcm": LCM-LoRA few-step mode
+    style_lora: StyleLora | None = None
+    controls: tuple[ControlSpec, ...] = ()
+    image: Path | None = None  # photo templates: the template photo
+    faces: int | None = None  # photo templates: how many faces it should hold
+    options: dict[str, Any] = field(default_factory=dict)  # backend-specific (passes, masks, ...)
+
+    @property
+    def controls_by_name(self) -> dict[str, ControlSpec]:
+        return {c.name: c for c in self.controls}
+
+
+def _shipped_dir(kind: str) -> Path:
+    return Path(str(templates_root())) / ("styles" if kind == "style" else "photos")
+
+
+def shipped_templates() -> list[Template]:
+    """Every template that ships with portrait, styles first, sorted by name."""
+    found = [load_template_file(p, "style") for p in sorted(_shipped_dir("style").glob("*.yaml"))]
+    photos = _shipped_dir("photo")
+    found += [load_template_file(p / "template.yaml", "photo") for p in sorted(photos.iterdir())
+              if (p / "template.yaml").is_file()] if photos.is_dir() else []
+    return found
+
+
+def find_template(name: str, kind: str | None = None) -> Template:
+    """A shipped template by name, or a user's template by path (a .yaml or a photo folder)."""
+    path = Path(name).expanduser()
+    if path.suffix.lower() in (".yaml", ".yml") and path.is_file():
+        return load_template_file(path, kind or _kind_from_yaml(path))
+    if path.is_dir() and (path / "template.yaml").is_file():
+        return load_template_file(path / "template.yaml", "photo")
+    if path.suffix.lower() in (".yaml", ".yml") or "/" in name:
+        raise bad_template(name, "no such template file or folder")
+    matches = [t for t in shipped_templates() if t.name == name and (kind is None or t.kind == kind)]
+    if not matches:
+        known = ", ".join(t.name for t in shipped_templates() if kind is None or t.kind == kind)
+        raise BadInput(f"unknown template '{name}' (known: {known}; or give a .yaml file or a photo template folder)")
+    return matches[0]
+
+
+def bad_template(where: object, reason: str) -> BadInput:
+    return BadInput(f"template {where}: {reason}")
+
+
+def _kind_from_yaml(path: Path) -> str:
+    data = _read_yaml(path)
+    return "photo" if data.get("image") else "style"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise bad_template(path, f"unreadable YAML ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise bad_template(path, "not a mapping")
+    return data
+
+
+def load_template_file(path: Path, kind: str) -> Template:
+    data = _read_yaml(path)
+    root = path.parent
+    try:
+        size = data.get("size")
+        template = Template(
+            name=str(data.get("name") or (root.name if kind == "photo" else path.stem)),
+            kind=kind,
+            root=root,
+            title=str(data.get("title", "")),
+            description=str(data.get("description", "")),
+            prompt=str(data.get("prompt", "")),
+            negative=str(data.get("negative", "")),
+            size=(int(size[0]), int(size[1])) if size else None,
+            steps=int(data["steps"]) if "steps" in data else None,
+            guidance=float(data["guidance"]) if "guidance" in data else None,
+            scheduler=data.get("scheduler"),
+            lora_weight=float(data["lora_weight"]) if "lora_weight" in data else None,
+            composition=str(data.get("composition", "merge")),
+            fast=data.get("fast"),
+            style_lora=_style_lora(data.get("style_lora")),
+            controls=tuple(_control(name, spec, root) for name, spec in (data.get("controls") or {}).items()),
+            image=(root / data["image"]) if data.get("image") else None,
+            faces=int(data["faces"]) if "faces" in data else None,
+            options=dict(data.get("options") or {}),
+        )
+    except (TypeError, ValueError, KeyError, IndexError) as exc:
+        raise bad_template(path, f"malformed field ({exc})") from None
+    return _checked(template, path)
+
+
+def _style_lora(value: Any) -> StyleLora | None:
+    if not value:
+        return None
+    if isinstance(value, str):
+        return StyleLora(value)
+    return StyleLora(str(value["model"]), float(value.get("weight", 0.6)))
+
+
+def _control(name: str, spec: Any, root: Path) -> ControlSpec:
+    spec = {"strength": spec} if isinstance(spec, (int, float)) else dict(spec or {})
+    return ControlSpec(
+        name=name,
+        strength=float(spec.get("strength", 1.0)),
+        image=(root / spec["image"]) if spec.get("image") else None,
+        preprocessed=bool(spec.get("preprocessed", False)),
+        start=float(spec.get("start", 0.0)),
+        end=float(spec.get("end", 1.0)),
+    )
+
+
+def _checked(t: Template, path: Path) -> Template:
+    if t.composition not in COMPOSITIONS:
+        raise bad_template(path, f"composition '{t.composition}' is not one of {', '.join(COMPOSITIONS)}")
+    for c in t.controls:
+        if c.name not in CONTROL_NAMES:
+            raise bad_template(path, f"control '{c.name}' is not one of {', '.join(CONTROL_NAMES)}")
+        if c.image is not None and not c.image.is_file():
+            raise bad_template(path, f"control image {c.image} does not exist")
+    if t.kind == "photo" and (t.image is None or not t.image.is_file()):
+        raise bad_template(path, f"photo template image {t.image} does not exist")
+    if t.kind == "style" and not t.prompt:
+        raise bad_template(path, "a style template needs a prompt")
+    if t.fast not in (None, "lcm"):
+        raise bad_template(path, f"fast mode '{t.fast}' is not 'lcm'")
+    return t
+
+
+# --- request resolution ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GeneratePolicy:
+    """The preset's `generate` section."""
+
+    backend: str = "lora"
+    style: str = "business"  # default style template
+    photo_template: str = "hopper"  # default photo template for the template backend
+    resolution: int = 512  # templates' sizes are given at 512 and scaled to this
+    size_multiple: int = 8
+    n: int = 4
+    steps: int = 30
+    steps_cap: int | None = None  # the tiny preset caps steps so tests run in seconds
+    guidance: float = 7.0
+    scheduler: str = "dpmpp_2m_karras"
+    lora_weight: float = 0.9
+    negative: str = ""  # appended to every negative prompt
+    face_backend: str = "dlib"  # to find faces in photo templates
+    memory: dict[str, Any] = field(default_factory=dict)  # vae_slicing/vae_tiling/offload: auto|true|false
+
+    @classmethod
+    def from_preset(cls, preset: Preset) -> "GeneratePolicy":
+        section = preset.section("generate")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise BadInput(f"presets/{preset.name}.yaml: unknown generate option(s) {', '.join(unknown)}")
+        return cls(**section)
+
+
+OVERRIDABLE = ("width", "height", "steps", "guidance", "scheduler", "lora_weight", "negative_prompt", "composition",
+               "fast", "controls", "options")
+
+
+def default_template_name(policy: GeneratePolicy, backend: str) -> str:
+    return policy.photo_template if backend == "template" else policy.style
+
+
+def scaled_size(size: tuple[int, int], policy: GeneratePolicy) -> tuple[int, int]:
+    scale = policy.resolution / 512
+    m = policy.size_multiple
+    return tuple(max(m, int(round(v * scale / m)) * m) for v in size)  # type: ignore[return-value]
+
+
+def fill_prompt(text: str, identity: Identity) -> str:
+    """Put the identity's trigger and class word into `{trigger}` / `{class}`."""
+    return text.replace("{trigger}", identity.trigger or "").replace("{class}", identity.class_word or "person").replace(
+        "  ", " ").strip()
+
+
+def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Template | None, prompt: str | None,
+                    backend: str | None, n: int | None, seed: int | None,
+                    overrides: Mapping[str, Any] | None = None) -> GenerationRequest:
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(overrides) - set(OVERRIDABLE))
+    if unknown:
+        raise BadInput(f"unknown generate option(s): {', '.join(unknown)} (known: {', '.join(OVERRIDABLE)})")
+    backend = backend or policy.backend
+    if backend not in BACKENDS:
+        raise BadInput(f"unknown backend '{backend}' (known: {', '.join(sorted(BACKENDS))})")
+    if backend == "template" and (template is None or template.kind != "photo"):
+        raise BadInput(f"the template backend needs a photo template (got {template.name if template else 'a prompt'})")
+    t = template or Template(name="", kind="style", root=Path("."))
+    text = fill_prompt(prompt if prompt else t.prompt, identity)
+    if not text:
+        text = fill_prompt("portrait photo of {trigger} {class}", identity)
+    negative = ", ".join(x for x in (t.negative, policy.negative) if x)
+    width, height = _size(t, policy, overrides)
+    steps = int(overrides.get("steps", t.steps or policy.steps))
+    if policy.steps_cap:
+        steps = min(steps, policy.steps_cap)
+    fast = overrides.get("fast", t.fast)
+    controls = {c.name: c.strength for c in t.controls}
+    controls.update(overrides.get("controls", {}))
+    options: dict[str, Any] = {
+        "composition": overrides.get("composition", t.composition),
+        "fast": fast,
+        "style_lora": {"model": t.style_lora.model, "weight": t.style_lora.weight} if t.style_lora else None,
+        "control_images": {c.name: str(c.image) for c in t.controls if c.image},
+        "control_preprocessed": [c.name for c in t.controls if c.preprocessed],
+        "control_range": {c.name: [c.start, c.end] for c in t.controls},
+        "template_image": str(t.image) if t.image else None,
+        "template_faces": t.faces,
+        "memory": dict(policy.memory),
+        "face_backend": policy.face_backend,
+        **t.options,
+        **overrides.get("options", {}),
+    }
+    scheduler = str(overrides.get("scheduler", t.scheduler or ("lcm" if fast == "lcm" else policy.scheduler)))
+    if scheduler not in SCHEDULERS:
+        raise BadInput(f"unknown scheduler '{scheduler}' (known: {', '.join(SCHEDULERS)})")
+    if options["composition"] not in COMPOSITIONS:
+        raise BadInput(f"--composition '{options['composition']}' is not one of {', '.join(COMPOSITIONS)}")
+    return GenerationRequest(
+        identity=identity,
+        backend=backend,
+        template=t.name or None,
+        prompt=text,
+        negative_prompt=str(overrides.get("negative_prompt", negative)),
+        width=width,
+        height=height,
+        steps=max(1, steps),
+        guidance=float(overrides.get("guidance", t.guidance if t.guidance is not None else policy.guidance)),
+        scheduler=scheduler,
+        seed=int(seed) if seed is not None else secrets.randbelow(2**31),
+        n=int(n if n is not None else policy.n),
+        lora_weight=float(overrides.get("lora_weight",
+                                        t.lora_weight if t.lora_weight is not None else policy.lora_weight)),
+        controls=controls,
+        options=options,
+    )
+
+
+def _size(t: Template, policy: GeneratePolicy, overrides: Mapping[str, Any]) -> tuple[int, int]:
+    if t.kind == "photo" and t.size is None and t.image is not None:
+        from PIL import Image
+
+        with Image.open(t.image) as im:
+            base = im.size
+        # A photo template keeps its aspect; its longer side is scaled to the base size.
+        longest = max(base)
+        size = (base[0] * 512 / longest, base[1] * 512 / longest)
+        width, height = scaled_size((int(size[0]), int(size[1])), policy)
+    else:
+        width, height = scaled_size(t.size or (512, 512), policy)
+    width = int(overrides.get("width", width))
+    height = int(overrides.get("height", height))
+    m = policy.size_multiple
+    if width % m or height % m or width <= 0 or height <= 0:
+        raise BadInput(f"--size {width}x{height}: width and height must be positive multiples of {m}")
+    return width, height
+
+
+def candidate_seeds(request: GenerationRequest) -> list[int]:
+    return [(request.seed + i) % 2**32 for i in range(request.n)]
+
+
+def with_seed(request: GenerationRequest, seed: int, n: int = 1) -> GenerationRequest:
+    return replace(request, seed=seed, n=n)
+
+
+# --- backend dispatch ----------------------------------------------------------------------
+
+
+def load_backend(name: str):
+    """Instantiate the backend named in BACKENDS (its module is imported only now)."""
+    target = BACKENDS.get(name)
+    if target is None:
+        raise BadInput(f"unknown backend '{name}' (known: {', '.join(sorted(BACKENDS))})")
+    module_name, cls_name = target.split(":")
+    return getattr(importlib.import_module(module_name), cls_name)()
+
+
+def generate_candidates(request: GenerationRequest, ctx) -> Iterable[Candidate]:
+    backend = load_backend(request.backend)
+    if ctx.preset.family not in backend.families:
+        raise BadInput(f"backend '{request.backend}' runs on {', '.join(backend.families)}; "
+                       f"preset '{ctx.preset.name}' is {ctx.preset.family}")
+    return backend.generate(request, ctx)
+
+
+# --- output metadata (DESIGN section 6) ----------------------------------------------------
+
+
+def _a1111_value(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if any(ch in text for ch in ",:\n") else text
+
+
+def a1111_parameters(prompt: str, negative: str, params: Mapping[str, Any]) -> str:
+    """The A1111 `parameters` text: prompt, optional negative line, then `Key: value, ...` last."""
+    lines = [prompt]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    lines.append(", ".join(f"{k}: {_a1111_value(v)}" for k, v in params.items() if v is not None and v != ""))
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """A LoRA that shaped an image, for the `<lora:NAME:W>` prompt tag and `Lora hashes`."""
+
+    name: str
+    weight: float
+    hash12: str
+
+
+def image_metadata(candidate: Candidate, *, model_name: str, model_hash10: str | None,
+                   loras: Iterable[LoraUse] = (), extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The two PNG text chunks of one output: A1111 `parameters` and our `portrait` JSON."""
+    r = candidate.request
+    loras = list(loras)
+    sampler, schedule = sampler_label(r.scheduler)
+    prompt = r.prompt + "".join(f" <lora:{lora.name}:{lora.weight:g}>" for lora in loras)
+    params: dict[str, Any] = {
+        "Steps": r.steps,
+        "Sampler": sampler,
+        "Schedule type": schedule or None,
+        "CFG scale": f"{r.guidance:g}",
+        "Seed": candidate.seed,
+        "Size": f"{r.width}x{r.height}",
+        "Model hash": model_hash10,
+        "Model": model_name,
+        "Lora hashes": ", ".join(f"{lora.name}: {lora.hash12}" for lora in loras) or None,
+    }
+    for name, strength in r.controls.items():
+        params[f"ControlNet {name}"] = f"{strength:g}"
+    if r.options.get("denoise") is not None:
+        params["Denoising strength"] = f"{float(r.options['denoise']):g}"
+    params["Version"] = VERSION
+    resolved = {**r.resolved(), "seed": candidate.seed, "n": r.n}
+    portrait = {"request": resolved, "info": dict(candidate.info), "timings": dict(candidate.timings),
+                "model": {"name": model_name, "hash": model_hash10},
+                "loras": [{"name": lora.name, "weight": lora.weight, "hash": lora.hash12} for lora in loras],
+                **(dict(extra) if extra else {})}
+    return {"parameters": a1111_parameters(prompt, r.negative_prompt, params),
+            "portrait": json.dumps(portrait, default=str, sort_keys=False)}

@@ -1,0 +1,257 @@
+"""Ingest: turn what the user gave (files, folders, zip archives) into decoded RGB photos.
+
+Every input either becomes a `Photo` (EXIF orientation applied; CMYK, palette, alpha,
+16-bit and grayscale converted to 8-bit RGB) or an `IngestRejection` with a stable reason:
+`unreadable` (not an image, truncated, corrupt), `too_large` (pixel count over the
+decompression-bomb guard), `too_small`, `duplicate` (same bytes, or a perceptual hash within
+a few bits of a bigger photo already taken). Input files are only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from portrait.core.errors import BadInput, bad_file
+from portrait.core.types import IngestRejection, Photo
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif")
+
+
+@dataclass(frozen=True)
+class IngestPolicy:
+    max_pixels: int = 80_000_000  # decompression-bomb guard (a 40 MP phone photo passes)
+    max_file_bytes: int = 200_000_000  # per file or zip member
+    min_side: int = 192  # shorter side below this cannot give a usable face crop
+    duplicate_bits: int = 5  # perceptual-hash Hamming distance at or below which two photos are one
+    max_photos: int = 500
+
+    @classmethod
+    def from_section(cls, section: dict) -> "IngestPolicy":
+        fields = {k: section[k] for k in ("max_pixels", "max_file_bytes", "min_side", "duplicate_bits", "max_photos")
+                  if k in section}
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input item: a file on disk or a member of a zip archive (`archive.zip::member`)."""
+
+    name: str
+    read: Callable[[], bytes]
+    size: int
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    photos: tuple[Photo, ...]
+    rejected: tuple[IngestRejection, ...]
+    order: tuple[str, ...]  # every source, in the order given (for reports)
+
+
+class Unusable(Exception):
+    """A source that cannot become a Photo; `reason` is one of the stable report words."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+# --- sources ------------------------------------------------------------------------------
+
+
+def collect_sources(inputs: Sequence[str | Path]) -> list[Source]:
+    """Expand files, folders (images only, sorted, hidden files skipped) and zip archives."""
+    sources: list[Source] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if not path.exists():
+            raise bad_file(path, "no such file or folder")
+        if path.is_dir():
+            for child in sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path))):
+                if child.suffix.lower() == ".zip":
+                    sources.extend(_zip_sources(child))
+                elif child.suffix.lower() in IMAGE_SUFFIXES:
+                    sources.append(_file_source(child))
+        elif path.suffix.lower() == ".zip" and zipfile.is_zipfile(path):
+            sources.extend(_zip_sources(path))
+        else:
+            sources.append(_file_source(path))  # named explicitly: try it whatever its suffix
+    return sources
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") or part == "__MACOSX" for part in relative.parts)
+
+
+def _file_source(path: Path) -> Source:
+    return Source(str(path), path.read_bytes, path.stat().st_size)
+
+
+def _zip_sources(path: Path) -> Iterator[Source]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = [m for m in zf.infolist() if not m.is_dir() and not _hidden(Path(m.filename))
+                       and Path(m.filename).suffix.lower() in IMAGE_SUFFIXES]
+    except zipfile.BadZipFile as exc:
+        raise bad_file(path, f"not a readable zip archive ({exc})") from None
+    for member in sorted(members, key=lambda m: m.filename):
+        yield Source(f"{path}::{member.filename}", _member_reader(path, member.filename), member.file_size)
+
+
+def _member_reader(path: Path, name: str) -> Callable[[], bytes]:
+    def read() -> bytes:
+        with zipfile.ZipFile(path) as zf:
+            return zf.read(name)
+
+    return read
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes, policy: IngestPolicy) -> np.ndarray:
+    """Bytes -> HxWx3 uint8 RGB with EXIF orientation applied, or raise Unusable."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    _register_heif()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > policy.max_pixels:
+                raise Unusable("too_large", f"{w}x{h} is over the {policy.max_pixels:,} pixel limit")
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+    except Image.DecompressionBombError as exc:
+        raise Unusable("too_large", str(exc)) from None
+    except UnidentifiedImageError:
+        raise Unusable("unreadable", "not an image file") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated / corrupt data
+        raise Unusable("unreadable", f"corrupt image data ({exc})") from None
+
+
+def _register_heif() -> None:
+    try:
+        import pillow_heif  # optional extra: portrait[heic]
+
+        pillow_heif.register_heif_opener()
+    except ImportError:
+        pass
+
+
+def to_rgb(im) -> np.ndarray:
+    """Any PIL mode -> 8-bit RGB. Alpha is composited on white (a studio backdrop), 16-bit and
+    float data are scaled rather than clipped, CMYK goes through its ICC profile when it has one."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if mode == "F":
+            peak = max(float(arr.max()), 1.0) if arr.max() > 1.0 else 1.0
+        gray = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "CMYK":
+        return np.asarray(_cmyk_to_rgb(im), dtype=np.uint8)
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        backdrop = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(backdrop, rgba).convert("RGB"), dtype=np.uint8)
+    return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
+
+
+def _cmyk_to_rgb(im):
+    profile = im.info.get("icc_profile")
+    if profile:
+        try:
+            from PIL import ImageCms
+
+            src = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+            return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except Exception:  # a broken embedded profile: fall back to the naive conversion
+            pass
+    return im.convert("RGB")
+
+
+# --- duplicates ------------------------------------------------------------------------------
+
+
+def perceptual_hash(image: np.ndarray) -> int:
+    """64-bit difference hash (dHash) of a 9x8 grayscale thumbnail.
+
+    Hand-written (10 lines) rather than adding the `imagehash` dependency; dHash survives
+    re-encoding, resizing and brightness changes, which is what a re-saved copy looks like.
+    """
+    from PIL import Image
+
+    gray = Image.fromarray(image).convert("L").resize((9, 8), Image.Resampling.LANCZOS)
+    pixels = np.asarray(gray, dtype=np.int16)
+    bits = (pixels[:, 1:] > pixels[:, :-1]).ravel()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def hamming(a: int, b: int) -> int:
+    return bin(a ^ b).count("1")
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def ingest(inputs: Sequence[str | Path], policy: IngestPolicy = IngestPolicy(),
+           progress: Callable[[str, float, float], None] | None = None) -> IngestResult:
+    sources = collect_sources(inputs)
+    if not sources:
+        raise BadInput(f"{', '.join(str(i) for i in inputs)}: no image files found")
+    if len(sources) > policy.max_photos:
+        raise BadInput(f"{len(sources)} photos given; the limit is {policy.max_photos}")
+    decoded: list[Photo] = []
+    rejected: list[IngestRejection] = []
+    for i, source in enumerate(sources):
+        try:
+            decoded.append(_load(source, policy))
+        except Unusable as exc:
+            rejected.append(IngestRejection(source.name, exc.reason, exc.detail))
+        if progress:
+            progress("reading photos", i + 1, len(sources))
+    photos, duplicates = drop_duplicates(decoded, policy.duplicate_bits)
+    order = tuple(s.name for s in sources)
+    return IngestResult(tuple(photos), tuple(rejected + duplicates), order)
+
+
+def _load(source: Source, policy: IngestPolicy) -> Photo:
+    if source.size > policy.max_file_bytes:
+        raise Unusable("too_large", f"{source.size:,} bytes is over the {policy.max_file_bytes:,} byte limit")
+    data = source.read()
+    image = decode_image(data, policy)
+    h, w = image.shape[:2]
+    if min(h, w) < policy.min_side:
+        raise Unusable("too_small", f"{w}x{h}: the shorter side is under {policy.min_side} px")
+    return Photo(source=source.name, image=image, sha256=hashlib.sha256(data).hexdigest())
+
+
+def drop_duplicates(photos: Sequence[Photo], max_bits: int) -> tuple[list[Photo], list[IngestRejection]]:
+    """Keep the biggest of each group of identical or near-identical photos; keep input order."""
+    by_size = sorted(range(len(photos)), key=lambda i: -photos[i].image.shape[0] * photos[i].image.shape[1])
+    kept: list[int] = []
+    hashes: dict[int, int] = {}
+    rejected: dict[int, IngestRejection] = {}
+    for i in by_size:
+        photo = photos[i]
+        hashes[i] = perceptual_hash(photo.image)
+        twin = next((k for k in kept if photos[k].sha256 == photo.sha256 or hamming(hashes[k], hashes[i]) <= max_bits),
+                    None)
+        if twin is None:
+            kept.append(i)
+        else:
+            rejected[i] = IngestRejection(photo.source, "duplicate", f"same picture as {photos[twin].source}")
+    keep = sorted(kept)
+    return [photos[i] for i in keep], [rejected[i] for i in sorted(rejected)]

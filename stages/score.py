@@ -1,0 +1,159 @@
+"""Scoring and ranking candidates: identity similarity, face sanity, prompt adherence.
+
+Each candidate's largest face is compared with the identity's consensus embedding (the
+gate's measure) and with the reference photo's embedding, in the face backend's own space
+and scale (portrait.core.faces). Face count and size are checked, because a candidate with
+two faces, or a face too small to judge, is not a usable portrait whatever its similarity.
+
+Prompt adherence (CLIP-T: cosine of CLIP's image and text embeddings) is reported beside
+identity similarity: a face pasted over everything scores high on identity and low on
+CLIP-T, the copy-paste failure that similarity alone rewards. Ranking uses identity by
+default; `clip_weight` lets a preset trade some of it for adherence.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from portrait.core.cache import CacheKey
+from portrait.core.errors import BadInput
+from portrait.core.faces import similarity
+from portrait.core.types import Candidate, CandidateScore, FaceObservation, RankedResult
+
+_LORA_TAG = re.compile(r"<lora:[^>]*>")
+
+
+@dataclass(frozen=True)
+class ScorePolicy:
+    """Settings from the preset's `score` section."""
+
+    threshold: float | None = None  # gate threshold; None = the face backend's same-person threshold
+    thresholds: dict[str, float] = field(default_factory=dict)  # per generation backend
+    expected_faces: int = 1
+    min_face_fraction: float = 0.01  # face box area / image area
+    max_face_fraction: float = 0.9
+    reference_weight: float = 0.25  # ranking: share of reference similarity next to consensus similarity
+    clip_weight: float = 0.0  # ranking: share of CLIP-T next to identity
+    budget: int = 4  # the gate generates at most this many extra candidates
+    rounds: int = 2  # ... in at most this many rounds
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any]) -> "ScorePolicy":
+        policy = cls(**{k: section[k] for k in cls.__dataclass_fields__ if k in section})
+        if policy.budget < 0 or policy.rounds < 0:
+            raise BadInput("preset score: budget and rounds must be >= 0")
+        if not 0.0 <= policy.reference_weight <= 1.0 or not 0.0 <= policy.clip_weight <= 1.0:
+            raise BadInput("preset score: reference_weight and clip_weight must be in [0, 1]")
+        return policy
+
+    def threshold_for(self, backend: str, default: float) -> float:
+        """The gate threshold for a generation backend (a per-backend value wins)."""
+        if backend in self.thresholds:
+            return float(self.thresholds[backend])
+        return float(self.threshold) if self.threshold is not None else float(default)
+
+
+def score_faces(faces: Sequence[FaceObservation], image_shape: tuple[int, ...], consensus: np.ndarray,
+                reference: np.ndarray | None, space: str, clip_t: float | None = None) -> CandidateScore:
+    """The score of one candidate from its detected faces (largest face is the subject)."""
+    if not faces:
+        return CandidateScore(similarity=0.0, reference_similarity=0.0, faces=0, face_size=0.0, clip_t=clip_t)
+    face = max(faces, key=lambda f: f.area)
+    h, w = image_shape[:2]
+    if face.embedding is None:
+        sim = ref_sim = 0.0
+    else:
+        sim = similarity(face.embedding, consensus, space)
+        ref_sim = similarity(face.embedding, reference, space) if reference is not None else sim
+    return CandidateScore(similarity=round(float(sim), 4), reference_similarity=round(float(ref_sim), 4),
+                          faces=len(faces), face_size=round(face.area / float(h * w), 4), clip_t=clip_t)
+
+
+def is_sane(score: CandidateScore, policy: ScorePolicy) -> bool:
+    """One subject face (or the expected count) of a judgeable size."""
+    return (score.faces == policy.expected_faces
+            and policy.min_face_fraction <= score.face_size <= policy.max_face_fraction)
+
+
+def passes(score: CandidateScore, policy: ScorePolicy, threshold: float) -> bool:
+    return is_sane(score, policy) and score.similarity >= threshold
+
+
+def rank_key(score: CandidateScore, policy: ScorePolicy) -> float:
+    identity = (1 - policy.reference_weight) * score.similarity + policy.reference_weight * score.reference_similarity
+    if policy.clip_weight and score.clip_t is not None:
+        return (1 - policy.clip_weight) * identity + policy.clip_weight * score.clip_t
+    return identity
+
+
+def rank(candidates: Sequence[Candidate], scores: Sequence[CandidateScore], policy: ScorePolicy,
+         threshold: float) -> list[RankedResult]:
+    """Best first: candidates that pass the gate, then sane ones, then the rest, each by rank_key."""
+    if len(candidates) != len(scores):
+        raise ValueError("one score per candidate")
+    order = sorted(range(len(candidates)), key=lambda i: (
+        not passes(scores[i], policy, threshold), not is_sane(scores[i], policy), -rank_key(scores[i], policy)))
+    return [RankedResult(candidate=candidates[i], score=scores[i], rank=position + 1,
+                         passed_gate=passes(scores[i], policy, threshold))
+            for position, i in enumerate(order)]
+
+
+# --- CLIP-T ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClipModel:
+    model: Any  # transformers CLIPModel
+    processor: Any  # transformers CLIPProcessor
+    device: str
+
+
+def load_clip(ctx, model_id: str) -> ClipModel:
+    """The registry CLIP (tiny stand-in offline), cached; fp16 on CUDA."""
+    resolved = ctx.resolve(model_id)
+    placement = ctx.placement
+
+    def build() -> ClipModel:
+        from transformers import CLIPModel, CLIPProcessor
+
+        model = CLIPModel.from_pretrained(resolved.root, torch_dtype=placement.dtype if placement.is_cuda else None)
+        return ClipModel(model.to(placement.device).eval(), CLIPProcessor.from_pretrained(resolved.root), placement.device)
+
+    return ctx.cache.get(CacheKey(resolved.spec.id, placement.device, placement.dtype_name, "clip"), build)
+
+
+def clean_prompt(prompt: str) -> str:
+    """The prompt as CLIP should read it: without A1111 `<lora:...>` tags and extra spaces."""
+    return " ".join(_LORA_TAG.sub(" ", prompt).split())
+
+
+def clip_t(clip: ClipModel, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[float]:
+    """Cosine of CLIP image and text embeddings, one per (image, prompt) pair."""
+    import torch
+
+    if len(images) != len(prompts):
+        raise ValueError("one prompt per image")
+    if not images:
+        return []
+    inputs = clip.processor(text=[clean_prompt(p) for p in prompts], images=list(images), return_tensors="pt",
+                            padding=True, truncation=True)
+    dtype = next(clip.model.parameters()).dtype
+    inputs = {k: (v.to(clip.device, dtype) if v.is_floating_point() else v.to(clip.device)) for k, v in inputs.items()}
+    with torch.inference_mode():
+        image_emb = _as_tensor(clip.model.get_image_features(pixel_values=inputs["pixel_values"]))
+        text_emb = _as_tensor(clip.model.get_text_features(input_ids=inputs["input_ids"],
+                                                           attention_mask=inputs.get("attention_mask")))
+    image_emb = torch.nn.functional.normalize(image_emb.float(), dim=-1)
+    text_emb = torch.nn.functional.normalize(text_emb.float(), dim=-1)
+    return [round(float(v), 4) for v in (image_emb * text_emb).sum(-1).cpu()]
+
+
+def _as_tensor(output):
+    # transformers 5 may return a model output object instead of the pooled tensor
+    if hasattr(output, "pooler_output") and output.pooler_output is not None:
+        return output.pooler_output
+    return output

@@ -1,0 +1,132 @@
+"""What the Stable Diffusion backends share: pipelines by kind, schedulers, memory
+options, ControlNet arguments, seeded calls and the model facts recorded in outputs.
+
+Pipelines come from portrait.core.loaders (registry ids -> diffusers objects, cached in
+ctx.cache); this module only decides which one a request needs and how to call it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from portrait.core.context import RunContext
+from portrait.core.errors import BadInput
+from portrait.core.types import GenerationRequest
+
+# control name -> preset model role. The color control is the tile ControlNet fed a mosaic.
+CONTROL_ROLES = {"canny": "controlnet_canny", "openpose": "controlnet_openpose", "depth": "controlnet_depth",
+                 "tile": "controlnet_tile", "color": "controlnet_tile"}
+# Above this many pixels per image, VAE tiling is switched on under `auto` on CUDA.
+TILING_PIXELS = 1536 * 1536
+
+
+def controlnet_ids(ctx: RunContext, names: Sequence[str]) -> tuple[str, ...]:
+    unknown = [n for n in names if n not in CONTROL_ROLES]
+    if unknown:
+        raise BadInput(f"unknown control(s) {', '.join(unknown)} (known: {', '.join(CONTROL_ROLES)})")
+    return tuple(ctx.preset.model(CONTROL_ROLES[n]) for n in names)
+
+
+def load_sd_pipeline(ctx: RunContext, kind: str, controlnets: tuple[str, ...] = (), role: str = "base"):
+    """The preset's base pipeline of `kind` (txt2img | img2img | inpaint) with ControlNets."""
+    from portrait.core.loaders import load_pipeline
+
+    return load_pipeline(ctx, ctx.preset.model(role), kind=kind, controlnets=controlnets)
+
+
+def prepare_pipeline(pipe, request: GenerationRequest, ctx: RunContext) -> None:
+    """Scheduler and memory options for this request (the pipeline may be shared: set both)."""
+    from portrait.core.loaders import make_scheduler
+
+    pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler.config)
+    memory = request.options.get("memory") or {}
+    big = request.width * request.height >= TILING_PIXELS
+    _toggle(pipe.vae, "tiling", _decide(memory.get("vae_tiling", "auto"), ctx.placement.is_cuda and big))
+    _toggle(pipe.vae, "slicing", _decide(memory.get("vae_slicing", "auto"), ctx.placement.is_cuda and big))
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+
+
+def _decide(setting: Any, auto: bool) -> bool:
+    if setting in (True, "true", "on", 1):
+        return True
+    if setting in (False, "false", "off", 0):
+        return False
+    return auto
+
+
+def _toggle(vae, what: str, on: bool) -> None:
+    method = getattr(vae, f"{'enable' if on else 'disable'}_{what}", None)
+    if method is not None:
+        method()
+
+
+def control_kwargs(controls: Sequence[Any], key: str = "image") -> dict[str, Any]:
+    """The ControlNet arguments of a pipeline call; a single ControlNet takes scalars.
+
+    `key` is where the pipeline wants the maps: `image` for txt2img, `control_image` for
+    the img2img and inpaint ControlNet pipelines (whose `image` is the init image).
+    """
+    from PIL import Image
+
+    if not controls:
+        return {}
+    images = [Image.fromarray(c.image) for c in controls]
+    if len(controls) == 1:
+        c = controls[0]
+        return {key: images[0],
+                "controlnet_conditioning_scale": float(c.strength),
+                "control_guidance_start": float(c.start), "control_guidance_end": float(c.end)}
+    return {key: images, "controlnet_conditioning_scale": [float(c.strength) for c in controls],
+            "control_guidance_start": [float(c.start) for c in controls],
+            "control_guidance_end": [float(c.end) for c in controls]}
+
+
+def generator(seed: int):
+    """A CPU generator: the same seed gives the same noise on CPU and CUDA."""
+    import torch
+
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+def call_pipeline(pipe, request: GenerationRequest, seed: int, **kwargs: Any) -> np.ndarray:
+    """One seeded pipeline call -> HxWx3 uint8 RGB."""
+    import torch
+
+    args: dict[str, Any] = {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt or None,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance,
+        "generator": generator(seed),
+        "output_type": "np",
+    }
+    if "width" not in kwargs and "mask_image" not in kwargs and "strength" not in kwargs:
+        args.update(width=request.width, height=request.height)
+    args.update(kwargs)
+    with torch.inference_mode():
+        out = pipe(**args)
+    return to_uint8(out.images[0])
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    return (np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def model_info(ctx: RunContext, role: str = "base") -> dict[str, Any]:
+    """What A1111's `Model` and `Model hash` need: a display name and the file to hash."""
+    model_id = ctx.preset.model(role)
+    resolved = ctx.resolve(model_id)
+    spec = resolved.spec
+    path = resolved.path
+    if path.is_file():
+        return {"id": model_id, "name": path.stem, "file": str(path), "sha256": spec.sha256.get(path.name)}
+    # A diffusers folder has no single checkpoint; its UNet weights identify it.
+    unet = sorted(Path(resolved.root, "unet").glob("diffusion_pytorch_model*.safetensors"))
+    file = unet[0] if unet else None
+    known = spec.sha256.get(f"unet/{file.name}") if file else None
+    return {"id": model_id, "name": spec.id if spec.source == "tiny" else (spec.repo or spec.id).split("/")[-1],
+            "file": str(file) if file else None, "sha256": known}

@@ -1,0 +1,162 @@
+"""The model registry: resolution order, missing-model errors, offline behaviour, licenses."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from portrait.core.config import Settings
+from portrait.core.errors import BadInput, ModelMissing
+from portrait.core.registry import ModelSpec, Registry, download, verify
+
+
+def _registry() -> Registry:
+    return Registry(
+        [
+            ModelSpec(id="base", kind="sd-pipeline", repo="org/base", files=["model_index.json", "unet/w.bin"], tiny="tiny-base"),
+            ModelSpec(id="tiny-base", kind="sd-pipeline", source="tiny", files=["model_index.json"], maker="x:y"),
+            ModelSpec(id="dlib", kind="dlib", source="package", package="face_recognition_models",
+                      files=["models/shape_predictor_5_face_landmarks.dat"]),
+        ]
+    )
+
+
+def _write(root: Path, files: list[str]) -> None:
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(name)
+
+
+def _fake_hf_cache(cache: Path, repo: str, files: list[str]) -> Path:
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / "abc123"
+    _write(snapshot, files)
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("abc123")
+    return snapshot
+
+
+def test_resolution_order_explicit_home_hfcache(tmp_path, monkeypatch):
+    registry = _registry()
+    settings = Settings(home=tmp_path / "home")
+    cache = tmp_path / "hf"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+
+    with pytest.raises(ModelMissing) as missing:
+        registry.resolve("base", settings)
+    assert "portrait models download base" in str(missing.value)
+
+    snapshot = _fake_hf_cache(cache, "org/base", ["model_index.json", "unet/w.bin"])
+    hit = registry.resolve("base", settings)
+    assert (hit.origin, hit.root) == ("hf-cache", snapshot)
+
+    _write(settings.models_dir / "base", ["model_index.json", "unet/w.bin"])
+    hit = registry.resolve("base", settings)
+    assert (hit.origin, hit.root) == ("home", settings.models_dir / "base")
+
+    explicit = tmp_path / "my.safetensors"
+    explicit.write_bytes(b"x")
+    hit = registry.resolve("base", settings, explicit=explicit)
+    assert (hit.origin, hit.path) == ("explicit", explicit)
+
+
+def test_partial_home_folder_does_not_count(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    settings = Settings(home=tmp_path)
+    _write(settings.models_dir / "base", ["model_index.json"])  # unet missing: an interrupted download
+    with pytest.raises(ModelMissing):
+        _registry().resolve("base", settings)
+
+
+def test_tiny_preset_resolves_stand_in_and_names_make_tiny(tmp_path):
+    registry = _registry()
+    settings = Settings(home=tmp_path)
+    with pytest.raises(ModelMissing) as missing:
+        registry.resolve("base", settings, tiny=True)
+    assert "portrait models make-tiny" in str(missing.value)
+    _write(settings.models_dir / "tiny-base", ["model_index.json"])
+    hit = registry.resolve("base", settings, tiny=True)
+    assert (hit.spec.id, hit.origin) == ("tiny-base", "tiny")
+
+
+def test_package_models_resolve_from_the_wheel(tmp_path):
+    hit = _registry().resolve("dlib", Settings(home=tmp_path))
+    assert hit.origin == "package" and hit.path.is_file() and hit.path.stat().st_size > 1000
+
+
+def test_cache_lookup_never_goes_online(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(*args, **kwargs):
+        calls.append(kwargs)
+        raise FileNotFoundError("not cached")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(ModelMissing):
+        _registry().resolve("base", Settings(home=tmp_path))
+    assert calls and all(c["local_files_only"] is True for c in calls)
+
+
+def test_download_respects_hf_hub_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BadInput, match="HF_HUB_OFFLINE"):
+        download(_registry().get("base"), Settings(home=tmp_path))
+    assert not (tmp_path / "models" / "base").exists()
+
+
+def test_verify_reports_mismatch_and_unknown(tmp_path):
+    spec = ModelSpec(id="m", kind="x", files=["a.bin", "b.bin", "c.bin"],
+                     sha256={"a.bin": "0" * 64, "b.bin": "ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb"})
+    (tmp_path / "a.bin").write_text("a")
+    (tmp_path / "b.bin").write_text("a")
+    status = {row.file: row.status for row in verify(spec, tmp_path)}
+    assert status == {"a.bin": "mismatch", "b.bin": "ok", "c.bin": "missing"}
+
+
+def test_real_registry_is_complete():
+    """Every real model names a license and a tiny stand-in that exists with a maker."""
+    registry = Registry.load()
+    real = [s for s in registry.specs.values() if s.source != "tiny"]
+    assert len(real) >= 40
+    for spec in real:
+        assert spec.license and spec.license != "unknown", spec.id
+        if spec.kind not in ("dlib-recognizer", "dlib-landmarks", "dlib-detector", "onnx-swapper"):
+            assert spec.tiny in registry.specs, f"{spec.id}: no tiny stand-in row '{spec.tiny}'"
+    for spec in registry.specs.values():
+        if spec.source == "tiny":
+            assert spec.maker and ":" in spec.maker, spec.id
+    non_commercial = {s.id for s in real if not s.commercial}
+    assert {"antelopev2", "buffalo_l", "inswapper-128", "codeformer", "ip-adapter-faceid-sd15", "dlib-landmarks-68"} <= non_commercial
+
+
+def _cli(*args: str, home: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "PORTRAIT_HOME": str(home), "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "portrait.cli.main", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_missing_model_exits_3_with_download_command(tmp_path):
+    result = _cli("models", "path", "sd15", home=tmp_path, env_extra={"HF_HUB_CACHE": str(tmp_path / "hf")})
+    assert result.returncode == 3
+    assert "portrait models download sd15" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_unknown_model_and_preset_exit_2(tmp_path):
+    result = _cli("models", "path", "no-such-model", home=tmp_path)
+    assert result.returncode == 2 and "unknown model 'no-such-model'" in result.stderr
+    result = _cli("--preset", "nope", "doctor", home=tmp_path)
+    assert result.returncode in (0, 2)  # doctor does not need the preset; it must not crash
+
+
+def test_doctor_lists_licenses(tmp_path):
+    result = _cli("doctor", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "non-commercial" in result.stdout and "torch" in result.stdout
