@@ -41,7 +41,11 @@ def register(app: typer.Typer) -> None:
         lora_weight: Optional[float] = typer.Option(None, "--lora-weight", help="Identity LoRA weight."),
         composition: Optional[str] = typer.Option(None, "--composition", help="Identity + style LoRA: merge, switch or composite."),
         fast: bool = typer.Option(False, "--fast", help="LCM-LoRA fast mode (few steps, low guidance)."),
-        no_finish: bool = typer.Option(False, "--no-finish", help="Skip fusion / retouch / upscale / scoring."),
+        no_finish: bool = typer.Option(False, "--no-finish", help="Skip fusion / retouch / upscale / scoring and the gate."),
+        no_fuse: bool = typer.Option(False, "--no-fuse", help="Skip the final face fusion."),
+        no_retouch: bool = typer.Option(False, "--no-retouch", help="Skip skin retouch."),
+        no_upscale: bool = typer.Option(False, "--no-upscale", help="Skip super-resolution."),
+        also: list[str] = typer.Option([], "--with-identity", help="Another identity for a group photo template (repeatable; faces are assigned left to right)."),
     ) -> None:
         """Generate portraits of IDENTITY from a template or a prompt into OUT."""
         from rich.console import Console
@@ -52,6 +56,10 @@ def register(app: typer.Typer) -> None:
         width, height = _size(size)
         overrides = {"width": width, "height": height, "steps": steps, "guidance": guidance, "scheduler": scheduler,
                      "lora_weight": lora_weight, "composition": composition}
+        if also:
+            overrides["options"] = {"identities": list(also)}
+        finish = False if no_finish else {"fuse": False if no_fuse else None, "retouch": False if no_retouch else None,
+                                          "upscale": False if no_upscale else None}
         if fast:
             overrides.update(fast="lcm", scheduler=scheduler or "lcm", steps=steps or 6, guidance=guidance or 1.5)
         console = Console(stderr=True)
@@ -63,7 +71,7 @@ def register(app: typer.Typer) -> None:
                 bar.update(task, description=what, completed=done, total=total)
 
             result = generate(identity, template=template, prompt=prompt, backend=backend, n=n, seed=seed, out=out,
-                              settings=ctx.obj, progress=progress, finish=not no_finish, **overrides)
+                              settings=ctx.obj, progress=progress, finish=finish, **overrides)
         for r in result.results:
             sim = "" if r.score.similarity is None else f"  similarity {r.score.similarity:.3f}"
             gate = "" if r.passed_gate else "  (below gate)"

@@ -1,14 +1,116 @@
-"""`portrait train`: placeholder until its issue lands (exits 2 saying so)."""
+"""`portrait train PHOTOS... --name NAME`: prepare, train a face LoRA, write the Identity bundle."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import List, Optional
+
 import typer
 
-from portrait.core.errors import BadInput
+from portrait.core.config import Settings
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def _placeholder() -> None:
-        """Not available yet in this build."""
-        raise BadInput("`portrait train` is not available yet in this build")
+    @app.command("train")
+    def train_command(
+        ctx: typer.Context,
+        photos: List[Path] = typer.Argument(..., help="Photo files, folders or zip archives of one person."),
+        name: str = typer.Option(..., "--name", "-n", help="Identity name (HOME/identities/NAME)."),
+        steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default: preset, by photo count)."),
+        rank: Optional[int] = typer.Option(None, "--rank", min=1, help="LoRA rank (default: preset)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of this name from its last checkpoint."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing identity of this name."),
+        zero_shot: bool = typer.Option(False, "--zero-shot", help="No LoRA: store reference, embeddings and report only."),
+    ) -> None:
+        """Find the person, train a LoRA, validate checkpoints by face similarity, write the bundle."""
+        from rich.console import Console
+
+        from portrait.flows.train import train
+
+        settings: Settings = ctx.obj or Settings()
+        console = Console(stderr=True)
+        with TrainProgress(console) as bar:
+            identity = train(photos, name, settings=settings, steps=steps, rank=rank, resume=resume,
+                             overwrite=overwrite, zero_shot=zero_shot, progress=bar.stage, on_event=bar.event)
+        Console().print(summary_table(identity))
+
+
+class TrainProgress:
+    """A live rich display: one bar per prepare stage, and the training bar with loss and ETA."""
+
+    def __init__(self, console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                 TimeRemainingColumn(), console=console, transient=False)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "TrainProgress":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def _task(self, key: str, total: float | None) -> int:
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task(key, total=total, loss="")
+        return self.tasks[key]
+
+    def stage(self, what: str, done: float, total: float) -> None:
+        self.progress.update(self._task(what, total), completed=done, total=total)
+
+    def event(self, event) -> None:
+        if event.phase == "step":
+            task = self._task("train", event.total)
+            self.progress.update(task, completed=event.step, total=event.total, loss=f"loss {event.loss:.4f}")
+        elif event.phase == "resume":
+            self.progress.update(self._task("train", event.total), completed=event.step, total=event.total)
+            self.progress.console.print(f"[cyan]{event.message}")
+        elif event.phase in ("validate", "class_images"):
+            self.progress.update(self._task("train", event.total), description=f"train ({event.phase})")
+        elif event.phase == "select":
+            self.progress.update(self._task("train", event.total), description="train")
+            self.progress.console.print(f"selected {event.message}")
+
+
+def summary_table(identity):
+    from rich.table import Table
+
+    manifest = identity.manifest
+    table = Table(title=f"identity '{identity.name}'", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("bundle", str(identity.root))
+    table.add_row("trigger", f"{identity.trigger} {identity.class_word}")
+    report = _report(identity.root)
+    if report:
+        table.add_row("photos", f"{report.get('kept', 0)} kept, {report.get('rejected', 0)} rejected")
+    table.add_row("face backend", str(manifest.get("face_backend", "")))
+    train = manifest.get("train")
+    if not identity.loras:
+        table.add_row("LoRA", "none (zero-shot identity)")
+    for family, lora in identity.loras.items():
+        table.add_row(f"LoRA {family}", f"{lora.path.name} + {lora.kohya_path.name if lora.kohya_path else '-'} "
+                                        f"(rank {lora.rank}, alpha {lora.alpha:g}, base {lora.base_model})")
+    if train:
+        table.add_row("steps", f"{train['steps']}" + (f" (resumed at {train['resumed_from']})" if train.get("resumed_from") else ""))
+        table.add_row("loss", f"{train.get('first_loss')} -> {train.get('final_loss')}")
+        table.add_row("selection", f"{train['selection']} of steps {', '.join(map(str, train['selected_steps']))}")
+    for row in manifest.get("validation", []):
+        mark = " *" if row.get("selected") else ""
+        table.add_row(f"checkpoint {row['step']}", f"face similarity {row['score']:.3f}, loss {row['loss']:.4f}{mark}")
+    timings = manifest.get("timings", {})
+    if "total" in timings:
+        table.add_row("time", f"{timings['total']:.1f} s")
+    return table
+
+
+def _report(root: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((root / "report.json").read_text())
+    except (OSError, ValueError):
+        return {}

@@ -171,11 +171,19 @@ class Recognizer:
 
     def embed(self, image: np.ndarray, kps: np.ndarray) -> np.ndarray:
         """Raw embedding of the face at `kps` in an RGB image (insightface's own recipe)."""
-        from portrait.core.faces import norm_crop
-
-        aligned = norm_crop(image, kps, self.input_size)
-        bgr = np.ascontiguousarray(aligned[:, :, ::-1])
+        bgr = np.ascontiguousarray(insightface_crop(image, kps, self.input_size)[:, :, ::-1])
         return np.asarray(self.model.get_feat(bgr), dtype=np.float32).ravel()
+
+
+def insightface_crop(image: np.ndarray, kps: np.ndarray, size: int) -> np.ndarray:
+    """insightface's own `norm_crop`: the adapters were trained on exactly these pixels."""
+    import warnings
+
+    from insightface.utils import face_align
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # its skimage call is deprecated, not wrong
+        return face_align.norm_crop(image, landmark=np.asarray(kps, dtype=np.float32), image_size=size)
 
 
 def load_recognizer(ctx, space: AdapterSpace) -> Recognizer:
@@ -278,9 +286,7 @@ def pose_keypoints(ctx, image: np.ndarray, source: str, space_adapter: str = "in
 
 def clip_face_crops(crops: Sequence[FaceCrop], size: int = 224) -> list[np.ndarray]:
     """The 224 arcface-aligned face crops IP-Adapter FaceID-Plus feeds to CLIP (`norm_crop`, ratio 2)."""
-    from portrait.core.faces import norm_crop
-
-    return [norm_crop(c.image, c.face.kps, size) for c in crops]
+    return [insightface_crop(c.image, c.face.kps, size) for c in crops]
 
 
 def clip_hidden_states(image_encoder, processor, images: Sequence[np.ndarray], mode: Mode, device, dtype):

@@ -6,8 +6,9 @@
    faces around it. A group photo or a stranger can never become the consensus unless they
    are in the majority of photos.
 2. Per photo: the face most similar to the consensus is "the face"; the photo is rejected,
-   in this order, as `no_face`, `other_person` (best face below the backend's threshold),
-   `face_too_small`, `bad_pose`, `bad_exposure`, `blurry`.
+   in this order, as `no_face`, `face_too_small`, `bad_exposure` (both make the embedding
+   unreliable), `other_person` (best face below the backend's threshold), `bad_pose`,
+   `blurry`.
 3. Total score (documented in the report): identity x frontalness x quality, where
    identity is the similarity clipped to [0, 1], frontalness = cos(yaw) x cos(pitch), and
    quality = (0.5 + 0.5 sharpness)(0.5 + 0.5 exposure)(0.5 + 0.5 face_size). This extends
@@ -69,7 +70,10 @@ def _best_match(center: np.ndarray, faces: Sequence[np.ndarray], scale: Similari
     return i, float(sims[i])
 
 
-def _mean(vectors: Sequence[np.ndarray], space: str) -> np.ndarray:
+def mean_embedding(vectors: Sequence[np.ndarray], space: str) -> np.ndarray:
+    """The centre of one person's embeddings: the raw mean for dlib (its threshold is a
+    euclidean distance on raw descriptors, norm ~1.5), the unit-norm mean of unit vectors
+    for cosine spaces."""
     stack = np.stack([np.asarray(v, np.float64) for v in vectors])
     if space == "dlib":  # euclidean space: average the raw descriptors
         return stack.mean(0).astype(np.float32)
@@ -106,7 +110,7 @@ def find_consensus(analyses: Sequence[PhotoAnalysis], scale: SimilarityScale, ro
                     members.append(faces[i])
         if not members:
             break
-        center = _mean(members, scale.space)
+        center = mean_embedding(members, scale.space)
     return center
 
 
@@ -120,15 +124,16 @@ def total_score(identity: float, quality: FaceQuality) -> float:
 
 
 def rejection_reason(identity: float, quality: FaceQuality, scale: SimilarityScale, policy: RankPolicy) -> str | None:
-    if identity < scale.threshold:
-        return "other_person"
+    # A tiny or badly exposed face gives an unreliable embedding, so those causes are named
+    # before identity: "too dark" is what the user can fix, "someone else" would mislead.
     if quality.face_px < policy.min_face_px:
         return "face_too_small"
-    if abs(quality.yaw) > policy.max_yaw or abs(quality.pitch) > policy.max_pitch:
-        return "bad_pose"
-    # exposure before sharpness: a dark face also has a flat Laplacian, and the cause matters
     if quality.exposure < policy.min_exposure:
         return "bad_exposure"
+    if identity < scale.threshold:
+        return "other_person"
+    if abs(quality.yaw) > policy.max_yaw or abs(quality.pitch) > policy.max_pitch:
+        return "bad_pose"
     if quality.sharpness < policy.min_sharpness:
         return "blurry"
     return None

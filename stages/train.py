@@ -672,16 +672,146 @@ def class_images(models: TrainModels, prompt: str, policy: TrainPolicy, cache_di
 # --- the loop -------------------------------------------------------------------------
 
 
-def train_lora(models: TrainModels, data: TrainData, policy: TrainPolicy, workdir: Path, *, device: str = "cpu",
-               dtype_name: str = "float32", scorer: FaceScorer | None = None, resume: bool = False,
-               base_model: str = "", on_event: Callable[[TrainEvent], None] | None = None) -> TrainResult:
-    """Train, checkpoint, validate and select. The models come in loaded; `workdir` holds the run."""
+@dataclass
+class TrainingRun:
+    """Everything the loop needs once setup is done: the models with their adapters, the caches,
+    the optimizer and schedule. Built by `setup_training`; `step_loss` reads it."""
+
+    models: TrainModels
+    policy: TrainPolicy
+    accelerator: Any
+    weight_dtype: Any
+    noise_scheduler: Any
+    configs: dict[str, Any]
+    param_groups: list[dict[str, Any]]
+    optimizer: Any
+    lr_scheduler: Any
+    prompts: PromptCache
+    instances: EncodedSet
+    priors: EncodedSet | None
+    n_images: int
+    n_class_images: int
+    scaling: float
+    shift: float
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+
+def setup_training(models: TrainModels, data: TrainData, policy: TrainPolicy, total: int, *, device: str = "cpu",
+                   dtype_name: str = "float32", emit: Callable[[TrainEvent], None] | None = None) -> TrainingRun:
+    """Place the models, add the LoRA adapters, cache latents and prompts, build the optimizer."""
     import torch
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
 
+    mixed = mixed_precision_for(policy, device, dtype_name)
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not device.startswith("cuda"))
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
+    for module in (models.unet, models.vae, *[enc for _n, _t, enc in models.text_encoders()]):
+        module.requires_grad_(False)
+        module.to(accelerator.device, dtype=weight_dtype)
+
+    configs = lora_configs(policy, models)
+    add_adapters(models, configs, policy.seed)
+    trainables = trained_modules(models, configs)
+    for module in trainables.values():
+        for name, p in module.named_parameters():
+            p.requires_grad_("lora_" in name)
+    # LoRA weights train in fp32 even when the frozen base runs in fp16 (diffusers does the same).
+    cast_training_params(list(trainables.values()), dtype=torch.float32)
+    if policy.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        for name in TEXT_COMPONENTS:
+            if name in trainables:
+                trainables[name].gradient_checkpointing_enable()
+    # Attention already runs through torch's scaled_dot_product_attention (diffusers' default
+    # AttnProcessor2_0), which picks flash / memory-efficient kernels on CUDA.
+
+    if emit:
+        emit(TrainEvent("cache", 0, total, message="encoding images and prompts once"))
+    class_prompt = data.class_prompt or policy.class_prompt.format(**{"class": data.class_word})
+    prompts = build_prompt_cache(models, list(data.captions) + ([class_prompt] if data.class_images else []),
+                                 frozen=not policy.train_text_encoder, device=accelerator.device)
+    instances = encode_set(models, data.images, data.captions, prompts, policy.resolution, accelerator.device)
+    priors = (encode_set(models, data.class_images, [class_prompt] * len(data.class_images), prompts,
+                         policy.resolution, accelerator.device) if data.class_images else None)
+
+    groups = [{"params": [p for p in models.unet.parameters() if p.requires_grad], "lr": policy.learning_rate}]
+    for name in TEXT_COMPONENTS:
+        if name in trainables:
+            groups.append({"params": [p for p in trainables[name].parameters() if p.requires_grad],
+                           "lr": policy.text_encoder_lr})
+    optimizer = make_optimizer(groups, policy, device)
+    lr_scheduler = get_scheduler(policy.lr_scheduler, optimizer=optimizer, num_warmup_steps=policy.lr_warmup_steps,
+                                 num_training_steps=total)
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    return TrainingRun(
+        models=models, policy=policy, accelerator=accelerator, weight_dtype=weight_dtype,
+        noise_scheduler=DDPMScheduler.from_config(models.pipeline.scheduler.config), configs=configs,
+        param_groups=groups, optimizer=optimizer, lr_scheduler=lr_scheduler, prompts=prompts, instances=instances,
+        priors=priors, n_images=len(data.images), n_class_images=len(data.class_images),
+        scaling=float(models.vae.config.scaling_factor), shift=float(models.vae.config.get("shift_factor") or 0.0),
+    )
+
+
+def step_loss(run: TrainingRun, step: int):
+    """The loss of training step `step`: its batch, flips, noise and timesteps depend only on (seed, step)."""
+    import torch
+
+    policy = run.policy
+    gen = step_generator(policy.seed, step)
+    idx = example_indices(run.n_images, policy.batch_size, step, policy.seed)
+    flips = (torch.rand(len(idx), generator=gen) < 0.5) if policy.flip else torch.zeros(len(idx), dtype=torch.bool)
+    latents, prompt_idx = sample_batch(run.instances, idx, flips, gen, run.scaling, run.shift)
+    prior_count = 0
+    if run.priors is not None:
+        pidx = example_indices(run.n_class_images, policy.batch_size, step, policy.seed + 1)
+        pflips = torch.rand(len(pidx), generator=gen) < 0.5
+        plat, pprompt = sample_batch(run.priors, pidx, pflips, gen, run.scaling, run.shift)
+        latents, prompt_idx, prior_count = torch.cat([latents, plat]), prompt_idx + pprompt, len(pidx)
+    with run.accelerator.autocast():
+        if run.prompts.embeds is not None:
+            cond = run.prompts.embeds[prompt_idx]
+            pooled = run.prompts.pooled[prompt_idx] if run.prompts.pooled is not None else None
+        else:
+            cond, pooled = encode_prompts(run.models, {k: v[prompt_idx] for k, v in run.prompts.token_ids.items()},
+                                          run.device)
+        return diffusion_loss(run.models, run.noise_scheduler, latents, cond, pooled, policy, gen, run.device,
+                              run.weight_dtype, prior_count)
+
+
+def optimize(run: TrainingRun, loss) -> None:
+    run.accelerator.backward(loss)
+    if run.accelerator.sync_gradients and run.policy.max_grad_norm:
+        run.accelerator.clip_grad_norm_([p for g in run.param_groups for p in g["params"]], run.policy.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def restore_checkpoint(run: TrainingRun, record: CheckpointRecord) -> tuple[int, list[float]]:
+    import torch
+
+    load_lora_state(run.models, read_lora_file(record.path / "lora.safetensors"))
+    state = torch.load(record.path / "state.pt", weights_only=True, map_location="cpu")
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    restore_rng(state["rng"])
+    return int(state["step"]), [float(x) for x in state["losses"]]
+
+
+def train_lora(models: TrainModels, data: TrainData, policy: TrainPolicy, workdir: Path, *, device: str = "cpu",
+               dtype_name: str = "float32", scorer: FaceScorer | None = None, resume: bool = False,
+               base_model: str = "", on_event: Callable[[TrainEvent], None] | None = None) -> TrainResult:
+    """Train, checkpoint, validate and select. The models come in loaded; `workdir` holds the run.
+
+    Prior-preservation images (`data.class_images`) must come from the base model before any
+    LoRA is added: make them with `class_images` first.
+    """
     if not data.images:
         raise BadInput("no usable training photos")
     if len(data.images) != len(data.captions):
@@ -693,107 +823,30 @@ def train_lora(models: TrainModels, data: TrainData, policy: TrainPolicy, workdi
     params = run_params(policy, data, total, base_model)
     previous = prepare_workdir(Path(workdir), params, resume)
 
-    mixed = mixed_precision_for(policy, device, dtype_name)
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not device.startswith("cuda"))
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
-    pipe = models.pipeline
-    pipe.to(accelerator.device)
-    for module in (models.unet, models.vae, *[enc for _n, _t, enc in models.text_encoders()]):
-        module.requires_grad_(False)
-        module.to(accelerator.device, dtype=weight_dtype)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    scaling = float(models.vae.config.scaling_factor)
-    shift = float(models.vae.config.get("shift_factor") or 0.0)
-
-    # Prior-preservation images come from the base model, so they are made before any LoRA.
-    class_imgs: tuple[np.ndarray, ...] = data.class_images
-    class_prompt = data.class_prompt or policy.class_prompt.format(**{"class": data.class_word})
-
-    configs = lora_configs(policy, models)
-    add_adapters(models, configs, policy.seed)
-    trainables = trained_modules(models, configs)
-    for module in trainables.values():
-        module.requires_grad_(False)
-        for name, p in module.named_parameters():
-            if "lora_" in name:
-                p.requires_grad_(True)
-    # LoRA weights train in fp32 even when the frozen base runs in fp16 (diffusers does the same).
-    cast_training_params(list(trainables.values()), dtype=torch.float32)
-    if policy.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-        if policy.train_text_encoder:
-            for name in TEXT_COMPONENTS:
-                if name in trainables:
-                    trainables[name].gradient_checkpointing_enable()
-
     t0 = time.perf_counter()
-    emit(TrainEvent("cache", 0, total, message="encoding images and prompts once"))
-    prompts = build_prompt_cache(models, list(data.captions) + ([class_prompt] if class_imgs else []),
-                                 frozen=not policy.train_text_encoder, device=accelerator.device)
-    instances = encode_set(models, data.images, data.captions, prompts, policy.resolution, accelerator.device)
-    priors = (encode_set(models, class_imgs, [class_prompt] * len(class_imgs), prompts, policy.resolution,
-                         accelerator.device) if class_imgs else None)
-    timings["cache"] = time.perf_counter() - t0
-
-    groups = [{"params": [p for n, p in models.unet.named_parameters() if p.requires_grad], "lr": policy.learning_rate}]
-    for name in TEXT_COMPONENTS:
-        if name in trainables:
-            groups.append({"params": [p for p in trainables[name].parameters() if p.requires_grad],
-                           "lr": policy.text_encoder_lr})
-    optimizer = make_optimizer(groups, policy, device)
-    lr_scheduler = get_scheduler(policy.lr_scheduler, optimizer=optimizer, num_warmup_steps=policy.lr_warmup_steps,
-                                 num_training_steps=total)
-    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    models.unet.train()
-
+    run = setup_training(models, data, policy, total, device=device, dtype_name=dtype_name, emit=emit)
+    timings["setup"] = time.perf_counter() - t0
     losses: list[float] = []
     start_step = 0
     if previous:
-        last = max(previous, key=lambda r: r.step)
-        load_lora_state(models, read_lora_file(last.path / "lora.safetensors"))
-        state = torch.load(last.path / "state.pt", weights_only=True, map_location="cpu")
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        restore_rng(state["rng"])
-        losses = [float(x) for x in state["losses"]]
-        start_step = int(state["step"])
+        start_step, losses = restore_checkpoint(run, max(previous, key=lambda r: r.step))
+        emit(TrainEvent("resume", start_step, total, message=f"resuming at step {start_step}"))
     records = list(previous)
     checkpoints = set(policy.checkpoint_steps(total))
     val_prompts = validation_prompts(policy, data.trigger, data.class_word)
 
     t0 = time.perf_counter()
+    models.unet.train()
     for step in range(start_step, total):
-        gen = step_generator(policy.seed, step)
-        idx = example_indices(len(data.images), policy.batch_size, step, policy.seed)
-        flips = (torch.rand(len(idx), generator=gen) < 0.5) if policy.flip else torch.zeros(len(idx), dtype=torch.bool)
-        latents, prompt_idx = sample_batch(instances, idx, flips, gen, scaling, shift)
-        prior_count = 0
-        if priors is not None:
-            pidx = example_indices(len(class_imgs), policy.batch_size, step, policy.seed + 1)
-            pflips = torch.rand(len(pidx), generator=gen) < 0.5
-            plat, pprompt = sample_batch(priors, pidx, pflips, gen, scaling, shift)
-            latents, prompt_idx, prior_count = torch.cat([latents, plat]), prompt_idx + pprompt, len(pidx)
-        with accelerator.autocast():
-            if prompts.embeds is not None:
-                cond = prompts.embeds[prompt_idx]
-                pooled = prompts.pooled[prompt_idx] if prompts.pooled is not None else None
-            else:
-                cond, pooled = encode_prompts(models, {k: v[prompt_idx] for k, v in prompts.token_ids.items()},
-                                              accelerator.device)
-            loss = diffusion_loss(models, noise_scheduler, latents, cond, pooled, policy, gen, accelerator.device,
-                                  weight_dtype, prior_count)
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and policy.max_grad_norm:
-            accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], policy.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = step_loss(run, step)
+        optimize(run, loss)
         losses.append(float(loss.detach().item()))
         done = step + 1
         emit(TrainEvent("step", done, total, loss=losses[-1]))
         if done in checkpoints:
-            scores = validate_checkpoint(models, val_prompts, policy, accelerator, scorer, emit, done, total)
-            path = save_checkpoint(workdir, done, lora_state(models, configs), optimizer, lr_scheduler, losses, scores)
+            scores = validate_checkpoint(models, val_prompts, policy, run.accelerator, scorer, emit, done, total)
+            path = save_checkpoint(workdir, done, lora_state(models, run.configs), run.optimizer, run.lr_scheduler,
+                                   losses, scores)
             records.append(read_checkpoint_meta(path))
     timings["train"] = time.perf_counter() - t0
 
@@ -936,6 +989,7 @@ def discard_checkpoints(workdir: Path, keep: bool) -> None:
 
 __all__ = [
     "TrainPolicy", "TrainModels", "TrainData", "TrainEvent", "TrainResult", "CheckpointRecord", "FaceScorer",
+    "TrainingRun", "setup_training", "step_loss", "optimize",
     "train_lora", "class_images", "save_diffusers_lora", "save_kohya_lora", "kohya_state", "average_states",
     "result_summary", "validation_summary", "discard_checkpoints",
 ]

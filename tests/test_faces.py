@@ -148,3 +148,19 @@ def test_auto_picks_dlib_without_real_packs_and_rejects_unknown(face_home):
 def test_rgb_input_is_required(dlib_analyzer):
     with pytest.raises(ValueError):
         dlib_analyzer.detect(np.zeros((64, 64), np.uint8))
+
+
+def test_dlib_without_the_non_commercial_68_point_model(face_home, dlib_analyzer, astronaut):
+    cc0_only = make_analyzer(None, "dlib", registry=Registry.load(), settings=face_home, landmarks68=False)
+    face, full = cc0_only.detect(astronaut)[0], dlib_analyzer.detect(astronaut)[0]
+    assert face.landmarks is None
+    assert np.array_equal(face.embedding, full.embedding)  # the descriptor always uses the 5-point shape
+    assert np.abs(face.kps[:3] - full.kps[:3]).max() < 12  # eyes and nose agree; mouth is estimated
+    assert face.kps[3, 1] > face.kps[2, 1] and face.kps[3, 0] < face.kps[4, 0]
+
+
+@pytest.mark.slow
+def test_dlib_cnn_detector(face_home, astronaut):
+    cnn = make_analyzer(None, "dlib", registry=Registry.load(), settings=face_home, detector="cnn", max_side=384)
+    faces = cnn.detect(astronaut)
+    assert len(faces) == 1 and 150 < faces[0].box[0] < 220 and faces[0].embedding.shape == (128,)

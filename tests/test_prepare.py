@@ -51,8 +51,8 @@ def build_inputs(folder, astronaut) -> dict[str, str]:
     rgba[:, :60, 3] = 0
     Image.fromarray(rgba).save(folder / "astronaut_alpha.png")
     expected["astronaut_alpha.png"] = "kept"
-    (folder / "astronaut_again.png").write_bytes((folder / "astronaut_original.png").read_bytes())
-    expected["astronaut_again.png"] = "duplicate"
+    (folder / "astronaut_original_copy.png").write_bytes((folder / "astronaut_original.png").read_bytes())
+    expected["astronaut_original_copy.png"] = "duplicate"
     return expected
 
 
@@ -107,7 +107,7 @@ def test_training_images_captions_and_reference(prepared, home):
             assert im.size == (resolution, resolution) and im.mode == "RGB"
         assert image.with_suffix(".txt").read_text().strip() == "a photo of sks person"
     assert ts.trigger == "sks" and ts.class_word == "person"
-    assert "astronaut" in json.loads((out / "report.json").read_text())["reference"] or ts.reference.exists()
+    assert json.loads((out / "report.json").read_text())["reference"] == str(ts.reference)
     with Image.open(ts.reference) as im:
         assert im.size == (512, 512)
     assert set(ts.consensus) == {"dlib"} and ts.consensus["dlib"].shape == (128,)
@@ -146,7 +146,6 @@ def test_roles_swap_when_hopper_is_the_majority(tmp_path, home):
     assert rows["astronaut.jpg"]["reason"] == "other_person"
     assert all(r["status"] == "kept" for name, r in rows.items() if name.startswith("hopper"))
     assert len(result.training_set.images) == 3  # top_k
-    assert "hopper" in result.training_set.assessments[0].source or True
     best = max((r for r in rows.values() if r["status"] == "kept"), key=lambda r: r["scores"]["total"])
     assert (tmp_path / "out" / "train" / "000.png").exists() and best["path"].rsplit("/", 1)[-1].startswith("hopper")
 

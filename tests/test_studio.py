@@ -356,7 +356,7 @@ def test_real_flows_run_a_spec_warm_on_the_tiny_preset(studio_home, tmp_path):
         assert row.attempts == 1 and row.error_kind == "bad_input" and "no-such-style" in row.error
     pngs = sorted((tmp_path / "out").rglob("*.png"))
     assert len(pngs) == 12 and leftovers(tmp_path / "out") == []
-    chunk = json.loads(read_png_text(tmp_path / "out" / "bob" / "film" / "lora-s6.png")["portrait"])
+    chunk = json.loads(read_png_text(tmp_path / "out" / "bob" / "film" / "lora-s6.png")["portrait"])["request"]
     assert chunk["identity"] == "bob" and chunk["seed"] == 6 and chunk["template"] == "film"
     done = [r for r in summary.status.items if r.state == "done"]
     assert all(r.meta["backend"] == "lora" and r.meta["results"][0]["seed"] == r.item.payload["seed"] for r in done)

@@ -330,15 +330,16 @@ class InsightfaceAnalyzer:
     """
 
     def __init__(self, pack_dir: Path, pack: str, *, device: str = "cpu", det_size: int = 640,
-                 det_thresh: float = 0.5):
+                 det_thresh: float = 0.5, landmarks: bool = False):
         import insightface
 
         self.backend = f"insightface:{pack}"
         self.scale = similarity_scale(self.backend)
         self.pack_dir = Path(pack_dir)
         providers = _onnx_providers(device)
+        modules = ["detection", "recognition", "genderage"] + (["landmark_2d_106"] if landmarks else [])
         self._app = insightface.app.FaceAnalysis(name=str(self.pack_dir), providers=providers,
-                                                 allowed_modules=["detection", "recognition", "genderage"])
+                                                 allowed_modules=modules)
         self._app.prepare(ctx_id=0 if device.startswith("cuda") else -1, det_thresh=det_thresh,
                           det_size=(det_size, det_size))
 
@@ -421,7 +422,9 @@ def make_analyzer(ctx: "RunContext | None" = None, backend: str = "auto", *, reg
     Pass a RunContext, or a registry and settings. `tiny` (default: the preset's switch)
     resolves insightface packs to their make-tiny stand-ins; dlib always uses its real
     models, which ship in a package. `options` go to the backend (dlib: detector, upsample,
-    max_side, jitters; insightface: det_size, det_thresh).
+    max_side, jitters, landmarks68 (default True; the 68-point model is non-commercial, set
+    False to use only the CC0 5-point model); insightface: det_size, det_thresh, landmarks
+    (106 points when the pack has 2d106det)).
     """
     if ctx is not None:
         registry = registry or ctx.registry
@@ -431,26 +434,27 @@ def make_analyzer(ctx: "RunContext | None" = None, backend: str = "auto", *, reg
         device = device or ctx.placement.device
     if registry is None or settings is None:
         raise ValueError("make_analyzer needs a RunContext or a registry and settings")
-    from .registry import Registry  # noqa: F401  (type only; keeps the import graph explicit)
-
     tiny = bool(tiny)
     device = device or "cpu"
     chosen = pick_backend(backend, registry, settings)
     if chosen == "dlib":
-        build = lambda: DlibAnalyzer(_dlib_models(registry, settings), **options)  # noqa: E731
+        use_68 = bool(options.pop("landmarks68", True))
+        key_options = {**options, "landmarks68": use_68}
+        build = lambda: DlibAnalyzer(_dlib_models(registry, settings, use_68), **options)  # noqa: E731
         model_id = "dlib-face-recognition"
     else:
+        key_options = dict(options)
         pack = chosen.split(":", 1)[1]
         resolved = registry.resolve(pack, settings, tiny=tiny)
         build = lambda: InsightfaceAnalyzer(resolved.root, pack, device=device, **options)  # noqa: E731
         model_id = resolved.spec.id
     if cache is None:
         return build()
-    key = CacheKey(model_id, device, "float32", ("face-analyzer", chosen, tuple(sorted(options.items()))))
+    key = CacheKey(model_id, device, "float32", ("face-analyzer", chosen, tuple(sorted(key_options.items()))))
     return cache.get(key, build)
 
 
-def _dlib_models(registry: "Registry", settings: "Settings") -> DlibModels:
+def _dlib_models(registry: "Registry", settings: "Settings", use_68: bool = True) -> DlibModels:
     def optional(model_id: str) -> Path | None:
         try:
             return registry.resolve(model_id, settings).path
@@ -460,6 +464,6 @@ def _dlib_models(registry: "Registry", settings: "Settings") -> DlibModels:
     return DlibModels(
         recognizer=registry.resolve("dlib-face-recognition", settings).path,
         landmarks_5=registry.resolve("dlib-landmarks-5", settings).path,
-        landmarks_68=optional("dlib-landmarks-68"),
+        landmarks_68=optional("dlib-landmarks-68") if use_68 else None,
         cnn_detector=optional("dlib-cnn-detector"),
     )

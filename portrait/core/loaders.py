@@ -151,10 +151,11 @@ def single_file_config(ctx, resolved: ResolvedModel | None, family: str, name: s
     model). Real checkpoints use a folder the package ships (presets/configs/NAME), which is
     copied once into HOME/cache/configs/ with the CLIP tokenizers written beside it.
     """
-    spec_config = resolved.spec.config if resolved else None
+    spec_config = (resolved.spec.config if resolved else None) or ""
     if resolved is not None and spec_config and (resolved.root / spec_config).is_dir():
         return resolved.root / spec_config
-    name = name or spec_config or f"configs/{family}"
+    shipped_name = spec_config if spec_config.startswith("configs/") else ""
+    name = name or shipped_name or f"configs/{family}"
     shipped = presets_root() / name
     if not shipped.is_dir():
         raise PortraitError(f"config folder '{name}' is not shipped with portrait")

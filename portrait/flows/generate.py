@@ -44,17 +44,25 @@ class GenerationResult:
         """results.json (DESIGN section 3), plus the resolved request for reproducibility."""
         rows = []
         for r in self.results:
+            s = r.score
             rows.append({
                 "path": r.path.name if r.path else None,
                 "seed": r.candidate.seed,
                 "rank": r.rank,
-                "similarity": None if r.score.similarity is None else round(float(r.score.similarity), 4),
+                "similarity": _round(s.similarity),
                 "passed_gate": bool(r.passed_gate),
                 "timings": {k: round(float(v), 4) for k, v in r.candidate.timings.items()},
+                "reference_similarity": _round(s.reference_similarity),
+                "clip_t": _round(s.clip_t),
+                "faces": s.faces,
                 "info": r.candidate.info,
             })
         return {"identity": self.identity, "backend": self.backend, "template": self.template, "results": rows,
-                "request": self.request.resolved(), **({"notes": self.info} if self.info else {})}
+                "request": self.request.resolved(), **self.info}
+
+
+def _round(value: Any) -> float | None:
+    return None if value is None else round(float(value), 4)
 
 
 def generate(identity: str | Identity, *, template: str | None = None, prompt: str | None = None,
@@ -83,10 +91,14 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
         return found
 
     candidates = run(request)
-    ranked = _finish(ctx, person, request, candidates, run, finish)
+    ranked, notes = _finish(ctx, person, request, candidates, run, finish)
     written = _write(ctx, out, person, ranked)
-    result = GenerationResult(person.name, request.backend, request.template, out, request, tuple(written))
+    result = GenerationResult(person.name, request.backend, request.template, out, request, tuple(written), notes)
     write_json(out / "results.json", result.as_json())
+    if notes and written:
+        from portrait.flows.finish import write_contact_sheet
+
+        write_contact_sheet(written, out / "contact_sheet.png")
     return result
 
 
@@ -110,24 +122,35 @@ def _check_out(out: Path) -> None:
 
 
 def _finish(ctx: RunContext, identity: Identity, request: GenerationRequest, candidates: list[Candidate],
-            run: Callable[[GenerationRequest], list[Candidate]], switches: bool | dict[str, bool]) -> list[RankedResult]:
-    """Hand off to the finish flow (fusion, retouch, upscale, score, gate) when it is installed."""
-    if switches is not False:
-        try:
-            from portrait.flows import finish as finish_flow
-        except ImportError:
-            finish_flow = None
-        if finish_flow is not None:
-            def generate_more(seeds: Sequence[int]) -> list[Candidate]:
-                more: list[Candidate] = []
-                for s in seeds:
-                    more += run(gen.with_seed(request, s))
-                return more
+            run: Callable[[GenerationRequest], list[Candidate]],
+            switches: bool | dict[str, bool]) -> tuple[list[RankedResult], dict[str, Any]]:
+    """Fusion, retouch, upscale and scoring, then the similarity gate (portrait.flows.finish).
 
-            return finish_flow.finish_and_gate(ctx, identity, candidates, generate_more,
-                                               switches=switches if isinstance(switches, dict) else None)
-    return [RankedResult(c, CandidateScore(similarity=None, reference_similarity=None, faces=0, face_size=0.0),
-                         rank=i + 1, passed_gate=True) for i, c in enumerate(candidates)]
+    `switches`: True = the preset's and template's defaults, False = none (generation order),
+    or a dict of stage -> bool overriding them. The template backend fuses inside its own
+    passes, so its default skips the extra fusion.
+    """
+    if switches is False:
+        return [RankedResult(c, CandidateScore(similarity=None, reference_similarity=None, faces=0, face_size=0.0),
+                             rank=i + 1, passed_gate=True) for i, c in enumerate(candidates)], {}
+    from portrait.flows import finish as finish_flow
+
+    policy = finish_flow.FinishPolicy.from_preset(ctx.preset)
+    backend_default = {"fuse": False} if request.backend == "template" else {}
+    chosen = finish_flow.FinishSwitches.from_options(policy.switches, backend_default,
+                                                     request.options.get("finish") or {},
+                                                     switches if isinstance(switches, dict) else {})
+
+    def generate_more(seeds: Sequence[int]) -> list[Candidate]:
+        more: list[Candidate] = []
+        for s in seeds:
+            more += run(gen.with_seed(request, s))
+        return more
+
+    outcome = finish_flow.gate(ctx, identity, candidates, chosen, generate_more, want=request.n, policy=policy)
+    notes = {"finish": chosen.as_dict(), "gate": {"rounds": outcome.rounds, "evaluated": outcome.evaluated,
+                                                  "extra_seeds": list(outcome.extra_seeds), "passed": outcome.passed}}
+    return outcome.results, notes
 
 
 # --- writing -------------------------------------------------------------------------------

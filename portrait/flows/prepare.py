@@ -20,12 +20,12 @@ from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.faces import INSIGHTFACE_PACKS, FaceAnalyzer, make_analyzer
 from portrait.core.io import write_image, write_json, write_text
-from portrait.core.types import PhotoAssessment, PhotoScores, TrainingSet
+from portrait.core.types import PhotoAssessment, TrainingSet
 from portrait.stages.analyze import analyze
 from portrait.stages.caption import CaptionPolicy, caption
 from portrait.stages.ingest import IngestPolicy, ingest
 from portrait.stages.prepare import PrepareHooks, PreparePolicy, prepare as prepare_crops
-from portrait.stages.rank import Ranking, RankPolicy, rank
+from portrait.stages.rank import Ranking, RankPolicy, mean_embedding, rank
 
 KEPT_PHOTO_MAX_SIDE = 1024
 REFERENCE_SIZE = 512
@@ -63,7 +63,8 @@ def prepare(photos: Sequence[str | Path] | str | Path, out: str | Path, *, setti
     out = Path(out)
 
     ingested = ingest(inputs, IngestPolicy.from_section(section), progress)
-    analyzer = make_analyzer(ctx, face_backend or section.get("face_backend", "auto"))
+    # preset `prepare.face_options`, e.g. {landmarks68: false} for the CC0-only dlib models
+    analyzer = make_analyzer(ctx, face_backend or section.get("face_backend", "auto"), **section.get("face_options", {}))
     analyses = analyze(ingested.photos, analyzer, progress)
     ranking = rank(analyses, analyzer.scale, RankPolicy.from_section(section))
     assessments = _in_input_order(ingested.order, ranking, ingested.rejected)
@@ -164,8 +165,6 @@ def _extra_backends(ctx: RunContext, analyzer: FaceAnalyzer, wanted: Sequence[st
 def consensus_in_space(analyzer: FaceAnalyzer, kept: Sequence[PhotoAssessment]) -> np.ndarray | None:
     """The kept face's embedding in another backend's space: per photo the face that overlaps
     the chosen face most (largest face when none overlaps), averaged."""
-    from portrait.stages.rank import _mean
-
     vectors = []
     for a in kept:
         faces = [f for f in analyzer.detect(a.photo.image) if f.embedding is not None]
@@ -173,7 +172,7 @@ def consensus_in_space(analyzer: FaceAnalyzer, kept: Sequence[PhotoAssessment]) 
             continue
         best = max(faces, key=lambda f: (_iou(f.box, a.face.box), f.area))
         vectors.append(best.embedding)
-    return _mean(vectors, analyzer.backend) if vectors else None
+    return mean_embedding(vectors, analyzer.backend) if vectors else None
 
 
 def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
@@ -226,4 +225,4 @@ def _thumbnail(a: PhotoAssessment):
     return pil
 
 
-__all__ = ["PrepareResult", "prepare", "PhotoScores"]
+__all__ = ["PrepareResult", "prepare"]

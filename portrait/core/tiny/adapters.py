@@ -12,8 +12,9 @@ tiny SD1.5 / SDXL UNets (DESIGN section 5):
 - CLIP ViT-H image encoder folder `models/image_encoder/` (CLIPVisionModelWithProjection).
 - PhotoMaker v1 / v2 `.bin`: keys exactly `id_encoder`, `lora_weights`, in that order.
 
-Sizes: diffusers' Resampler loaders assume a head size of 64 and 4 layers, so perceiver
-widths are 64 (PhotoMaker v2's perceiver uses heads of 128). The ID embedding stays 512, the
+Sizes: diffusers' Resampler loaders assume a head size of 64 and 4 layers, so attention
+inner widths are multiples of 64 (PhotoMaker v2's perceiver uses heads of 128); FaceID-Plus
+keeps its perceiver at the UNet's cross-attention width, as the real files do. The ID embedding stays 512, the
 size of the tiny ArcFace packs' output (portrait.core.tiny.faces.EMBEDDING_DIM).
 """
 
@@ -192,7 +193,8 @@ def write_instantid_adapter(root: Path, seed: int) -> None:
 def faceid_state(seed: int, layout: UnetLayout, plus: bool) -> dict[str, dict[str, torch.Tensor]]:
     init = _Init(seed)
     cad = layout.cross_attention_dim
-    width = RESAMPLER_DIM if plus else cad  # Plus: the perceiver's width (= cad in the real files)
+    width = cad  # Plus: the perceiver runs at the UNet's width; PlusV2's shortcut adds the two
+    inner = 64 * max(1, cad // 64)  # diffusers reads heads as to_q rows // 64
     proj = {}
     proj.update(init.linear("proj.0", ID_DIM * 2, ID_DIM))
     proj.update(init.linear("proj.2", width * FACEID_TOKENS, ID_DIM * 2))
@@ -202,7 +204,7 @@ def faceid_state(seed: int, layout: UnetLayout, plus: bool) -> dict[str, dict[st
         proj.update(init.linear(f"{p}proj_in", width, CLIP_H["hidden_size"]))
         proj.update(init.linear(f"{p}proj_out", cad, width))
         proj.update(init.ln(f"{p}norm_out", cad))
-        proj.update(perceiver_layers(init, p, width, inner=width))
+        proj.update(perceiver_layers(init, p, width, inner=inner))
     return {"image_proj": proj, "ip_adapter": ip_layers(init, layout, lora_rank=LORA_RANK)}
 
 

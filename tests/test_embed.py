@@ -1,0 +1,110 @@
+"""Identity embeddings for the zero-shot adapters (stages/embed.py) on real photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from portrait.core.bundle import load_identity, write_manifest
+from portrait.core.errors import BadInput
+from portrait.stages import embed as emb
+
+
+def make_identity(settings, name: str, photos: list[np.ndarray], reference: np.ndarray | None = None):
+    root = settings.identities_dir / name
+    (root / "photos").mkdir(parents=True, exist_ok=True)
+    rel = []
+    for i, image in enumerate(photos):
+        Image.fromarray(image).save(root / "photos" / f"{i:03d}.png")
+        rel.append(f"photos/{i:03d}.png")
+    Image.fromarray(reference if reference is not None else photos[0]).save(root / "reference.png")
+    write_manifest(root, {"name": name, "trigger": "sks", "class_word": "woman", "reference": "reference.png",
+                          "photos": rel})
+    return load_identity(settings, name)
+
+
+@pytest.fixture(scope="module")
+def two_photo_identity(tiny_home, hopper, astronaut):
+    return make_identity(tiny_home, "embed-two", [hopper, astronaut])
+
+
+def test_mean_of_directions_keeps_raw_magnitude():
+    raw = np.array([[3.0, 4.0], [0.0, 10.0]], dtype=np.float32)
+    mean_raw = emb.combine(raw, "mean", normalized=False)
+    # direction = normalize(mean of unit vectors); norm = mean raw norm (5 and 10 -> 7.5)
+    unit = np.array([[0.6, 0.8], [0.0, 1.0]]).mean(axis=0)
+    assert np.allclose(mean_raw[0] / np.linalg.norm(mean_raw[0]), unit / np.linalg.norm(unit), atol=1e-6)
+    assert np.linalg.norm(mean_raw[0]) == pytest.approx(7.5, rel=1e-5)
+    assert np.linalg.norm(emb.combine(raw, "mean", normalized=True)[0]) == pytest.approx(1.0, rel=1e-5)
+    assert emb.combine(raw, "all", normalized=False).shape == (2, 2)
+    assert np.array_equal(emb.combine(raw, "best", normalized=False), raw[:1])
+
+
+def test_each_adapter_gets_its_own_space(ctx, two_photo_identity):
+    instantid = emb.embed_identity(ctx, two_photo_identity, "instantid")
+    faceid = emb.embed_identity(ctx, two_photo_identity, "faceid", emb.EmbedPolicy(mode="all"))
+    assert instantid.space.backend == "insightface:antelopev2" and not instantid.space.normalized
+    assert faceid.space.backend == "insightface:buffalo_l" and faceid.space.normalized
+    assert instantid.vectors.shape == (1, 512) and faceid.vectors.shape == (2, 512)
+    assert np.allclose(np.linalg.norm(faceid.vectors, axis=1), 1.0, atol=1e-5)
+    assert abs(float(np.linalg.norm(instantid.vectors[0])) - 1.0) > 1e-3  # raw, not normalized
+    assert all(c.face.backend == "insightface:antelopev2" for c in instantid.crops)
+    # the two packs are different models: their vectors for the same faces differ
+    assert not np.allclose(normalize(instantid.vectors[0]), faceid.vectors.mean(axis=0), atol=1e-2)
+
+
+def normalize(v):
+    return v / np.linalg.norm(v)
+
+
+def test_embedding_is_what_insightface_computes(ctx, hopper):
+    """Reference: insightface's own ArcFaceONNX.get on a Face with the same keypoints."""
+    from insightface.app.common import Face
+
+    space = emb.space_for("faceid")
+    recognizer = emb.load_recognizer(ctx, space)
+    locator = emb.make_locator(ctx, space, emb.EmbedPolicy())
+    face = emb.largest_face(locator, hopper)
+    ours = recognizer.embed(hopper, face.kps)
+    ref_face = Face(bbox=np.array(face.box), kps=face.kps, det_score=face.score)
+    reference = recognizer.model.get(np.ascontiguousarray(hopper[:, :, ::-1]), ref_face)
+    assert np.abs(ours - reference).max() == 0.0
+
+
+def test_wrong_pack_is_refused(ctx, two_photo_identity):
+    with pytest.raises(BadInput, match="trained on insightface buffalo_l"):
+        emb.embed_identity(ctx, two_photo_identity, "faceid", emb.EmbedPolicy(pack="antelopev2"))
+    with pytest.raises(BadInput, match="antelopev2"):
+        emb.check_space("instantid", "insightface:buffalo_l")
+    with pytest.raises(BadInput, match="id_mode"):
+        emb.EmbedPolicy.from_options({"id_mode": "median"})
+
+
+def test_no_face_in_photos_or_pose_reference(ctx, tiny_home):
+    blank = np.full((96, 96, 3), 128, dtype=np.uint8)
+    identity = make_identity(tiny_home, "embed-blank", [blank])
+    with pytest.raises(BadInput, match="no face found"):
+        emb.embed_identity(ctx, identity, "instantid")
+    with pytest.raises(BadInput, match="pose reference"):
+        emb.pose_keypoints(ctx, blank, "blank.png")
+
+
+def test_clip_face_crops_are_224_aligned(ctx, two_photo_identity):
+    found = emb.embed_identity(ctx, two_photo_identity, "faceid_plus", emb.EmbedPolicy(mode="all"))
+    crops = emb.clip_face_crops(found.crops)
+    assert [c.shape for c in crops] == [(224, 224, 3)] * 2
+    # norm_crop at 224 is the 112 alignment at twice the scale
+    from portrait.core.faces import norm_crop
+
+    small = norm_crop(found.crops[0].image, found.crops[0].face.kps, 112)
+    big = np.asarray(Image.fromarray(crops[0]).resize((112, 112), Image.BILINEAR))
+    assert np.abs(small.astype(int) - big.astype(int)).mean() < 12
+
+
+def test_reads_only_the_bundle_photos(two_photo_identity):
+    paths = emb.identity_photos(two_photo_identity, 8)
+    assert [Path(p).name for p in paths] == ["000.png", "001.png"]
+    assert emb.identity_photos(two_photo_identity, 1) == paths[:1]
