@@ -3,7 +3,8 @@
 `write_sample_photos(folder)` writes several different shots of one person (the
 astronaut from scikit-image: crops, a mirror image, an EXIF-rotated JPEG, a JPEG at
 quality 30, a brighter exposure (x1.25)) plus one photo of someone else (matplotlib's Grace
-Hopper) as the outlier prepare must reject. `majority="hopper"` swaps the roles.
+Hopper) as the outlier prepare must reject, and a truncated JPEG (`unreadable`).
+`majority="hopper"` swaps the roles.
 Each shot is framed differently, the way real selfies are, so none is a near-duplicate
 of another.
 """
@@ -105,8 +106,9 @@ def person_shots(image: np.ndarray, frames: dict[str, tuple[int, int, int, int]]
     }
 
 
-def write_sample_photos(folder: Path | str, *, majority: str = "astronaut") -> list[Path]:
-    """Write the demo set into `folder` and return the paths (majority person first, outlier last)."""
+def write_sample_photos(folder: Path | str, *, majority: str = "astronaut", bad_file: bool = True) -> list[Path]:
+    """Write the demo set into `folder` and return the paths: the majority person's shots, the
+    outlier, and (with `bad_file`) a truncated JPEG that prepare reports as `unreadable`."""
     if majority not in _FRAMES:
         raise ValueError(f"majority must be one of {', '.join(_FRAMES)}")
     folder = Path(folder)
@@ -117,4 +119,7 @@ def write_sample_photos(folder: Path | str, *, majority: str = "astronaut") -> l
     for suffix, data in person_shots(people[majority](), _FRAMES[majority]).items():
         paths.append(write_bytes(folder / f"{majority}_{suffix}", data))
     paths.append(write_bytes(folder / f"{outlier}.jpg", _encode(people[outlier](), "JPEG", quality=92)))
+    if bad_file:  # a copy cut off mid-transfer, as phones and chat apps sometimes leave
+        whole = _encode(people[majority](), "JPEG", quality=92)
+        paths.append(write_bytes(folder / "IMG_broken.jpg", whole[: len(whole) // 3]))
     return paths

@@ -74,7 +74,8 @@ def canny(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
 def color_map(image: np.ndarray, block: int = 64) -> np.ndarray:
     """EasyPhoto's color control: a 1/block mosaic of the image, blown back up with nearest."""
     h, w = image.shape[:2]
-    small = cv2.resize(image, (max(1, w // block), max(1, h // block)), interpolation=cv2.INTER_CUBIC)
+    # INTER_AREA averages each block (cubic would sample a few pixels and alias).
+    small = cv2.resize(image, (max(1, w // block), max(1, h // block)), interpolation=cv2.INTER_AREA)
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
 
 

@@ -316,7 +316,8 @@ def encode_images(vae, images: Sequence[np.ndarray], resolution: int, device: st
     import torch
 
     original_dtype = vae.dtype
-    vae.to(device=device, dtype=torch.float32)
+    if original_dtype != torch.float32:
+        vae.to(dtype=torch.float32)
     means, stds = [], []
     with torch.no_grad():
         for pixels in images_to_tensor(images, resolution).split(4):
@@ -326,7 +327,8 @@ def encode_images(vae, images: Sequence[np.ndarray], resolution: int, device: st
             shape = (pair.shape[0], 2) + tuple(dist.mean.shape[1:])
             means.append(dist.mean.reshape(shape).cpu())
             stds.append(dist.std.reshape(shape).cpu())
-    vae.to(dtype=original_dtype)
+    if original_dtype != torch.float32:
+        vae.to(dtype=original_dtype)
     return torch.cat(means), torch.cat(stds)
 
 
@@ -713,7 +715,8 @@ def setup_training(models: TrainModels, data: TrainData, policy: TrainPolicy, to
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
     for module in (models.unet, models.vae, *[enc for _n, _t, enc in models.text_encoders()]):
         module.requires_grad_(False)
-        module.to(accelerator.device, dtype=weight_dtype)
+        if module.dtype != weight_dtype or module.device != accelerator.device:
+            module.to(accelerator.device, dtype=weight_dtype)
 
     configs = lora_configs(policy, models)
     add_adapters(models, configs, policy.seed)

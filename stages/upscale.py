@@ -154,9 +154,16 @@ def upscale(image: np.ndarray, model, policy: UpscalePolicy, outscale: float | N
     return Upscaled(sr, outscale, int(model.scale), tiles)
 
 
-def _mix(a: np.ndarray, b: np.ndarray, weight_b: float | np.ndarray) -> np.ndarray:
-    out = a.astype(np.float32) * (1.0 - weight_b) + b.astype(np.float32) * weight_b
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+def _mix(a: np.ndarray, b: np.ndarray, weight_b: float | np.ndarray, rows: int = 512) -> np.ndarray:
+    """a x (1 - w) + b x w in uint8, a band of rows at a time (float copies of a whole
+    80 MP output would need gigabytes)."""
+    out = np.empty_like(a)
+    for y in range(0, a.shape[0], rows):
+        band = slice(y, y + rows)
+        w = weight_b[band] if isinstance(weight_b, np.ndarray) else weight_b
+        mixed = a[band].astype(np.float32) * (1.0 - w) + b[band].astype(np.float32) * w
+        out[band] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    return out
 
 
 def tile_grid(length: int, tile: int) -> list[tuple[int, int]]:

@@ -143,8 +143,13 @@ def check_embedding_fits(af: AdapterFile, vectors: np.ndarray) -> None:
 
 
 def processor_numbering(unet) -> dict[str, int]:
-    """Processor name -> the index IP-Adapter checkpoints use (`unet.attn_processors` order)."""
-    return {name: i for i, name in enumerate(unet.attn_processors)}
+    """Processor name -> the index IP-Adapter checkpoints use (`unet.attn_processors` order).
+
+    Once an adapter is attached, its Resampler's own attention shows up in attn_processors
+    under `encoder_hid_proj.`; the checkpoints number the UNet's processors only.
+    """
+    names = [n for n in unet.attn_processors if not n.startswith("encoder_hid_proj.")]
+    return {name: i for i, name in enumerate(names)}
 
 
 @contextlib.contextmanager

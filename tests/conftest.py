@@ -15,9 +15,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_home(tmp_path_factory) -> "Settings":
     """Settings whose HOME holds every make-tiny model (written once per test session)."""
+    import torch
+
     from portrait.core.config import Settings
     from portrait.core.tiny import make_tiny
 
+    # Tiny models run fastest on one thread; with the cores shared, more threads made a
+    # 2-step 64 px run ~10x slower (thread oversubscription), measured here.
+    torch.set_num_threads(int(os.environ.get("PORTRAIT_TEST_THREADS", "1")))
     home = tmp_path_factory.mktemp("portrait-home")
     settings = Settings(home=home, preset="tiny", device="cpu")
     make_tiny(settings)

@@ -28,7 +28,8 @@ def test_sample_set_decodes_upright_and_untouched(tmp_path):
     paths = write_sample_photos(tmp_path / "photos")
     before = {p: sha256_file(p) for p in paths}
     result = ingest([tmp_path / "photos"])
-    assert len(result.photos) == len(paths) and not result.rejected
+    assert len(result.photos) == len(paths) - 1
+    assert _reasons(result) == {"IMG_broken.jpg": "unreadable"}
     assert {p: sha256_file(p) for p in paths} == before
     for photo in result.photos:
         assert photo.image.dtype == np.uint8 and photo.image.ndim == 3 and photo.image.shape[2] == 3

@@ -191,4 +191,8 @@ def test_shipped_controlnet_config_is_controlnet_v11(ctx):
     folder = loaders.single_file_config(ctx, None, "sd15", name="configs/controlnet-sd15")
     with init_empty_weights():
         net = ControlNetModel.from_config(ControlNetModel.load_config(folder))
-    assert sum(p.numel() for p in net.parameters()) == 361_278_976
+    unet = json.loads((loaders.single_file_config(ctx, None, "sd15") / "unet" / "config.json").read_text())
+    for key in ("block_out_channels", "layers_per_block", "attention_head_dim", "cross_attention_dim", "down_block_types"):
+        assert list(np.atleast_1d(net.config[key])) == list(np.atleast_1d(unet[key])), key
+    assert tuple(net.config.conditioning_embedding_out_channels) == (16, 32, 96, 256)  # a /8 hint encoder
+    assert 361.0e6 < sum(p.numel() for p in net.parameters()) < 361.5e6  # "361M" as published

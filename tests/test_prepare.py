@@ -31,6 +31,7 @@ def build_inputs(folder, astronaut) -> dict[str, str]:
     from skimage import data
 
     expected = {p.name: "kept" for p in write_sample_photos(folder)}
+    expected["IMG_broken.jpg"] = "unreadable"
     expected["hopper.jpg"] = "other_person"
     Image.fromarray(group_photo()).save(folder / "t1.jpg", quality=92)
     expected["t1.jpg"] = "other_person"
@@ -145,6 +146,7 @@ def test_roles_swap_when_hopper_is_the_majority(tmp_path, home):
     rows = {r["path"].rsplit("/", 1)[-1]: r for r in result.report["photos"]}
     assert rows["astronaut.jpg"]["reason"] == "other_person"
     assert all(r["status"] == "kept" for name, r in rows.items() if name.startswith("hopper"))
+    assert rows["IMG_broken.jpg"]["reason"] == "unreadable"
     assert len(result.training_set.images) == 3  # top_k
     best = max((r for r in rows.values() if r["status"] == "kept"), key=lambda r: r["scores"]["total"])
     assert (tmp_path / "out" / "train" / "000.png").exists() and best["path"].rsplit("/", 1)[-1].startswith("hopper")
@@ -186,4 +188,5 @@ def test_insightface_path_runs_on_the_tiny_pack(tmp_path, home):
     except BadInput:
         pass  # tiny detections are meaningless: too few may match, but the path must run
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert all(row["faces"] == 1 for row in report["photos"])  # one tiny "face" per photo
+    decoded = [row for row in report["photos"] if row["reason"] != "unreadable"]
+    assert len(decoded) == 7 and all(row["faces"] == 1 for row in decoded)  # one tiny "face" per photo

@@ -342,13 +342,16 @@ def studio_home(tiny_home, tmp_path, astronaut, hopper):
     return settings
 
 
+@pytest.mark.slow
 def test_real_flows_run_a_spec_warm_on_the_tiny_preset(studio_home, tmp_path):
     from portrait.core.io import read_png_text
     from portrait.studio.executor import FlowExecutor
 
     executor = FlowExecutor(studio_home)
     studio = Studio(tmp_path / "store.db", settings=studio_home, policy=FAST, executor_factory=lambda: executor)
-    spec = write_spec(tmp_path, templates=["business", "film", "outdoor", "no-such-style"], finish=False)
+    # Few steps at 64 px: the queue is under test here, not image quality.
+    quick = {"finish": False, "steps": 2, "size": [64, 64]}
+    spec = write_spec(tmp_path, templates=["business", "film", "outdoor", "no-such-style"], **quick)
     summary = studio.run(spec)
     counts = summary.status.counts
     assert counts == {"pending": 0, "running": 0, "done": 12, "failed": 4}
@@ -360,8 +363,31 @@ def test_real_flows_run_a_spec_warm_on_the_tiny_preset(studio_home, tmp_path):
     assert chunk["identity"] == "bob" and chunk["seed"] == 6 and chunk["template"] == "film"
     done = [r for r in summary.status.items if r.state == "done"]
     assert all(r.meta["backend"] == "lora" and r.meta["results"][0]["seed"] == r.item.payload["seed"] for r in done)
-    # Warm: the pipeline was built once for all 12 items (a second identity or template
-    # only swaps the LoRA / scheduler), so a second run of new items loads nothing.
+    # Warm: the pipeline was built once for all 12 items (another identity or template
+    # only swaps the LoRA / scheduler), so a later item loads nothing new.
     loads = executor.cache.loads
-    more = studio.run(write_spec(tmp_path, templates=["business"], seed=50, finish=False))
-    assert more.status.counts["done"] == 4 and executor.cache.loads == loads
+    more = studio.run(write_spec(tmp_path, identities=["bob"], templates=["business"], seed=50, count=1, **quick))
+    assert more.status.counts["done"] == 1 and executor.cache.loads == loads
+
+
+@pytest.mark.slow
+def test_real_flows_train_a_missing_identity_first(tiny_home, tmp_path):
+    from portrait.samples import write_sample_photos
+    from portrait.studio.executor import FlowExecutor
+
+    settings = Settings(home=tmp_path / "home", preset="tiny", device="cpu")
+    settings.home.mkdir()
+    (settings.home / "models").symlink_to(tiny_home.models_dir, target_is_directory=True)
+    write_sample_photos(tmp_path / "photos" / "carol")
+    spec = write_spec(tmp_path, identities=[{"name": "carol", "photos": "photos/carol", "steps": 2}],
+                      templates=["business"], count=2, finish=False, steps=2, size=[64, 64])
+    executor = FlowExecutor(settings)
+    studio = Studio(tmp_path / "store.db", settings=settings, policy=FAST, executor_factory=lambda: executor)
+    summary = studio.run(spec)
+    rows = {r.item.kind: r for r in summary.status.items}
+    assert summary.ok and summary.status.counts["done"] == 3, [r.error for r in summary.status.items]
+    assert rows["train"].outputs == (str(settings.identities_dir / "carol"),)
+    assert (settings.identities_dir / "carol" / "lora.safetensors").is_file()
+    assert len(list((tmp_path / "out" / "carol" / "business").glob("*.png"))) == 2
+    # The identity exists now: the same spec expands without a train item and adds nothing.
+    assert studio.submit(spec).added == 0 and len(studio.expand(spec).items) == 2

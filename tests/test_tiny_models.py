@@ -163,3 +163,37 @@ def test_single_file_controlnet_matches_its_weights(ctx, tmp_path):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_ldm_layout_round_trips_at_real_size(ctx, family):
+    """At the real architectures (meta tensors, no memory), our diffusers -> LDM names go back
+    through diffusers' own single-file converters to exactly the original keys and shapes."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from portrait.core.tiny import ldm
+
+    folder = loaders.single_file_config(ctx, None, family)
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+    for model, to_ldm, back in (
+        (unet, ldm.unet_to_ldm, sfu.convert_ldm_unet_checkpoint),
+        (vae, ldm.vae_to_ldm, sfu.convert_ldm_vae_checkpoint),
+    ):
+        state = model.state_dict()
+        converted = back(to_ldm(state, model.config), model.config)
+        assert converted.keys() == state.keys()
+        assert all(converted[k].shape == state[k].shape for k in state)
+    if family == "sdxl":
+        with init_empty_weights():
+            te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+        state = te2.state_dict()
+        original = ldm.openclip_to_ldm(state)
+        assert original[ldm.SDXL_OPENCLIP_PREFIX + "transformer.resblocks.31.attn.in_proj_weight"].shape == (3840, 1280)
+        converted = sfu.convert_open_clip_checkpoint(te2, original, prefix=ldm.SDXL_OPENCLIP_PREFIX)
+        assert {k for k in state if not k.endswith("position_ids")} == set(converted)
+        assert all(converted[k].shape == state[k].shape for k in converted)

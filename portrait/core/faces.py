@@ -107,20 +107,20 @@ def face_similarity(a: FaceObservation, b: FaceObservation) -> float:
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """The 2x3 least-squares similarity transform taking `src` points onto `dst` (Umeyama)."""
+    """The 2x3 least-squares similarity transform taking `src` points onto `dst` (Umeyama,
+    as insightface's `norm_crop` does). Raises ValueError for degenerate points."""
     from skimage.transform import SimilarityTransform
 
-    tform = SimilarityTransform.from_estimate(src.astype(np.float64), dst.astype(np.float64)) \
-        if hasattr(SimilarityTransform, "from_estimate") else _estimated(src, dst)
+    src64, dst64 = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    if hasattr(SimilarityTransform, "from_estimate"):  # scikit-image >= 0.26
+        tform = SimilarityTransform.from_estimate(src64, dst64)
+        ok = bool(tform)
+    else:
+        tform = SimilarityTransform()
+        ok = bool(tform.estimate(src64, dst64))
+    if not ok or not np.all(np.isfinite(tform.params)):
+        raise ValueError("keypoints are degenerate: no similarity transform maps them onto the template")
     return np.asarray(tform.params[0:2, :], dtype=np.float64)
-
-
-def _estimated(src: np.ndarray, dst: np.ndarray):
-    from skimage.transform import SimilarityTransform
-
-    tform = SimilarityTransform()
-    tform.estimate(src.astype(np.float64), dst.astype(np.float64))
-    return tform
 
 
 def norm_crop(image: np.ndarray, kps: np.ndarray, size: int = 112) -> np.ndarray:

@@ -154,7 +154,7 @@ class TrainingSet:
     trigger: str
     class_word: str
     reference: Path  # best face for fusion (full photo, cropped to head and shoulders)
-    consensus: dict[str, np.ndarray]  # face backend -> normalized consensus embedding
+    consensus: dict[str, np.ndarray]  # face backend -> consensus embedding (unit-length for insightface; dlib's raw mean, as its distances are calibrated on raw descriptors)
     assessments: tuple[PhotoAssessment, ...]  # every input, kept and rejected
     kept_photos: tuple[Path, ...] = ()  # top-k originals (downscaled) for zero-shot embeddings
 
@@ -181,7 +181,7 @@ class Identity:
     class_word: str
     reference: Path
     photos: tuple[Path, ...]  # top-k photos kept for zero-shot embeddings
-    consensus: dict[str, np.ndarray]  # face backend -> normalized consensus embedding
+    consensus: dict[str, np.ndarray]  # face backend -> consensus embedding (unit-length for insightface; dlib's raw mean, as its distances are calibrated on raw descriptors)
     loras: dict[str, LoraFile]  # family -> LoRA
     manifest: dict[str, Any]
 

@@ -167,14 +167,22 @@ class _Finishers:
 
 
 def finish(ctx, identity: Identity, candidates: Sequence[Candidate], switches: FinishSwitches | None = None,
-           policy: FinishPolicy | None = None, analyzer: FaceAnalyzer | None = None) -> list[RankedResult]:
-    """Fuse, retouch, upscale, restore and score each candidate; return them ranked."""
+           policy: FinishPolicy | None = None, analyzer: FaceAnalyzer | None = None,
+           who: IdentityFaces | None = None) -> list[RankedResult]:
+    """Fuse, retouch, upscale, restore and score each candidate; return them ranked.
+
+    `analyzer` and `who` (the identity's faces in that analyzer's space) may be passed in
+    by a caller that finishes several batches, so they are computed once.
+    """
     policy = policy or FinishPolicy.from_preset(ctx.preset)
     switches = switches or FinishSwitches.from_options(policy.switches)
     if not candidates:
         return []
-    kit = _prepare(ctx, identity, switches, policy, analyzer)
-    finished = [_finish_one(candidate, switches, kit) for candidate in candidates]
+    kit = _prepare(ctx, identity, switches, policy, analyzer, who)
+    finished = []
+    for index, candidate in enumerate(candidates):
+        finished.append(_finish_one(candidate, switches, kit))
+        ctx.progress("finish", index + 1, len(candidates))
     scores = _score_all(finished, switches, kit)
     backend = candidates[0].request.backend
     threshold = policy.score.threshold_for(backend, kit.analyzer.scale.threshold)
@@ -184,9 +192,11 @@ def finish(ctx, identity: Identity, candidates: Sequence[Candidate], switches: F
 
 
 def _prepare(ctx, identity: Identity, switches: FinishSwitches, policy: FinishPolicy,
-             analyzer: FaceAnalyzer | None) -> _Finishers:
+             analyzer: FaceAnalyzer | None, who: IdentityFaces | None) -> _Finishers:
     analyzer = analyzer or make_analyzer(ctx, policy.face_backend)
-    kit = _Finishers(policy, analyzer, identity_faces(analyzer, identity))
+    if who is None or who.space != analyzer.backend:
+        who = identity_faces(analyzer, identity)
+    kit = _Finishers(policy, analyzer, who)
     if switches.upscale:
         role = "upscaler_x2" if upscale_stage.native_scale_needed(policy.upscale.outscale) == 2 else "upscaler"
         kit.upscaler = upscale_stage.load_model(ctx, ctx.preset.model(role))
@@ -319,9 +329,10 @@ def gate(ctx, identity: Identity, candidates: Sequence[Candidate], switches: Fin
     policy = policy or FinishPolicy.from_preset(ctx.preset)
     switches = switches or FinishSwitches.from_options(policy.switches)
     analyzer = make_analyzer(ctx, policy.face_backend)
+    who = identity_faces(analyzer, identity)
 
     def evaluate(batch: list[Candidate]) -> list[RankedResult]:
-        return finish(ctx, identity, batch, switches, policy, analyzer)
+        return finish(ctx, identity, batch, switches, policy, analyzer, who)
 
     first = evaluate(list(candidates))
     want = want or len(candidates)

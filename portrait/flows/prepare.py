@@ -84,7 +84,7 @@ def prepare(photos: Sequence[str | Path] | str | Path, out: str | Path, *, setti
         extra = consensus_in_space(make_analyzer(ctx, backend), ranking.kept)
         if extra is not None:
             consensus[backend] = extra
-    training_set = TrainingSet(**{**training_set.__dict__, "consensus": consensus})
+    training_set = TrainingSet(**{**training_set.__dict__, "consensus": consensus, "assessments": tuple(assessments)})
     return PrepareResult(out, training_set, report, analyzer.backend)
 
 

@@ -133,14 +133,19 @@ class FlowExecutor:
         return self._generate(item, staging)
 
     def _train(self, item: Item) -> ItemResult:
+        from portrait.core.bundle import identity_dir, load_identity
         from portrait.flows.train import train
 
         p = item.payload
-        extra = {"steps": p["steps"]} if p.get("steps") else {}
-        identity = train(p["photos"], p["name"], zero_shot=bool(p["zero_shot"]), ctx=self.context(p["preset"]),
-                         **extra)
-        return ItemResult(in_place=(Path(identity.root),), meta={"identity": identity.name,
-                                                                  "zero_shot": bool(p["zero_shot"])})
+        ctx = self.context(p["preset"])
+        meta = {"identity": p["name"], "zero_shot": bool(p["zero_shot"])}
+        if (identity_dir(ctx.settings, p["name"]) / "manifest.json").is_file():
+            # An earlier attempt swapped the bundle into place and died before it was marked done.
+            return ItemResult(in_place=(load_identity(ctx.settings, p["name"]).root,), meta=meta)
+        # resume: a re-run after a crash continues from the interrupted run's last checkpoint.
+        identity = train(p["photos"], p["name"], zero_shot=bool(p["zero_shot"]), steps=p.get("steps"), resume=True,
+                         ctx=ctx)
+        return ItemResult(in_place=(Path(identity.root),), meta=meta)
 
     def _generate(self, item: Item, staging: Path) -> ItemResult:
         from portrait.flows.generate import generate

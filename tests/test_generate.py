@@ -1,0 +1,342 @@
+"""`portrait generate` on the tiny preset: the lora and template backends, metadata, seeds,
+LoRA composition, LCM and ControlNet modes, exit codes."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from _generate_helpers import write_tiny_identity
+from portrait.core.errors import BadInput
+from portrait.core.io import read_png_text, safetensors_data_sha256
+from portrait.flows.generate import generate
+
+NAME = "gen-alice"
+
+
+@pytest.fixture(scope="module")
+def identity(tiny_home, astronaut):
+    write_tiny_identity(tiny_home, NAME, astronaut, seed=1)
+    return NAME
+
+
+@pytest.fixture(scope="module")
+def warm(tiny_home):
+    """One RunContext for the module, so pipelines stay warm between tests (like a batch run)."""
+    from portrait.core.context import RunContext
+
+    return RunContext.create(tiny_home, preset="tiny")
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _params(path: Path) -> list[str]:
+    return read_png_text(path)["parameters"].split("\n")
+
+
+# --- lora backend ------------------------------------------------------------------------------
+
+
+def test_lora_backend_writes_n_images_with_metadata(tiny_home, identity, warm, tmp_path):
+    result = generate(identity, template="business", n=2, seed=11, out=tmp_path, ctx=warm, finish=False)
+    assert [p.name for p in result.paths] == [f"{NAME}_business_11.png", f"{NAME}_business_12.png"]
+    lora_hash = safetensors_data_sha256(tiny_home.identities_dir / NAME / "lora.safetensors")[:12]
+    for path, seed in zip(result.paths, (11, 12)):
+        assert Image.open(path).size == (64, 80)
+        lines = _params(path)
+        assert lines[0].startswith("professional business headshot photo of sks person")
+        assert lines[0].endswith(f"<lora:{NAME}:0.9>")
+        assert lines[1].startswith("Negative prompt: cartoon")
+        last = lines[-1]
+        assert last.startswith("Steps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, ")
+        assert f"Seed: {seed}, Size: 64x80, " in last
+        assert re.search(r"Model hash: [0-9a-f]{10}, Model: tiny-sd15, ", last)
+        assert f'Lora hashes: "{NAME}: {lora_hash}"' in last
+        assert last.endswith("Version: portrait 0.1")
+        chunk = json.loads(read_png_text(path)["portrait"])
+        assert chunk["request"]["seed"] == seed and chunk["request"]["backend"] == "lora"
+        assert chunk["request"]["template"] == "business" and chunk["request"]["width"] == 64
+        assert chunk["loras"][0]["hash"] == lora_hash
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["identity"] == NAME and data["backend"] == "lora" and data["template"] == "business"
+    assert [r["rank"] for r in data["results"]] == [1, 2]
+    for row in data["results"]:
+        assert set(row) >= {"path", "seed", "rank", "similarity", "passed_gate", "timings"}
+        assert (tmp_path / row["path"]).is_file() and row["timings"]["generate"] > 0
+
+
+def test_same_seed_same_pixels_and_seed_k_is_image_k(identity, warm, tmp_path):
+    a = generate(identity, template="business", n=2, seed=21, out=tmp_path / "a", ctx=warm, finish=False)
+    b = generate(identity, template="business", n=1, seed=21, out=tmp_path / "b", ctx=warm, finish=False)
+    c = generate(identity, template="business", n=1, seed=22, out=tmp_path / "c", ctx=warm, finish=False)
+    first, second = (_pixels(p) for p in a.paths)
+    assert np.array_equal(first, _pixels(b.paths[0]))
+    assert np.array_equal(second, _pixels(c.paths[0]))
+    assert not np.array_equal(first, second)
+
+
+def test_identity_lora_weight_changes_the_image(identity, warm, tmp_path):
+    on = generate(identity, template="film", n=1, seed=5, out=tmp_path / "on", ctx=warm, finish=False)
+    off = generate(identity, template="film", n=1, seed=5, out=tmp_path / "off", ctx=warm, finish=False,
+                   lora_weight=0.0)
+    diff = np.abs(_pixels(on.paths[0]).astype(int) - _pixels(off.paths[0]).astype(int))
+    assert diff.mean() > 1.0
+    # and the LoRA was switched off again afterwards: a cached pipeline starts clean
+    pipe = next(v for k, v in warm.cache._items.items() if k.variant and k.variant[0] == "pipeline")
+    assert all(not getattr(m, "merged", False) for m in pipe.unet.modules())
+
+
+def _style_template(tmp_path: Path, mode: str) -> Path:
+    path = tmp_path / f"style-{mode}.yaml"
+    path.write_text(f"name: painted-{mode}\nprompt: oil painting of {{trigger}} {{class}}\nsize: [512, 512]\n"
+                    f"composition: {mode}\nstyle_lora: {{model: tiny-style-lora-sd15, weight: 0.8}}\n")
+    return path
+
+
+def test_style_lora_compositions_differ(identity, warm, tmp_path):
+    images = {}
+    for mode in ("merge", "switch", "composite"):
+        r = generate(identity, template=str(_style_template(tmp_path, mode)), n=1, seed=3, out=tmp_path / mode,
+                     ctx=warm, finish=False)
+        images[mode] = _pixels(r.paths[0]).astype(int)
+        info = r.results[0].candidate.info
+        assert info["composition"] == mode
+        assert [u["role"] for u in info["loras"]] == ["identity", "style"]
+        assert "<lora:tiny-style-lora-sd15:0.8>" in _params(r.paths[0])[0]
+    assert np.abs(images["merge"] - images["switch"]).mean() > 0.5
+    assert np.abs(images["merge"] - images["composite"]).mean() > 0.5
+    assert np.abs(images["switch"] - images["composite"]).mean() > 0.5
+
+
+class _FakePipe:
+    """Records which adapters are active; its UNet answers with the active adapter's number."""
+
+    def __init__(self):
+        self.active: list[str] = []
+        self.enabled = True
+        self.calls: list[tuple[str, ...]] = []
+        pipe = self
+
+        class Unet:
+            def forward(self, x):
+                from types import SimpleNamespace
+
+                pipe.calls.append(tuple(pipe.active))
+                return SimpleNamespace(sample=x * (10.0 if "style" in pipe.active else 1.0))
+
+        self.unet = Unet()
+
+    def set_adapters(self, names, adapter_weights=None):
+        self.active = list(names)
+
+    def enable_lora(self):
+        self.enabled = True
+
+    def disable_lora(self):
+        self.enabled = False
+
+
+def _uses():
+    from portrait.stages.loras import AdapterUse
+
+    return [AdapterUse("identity", Path("id.safetensors"), 0.9, "identity", "me"),
+            AdapterUse("style", Path("style.safetensors"), 0.6, "style", "oil"),
+            AdapterUse("lcm", Path("lcm.safetensors"), 1.0, "lcm", "lcm")]
+
+
+def test_lora_switch_alternates_each_step_and_keeps_lcm():
+    from portrait.stages.loras import composed
+
+    pipe = _FakePipe()
+    seen = []
+    with composed(pipe, _uses(), "switch") as extra:
+        seen.append(tuple(pipe.active))
+        for step in range(4):
+            extra["callback_on_step_end"](pipe, step, 999 - step, {})
+            seen.append(tuple(pipe.active))
+    assert seen == [("identity", "lcm"), ("style", "lcm"), ("identity", "lcm"), ("style", "lcm"), ("identity", "lcm")]
+    assert pipe.enabled is False  # switched off after the call
+
+
+def test_lora_composite_averages_one_prediction_per_lora():
+    from portrait.stages.loras import composed
+
+    pipe = _FakePipe()
+    with composed(pipe, _uses(), "composite"):
+        out = pipe.unet.forward(2.0)
+    assert out.sample == pytest.approx((2.0 * 1.0 + 2.0 * 10.0) / 2)
+    assert pipe.calls == [("identity", "lcm"), ("style", "lcm")]
+    assert "forward" not in vars(pipe.unet)  # the wrapper is gone again
+
+
+def test_lcm_fast_mode(identity, warm, tmp_path):
+    r = generate(identity, template="fast-headshot", n=1, seed=2, out=tmp_path, ctx=warm, finish=False)
+    info = r.results[0].candidate.info
+    assert [u["role"] for u in info["loras"]] == ["identity", "lcm"]
+    last = _params(r.paths[0])[-1]
+    assert "Sampler: LCM" in last and "CFG scale: 1.5" in last
+    assert "<lora:lcm-lora-sd15:1>" in _params(r.paths[0])[0]
+    assert Image.open(r.paths[0]).size == (64, 64)
+
+
+def test_pose_controlnet_from_template_image(identity, warm, tmp_path):
+    r = generate(identity, template="astronaut", n=1, seed=4, out=tmp_path, ctx=warm, finish=False)
+    info = r.results[0].candidate.info
+    assert info["controls"] == {"openpose": {"strength": 0.7, "source": "landmarks"}}
+    assert "ControlNet openpose: 0.7" in _params(r.paths[0])[-1]
+    plain = generate(identity, template="astronaut", n=1, seed=4, out=tmp_path / "plain", ctx=warm, finish=False,
+                     controls={"openpose": 0.0})
+    assert not np.array_equal(_pixels(r.paths[0]), _pixels(plain.paths[0]))
+
+
+def test_lora_backend_needs_a_lora(tiny_home, warm, tmp_path):
+    from portrait.core.bundle import identity_dir, write_manifest
+
+    root = identity_dir(tiny_home, "gen-zero")
+    root.mkdir(parents=True, exist_ok=True)
+    write_manifest(root, {"name": "gen-zero", "trigger": "sks", "class_word": "person", "reference": "reference.png"})
+    with pytest.raises(BadInput, match="no sd15 LoRA.*zero-shot"):
+        generate("gen-zero", template="business", n=1, seed=1, out=tmp_path, ctx=warm, finish=False)
+
+
+# --- template backend ----------------------------------------------------------------------------
+
+
+def test_template_backend_two_passes_keep_everything_outside_the_masks(identity, warm, tmp_path):
+    from portrait.core.bundle import load_identity
+    from portrait.stages import generate as gen
+    from portrait.stages.backends.template import TemplateBackend
+    from portrait.stages.controls import fit, read_rgb
+
+    template = gen.find_template("hopper")
+    policy = gen.GeneratePolicy.from_preset(warm.preset)
+    request = gen.resolve_request(load_identity(warm.settings, identity), policy, template=template, prompt=None,
+                                  backend="template", n=1, seed=8)
+    image, paints, info = TemplateBackend().render(request, warm, 8)
+    assert image.shape == (request.height, request.width, 3) == (64, 56, 3)
+    (paint,) = paints
+    outside = paint.pass1_mask == 0
+    assert outside.mean() > 0.3 and (~outside).mean() > 0.05
+    # before pass 2: pixels outside the pass-1 mask are the template's, exactly
+    assert np.array_equal(paint.pass1[outside], paint.crop[outside])
+    assert not np.array_equal(paint.pass1[~outside], paint.crop[~outside])
+    # pass 2 only repaints the ring around the face
+    ring = paint.pass2_mask > 0
+    assert ring.any() and not (ring & (paint.pass1_mask > 0) & (_eroded(paint.pass1_mask) > 0)).any()
+    # outside the crop, the output is the template itself
+    canvas = fit(read_rgb(template.image), request.width, request.height)
+    x0, y0, x1, y1 = paint.box
+    keep = np.ones(canvas.shape[:2], bool)
+    keep[y0:y1, x0:x1] = False
+    assert np.array_equal(image[keep], canvas[keep])
+    assert info["faces"] == [{"identity": identity, "face": 0, "crop": list(paint.box)}]
+    assert info["loras"][0]["role"] == "identity"
+
+
+def _eroded(mask: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.erode(mask.astype(np.uint8), np.ones((9, 9), np.uint8))
+
+
+def test_template_backend_end_to_end_on_grace_hopper(identity, warm, tmp_path):
+    result = generate(identity, template="hopper", n=1, seed=6, out=tmp_path, ctx=warm, finish=False)
+    assert result.backend == "template"  # a photo template picks the template backend
+    (path,) = result.paths
+    assert Image.open(path).size == (56, 64)
+    last = _params(path)[-1]
+    assert "Denoising strength: 0.45" in last and "ControlNet canny: 0.5" in last and "ControlNet color: 0.85" in last
+    again = generate(identity, template="hopper", n=1, seed=6, out=tmp_path / "again", ctx=warm, finish=False)
+    assert np.array_equal(_pixels(path), _pixels(again.paths[0]))
+
+
+def test_template_with_fewer_faces_than_identities(tiny_home, identity, warm, tmp_path, astronaut):
+    write_tiny_identity(tiny_home, "gen-bob", astronaut[:, ::-1].copy(), seed=2)
+    with pytest.raises(BadInput, match="template hopper: it has 1 face.*2 identities"):
+        generate(identity, template="hopper", n=1, seed=1, out=tmp_path, ctx=warm, finish=False,
+                 options={"identities": ["gen-bob"]})
+
+
+def test_group_template_assigns_left_to_right_and_protects_others(tiny_home, identity, warm, tmp_path, t1_group,
+                                                                  astronaut):
+    write_tiny_identity(tiny_home, "gen-bob", astronaut[:, ::-1].copy(), seed=2)
+    folder = tmp_path / "group"
+    folder.mkdir()
+    Image.fromarray(t1_group).save(folder / "group.png")
+    (folder / "template.yaml").write_text("image: group.png\nprompt: group photo of {trigger} {class}\n")
+    r = generate(identity, template=str(folder), n=1, seed=1, out=tmp_path / "out", ctx=warm, finish=False,
+                 width=256, height=168, options={"identities": ["gen-bob"], "crop_size": 64})
+    faces = r.results[0].candidate.info["faces"]
+    assert [(f["identity"], f["face"]) for f in faces] == [(identity, 0), ("gen-bob", 1)]
+    assert faces[0]["crop"][0] < faces[1]["crop"][0]
+    from portrait.stages.controls import fit
+
+    canvas = fit(t1_group, 256, 168)
+    out = _pixels(r.paths[0])
+    touched = np.zeros(canvas.shape[:2], bool)
+    for f in faces:
+        x0, y0, x1, y1 = f["crop"]
+        touched[y0:y1, x0:x1] = True
+    assert np.array_equal(out[~touched], canvas[~touched])
+    assert not np.array_equal(out[touched], canvas[touched])
+
+
+# --- finishing and the CLI ------------------------------------------------------------------------
+
+
+def _cli(args: list[str], home: Path, capsys) -> tuple[int, str]:
+    from portrait.cli.main import run
+
+    code = run(["--home", str(home), "--preset", "tiny", "--device", "cpu", *args])
+    captured = capsys.readouterr()
+    return code, captured.err.strip()
+
+
+def test_cli_generate_with_finish_writes_ranked_results(tiny_home, identity, tmp_path, capsys):
+    code, err = _cli(["generate", "--identity", identity, "--template", "studio-bw", "--n", "1", "--seed", "9",
+                      "--out", str(tmp_path)], tiny_home.home, capsys)
+    assert code == 0, err
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["finish"]["upscale"] is True and "gate" in data
+    row = data["results"][0]
+    assert row["rank"] == 1 and isinstance(row["similarity"], float) and isinstance(row["passed_gate"], bool)
+    assert {"generate", "score"} <= set(row["timings"])
+    assert (tmp_path / row["path"]).is_file() and (tmp_path / "contact_sheet.png").is_file()
+    assert "Steps: 3" in read_png_text(tmp_path / row["path"])["parameters"]
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(tiny_home, identity, tmp_path, capsys):
+    code, err = _cli(["generate", "--identity", "nobody", "--template", "business", "--out", str(tmp_path)],
+                     tiny_home.home, capsys)
+    assert code == 2 and "identity 'nobody' does not exist" in err and len(err.splitlines()) == 1
+    code, err = _cli(["generate", "--identity", identity, "--template", "nope", "--out", str(tmp_path)],
+                     tiny_home.home, capsys)
+    assert code == 2 and "unknown template 'nope'" in err and len(err.splitlines()) == 1
+    faceless = tmp_path / "faceless"
+    faceless.mkdir()
+    from skimage import data
+
+    Image.fromarray(data.coffee()).save(faceless / "coffee.jpg")
+    (faceless / "template.yaml").write_text("image: coffee.jpg\nprompt: portrait of {trigger}\n")
+    code, err = _cli(["generate", "--identity", identity, "--template", str(faceless), "--n", "1", "--out",
+                      str(tmp_path / "o")], tiny_home.home, capsys)
+    assert code == 2 and "template faceless: no face found" in err and len(err.splitlines()) == 1
+    code, err = _cli(["generate", "--identity", identity, "--prompt", "x", "--size", "65x64", "--out",
+                      str(tmp_path / "o")], tiny_home.home, capsys)
+    assert code == 2 and "multiples of 8" in err
+
+
+def test_cli_missing_real_model_exits_3_naming_the_download(tiny_home, identity, tmp_path, capsys):
+    from portrait.cli.main import run
+
+    code = run(["--home", str(tiny_home.home), "--preset", "sd15", "--device", "cpu", "generate", "--identity",
+                identity, "--template", "business", "--n", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 3 and "portrait models download sd15" in err

@@ -1,0 +1,271 @@
+"""Identity training (issue 4): the trainer, its exports, resume after SIGKILL, the bundle and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from portrait.core.bundle import load_identity
+from portrait.core.cache import ModelCache
+from portrait.core.config import Settings, load_preset
+from portrait.core.context import RunContext
+from portrait.core.errors import BadInput
+from portrait.stages.train import (
+    CheckpointRecord,
+    TrainData,
+    TrainModels,
+    TrainPolicy,
+    average_states,
+    choose_checkpoints,
+    kohya_state,
+    optimize,
+    save_diffusers_lora,
+    save_kohya_lora,
+    score_images,
+    setup_training,
+    step_loss,
+    train_lora,
+)
+
+
+# --- fixtures -------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def home(tmp_path, tiny_home) -> Settings:
+    """A home of its own (identities are per test) sharing the session's tiny models."""
+    root = tmp_path / "home"
+    root.mkdir()
+    (root / "models").symlink_to(tiny_home.models_dir, target_is_directory=True)
+    return Settings(home=root, preset="tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> Path:
+    from portrait.samples import write_sample_photos
+
+    folder = tmp_path_factory.mktemp("sample-photos")
+    write_sample_photos(folder)
+    return folder
+
+
+def fresh_pipeline(settings: Settings, preset: str = "tiny"):
+    """A pipeline not shared through any cache (the trainer adds adapters to it)."""
+    from portrait.core.loaders import load_pipeline
+
+    ctx = RunContext.create(settings, preset=preset)
+    return load_pipeline(dataclasses.replace(ctx, cache=ModelCache()))
+
+
+def crops(astronaut, hopper) -> TrainData:
+    from skimage import data
+
+    images = tuple(np.asarray(Image.fromarray(x).resize((64, 64), Image.LANCZOS))
+                   for x in (astronaut[0:300, 100:400], hopper[100:400, 100:400], data.chelsea()[0:300, 0:300]))
+    return TrainData(images, ("a photo of sks person",) * 3, "sks", "person")
+
+
+def tiny_policy(preset: str = "tiny", **overrides) -> TrainPolicy:
+    return TrainPolicy.from_section(load_preset(preset).section("train"), **overrides)
+
+
+def render(pipe) -> np.ndarray:
+    out = pipe("a photo of sks person", num_inference_steps=2, height=64, width=64,
+               generator=torch.Generator().manual_seed(0), output_type="np")
+    return out.images[0]
+
+
+# --- policy and selection (pure) -------------------------------------------------------
+
+
+def test_policy_steps_follow_photo_count_and_overrides():
+    policy = TrainPolicy.from_section(load_preset("sd15").section("train"))
+    assert (policy.rank, policy.alpha, policy.selection) == (64, 32, "average")
+    assert policy.total_steps(2) == 300 and policy.total_steps(5) == 500 and policy.total_steps(15) == 800
+    assert TrainPolicy.from_section({}, steps=7, rank=3).total_steps(10) == 7
+    assert tiny_policy().checkpoint_steps(10) == [4, 8, 10]
+    xl = TrainPolicy.from_section(load_preset("sdxl").section("train"))
+    assert xl.resolution == 1024 and not xl.train_text_encoder
+    with pytest.raises(BadInput, match="unknown keys bogus"):
+        TrainPolicy.from_section({"bogus": 1})
+    with pytest.raises(BadInput, match="--rank 0"):
+        TrainPolicy.from_section({}, rank=0)
+
+
+def test_selection_averages_checkpoints_behind_best_images_and_no_face_scores_zero(tmp_path):
+    assert score_images([np.zeros((8, 8, 3), np.uint8)] * 2, lambda image: None) == (0.0, 0.0)
+    assert score_images([np.zeros((8, 8, 3), np.uint8)], lambda image: 0.7) == (0.7,)
+    records = [CheckpointRecord(4, tmp_path, 1.0, (0.1, 0.2)), CheckpointRecord(8, tmp_path, 0.9, (0.9, 0.3)),
+               CheckpointRecord(12, tmp_path, 0.8, (0.8, 0.05))]
+    policy = TrainPolicy(select_top_images=2)
+    how, chosen = choose_checkpoints(records, policy)
+    assert how == "average" and [r.step for r in chosen] == [8, 12]
+    how, chosen = choose_checkpoints(records, dataclasses.replace(policy, selection="best"))
+    assert how == "best" and [r.step for r in chosen] == [8]
+    faceless = [dataclasses.replace(r, scores=(0.0,)) for r in records]
+    assert choose_checkpoints(faceless, policy)[0] == "last"
+    a = {"unet": {"w": torch.ones(2)}}
+    b = {"unet": {"w": torch.full((2,), 3.0)}}
+    assert torch.equal(average_states([a, b])["unet"]["w"], torch.full((2,), 2.0))
+
+
+# --- the trainer on tiny models --------------------------------------------------------
+
+
+def test_loss_goes_down_overfitting_a_fixed_batch(home, astronaut, hopper):
+    policy = tiny_policy(learning_rate=1e-2, text_encoder_lr=1e-2)
+    run = setup_training(TrainModels("sd15", fresh_pipeline(home)), crops(astronaut, hopper), policy, total=100)
+    run.models.unet.train()
+    losses = []
+    for _ in range(12):
+        loss = step_loss(run, 0)  # step 0 every time: the same latents, noise and timestep
+        optimize(run, loss)
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.95 * losses[0], losses
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 10, losses
+
+
+@pytest.mark.parametrize("preset,family", [("tiny", "sd15"), pytest.param("tiny-sdxl", "sdxl", marks=pytest.mark.slow)])
+def test_saved_lora_loads_in_diffusers_and_kohya_file_gives_the_same_output(home, tmp_path, astronaut, hopper,
+                                                                            preset, family):
+    policy = tiny_policy(preset, steps=3, learning_rate=1e-2, text_encoder_lr=1e-2, train_text_encoder=True,
+                         validation_seeds=[])
+    pipe = fresh_pipeline(home, preset)
+    result = train_lora(TrainModels(family, pipe), crops(astronaut, hopper), policy, tmp_path / "work")
+    trained = render(pipe)
+    assert set(result.lora) == ({"unet", "text_encoder", "text_encoder_2"} if family == "sdxl" else {"unet", "text_encoder"})
+
+    peft_file = save_diffusers_lora(tmp_path / "out" / "lora.safetensors", family, result.lora, result.rank, result.alpha)
+    kohya_file = save_kohya_lora(tmp_path / "out" / "lora_kohya.safetensors", family, result.lora, result.alpha)
+    base = render(fresh_pipeline(home, preset))
+    loaded = fresh_pipeline(home, preset)
+    loaded.load_lora_weights(str(peft_file))
+    from_peft = render(loaded)
+    assert np.abs(base - trained).max() > 1e-3  # the LoRA changes the output
+    np.testing.assert_allclose(from_peft, trained, atol=1e-5)
+
+    kohya = fresh_pipeline(home, preset)
+    kohya.load_lora_weights(str(kohya_file))
+    np.testing.assert_allclose(render(kohya), trained, atol=1e-5)
+
+    from safetensors.torch import load_file
+
+    keys = load_file(str(kohya_file))
+    alphas = {float(v) for k, v in keys.items() if k.endswith(".alpha")}
+    assert alphas == {2.0} and result.rank == 4  # the real lora_alpha, not the rank
+    te = "lora_te1_text_model_encoder_layers_" if family == "sdxl" else "lora_te_text_model_encoder_layers_"
+    assert any(k.startswith(te) for k in keys)
+    assert any(k.startswith("lora_unet_down_blocks_") and k.endswith(".lora_down.weight") for k in keys)
+
+
+def test_kohya_names_for_both_sdxl_text_encoders():
+    lora = {"unet": {"mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 4)},
+            "text_encoder": {"encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 4)},
+            "text_encoder_2": {"encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 4)}}
+    keys = set(kohya_state(lora, "sdxl", 1.5))
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.alpha" in keys
+    assert float(kohya_state(lora, "sdxl", 1.5)["lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha"]) == 1.5
+
+
+# --- the flow and the CLI ----------------------------------------------------------------
+
+
+def cli(settings: Settings, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", "from portrait.cli.main import entry; entry()", "--home", str(settings.home),
+           "--preset", "tiny", "--device", "cpu", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.slow
+def test_cli_train_end_to_end_and_kill_then_resume_equals_uninterrupted(home, photos):
+    done = cli(home, "train", str(photos), "--name", "alice")
+    assert done.returncode == 0, done.stderr
+    assert "selection" in done.stdout and "alice" in done.stdout
+    identity = load_identity(home, "alice")
+    root = identity.root
+    for name in ("manifest.json", "lora.safetensors", "lora_kohya.safetensors", "reference.png", "report.json",
+                 "embeddings.npz"):
+        assert (root / name).is_file(), name
+    assert identity.photos and all(p.is_file() for p in identity.photos)
+    lora = identity.lora_for("sd15")
+    assert lora and (lora.rank, lora.alpha, lora.base_model) == (4, 2.0, "sd15")
+    manifest = identity.manifest
+    assert manifest["train"]["steps"] == 12 and len(manifest["validation"]) == 3
+    assert all(row["score"] == 0.0 for row in manifest["validation"])  # tiny models draw no faces
+    assert manifest["base_model"]["sha256"] and manifest["versions"]["diffusers"]
+    assert json.loads((root / "report.json").read_text())["kept"] == 6
+    assert "dlib" in identity.consensus
+    assert not (home.identities_dir / ".alice.work").exists()
+
+    # Same run under another name, killed after its first checkpoint, then resumed.
+    cmd = [sys.executable, "-c", "from portrait.cli.main import entry; entry()", "--home", str(home.home),
+           "--preset", "tiny", "--device", "cpu", "train", str(photos), "--name", "bob"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = home.identities_dir / ".bob.work" / "checkpoints" / "step-000004"
+    deadline = time.time() + 600
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (home.identities_dir / "bob" / "manifest.json").exists(), "killed too late"
+    resumed = cli(home, "train", str(photos), "--name", "bob", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    bob = load_identity(home, "bob")
+    assert bob.manifest["train"]["resumed_from"] in (4, 8)
+    a, b = lora_tensors(root / "lora.safetensors"), lora_tensors(bob.root / "lora.safetensors")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert identity.manifest["train"]["losses"] == bob.manifest["train"]["losses"]
+
+
+def test_zero_shot_bundle_has_no_lora(home, photos):
+    from portrait.flows.train import train
+
+    identity = train([photos], "zed", settings=home, zero_shot=True)
+    assert identity.loras == {} and identity.reference.is_file() and "dlib" in identity.consensus
+    assert not (identity.root / "lora.safetensors").exists()
+
+
+def one_line_exit_2(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_inputs_exit_2_with_one_line(home, tmp_path, photos):
+    existing = home.identities_dir / "taken"
+    existing.mkdir(parents=True)
+    (existing / "manifest.json").write_text(json.dumps({"name": "taken"}))
+    one_line_exit_2(cli(home, "train", str(photos), "--name", "taken"), "taken", "already exists", "--overwrite")
+
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a photo")
+    one_line_exit_2(cli(home, "train", str(empty), "--name", "nobody"), "usable photo")
+
+    blocker = tmp_path / "plain-file"
+    blocker.write_text("a file where the home folder should be")
+    unwritable = dataclasses.replace(home, home=blocker / "home")
+    one_line_exit_2(cli(unwritable, "train", str(photos), "--name", "x"), "not writable")
+    one_line_exit_2(cli(home, "train", str(photos), "--name", "bad/name"), "bad/name")

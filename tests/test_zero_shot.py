@@ -1,0 +1,328 @@
+"""Zero-shot identity backends: InstantID, IP-Adapter FaceID(-PlusV2), PhotoMaker v1/v2.
+
+Where a reference can run here it is the oracle: diffusers' own IP-Adapter recipe for
+FaceID, TencentARC's PhotoMaker v1 package (`photomakerv`) for PhotoMaker. InstantID's
+community pipeline does not run on current diffusers, so it is checked by invariants: scale
+0 equals the plain pipeline, the unconditional branch is Resampler(zeros), the IdentityNet
+sees the face tokens, and processor numbering follows `unet.attn_processors`.
+Measured max differences are printed (`pytest -s`) and bounded by the assertions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from portrait.core.context import RunContext
+from portrait.core.errors import BadInput
+from portrait.stages import embed as emb
+from portrait.stages import zeroshot as zs
+from portrait.stages.generate import GeneratePolicy, generate_candidates, resolve_request
+
+from test_embed import make_identity
+
+SIZE = 64
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def ctx_xl(tiny_home):
+    return RunContext.create(tiny_home, preset="tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def ctx15(tiny_home):
+    return RunContext.create(tiny_home, preset="tiny")
+
+
+@pytest.fixture(scope="module")
+def person(tiny_home, hopper, astronaut):
+    return make_identity(tiny_home, "zs-person", [hopper, astronaut], reference=hopper)
+
+
+def request_for(ctx, identity, backend, prompt=None, seed=3, n=1, **options):
+    policy = GeneratePolicy.from_preset(ctx.preset)
+    overrides = {"width": SIZE, "height": SIZE, "steps": STEPS, "scheduler": "euler", "guidance": 5.0,
+                 "options": options}
+    return resolve_request(identity, policy, template=None, prompt=prompt, backend=backend, n=n, seed=seed,
+                           overrides=overrides)
+
+
+def run(ctx, request):
+    return list(generate_candidates(request, ctx))
+
+
+def plain(ctx, request, **kwargs):
+    """The plain base pipeline (no adapter) with the same prompt, seed and scheduler."""
+    from portrait.stages.sd import call_pipeline, load_sd_pipeline, prepare_pipeline
+
+    pipe = load_sd_pipeline(ctx, "txt2img")
+    prepare_pipeline(pipe, request, ctx)
+    return call_pipeline(pipe, request, request.seed, **kwargs)
+
+
+def maxdiff(a, b) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+# --- keypoints ----------------------------------------------------------------------------------
+
+
+def test_draw_kps_follows_instantid():
+    kps = np.array([[20, 30], [44, 30], [32, 40], [24, 52], [40, 52]], dtype=np.float32)
+    image = zs.draw_kps(64, 64, kps)
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    for (x, y), color in zip(kps.astype(int), zs.KPS_COLORS):
+        assert tuple(image[y, x]) == color  # full-strength circles on top
+    assert tuple(image[0, 0]) == (0, 0, 0)  # black canvas
+    # the limb from the left eye to the nose, away from both circles: red dimmed by 0.6
+    far = zs.draw_kps(256, 256, kps * 4)
+    mid = ((kps[0] + kps[2]) / 2 * 4).astype(int)
+    assert tuple(far[mid[1], mid[0]]) == (153, 0, 0)
+
+
+def test_fit_points_matches_controls_fit():
+    points = np.array([[100.0, 50.0]])
+    # 200x100 -> 64x64: center crop to 100x100 (x0=50), then scale 0.64
+    assert np.allclose(zs.fit_points(points, (200, 100), 64, 64), [[32.0, 32.0]])
+
+
+# --- InstantID ------------------------------------------------------------------------------------
+
+
+def test_instantid_scale_zero_equals_plain_pipeline(ctx_xl, person):
+    req = request_for(ctx_xl, person, "instantid", ip_adapter_scale=0.0, controlnet_conditioning_scale=0.0)
+    ours = run(ctx_xl, req)[0].image
+    base = plain(ctx_xl, req)
+    diff = maxdiff(ours, base)
+    print(f"instantid scale 0 vs plain SDXL: max |diff| = {diff} (uint8)")
+    assert diff <= 1
+
+
+def test_instantid_tokens_numbering_and_identitynet_input(ctx_xl, person):
+    from portrait.stages.backends.photomaker import PerceiverResampler
+    from portrait.stages.sd import load_sd_pipeline
+
+    af = zs.instantid_adapter(ctx_xl)
+    inputs = zs.instantid_inputs(ctx_xl, person, af, emb.EmbedPolicy())
+    assert inputs.id_embeds.shape == (2, 1, 1, 512) and not inputs.id_embeds[0].any()
+    pipe = load_sd_pipeline(ctx_xl, "txt2img")
+    with zs.attached_ip_adapter(pipe, af):
+        # processor numbering: the checkpoint's index i is the i-th of unet.attn_processors
+        numbering = zs.processor_numbering(pipe.unet)
+        cross = [name for name in numbering if not name.endswith("attn1.processor")]
+        assert cross and all(numbering[name] % 2 == 1 for name in cross)
+        processors = pipe.unet.attn_processors
+        assert len(numbering) == len([n for n in af.state["ip_adapter"] if n.endswith("to_k_ip.weight")]) * 2
+        for name, i in numbering.items():
+            proc = processors[name]
+            if name in cross:
+                assert torch.equal(proc.to_k_ip[0].weight, af.state["ip_adapter"][f"{i}.to_k_ip.weight"])
+                assert torch.equal(proc.to_v_ip[0].weight, af.state["ip_adapter"][f"{i}.to_v_ip.weight"])
+            else:
+                assert not hasattr(proc, "to_k_ip")
+        tokens = zs.face_tokens(pipe, inputs.id_embeds)
+    # an independent Resampler written from InstantID's published layout, same weights
+    proj = af.state["image_proj"]
+    dim, out = proj["proj_in.weight"].shape[0], proj["proj_out.weight"].shape[0]
+    resampler = PerceiverResampler(dim, proj["layers.0.0.to_q.weight"].shape[0], 64, 4, 512, out)
+    resampler.load_state_dict({k: v for k, v in proj.items() if k != "latents"})
+    with torch.no_grad():
+        ref = resampler(proj["latents"].expand(2, -1, -1), inputs.id_embeds[:, 0].float())
+        zeros = resampler(proj["latents"], torch.zeros(1, 1, 512))
+    diff = float((ref - tokens).abs().max())
+    print(f"instantid Resampler (ours, from the layout) vs diffusers' projection: max |diff| = {diff:.2e}")
+    assert tokens.shape == (2, 16, out) and diff < 1e-4
+    assert float((zeros[0] - tokens[0]).abs().max()) < 1e-4  # uncond = Resampler(zeros)
+
+    seen = []
+    req = request_for(ctx_xl, person, "instantid")
+    net = load_sd_pipeline(ctx_xl, "txt2img", (ctx_xl.preset.model("instantid_controlnet"),)).controlnet
+    # what the IdentityNet's own blocks receive (the module hooks of `net` run before the swap)
+    handle = net.mid_block.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"]), with_kwargs=True)
+    try:
+        candidate = run(ctx_xl, req)[0]
+    finally:
+        handle.remove()
+    assert seen and all(torch.allclose(s, tokens, atol=1e-5) for s in seen)
+    assert candidate.info["identity_mode"] == "zero-shot"
+    assert candidate.info["embedding"]["space"] == "insightface:antelopev2"
+    assert not hasattr(net, "forward") or "forward" not in net.__dict__  # the swap is undone
+
+
+def test_instantid_pose_reference_without_face_is_refused(ctx_xl, person, tmp_path):
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(blank)
+    with pytest.raises(BadInput, match="no face found in the pose reference"):
+        run(ctx_xl, request_for(ctx_xl, person, "instantid", pose_image=str(blank)))
+
+
+# --- FaceID ----------------------------------------------------------------------------------------
+
+
+def test_faceid_plusv2_matches_diffusers_recipe(ctx15, person):
+    """Reference: diffusers' documented FaceID-PlusV2 usage on a separately loaded pipeline."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    req = request_for(ctx15, person, "faceid", ip_adapter_scale=0.7, s_scale=0.9)
+    ours = run(ctx15, req)[0]
+    assert ours.info["adapter"]["variant"] == "plusv2"
+
+    policy = zs.FaceIDPolicy.from_options(req.options)
+    af = zs.faceid_adapter(ctx15, policy)
+    inputs = zs.faceid_inputs(ctx15, person, policy, af, emb.EmbedPolicy())
+    base = ctx15.resolve_role("base").root
+    adapter = ctx15.resolve_role("faceid_plus")
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.load_ip_adapter(str(adapter.root), subfolder="", weight_name="ip-adapter-faceid-plusv2_sd15.bin",
+                         image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(0.7)
+    projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    projection.clip_embeds = inputs.clip_embeds
+    projection.shortcut = True
+    projection.shortcut_scale = 0.9
+    ref = pipe(req.prompt, negative_prompt=req.negative_prompt or None, ip_adapter_image_embeds=[inputs.id_embeds],
+               num_inference_steps=STEPS, guidance_scale=5.0, width=SIZE, height=SIZE, output_type="np",
+               generator=torch.Generator().manual_seed(req.seed)).images[0]
+    ref = (np.clip(ref, 0, 1) * 255).round().astype(np.uint8)
+    diff = maxdiff(ours.image, ref)
+    print(f"faceid-plusv2 (ours) vs diffusers' recipe: max |diff| = {diff} (uint8)")
+    assert diff <= 1
+
+
+def test_faceid_scale_zero_without_lora_equals_plain(ctx15, person):
+    req = request_for(ctx15, person, "faceid", faceid_variant="faceid", ip_adapter_scale=0.0,
+                      faceid_lora_scale=0.0)
+    ours = run(ctx15, req)[0].image
+    diff = maxdiff(ours, plain(ctx15, req))
+    print(f"faceid scale 0, LoRA 0 vs plain SD1.5: max |diff| = {diff} (uint8)")
+    assert diff <= 1
+    # and the adapter really acts when on
+    on = run(ctx15, request_for(ctx15, person, "faceid", faceid_variant="faceid", ip_adapter_scale=1.0))[0].image
+    assert maxdiff(on, ours) > 0
+
+
+def test_faceid_uncond_is_zeros_and_pipeline_is_restored(ctx15, person):
+    from portrait.stages.sd import load_sd_pipeline
+
+    policy = zs.FaceIDPolicy(variant="faceid")
+    af = zs.faceid_adapter(ctx15, policy)
+    inputs = zs.faceid_inputs(ctx15, person, policy, af, emb.EmbedPolicy())
+    assert inputs.id_embeds.shape == (2, 1, 512)
+    assert not inputs.id_embeds[0].any() and torch.allclose(inputs.id_embeds[1].norm(dim=-1), torch.ones(1))
+    pipe = load_sd_pipeline(ctx15, "txt2img")
+    with zs.attached_faceid(pipe, af, inputs, policy):
+        assert zs.FACEID_LORA_ADAPTER in pipe.unet.peft_config
+    assert pipe.unet.encoder_hid_proj is None
+    assert zs.FACEID_LORA_ADAPTER not in (getattr(pipe.unet, "peft_config", {}) or {})
+
+
+def test_wrong_adapter_file_is_refused(ctx15, tiny_home):
+    sdxl_instantid = RunContext.create(tiny_home, preset="tiny-sdxl").resolve("instantid-adapter").path
+    with pytest.raises(BadInput, match="not faceid"):
+        zs.faceid_adapter(ctx15, zs.FaceIDPolicy(variant="faceid", model=str(sdxl_instantid)))
+
+
+# --- PhotoMaker ------------------------------------------------------------------------------------
+
+
+def test_photomaker_trigger_rules():
+    from portrait.stages.backends.photomaker import split_trigger
+
+    parts = split_trigger("portrait photo of a woman img, studio light", "img")
+    assert parts.class_word == "woman" and parts.text_only == "portrait photo of a woman, studio light"
+    with pytest.raises(BadInput, match="needs the trigger word 'img' right after the class word"):
+        split_trigger("portrait photo of a woman", "img")
+    with pytest.raises(BadInput, match="directly follow a class word"):
+        split_trigger("img portrait", "img")
+    with pytest.raises(BadInput, match="appears 2 times"):
+        split_trigger("a man img and a woman img", "img")
+
+
+def test_photomaker_class_tokens_per_version(ctx_xl):
+    """v1 fuses one token per photo, v2 two: the class word is repeated accordingly."""
+    from portrait.stages.backends.photomaker import class_token_ids, load_photomaker, split_trigger
+    from portrait.stages.sd import load_sd_pipeline
+
+    pipe = load_sd_pipeline(ctx_xl, "txt2img")
+    parts = split_trigger("a photo of a woman img smiling", "img")
+    for version, per_photo in ((1, 1), (2, 2)):
+        model = load_photomaker(ctx_xl, ctx_xl.preset.model(f"photomaker_v{version}"), version)
+        assert model.encoder.tokens_per_image == per_photo
+        ids, mask = class_token_ids(pipe.tokenizer, parts, 3 * per_photo)
+        woman = pipe.tokenizer("woman", add_special_tokens=False).input_ids[-1]
+        assert sum(mask) == 3 * per_photo and all(ids[i] == woman for i, m in enumerate(mask) if m)
+        assert len(ids) == pipe.tokenizer.model_max_length
+
+
+def test_photomaker_version_mismatch_is_refused(ctx_xl, person):
+    from portrait.stages.backends.photomaker import load_photomaker
+
+    v1_file = ctx_xl.resolve("photomaker-v1").path
+    with pytest.raises(BadInput, match="is a PhotoMaker v1 checkpoint"):
+        load_photomaker(ctx_xl, str(v1_file), expected=2)
+    with pytest.raises(BadInput, match="trigger word 'img'"):
+        run(ctx_xl, request_for(ctx_xl, person, "photomaker", prompt="a photo of a woman"))
+
+
+@pytest.mark.slow
+def test_photomaker_v1_matches_tencentarc_reference(ctx_xl, person, monkeypatch):
+    """Reference: TencentARC's PhotoMaker v1 pipeline (PyPI `photomakerv`) on the same tiny weights."""
+    pm_model = pytest.importorskip("photomaker.model")
+    pm_pipeline = pytest.importorskip("photomaker.pipeline")
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from portrait.core.loaders import load_components
+    from portrait.stages.backends.photomaker import encoder_shape
+
+    resolved = ctx_xl.resolve("photomaker-v1")
+    state = torch.load(resolved.path, map_location="cpu", weights_only=True)
+    shape = encoder_shape(state["id_encoder"])
+
+    class TinyReferenceEncoder(pm_model.PhotoMakerIDEncoder):
+        # the package hard-codes ViT-L sizes; build its class at the tiny sizes, keep its forward
+        def __init__(self):
+            CLIPVisionModelWithProjection.__init__(self, CLIPVisionConfig(**shape.clip))
+            self.visual_projection_2 = torch.nn.Linear(shape.clip["hidden_size"], shape.text_2, bias=False)
+            self.fuse_module = pm_model.FuseModule(shape.dim)
+
+    monkeypatch.setattr(pm_pipeline, "PhotoMakerIDEncoder", TinyReferenceEncoder)
+    prompt = "portrait photo of a woman img, studio light"
+    req = request_for(ctx_xl, person, "photomaker", prompt=prompt, photomaker_version=1, start_merge_step=0)
+    ours = run(ctx_xl, req)[0]
+    assert ours.info["adapter"]["version"] == 1
+
+    components = load_components(ctx_xl)
+    import copy
+
+    parts = {k: copy.deepcopy(v) for k, v in components.modules.items()}
+    from diffusers import EulerDiscreteScheduler
+
+    parts["scheduler"] = EulerDiscreteScheduler.from_config(parts["scheduler"].config)
+    ref_pipe = pm_pipeline.PhotoMakerStableDiffusionXLPipeline(**parts)
+    ref_pipe.load_photomaker_adapter(str(resolved.root), weight_name=resolved.path.name, trigger_word="img")
+    photos = [Image.open(p).convert("RGB") for p in emb.identity_photos(person, 8)]
+    ref = ref_pipe(prompt, negative_prompt=req.negative_prompt or None, input_id_images=photos,
+                   num_inference_steps=STEPS, guidance_scale=5.0, width=SIZE, height=SIZE, start_merge_step=0,
+                   generator=torch.Generator().manual_seed(req.seed), output_type="np").images[0]
+    ref = (np.clip(ref, 0, 1) * 255).round().astype(np.uint8)
+    diff = maxdiff(ours.image, ref)
+    print(f"photomaker v1 (ours) vs TencentARC photomakerv: max |diff| = {diff} (uint8)")
+    assert diff <= 1
+
+
+def test_photomaker_v2_end_to_end(ctx_xl, person):
+    req = request_for(ctx_xl, person, "photomaker", prompt="portrait photo of a woman img", n=2)
+    out = run(ctx_xl, req)
+    assert [c.seed for c in out] == [req.seed, req.seed + 1]
+    info = out[0].info
+    assert info["adapter"]["version"] == 2 and info["adapter"]["tokens_per_photo"] == 2
+    assert info["embedding"]["space"] == "insightface:buffalo_l" and not info["embedding"]["normalized"]
+    assert len(info["id_photos"]) == 2
+    assert out[0].image.shape == (SIZE, SIZE, 3) and maxdiff(out[0].image, out[1].image) > 0
