@@ -16,6 +16,16 @@ batch_app = typer.Typer(help="Durable, resumable batches: identities x templates
 STORE_HELP = "The job store (SQLite). Default: HOME/jobs/studio.db."
 
 
+def _existing_store(ctx: typer.Context, store: Optional[Path]) -> Path:
+    """status / retry-failed read a store; they never create an empty one by accident."""
+    from portrait.studio.runner import default_store_path
+
+    path = store or default_store_path(ctx.obj.home)
+    if not path.is_file():
+        raise BadInput(f"{path}: no such store (run `portrait batch run SPEC` first, or pass --store)")
+    return path
+
+
 def _studio(ctx: typer.Context, store: Optional[Path]):
     from portrait.studio.api import Studio
 
@@ -64,9 +74,8 @@ def status(
 
     from portrait.studio.progress import status_table
 
+    _existing_store(ctx, store)
     studio = _studio(ctx, store)
-    if store is not None and not Path(store).exists():
-        raise BadInput(f"{store}: no such store")
     state = studio.status(job)
     if as_json:
         sys.stdout.write(json.dumps(state.as_dict(), indent=2, default=str) + "\n")
@@ -86,6 +95,7 @@ def retry_failed(
     run_now: bool = typer.Option(False, "--run", help="Run them right away (local, one worker)."),
 ) -> None:
     """Put failed items back in the queue (attempts reset); `batch run` or `--run` runs them."""
+    _existing_store(ctx, store)
     studio = _studio(ctx, store)
     count = studio.retry_failed(job)
     typer.echo(f"{count} failed items re-queued")

@@ -25,7 +25,7 @@ import numpy as np
 
 from portrait.core.errors import BadInput, bad_file
 from portrait.core.faces import similarity_transform
-from portrait.core.facemask import FaceRegions, face_regions, feather, regions_from_points
+from portrait.core.facemask import PARSED_FACE, FaceRegions, face_regions, feather, parsed_mask, regions_from_points
 from portrait.core.types import FaceObservation
 
 BLENDS = ("poisson", "feather")
@@ -65,18 +65,29 @@ def require_face(faces: Sequence[FaceObservation], source: str) -> FaceObservati
     if not faces:
         raise bad_file(source, "no face found")
     face = max(faces, key=lambda f: f.area)
-    if min(face.width, face.height) < MIN_FACE_PX:
-        raise bad_file(source, f"the face is {face.width:.0f}x{face.height:.0f} px; at least {MIN_FACE_PX} px is needed to fuse")
+    _check_face(face, source)
     return face
 
 
+def _check_face(face: FaceObservation, source: str) -> None:
+    if min(face.width, face.height) < MIN_FACE_PX:
+        raise bad_file(source, f"the face is {face.width:.0f}x{face.height:.0f} px; at least {MIN_FACE_PX} px is needed to fuse")
+
+
 def fuse(reference: np.ndarray, reference_face: FaceObservation, target: np.ndarray, target_face: FaceObservation,
-         policy: FusePolicy, reference_name: str = "reference", target_name: str = "target") -> Fused:
-    """The target image with the reference's face fused onto `target_face`."""
+         policy: FusePolicy, reference_name: str = "reference", target_name: str = "target",
+         target_parsing: np.ndarray | None = None) -> Fused:
+    """The target image with the reference's face fused onto `target_face`.
+
+    `target_parsing` (a face-parsing label map of the target) keeps the target's hair,
+    glasses and ears out of the fused area.
+    """
     import cv2
 
     _check(reference, reference_name)
     _check(target, target_name)
+    _check_face(reference_face, reference_name)
+    _check_face(target_face, target_name)
     h, w = target.shape[:2]
     matrix = similarity_transform(np.asarray(reference_face.kps), np.asarray(target_face.kps))
     warped = cv2.warpAffine(reference, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
@@ -85,6 +96,8 @@ def fuse(reference: np.ndarray, reference_face: FaceObservation, target: np.ndar
     target_regions = face_regions(target.shape, target_face)
     source_regions = _warped_regions(target.shape, reference_face, matrix)
     area = (target_regions.face & source_regions.face & valid).astype(np.uint8)
+    if target_parsing is not None:
+        area &= parsed_mask(target_parsing, PARSED_FACE)
     if not area.any():
         raise bad_file(target_name, "the reference face does not overlap the target face after alignment")
     if policy.color_transfer:

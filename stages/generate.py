@@ -275,9 +275,10 @@ def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Tem
         text = fill_prompt("portrait photo of {trigger} {class}", identity)
     negative = ", ".join(x for x in (t.negative, policy.negative) if x)
     width, height = _size(t, policy, overrides)
-    steps = int(overrides.get("steps", t.steps or policy.steps))
-    if policy.steps_cap:
+    steps = int(t.steps or policy.steps)
+    if policy.steps_cap:  # caps the template's and preset's steps; an explicit --steps wins
         steps = min(steps, policy.steps_cap)
+    steps = int(overrides.get("steps", steps))
     fast = overrides.get("fast", t.fast)
     controls = {c.name: c.strength for c in t.controls}
     controls.update(overrides.get("controls", {}))

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from portrait.core.errors import BadInput, bad_file
-from portrait.core.facemask import face_regions, feather
+from portrait.core.facemask import PARSED_SKIN, face_regions, feather, parsed_mask
 from portrait.core.types import FaceObservation
 
 
@@ -44,21 +44,36 @@ class Retouched:
     mask: np.ndarray  # float32 HxW in [0, 1]: how much each pixel was retouched (before strength)
 
 
-def skin_mask(image_shape: tuple[int, ...], faces: Sequence[FaceObservation], policy: RetouchPolicy) -> np.ndarray:
-    """The soft skin mask of every face: face outline minus eyes, brows and lips."""
+def skin_mask(image_shape: tuple[int, ...], faces: Sequence[FaceObservation], policy: RetouchPolicy,
+              parsing: np.ndarray | None = None) -> np.ndarray:
+    """The soft skin mask of every face: face outline minus eyes, brows and lips.
+
+    With a face-parsing label map the skin is what the parser labels skin or nose (so hair
+    over the forehead, glasses and ears are excluded too); otherwise it comes from landmarks.
+    """
     mask = np.zeros(image_shape[:2], np.float32)
     for face in faces:
         regions = face_regions(image_shape, face)
-        mask = np.maximum(mask, feather(regions.skin, regions.size * policy.feather, inside=True))
+        skin = regions.skin if parsing is None else parsed_mask(parsing, PARSED_SKIN) & _grow_box(face, image_shape)
+        mask = np.maximum(mask, feather(skin, regions.size * policy.feather, inside=True))
     return mask
 
 
+def _grow_box(face: FaceObservation, shape: tuple[int, ...]) -> np.ndarray:
+    """The face box doubled: parsed skin of this face, not of a neighbour or the neck below."""
+    box = np.zeros(shape[:2], np.uint8)
+    cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
+    half = max(face.width, face.height)
+    box[max(int(cy - half), 0):max(int(cy + half * 0.75), 0), max(int(cx - half), 0):max(int(cx + half), 0)] = 1
+    return box
+
+
 def retouch(image: np.ndarray, faces: Sequence[FaceObservation], policy: RetouchPolicy,
-            mask: np.ndarray | None = None, source: str = "image") -> Retouched:
+            mask: np.ndarray | None = None, source: str = "image", parsing: np.ndarray | None = None) -> Retouched:
     """Smooth the skin of `faces` (or inside a given soft `mask`); nothing else changes."""
     _check(image, source)
     if mask is None:
-        mask = skin_mask(image.shape, faces, policy)
+        mask = skin_mask(image.shape, faces, policy, parsing)
     elif mask.shape != image.shape[:2]:
         raise bad_file(source, f"skin mask is {mask.shape[1]}x{mask.shape[0]}, the image {image.shape[1]}x{image.shape[0]}")
     if policy.strength <= 0 or not mask.any():

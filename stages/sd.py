@@ -21,6 +21,9 @@ CONTROL_ROLES = {"canny": "controlnet_canny", "openpose": "controlnet_openpose",
                  "tile": "controlnet_tile", "color": "controlnet_tile"}
 # Above this many pixels per image, VAE tiling is switched on under `auto` on CUDA.
 TILING_PIXELS = 1536 * 1536
+# Resident fp16 footprint of a pipeline with up to three ControlNets, by family (GB). Below
+# this much free VRAM, `offload: auto` moves idle modules to the CPU between uses.
+RESIDENT_GB = {"sd15": 5.0, "sdxl": 11.0}
 
 
 def controlnet_ids(ctx: RunContext, names: Sequence[str]) -> tuple[str, ...]:
@@ -46,8 +49,26 @@ def prepare_pipeline(pipe, request: GenerationRequest, ctx: RunContext) -> None:
     big = request.width * request.height >= TILING_PIXELS
     _toggle(pipe.vae, "tiling", _decide(memory.get("vae_tiling", "auto"), ctx.placement.is_cuda and big))
     _toggle(pipe.vae, "slicing", _decide(memory.get("vae_slicing", "auto"), ctx.placement.is_cuda and big))
+    if ctx.placement.is_cuda and not ctx.placement.offload and not getattr(pipe, "_portrait_offloaded", False):
+        if offload_needed(memory.get("offload", "auto"), _free_vram_gb(ctx.placement.device),
+                          RESIDENT_GB.get(ctx.preset.family, 5.0)):
+            pipe.enable_model_cpu_offload(device=ctx.placement.device)
+            pipe._portrait_offloaded = True
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
+
+
+def offload_needed(setting: Any, free_gb: float, need_gb: float) -> bool:
+    """Model CPU offload: forced on/off by the preset, else on when free VRAM is short."""
+    return _decide(setting, free_gb < need_gb)
+
+
+def _free_vram_gb(device: str) -> float:
+    import torch
+
+    index = torch.device(device).index or 0
+    free, _total = torch.cuda.mem_get_info(index)
+    return free / 2**30
 
 
 def _decide(setting: Any, auto: bool) -> bool:

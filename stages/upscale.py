@@ -81,7 +81,8 @@ def load_model(ctx, model_id: str):
     def build():
         import spandrel
 
-        descriptor = spandrel.ModelLoader(device="cpu").load_from_file(str(resolved.path))
+        state = spandrel.canonicalize_state_dict(_checked_state_dict(ctx, resolved))
+        descriptor = spandrel.ModelLoader(device="cpu").load_from_state_dict(state)
         dtype = placement.dtype if placement.is_cuda else None
         if dtype is not None and not _supports(descriptor, placement.dtype_name):
             dtype = None  # e.g. GFPGAN has no fp16 support: it stays fp32 on the GPU
@@ -91,6 +92,27 @@ def load_model(ctx, model_id: str):
         return descriptor.eval()
 
     return ctx.cache.get(CacheKey(resolved.spec.id, placement.device, placement.dtype_name, "spandrel"), build)
+
+
+def _checked_state_dict(ctx, resolved) -> dict:
+    """The checkpoint, hash-checked against the registry, loaded with weights_only=True.
+
+    A file converted by `portrait models import-ncnn` differs from the upstream bytes by
+    construction; it is checked against the hash its import recorded instead.
+    """
+    import torch
+
+    from portrait.core.io import sha256_file
+    from portrait.core.loaders import load_torch_file
+    from portrait.core.ncnn import imported_hash
+
+    path = resolved.path
+    recorded = imported_hash(resolved.root, path.name)
+    if recorded is None:
+        return load_torch_file(ctx, resolved)
+    if sha256_file(path) != recorded:
+        raise bad_file(path, "does not match the hash recorded by its ncnn import; run `portrait models import-ncnn` again")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _supports(descriptor, dtype_name: str) -> bool:
@@ -107,16 +129,14 @@ def try_load_restorer(ctx, model_id: str):
     Restorers have no tiny stand-in (spandrel's GFPGAN is fixed at its full 512 px size), so
     under a tiny preset, or with the weights absent, restoration is skipped and reported.
     """
+    import spandrel
+
     try:
         return load_model(ctx, model_id), ""
-    except ModelMissing as exc:
+    except (ModelMissing, BadInput) as exc:  # absent, or "has no tiny stand-in"
         return None, str(exc)
-    except BadInput as exc:  # "has no tiny stand-in"
-        return None, str(exc)
-    except Exception as exc:  # spandrel does not know the architecture (CodeFormer needs extras)
-        if exc.__class__.__name__ == "UnsupportedModelError":
-            return None, f"model '{model_id}': spandrel cannot load it ({exc}); CodeFormer needs spandrel_extra_arches"
-        raise
+    except spandrel.UnsupportedModelError as exc:
+        return None, f"model '{model_id}': spandrel cannot load it ({exc}); CodeFormer needs spandrel_extra_arches"
 
 
 # --- super-resolution ---------------------------------------------------------------------

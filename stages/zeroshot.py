@@ -98,7 +98,7 @@ def load_adapter_file(ctx, model_id_or_path: str, name: str | None = None) -> Ad
         if not path.is_file():
             raise BadInput(f"{path}: adapter file does not exist")
         resolved = ctx.registry.resolve("instantid-adapter" if name == "instantid" else "ip-adapter-faceid-sd15",
-                                        ctx.settings, explicit=path)
+                                        ctx.settings, tiny=ctx.preset.tiny, explicit=path)
         file_name = path.name
     else:
         resolved = ctx.resolve(model_id_or_path)

@@ -50,7 +50,7 @@ def test_switching_kind_reuses_the_loaded_weights(ctx):
     assert inpaint.unet is txt.unet and img2img.unet is txt.unet
     assert inpaint.text_encoder is txt.text_encoder and inpaint.vae is txt.vae
     assert inpaint.scheduler is not txt.scheduler  # schedulers hold per-call state
-    assert ctx.cache.loads == loads + 3  # two pipeline objects and one ControlNet, no base reload
+    assert ctx.cache.loads == loads + 1  # only the ControlNet: no base reload
     assert loaders.load_pipeline(ctx, kind="inpaint") is inpaint
 
 

@@ -83,3 +83,82 @@ def test_bad_inputs(hopper_face):
         RetouchPolicy.from_section({"strength": 3})
     with pytest.raises(BadInput, match="skin mask is 2x2"):
         retouch(np.zeros((10, 10, 3), np.uint8), [], RetouchPolicy(), mask=np.zeros((2, 2), np.float32))
+
+
+# --- face parsing (BiSeNet) masks ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def parser_ctx(tmp_path_factory):
+    from portrait.core.config import Settings
+    from portrait.core.context import RunContext
+    from portrait.core.tiny import make_tiny
+
+    settings = Settings(home=tmp_path_factory.mktemp("parser-home"), preset="tiny", device="cpu")
+    make_tiny(settings, only=("tiny-face-parser", "tiny-esrgan-x4"))
+    return RunContext.create(settings, preset="tiny")
+
+
+def test_bisenet_has_the_published_layout_and_the_tiny_one_loads(parser_ctx, hopper, hopper_face):
+    import torch
+
+    from portrait.core.parsing import bisenet, load_face_parser
+
+    real = bisenet().state_dict()
+    assert {"cp.resnet.layer4.1.bn2.running_var", "cp.arm16.conv_atten.weight", "cp.arm32.bn_atten.bias",
+            "cp.conv_avg.conv.weight", "ffm.convblk.conv.weight", "ffm.conv2.weight",
+            "conv_out.conv_out.weight"} <= set(real)
+    assert tuple(real["conv_out.conv_out.weight"].shape) == (19, 256, 1, 1)
+    # the real file is 53,289,463 bytes: these fp32 tensors plus the two small auxiliary heads
+    assert 52.5e6 < sum(v.numel() * 4 for v in real.values() if v.dtype == torch.float32) < 53.3e6
+    torch.set_num_threads(1)
+    parser = load_face_parser(parser_ctx, "face-parsing-bisenet")
+    assert set(parser.network.state_dict()) == set(real)  # same names, tiny widths
+    labels = parser.parse(hopper, [hopper_face])
+    assert labels.shape == hopper.shape[:2] and labels.dtype == np.uint8 and labels.max() < 19
+    assert labels[:20, :20].max() == 0  # outside the head crop: background
+
+
+def test_a_checkpoint_that_is_not_bisenet_is_refused(parser_ctx, tmp_path):
+    import shutil
+
+    from portrait.core.config import Settings
+    from portrait.core.context import RunContext
+    from portrait.core.parsing import load_face_parser
+
+    settings = Settings(home=tmp_path, preset="tiny", device="cpu")
+    (settings.models_dir / "tiny-face-parser").mkdir(parents=True)
+    shutil.copy(parser_ctx.resolve("realesrgan-x4plus").path, settings.models_dir / "tiny-face-parser" / "parsing_bisenet.pth")
+    with pytest.raises(BadInput, match=r"parsing_bisenet\.pth: cannot be loaded as a BiSeNet face parser"):
+        load_face_parser(RunContext.create(settings, preset="tiny"), "face-parsing-bisenet")
+
+
+def test_parsed_skin_mask_excludes_hair_and_glasses(hopper, hopper_face):
+    from portrait.core.facemask import face_regions
+
+    regions = face_regions(hopper.shape, hopper_face)
+    labels = np.where(regions.skin > 0, 1, 0).astype(np.uint8)
+    top = int(hopper_face.landmarks[19, 1])
+    labels[: top + 10][labels[: top + 10] == 1] = 17  # hair over the brows
+    eyes = regions.eyes > 0
+    labels[eyes] = 6  # glasses
+    result = retouch(hopper, [hopper_face], RetouchPolicy(strength=1.0), parsing=labels)
+    skin = np.isin(labels, (1, 10))
+    assert result.mask[~skin].max() == 0
+    assert np.array_equal(result.image[~skin], hopper[~skin])
+    assert (result.mask[skin] > 0).mean() > 0.5
+
+
+def test_fusion_keeps_parsed_glasses_and_hair_of_the_target(hopper, hopper_face, astronaut, tmp_path_factory):
+    from portrait.core.config import Settings
+    from portrait.core.faces import make_analyzer
+    from portrait.core.registry import Registry
+    from portrait.stages.fuse import FusePolicy, fuse
+
+    settings = Settings(home=tmp_path_factory.mktemp("fuse-parse"), preset="tiny", device="cpu")
+    astro = make_analyzer(registry=Registry.load(), settings=settings, backend="dlib").detect(astronaut)[0]
+    labels = np.ones(hopper.shape[:2], np.uint8)  # all skin ...
+    labels[: int(hopper_face.landmarks[19, 1]) - 5] = 17  # ... except hair above the brows
+    result = fuse(astronaut, astro, hopper, hopper_face, FusePolicy(blend="feather"), target_parsing=labels)
+    assert result.alpha[labels == 17].max() == 0
+    assert np.array_equal(result.image[labels == 17], hopper[labels == 17])

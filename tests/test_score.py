@@ -20,7 +20,7 @@ from portrait.flows.finish import (
 )
 from portrait.stages import score as sc
 
-FINISH_MODELS = ("tiny-esrgan-x4", "tiny-esrgan-x2", "tiny-clip")
+FINISH_MODELS = ("tiny-esrgan-x4", "tiny-esrgan-x2", "tiny-clip", "tiny-face-parser")
 NO_FINISH = FinishSwitches(fuse=False, retouch=False, upscale=False, restore=False, score=True, clip=False)
 
 
@@ -138,6 +138,15 @@ def test_finish_runs_every_stage_and_times_it(finish_ctx, analyzer, astronaut_id
     assert np.array_equal(candidates[0].image, target)  # the candidate itself is not modified
     row = result_row(result)
     assert {"path", "seed", "rank", "similarity", "passed_gate", "timings", "clip_t", "reference_similarity"} <= set(row)
+
+
+def test_finish_uses_the_face_parser_when_the_preset_asks(finish_ctx, analyzer, astronaut_identity, hopper):
+    policy = dataclasses.replace(FinishPolicy.from_preset(finish_ctx.preset), face_parsing=True)
+    switches = FinishSwitches(fuse=True, retouch=True, upscale=False, clip=False)
+    (result,) = finish(finish_ctx, astronaut_identity, [_candidate(astronaut_identity, _small(hopper), 3)], switches,
+                       policy=policy, analyzer=analyzer)
+    assert {"parse", "fuse", "retouch"} <= set(result.candidate.timings)
+    assert "finish_notes" not in result.candidate.info
 
 
 def test_finish_keeps_faceless_candidates_and_ranks_them_last(finish_ctx, analyzer, astronaut_identity, astronaut):

@@ -23,7 +23,7 @@ import yaml
 from portrait.core.config import Settings
 from portrait.core.errors import BadInput
 from portrait.studio.api import Studio
-from portrait.studio.runner import StudioPolicy, run_local
+from portrait.studio.runner import StudioPolicy
 from portrait.studio.spec import expand, load_spec
 from portrait.studio.store import Store, WorkerId, process_alive
 
@@ -172,8 +172,7 @@ def test_items_are_grouped_to_keep_pipelines_warm(tmp_path):
     spec = write_spec(tmp_path, backends=["lora", "template"], count=1)
     studio = fake_studio(tmp_path, log)
     studio.run(spec)
-    groups = [studio.store.status().items for _ in range(1)][0]
-    by_id = {r.item.id: r.item.group for r in groups}
+    by_id = {r.item.id: r.item.group for r in studio.status().items}
     order = [by_id[item_id] for item_id, _ in starts(log)]
     # Each group (preset/backend/identity) runs as one block: 4 groups, 3 switches.
     switches = sum(1 for a, b in zip(order, order[1:]) if a != b)
@@ -270,6 +269,34 @@ def test_sigkilled_worker_restarted_finishes_every_item_exactly_once(tmp_path):
     assert started[victim.item.id] in (1, 2) and {n for i, n in started.items() if i != victim.item.id} == {1}
     assert set(started) == {r.item.id for r in final.items}
     assert {r.item.id: r for r in final.items}[victim.item.id].attempts == 2
+
+
+def test_ctrl_c_stops_after_the_current_item(tmp_path):
+    spec = write_spec(tmp_path)
+    store, log = tmp_path / "store.db", tmp_path / "log"
+    cmd = [sys.executable, str(Path(__file__).parent / "studio_fakes.py"), str(store), str(spec), str(log), "0.3",
+           "3600", str(tmp_path / "home")]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if store.exists():
+                counts = Store(store).counts()
+                if counts["done"] >= 2 and counts["running"] == 1:
+                    break
+            time.sleep(0.05)
+        in_flight = {r.item.id for r in Store(store).status().items if r.state == "running"}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    after = Store(store).status()
+    rows = {r.item.id: r for r in after.items}
+    assert after.counts["running"] == 0 and after.counts["pending"] > 0
+    assert all(rows[i].state == "done" for i in in_flight)  # the current item was finished, not dropped
+    ends = [line.split()[1] for line in log.read_text().splitlines() if line.startswith("end")]
+    assert sorted(ends) == sorted(i for i, _ in starts(log))  # nothing was cut off mid-item
 
 
 def test_two_local_workers_never_run_an_item_twice(tmp_path):

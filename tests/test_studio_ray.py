@@ -13,14 +13,12 @@ ray = pytest.importorskip("ray")
 
 from portrait.core.config import Settings  # noqa: E402
 from portrait.studio.api import Studio  # noqa: E402
-from portrait.studio.runner import StudioPolicy  # noqa: E402
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 from studio_fakes import FakeExecutor, starts  # noqa: E402
 from test_studio import FAST, leftovers, write_spec  # noqa: E402
 
-pytestmark = pytest.mark.slow  # starting Ray takes ~10-30 s on a busy CI machine
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +53,7 @@ def test_ray_runs_a_spec_with_store_semantics(local_ray, tmp_path):
     assert again.submission.added == 0 and len(starts(log)) == 20
 
 
+@pytest.mark.slow
 def test_ray_runs_the_real_flows_on_the_tiny_preset(local_ray, tiny_home, tmp_path, astronaut):
     from _generate_helpers import write_tiny_identity
 

@@ -69,6 +69,22 @@ def test_tiny_makers_are_deterministic(tmp_path):
     assert sha256_file(tmp_path / "a" / name) != sha256_file(tmp_path / "c" / name)
 
 
+def test_every_finishing_maker_is_byte_deterministic(tmp_path):
+    import hashlib
+
+    from portrait.core.config import Settings
+    from portrait.core.tiny import make_tiny
+
+    def hashes(home):
+        settings = Settings(home=home, preset="tiny", device="cpu")
+        make_tiny(settings, only=FINISH_MODELS + ("tiny-face-parser",))
+        return {str(p.relative_to(home)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted((home / "models").rglob("*")) if p.is_file()}
+
+    first, second = hashes(tmp_path / "a"), hashes(tmp_path / "b")
+    assert len(first) >= 10 and first == second
+
+
 def test_tiled_and_untiled_upscaling_agree(finish_ctx, astronaut):
     model = up.load_model(finish_ctx, "realesrgan-x4plus")
     small = _resize(astronaut, (60, 44))  # not a multiple of the tile: ragged edge tiles
@@ -189,6 +205,15 @@ def test_import_ncnn_cli_makes_the_registry_resolve_the_real_model(tmp_path):
     assert run(["--home", str(home), "models", "import-ncnn"]) == 0
     assert sha256_file(resolved.path) == first  # the conversion is byte-for-byte repeatable
     assert run(["--home", str(home), "models", "import-ncnn", "no-such-model"]) == 2
+    from portrait.core.context import RunContext
+
+    model = up.load_model(RunContext.create(settings, preset="sd15"), "realesrgan-x4plus")
+    assert (model.architecture.id, model.scale) == ("ESRGAN", 4)
+    with open(resolved.path, "r+b") as fh:  # a tampered file is refused, not unpickled
+        fh.seek(-8, 2)
+        fh.write(b"\0" * 8)
+    with pytest.raises(BadInput, match="does not match the hash recorded by its ncnn import"):
+        up.load_model(RunContext.create(settings, preset="sd15"), "realesrgan-x4plus")
 
 
 @pytest.mark.slow

@@ -44,10 +44,10 @@ def person(tiny_home, hopper, astronaut):
     return make_identity(tiny_home, "zs-person", [hopper, astronaut], reference=hopper)
 
 
-def request_for(ctx, identity, backend, prompt=None, seed=3, n=1, **options):
+def request_for(ctx, identity, backend, prompt=None, seed=3, n=1, controls=None, lora_weight=None, **options):
     policy = GeneratePolicy.from_preset(ctx.preset)
     overrides = {"width": SIZE, "height": SIZE, "steps": STEPS, "scheduler": "euler", "guidance": 5.0,
-                 "options": options}
+                 "options": options, "controls": controls, "lora_weight": lora_weight}
     return resolve_request(identity, policy, template=None, prompt=prompt, backend=backend, n=n, seed=seed,
                            overrides=overrides)
 
@@ -155,6 +155,12 @@ def test_instantid_tokens_numbering_and_identitynet_input(ctx_xl, person):
     assert not hasattr(net, "forward") or "forward" not in net.__dict__  # the swap is undone
 
 
+def test_instantid_with_an_extra_controlnet(ctx_xl, person):
+    out = run(ctx_xl, request_for(ctx_xl, person, "instantid", controls={"canny": 0.5}))[0]
+    assert set(out.info["controls"]) == {"identitynet", "canny"}
+    assert out.info["controls"]["canny"]["source"] == "opencv"
+
+
 def test_instantid_pose_reference_without_face_is_refused(ctx_xl, person, tmp_path):
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(blank)
@@ -169,6 +175,8 @@ def test_faceid_plusv2_matches_diffusers_recipe(ctx15, person):
     """Reference: diffusers' documented FaceID-PlusV2 usage on a separately loaded pipeline."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
+    from portrait.core.loaders import load_components
+
     req = request_for(ctx15, person, "faceid", ip_adapter_scale=0.7, s_scale=0.9)
     ours = run(ctx15, req)[0]
     assert ours.info["adapter"]["variant"] == "plusv2"
@@ -178,7 +186,8 @@ def test_faceid_plusv2_matches_diffusers_recipe(ctx15, person):
     inputs = zs.faceid_inputs(ctx15, person, policy, af, emb.EmbedPolicy())
     base = ctx15.resolve_role("base").root
     adapter = ctx15.resolve_role("faceid_plus")
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False,
+                                                   vae=load_components(ctx15)["vae"])  # the preset's VAE role
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.load_ip_adapter(str(adapter.root), subfolder="", weight_name="ip-adapter-faceid-plusv2_sd15.bin",
                          image_encoder_folder=None)
@@ -206,6 +215,45 @@ def test_faceid_scale_zero_without_lora_equals_plain(ctx15, person):
     # and the adapter really acts when on
     on = run(ctx15, request_for(ctx15, person, "faceid", faceid_variant="faceid", ip_adapter_scale=1.0))[0].image
     assert maxdiff(on, ours) > 0
+
+
+@pytest.fixture(scope="module")
+def person_with_lora(tiny_home, ctx15, hopper, astronaut):
+    """A bundle with a (random, rank 4) SD1.5 identity LoRA in diffusers/PEFT format."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from portrait.core.bundle import load_identity, write_manifest
+
+    identity = make_identity(tiny_home, "zs-lora", [hopper, astronaut], reference=hopper)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(ctx15.resolve_role("base").root / "unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights="gaussian"))
+    StableDiffusionPipeline.save_lora_weights(identity.root, unet_lora_layers=get_peft_model_state_dict(unet),
+                                              weight_name="lora.safetensors")
+    write_manifest(identity.root, {**identity.manifest, "loras": {"sd15": {
+        "file": "lora.safetensors", "base_model": "tiny-sd15", "rank": 4, "alpha": 4}}})
+    return load_identity(tiny_home, "zs-lora")
+
+
+def test_faceid_with_identity_lora(ctx15, person_with_lora):
+    with_lora = run(ctx15, request_for(ctx15, person_with_lora, "faceid", lora_weight=1.0))[0]
+    assert with_lora.info["identity_mode"] == "zero-shot+lora" and with_lora.info["loras"]
+    muted = run(ctx15, request_for(ctx15, person_with_lora, "faceid", lora_weight=0.0))[0]
+    assert maxdiff(with_lora.image, muted.image) > 0  # the identity LoRA acts
+    # weight 0 is exactly FaceID alone: the FaceID LoRA keeps its own weight beside it
+    diff = maxdiff(muted.image, _faceid_only(ctx15, person_with_lora))
+    print(f"faceid + identity LoRA at weight 0 vs faceid alone: max |diff| = {diff} (uint8)")
+    assert diff <= 1
+
+
+def _faceid_only(ctx, identity_with_lora):
+    from dataclasses import replace
+
+    bare = replace(identity_with_lora, loras={})
+    return run(ctx, request_for(ctx, bare, "faceid"))[0].image
 
 
 def test_faceid_uncond_is_zeros_and_pipeline_is_restored(ctx15, person):
@@ -276,6 +324,7 @@ def test_photomaker_v1_matches_tencentarc_reference(ctx_xl, person, monkeypatch)
     """Reference: TencentARC's PhotoMaker v1 pipeline (PyPI `photomakerv`) on the same tiny weights."""
     pm_model = pytest.importorskip("photomaker.model")
     pm_pipeline = pytest.importorskip("photomaker.pipeline")
+    from diffusers import EulerDiscreteScheduler
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from portrait.core.loaders import load_components
@@ -295,23 +344,21 @@ def test_photomaker_v1_matches_tencentarc_reference(ctx_xl, person, monkeypatch)
     monkeypatch.setattr(pm_pipeline, "PhotoMakerIDEncoder", TinyReferenceEncoder)
     prompt = "portrait photo of a woman img, studio light"
     req = request_for(ctx_xl, person, "photomaker", prompt=prompt, photomaker_version=1, start_merge_step=0)
-    ours = run(ctx_xl, req)[0]
-    assert ours.info["adapter"]["version"] == 1
 
-    components = load_components(ctx_xl)
-    import copy
-
-    parts = {k: copy.deepcopy(v) for k, v in components.modules.items()}
-    from diffusers import EulerDiscreteScheduler
-
-    parts["scheduler"] = EulerDiscreteScheduler.from_config(parts["scheduler"].config)
-    ref_pipe = pm_pipeline.PhotoMakerStableDiffusionXLPipeline(**parts)
+    # the reference on its own, freshly loaded copy of the base (the preset's VAE role, as ours)
+    ref_pipe = pm_pipeline.PhotoMakerStableDiffusionXLPipeline.from_pretrained(
+        ctx_xl.resolve_role("base").root, variant="fp16", torch_dtype=torch.float32,
+        vae=load_components(ctx_xl)["vae"])
+    ref_pipe.scheduler = EulerDiscreteScheduler.from_config(ref_pipe.scheduler.config)
     ref_pipe.load_photomaker_adapter(str(resolved.root), weight_name=resolved.path.name, trigger_word="img")
     photos = [Image.open(p).convert("RGB") for p in emb.identity_photos(person, 8)]
     ref = ref_pipe(prompt, negative_prompt=req.negative_prompt or None, input_id_images=photos,
                    num_inference_steps=STEPS, guidance_scale=5.0, width=SIZE, height=SIZE, start_merge_step=0,
                    generator=torch.Generator().manual_seed(req.seed), output_type="np").images[0]
     ref = (np.clip(ref, 0, 1) * 255).round().astype(np.uint8)
+
+    ours = run(ctx_xl, req)[0]
+    assert ours.info["adapter"]["version"] == 1
     diff = maxdiff(ours.image, ref)
     print(f"photomaker v1 (ours) vs TencentARC photomakerv: max |diff| = {diff} (uint8)")
     assert diff <= 1

@@ -131,6 +131,16 @@ def _regions_5(shape: tuple[int, int], kps: np.ndarray) -> FaceRegions:
     return FaceRegions(face, eyes, brows, nose, mouth, _size(kps))
 
 
+# Face-parsing labels (portrait.core.parsing.LABELS) that make up each region.
+PARSED_SKIN = (1, 10)  # skin, nose
+PARSED_FACE = (1, 2, 3, 4, 5, 10, 11, 12, 13)  # skin, brows, eyes, nose, mouth, lips (no hair, glasses, ears)
+
+
+def parsed_mask(labels: np.ndarray, wanted: tuple[int, ...]) -> np.ndarray:
+    """A {0, 1} mask of the pixels whose parsing label is in `wanted`."""
+    return np.isin(labels, wanted).astype(np.uint8)
+
+
 def feather(mask: np.ndarray, radius: float, inside: bool = True) -> np.ndarray:
     """A soft float32 mask in [0, 1].
 

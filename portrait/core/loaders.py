@@ -20,7 +20,8 @@ from __future__ import annotations
 import inspect
 import shutil
 import tempfile
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -58,15 +59,28 @@ _PARTS = {
 
 @dataclass(frozen=True)
 class Components:
-    """A loaded base: its modules (by pipeline argument name) and what it is."""
+    """A loaded base: its modules (by pipeline argument name) and what it is.
+
+    The pipelines composed around these modules live here too, not as separate cache
+    entries: they are cheap wrappers, and evicting the base must evict them with it (else an
+    old pipeline would keep the old weights alive beside a reloaded copy).
+    """
 
     model_id: str
     family: str
     modules: Mapping[str, Any]
     source: Path  # the folder or file the weights came from
+    pipelines: dict = field(default_factory=dict, compare=False, repr=False)
+    lock: Any = field(default_factory=threading.RLock, compare=False, repr=False)
 
     def __getitem__(self, name: str) -> Any:
         return self.modules[name]
+
+    def pipeline(self, key: Any, factory):
+        with self.lock:
+            if key not in self.pipelines:
+                self.pipelines[key] = factory()
+            return self.pipelines[key]
 
 
 # --- small helpers --------------------------------------------------------------------
@@ -368,7 +382,7 @@ def load_pipeline(ctx, model_id: str | None = None, kind: str = "txt2img", contr
     """A ready diffusers pipeline for `kind` (txt2img | img2img | inpaint), with ControlNets.
 
     Built around `load_components` so kinds and ControlNet sets share one copy of the base
-    weights; the pipeline itself is cached per (model, kind, ControlNets, vae). `scheduler`
+    weights; the pipeline itself is kept with those components per (kind, ControlNets). `scheduler`
     names a sampler (see SCHEDULERS); None keeps the model's own.
     """
     import diffusers
@@ -393,8 +407,7 @@ def load_pipeline(ctx, model_id: str | None = None, kind: str = "txt2img", contr
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    variant = ("pipeline", kind, controlnets, str(base_path) if base_path else None, vae, components.source)
-    pipe = ctx.cache.get(_key(ctx, model_id, variant), _friendly(factory, model_id))
+    pipe = components.pipeline((kind, controlnets), _friendly(factory, model_id))
     if vae_slicing:
         pipe.vae.enable_slicing()
     if vae_tiling:

@@ -12,17 +12,19 @@ best it has, marking those below the threshold `passed_gate: false`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from portrait.core.errors import BadInput, ModelMissing, bad_file
 from portrait.core.faces import FaceAnalyzer, make_analyzer
 from portrait.core.io import write_image
+from portrait.core.parsing import load_face_parser
 from portrait.core.types import Candidate, CandidateScore, FaceObservation, Identity, RankedResult
 from portrait.stages import fuse as fuse_stage
 from portrait.stages import retouch as retouch_stage
@@ -65,6 +67,7 @@ class FinishPolicy:
     """The preset's `finish` and `score` sections, as the stages' policies."""
 
     face_backend: str = "auto"
+    face_parsing: bool = True  # use the registry's face parser for skin and face masks when present
     fuse: fuse_stage.FusePolicy = field(default_factory=fuse_stage.FusePolicy)
     retouch: retouch_stage.RetouchPolicy = field(default_factory=retouch_stage.RetouchPolicy)
     upscale: upscale_stage.UpscalePolicy = field(default_factory=upscale_stage.UpscalePolicy)
@@ -76,6 +79,7 @@ class FinishPolicy:
         section = preset.section("finish")
         return cls(
             face_backend=str(section.get("face_backend", "auto")),
+            face_parsing=bool(section.get("face_parsing", True)),
             fuse=fuse_stage.FusePolicy.from_section(section.get("fuse", {}) or {}),
             retouch=retouch_stage.RetouchPolicy.from_section(section.get("retouch", {}) or {}),
             upscale=upscale_stage.UpscalePolicy.from_section(section.get("upscale", {}) or {}),
@@ -136,21 +140,14 @@ def _read_rgb(path: Path) -> np.ndarray:
 # --- finish -------------------------------------------------------------------------------------
 
 
-class _Clock:
-    def __init__(self, timings: dict[str, float]):
-        self.timings = timings
-
-    def __call__(self, name: str):
-        clock = self
-
-        class _Span:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock.timings[name] = round(clock.timings.get(name, 0.0) + time.perf_counter() - self.start, 4)
-
-        return _Span()
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the block's wall time to timings[name] (seconds)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 4)
 
 
 @dataclass
@@ -160,6 +157,7 @@ class _Finishers:
     policy: FinishPolicy
     analyzer: FaceAnalyzer
     who: IdentityFaces
+    parser: Any = None
     upscaler: Any = None
     restorer: Any = None
     clip: Any = None
@@ -197,6 +195,11 @@ def _prepare(ctx, identity: Identity, switches: FinishSwitches, policy: FinishPo
     if who is None or who.space != analyzer.backend:
         who = identity_faces(analyzer, identity)
     kit = _Finishers(policy, analyzer, who)
+    if policy.face_parsing and (switches.fuse or switches.retouch):
+        try:
+            kit.parser = load_face_parser(ctx, ctx.preset.model("face_parser"))
+        except (ModelMissing, BadInput) as exc:
+            kit.notes.append(f"face parsing skipped, landmark masks used: {exc}")
     if switches.upscale:
         role = "upscaler_x2" if upscale_stage.native_scale_needed(policy.upscale.outscale) == 2 else "upscaler"
         kit.upscaler = upscale_stage.load_model(ctx, ctx.preset.model(role))
@@ -214,28 +217,35 @@ def _prepare(ctx, identity: Identity, switches: FinishSwitches, policy: FinishPo
 
 def _finish_one(candidate: Candidate, switches: FinishSwitches, kit: _Finishers) -> Candidate:
     timings = dict(candidate.timings)
-    clock = _Clock(timings)
     notes = list(kit.notes)
     image = candidate.image
-    with clock("detect"):
+    with _timed(timings, "detect"):
         faces = kit.analyzer.detect(image, embed=False) if (switches.fuse or switches.retouch or switches.restore) else []
+    labels = None
+    if kit.parser is not None and faces and (switches.fuse or switches.retouch):
+        with _timed(timings, "parse"):
+            labels = kit.parser.parse(image, faces)
     if switches.fuse:
         if faces:
-            with clock("fuse"):
-                image = fuse_stage.fuse(kit.who.reference_image, kit.who.reference_face, image, faces[0],
-                                        kit.policy.fuse, target_name=f"seed {candidate.seed}").image
+            try:
+                with _timed(timings, "fuse"):
+                    image = fuse_stage.fuse(kit.who.reference_image, kit.who.reference_face, image, faces[0],
+                                            kit.policy.fuse, target_name=f"seed {candidate.seed}",
+                                            target_parsing=labels).image
+            except BadInput as exc:  # a generated image is not user input: note it, keep the batch going
+                notes.append(f"fusion skipped: {exc}")
         else:
             notes.append("fusion skipped: no face in the candidate")
     if switches.retouch and faces:
-        with clock("retouch"):
-            image = retouch_stage.retouch(image, faces, kit.policy.retouch).image
+        with _timed(timings, "retouch"):
+            image = retouch_stage.retouch(image, faces, kit.policy.retouch, parsing=labels).image
     if switches.upscale and kit.upscaler is not None:
-        with clock("upscale"):
+        with _timed(timings, "upscale"):
             result = upscale_stage.upscale(image, kit.upscaler, kit.policy.upscale, source=f"seed {candidate.seed}")
         faces = [_scaled(face, result.scale) for face in faces]
         image = result.image
     if switches.restore and kit.restorer is not None and faces:
-        with clock("restore"):
+        with _timed(timings, "restore"):
             image = upscale_stage.restore_faces(image, faces, kit.restorer, kit.policy.upscale.restore_weight)
     info = dict(candidate.info)
     if notes:

@@ -18,7 +18,7 @@ from portrait.core.bundle import identity_dir
 from portrait.core.config import Settings, load_preset
 
 from .executor import FlowExecutor
-from .runner import ExecutorFactory, StudioPolicy, default_store_path, run_local
+from .runner import ExecutorFactory, StudioPolicy, default_store_path, run_local, visible_gpus
 from .spec import Job, JobSpec, expand, load_spec, parse_spec
 from .store import StoreStatus, Store, Submission
 
@@ -85,8 +85,9 @@ class Studio:
                 run_ray(self.store, self.executor_factory, self.policy, job_ids, address=ray,
                         workers=workers, stop=stop, on_stop_requested=notice)
             else:
+                gpus = visible_gpus(self.settings.device) if count > 1 else []
                 run_local(self.store, self.executor_factory, self.policy, job_ids, workers=max(1, count), stop=stop,
-                          on_stop_requested=notice)
+                          on_stop_requested=notice, gpus=gpus)
         finally:
             if monitor:
                 monitor.__exit__(None, None, None)

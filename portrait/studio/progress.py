@@ -57,6 +57,8 @@ class StoreMonitor:
         self._seen: dict[str, str] = {}
 
     def __enter__(self) -> "StoreMonitor":
+        # Report what changes from now on, not what a resumed job finished earlier.
+        self._seen = {r.item.id: f"{r.state}:{r.attempts}" for r in self.store.status(self.jobs).items}
         self._thread.start()
         return self
 

@@ -13,9 +13,9 @@ and hands the unfinished item back to the queue.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import threading
-import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -165,8 +165,11 @@ class GracefulStop:
 
 
 def worker_process(store_path: str, retry: RetryPolicy, policy: StudioPolicy, jobs: list[str] | None,
-                   executor_factory: ExecutorFactory, stop: Any) -> int:
+                   executor_factory: ExecutorFactory, stop: Any, gpu: str | None = None) -> int:
     """Entry point of one `--workers N` process (spawned, so it builds its own models)."""
+    if gpu is not None:
+        # Before anything imports torch: this worker sees one GPU, as `cuda`.
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     store = Store(store_path, retry)
     with GracefulStop(stop):
         return LocalWorker(store, executor_factory(), policy, jobs, stop=stop).run()
@@ -174,9 +177,10 @@ def worker_process(store_path: str, retry: RetryPolicy, policy: StudioPolicy, jo
 
 def run_local(store: Store, executor_factory: ExecutorFactory, policy: StudioPolicy,
               jobs: Iterable[str] | None = None, workers: int = 1, stop: threading.Event | None = None,
-              on_stop_requested: Callable[[], None] | None = None) -> int:
+              on_stop_requested: Callable[[], None] | None = None, gpus: list[str] | None = None) -> int:
     """Run the jobs to the end with `workers` local workers. Returns items this call ran
-    (for several processes: how many of them exited cleanly)."""
+    (for several processes: how many of them exited cleanly). With `gpus` (device ids),
+    worker i is pinned to gpus[i % len(gpus)]."""
     jobs = list(jobs) if jobs is not None else None
     if workers <= 1:
         stop = stop or threading.Event()
@@ -186,7 +190,8 @@ def run_local(store: Store, executor_factory: ExecutorFactory, policy: StudioPol
     mp = multiprocessing.get_context("spawn")
     event = mp.Event()
     procs = [mp.Process(target=worker_process, name=f"studio-worker-{i}",
-                        args=(str(store.path), store.retry, policy, jobs, executor_factory, event))
+                        args=(str(store.path), store.retry, policy, jobs, executor_factory, event,
+                              gpus[i % len(gpus)] if gpus else None))
              for i in range(workers)]
     for proc in procs:
         proc.start()
@@ -204,15 +209,16 @@ def run_local(store: Store, executor_factory: ExecutorFactory, policy: StudioPol
     return sum(1 for p in procs if p.exitcode == 0)
 
 
-def wait_idle(store: Store, jobs: Iterable[str] | None, timeout: float, poll: float = 0.2) -> bool:
-    """Wait until nothing is pending or running (used by tests and `batch run --wait`)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        counts = store.counts(jobs)
-        if counts["pending"] == 0 and counts["running"] == 0:
-            return True
-        time.sleep(poll)
-    return False
+def visible_gpus(device: str) -> list[str]:
+    """The GPU ids local workers may be spread over (none on CPU or with one explicit card)."""
+    if device == "cpu" or (device.startswith("cuda:")):
+        return []
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return []
+    listed = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return listed or [str(i) for i in range(torch.cuda.device_count())]
 
 
 def default_store_path(home: Path) -> Path:

@@ -270,7 +270,7 @@ def read_checkpoint(ctx, model_id_or_path: str) -> tuple[str, Path, dict]:
     if path.suffix in (".bin", ".safetensors") or "/" in str(model_id_or_path):
         if not path.is_file():
             raise BadInput(f"{path}: PhotoMaker checkpoint does not exist")
-        resolved = ctx.registry.resolve("photomaker-v1", ctx.settings, explicit=path)
+        resolved = ctx.registry.resolve("photomaker-v1", ctx.settings, tiny=ctx.preset.tiny, explicit=path)
         name = path.name
     else:
         resolved = ctx.resolve(model_id_or_path)
@@ -352,6 +352,19 @@ def split_trigger(prompt: str, trigger: str) -> TriggerPrompt:
     return TriggerPrompt(prompt[: words[i - 1].end()], words[i - 1].group(0), prompt[m.end():], text_only)
 
 
+def template_prompt(request: GenerationRequest, trigger: str) -> tuple[str, bool]:
+    """A template's prompt names `{class}` but not PhotoMaker's trigger: put the trigger right
+    after the identity's class word. A prompt the user typed is never rewritten."""
+    prompt = request.prompt
+    if request.template is None or re.search(rf"(?<![^\s,.;:!?()]){re.escape(trigger)}(?![^\s,.;:!?()])", prompt):
+        return prompt, False
+    word = request.identity.class_word or "person"
+    match = re.search(rf"(?<![^\s,.;:!?()]){re.escape(word)}(?![^\s,.;:!?()])", prompt)
+    if match is None:
+        return prompt, False
+    return f"{prompt[: match.end()]} {trigger}{prompt[match.end():]}", True
+
+
 def class_token_ids(tokenizer, parts: TriggerPrompt, copies: int) -> tuple[list[int], list[bool]]:
     """Token ids of the prompt with the trigger dropped and the class word's last token
     repeated `copies` times, padded/truncated to the tokenizer's length; and the class mask."""
@@ -374,7 +387,7 @@ def encode_with_ids(pipe, parts: TriggerPrompt, copies: int):
     encoded as SDXL does: penultimate hidden states of both encoders, pooled from the second."""
     torch = _torch()
     embeds, pooled, mask = [], None, None
-    device = pipe.text_encoder_2.device
+    device = pipe._execution_device  # where offload hooks run the encoders
     for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
         ids, mask = class_token_ids(tokenizer, parts, copies)
         out = encoder(torch.tensor([ids], device=device), output_hidden_states=True)
@@ -469,14 +482,14 @@ class PromptEmbeds:
 def photomaker_embeds(pipe, model: PhotoMakerModel, request: GenerationRequest, policy: PhotoMakerPolicy,
                       ids: IdImages) -> PromptEmbeds:
     torch = _torch()
-    parts = split_trigger(request.prompt, policy.trigger)
+    parts = split_trigger(template_prompt(request, policy.trigger)[0], policy.trigger)
     with torch.no_grad():
         tokens = combine_tokens(model.encoder.id_tokens(ids.pixels, ids.id_embeds),
                                 model.encoder.tokens_per_image, policy.mode)
         prompt_embeds, pooled, mask = encode_with_ids(pipe, parts, tokens.shape[0])
         fused = model.encoder.fuse_module(prompt_embeds.to(tokens.dtype), tokens, mask)
         text_only, negative, pooled_text, negative_pooled = pipe.encode_prompt(
-            prompt=parts.text_only, device=pipe.text_encoder_2.device, num_images_per_prompt=1,
+            prompt=parts.text_only, device=pipe._execution_device, num_images_per_prompt=1,
             do_classifier_free_guidance=True, negative_prompt=request.negative_prompt or None)
     return PromptEmbeds(text_only, negative, pooled_text, negative_pooled, fused.to(text_only.dtype),
                         pooled.to(text_only.dtype))
@@ -530,7 +543,8 @@ class PhotoMakerBackend:
         policy = PhotoMakerPolicy.from_options(request.options)
         if policy.mode not in emb.MODES:
             raise BadInput(f"option id_mode='{policy.mode}' is not one of {', '.join(emb.MODES)}")
-        split_trigger(request.prompt, policy.trigger)  # fail on the prompt before loading anything
+        prompt, rewritten = template_prompt(request, policy.trigger)
+        split_trigger(prompt, policy.trigger)  # fail on the prompt before loading anything
         model_ref, expected = model_for(ctx, policy, request.options)
         model = load_photomaker(ctx, model_ref, expected)
         ids = id_images(ctx, request, model)
@@ -552,6 +566,8 @@ class PhotoMakerBackend:
             "model": model_info(ctx),
             "loras": [u.as_info() for u in stack],
         }
+        if rewritten:
+            info["prompt"] = prompt  # the template's prompt with PhotoMaker's trigger after the class word
         if start >= request.steps - 1:
             info["note"] = f"start_merge_step {start} >= steps - 1: the identity never enters; lower it"
         if identity_lora is None:

@@ -240,13 +240,22 @@ def _model_index(family: str, inpaint: bool = False) -> dict[str, Any]:
 
 def _save_model(model, folder: Path, variant: str | None = None) -> None:
     """save_pretrained, fp16 when the real file is an fp16 variant (as the real repos ship it)."""
+    import logging
+
     import torch
 
-    if variant == "fp16":
-        model = model.to(torch.float16)
-    model.save_pretrained(folder, safe_serialization=True, variant=variant)
-    if variant == "fp16":
-        model.to(torch.float32)
+    # diffusers warns on any `.to(dtype)` of a model; here the cast is the point.
+    quiet = logging.getLogger("diffusers.models.modeling_utils")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        if variant == "fp16":
+            model = model.to(torch.float16)
+        model.save_pretrained(folder, safe_serialization=True, variant=variant)
+        if variant == "fp16":
+            model.to(torch.float32)
+    finally:
+        quiet.setLevel(level)
 
 
 def write_pipeline_folder(root: Path, parts: dict[str, Any], family: str, inpaint: bool = False,

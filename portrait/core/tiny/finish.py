@@ -12,9 +12,11 @@ through the same code as the real weights:
 - `tiny-clip`: a transformers `CLIPModel` folder with the real 49,408-token CLIP tokenizer
   (built offline by tokenizer.py) and an image processor at 32 px.
 
+- `tiny-face-parser`: a BiSeNet face parser (portrait.core.parsing) at 1/8 width.
+
 Face restorers have no tiny stand-in: spandrel builds GFPGAN at its fixed full size
-(~350 MB), and CodeFormer / BiSeNet parsing are not in spandrel's core; restoration is
-optional and is skipped with a stated reason under a tiny preset.
+(~350 MB) and CodeFormer is not in spandrel's core; restoration is optional and is skipped
+with a stated reason under a tiny preset.
 """
 
 from __future__ import annotations
@@ -65,11 +67,15 @@ def _rrdb_state(seed: int, in_channels: int, passthrough: list[list[int]]) -> di
 
 
 def _save_pth(state: dict, path: Path) -> None:
+    _save_state({"params_ema": state}, path)
+
+
+def _save_state(state: dict, path: Path) -> None:
     import torch
 
     # through a buffer: torch.save names the zip's inner folder after the file
     buffer = io.BytesIO()
-    torch.save({"params_ema": {k: v.contiguous() for k, v in state.items()}}, buffer)
+    torch.save({k: (v.contiguous() if hasattr(v, "contiguous") else v) for k, v in state.items()}, buffer)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buffer.getvalue())
 
@@ -107,3 +113,14 @@ def write_clip(root: Path, seed: int) -> None:
     CLIPImageProcessor(size={"shortest_edge": TINY_CLIP_SIZE},
                        crop_size={"height": TINY_CLIP_SIZE, "width": TINY_CLIP_SIZE}).save_pretrained(root)
     write_clip_tokenizer(root)
+
+
+def write_face_parser(root: Path, seed: int) -> None:
+    """A BiSeNet with the real key names (`cp.resnet.*`, `cp.arm16.*`, `ffm.*`, `conv_out.*`) at 1/8 width."""
+    import torch
+
+    from ..parsing import bisenet
+
+    torch.manual_seed(seed)
+    network = bisenet(w=8, head=16, fused=32, mid=16)
+    _save_state(network.state_dict(), Path(root) / "parsing_bisenet.pth")
