@@ -29,6 +29,7 @@ from portrait.core.facemask import PARSED_FACE, FaceRegions, face_regions, feath
 from portrait.core.types import FaceObservation
 
 BLENDS = ("poisson", "feather")
+METHODS = ("blend", "inswapper")
 MIN_FACE_PX = 16
 
 
@@ -36,6 +37,7 @@ MIN_FACE_PX = 16
 class FusePolicy:
     """Settings from the preset's `finish.fuse` section (a template may override them)."""
 
+    method: str = "blend"  # blend (landmark warp + masks) | inswapper (the optional ONNX swapper, non-commercial)
     skin_ratio: float = 0.6  # share of the reference's skin in the result
     feature_ratio: float = 1.0  # share of the reference's eyes, brows, nose and mouth
     keep_target_lips: bool = False
@@ -46,6 +48,8 @@ class FusePolicy:
     @classmethod
     def from_section(cls, section: Mapping[str, Any]) -> "FusePolicy":
         policy = cls(**{k: section[k] for k in cls.__dataclass_fields__ if k in section})
+        if policy.method not in METHODS:
+            raise BadInput(f"preset finish.fuse.method: '{policy.method}' is not one of {', '.join(METHODS)}")
         if policy.blend not in BLENDS:
             raise BadInput(f"preset finish.fuse.blend: '{policy.blend}' is not one of {', '.join(BLENDS)}")
         if not 0.0 <= policy.skin_ratio <= 1.0 or not 0.0 <= policy.feature_ratio <= 1.0:
@@ -176,3 +180,48 @@ def _check(image: np.ndarray, name: str) -> None:
         raise bad_file(name, "not an HxWx3 uint8 RGB image")
     if min(image.shape[:2]) < MIN_FACE_PX:
         raise bad_file(name, f"image is {image.shape[1]}x{image.shape[0]}; too small to hold a face")
+
+
+# --- the optional inswapper ---------------------------------------------------------------------
+
+
+def load_swapper(ctx, model_id: str):
+    """insightface's INSwapper for an inswapper-style ONNX from the registry, cached.
+
+    The model is optional and non-commercial (see `portrait models list`); the source face's
+    embedding must come from the buffalo_l recognizer, the space it was trained with.
+    """
+    from portrait.core.cache import CacheKey
+
+    resolved = ctx.resolve(model_id)
+    device = ctx.placement.device
+
+    def build():
+        import onnxruntime
+        from insightface.model_zoo import get_model
+        from insightface.model_zoo.inswapper import INSwapper
+
+        wanted = ["CUDAExecutionProvider"] if device.startswith("cuda") else []
+        providers = [p for p in wanted if p in onnxruntime.get_available_providers()] + ["CPUExecutionProvider"]
+        model = get_model(str(resolved.path), providers=providers)
+        if not isinstance(model, INSwapper):
+            raise bad_file(resolved.path, "is not an inswapper-style ONNX swapper (two inputs, 128x128 faces)")
+        return model
+
+    return ctx.cache.get(CacheKey(resolved.spec.id, device, "float32", "inswapper"), build)
+
+
+def swap_face(swapper, target: np.ndarray, target_face: FaceObservation, source_embedding: np.ndarray,
+              target_name: str = "target") -> np.ndarray:
+    """The target with its face replaced by the swapper, driven by a buffalo_l source embedding."""
+    from insightface.app.common import Face
+
+    _check(target, target_name)
+    _check_face(target_face, target_name)
+    embedding = np.asarray(source_embedding, np.float32).ravel()
+    if embedding.shape != (512,):
+        raise BadInput(f"{target_name}: the swapper needs a 512-d buffalo_l embedding, got {embedding.size}-d")
+    bgr = np.ascontiguousarray(target[..., ::-1])
+    face = Face(bbox=np.asarray(target_face.box, np.float32), kps=np.asarray(target_face.kps, np.float32))
+    swapped = swapper.get(bgr, face, Face(embedding=embedding), paste_back=True)
+    return np.ascontiguousarray(swapped[..., ::-1])

@@ -125,7 +125,7 @@ def adapter_kind(state: dict) -> str:
 
 def check_adapter(af: AdapterFile, want: str) -> None:
     kind = adapter_kind(af.state)
-    if kind != want and not (want == "faceid-plus" and kind == "faceid-plus"):
+    if kind != want:
         raise BadInput(f"{af.path}: is an {kind} checkpoint, not {want}")
 
 
@@ -153,6 +153,19 @@ def processor_numbering(unet) -> dict[str, int]:
 
 
 @contextlib.contextmanager
+def quiet(logger_name: str) -> Iterator[None]:
+    import logging
+
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
 def attached_ip_adapter(pipe, af: AdapterFile) -> Iterator[None]:
     """Attach an IP-Adapter checkpoint for the duration of a block, then restore the UNet."""
     peft = getattr(pipe.unet, "peft_config", {}) or {}
@@ -160,7 +173,8 @@ def attached_ip_adapter(pipe, af: AdapterFile) -> Iterator[None]:
         # diffusers names every first IP-Adapter LoRA `faceid_0` and skips loading when the
         # name exists: a stale one (another FaceID variant) must go first.
         pipe.delete_adapters([FACEID_LORA_ADAPTER])
-    pipe.load_ip_adapter(af.state, subfolder=None, weight_name=None, image_encoder_folder=None)
+    with quiet("diffusers.loaders.ip_adapter"):  # "image_encoder is not loaded": we pass embeddings
+        pipe.load_ip_adapter(af.state, subfolder=None, weight_name=None, image_encoder_folder=None)
     try:
         yield
     finally:
@@ -242,6 +256,37 @@ def attached_faceid(pipe, af: AdapterFile, inputs: FaceIDInputs, policy: FaceIDP
             projection.shortcut = policy.variant == "plusv2"
             projection.shortcut_scale = policy.s_scale
         yield {"ip_adapter_image_embeds": [inputs.id_embeds.to(dtype=pipe.unet.dtype)]}
+
+
+@dataclass(frozen=True)
+class AdapterUse:
+    """An attached identity adapter: the pipeline kwargs to pass, and what to record."""
+
+    kwargs: dict[str, Any]
+    info: dict[str, Any]
+
+
+@contextlib.contextmanager
+def faceid_for_request(ctx, pipe, request: GenerationRequest, identity: Identity,
+                       others: Sequence[tuple[str, float]] = ()) -> Iterator[AdapterUse]:
+    """FaceID for one request on any SD/SDXL pipeline of the preset's family (txt2img,
+    img2img, inpaint, with ControlNets), e.g. the template backend's inpainting passes:
+    reads the request's options, attaches the adapter, activates its LoRA next to `others`
+    (adapter name, weight) and yields the call kwargs; everything is undone on exit.
+
+        with zs.faceid_for_request(ctx, pipe, request, person, [(use.adapter, use.weight)]) as faceid:
+            image = call_pipeline(pipe, request, seed, **faceid.kwargs, ...)
+    """
+    policy = FaceIDPolicy.from_options(request.options)
+    af = faceid_adapter(ctx, policy)
+    inputs = faceid_inputs(ctx, identity, policy, af, emb.EmbedPolicy.from_options(request.options))
+    with attached_faceid(pipe, af, inputs, policy) as extra:
+        activate_with_faceid(pipe, others, policy)
+        try:
+            yield AdapterUse(extra, {"adapter": af.model_id, "variant": policy.variant, "scale": policy.scale,
+                                     "embedding": inputs.info()})
+        finally:
+            pipe.disable_lora()
 
 
 def activate_with_faceid(pipe, others: Sequence[tuple[str, float]], policy: FaceIDPolicy) -> None:
@@ -357,8 +402,9 @@ def face_tokens(pipe, id_embeds) -> Any:
     import torch
 
     projection = pipe.unet.encoder_hid_proj
+    where = next(projection.parameters())  # under CPU offload the UNet may sit on the CPU now
     with torch.no_grad():
-        return projection([id_embeds.to(dtype=pipe.unet.dtype)])[0].flatten(1, 2)  # [2, 16, D]
+        return projection([id_embeds.to(device=where.device, dtype=where.dtype)])[0].flatten(1, 2)  # [2, 16, D]
 
 
 @contextlib.contextmanager
@@ -372,9 +418,8 @@ def identitynet_tokens(net, tokens) -> Iterator[None]:
 
     def forward(*args, **kwargs):
         text = kwargs.get("encoder_hidden_states")
-        batch = text.shape[0] if text is not None else tokens.shape[0]
-        kwargs["encoder_hidden_states"] = match_batch(tokens, batch).to(dtype=text.dtype if text is not None
-                                                                          else tokens.dtype)
+        like = text if text is not None else tokens
+        kwargs["encoder_hidden_states"] = match_batch(tokens, like.shape[0]).to(device=like.device, dtype=like.dtype)
         return original(*args, **kwargs)
 
     net.forward = forward

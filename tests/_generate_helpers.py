@@ -15,7 +15,7 @@ def write_tiny_identity(settings, name: str, reference: np.ndarray, *, seed: int
                         base_id: str = "tiny-sd15", rank: int = 4, alpha: float = 4.0) -> Path:
     """An identity bundle with a random (non-zero) peft LoRA on the tiny UNet, saved like the trainer does."""
     import torch
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict
     from PIL import Image
 
@@ -32,7 +32,8 @@ def write_tiny_identity(settings, name: str, reference: np.ndarray, *, seed: int
         for pname, param in sorted(unet.named_parameters()):
             if "lora_" in pname:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    StableDiffusionPipeline.save_lora_weights(root, unet_lora_layers=get_peft_model_state_dict(unet),
+    pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipeline_cls.save_lora_weights(root, unet_lora_layers=get_peft_model_state_dict(unet),
                                               weight_name="lora.safetensors",
                                               unet_lora_adapter_metadata=config.to_dict())
     Image.fromarray(reference).save(root / "reference.png")

@@ -30,13 +30,27 @@ def log_line(path: str, text: str) -> None:
 
 
 class FakeExecutor:
-    def __init__(self, log: str, sleep: float = 0.0, flaky_failures: int = 2):
+    def __init__(self, log: str, sleep: float = 0.0, flaky_failures: int = 2, rendezvous: int = 0):
         self.log = log
         self.sleep = sleep
         self.flaky_failures = flaky_failures
+        self.rendezvous = rendezvous  # wait on the first item until this many workers have one
+        self.met = False
+
+    def meet(self) -> None:
+        """Hold the first item until `rendezvous` workers each hold one (so all take part)."""
+        folder = Path(self.log + ".workers")
+        folder.mkdir(exist_ok=True)
+        (folder / str(os.getpid())).touch()
+        deadline = time.monotonic() + 120
+        while len(list(folder.iterdir())) < self.rendezvous and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.met = True
 
     def run(self, item, staging: Path) -> ItemResult:
         log_line(self.log, f"start {item.id} {os.getpid()}")
+        if self.rendezvous and not self.met:
+            self.meet()
         time.sleep(self.sleep)
         identity = item.payload.get("identity", "")
         if identity.startswith("bad"):

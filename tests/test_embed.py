@@ -108,3 +108,36 @@ def test_reads_only_the_bundle_photos(two_photo_identity):
     paths = emb.identity_photos(two_photo_identity, 8)
     assert [Path(p).name for p in paths] == ["000.png", "001.png"]
     assert emb.identity_photos(two_photo_identity, 1) == paths[:1]
+
+
+def test_adapter_makers_are_deterministic_and_in_the_real_layouts(tmp_path):
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    from portrait.core.tiny import adapters
+
+    for run in ("a", "b"):
+        adapters.write_faceid_sd15(tmp_path / run, 7)
+        adapters.write_photomaker_v2(tmp_path / run, 7)
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "a").iterdir()}
+    assert digest == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "b").iterdir()}
+
+    faceid = torch.load(tmp_path / "a" / "ip-adapter-faceid_sd15.bin", weights_only=True)
+    assert list(faceid) == ["image_proj", "ip_adapter"]
+    assert {"proj.0.weight", "proj.2.weight", "norm.weight"} <= set(faceid["image_proj"])
+    ip = faceid["ip_adapter"]
+    # LoRA on every processor, to_k_ip/to_v_ip on the cross-attention (odd) ones only
+    n = len({k.split(".")[0] for k in ip})
+    assert all(f"{i}.to_q_lora.down.weight" in ip for i in range(n))
+    assert {int(k.split(".")[0]) % 2 for k in ip if "to_k_ip" in k} == {1}
+    kohya = load_file(tmp_path / "a" / "ip-adapter-faceid_sd15_lora.safetensors")
+    assert all(k.startswith("lora_unet_") for k in kohya) and len(kohya) == n * 4 * 3
+    assert torch.equal(kohya["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"],
+                       ip["0.to_q_lora.down.weight"])
+
+    photomaker = torch.load(tmp_path / "a" / "photomaker-v2.bin", weights_only=True)
+    assert list(photomaker) == ["id_encoder", "lora_weights"]
+    assert any(k.startswith("qformer_perceiver.perceiver_resampler.layers.3.") for k in photomaker["id_encoder"])
+    assert all(k.startswith("unet.") and ".processor.to_" in k for k in photomaker["lora_weights"])

@@ -119,3 +119,52 @@ def test_bad_inputs(dlib_analyzer, faces, astronaut):
         fuse(astronaut, faces[0], tiny, faces[1], FusePolicy(), target_name="t.png")
     with pytest.raises(BadInput, match="blend"):
         FusePolicy.from_section({"blend": "alpha-magic"})
+
+
+# --- the optional inswapper (insightface's INSwapper on a tiny inswapper-shaped ONNX) --------------
+
+
+@pytest.fixture(scope="module")
+def swapper(tmp_path_factory):
+    from portrait.core.config import Settings
+    from portrait.core.context import RunContext
+    from portrait.core.tiny import make_tiny
+    from portrait.stages.fuse import load_swapper
+
+    settings = Settings(home=tmp_path_factory.mktemp("swap-home"), preset="tiny", device="cpu")
+    make_tiny(settings, only=("tiny-inswapper",))
+    return load_swapper(RunContext.create(settings, preset="tiny"), "inswapper-128")
+
+
+def test_inswapper_replaces_only_the_face(swapper, faces, hopper):
+    from portrait.stages.fuse import swap_face
+
+    grace = faces[1]
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=512), rng.normal(size=512)
+    out_a = swap_face(swapper, hopper, grace, a)
+    out_b = swap_face(swapper, hopper, grace, b)
+    assert out_a.shape == hopper.shape and out_a.dtype == np.uint8
+    x0, y0, x1, y1 = (int(v) for v in grace.box)
+    assert np.abs(out_a[y0:y1, x0:x1].astype(int) - hopper[y0:y1, x0:x1]).mean() > 10  # the face changed
+    assert np.array_equal(out_a[:40], hopper[:40]) and np.array_equal(out_a[-40:], hopper[-40:])  # far away: not
+    assert not np.array_equal(out_a, out_b)  # the source embedding drives the result
+    with pytest.raises(BadInput, match="512-d buffalo_l embedding"):
+        swap_face(swapper, hopper, grace, np.zeros(128))
+
+
+def test_a_model_that_is_not_a_swapper_is_refused(tmp_path):
+    import shutil
+
+    from portrait.core.config import Settings
+    from portrait.core.context import RunContext
+    from portrait.core.tiny import make_tiny
+    from portrait.stages.fuse import load_swapper
+
+    settings = Settings(home=tmp_path, preset="tiny", device="cpu")
+    make_tiny(settings, only=("tiny-buffalo_l",))
+    (settings.models_dir / "tiny-inswapper").mkdir()
+    shutil.copy(settings.models_dir / "tiny-buffalo_l" / "w600k_r50.onnx",
+                settings.models_dir / "tiny-inswapper" / "inswapper_128.onnx")
+    with pytest.raises(BadInput, match=r"inswapper_128\.onnx: is not an inswapper-style ONNX swapper"):
+        load_swapper(RunContext.create(settings, preset="tiny"), "inswapper-128")

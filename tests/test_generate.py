@@ -206,6 +206,18 @@ def test_lora_backend_needs_a_lora(tiny_home, warm, tmp_path):
         generate("gen-zero", template="business", n=1, seed=1, out=tmp_path, ctx=warm, finish=False)
 
 
+def test_lora_backend_on_sdxl(tiny_home, identity, astronaut, tmp_path):
+    from portrait.core.context import RunContext
+
+    write_tiny_identity(tiny_home, "gen-xl", astronaut, seed=3, family="sdxl", base_id="tiny-sdxl")
+    xl = RunContext.create(tiny_home, preset="tiny-sdxl")
+    r = generate("gen-xl", template="business", n=1, seed=1, out=tmp_path, ctx=xl, finish=False)
+    assert Image.open(r.paths[0]).size == (64, 80)
+    assert "Model: tiny-sdxl" in _params(r.paths[0])[-1] and "CFG scale: 5" in _params(r.paths[0])[-1]
+    with pytest.raises(BadInput, match="no sdxl LoRA"):
+        generate(NAME, template="business", n=1, seed=1, out=tmp_path / "x", ctx=xl, finish=False)
+
+
 # --- template backend ----------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from portrait.flows.finish import (
 )
 from portrait.stages import score as sc
 
-FINISH_MODELS = ("tiny-esrgan-x4", "tiny-esrgan-x2", "tiny-clip", "tiny-face-parser")
+FINISH_MODELS = ("tiny-esrgan-x4", "tiny-esrgan-x2", "tiny-clip", "tiny-face-parser", "tiny-inswapper", "tiny-buffalo_l")
 NO_FINISH = FinishSwitches(fuse=False, retouch=False, upscale=False, restore=False, score=True, clip=False)
 
 
@@ -147,6 +147,19 @@ def test_finish_uses_the_face_parser_when_the_preset_asks(finish_ctx, analyzer, 
                        policy=policy, analyzer=analyzer)
     assert {"parse", "fuse", "retouch"} <= set(result.candidate.timings)
     assert "finish_notes" not in result.candidate.info
+
+
+def test_finish_can_fuse_with_the_optional_inswapper(finish_ctx, analyzer, astronaut_identity, hopper):
+    policy = FinishPolicy.from_preset(finish_ctx.preset)
+    policy = dataclasses.replace(policy, fuse=dataclasses.replace(policy.fuse, method="inswapper"))
+    target = _small(hopper)
+    switches = FinishSwitches(fuse=True, retouch=False, upscale=False, clip=False)
+    (result,) = finish(finish_ctx, astronaut_identity, [_candidate(astronaut_identity, target, 4)], switches,
+                       policy=policy, analyzer=analyzer)
+    assert "fuse" in result.candidate.timings and "finish_notes" not in result.candidate.info
+    assert not np.array_equal(result.candidate.image, target)
+    with pytest.raises(BadInput, match="finish.fuse.method"):
+        FinishPolicy.from_preset(finish_ctx.preset).fuse.from_section({"method": "deepfake"})
 
 
 def test_finish_keeps_faceless_candidates_and_ranks_them_last(finish_ctx, analyzer, astronaut_identity, astronaut):

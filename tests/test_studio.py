@@ -301,7 +301,9 @@ def test_ctrl_c_stops_after_the_current_item(tmp_path):
 
 def test_two_local_workers_never_run_an_item_twice(tmp_path):
     log = tmp_path / "log"
-    studio = fake_studio(tmp_path, log, sleep=0.15)
+    settings = Settings(home=tmp_path / "home", preset="tiny", device="cpu")
+    studio = Studio(tmp_path / "store.db", settings=settings, policy=FAST,
+                    executor_factory=partial(FakeExecutor, str(log), 0.05, rendezvous=2))
     summary = studio.run(write_spec(tmp_path), workers=2)
     assert summary.status.counts["done"] == 12
     started = starts(log)
@@ -418,3 +420,35 @@ def test_real_flows_train_a_missing_identity_first(tiny_home, tmp_path):
     assert len(list((tmp_path / "out" / "carol" / "business").glob("*.png"))) == 2
     # The identity exists now: the same spec expands without a train item and adds nothing.
     assert studio.submit(spec).added == 0 and len(studio.expand(spec).items) == 2
+
+
+def test_ray_actors_ask_for_a_gpu_only_when_the_cluster_has_one():
+    from types import SimpleNamespace
+
+    from portrait.studio.ray_runner import actor_options, default_actor_count
+
+    def cluster(**resources):
+        return SimpleNamespace(cluster_resources=lambda: resources)
+
+    policy = StudioPolicy()
+    assert actor_options(cluster(CPU=8.0), policy) == {"num_cpus": 1.0, "max_restarts": 0}
+    assert actor_options(cluster(CPU=8.0, GPU=2.0), policy)["num_gpus"] == 1.0
+    assert default_actor_count(cluster(CPU=8.0, GPU=2.0), policy) == 2
+    assert default_actor_count(cluster(CPU=8.0), policy) == 8
+    half = StudioPolicy(ray_gpus_per_worker=0.5)
+    assert default_actor_count(cluster(CPU=8.0, GPU=2.0), half) == 4
+
+
+@pytest.mark.slow
+def test_cli_batch_run_with_two_workers_on_the_real_flows(studio_home, tmp_path):
+    spec = write_spec(tmp_path, templates=["business", "film"], count=1, finish=False, steps=2, size=[64, 64])
+    store = tmp_path / "cli.db"
+    run = cli("batch", "run", str(spec), "--store", str(store), "--workers", "2", "--no-progress",
+              home=studio_home.home)
+    assert run.returncode == 0, run.stderr
+    assert "4 new of 4 items; 4 done, 0 failed, 0 left" in run.stdout
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 4 and leftovers(tmp_path / "out") == []
+    workers = {r.worker.split(":")[1] for r in Store(store).status().items}
+    assert len(workers) >= 1 and str(os.getpid()) not in workers
+    again = cli("batch", "run", str(spec), "--store", str(store), "--no-progress", home=studio_home.home)
+    assert again.returncode == 0 and "0 new of 4 items; 4 done" in again.stdout

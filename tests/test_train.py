@@ -183,10 +183,14 @@ def test_kohya_names_for_both_sdxl_text_encoders():
 # --- the flow and the CLI ----------------------------------------------------------------
 
 
+# One thread per child: the CLI runs in subprocesses next to pytest on a small shared CPU.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
 def cli(settings: Settings, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", "from portrait.cli.main import entry; entry()", "--home", str(settings.home),
            "--preset", "tiny", "--device", "cpu", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
 def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -219,7 +223,7 @@ def test_cli_train_end_to_end_and_kill_then_resume_equals_uninterrupted(home, ph
     # Same run under another name, killed after its first checkpoint, then resumed.
     cmd = [sys.executable, "-c", "from portrait.cli.main import entry; entry()", "--home", str(home.home),
            "--preset", "tiny", "--device", "cpu", "train", str(photos), "--name", "bob"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     first = home.identities_dir / ".bob.work" / "checkpoints" / "step-000004"
     deadline = time.time() + 600
     while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -259,10 +263,14 @@ def test_bad_inputs_exit_2_with_one_line(home, tmp_path, photos):
     (existing / "manifest.json").write_text(json.dumps({"name": "taken"}))
     one_line_exit_2(cli(home, "train", str(photos), "--name", "taken"), "taken", "already exists", "--overwrite")
 
-    empty = tmp_path / "nothing"
-    empty.mkdir()
-    (empty / "notes.txt").write_text("not a photo")
-    one_line_exit_2(cli(home, "train", str(empty), "--name", "nobody"), "usable photo")
+    from skimage import data
+
+    faceless = tmp_path / "faceless"
+    faceless.mkdir()
+    Image.fromarray(data.coffee()).save(faceless / "coffee.jpg")
+    Image.fromarray(data.chelsea()).save(faceless / "cat.png")
+    (faceless / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    one_line_exit_2(cli(home, "train", str(faceless), "--name", "nobody"), "0 usable photo")
 
     blocker = tmp_path / "plain-file"
     blocker.write_text("a file where the home folder should be")

@@ -77,7 +77,7 @@ def test_every_finishing_maker_is_byte_deterministic(tmp_path):
 
     def hashes(home):
         settings = Settings(home=home, preset="tiny", device="cpu")
-        make_tiny(settings, only=FINISH_MODELS + ("tiny-face-parser",))
+        make_tiny(settings, only=FINISH_MODELS + ("tiny-face-parser", "tiny-inswapper"))
         return {str(p.relative_to(home)): hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted((home / "models").rglob("*")) if p.is_file()}
 
@@ -248,3 +248,25 @@ def test_real_x4plus_restores_sharpness_of_a_real_photo(tmp_path, astronaut):
     agreement = peak_signal_noise_ratio(whole, tiled)
     print(f"tiled vs untiled: {agreement:.1f} dB, max diff {np.abs(whole.astype(int) - tiled).max()}")
     assert agreement > 40
+
+
+@pytest.mark.slow
+def test_gfpgan_restorer_runs_through_spandrel_at_full_size(hopper):
+    """GFPGAN has no tiny form: a randomly initialised full-size one checks the [-1, 1] call path."""
+    import spandrel
+    import torch
+    from spandrel.architectures.GFPGAN import GFPGAN
+
+    from portrait.core.types import FaceObservation
+
+    torch.manual_seed(0)
+    net = GFPGAN(out_size=512, num_style_feat=512, channel_multiplier=2, decoder_load_path=None, fix_decoder=False,
+                 num_mlp=8, input_is_latent=True, different_w=True, narrow=1, sft_half=True)
+    descriptor = spandrel.ModelLoader().load_from_state_dict(net.state_dict()).eval()
+    assert descriptor.architecture.id == "GFPGAN" and descriptor.scale == 1
+    kps = np.array([[230, 220], [310, 220], [270, 260], [240, 300], [300, 300]], np.float32)
+    face = FaceObservation(box=(180, 150, 360, 360), score=1.0, kps=kps, embedding=None, backend="dlib")
+    out = up.restore_faces(hopper, [face], descriptor, weight=0.5)
+    assert out.shape == hopper.shape
+    assert np.abs(out[220:300, 230:310].astype(int) - hopper[220:300, 230:310]).mean() > 1
+    assert np.array_equal(out[:60], hopper[:60])

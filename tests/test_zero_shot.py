@@ -10,7 +10,6 @@ Measured max differences are printed (`pytest -s`) and bounded by the assertions
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,7 +229,7 @@ def person_with_lora(tiny_home, ctx15, hopper, astronaut):
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(ctx15.resolve_role("base").root / "unet")
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                init_lora_weights="gaussian"))
+                                init_lora_weights=False))  # random A and B: a LoRA that acts
     StableDiffusionPipeline.save_lora_weights(identity.root, unet_lora_layers=get_peft_model_state_dict(unet),
                                               weight_name="lora.safetensors")
     write_manifest(identity.root, {**identity.manifest, "loras": {"sd15": {
@@ -373,3 +372,22 @@ def test_photomaker_v2_end_to_end(ctx_xl, person):
     assert info["embedding"]["space"] == "insightface:buffalo_l" and not info["embedding"]["normalized"]
     assert len(info["id_photos"]) == 2
     assert out[0].image.shape == (SIZE, SIZE, 3) and maxdiff(out[0].image, out[1].image) > 0
+
+
+def test_faceid_on_an_inpainting_pass(ctx15, person, hopper):
+    """What the template backend does: FaceID inside an inpainting call, then a clean pipeline."""
+    from portrait.stages.sd import call_pipeline, load_sd_pipeline, prepare_pipeline
+
+    req = request_for(ctx15, person, "faceid", ip_adapter_scale=1.0)
+    pipe = load_sd_pipeline(ctx15, "inpaint", role="inpaint")
+    prepare_pipeline(pipe, req, ctx15)
+    image = Image.fromarray(hopper).resize((SIZE, SIZE))
+    mask = Image.fromarray(np.pad(np.full((32, 32), 255, np.uint8), 16))
+    args = {"image": image, "mask_image": mask, "strength": 0.6, "width": SIZE, "height": SIZE}
+    before = call_pipeline(pipe, req, req.seed, **args)
+    with zs.faceid_for_request(ctx15, pipe, req, person) as faceid:
+        painted = call_pipeline(pipe, req, req.seed, **args, **faceid.kwargs)
+        assert faceid.info["embedding"]["space"] == "insightface:buffalo_l"
+    after = call_pipeline(pipe, req, req.seed, **args)
+    assert maxdiff(painted, before) > 0
+    assert maxdiff(after, before) == 0  # the shared pipeline is exactly as it was

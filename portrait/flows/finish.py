@@ -32,6 +32,8 @@ from portrait.stages import score as score_stage
 from portrait.stages import upscale as upscale_stage
 
 STAGES = ("fuse", "retouch", "upscale", "restore", "score", "clip")
+SWAPPER = "inswapper-128"
+SWAP_SPACE = "insightface:buffalo_l"
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,8 @@ class _Finishers:
     analyzer: FaceAnalyzer
     who: IdentityFaces
     parser: Any = None
+    swapper: Any = None
+    swap_embedding: np.ndarray | None = None
     upscaler: Any = None
     restorer: Any = None
     clip: Any = None
@@ -200,6 +204,9 @@ def _prepare(ctx, identity: Identity, switches: FinishSwitches, policy: FinishPo
             kit.parser = load_face_parser(ctx, ctx.preset.model("face_parser"))
         except (ModelMissing, BadInput) as exc:
             kit.notes.append(f"face parsing skipped, landmark masks used: {exc}")
+    if switches.fuse and policy.fuse.method == "inswapper":
+        kit.swapper = fuse_stage.load_swapper(ctx, SWAPPER)
+        kit.swap_embedding = _swap_embedding(ctx, kit.who.reference_image, identity)
     if switches.upscale:
         role = "upscaler_x2" if upscale_stage.native_scale_needed(policy.upscale.outscale) == 2 else "upscaler"
         kit.upscaler = upscale_stage.load_model(ctx, ctx.preset.model(role))
@@ -229,9 +236,7 @@ def _finish_one(candidate: Candidate, switches: FinishSwitches, kit: _Finishers)
         if faces:
             try:
                 with _timed(timings, "fuse"):
-                    image = fuse_stage.fuse(kit.who.reference_image, kit.who.reference_face, image, faces[0],
-                                            kit.policy.fuse, target_name=f"seed {candidate.seed}",
-                                            target_parsing=labels).image
+                    image = _fuse(image, faces[0], labels, candidate.seed, kit)
             except BadInput as exc:  # a generated image is not user input: note it, keep the batch going
                 notes.append(f"fusion skipped: {exc}")
         else:
@@ -252,6 +257,22 @@ def _finish_one(candidate: Candidate, switches: FinishSwitches, kit: _Finishers)
         info["finish_notes"] = notes
     info["finish"] = switches.as_dict()
     return dataclasses.replace(candidate, image=image, timings=timings, info=info)
+
+
+def _fuse(image: np.ndarray, face: FaceObservation, labels: np.ndarray | None, seed: int, kit: _Finishers) -> np.ndarray:
+    if kit.swapper is not None:
+        return fuse_stage.swap_face(kit.swapper, image, face, kit.swap_embedding, target_name=f"seed {seed}")
+    return fuse_stage.fuse(kit.who.reference_image, kit.who.reference_face, image, face, kit.policy.fuse,
+                           target_name=f"seed {seed}", target_parsing=labels).image
+
+
+def _swap_embedding(ctx, reference: np.ndarray, identity: Identity) -> np.ndarray:
+    """The reference's buffalo_l embedding: the space inswapper was trained with."""
+    stored = identity.consensus.get(SWAP_SPACE)
+    if stored is not None:
+        return np.asarray(stored, np.float32)
+    faces = make_analyzer(ctx, SWAP_SPACE).detect(reference)
+    return fuse_stage.require_face(faces, str(identity.reference)).embedding
 
 
 def _scaled(face: FaceObservation, scale: float) -> FaceObservation:

@@ -31,6 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 from portrait.core.cache import CacheKey
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
@@ -45,26 +49,13 @@ LORA_ADAPTER = "photomaker"
 V2_HEAD_DIM = 128
 
 
-def _torch():
-    import torch
-
-    return torch
-
-
 # --- the ID encoder (written from the architecture; see module docstring) ------------------------
 
 
-def _nn():
-    import torch.nn as nn
-
-    return nn
-
-
-class MLP(_nn().Module):
+class MLP(nn.Module):
     """LayerNorm -> Linear -> GELU -> Linear (+ residual)."""
 
     def __init__(self, inp: int, out: int, hidden: int, residual: bool):
-        nn = _nn()
         super().__init__()
         self.layernorm = nn.LayerNorm(inp)
         self.fc1 = nn.Linear(inp, hidden)
@@ -77,18 +68,16 @@ class MLP(_nn().Module):
         return y + x if self.residual else y
 
 
-class FuseModule(_nn().Module):
+class FuseModule(nn.Module):
     """Merges a class-word token with an ID token: MLP(cat) + word, MLP with residual, LayerNorm."""
 
     def __init__(self, dim: int):
-        nn = _nn()
         super().__init__()
         self.mlp1 = MLP(2 * dim, dim, dim, residual=False)
         self.mlp2 = MLP(dim, dim, dim, residual=True)
         self.layer_norm = nn.LayerNorm(dim)
 
     def fuse(self, words, ids):
-        torch = _torch()
         x = self.mlp1(torch.cat([words, ids], dim=-1)) + words
         return self.layer_norm(self.mlp2(x))
 
@@ -102,11 +91,10 @@ class FuseModule(_nn().Module):
         return out
 
 
-class PerceiverAttention(_nn().Module):
+class PerceiverAttention(nn.Module):
     """IP-Adapter's perceiver attention: latents attend to (inputs ++ latents)."""
 
     def __init__(self, dim: int, inner: int, dim_head: int):
-        nn = _nn()
         super().__init__()
         self.heads = inner // dim_head
         self.norm1 = nn.LayerNorm(dim)
@@ -116,9 +104,6 @@ class PerceiverAttention(_nn().Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
 
     def forward(self, x, latents):
-        import torch.nn.functional as F
-
-        torch = _torch()
         x, latents = self.norm1(x), self.norm2(latents)
         q = self.to_q(latents)
         k, v = self.to_kv(torch.cat([x, latents], dim=-2)).chunk(2, dim=-1)
@@ -130,12 +115,11 @@ class PerceiverAttention(_nn().Module):
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
-class PerceiverResampler(_nn().Module):
+class PerceiverResampler(nn.Module):
     """FacePerceiverResampler: proj_in, [attention, feed-forward] x depth, proj_out, norm_out."""
 
     def __init__(self, dim: int, inner: int, dim_head: int, depth: int, embedding_dim: int, output_dim: int,
                  ff_mult: int = 4):
-        nn = _nn()
         super().__init__()
         self.proj_in = nn.Linear(embedding_dim, dim)
         self.proj_out = nn.Linear(dim, output_dim)
@@ -156,11 +140,10 @@ class PerceiverResampler(_nn().Module):
         return self.norm_out(self.proj_out(latents))
 
 
-class QFormerPerceiver(_nn().Module):
+class QFormerPerceiver(nn.Module):
     """v2: ID embedding -> `tokens` tokens, refined against CLIP patch features (+ residual)."""
 
     def __init__(self, id_dim: int, dim: int, tokens: int, clip_dim: int, inner: int, depth: int, ratio: int = 4):
-        nn = _nn()
         super().__init__()
         self.tokens, self.dim = tokens, dim
         self.token_proj = nn.Sequential(nn.Linear(id_dim, id_dim * ratio), nn.GELU(),
@@ -216,7 +199,6 @@ def encoder_shape(sd: dict) -> EncoderShape:
 def build_encoder(shape: EncoderShape):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    nn = _nn()
 
     class PhotoMakerIDEncoder(CLIPVisionModelWithProjection):
         """CLIP ViT-L tower + PhotoMaker's projections and fuse module (state dict keys as released)."""
@@ -237,7 +219,6 @@ def build_encoder(shape: EncoderShape):
 
         def id_tokens(self, pixels, id_embeds=None):
             """[n photos, 3, H, W] -> [n * tokens_per_image, D] in photo order."""
-            torch = _torch()
             out = self.vision_model(pixel_values=pixels)
             if self.shape.version == 1:
                 pooled = out[1]
@@ -385,7 +366,6 @@ def class_token_ids(tokenizer, parts: TriggerPrompt, copies: int) -> tuple[list[
 def encode_with_ids(pipe, parts: TriggerPrompt, copies: int):
     """(prompt_embeds [1, 77, D], pooled [1, P], class_mask [1, 77]) for the trigger prompt,
     encoded as SDXL does: penultimate hidden states of both encoders, pooled from the second."""
-    torch = _torch()
     embeds, pooled, mask = [], None, None
     device = pipe._execution_device  # where offload hooks run the encoders
     for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
@@ -445,7 +425,6 @@ class IdImages:
 def id_images(ctx, request: GenerationRequest, model: PhotoMakerModel) -> IdImages:
     """The identity's photos as CLIP inputs (whole photos, as PhotoMaker takes them) and, for
     v2, their buffalo_l raw embeddings; v2 keeps only the photos where a face was found."""
-    torch = _torch()
     embed_policy = emb.EmbedPolicy.from_options({**request.options, "id_mode": "all"})
     paths = emb.identity_photos(request.identity, embed_policy.max_photos)
     images = [(str(p), emb.read_rgb(p)) for p in paths]
@@ -481,7 +460,6 @@ class PromptEmbeds:
 
 def photomaker_embeds(pipe, model: PhotoMakerModel, request: GenerationRequest, policy: PhotoMakerPolicy,
                       ids: IdImages) -> PromptEmbeds:
-    torch = _torch()
     parts = split_trigger(template_prompt(request, policy.trigger)[0], policy.trigger)
     with torch.no_grad():
         tokens = combine_tokens(model.encoder.id_tokens(ids.pixels, ids.id_embeds),
@@ -497,7 +475,6 @@ def photomaker_embeds(pipe, model: PhotoMakerModel, request: GenerationRequest, 
 
 def merge_callback(embeds: PromptEmbeds, start_merge_step: int):
     """Steps 0..start_merge_step run on the text alone; then the fused ID prompt takes over."""
-    torch = _torch()
 
     def on_step_end(pipe, step: int, timestep, kwargs: dict) -> dict:
         if step == start_merge_step:
@@ -549,10 +526,10 @@ class PhotoMakerBackend:
         model = load_photomaker(ctx, model_ref, expected)
         ids = id_images(ctx, request, model)
         pipe = load_sd_pipeline(ctx, "txt2img")
-        photomaker_lora = attach_lora(pipe, model)
         identity_lora = loras.identity_use(request.identity, "sdxl", request.lora_weight)
         stack = [identity_lora] if identity_lora else []
-        loras.attach(pipe, stack)
+        loras.attach(pipe, stack)  # first: it prunes adapters it does not know, PhotoMaker's among them
+        photomaker_lora = attach_lora(pipe, model)
         prepare_pipeline(pipe, request, ctx)
         start = policy.merge_step(request.steps)
         embeds = photomaker_embeds(pipe, model, request, policy, ids)

@@ -124,3 +124,47 @@ def write_face_parser(root: Path, seed: int) -> None:
     torch.manual_seed(seed)
     network = bisenet(w=8, head=16, fused=32, mid=16)
     _save_state(network.state_dict(), Path(root) / "parsing_bisenet.pth")
+
+
+def write_inswapper(root: Path, seed: int) -> None:
+    """An inswapper-shaped ONNX (target [1,3,128,128] + source [1,512] -> [1,3,128,128]).
+
+    insightface routes it to INSwapper by its shapes and reads the embedding map from the
+    graph's last initializer, as with the real file. The tiny network dims the face and
+    shifts it by the mean of the mapped source latent, so the source visibly matters.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    emap = (np.eye(512) + rng.normal(0, 0.01, (512, 512))).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["source", "emap"], ["mapped"]),  # used, so onnxruntime keeps it
+        helper.make_node("ReduceMean", ["mapped", "axes"], ["latent_mean"], keepdims=1),
+        helper.make_node("Reshape", ["latent_mean", "shape"], ["shift"]),
+        helper.make_node("Mul", ["target", "half"], ["dimmed"]),
+        helper.make_node("Mul", ["shift", "gain"], ["scaled_shift"]),
+        helper.make_node("Add", ["dimmed", "scaled_shift"], ["shifted"]),
+        helper.make_node("Add", ["shifted", "quarter"], ["output"]),
+    ]
+    initializers = [
+        numpy_helper.from_array(np.array([1], np.int64), "axes"),
+        numpy_helper.from_array(np.array([1, 1, 1, 1], np.int64), "shape"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+        numpy_helper.from_array(np.array(20.0, np.float32), "gain"),
+        numpy_helper.from_array(np.array(0.25, np.float32), "quarter"),
+        numpy_helper.from_array(emap, "emap"),  # last, where INSwapper looks for it
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny-inswapper",
+        [helper.make_tensor_value_info("target", TensorProto.FLOAT, [1, 3, 128, 128]),
+         helper.make_tensor_value_info("source", TensorProto.FLOAT, [1, 512])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 128, 128])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="portrait-make-tiny")
+    model.ir_version = 9
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "inswapper_128.onnx").write_bytes(model.SerializeToString())
