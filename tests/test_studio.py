@@ -86,6 +86,18 @@ def test_spec_trains_missing_identities_first(tmp_path):
     assert {i.id for i in trained.items} == {i.id for i in job.items if i.kind == "generate"}
 
 
+def test_zero_shot_backends_only_prepare_the_identity(tmp_path):
+    def train_item(**change):
+        path = write_spec(tmp_path, identities=[{"name": "bob", "photos": "photos/bob", **change.pop("ident", {})}],
+                          **change)
+        job = expand(load_spec(path), base_dir=tmp_path, default_preset="tiny", identity_exists=lambda n: False)
+        return next(i for i in job.items if i.kind == "train")
+
+    assert train_item(backends=["faceid", "instantid"]).payload["zero_shot"] is True
+    assert train_item(backends=["faceid", "lora"]).payload["zero_shot"] is False
+    assert train_item(backends=["faceid"], ident={"zero_shot": False}).payload["zero_shot"] is False
+
+
 @pytest.mark.parametrize("change, reason", [
     ({"templates": [], "prompts": []}, "templates"),
     ({"backends": ["dreambooth"]}, "unknown backend dreambooth"),
@@ -188,6 +200,7 @@ def test_bad_item_fails_with_reason_while_others_finish(tmp_path):
         assert row.attempts == 1  # permanent: no retries
         assert row.error == "photos/bad-carol: no_face" and row.error_kind == "bad_input"
     assert len(list((tmp_path / "out").rglob("*.png"))) == 12
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["alice", "bob"]  # no empty folders
 
 
 def test_transient_errors_retry_with_backoff(tmp_path):
@@ -452,3 +465,51 @@ def test_cli_batch_run_with_two_workers_on_the_real_flows(studio_home, tmp_path)
     assert len(workers) >= 1 and str(os.getpid()) not in workers
     again = cli("batch", "run", str(spec), "--store", str(store), "--no-progress", home=studio_home.home)
     assert again.returncode == 0 and "0 new of 4 items; 4 done" in again.stdout
+
+
+@pytest.mark.slow
+def test_real_flows_zero_shot_identity_is_prepared_then_generated(tiny_home, tmp_path):
+    from portrait.samples import write_sample_photos
+
+    settings = Settings(home=tmp_path / "home", preset="tiny", device="cpu")
+    settings.home.mkdir()
+    (settings.home / "models").symlink_to(tiny_home.models_dir, target_is_directory=True)
+    write_sample_photos(tmp_path / "photos" / "dora")
+    spec = write_spec(tmp_path, identities=[{"name": "dora", "photos": "photos/dora"}], templates=["business"],
+                      backends=["faceid"], count=1, finish=False, steps=2, size=[64, 64])
+    summary = Studio(tmp_path / "store.db", settings=settings, policy=FAST).run(spec)
+    assert summary.ok, [r.error for r in summary.status.items]
+    manifest = json.loads((settings.identities_dir / "dora" / "manifest.json").read_text())
+    assert not manifest.get("loras")  # prepared only: no LoRA was trained
+    assert [p.name for p in (tmp_path / "out" / "dora" / "business").iterdir()] == ["faceid-s5.png"]
+
+
+def test_batch_exit_codes_follow_the_cli_contract():
+    from portrait.cli.cmd_batch import exit_code_for
+    from portrait.core.errors import ModelMissing
+    from portrait.studio.executor import classify
+
+    assert exit_code_for({"bad_input"}) == 2 and exit_code_for({"bad_input", "dependency"}) == 2
+    assert exit_code_for({"bad_input", "model_missing"}) == 3
+    assert exit_code_for({"error", "bad_input"}) == 1 and exit_code_for({"crashed"}) == 1
+    assert classify(ModelMissing("tiny-sd15")) == ("model_missing", True, str(ModelMissing("tiny-sd15")))
+    assert classify(BadInput("x.jpg: no_face"))[:2] == ("bad_input", True)
+    assert classify(MemoryError("CUDA out of memory"))[:2] == ("error", False)
+
+
+def test_heartbeat_keeps_a_long_item_from_being_stolen(tmp_path):
+    policy = StudioPolicy(lease_seconds=0.6, heartbeat_seconds=0.1, poll_seconds=0.05)
+    studio = fake_studio(tmp_path, tmp_path / "log", sleep=1.5, policy=policy)
+    spec = write_spec(tmp_path, identities=["alice"], templates=["business"], count=1)
+    runner = threading.Thread(target=studio.run, args=(spec,))
+    runner.start()
+    thief = WorkerId("elsewhere:1:thief", "elsewhere", 1, "")
+    stolen = []
+    while runner.is_alive():
+        item = studio.store.claim(thief, lease_seconds=60)
+        if item is not None:
+            stolen.append(item)
+        time.sleep(0.05)
+    runner.join()
+    (row,) = studio.status().items
+    assert stolen == [] and row.state == "done" and row.attempts == 1

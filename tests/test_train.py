@@ -200,11 +200,10 @@ def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_cli_train_end_to_end_and_kill_then_resume_equals_uninterrupted(home, photos):
-    done = cli(home, "train", str(photos), "--name", "alice")
-    assert done.returncode == 0, done.stderr
-    assert "selection" in done.stdout and "alice" in done.stdout
-    identity = load_identity(home, "alice")
+def test_kill_then_resume_equals_uninterrupted_and_cli_end_to_end(home, photos):
+    from portrait.flows.train import train
+
+    identity = train([photos], "alice", settings=home)  # uninterrupted, through the Python API
     root = identity.root
     for name in ("manifest.json", "lora.safetensors", "lora_kohya.safetensors", "reference.png", "report.json",
                  "embeddings.npz"):
@@ -213,14 +212,15 @@ def test_cli_train_end_to_end_and_kill_then_resume_equals_uninterrupted(home, ph
     lora = identity.lora_for("sd15")
     assert lora and (lora.rank, lora.alpha, lora.base_model) == (4, 2.0, "sd15")
     manifest = identity.manifest
-    assert manifest["train"]["steps"] == 12 and len(manifest["validation"]) == 3
+    assert manifest["train"]["steps"] == 12 and [row["step"] for row in manifest["validation"]] == [4, 8, 12]
     assert all(row["score"] == 0.0 for row in manifest["validation"])  # tiny models draw no faces
+    assert manifest["train"]["selection"] == "last"
     assert manifest["base_model"]["sha256"] and manifest["versions"]["diffusers"]
     assert json.loads((root / "report.json").read_text())["kept"] == 6
     assert "dlib" in identity.consensus
     assert not (home.identities_dir / ".alice.work").exists()
 
-    # Same run under another name, killed after its first checkpoint, then resumed.
+    # The same run through the CLI under another name, SIGKILLed after its first checkpoint.
     cmd = [sys.executable, "-c", "from portrait.cli.main import entry; entry()", "--home", str(home.home),
            "--preset", "tiny", "--device", "cpu", "train", str(photos), "--name", "bob"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
@@ -231,14 +231,16 @@ def test_cli_train_end_to_end_and_kill_then_resume_equals_uninterrupted(home, ph
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert first.exists() and not (home.identities_dir / "bob" / "manifest.json").exists(), "killed too late"
+
     resumed = cli(home, "train", str(photos), "--name", "bob", "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step" in resumed.stderr and "checkpoint 12" in resumed.stdout
     bob = load_identity(home, "bob")
     assert bob.manifest["train"]["resumed_from"] in (4, 8)
     a, b = lora_tensors(root / "lora.safetensors"), lora_tensors(bob.root / "lora.safetensors")
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
-    assert identity.manifest["train"]["losses"] == bob.manifest["train"]["losses"]
+    assert manifest["train"]["losses"] == bob.manifest["train"]["losses"]
 
 
 def test_zero_shot_bundle_has_no_lora(home, photos):
@@ -249,31 +251,58 @@ def test_zero_shot_bundle_has_no_lora(home, photos):
     assert not (identity.root / "lora.safetensors").exists()
 
 
-def one_line_exit_2(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+def one_line_exit_2(capsys, *args: str, needles: tuple[str, ...]) -> None:
+    from portrait.cli.main import run
+
+    capsys.readouterr()
+    code = run(list(args))
+    err = capsys.readouterr().err
+    assert code == 2, (code, err)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
     for needle in needles:
         assert needle in lines[0], lines[0]
 
 
-def test_bad_inputs_exit_2_with_one_line(home, tmp_path, photos):
+def test_bad_inputs_exit_2_with_one_line(home, tmp_path, photos, capsys):
+    from skimage import data
+
+    common = ["--home", str(home.home), "--preset", "tiny", "--device", "cpu", "train"]
     existing = home.identities_dir / "taken"
     existing.mkdir(parents=True)
     (existing / "manifest.json").write_text(json.dumps({"name": "taken"}))
-    one_line_exit_2(cli(home, "train", str(photos), "--name", "taken"), "taken", "already exists", "--overwrite")
-
-    from skimage import data
+    one_line_exit_2(capsys, *common, str(photos), "--name", "taken", needles=("taken", "already exists", "--overwrite"))
 
     faceless = tmp_path / "faceless"
     faceless.mkdir()
     Image.fromarray(data.coffee()).save(faceless / "coffee.jpg")
     Image.fromarray(data.chelsea()).save(faceless / "cat.png")
     (faceless / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    one_line_exit_2(cli(home, "train", str(faceless), "--name", "nobody"), "0 usable photo")
+    one_line_exit_2(capsys, *common, str(faceless), "--name", "nobody", needles=("0 usable photo",))
 
     blocker = tmp_path / "plain-file"
     blocker.write_text("a file where the home folder should be")
-    unwritable = dataclasses.replace(home, home=blocker / "home")
-    one_line_exit_2(cli(unwritable, "train", str(photos), "--name", "x"), "not writable")
-    one_line_exit_2(cli(home, "train", str(photos), "--name", "bad/name"), "bad/name")
+    one_line_exit_2(capsys, "--home", str(blocker / "home"), "--preset", "tiny", "train", str(photos), "--name", "x",
+                    needles=("not writable",))
+    one_line_exit_2(capsys, *common, str(photos), "--name", "bad/name", needles=("bad/name",))
+
+
+def test_prior_preservation_uses_cached_class_images(home, tmp_path, astronaut, hopper):
+    from portrait.stages.train import class_images
+
+    policy = tiny_policy(steps=2, validation_seeds=[], prior_preservation=True, class_images=2, class_steps=2)
+    models = TrainModels("sd15", fresh_pipeline(home))
+    folder = tmp_path / "class-images"
+    made = class_images(models, "a photo of a person", policy, folder, "cpu")
+    assert len(made) == 2 and made[0].shape == (64, 64, 3)
+    stamps = [p.stat().st_mtime_ns for p in sorted(folder.glob("*.png"))]
+    again = class_images(models, "a photo of a person", policy, folder, "cpu")
+    assert [p.stat().st_mtime_ns for p in sorted(folder.glob("*.png"))] == stamps  # read back, not redrawn
+    assert all(np.array_equal(a, b) for a, b in zip(made, again))
+
+    data = dataclasses.replace(crops(astronaut, hopper), class_images=made, class_prompt="a photo of a person")
+    unweighted = train_lora(TrainModels("sd15", fresh_pipeline(home)), data,
+                            dataclasses.replace(policy, prior_loss_weight=0.0), tmp_path / "unweighted")
+    prior = train_lora(models, data, policy, tmp_path / "prior")
+    # Same draws on step 1 (batch, noise, timesteps): the only difference is the class-image term.
+    assert prior.losses[0] > unweighted.losses[0] + 1e-3

@@ -255,6 +255,13 @@ def _faceid_only(ctx, identity_with_lora):
     return run(ctx, request_for(ctx, bare, "faceid"))[0].image
 
 
+def test_faceid_sdxl_with_a_controlnet(ctx_xl, person):
+    out = run(ctx_xl, request_for(ctx_xl, person, "faceid", controls={"canny": 0.6}))[0]
+    assert out.info["adapter"]["id"] == "tiny-faceid-plusv2-sdxl"
+    assert out.info["controls"] == {"canny": {"strength": 0.6, "source": "opencv"}}
+    assert out.image.shape == (SIZE, SIZE, 3)
+
+
 def test_faceid_uncond_is_zeros_and_pipeline_is_restored(ctx15, person):
     from portrait.stages.sd import load_sd_pipeline
 
@@ -306,6 +313,29 @@ def test_photomaker_class_tokens_per_version(ctx_xl):
         woman = pipe.tokenizer("woman", add_special_tokens=False).input_ids[-1]
         assert sum(mask) == 3 * per_photo and all(ids[i] == woman for i, m in enumerate(mask) if m)
         assert len(ids) == pipe.tokenizer.model_max_length
+
+
+def test_photomaker_v2_fuses_only_the_class_slots(ctx_xl, person):
+    from portrait.stages.backends.photomaker import (encode_with_ids, id_images, load_photomaker,
+                                                    split_trigger)
+    from portrait.stages.sd import load_sd_pipeline
+
+    model = load_photomaker(ctx_xl, ctx_xl.preset.model("photomaker_v2"), 2)
+    req = request_for(ctx_xl, person, "photomaker", prompt="a photo of a woman img smiling")
+    ids = id_images(ctx_xl, req, model)
+    assert ids.id_embeds.shape == (2, 512) and ids.pixels.shape[0] == 2
+    pipe = load_sd_pipeline(ctx_xl, "txt2img")
+    with torch.no_grad():
+        tokens = model.encoder.id_tokens(ids.pixels, ids.id_embeds)
+        assert tokens.shape == (4, pipe.unet.config.cross_attention_dim)  # 2 photos x 2 tokens
+        prompt_embeds, _, mask = encode_with_ids(pipe, split_trigger(req.prompt, "img"), tokens.shape[0])
+        fused = model.encoder.fuse_module(prompt_embeds, tokens, mask)
+    assert torch.equal(fused[~mask], prompt_embeds[~mask])
+    assert (fused[mask] - prompt_embeds[mask]).abs().amax(dim=-1).min() > 0
+    # slot k is fuse(class-word state at k, ID token k), in photo order
+    with torch.no_grad():
+        expected = model.encoder.fuse_module.fuse(prompt_embeds[mask], tokens)
+    assert torch.allclose(fused[mask], expected, atol=1e-6)
 
 
 def test_photomaker_version_mismatch_is_refused(ctx_xl, person):

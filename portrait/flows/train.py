@@ -119,7 +119,9 @@ def train_identity(ctx: RunContext, tset: TrainingSet, face_backend: str, policy
     base_id = ctx.preset.model("base")
     # The trainer adds an adapter to the UNet: give it a pipeline of its own, never one shared
     # through the ModelCache with generation.
-    train_ctx = dataclasses.replace(ctx, cache=ModelCache(max_items=4))
+    # Training needs every module resident: no CPU offload hooks.
+    train_ctx = dataclasses.replace(ctx, cache=ModelCache(max_items=4),
+                                    placement=dataclasses.replace(ctx.placement, offload=False))
     pipe = load_pipeline(train_ctx, base_id)
     models = TrainModels(ctx.preset.family, pipe)
     data = training_data(tset)

@@ -105,6 +105,17 @@ def perform(executor: Executor, item: Item) -> Outcome:
                        seconds=time.perf_counter() - start)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if item.kind == "generate":
+            remove_empty_folders(Path(item.payload["dest"]), levels=2)
+
+
+def remove_empty_folders(folder: Path, levels: int) -> None:
+    """A failed item leaves no empty `<identity>/<template>/` folders behind."""
+    for path in [folder, *folder.parents][:levels]:
+        try:
+            path.rmdir()  # only succeeds when empty
+        except OSError:
+            return
 
 
 class FlowExecutor:

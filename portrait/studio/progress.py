@@ -8,6 +8,7 @@ item as it settles.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Iterable
 
 from rich.console import Console, Group
@@ -29,9 +30,17 @@ def status_table(rows: Iterable[ItemRow], title: str | None = None) -> Table:
         if r.state == "pending" and r.error:
             detail = f"retrying: {r.error}"
         table.add_row(r.item.label, f"[{_STYLE[r.state]}]{r.state}[/]", str(r.attempts),
-                      f"{r.seconds:.1f}s" if r.seconds is not None else "",
+                      _elapsed(r),
                       (r.worker or "").split(":")[1] if r.worker and r.state == "running" else "", detail)
     return table
+
+
+def _elapsed(row: ItemRow) -> str:
+    if row.seconds is not None:
+        return f"{row.seconds:.1f}s"
+    if row.state == "running" and row.started:
+        return f"{time.time() - row.started:.0f}s…"
+    return ""
 
 
 def visible_rows(status: StoreStatus, limit: int = 14) -> list[ItemRow]:
