@@ -44,8 +44,6 @@ for module in (cmd_prepare, cmd_train, cmd_generate, cmd_templates, cmd_batch, c
 
 def run(argv: list[str] | None = None) -> int:
     """Entry point: run the app and turn every error into one line and an exit code."""
-    import click
-
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         app(args=argv, standalone_mode=False)
@@ -55,14 +53,14 @@ def run(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Exit as exc:
+        return getattr(exc, "exit_code", 0) or 0
+    except typer.Abort:
         print("aborted", file=sys.stderr)
         return 130
-    except click.ClickException as exc:
+    except typer.TyperException as exc:  # typer's (vendored click) usage errors: bad option, missing argument
         exc.show()
-        return 2
+        return getattr(exc, "exit_code", 2) or 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -513,3 +513,18 @@ def test_heartbeat_keeps_a_long_item_from_being_stolen(tmp_path):
     runner.join()
     (row,) = studio.status().items
     assert stolen == [] and row.state == "done" and row.attempts == 1
+
+
+def test_rerun_replaces_a_crashed_attempts_outputs_without_extras(tmp_path):
+    from portrait.studio.executor import perform
+
+    spec = write_spec(tmp_path, identities=["alice"], templates=["business"], count=1)
+    job = fake_studio(tmp_path, tmp_path / "log").expand(spec)
+    (item,) = job.items
+    dest = Path(item.payload["dest"])
+    dest.mkdir(parents=True)
+    for name in ("lora-s5-0.png", "lora-s5-1.png", "lora-s50.png"):  # a 2-image attempt, and another item
+        (dest / name).write_bytes(b"old")
+    outcome = perform(FakeExecutor(str(tmp_path / "log")), item)
+    assert outcome.ok and outcome.outputs == (str(dest / "lora-s5.png"),)
+    assert sorted(p.name for p in dest.iterdir()) == ["lora-s5.png", "lora-s50.png"]

@@ -81,6 +81,16 @@ def final_names(item: Item, staged: tuple[Path, ...]) -> list[tuple[Path, Path]]
     return [(src, dest / f"{stem}-{i}{src.suffix.lower()}") for i, src in enumerate(ordered)]
 
 
+def drop_stale_outputs(item: Item, keep: set[Path]) -> None:
+    """A crashed attempt that placed a different number of images must not leave extras."""
+    dest, stem = Path(item.payload["dest"]), item.payload["stem"]
+    if not dest.is_dir():
+        return
+    for old in [*dest.glob(f"{stem}.*"), *dest.glob(f"{stem}-*.*")]:
+        if old not in keep and old.is_file():
+            old.unlink()
+
+
 def perform(executor: Executor, item: Item) -> Outcome:
     """Run one item to an Outcome. Only KeyboardInterrupt/SystemExit escape."""
     start = time.perf_counter()
@@ -93,7 +103,9 @@ def perform(executor: Executor, item: Item) -> Outcome:
         if item.kind == "generate":
             if not result.staged:
                 raise PortraitError(f"{item.label}: generate wrote no image")
-            for src, target in final_names(item, result.staged):
+            names = final_names(item, result.staged)
+            drop_stale_outputs(item, {target for _, target in names})
+            for src, target in names:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 src.replace(target)  # same folder tree, so an atomic rename
                 placed.append(str(target))

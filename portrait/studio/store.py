@@ -17,6 +17,9 @@ so two workers, in any processes, never claim the same item):
 
 A worker killed mid-item may have renamed some outputs already; outputs have names fixed
 by the item, so the re-run overwrites them and nothing is written twice.
+
+WAL needs the database on a local disk (not NFS): workers of one host share it; across
+hosts, the Ray runner's driver is the only process that opens the store.
 """
 
 from __future__ import annotations
