@@ -17,7 +17,6 @@ is its own; the growth over the peak right after loading the model is what train
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess

@@ -15,6 +15,8 @@ source except a depth map shipped with the template (`preprocessed: true`).
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -90,6 +92,15 @@ def tile(image: np.ndarray, blur: int = 0) -> np.ndarray:
 # --- openpose ------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _quiet_import():
+    """controlnet-aux imports every annotator (timm, mediapipe, SAM) and warns about each;
+    none of that concerns a user asking for a pose map."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _body_from_face(face: FaceObservation, width: int, height: int) -> list:
     """OpenPose's 18 body keypoints (COCO order) that a face determines, normalized to [0, 1].
 
@@ -98,7 +109,8 @@ def _body_from_face(face: FaceObservation, width: int, height: int) -> list:
     shoulders ~1.4 face widths either side of the neck), enough for a head-and-shoulders
     ControlNet to keep the pose.
     """
-    from controlnet_aux.open_pose.body import Keypoint
+    with _quiet_import():
+        from controlnet_aux.open_pose.body import Keypoint
 
     kps = np.asarray(face.kps, dtype=np.float32)
     left_eye, right_eye, nose = kps[0], kps[1], kps[2]  # image-left eye is the person's right eye
@@ -126,7 +138,8 @@ def _body_from_face(face: FaceObservation, width: int, height: int) -> list:
 
 
 def _face_points(face: FaceObservation, width: int, height: int) -> list:
-    from controlnet_aux.open_pose.body import Keypoint
+    with _quiet_import():
+        from controlnet_aux.open_pose.body import Keypoint
 
     pts = face.landmarks if face.landmarks is not None else face.kps
     return [Keypoint(x=float(x) / width, y=float(y) / height) for x, y in np.asarray(pts, dtype=np.float32)]
@@ -135,7 +148,8 @@ def _face_points(face: FaceObservation, width: int, height: int) -> list:
 def openpose_from_faces(faces: Sequence[FaceObservation], width: int, height: int,
                         source_size: tuple[int, int] | None = None) -> np.ndarray:
     """An OpenPose-style map (body + face dots) drawn from detected faces, no annotator weights."""
-    from controlnet_aux.open_pose import util
+    with _quiet_import():
+        from controlnet_aux.open_pose import util
 
     src_w, src_h = source_size or (width, height)
     canvas = np.zeros((height, width, 3), dtype=np.uint8)
@@ -153,7 +167,8 @@ def load_openpose_annotator(ctx):
     resolved = ctx.resolve("annotator-openpose")
 
     def build():
-        from controlnet_aux import OpenposeDetector
+        with _quiet_import():
+            from controlnet_aux import OpenposeDetector
 
         return OpenposeDetector.from_pretrained(str(resolved.root)).to(ctx.placement.device)
 
@@ -166,7 +181,8 @@ def load_depth_annotator(ctx):
     resolved = ctx.resolve("annotator-midas")
 
     def build():
-        from controlnet_aux import MidasDetector
+        with _quiet_import():
+            from controlnet_aux import MidasDetector
 
         return MidasDetector.from_pretrained(str(resolved.root)).to(ctx.placement.device)
 

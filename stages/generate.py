@@ -111,7 +111,13 @@ def find_template(name: str, kind: str | None = None) -> Template:
         return load_template_file(path / "template.yaml", "photo")
     if path.suffix.lower() in (".yaml", ".yml") or "/" in name:
         raise bad_template(name, "no such template file or folder")
-    matches = [t for t in shipped_templates() if t.name == name and (kind is None or t.kind == kind)]
+    shipped = shipped_templates()
+    matches = [t for t in shipped if t.name == name and (kind is None or t.kind == kind)]
+    other = [t for t in shipped if t.name == name]
+    if not matches and other:
+        known = ", ".join(t.name for t in shipped if t.kind == kind)
+        raise BadInput(f"template '{name}' is a {other[0].kind} template; this backend needs a {kind} template "
+                       f"(known: {known})")
     if not matches:
         known = ", ".join(t.name for t in shipped_templates() if kind is None or t.kind == kind)
         raise BadInput(f"unknown template '{name}' (known: {known}; or give a .yaml file or a photo template folder)")

@@ -72,10 +72,24 @@ def attach(pipe, uses: Sequence[AdapterUse]) -> None:
         if not use.path.is_file():
             raise bad_file(use.path, f"{use.role} LoRA file is missing")
         try:
-            pipe.load_lora_weights(str(use.path), adapter_name=use.adapter)
+            with _quiet_diffusers():
+                pipe.load_lora_weights(str(use.path), adapter_name=use.adapter)
         except (ValueError, KeyError, RuntimeError) as exc:
             raise bad_file(use.path, f"not a LoRA for this base model ({exc.__class__.__name__}: "
                                      f"{str(exc).splitlines()[0][:160]})") from None
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """A UNet-only LoRA makes diffusers warn that the text encoder got no keys; that is expected."""
+    from diffusers.utils import logging as diffusers_logging
+
+    before = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(before)
 
 
 def _activate(pipe, uses: Sequence[AdapterUse]) -> None:

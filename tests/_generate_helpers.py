@@ -23,7 +23,9 @@ def write_tiny_identity(settings, name: str, reference: np.ndarray, *, seed: int
 
     root = identity_dir(settings, name)
     root.mkdir(parents=True, exist_ok=True)
-    unet = UNet2DConditionModel.from_pretrained(settings.models_dir / base_id / "unet")
+    unet_dir = settings.models_dir / base_id / "unet"
+    variant = "fp16" if (unet_dir / "diffusion_pytorch_model.fp16.safetensors").is_file() else None
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, variant=variant, torch_dtype=torch.float32)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                         init_lora_weights=True)
     unet.add_adapter(config)

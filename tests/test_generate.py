@@ -89,8 +89,13 @@ def test_identity_lora_weight_changes_the_image(identity, warm, tmp_path):
     diff = np.abs(_pixels(on.paths[0]).astype(int) - _pixels(off.paths[0]).astype(int))
     assert diff.mean() > 1.0
     # and the LoRA was switched off again afterwards: a cached pipeline starts clean
-    pipe = next(v for k, v in warm.cache._items.items() if k.variant and k.variant[0] == "pipeline")
-    assert all(not getattr(m, "merged", False) for m in pipe.unet.modules())
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from portrait.stages.sd import load_sd_pipeline
+
+    pipe = load_sd_pipeline(warm, "txt2img")  # the cached pipeline both calls used
+    layers = [m for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and all(m.disable_adapters for m in layers)
 
 
 def _style_template(tmp_path: Path, mode: str) -> Path:
@@ -213,7 +218,7 @@ def test_lora_backend_on_sdxl(tiny_home, identity, astronaut, tmp_path):
     xl = RunContext.create(tiny_home, preset="tiny-sdxl")
     r = generate("gen-xl", template="business", n=1, seed=1, out=tmp_path, ctx=xl, finish=False)
     assert Image.open(r.paths[0]).size == (64, 80)
-    assert "Model: tiny-sdxl" in _params(r.paths[0])[-1] and "CFG scale: 5" in _params(r.paths[0])[-1]
+    assert "Model: tiny-sdxl" in _params(r.paths[0])[-1] and "CFG scale: 7" in _params(r.paths[0])[-1]  # the template beats the preset
     with pytest.raises(BadInput, match="no sdxl LoRA"):
         generate(NAME, template="business", n=1, seed=1, out=tmp_path / "x", ctx=xl, finish=False)
 
@@ -267,6 +272,14 @@ def test_template_backend_end_to_end_on_grace_hopper(identity, warm, tmp_path):
     assert "Denoising strength: 0.45" in last and "ControlNet canny: 0.5" in last and "ControlNet color: 0.85" in last
     again = generate(identity, template="hopper", n=1, seed=6, out=tmp_path / "again", ctx=warm, finish=False)
     assert np.array_equal(_pixels(path), _pixels(again.paths[0]))
+
+
+def test_template_backend_fast_mode_adds_lcm(identity, warm, tmp_path):
+    r = generate(identity, template="hopper", n=1, seed=2, out=tmp_path, ctx=warm, finish=False, fast="lcm",
+                 scheduler="lcm", guidance=1.5)
+    info = r.results[0].candidate.info
+    assert [u["role"] for u in info["loras"]] == ["identity", "lcm"]
+    assert "Sampler: LCM" in _params(r.paths[0])[-1]
 
 
 def test_template_with_fewer_faces_than_identities(tiny_home, identity, warm, tmp_path, astronaut):
@@ -352,3 +365,12 @@ def test_cli_missing_real_model_exits_3_naming_the_download(tiny_home, identity,
                 identity, "--template", "business", "--n", "1", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 3 and "portrait models download sd15" in err
+
+
+def test_memory_options_decided_from_free_vram():
+    from portrait.stages.sd import offload_needed
+
+    assert offload_needed("auto", free_gb=3.0, need_gb=5.0) is True
+    assert offload_needed("auto", free_gb=12.0, need_gb=5.0) is False
+    assert offload_needed(False, free_gb=1.0, need_gb=5.0) is False
+    assert offload_needed("true", free_gb=40.0, need_gb=5.0) is True

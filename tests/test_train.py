@@ -251,6 +251,18 @@ def test_zero_shot_bundle_has_no_lora(home, photos):
     assert not (identity.root / "lora.safetensors").exists()
 
 
+def test_validation_scorer_rates_the_person_high_and_a_faceless_image_none(home, photos, astronaut, hopper):
+    from portrait.flows.train import face_scorer
+    from portrait.flows.prepare import prepare
+
+    ctx = RunContext.create(home, preset="tiny")
+    prepared = prepare([photos], home.home / "prepared", ctx=ctx)
+    score = face_scorer(ctx, prepared.face_backend, prepared.training_set.consensus)
+    same, other = score(astronaut), score(hopper)
+    assert same > 0.5 > other, (same, other)
+    assert score(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)) is None
+
+
 def one_line_exit_2(capsys, *args: str, needles: tuple[str, ...]) -> None:
     from portrait.cli.main import run
 

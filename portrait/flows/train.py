@@ -131,7 +131,7 @@ def train_identity(ctx: RunContext, tset: TrainingSet, face_backend: str, policy
         extra = class_images(models, prompt, policy, folder, ctx.placement.device, emit)
         data = dataclasses.replace(data, class_images=extra, class_prompt=prompt)
     result = train_lora(models, data, policy, work, device=ctx.placement.device, dtype_name=ctx.placement.dtype_name,
-                        scorer=face_scorer(ctx, face_backend, tset), resume=resume, base_model=base_id, on_event=emit)
+                        scorer=face_scorer(ctx, face_backend, tset.consensus), resume=resume, base_model=base_id, on_event=emit)
     return result, base_model_record(ctx, base_id)
 
 
@@ -145,9 +145,9 @@ def training_data(tset: TrainingSet) -> TrainData:
     return TrainData(tuple(images), tuple(tset.captions), tset.trigger, tset.class_word)
 
 
-def face_scorer(ctx: RunContext, face_backend: str, tset: TrainingSet) -> FaceScorer | None:
+def face_scorer(ctx: RunContext, face_backend: str, consensus_by_backend: dict[str, np.ndarray]) -> FaceScorer | None:
     """Identity similarity of a generated image's largest face to the consensus; None when no face."""
-    consensus = tset.consensus.get(face_backend)
+    consensus = consensus_by_backend.get(face_backend)
     if consensus is None:
         return None
     from portrait.core.faces import make_analyzer

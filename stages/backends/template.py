@@ -120,10 +120,13 @@ class TemplateBackend:
         fuse_policy = _fuse_policy(ctx, policy)
         paints = []
         used_loras: list[loras.AdapterUse] = []
+        # A style LoRA (merged: inpainting a face keeps both active) and LCM apply to every face.
+        shared = [u for u in (loras.style_use(ctx, request.options.get("style_lora")),
+                              loras.lcm_use(ctx) if request.options.get("fast") == "lcm" else None) if u]
         for person, index in pairs:
             use = loras.identity_use(person, ctx.preset.family, request.lora_weight)
-            stack = [use] if use is not None else []
-            used_loras += stack
+            stack = ([use] if use is not None else []) + shared
+            used_loras += [use] if use is not None else []
             reference, reference_face = _reference(analyzer, person)
             others = [f for k, f in enumerate(faces) if k != index]
             canvas, paint = paint_face(ctx, request, policy, fuse_policy, canvas, faces[index], index, others,
@@ -132,7 +135,7 @@ class TemplateBackend:
         info = {
             "identity_mode": "lora" if used_loras else "fusion-only",
             "model": model_info(ctx),
-            "loras": [u.as_info() for u in used_loras],
+            "loras": [u.as_info() for u in used_loras + shared],
             "faces": [{"identity": p.identity, "face": p.face_index, "crop": list(p.box)} for p in paints],
             "passes": {"denoise": [policy.denoise, policy.pass2_denoise], "steps": [list(p.steps) for p in paints],
                        "controls": [policy.controls, policy.pass2_controls]},
