@@ -35,6 +35,10 @@ def main(
     device: Optional[str] = typer.Option(None, "--device", envvar="PORTRAIT_DEVICE", help="auto, cpu, cuda or cuda:N."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
 ) -> None:
+    if not debug:
+        from portrait.core.quiet import quiet_libraries
+
+        quiet_libraries()
     ctx.obj = Settings().with_(home=home.expanduser() if home else None, preset=preset, device=device, debug=debug)
 
 

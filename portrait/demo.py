@@ -7,6 +7,7 @@ images are noise; every stage in between is the real code.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -56,9 +57,9 @@ def run_demo(settings: Settings, out: Path, n: int = 2) -> Iterator[str]:
 
     ctx = RunContext.create(settings, preset="tiny")
     identity = train(photos, DEMO_IDENTITY, ctx=ctx, overwrite=True)
-    report = identity.manifest.get("prepare", {}) or {}
-    yield (f"trained identity '{identity.name}' in {identity.root} "
-           f"(LoRA families: {', '.join(identity.loras) or 'none'}; kept {report.get('kept', '?')} photos)")
+    report = json.loads((identity.root / "report.json").read_text())
+    yield (f"trained identity '{identity.name}' in {identity.root} (LoRA families: {', '.join(identity.loras) or 'none'}; "
+           f"kept {report['kept']}, rejected {report['rejected']}: {_reasons(report)})")
 
     contexts = {"tiny": ctx}
     for step in DEMO_STEPS:
@@ -69,4 +70,9 @@ def run_demo(settings: Settings, out: Path, n: int = 2) -> Iterator[str]:
         best = result.results[0] if result.results else None
         similarity = f"{best.score.similarity:.3f}" if best else "n/a"
         yield f"{step.label}: {len(result.paths)} image(s) in {target} (best similarity {similarity})"
-    yield f"done: outputs in {out}"
+    yield f"done: outputs in {out} (tiny models draw noise, so similarities are ~0; real presets: see README)"
+
+
+def _reasons(report: dict) -> str:
+    reasons = [row["reason"] for row in report["photos"] if row["status"] == "rejected"]
+    return ", ".join(sorted(set(reasons))) or "none"

@@ -7,6 +7,7 @@ so a crash never leaves a half-written output and a reader never sees one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -29,10 +30,20 @@ def atomic_path(target: Path | str, suffix: str | None = None) -> Iterator[Path]
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes 0600 files; outputs get the permissions a plain open() would give
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@functools.cache
+def _umask() -> int:
+    """The process umask, read once: reading it means setting it, which is not thread-safe."""
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def write_bytes(target: Path | str, data: bytes) -> Path:
