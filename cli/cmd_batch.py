@@ -55,7 +55,7 @@ def run(
     if failed:
         for row in failed[:10]:
             typer.echo(f"failed: {row.item.label}: {row.error}", err=True)
-        more = f" (first 10 shown)" if len(failed) > 10 else ""
+        more = " (first 10 shown)" if len(failed) > 10 else ""
         message = f"{len(failed)} of {summary.status.total} items failed{more}; fix them and run `portrait batch retry-failed`"
         error = PortraitError(message)
         error.exit_code = exit_code_for({row.error_kind for row in failed})

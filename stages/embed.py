@@ -251,7 +251,7 @@ def combine(vectors: np.ndarray, mode: Mode, normalized: bool) -> np.ndarray:
 
 def embed_identity(ctx, identity: Identity, adapter: str, policy: EmbedPolicy = EmbedPolicy()) -> IdEmbedding:
     """The identity's embedding for `adapter` from its top-k photos (BadInput if none shows a face)."""
-    space = space_for(adapter, policy)
+    space_for(adapter, policy)  # refuses a wrong pack for this adapter before any photo is read
     paths = identity_photos(identity, policy.max_photos)
     sources = [(str(p), read_rgb(p)) for p in paths]
     return embed_images(ctx, sources, adapter, policy, owner=f"identity '{identity.name}'")

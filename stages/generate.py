@@ -14,9 +14,12 @@ from __future__ import annotations
 import importlib
 import json
 import secrets
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import numpy as np
 
 import yaml
 
@@ -353,6 +356,23 @@ def candidate_seeds(request: GenerationRequest) -> list[int]:
 
 def with_seed(request: GenerationRequest, seed: int, n: int = 1) -> GenerationRequest:
     return replace(request, seed=seed, n=n)
+
+
+def seeded_candidates(request: GenerationRequest, render: Callable[[int], np.ndarray], *, setup_seconds: float,
+                      info: Mapping[str, Any]) -> Iterator[Candidate]:
+    """One candidate per seed of the request, `render(seed)` making each image.
+
+    Every backend's loop: time each image, charge the setup (loading) to the first one, and
+    record the seed's own request so a candidate can be regenerated alone.
+    """
+    for i, seed in enumerate(candidate_seeds(request)):
+        started = time.perf_counter()
+        image = render(seed)
+        timings = {"generate": time.perf_counter() - started}
+        if i == 0:
+            timings["load"] = setup_seconds
+        yield Candidate(image=image, seed=seed, request=with_seed(request, seed, request.n), timings=timings,
+                        info=dict(info))
 
 
 # --- backend dispatch ----------------------------------------------------------------------

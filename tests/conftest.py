@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
-def tiny_home(tmp_path_factory) -> "Settings":
+def tiny_home(tmp_path_factory):
     """Settings whose HOME holds every make-tiny model (written once per test session)."""
     import torch
 
@@ -32,6 +32,14 @@ def tiny_home(tmp_path_factory) -> "Settings":
 @pytest.fixture()
 def ctx(tiny_home):
     """A fresh RunContext on the tiny preset (its own ModelCache)."""
+    from portrait.core.context import RunContext
+
+    return RunContext.create(tiny_home, preset="tiny")
+
+
+@pytest.fixture(scope="module")
+def finish_ctx(tiny_home):
+    """A RunContext on the tiny preset shared by a module's tests (warm finishing models)."""
     from portrait.core.context import RunContext
 
     return RunContext.create(tiny_home, preset="tiny")

@@ -20,29 +20,11 @@ from portrait.flows.finish import (
 )
 from portrait.stages import score as sc
 
-FINISH_MODELS = ("tiny-esrgan-x4", "tiny-esrgan-x2", "tiny-clip", "tiny-face-parser", "tiny-inswapper", "tiny-buffalo_l")
 NO_FINISH = FinishSwitches(fuse=False, retouch=False, upscale=False, restore=False, score=True, clip=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def finish_ctx(tmp_path_factory):
-    from portrait.core.config import Settings
-    from portrait.core.context import RunContext
-    from portrait.core.tiny import make_tiny
-
-    settings = Settings(home=tmp_path_factory.mktemp("score-home"), preset="tiny", device="cpu")
-    make_tiny(settings, only=FINISH_MODELS)
-    return RunContext.create(settings, preset="tiny")
 
 
 @pytest.fixture(scope="module")

@@ -13,27 +13,8 @@ from portrait.stages import upscale as up
 FINISH_MODELS = ("tiny-esrgan-x4", "tiny-esrgan-x2", "tiny-clip")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small convolutions run faster on one thread than on two contended ones (shared CI CPUs)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def finish_ctx(tmp_path_factory):
-    """A RunContext on the tiny preset whose home holds only the finishing stand-ins."""
-    from portrait.core.config import Settings
-    from portrait.core.context import RunContext
-    from portrait.core.tiny import make_tiny
-
-    settings = Settings(home=tmp_path_factory.mktemp("finish-home"), preset="tiny", device="cpu")
-    make_tiny(settings, only=FINISH_MODELS)
-    return RunContext.create(settings, preset="tiny")
 
 
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -38,6 +38,24 @@ def atomic_path(target: Path | str, suffix: str | None = None) -> Iterator[Path]
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(target: Path | str) -> Iterator[Path]:
+    """Yield a temp folder beside `target`; it replaces `target` only if the block succeeds."""
+    import shutil
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 @functools.cache
 def _umask() -> int:
     """The process umask, read once: reading it means setting it, which is not thread-safe."""

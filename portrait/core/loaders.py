@@ -18,8 +18,6 @@ VAE the sdxl preset names), `enable_model_cpu_offload` when placement.offload.
 from __future__ import annotations
 
 import inspect
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any, Iterable, Mapping
 from .cache import CacheKey
 from .config import presets_root
 from .errors import BadInput, ModelMissing, PortraitError, bad_file
+from .io import atomic_dir
 from .registry import ResolvedModel
 from .tiny.tokenizer import EOS, write_clip_tokenizer
 
@@ -176,9 +175,7 @@ def single_file_config(ctx, resolved: ResolvedModel | None, family: str, name: s
     target = ctx.settings.home / "cache" / name
     if (target / ".complete").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         _copy_tree(shipped, tmp)
         if (tmp / "model_index.json").exists():
             import json
@@ -188,12 +185,6 @@ def single_file_config(ctx, resolved: ResolvedModel | None, family: str, name: s
                 if folder in index:
                     write_clip_tokenizer(tmp / folder, pad_token=pad)
         (tmp / ".complete").write_text("ok\n")
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return target
 
 

@@ -11,23 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 # Stable words for report.json (DESIGN section 3). Tests and users rely on them.
-REJECT_REASONS = (
-    "unreadable",
-    "too_large",
-    "too_small",
-    "no_face",
-    "face_too_small",
-    "other_person",
-    "duplicate",
-    "blurry",
-    "bad_pose",
-    "bad_exposure",
-)
 RejectReason = Literal[
     "unreadable",
     "too_large",
@@ -40,6 +28,7 @@ RejectReason = Literal[
     "bad_pose",
     "bad_exposure",
 ]
+REJECT_REASONS: tuple[str, ...] = get_args(RejectReason)
 Family = Literal["sd15", "sdxl"]
 
 

@@ -20,7 +20,7 @@ from portrait.core.types import Candidate, GenerationRequest
 from portrait.stages import embed as emb
 from portrait.stages import loras
 from portrait.stages import zeroshot as zs
-from portrait.stages.generate import candidate_seeds, with_seed
+from portrait.stages.generate import seeded_candidates
 from portrait.stages.sd import call_pipeline, control_kwargs, controlnet_ids, load_sd_pipeline, model_info, \
     prepare_pipeline
 
@@ -56,15 +56,12 @@ class FaceIDBackend:
         setup = time.perf_counter() - started
         with zs.attached_faceid(pipe, af, inputs, policy) as extra:
             try:
-                for i, seed in enumerate(candidate_seeds(request)):
-                    t0 = time.perf_counter()
+
+                def render(seed: int):
                     zs.activate_with_faceid(pipe, [(u.adapter, u.weight) for u in stack], policy)
-                    image = call_pipeline(pipe, request, seed, **control_kwargs(controls), **extra)
-                    timings = {"generate": time.perf_counter() - t0}
-                    if i == 0:
-                        timings["load"] = setup
-                    yield Candidate(image=image, seed=seed, request=with_seed(request, seed, request.n),
-                                    timings=timings, info=dict(info))
+                    return call_pipeline(pipe, request, seed, **control_kwargs(controls), **extra)
+
+                yield from seeded_candidates(request, render, setup_seconds=setup, info=info)
             finally:
                 if stack:
                     pipe.disable_lora()

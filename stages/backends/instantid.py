@@ -23,7 +23,7 @@ from portrait.stages import embed as emb
 from portrait.stages import loras
 from portrait.stages import zeroshot as zs
 from portrait.stages.controls import ControlImage
-from portrait.stages.generate import candidate_seeds, with_seed
+from portrait.stages.generate import seeded_candidates
 from portrait.stages.sd import call_pipeline, control_kwargs, controlnet_ids, load_sd_pipeline, model_info, \
     prepare_pipeline
 
@@ -66,11 +66,6 @@ class InstantIDBackend:
         setup = time.perf_counter() - started
         with zs.attached_instantid(pipe, af, inputs, policy, identitynet) as extra:
             with loras.composed(pipe, stack, "merge"):
-                for i, seed in enumerate(candidate_seeds(request)):
-                    t0 = time.perf_counter()
-                    image = call_pipeline(pipe, request, seed, **control_kwargs(controls), **extra)
-                    timings = {"generate": time.perf_counter() - t0}
-                    if i == 0:
-                        timings["load"] = setup
-                    yield Candidate(image=image, seed=seed, request=with_seed(request, seed, request.n),
-                                    timings=timings, info=dict(info))
+                yield from seeded_candidates(
+                    request, lambda seed: call_pipeline(pipe, request, seed, **control_kwargs(controls), **extra),
+                    setup_seconds=setup, info=info)

@@ -18,7 +18,7 @@ from portrait.core.errors import BadInput
 from portrait.core.types import Candidate, GenerationRequest
 from portrait.stages import controls as ctl
 from portrait.stages import loras
-from portrait.stages.generate import candidate_seeds, with_seed
+from portrait.stages.generate import seeded_candidates
 from portrait.stages.sd import (
     call_pipeline,
     control_kwargs,
@@ -54,16 +54,12 @@ class LoraBackend:
         info = {"identity_mode": "lora", "composition": mode, "model": model_info(ctx),
                 "loras": [u.as_info() for u in stack],
                 "controls": {c.name: {"strength": c.strength, "source": c.source} for c in control_images}}
-        setup = time.perf_counter() - started
-        for i, seed in enumerate(candidate_seeds(request)):
-            t0 = time.perf_counter()
+
+        def render(seed: int):
             with loras.composed(pipe, stack, mode) as extra:
-                image = call_pipeline(pipe, request, seed, **control_kwargs(control_images), **extra)
-            timings = {"generate": time.perf_counter() - t0}
-            if i == 0:
-                timings["load"] = setup
-            yield Candidate(image=image, seed=seed, request=with_seed(request, seed, request.n), timings=timings,
-                            info=dict(info))
+                return call_pipeline(pipe, request, seed, **control_kwargs(control_images), **extra)
+
+        yield from seeded_candidates(request, render, setup_seconds=time.perf_counter() - started, info=info)
 
     def _controls(self, request: GenerationRequest, ctx: RunContext) -> list[ctl.ControlImage]:
         """Control maps from the template's pose images, at generation size."""

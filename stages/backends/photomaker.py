@@ -41,7 +41,7 @@ from portrait.core.errors import BadInput
 from portrait.core.types import Candidate, GenerationRequest
 from portrait.stages import embed as emb
 from portrait.stages import loras
-from portrait.stages.generate import candidate_seeds, with_seed
+from portrait.stages.generate import seeded_candidates
 from portrait.stages.sd import call_pipeline, load_sd_pipeline, model_info, prepare_pipeline
 
 PHOTOMAKER_KEYS = ["id_encoder", "lora_weights"]
@@ -554,14 +554,9 @@ class PhotoMakerBackend:
             pipe.enable_lora()
             pipe.set_adapters([photomaker_lora, *[u.adapter for u in stack]],
                               adapter_weights=[1.0, *[u.weight for u in stack]])
-            for i, seed in enumerate(candidate_seeds(request)):
-                t0 = time.perf_counter()
-                image = call_pipeline(pipe, request, seed, **call_kwargs(embeds, start, request.steps))
-                timings = {"generate": time.perf_counter() - t0}
-                if i == 0:
-                    timings["load"] = setup
-                yield Candidate(image=image, seed=seed, request=with_seed(request, seed, request.n), timings=timings,
-                                info=dict(info))
+            yield from seeded_candidates(
+                request, lambda seed: call_pipeline(pipe, request, seed, **call_kwargs(embeds, start, request.steps)),
+                setup_seconds=setup, info=info)
         finally:
             pipe.disable_lora()
 

@@ -9,14 +9,13 @@ renames it into HOME/models/<id>/, so a crash never leaves a half-made model.
 from __future__ import annotations
 
 import importlib
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Callable, Iterable
 
 from ..config import Settings
 from ..errors import PortraitError
+from ..io import atomic_dir
 from ..registry import ModelSpec, Registry
 
 
@@ -49,15 +48,7 @@ def make_tiny(settings: Settings, registry: Registry | None = None, seed: int = 
             continue
         if on_model:
             on_model(spec.id)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{spec.id}.", dir=target.parent))
-        try:
+        with atomic_dir(target) as tmp:
             maker_for(spec)(tmp, seed_for(spec.id, seed))
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         written.append(target)
     return written

@@ -134,7 +134,6 @@ def write_inswapper(root: Path, seed: int) -> None:
     shifts it by the mean of the mapped source latent, so the source visibly matters.
     """
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
