@@ -274,6 +274,21 @@ def test_template_backend_end_to_end_on_grace_hopper(identity, warm, tmp_path):
     assert np.array_equal(_pixels(path), _pixels(again.paths[0]))
 
 
+def test_template_backend_can_carry_faceid_in_its_passes(identity, warm, tmp_path):
+    plain = generate(identity, template="hopper", n=1, seed=6, out=tmp_path / "plain", ctx=warm, finish=False)
+    with_faceid = generate(identity, template="hopper", n=1, seed=6, out=tmp_path / "faceid", ctx=warm, finish=False,
+                           options={"identity_adapter": "faceid"})
+    info = with_faceid.results[0].candidate.info
+    assert info["identity_mode"] == "lora+faceid"
+    assert not np.array_equal(_pixels(plain.paths[0]), _pixels(with_faceid.paths[0]))
+    # the adapter is detached afterwards: the shared pipeline renders the plain result again
+    again = generate(identity, template="hopper", n=1, seed=6, out=tmp_path / "again", ctx=warm, finish=False)
+    assert np.array_equal(_pixels(plain.paths[0]), _pixels(again.paths[0]))
+    with pytest.raises(BadInput, match="identity_adapter must be 'faceid'"):
+        generate(identity, template="hopper", n=1, seed=6, out=tmp_path / "bad", ctx=warm, finish=False,
+                 options={"identity_adapter": "instantid"})
+
+
 def test_template_backend_fast_mode_adds_lcm(identity, warm, tmp_path):
     r = generate(identity, template="hopper", n=1, seed=2, out=tmp_path, ctx=warm, finish=False, fast="lcm",
                  scheduler="lcm", guidance=1.5)

@@ -33,6 +33,7 @@ from portrait.core.types import Candidate, FaceObservation, GenerationRequest, I
 from portrait.stages import controls as ctl
 from portrait.stages import fuse as fusion
 from portrait.stages import loras
+from portrait.stages import zeroshot as zs
 from portrait.stages.generate import candidate_seeds, with_seed
 from portrait.stages.sd import (
     call_pipeline,
@@ -130,10 +131,11 @@ class TemplateBackend:
             reference, reference_face = _reference(analyzer, person)
             others = [f for k, f in enumerate(faces) if k != index]
             canvas, paint = paint_face(ctx, request, policy, fuse_policy, canvas, faces[index], index, others,
-                                       reference, reference_face, person.name, stack, seed)
+                                       reference, reference_face, person.name, stack, seed, person=person)
             paints.append(paint)
+        adapter = request.options.get("identity_adapter")
         info = {
-            "identity_mode": "lora" if used_loras else "fusion-only",
+            "identity_mode": "+".join((["lora"] if used_loras else []) + ([adapter] if adapter else [])) or "fusion-only",
             "model": model_info(ctx),
             "loras": [u.as_info() for u in used_loras + shared],
             "faces": [{"identity": p.identity, "face": p.face_index, "crop": list(p.box)} for p in paints],
@@ -141,7 +143,8 @@ class TemplateBackend:
                        "controls": [policy.controls, policy.pass2_controls]},
         }
         if not used_loras:
-            info["note"] = f"no {ctx.preset.family} LoRA in the bundle: the face comes from fusion alone"
+            info["note"] = (f"no {ctx.preset.family} LoRA in the bundle: the face comes from "
+                            + (f"fusion and {adapter}" if adapter else "fusion alone"))
         return canvas, paints, info
 
 
@@ -290,7 +293,10 @@ def _pil_mask(mask: np.ndarray):
     return Image.fromarray((mask > 0).astype(np.uint8) * 255, mode="L")
 
 
-def _inpaint(ctx, request, image, mask, denoise, controls: list[ctl.ControlImage], stack, seed) -> tuple[np.ndarray, int]:
+def _inpaint(ctx, request, image, mask, denoise, controls: list[ctl.ControlImage], stack, seed,
+             person: Identity | None = None) -> tuple[np.ndarray, int]:
+    """One inpainting pass. With `identity_adapter: faceid` in the template options (and the
+    person known) the pass also carries IP-Adapter FaceID, its LoRA active beside `stack`."""
     from PIL import Image
 
     pipe = load_sd_pipeline(ctx, "inpaint", controlnet_ids(ctx, [c.name for c in controls]))
@@ -298,17 +304,27 @@ def _inpaint(ctx, request, image, mask, denoise, controls: list[ctl.ControlImage
     prepare_pipeline(pipe, request, ctx)
     size = image.shape[0]
     steps = _steps(request.steps, denoise)
+
+    def run(**extra):
+        return call_pipeline(pipe, replace(request, steps=steps), seed, image=Image.fromarray(image),
+                             mask_image=_pil_mask(mask), strength=float(denoise), width=size, height=size,
+                             **control_kwargs(controls, key="control_image"), **extra)
+
+    if person is not None and request.options.get("identity_adapter") == "faceid":
+        with zs.faceid_for_request(ctx, pipe, request, person, [(u.adapter, u.weight) for u in stack]) as faceid:
+            return run(**faceid.kwargs), steps
+    if request.options.get("identity_adapter") not in (None, "faceid"):
+        raise BadInput(f"template '{request.template}': identity_adapter must be 'faceid' "
+                       f"(got '{request.options['identity_adapter']}')")
     with loras.composed(pipe, stack, "merge"):
-        out = call_pipeline(pipe, replace(request, steps=steps), seed, image=Image.fromarray(image),
-                            mask_image=_pil_mask(mask), strength=float(denoise), width=size, height=size,
-                            **control_kwargs(controls, key="control_image"))
-    return out, steps
+        return run(), steps
 
 
 def paint_face(ctx: RunContext, request: GenerationRequest, policy: TemplatePolicy, fuse_policy,
                canvas: np.ndarray, face: FaceObservation, index: int, others: Sequence[FaceObservation],
                reference: np.ndarray, reference_face: FaceObservation, who: str,
-               stack: Sequence[loras.AdapterUse], seed: int) -> tuple[np.ndarray, FacePaint]:
+               stack: Sequence[loras.AdapterUse], seed: int, person: Identity | None = None
+               ) -> tuple[np.ndarray, FacePaint]:
     """Both passes on one face; returns the new canvas and what happened."""
     x0, y0, x1, y1 = crop_box(face, canvas.shape, policy.crop_scale)
     side = x1 - x0
@@ -325,7 +341,7 @@ def paint_face(ctx: RunContext, request: GenerationRequest, policy: TemplatePoli
     mask1 = _grow(regions.face, regions.size * policy.mask_grow) & (1 - protect)
     soft1 = feather(mask1, regions.size * 0.04, inside=True)
     pass1_controls = _controls(ctx, policy.controls, fused, local)
-    painted, steps1 = _inpaint(ctx, request, fused, mask1, policy.denoise, pass1_controls, stack, seed)
+    painted, steps1 = _inpaint(ctx, request, fused, mask1, policy.denoise, pass1_controls, stack, seed, person)
     pass1 = composite(crop, painted, soft1)
 
     recolored = pass1
@@ -339,7 +355,8 @@ def paint_face(ctx: RunContext, request: GenerationRequest, policy: TemplatePoli
     width = max(1.0, regions.size * policy.ring)
     ring = (_grow(mask1, width) & (1 - _shrink(mask1, width)) & (1 - protect)).astype(np.uint8)
     pass2_controls = _controls(ctx, policy.pass2_controls, before_ring, local)
-    painted2, steps2 = _inpaint(ctx, request, before_ring, ring, policy.pass2_denoise, pass2_controls, stack, seed)
+    painted2, steps2 = _inpaint(ctx, request, before_ring, ring, policy.pass2_denoise, pass2_controls, stack, seed,
+                                 person)
     pass2 = composite(before_ring, painted2, feather(ring, width * 0.3, inside=True))
 
     changed = (mask1 | ring).astype(np.uint8)
