@@ -46,6 +46,7 @@ def register(app: typer.Typer) -> None:
         no_retouch: bool = typer.Option(False, "--no-retouch", help="Skip skin retouch."),
         no_upscale: bool = typer.Option(False, "--no-upscale", help="Skip super-resolution."),
         also: list[str] = typer.Option([], "--with-identity", help="Another identity for a group photo template (repeatable; faces are assigned left to right)."),
+        option: list[str] = typer.Option([], "--option", help="A backend option KEY=VALUE (repeatable), e.g. ip_adapter_scale=0.6, faceid_variant=plusv2, photomaker_version=v1, identity_adapter=faceid; the value is read as YAML."),
     ) -> None:
         """Generate portraits of IDENTITY from a template or a prompt into OUT."""
         from rich.console import Console
@@ -56,8 +57,11 @@ def register(app: typer.Typer) -> None:
         width, height = _size(size)
         overrides = {"width": width, "height": height, "steps": steps, "guidance": guidance, "scheduler": scheduler,
                      "lora_weight": lora_weight, "composition": composition}
+        options = _options(option)
         if also:
-            overrides["options"] = {"identities": list(also)}
+            options["identities"] = list(also)
+        if options:
+            overrides["options"] = options
         finish = False if no_finish else {"fuse": False if no_fuse else None, "retouch": False if no_retouch else None,
                                           "upscale": False if no_upscale else None}
         if fast:
@@ -77,3 +81,21 @@ def register(app: typer.Typer) -> None:
             gate = "" if r.passed_gate else "  (below gate)"
             print(f"{r.rank:>3}  {r.path}  seed {r.candidate.seed}{sim}{gate}")
         print(f"wrote {len(result.results)} image(s) and {result.out / 'results.json'}")
+
+
+def _options(pairs: list[str]) -> dict:
+    """--option KEY=VALUE pairs; values are YAML so numbers and booleans arrive typed."""
+    import yaml
+
+    from portrait.core.errors import BadInput
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise BadInput(f"--option '{pair}': expected KEY=VALUE")
+        try:
+            options[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            raise BadInput(f"--option '{pair}': the value is not valid YAML") from None
+    return options
