@@ -9,9 +9,17 @@ clip, AdamW step. Ours encodes latents (and the mirror) and prompt embeddings on
 step is the UNet alone.
 
 Each variant runs in its own process so peak memory (max RSS on CPU, max allocated on CUDA)
-is its own; the growth over the peak right after loading the model is what training adds. Prints steps/s for each, the ratio, and peak memory.
+is its own; the growth over the peak right after loading the model is what training adds.
+The first `--warmup` steps of each are run but not timed (lazy allocations, kernel choice).
+Prints steps/s for each, the ratio, and peak memory.
+
+`--arch sd15` runs both on the real SD1.5 architecture instead of the tiny stand-in: the
+shipped configs (presets/configs/sd15) with random weights, written once to a temp folder.
+The weights' values do not change the work, so this measures what a real run costs, at a
+resolution the CPU can afford (default 256 px; pass --resolution 512 for the real size).
 
     python bench/train_speed.py [--steps 30] [--resolution 64] [--preset tiny] [--home DIR] [--device cpu]
+    python bench/train_speed.py --arch sd15 [--steps 4] [--resolution 256]
 """
 
 from __future__ import annotations
@@ -45,12 +53,39 @@ def sample_images(folder: Path, resolution: int) -> list[Path]:
     return paths
 
 
-def load(settings, preset: str):
+def load(settings, preset: str, model_dir: str | None):
     from portrait.core.context import RunContext
     from portrait.core.loaders import load_pipeline
 
     ctx = RunContext.create(settings, preset=preset)
+    if model_dir:
+        from diffusers import StableDiffusionPipeline
+
+        return ctx, StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
     return ctx, load_pipeline(ctx)
+
+
+def write_sd15_architecture(root: Path) -> Path:
+    """A diffusers SD1.5 folder: the real configs, random weights, the real CLIP tokenizer."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from portrait.core.tiny.diffusion import _scheduler, write_pipeline_folder
+
+    configs = Path(__file__).resolve().parents[1] / "presets" / "configs" / "sd15"
+    target = root / "sd15-architecture"
+    if (target / "model_index.json").exists():
+        return target
+    torch.manual_seed(0)
+    parts = {
+        "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),
+        "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")),
+        "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder")),
+        "scheduler": _scheduler("sd15"),
+    }
+    write_pipeline_folder(target, parts, "sd15")
+    return target
 
 
 def policy_for(ctx, steps: int, resolution: int):
@@ -61,30 +96,34 @@ def policy_for(ctx, steps: int, resolution: int):
                                     validation_seeds=[], checkpoint_every=10**9)
 
 
-def run_ours(settings, preset: str, images: list[Path], steps: int, resolution: int) -> dict:
+def run_ours(settings, preset: str, images: list[Path], steps: int, resolution: int, warmup: int,
+             model_dir: str | None) -> dict:
     import numpy as np
     from PIL import Image
 
     from portrait.stages.train import TrainData, TrainModels, optimize, setup_training, step_loss
 
-    ctx, pipe = load(settings, preset)
-    policy = policy_for(ctx, steps, resolution)
+    ctx, pipe = load(settings, preset, model_dir)
+    policy = policy_for(ctx, warmup + steps, resolution)
     arrays = tuple(np.asarray(Image.open(p).convert("RGB")) for p in images)
     data = TrainData(arrays, ("a photo of sks person",) * len(arrays), "sks", "person")
     loaded_mb = peak_memory_mb(ctx.placement.device)
     t0 = time.perf_counter()
-    run = setup_training(TrainModels(ctx.preset.family, pipe), data, policy, steps, device=ctx.placement.device,
-                         dtype_name=ctx.placement.dtype_name)
+    run = setup_training(TrainModels(ctx.preset.family, pipe), data, policy, warmup + steps,
+                         device=ctx.placement.device, dtype_name=ctx.placement.dtype_name)
     pipe.unet.train()
+    for step in range(warmup):
+        optimize(run, step_loss(run, step))
     setup = time.perf_counter() - t0
     t0, c0 = time.perf_counter(), time.process_time()
-    for step in range(steps):
+    for step in range(warmup, warmup + steps):
         optimize(run, step_loss(run, step))
     return {"setup_s": setup, "loop_s": time.perf_counter() - t0, "loop_cpu_s": time.process_time() - c0,
             "loaded_mb": loaded_mb}
 
 
-def run_baseline(settings, preset: str, images: list[Path], steps: int, resolution: int) -> dict:
+def run_baseline(settings, preset: str, images: list[Path], steps: int, resolution: int, warmup: int,
+                 model_dir: str | None) -> dict:
     """diffusers' train_dreambooth_lora.py inner loop, on our tiny model (no caching)."""
     import torch
     import torch.nn.functional as F
@@ -96,10 +135,10 @@ def run_baseline(settings, preset: str, images: list[Path], steps: int, resoluti
     from PIL.ImageOps import exif_transpose
     from torchvision import transforms
 
-    ctx, pipe = load(settings, preset)
+    ctx, pipe = load(settings, preset, model_dir)
     if ctx.preset.family != "sd15":
         raise SystemExit("the baseline mirrors the SD1.5 script; use an sd15-family preset")
-    policy = policy_for(ctx, steps, resolution)
+    policy = policy_for(ctx, warmup + steps, resolution)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     device = ctx.placement.device
     loaded_mb = peak_memory_mb(device)
@@ -112,7 +151,8 @@ def run_baseline(settings, preset: str, images: list[Path], steps: int, resoluti
     cast_training_params(unet, dtype=torch.float32)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=policy.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    lr_scheduler = get_scheduler(policy.lr_scheduler, optimizer=optimizer, num_warmup_steps=0, num_training_steps=steps)
+    lr_scheduler = get_scheduler(policy.lr_scheduler, optimizer=optimizer, num_warmup_steps=0,
+                                 num_training_steps=warmup + steps)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     image_transforms = transforms.Compose([
         transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
@@ -122,9 +162,10 @@ def run_baseline(settings, preset: str, images: list[Path], steps: int, resoluti
     ])
     prompt = "a photo of sks person"
     unet.train()
-    setup = time.perf_counter() - t0
-    t0, c0 = time.perf_counter(), time.process_time()
-    for step in range(steps):
+    for step in range(warmup + steps):
+        if step == warmup:  # setup includes the warmup steps, as for ours
+            setup = time.perf_counter() - t0
+            t0, c0 = time.perf_counter(), time.process_time()
         # DreamBoothDataset.__getitem__: open, exif-transpose, convert, transform, tokenize
         image = exif_transpose(Image.open(images[step % len(images)]))
         if image.mode != "RGB":
@@ -165,7 +206,7 @@ def child(args) -> None:
     settings = Settings(home=Path(args.home), preset=args.preset, device=args.device)
     images = sample_images(Path(args.home) / "bench-images", args.resolution)
     fn = run_ours if args.variant == "ours" else run_baseline
-    result = fn(settings, args.preset, images, args.steps, args.resolution)
+    result = fn(settings, args.preset, images, args.steps, args.resolution, args.warmup, args.model_dir)
     result.update(variant=args.variant, steps=args.steps, peak_mb=peak_memory_mb(settings.device))
     print(json.dumps(result))
 
@@ -185,27 +226,42 @@ def ensure_tiny(home: Path, preset: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--arch", choices=("tiny", "sd15"), default="tiny",
+                        help="tiny: the preset's stand-in models; sd15: the real SD1.5 architecture, random weights")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30 tiny, 4 sd15)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first, in both variants")
+    parser.add_argument("--resolution", type=int, default=None, help="training size (default 64 tiny, 256 sd15)")
+    parser.add_argument("--preset", default=None, help="preset for the training policy (default tiny / sd15)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--home", default=None, help="HOME holding the models (default: a temp home with make-tiny)")
-    parser.add_argument("--repeats", type=int, default=3, help="alternate the variants this many times; best of each")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="alternate the variants this many times; best of each (default 3 tiny, 1 sd15)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per variant (1 keeps a shared machine's load from skewing the ratio)")
     parser.add_argument("--variant", choices=("ours", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    real = args.arch == "sd15"
+    args.steps = args.steps or (4 if real else 30)
+    args.resolution = args.resolution or (256 if real else 64)
+    args.preset = args.preset or ("sd15" if real else "tiny")
+    args.repeats = args.repeats or (1 if real else 3)
     if args.variant:
         return child(args)
 
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(args.home) if args.home else Path(tmp)
-        ensure_tiny(home, args.preset)
+        model_args = []
+        if real:
+            model_args = ["--model-dir", str(write_sd15_architecture(home))]
+        else:
+            ensure_tiny(home, args.preset)
         results: dict[str, list[dict]] = {"baseline": [], "ours": []}
         for _ in range(args.repeats):
             for variant in ("baseline", "ours"):
                 cmd = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps), "--resolution",
-                       str(args.resolution), "--preset", args.preset, "--device", args.device, "--home", str(home)]
+                       str(args.resolution), "--preset", args.preset, "--device", args.device, "--home", str(home),
+                       "--warmup", str(args.warmup), *model_args]
                 env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
                 results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -221,6 +277,8 @@ def main() -> None:
     ratio = best["baseline"]["loop_cpu_s"] / best["ours"]["loop_cpu_s"]
     wall = best["baseline"]["loop_s"] / best["ours"]["loop_s"]
     total = (best["baseline"]["loop_s"] + best["baseline"]["setup_s"]) / (best["ours"]["loop_s"] + best["ours"]["setup_s"])
+    print(f"{args.arch} architecture, {args.resolution} px, batch 1, {args.steps} timed steps after {args.warmup} "
+          f"warmup, {args.threads} thread(s)")
     print(f"speed-up: {ratio:.2f}x steps per CPU-second ({wall:.2f}x wall, {total:.2f}x wall including setup "
           f"and caching); target >= 1.5x")
 

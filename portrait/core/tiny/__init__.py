@@ -4,6 +4,9 @@ Each tiny stand-in is a row in presets/models.yaml with `source: tiny` and a `ma
 ("module:function"). A maker is `write(root: Path, seed: int) -> None` and must write
 byte-identical files for the same seed. `make_tiny` writes each into a temp folder and
 renames it into HOME/models/<id>/, so a crash never leaves a half-made model.
+
+Each folder carries a `.tiny-version` stamp: when the stand-ins' shapes change (bump
+TINY_VERSION), an existing HOME gets fresh ones instead of loading stale sizes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from ..config import Settings
 from ..errors import PortraitError
 from ..io import atomic_dir
 from ..registry import ModelSpec, Registry
+
+TINY_VERSION = "2"  # 2: SD VAEs downsample by 8, as the real ones do
+STAMP = ".tiny-version"
 
 
 def maker_for(spec: ModelSpec) -> Callable[[Path, int], None]:
@@ -44,11 +50,17 @@ def make_tiny(settings: Settings, registry: Registry | None = None, seed: int = 
         if wanted is not None and spec.id not in wanted:
             continue
         target = settings.models_dir / spec.id
-        if target.exists() and not force and registry.is_present(spec.id, settings):
+        if not force and is_current(target) and registry.is_present(spec.id, settings):
             continue
         if on_model:
             on_model(spec.id)
         with atomic_dir(target) as tmp:
             maker_for(spec)(tmp, seed_for(spec.id, seed))
+            (tmp / STAMP).write_text(TINY_VERSION)
         written.append(target)
     return written
+
+
+def is_current(target: Path) -> bool:
+    stamp = target / STAMP
+    return stamp.is_file() and stamp.read_text().strip() == TINY_VERSION

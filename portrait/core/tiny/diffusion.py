@@ -12,8 +12,11 @@ TINY_SDXL. Notes on the choices:
   embedding table is most of each model's bytes, so the hidden sizes stay small;
 - SDXL's two text encoders have different hidden sizes (32 and 64): diffusers tells them
   apart in single files by that width (DESIGN section 6);
-- the VAE has 2 blocks, so it downsamples by 2 (64 px image -> 32 px latent), and the
-  ControlNet hint encoder has 2 levels to match;
+- the VAE has 4 blocks, so it downsamples by 8 like every real SD VAE (64 px image -> 8 px
+  latent) and the ControlNet hint encoder has 4 levels to match. Latent sizes, mask
+  downsampling and size multiples are then tested at the factor real models use, and a
+  training step splits its cost between VAE and UNet roughly as the real models do (the
+  earlier 2-block VAE left a 32 px latent whose 1,024-token attention dwarfed everything);
 - ControlNet zero-convolutions are zero at initialisation, which would make every tiny
   ControlNet a no-op; we give every all-zero weight small random values instead.
 """
@@ -28,8 +31,8 @@ from .tokenizer import EOS, tokenizer_files
 
 TINY_SD15: dict[str, Any] = {
     "image_size": 64,  # pixels; multiples of 8 keep every sampler and ControlNet happy
-    "vae_scale_factor": 2,
-    "sample_size": 32,  # latent size = image_size / vae_scale_factor
+    "vae_scale_factor": 8,
+    "sample_size": 8,  # latent size = image_size / vae_scale_factor
     "latent_channels": 4,
     "block_out_channels": (32, 64),
     "layers_per_block": 1,
@@ -39,15 +42,15 @@ TINY_SD15: dict[str, Any] = {
     "text_layers": 2,
     "text_heads": 2,
     "text_intermediate_size": 64,
-    "vae_block_out_channels": (32, 64),
-    "controlnet_conditioning_channels": (16, 32),
+    "vae_block_out_channels": (32, 32, 64, 64),
+    "controlnet_conditioning_channels": (16, 16, 32, 32),
     "vocab_size": 49408,
 }
 
 TINY_SDXL: dict[str, Any] = {
     "image_size": 64,
-    "vae_scale_factor": 2,
-    "sample_size": 32,
+    "vae_scale_factor": 8,
+    "sample_size": 8,
     "latent_channels": 4,
     "block_out_channels": (32, 64),
     "layers_per_block": 1,
@@ -61,9 +64,9 @@ TINY_SDXL: dict[str, Any] = {
     "text_heads": 2,
     "addition_time_embed_dim": 8,
     "projection_class_embeddings_input_dim": 80,  # 6 * addition_time_embed_dim + text_2_projection_dim
-    "vae_block_out_channels": (32, 64),
+    "vae_block_out_channels": (32, 32, 64, 64),
     "vae_scaling_factor": 0.13025,
-    "controlnet_conditioning_channels": (16, 32),
+    "controlnet_conditioning_channels": (16, 16, 32, 32),
     "vocab_size": 49408,
 }
 
