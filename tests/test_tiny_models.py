@@ -4,6 +4,7 @@ through portrait.core.loaders (the same functions real models go through)."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,21 @@ def test_a_different_seed_gives_different_weights(tiny_home, tmp_path):
         assert a.keys() == b.keys()
         assert any(a[k] != b[k] for k in a if "safetensors" in k), model_id
         assert all(a[k] == b[k] for k in a if k.endswith("config.json")), model_id
+
+
+def test_make_tiny_replaces_stand_ins_from_an_older_version(tmp_path):
+    """A HOME made before the shapes changed has no (or an old) stamp: make-tiny rewrites it."""
+    from portrait.core.tiny import STAMP
+
+    home = Settings(home=tmp_path / "home", preset="tiny", device="cpu")
+    assert make_tiny(home, only=["tiny-sd15-vae"])
+    assert make_tiny(home, only=["tiny-sd15-vae"]) == []  # current: left alone
+    model = home.models_dir / "tiny-sd15-vae"
+    config = next(model.rglob("config.json"))
+    (model / STAMP).unlink()
+    config.write_text("{}")
+    assert make_tiny(home, only=["tiny-sd15-vae"]) == [model]
+    assert len(json.loads(config.read_text())["block_out_channels"]) == 4
 
 
 def test_tiny_sizes_fit_what_adapters_assume():
