@@ -994,6 +994,9 @@ def save_kohya_lora(path: Path, family: str, lora: Mapping[str, Mapping[str, Any
 
 def result_summary(result: TrainResult) -> dict[str, Any]:
     """The training record written into the bundle manifest."""
+    # Mean loss over a window at each end; the window never covers more than half the run,
+    # so a short run's first and last figures do not average the same steps.
+    window = max(1, min(10, len(result.losses) // 2))
     return {
         "steps": result.steps,
         "rank": result.rank,
@@ -1001,8 +1004,8 @@ def result_summary(result: TrainResult) -> dict[str, Any]:
         "resumed_from": result.resumed_from,
         "selection": result.selection,
         "selected_steps": list(result.selected),
-        "final_loss": round(float(np.mean(result.losses[-10:])), 6) if result.losses else None,
-        "first_loss": round(float(np.mean(result.losses[:10])), 6) if result.losses else None,
+        "final_loss": round(float(np.mean(result.losses[-window:])), 6) if result.losses else None,
+        "first_loss": round(float(np.mean(result.losses[:window])), 6) if result.losses else None,
         "params": result.params,
     }
 

@@ -26,10 +26,12 @@ from portrait.stages.train import (
     TrainData,
     TrainModels,
     TrainPolicy,
+    TrainResult,
     average_states,
     choose_checkpoints,
     kohya_state,
     optimize,
+    result_summary,
     save_diffusers_lora,
     save_kohya_lora,
     score_images,
@@ -318,3 +320,10 @@ def test_prior_preservation_uses_cached_class_images(home, tmp_path, astronaut, 
     prior = train_lora(models, data, policy, tmp_path / "prior")
     # Same draws on step 1 (batch, noise, timesteps): the only difference is the class-image term.
     assert prior.losses[0] > unweighted.losses[0] + 1e-3
+
+
+def test_loss_summary_compares_the_start_of_a_short_run_with_its_end():
+    result = TrainResult(lora={}, rank=4, alpha=2, steps=4, losses=(4.0, 3.0, 2.0, 1.0), checkpoints=(),
+                         selected=(4,), selection="last", timings={})
+    summary = result_summary(result)
+    assert (summary["first_loss"], summary["final_loss"]) == (3.5, 1.5)
