@@ -69,10 +69,10 @@ def load(settings, preset: str, model_dir: str | None):
 def write_sd15_architecture(root: Path) -> Path:
     """A diffusers SD1.5 folder: the real configs, random weights, the real CLIP tokenizer."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from portrait.core.tiny.diffusion import _scheduler, write_pipeline_folder
+    from portrait.core.tiny.diffusion import write_pipeline_folder
 
     configs = Path(__file__).resolve().parents[1] / "presets" / "configs" / "sd15"
     target = root / "sd15-architecture"
@@ -83,7 +83,7 @@ def write_sd15_architecture(root: Path) -> Path:
         "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),
         "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")),
         "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder")),
-        "scheduler": _scheduler("sd15"),
+        "scheduler": PNDMScheduler.from_pretrained(configs / "scheduler"),
     }
     write_pipeline_folder(target, parts, "sd15")
     return target

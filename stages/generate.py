@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
-
 import yaml
 
 from portrait.core.config import Preset, templates_root

@@ -269,8 +269,8 @@ def make_optimizer(params_groups: list[dict[str, Any]], policy: TrainPolicy, dev
             pass
     # The fused kernel updates every LoRA tensor in one call instead of a Python loop over a few
     # hundred small ones; on CPU and CUDA it is the same AdamW, just without the per-tensor overhead.
-    fused = device.split(":")[0] in ("cpu", "cuda")
-    return torch.optim.AdamW(params_groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=fused or None)
+    return torch.optim.AdamW(params_groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
+                             fused=device.split(":")[0] in ("cpu", "cuda"))
 
 
 # --- caching --------------------------------------------------------------------------
