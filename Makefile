@@ -1,27 +1,40 @@
-# The two set-up commands: `make demo` and `make test`. Both create .venv when it is missing.
+# The two set-up commands: `make demo` and `make test`. Both create .venv when it is missing
+# and install exactly what locks/dev.lock pins (every package, with hashes), so a new
+# upstream release cannot change what they run. `make lock` regenerates the lock.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+UV     := $(VENV)/bin/uv
+UV_VERSION := 0.13.8
 STAMP  := $(VENV)/.installed
 PORTRAIT_HOME ?= $(CURDIR)/.portrait-home
 export PORTRAIT_HOME
 # Model hubs are unreachable here and the tiny preset never needs them.
 export HF_HUB_OFFLINE ?= 1
+# torch 2.14.1 and its CUDA libraries lie on this machine's disk (the same files, same sha256,
+# as on PyPI): let uv take them from there instead of downloading ~4 GB.
+LOCAL_WHEELS := $(wildcard /opt/pypi-more/files)
+UV_SOURCES := $(if $(LOCAL_WHEELS),--find-links $(LOCAL_WHEELS))
 
-.PHONY: demo test test-fast install bench clean
+.PHONY: demo test test-fast install lock check-lock bench clean
 
-$(STAMP): pyproject.toml
+check-lock:
+	@$(PYTHON) scripts/lock.py check
+
+$(STAMP): locks/dev.lock pyproject.toml
+	@$(PYTHON) scripts/lock.py check
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned, so pip takes the local builds and never a newer CUDA wheel.
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev]'
-	# insightface pulls opencv-python (the GUI build) whose cv2 overwrites the headless one;
-	# reinstall the headless build last so the cv2 we import is the one we chose.
-	$(PY) -m pip install -q --force-reinstall --no-deps "$$($(PY) -c 'import importlib.metadata as m; print("opencv-python-headless==" + m.version("opencv-python-headless"))')"
+	test -x $(UV) || $(PY) -m pip install -q uv==$(UV_VERSION)
+	# Exactly the lock: sync adds what is missing and removes what the lock does not name.
+	$(UV) pip sync -q --python $(PY) --require-hashes $(UV_SOURCES) locks/dev.lock
+	$(UV) pip install -q --python $(PY) --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+lock:
+	test -x $(UV) || { test -x $(PY) || $(PYTHON) -m venv $(VENV); $(PY) -m pip install -q uv==$(UV_VERSION); }
+	$(PY) scripts/lock.py compile
 
 demo: $(STAMP)
 	$(VENV)/bin/portrait demo --out outputs/demo
