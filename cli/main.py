@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module (cli/cmd_*.py) and only composes library calls;
 no pipeline logic lives here. Errors become one line on stderr and an exit code:
-2 bad input, 3 missing model, 1 internal (a traceback only with --debug).
+2 bad input, 3 missing model, 4 an output the machine refused (disk full, read-only),
+130 Ctrl-C, 143 SIGTERM, 1 internal (a traceback only with --debug).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Optional
 import typer
 
 from portrait.core.config import Settings
-from portrait.core.errors import PortraitError
+from portrait.core.errors import ENVIRONMENT_ERRNOS, Interrupted, OutputFailed, PortraitError, output_failed
 
 from . import cmd_batch, cmd_demo, cmd_doctor, cmd_generate, cmd_models, cmd_prepare, cmd_templates, cmd_train
 
@@ -47,11 +48,20 @@ for module in (cmd_prepare, cmd_train, cmd_generate, cmd_templates, cmd_batch, c
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Entry point: run the app and turn every error into one line and an exit code."""
+    """Entry point: run the app and turn every outcome into one line and an exit code.
+
+    typer runs with standalone_mode=False so errors reach us; it then *returns* the exit
+    code of a `typer.Exit` (click's contract in that mode) instead of raising, and that
+    code is ours to return. SIGTERM is turned into an interruption for the whole run, so
+    `kill PID` cleans up exactly like Ctrl-C and exits 143 (Ctrl-C: 130).
+    """
+    from portrait.core.interrupt import sigterm_raises, signal_of
+
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        app(args=argv, standalone_mode=False)
-        return 0
+        with sigterm_raises():
+            returned = app(args=argv, standalone_mode=False)
+        return returned if isinstance(returned, int) else 0
     except PortraitError as exc:
         if debug:
             raise
@@ -59,15 +69,28 @@ def run(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except typer.Exit as exc:
         return getattr(exc, "exit_code", 0) or 0
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
+    except typer.Abort:  # click turns a KeyboardInterrupt inside a prompt into Abort
+        print("interrupted", file=sys.stderr)
         return 130
     except typer.TyperException as exc:  # typer's (vendored click) usage errors: bad option, missing argument
         exc.show()
         return getattr(exc, "exit_code", 2) or 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt as exc:
+        code = 128 + signal_of(exc)
+        print("interrupted" if code == 130 else "terminated", file=sys.stderr)
+        return code
+    except OSError as exc:
+        if debug:
+            raise
+        if exc.errno in ENVIRONMENT_ERRNOS:  # a write the machine refused, wherever it happened
+            where = exc.filename or "output"
+            print(f"error: {output_failed(where, exc)}", file=sys.stderr)
+            return OutputFailed.exit_code
+        print(f"internal error: {exc.__class__.__name__}: {exc} (rerun with --debug for details)", file=sys.stderr)
+        return 1
     except Exception as exc:  # an internal error: one line unless --debug
         if debug:
             raise

@@ -284,7 +284,7 @@ def test_template_backend_can_carry_faceid_in_its_passes(identity, warm, tmp_pat
     # the adapter is detached afterwards: the shared pipeline renders the plain result again
     again = generate(identity, template="hopper", n=1, seed=6, out=tmp_path / "again", ctx=warm, finish=False)
     assert np.array_equal(_pixels(plain.paths[0]), _pixels(again.paths[0]))
-    with pytest.raises(BadInput, match="identity_adapter must be 'faceid'"):
+    with pytest.raises(BadInput, match="--option identity_adapter: input should be 'faceid'"):
         generate(identity, template="hopper", n=1, seed=6, out=tmp_path / "bad", ctx=warm, finish=False,
                  options={"identity_adapter": "instantid"})
 

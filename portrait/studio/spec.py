@@ -213,6 +213,24 @@ def _photo_paths(base: Path, photos: str | list[str]) -> list[str]:
     return [_resolve(base, p) for p in ([photos] if isinstance(photos, str) else photos)]
 
 
+def _is_template_path(value: str) -> bool:
+    """A template written as a path (a .yaml or a folder), not a shipped template's name."""
+    return value.lower().endswith((".yaml", ".yml")) or "/" in value or value.startswith(("~", "."))
+
+
+def template_ref(base: Path, value: str) -> tuple[str, str]:
+    """(what the executor loads, the output folder name). A path resolves against the spec
+    file's folder; its output folder is derived from its name (`<stem>-<hash6>`), never the
+    raw path, so results never land in the user's template folder."""
+    if not _is_template_path(value):
+        return value, slug(value)
+    resolved = _resolve(base, value)
+    path = Path(resolved)
+    name = path.parent.name if path.name.lower() in ("template.yaml", "template.yml") else (
+        path.stem if path.suffix.lower() in (".yaml", ".yml") else path.name)
+    return resolved, f"{slug(name)}-{hashlib.sha256(resolved.encode()).hexdigest()[:6]}"
+
+
 def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exists, source: str = "spec") -> Job:
     """Expand a spec into items. `identity_exists(name) -> bool` decides which need training."""
     preset = spec.preset or default_preset
@@ -220,7 +238,8 @@ def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exist
     zero_shot_only = all(b in ZERO_SHOT_BACKENDS for b in spec.backends)
     overrides = dict(sorted(spec.overrides().items()))
     finish = dict(sorted(spec.finish.items())) if isinstance(spec.finish, dict) else spec.finish
-    styles = [("template", t, t) for t in spec.templates] + [("prompt", p, f"prompt-{slug(p)}") for p in spec.prompts]
+    styles = [("template", *template_ref(base_dir, t)) for t in spec.templates] + [
+        ("prompt", p, f"prompt-{slug(p)}") for p in spec.prompts]
     items: list[Item] = []
     order = 0
     for ident in spec.identities:
@@ -259,7 +278,7 @@ def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exist
                     ))
                     order += 1
     resolved = spec.model_dump(mode="json")
-    resolved.update(output=output, preset=preset)
+    resolved.update(output=output, preset=preset, templates=[template_ref(base_dir, t)[0] for t in spec.templates])
     resolved["identities"] = [
         {**i, "photos": _photo_paths(base_dir, i["photos"]) if i.get("photos") is not None else None}
         for i in resolved["identities"]
