@@ -73,7 +73,7 @@ def run(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except typer.TyperException as exc:  # typer's (vendored click) usage errors: bad option, missing argument
-        exc.show()
+        print(f"error: {usage_line(exc)}", file=sys.stderr)
         return getattr(exc, "exit_code", 2) or 2
     except Interrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
@@ -96,6 +96,14 @@ def run(argv: list[str] | None = None) -> int:
             raise
         print(f"internal error: {exc.__class__.__name__}: {exc} (rerun with --debug for details)", file=sys.stderr)
         return 1
+
+
+def usage_line(exc: Exception) -> str:
+    """click's usage error as one line (click prints usage, a hint and the error on three)."""
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None and getattr(ctx, "command_path", None) else ""
+    return " ".join(message.split()) + where
 
 
 def entry() -> None:

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import ENVIRONMENT_ERRNOS, bad_file, output_failed
+from .errors import ENVIRONMENT_ERRNOS, OutputFailed, bad_file, output_failed
 
 
 @contextlib.contextmanager
@@ -165,6 +165,12 @@ def publish_dir(staging: Path, target: Path) -> None:
     fsync_dir(target.parent)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
+
+
+def as_published(exc: OutputFailed, staging: Path, target: Path) -> OutputFailed:
+    """A refusal while writing into a staging folder, worded with the path the user asked for
+    (`OUT/contact_sheet.png: no space left on device`, not the hidden staging name)."""
+    return OutputFailed(str(exc).replace(str(staging), str(target)))
 
 
 def discard_dir(folder: Path | None) -> None:

@@ -21,10 +21,10 @@ from portrait.core.bundle import load_identity
 from portrait.core.cache import CacheKey
 from portrait.core.config import Settings
 from portrait.core.context import Progress, RunContext
-from portrait.core.errors import BadInput, Interrupted
+from portrait.core.errors import BadInput, Interrupted, OutputFailed
 from portrait.core.interrupt import signal_of
-from portrait.core.io import (discard_dir, make_dirs, publish_dir, safetensors_data_sha256, sha256_file, staging_for,
-                              write_image, write_json)
+from portrait.core.io import (as_published, discard_dir, make_dirs, publish_dir, safetensors_data_sha256, sha256_file,
+                              staging_for, write_image, write_json)
 from portrait.core.types import Candidate, CandidateScore, GenerationRequest, Identity, RankedResult
 from portrait.stages import generate as gen
 
@@ -107,6 +107,8 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
 
             write_contact_sheet(written, staging / "contact_sheet.png")
         publish_dir(staging, out)
+    except OutputFailed as exc:
+        raise as_published(exc, staging, out) from None
     except KeyboardInterrupt as exc:
         raise Interrupted(f"generate stopped; nothing written to {out}", signal_of(exc)) from None
     finally:

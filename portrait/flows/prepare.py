@@ -19,7 +19,8 @@ from portrait.core.config import Settings
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.faces import INSIGHTFACE_PACKS, FaceAnalyzer, make_analyzer
-from portrait.core.io import discard_dir, publish_dir, staging_for, write_image, write_json, write_text
+from portrait.core.errors import OutputFailed
+from portrait.core.io import as_published, discard_dir, publish_dir, staging_for, write_image, write_json, write_text
 from portrait.core.types import PhotoAssessment, TrainingSet
 from portrait.stages.analyze import analyze
 from portrait.stages.caption import CaptionPolicy, caption
@@ -96,6 +97,8 @@ def prepare(photos: Sequence[str | Path] | str | Path, out: str | Path, *, setti
             if extra is not None:
                 consensus[backend] = extra
         publish_dir(staging, out)
+    except OutputFailed as exc:
+        raise as_published(exc, staging, out) from None
     finally:
         discard_dir(staging)
     training_set = _moved(training_set, staging, out)

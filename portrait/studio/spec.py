@@ -39,6 +39,7 @@ def known_backends() -> tuple[str, ...]:
     return tuple(BACKENDS)
 
 ItemKind = Literal["train", "generate"]
+SPEC_MAX_BYTES = 10_000_000  # a job spec is text; anything bigger is not one
 
 
 class IdentitySpec(BaseModel):
@@ -180,12 +181,15 @@ def slug(text: str, limit: int = 40) -> str:
 
 def load_spec(path: Path | str) -> JobSpec:
     """Read and validate a spec file; any problem is one BadInput line naming the file."""
+    from portrait.core.io import read_input
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise bad_file(path, "no such spec file")
+    text = read_input(path, SPEC_MAX_BYTES, "spec file")  # a FIFO or device is refused by type
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML is a superset of JSON
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        data = yaml.safe_load(text.decode("utf-8"))  # YAML is a superset of JSON
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
         raise bad_file(path, f"unreadable spec ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
     return parse_spec(data, source=str(path))
 

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 
 from ..config import Settings
 from ..errors import PortraitError
+from ..integrity import record_hashes
 from ..io import atomic_dir
 from ..registry import ModelSpec, Registry
 
@@ -57,10 +58,14 @@ def make_tiny(settings: Settings, registry: Registry | None = None, seed: int = 
         with atomic_dir(target) as tmp:
             maker_for(spec)(tmp, seed_for(spec.id, seed))
             (tmp / STAMP).write_text(TINY_VERSION)
+            record_hashes(tmp)  # so `models verify` and loading find a changed byte in a stand-in too
         written.append(target)
     return written
 
 
 def is_current(target: Path) -> bool:
     stamp = target / STAMP
-    return stamp.is_file() and stamp.read_text().strip() == TINY_VERSION
+    from ..integrity import RECORD
+
+    # A folder without its hash record predates integrity checks: rewrite it once.
+    return stamp.is_file() and stamp.read_text().strip() == TINY_VERSION and (target / RECORD).is_file()
