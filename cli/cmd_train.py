@@ -89,6 +89,10 @@ def summary_table(identity):
     report = _report(identity.root)
     if report:
         table.add_row("photos", f"{report.get('kept', 0)} kept, {report.get('rejected', 0)} rejected")
+        for row in report.get("photos", []):
+            if row.get("status") == "rejected":
+                detail = f" ({row['detail']})" if row.get("detail") else ""
+                table.add_row("rejected", f"{row['path']}: {row['reason']}{detail}")
     table.add_row("face backend", str(manifest.get("face_backend", "")))
     train = manifest.get("train")
     if not identity.loras:

@@ -8,6 +8,7 @@ no pipeline logic lives here. Errors become one line on stderr and an exit code:
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Optional
@@ -47,6 +48,36 @@ for module in (cmd_prepare, cmd_train, cmd_generate, cmd_templates, cmd_batch, c
     module.register(app)
 
 
+class _Stopped(Exception):
+    """Carries a KeyboardInterrupt past typer, which would turn it into a bare `Exit(130)` and
+    lose which signal it was (SIGTERM: 143) and the line saying what was kept."""
+
+    def __init__(self, original: KeyboardInterrupt):
+        super().__init__(str(original))
+        self.original = original
+
+
+def _guard(callback):
+    @functools.wraps(callback)  # typer reads the signature through __wrapped__
+    def guarded(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            raise _Stopped(exc) from None
+
+    return guarded
+
+
+def _guard_commands(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        info.callback = _guard(info.callback)
+    for group in typer_app.registered_groups:
+        _guard_commands(group.typer_instance)
+
+
+_guard_commands(app)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Entry point: run the app and turn every outcome into one line and an exit code.
 
@@ -55,13 +86,18 @@ def run(argv: list[str] | None = None) -> int:
     code is ours to return. SIGTERM is turned into an interruption for the whole run, so
     `kill PID` cleans up exactly like Ctrl-C and exits 143 (Ctrl-C: 130).
     """
-    from portrait.core.interrupt import sigterm_raises, signal_of
+    from portrait.core.interrupt import sigterm_raises
 
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         with sigterm_raises():
             returned = app(args=argv, standalone_mode=False)
-        return returned if isinstance(returned, int) else 0
+        code = returned if isinstance(returned, int) else 0
+        if code == 130:  # typer's own Exit(130): Ctrl-C while it parsed the arguments
+            print("interrupted: stopped by Ctrl-C", file=sys.stderr)
+        return code
+    except _Stopped as stopped:
+        return _interrupted(stopped.original)
     except PortraitError as exc:
         if debug:
             raise
@@ -69,19 +105,13 @@ def run(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except typer.Exit as exc:
         return getattr(exc, "exit_code", 0) or 0
-    except typer.Abort:  # click turns a KeyboardInterrupt inside a prompt into Abort
-        print("interrupted", file=sys.stderr)
-        return 130
+    except typer.Abort:  # click's answer to Ctrl-C inside a prompt
+        return _interrupted(KeyboardInterrupt())
     except typer.TyperException as exc:  # typer's (vendored click) usage errors: bad option, missing argument
         print(f"error: {usage_line(exc)}", file=sys.stderr)
         return getattr(exc, "exit_code", 2) or 2
-    except Interrupted as exc:
-        print(f"interrupted: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt as exc:
-        code = 128 + signal_of(exc)
-        print("interrupted" if code == 130 else "terminated", file=sys.stderr)
-        return code
+    except KeyboardInterrupt as exc:  # outside click's main (before or after the command ran)
+        return _interrupted(exc)
     except OSError as exc:
         if debug:
             raise
@@ -96,6 +126,18 @@ def run(argv: list[str] | None = None) -> int:
             raise
         print(f"internal error: {exc.__class__.__name__}: {exc} (rerun with --debug for details)", file=sys.stderr)
         return 1
+
+
+def _interrupted(exc: BaseException | None) -> int:
+    """One line and 130 (SIGINT) or 143 (SIGTERM); the flows' Interrupted says what was kept."""
+    from portrait.core.interrupt import signal_of
+
+    if isinstance(exc, Interrupted):
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
+    code = 128 + (signal_of(exc) if isinstance(exc, KeyboardInterrupt) else 2)
+    print("interrupted: stopped by Ctrl-C" if code == 130 else "interrupted: stopped by SIGTERM", file=sys.stderr)
+    return code
 
 
 def usage_line(exc: Exception) -> str:

@@ -73,10 +73,10 @@ def small_disk(folder: Path, size: str, monkeypatch) -> Iterator[Path]:
 
         real = io.finish_file
 
-        def full(tmp_path: Path, target: Path) -> None:
+        def full(tmp_path: Path, target: Path, size: int | None = None) -> None:
             if folder in Path(target).resolve().parents:
                 raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path))
-            real(tmp_path, target)
+            real(tmp_path, target, size)
 
         monkeypatch.setattr(io, "finish_file", full)
     try:

@@ -653,3 +653,37 @@ def test_suite_covers_at_least_forty_kinds():
         params = [m for m in marks if m.name == "parametrize"]
         kinds += len(params[0].args[1]) if params else 1
     assert kinds >= 40, kinds
+
+
+@pytest.mark.parametrize("raised,code,needle", [
+    ("interrupted-int", 130, "interrupted: prepare stopped"),
+    ("interrupted-term", 143, "interrupted: prepare stopped"),
+    ("terminated", 143, "stopped by SIGTERM"),
+    ("keyboard", 130, "stopped by Ctrl-C"),
+    ("enospc", 4, "/x/out/report.json: no space left on device"),
+])
+def test_stops_and_refusals_keep_their_exit_codes(home, capsys, tmp_path, monkeypatch, raised, code, needle):
+    """The entry point hands back each code (typer, in standalone_mode=False, would turn a
+    KeyboardInterrupt into a bare 130 and Ctrl-C used to exit 0)."""
+    import errno
+    import signal as sig
+
+    from portrait.core.errors import Interrupted
+    from portrait.core.interrupt import Terminated
+    from portrait.flows import prepare as prepare_flow
+
+    errors = {
+        "interrupted-int": Interrupted("prepare stopped; nothing written to OUT", sig.SIGINT),
+        "interrupted-term": Interrupted("prepare stopped; nothing written to OUT", sig.SIGTERM),
+        "terminated": Terminated(),
+        "keyboard": KeyboardInterrupt(),
+        "enospc": OSError(errno.ENOSPC, "No space left on device", "/x/out/report.json"),
+    }
+
+    def stop(*args, **kwargs):
+        raise errors[raised]
+
+    monkeypatch.setattr(prepare_flow, "prepare", stop)
+    got, _, err = cli(capsys, home.home, "prepare", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert got == code
+    error_line(err, needle)

@@ -32,9 +32,10 @@ from .errors import ENVIRONMENT_ERRNOS, OutputFailed, bad_file, output_failed
 
 
 @contextlib.contextmanager
-def atomic_path(target: Path | str, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(target: Path | str, suffix: str | None = None, size: int | None = None) -> Iterator[Path]:
     """Yield a temp path beside `target`; when the block succeeds the file is fsynced, checked
-    to be non-empty and renamed onto `target`. Refused writes raise OutputFailed(target)."""
+    (it exists; it holds `size` bytes when that is known) and renamed onto `target`.
+    Refused writes raise OutputFailed(target)."""
     target = Path(target)
     make_dirs(target.parent)
     try:
@@ -47,7 +48,7 @@ def atomic_path(target: Path | str, suffix: str | None = None) -> Iterator[Path]
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        finish_file(tmp_path, target)
+        finish_file(tmp_path, target, size)
     except OSError as exc:
         raise _refused(target, exc)
     finally:
@@ -55,13 +56,13 @@ def atomic_path(target: Path | str, suffix: str | None = None) -> Iterator[Path]
             tmp_path.unlink()
 
 
-def finish_file(tmp_path: Path, target: Path) -> None:
+def finish_file(tmp_path: Path, target: Path, size: int | None = None) -> None:
     """fsync, check and rename one finished temp file onto `target`, then fsync the folder."""
     with open(tmp_path, "rb+") as fh:
         os.fsync(fh.fileno())
-        size = os.fstat(fh.fileno()).st_size
-    if size == 0:
-        raise OSError(errno.EIO, "wrote an empty file", str(target))
+        written = os.fstat(fh.fileno()).st_size
+    if size is not None and written != size:
+        raise OSError(errno.EIO, f"wrote {written} of {size} bytes", str(target))
     # mkstemp makes 0600 files; outputs get the permissions a plain open() would give
     os.chmod(tmp_path, 0o666 & ~_umask())
     os.replace(tmp_path, target)
@@ -263,7 +264,7 @@ def _umask() -> int:
 
 
 def write_bytes(target: Path | str, data: bytes) -> Path:
-    with atomic_path(target) as tmp:
+    with atomic_path(target, size=len(data)) as tmp:
         tmp.write_bytes(data)
     return Path(target)
 

@@ -19,7 +19,8 @@ from portrait.core.config import Settings
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.faces import INSIGHTFACE_PACKS, FaceAnalyzer, make_analyzer
-from portrait.core.errors import OutputFailed
+from portrait.core.errors import Interrupted, OutputFailed
+from portrait.core.interrupt import signal_of
 from portrait.core.io import as_published, discard_dir, publish_dir, staging_for, write_image, write_json, write_text
 from portrait.core.types import PhotoAssessment, TrainingSet
 from portrait.stages.analyze import analyze
@@ -70,7 +71,16 @@ def prepare(photos: Sequence[str | Path] | str | Path, out: str | Path, *, setti
     policies = check_section(section, f"preset '{ctx.preset.name}' prepare")
     out = Path(out).expanduser()
     check_out(out, inputs, marker="report.json", what="prepare")
+    try:
+        return _prepare(ctx, inputs, out, section, policies, face_backend, progress, hooks, extra_backends)
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Interrupted):
+            raise
+        raise Interrupted(f"prepare stopped; nothing written to {out}", signal_of(exc)) from None
 
+
+def _prepare(ctx: RunContext, inputs: list, out: Path, section: dict, policies: dict, face_backend: str | None,
+             progress, hooks: PrepareHooks, extra_backends: Sequence[str] | None) -> PrepareResult:
     ingested = ingest(inputs, policies["ingest"], progress)
     # preset `prepare.face_options`, e.g. {landmarks68: false} for the CC0-only dlib models
     analyzer = make_analyzer(ctx, face_backend or section.get("face_backend", "auto"), **section.get("face_options", {}))

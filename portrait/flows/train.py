@@ -30,6 +30,7 @@ from portrait.core.cache import ModelCache
 from portrait.core.config import Settings
 from portrait.core.context import RunContext
 from portrait.core.errors import ENVIRONMENT_ERRNOS, BadInput, Interrupted, OutputFailed
+from portrait.core.declare import validate
 from portrait.core.interrupt import signal_of
 from portrait.core.io import copy_file, discard_dir, publish_dir, sha256_file, sync_tree, write_json
 from portrait.core.lock import identity_lock
@@ -113,6 +114,8 @@ def _train_locked(ctx: RunContext, photos, name: str, *, steps, rank, resume, ov
     policy: TrainPolicy | None = None
     if not zero_shot:
         policy = TrainPolicy.from_section(ctx.preset.section("train"), steps=steps, rank=rank)
+        # Types and shapes against the declaration (a `learning_rate: fast` would fail deep in torch).
+        policy = validate(TrainPolicy, dataclasses.asdict(policy), f"preset '{ctx.preset.name}' train")
     work = settings.identities_dir / f".{name}.work"
     if not resume and work.exists():
         shutil.rmtree(work)
