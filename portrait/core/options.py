@@ -61,6 +61,7 @@ class BackendOptions(BaseModel):
     face_pack: str | None = Field(None, min_length=1)
     # photo templates (stages/backends/template.py)
     identity_adapter: Literal["faceid"] | None = None
+    passes: Literal[0, 1, 2] | None = Field(None, description="2 face + ring, 1 face only, 0 fusion only (preview)")
     denoise: float | None = Field(None, ge=0.0, le=1.0)
     crop_scale: float | None = Field(None, gt=0.0, le=10.0)
     mask_grow: float | None = Field(None, ge=0.0, le=2.0)
