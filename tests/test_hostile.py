@@ -687,3 +687,18 @@ def test_stops_and_refusals_keep_their_exit_codes(home, capsys, tmp_path, monkey
     got, _, err = cli(capsys, home.home, "prepare", str(tmp_path), "--out", str(tmp_path / "out"))
     assert got == code
     error_line(err, needle)
+
+
+@pytest.mark.parametrize("command", ["generate", "prepare"])
+def test_out_that_holds_the_current_folder_is_refused(home, capsys, tmp_path, monkeypatch, photos, command):
+    work = tmp_path / "project" / "here"
+    work.mkdir(parents=True)
+    (work / "results.json").write_text("{}")  # looks like an earlier result: still never replaced
+    (work / "report.json").write_text("{}")
+    monkeypatch.chdir(work)
+    before = hashes(tmp_path / "project")
+    args = gen_args(Path(".")) if command == "generate" else ["prepare", str(photos), "--out", ".."]
+    code, _, err = cli(capsys, home.home, *args)
+    assert code == 2
+    error_line(err, "cannot be the current folder")
+    check_untouched(before, tmp_path / "project")

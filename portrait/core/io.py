@@ -136,9 +136,18 @@ def sync_tree(folder: Path) -> None:
     fsync_dir(Path(folder))
 
 
+def check_replaceable(target: Path | str, flag: str = "--out") -> Path:
+    """A folder we will replace whole must not be the current folder or one that holds it."""
+    resolved = Path(target).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or resolved == Path(resolved.anchor):
+        raise bad_file(target, f"{flag} cannot be the current folder or one of its parents (it is replaced whole)")
+    return resolved
+
+
 def staging_for(target: Path | str) -> Path:
     """A fresh staging folder beside `target` (same filesystem, so publishing is a rename)."""
-    target = Path(target)
+    target = Path(target).resolve()
     make_dirs(target.parent)
     try:
         return Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
@@ -151,7 +160,7 @@ def publish_dir(staging: Path, target: Path) -> None:
     `target` is always either the whole old result or the whole new one."""
     import shutil
 
-    staging, target = Path(staging), Path(target)
+    staging, target = Path(staging), Path(target).resolve()
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     if old.exists():
         shutil.rmtree(old)

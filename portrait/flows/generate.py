@@ -23,7 +23,7 @@ from portrait.core.config import Settings
 from portrait.core.context import Progress, RunContext
 from portrait.core.errors import BadInput, Interrupted, OutputFailed
 from portrait.core.interrupt import signal_of
-from portrait.core.io import (as_published, discard_dir, make_dirs, publish_dir, safetensors_data_sha256, sha256_file,
+from portrait.core.io import (as_published, check_replaceable, discard_dir, make_dirs, publish_dir, safetensors_data_sha256, sha256_file,
                               staging_for, write_image, write_json)
 from portrait.core.types import Candidate, CandidateScore, GenerationRequest, Identity, RankedResult
 from portrait.stages import generate as gen
@@ -129,6 +129,7 @@ def _check_out(out: Path) -> None:
     folder of the user's other files, such as a template or photo folder)."""
     if out.exists() and not out.is_dir():
         raise BadInput(f"{out}: --out exists and is not a folder")
+    check_replaceable(out)
     if out.is_dir() and any(out.iterdir()) and not (out / "results.json").is_file():
         raise BadInput(f"{out}: --out holds files that are not an earlier generate result; "
                        f"choose a new or empty folder")

@@ -21,7 +21,7 @@ from portrait.core.errors import BadInput
 from portrait.core.faces import INSIGHTFACE_PACKS, FaceAnalyzer, make_analyzer
 from portrait.core.errors import Interrupted, OutputFailed
 from portrait.core.interrupt import signal_of
-from portrait.core.io import as_published, discard_dir, publish_dir, staging_for, write_image, write_json, write_text
+from portrait.core.io import as_published, check_replaceable, discard_dir, publish_dir, staging_for, write_image, write_json, write_text
 from portrait.core.types import PhotoAssessment, TrainingSet
 from portrait.stages.analyze import analyze
 from portrait.stages.caption import CaptionPolicy, caption
@@ -138,7 +138,7 @@ def check_out(out: Path, inputs: Sequence[str | Path], *, marker: str, what: str
     """OUT must not be (or be inside) an input folder or file, and an existing OUT must be empty
     or an earlier result of the same command (it is replaced as a unit): never the user's
     other files."""
-    resolved = out.resolve()
+    resolved = check_replaceable(out)
     for item in inputs:
         given = Path(item).expanduser()
         if not given.exists():
