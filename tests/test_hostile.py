@@ -623,9 +623,9 @@ def test_models_download_of_a_stand_in(home, capsys):
 
 
 def test_missing_model_names_the_fetch_command(capsys, tmp_path):
-    code, _, err = cli(capsys, tmp_path / "empty-home", "models", "path", "sd15", "--tiny")
+    code, _, err = cli(capsys, tmp_path / "empty-home", "models", "path", "instantid-adapter")
     assert code == 3
-    error_line(err, "tiny-sd15", "portrait models make-tiny")
+    error_line(err, "instantid-adapter", "portrait models download instantid-adapter")
 
 
 # --- global -----------------------------------------------------------------------------------
