@@ -92,7 +92,4 @@ def write_stand_in(spec: ModelSpec, settings: Settings) -> Path:
 
 def is_current(target: Path) -> bool:
     stamp = target / STAMP
-    from ..integrity import RECORD
-
-    # A folder without its hash record predates integrity checks: rewrite it once.
-    return stamp.is_file() and stamp.read_text().strip() == TINY_VERSION and (target / RECORD).is_file()
+    return stamp.is_file() and stamp.read_text().strip() == TINY_VERSION
