@@ -289,7 +289,7 @@ def test_template_fusion_only_keeps_the_face_and_loads_no_pipeline(identity, ctx
     (face,) = dlib.detect(_pixels(result.paths[0]))
     astro, grace = dlib.detect(astronaut)[0].embedding, dlib.detect(hopper)[0].embedding
     assert similarity(face.embedding, astro, "dlib") > 0.5 > similarity(face.embedding, grace, "dlib")
-    with pytest.raises(BadInput, match="option passes must be 0"):
+    with pytest.raises(BadInput, match="--option passes: input should be 0, 1 or 2"):
         generate(identity, template="hopper", n=1, seed=6, out=tmp_path / "bad", ctx=ctx, options={"passes": 3})
 
 
