@@ -62,9 +62,10 @@ def prepare(photos: Sequence[str | Path] | str | Path, out: str | Path, *, setti
         section["top_k"] = top_k
     out = Path(out)
 
-    ingested = ingest(inputs, IngestPolicy.from_section(section), progress)
+    # the analyzer first: a missing or license-refused face model stops before any work.
     # preset `prepare.face_options`, e.g. {landmarks68: false} for the CC0-only dlib models
     analyzer = make_analyzer(ctx, face_backend or section.get("face_backend", "auto"), **section.get("face_options", {}))
+    ingested = ingest(inputs, IngestPolicy.from_section(section), progress)
     analyses = analyze(ingested.photos, analyzer, progress)
     ranking = rank(analyses, analyzer.scale, RankPolicy.from_section(section))
     assessments = _in_input_order(ingested.order, ranking, ingested.rejected)
