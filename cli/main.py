@@ -16,7 +16,7 @@ import typer
 from portrait.core.config import Settings
 from portrait.core.errors import PortraitError
 
-from . import cmd_batch, cmd_demo, cmd_doctor, cmd_generate, cmd_models, cmd_prepare, cmd_templates, cmd_train
+from . import cmd_batch, cmd_demo, cmd_doctor, cmd_eval, cmd_generate, cmd_models, cmd_prepare, cmd_templates, cmd_train
 
 app = typer.Typer(
     name="portrait",
@@ -46,7 +46,8 @@ def main(
                                license=check_policy(license) if license else None)
 
 
-for module in (cmd_prepare, cmd_train, cmd_generate, cmd_templates, cmd_batch, cmd_models, cmd_demo, cmd_doctor):
+for module in (cmd_prepare, cmd_train, cmd_generate, cmd_templates, cmd_batch, cmd_models, cmd_demo, cmd_doctor,
+               cmd_eval):
     module.register(app)
 
 
