@@ -203,7 +203,19 @@ class OwnPhoto:
 
 def copy_paste_reason(embeddings: Mapping[str, np.ndarray], signature: FaceSignature | None,
                       photos: Sequence[OwnPhoto], spreads: Mapping[str, Spread], policy: ScorePolicy) -> str | None:
-    """Why an output looks copied from one of `photos`, or None when it looks rendered anew."""
+    """Why an output looks copied from one of `photos`, or None when it looks rendered anew.
+
+    The geometric test comes first (it names the photo reproduced); the similarity test
+    catches a copy that was cropped or resized differently."""
+    if signature is not None:
+        for photo in photos:
+            if photo.signature is None:
+                continue
+            distance = float(np.linalg.norm(signature.kps - photo.signature.kps, axis=1).mean())
+            correlation = float((signature.crop * photo.signature.crop).sum())
+            if distance <= policy.copy_kps_tolerance and correlation >= policy.copy_crop_correlation:
+                return (f"reproduces {photo.name}: keypoints within {distance:.3f} of the image side, "
+                        f"aligned-crop correlation {correlation:.3f}")
     for space, embedding in embeddings.items():
         spread = spreads.get(space)
         if embedding is None or spread is None or spread.n < policy.copy_min_photos:
@@ -216,15 +228,6 @@ def copy_paste_reason(embeddings: Mapping[str, np.ndarray], signature: FaceSigna
             if sim > spread.max + policy.copy_margin:
                 return (f"similarity {sim:.3f} to {photo.name} ({space}) is above the identity's own "
                         f"photo-to-photo maximum {spread.max:.3f}")
-    if signature is not None:
-        for photo in photos:
-            if photo.signature is None:
-                continue
-            distance = float(np.linalg.norm(signature.kps - photo.signature.kps, axis=1).mean())
-            correlation = float((signature.crop * photo.signature.crop).sum())
-            if distance <= policy.copy_kps_tolerance and correlation >= policy.copy_crop_correlation:
-                return (f"reproduces {photo.name}: keypoints within {distance:.3f} of the image side, "
-                        f"aligned-crop correlation {correlation:.3f}")
     return None
 
 
