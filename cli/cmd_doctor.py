@@ -11,10 +11,11 @@ def register(app: typer.Typer) -> None:
     def doctor(ctx: typer.Context,
                as_json: bool = typer.Option(False, "--json", help="Print everything as one JSON document.")) -> None:
         """Show versions, devices, models present and their licenses, and the preset's bill of materials."""
-        from rich.console import Console
         from rich.table import Table
 
         from portrait.doctor import bill_of_materials, environment_report, model_rows
+
+        from .tables import show
 
         settings = ctx.obj
         bom = bill_of_materials(settings)
@@ -24,18 +25,17 @@ def register(app: typer.Typer) -> None:
             print(json.dumps({"environment": environment_report(), "models": model_rows(settings),
                               "bill_of_materials": bom}, indent=2, default=str))
             return
-        console = Console()
         env = Table(title="environment", show_header=False)
         for key, value in environment_report().items():
             env.add_row(key, str(value))
-        console.print(env)
+        show(env)
         models = Table(title=f"models (home: {settings.home})")
         for column in ("id", "kind", "present", "license", "class"):
             models.add_column(column)
         for row in model_rows(settings):
             style = "yellow" if row["license_class"] != "commercial" else None
             models.add_row(row["id"], row["kind"], row["present"], row["license"], row["license_class"], style=style)
-        console.print(models)
+        show(models)
         table = Table(title=f"bill of materials: preset {bom['preset']}, --license {bom['license_policy']}, "
                             f"face backend {bom['face_backend']}")
         for column in ("role", "model", "status", "class", "license source", "sha256"):
@@ -47,4 +47,4 @@ def register(app: typer.Typer) -> None:
             status = row["status"] if row["status"] == "present" else f"{row['status']}: {row.get('reason', '')}"
             table.add_row(row["role"], row["id"], status, row.get("license_class", ""), row.get("license_source", ""),
                           hashes, style=None if row["status"] == "present" else "yellow")
-        console.print(table)
+        show(table)

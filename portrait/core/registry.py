@@ -133,24 +133,36 @@ class Registry:
             return self.specs[spec.tiny]
         return spec
 
-    def resolve(self, model_id: str, settings: Settings, *, tiny: bool = False, explicit: Path | None = None) -> ResolvedModel:
+    def resolve(self, model_id: str, settings: Settings, *, tiny: bool = False, explicit: Path | None = None,
+                write_tiny: bool = True) -> ResolvedModel:
+        """Where `model_id` is on disk, once the license policy allows it. A tiny stand-in that is
+        missing or stale (an older make-tiny version) is written on first use (`write_tiny`), with
+        a one-line notice: they are deterministic and take about a second each, so "run make-tiny"
+        was only a command we could run ourselves. Real models stop with exit 3 and the download
+        command."""
         from .licenses import check
 
         check(self, model_id, getattr(settings, "license", "any"))
-        resolved = self._resolve(model_id, settings, tiny=tiny, explicit=explicit)
+        resolved = self._resolve(model_id, settings, tiny=tiny, explicit=explicit, write_tiny=write_tiny)
         for used in self._recorders:
             used[resolved.spec.id] = resolved
         return resolved
 
-    def _resolve(self, model_id: str, settings: Settings, *, tiny: bool = False, explicit: Path | None = None) -> ResolvedModel:
+    def _resolve(self, model_id: str, settings: Settings, *, tiny: bool = False, explicit: Path | None = None,
+                 write_tiny: bool = True) -> ResolvedModel:
         spec = self.stand_in(model_id, tiny)
         if explicit is not None:
             return _resolve_explicit(spec, Path(explicit))
         if spec.source == "tiny":
+            from .tiny import is_current, write_stand_in
+
             root = settings.models_dir / spec.id
-            if _has_files(root, spec.files):
+            if _has_files(root, spec.files) and is_current(root):
                 return ResolvedModel(spec, root, "tiny", tuple(spec.files))
-            raise ModelMissing(spec.id, "portrait models make-tiny")
+            if not write_tiny:
+                raise ModelMissing(spec.id, "portrait models make-tiny")
+            write_stand_in(spec, settings)
+            return ResolvedModel(spec, root, "tiny", tuple(spec.files))
         root = settings.models_dir / spec.id
         if _has_files(root, spec.files):
             return ResolvedModel(spec, root, "home", tuple(spec.files))
@@ -171,7 +183,7 @@ class Registry:
 
         try:
             check(self, model_id, getattr(settings, "license", "any"))
-            self._resolve(model_id, settings, tiny=tiny)
+            self._resolve(model_id, settings, tiny=tiny, write_tiny=False)
             return True
         except ModelMissing:
             return False
