@@ -163,8 +163,12 @@ def test_a_model_that_is_not_a_swapper_is_refused(tmp_path):
 
     settings = Settings(home=tmp_path, preset="tiny", device="cpu")
     make_tiny(settings, only=("tiny-buffalo_l",))
+    from portrait.core.tiny import STAMP, TINY_VERSION
+
     (settings.models_dir / "tiny-inswapper").mkdir()
     shutil.copy(settings.models_dir / "tiny-buffalo_l" / "w600k_r50.onnx",
                 settings.models_dir / "tiny-inswapper" / "inswapper_128.onnx")
+    # a current stamp, or the registry rewrites the stand-in on first use (main's b0d3429)
+    (settings.models_dir / "tiny-inswapper" / STAMP).write_text(TINY_VERSION)
     with pytest.raises(BadInput, match=r"inswapper_128\.onnx: is not an inswapper-style ONNX swapper"):
         load_swapper(RunContext.create(settings, preset="tiny"), "inswapper-128")
