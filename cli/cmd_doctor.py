@@ -36,6 +36,9 @@ def register(app: typer.Typer) -> None:
             style = "yellow" if row["license_class"] != "commercial" else None
             models.add_row(row["id"], row["kind"], row["present"], row["license"], row["license_class"], style=style)
         show(models)
+        if bom.get("error"):
+            print(f"bill of materials: not available ({bom['error']})")
+            return
         table = Table(title=f"bill of materials: preset {bom['preset']}, --license {bom['license_policy']}, "
                             f"face backend {bom['face_backend']}")
         for column in ("role", "model", "status", "class", "license source", "sha256"):

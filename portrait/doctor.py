@@ -58,7 +58,11 @@ def bill_of_materials(settings: Settings) -> dict[str, Any]:
     from .core.io import sha256_file
     from .core.licenses import BUILTIN, LicenseRefused, bom_row
 
-    ctx = RunContext.create(settings)
+    try:
+        ctx = RunContext.create(settings)
+    except BadInput as exc:  # doctor reports; an unknown preset is one of the things it reports
+        return {"license_policy": settings.license, "preset": settings.preset, "face_backend": None, "models": [],
+                "error": str(exc)}
 
     def hasher(path):
         if path.stat().st_size > DOCTOR_HASH_LIMIT:

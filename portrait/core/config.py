@@ -87,7 +87,7 @@ def available_presets() -> list[str]:
     return sorted(
         p.name[: -len(".yaml")]
         for p in presets_root().iterdir()
-        if p.name.endswith(".yaml") and p.name != "models.yaml"
+        if p.name.endswith(".yaml") and p.name not in ("models.yaml", "licenses.yaml")
     )
 
 
