@@ -16,7 +16,7 @@ import typer
 from portrait.core.config import Settings
 from portrait.core.errors import PortraitError
 
-from . import cmd_batch, cmd_demo, cmd_doctor, cmd_generate, cmd_models, cmd_prepare, cmd_templates, cmd_train
+from . import cmd_batch, cmd_demo, cmd_doctor, cmd_generate, cmd_models, cmd_prepare, cmd_serve, cmd_templates, cmd_train
 
 app = typer.Typer(
     name="portrait",
@@ -42,7 +42,8 @@ def main(
     ctx.obj = Settings().with_(home=home.expanduser() if home else None, preset=preset, device=device, debug=debug)
 
 
-for module in (cmd_prepare, cmd_train, cmd_generate, cmd_templates, cmd_batch, cmd_models, cmd_demo, cmd_doctor):
+for module in (cmd_prepare, cmd_train, cmd_generate, cmd_templates, cmd_batch, cmd_models, cmd_demo, cmd_doctor,
+               cmd_serve):
     module.register(app)
 
 
