@@ -116,30 +116,20 @@ def create_app(service: StudioService, workers: Any = None) -> FastAPI:
 
     # -- request size -------------------------------------------------------------------
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Callable) -> Response:
-        if request.method in ("POST", "PUT", "PATCH"):
-            length = request.headers.get("content-length")
-            chunked = "chunked" in request.headers.get("transfer-encoding", "")
-            if length is None and chunked:
-                return error(411, "send the upload with a Content-Length")
-            if length is not None and (not length.isdigit() or int(length) > service.policy.max_request_bytes):
-                return error(413, f"request body of {length} bytes is over the "
-                                  f"{service.policy.max_request_bytes:,} byte limit")
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=service.policy.max_request_bytes)
 
     # -- who is asking --------------------------------------------------------------------
 
     def tenant(request: Request) -> str:
-        if not service.db.has_tokens():
-            return LOCAL_TENANT
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         found = service.db.tenant_for_token(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
-        if found is None:
-            raise StarletteHTTPException(401, "missing or unknown access token: send `Authorization: Bearer TOKEN` "
-                                              "(an operator creates one with `portrait serve token create NAME`)")
-        return found.id
+        if found is not None:
+            return found.id
+        if not service.db.has_tokens():
+            return LOCAL_TENANT
+        raise StarletteHTTPException(401, "missing or unknown access token: send `Authorization: Bearer TOKEN` "
+                                          "(an operator creates one with `portrait serve token create NAME`)")
 
     # -- health and the page --------------------------------------------------------------
 
@@ -275,6 +265,28 @@ def create_app(service: StudioService, workers: Any = None) -> FastAPI:
         return service.models()
 
     return app
+
+
+class BodyLimit:
+    """Refuse a body over the limit before anything reads it (413), and a chunked one without a
+    length (411). Plain ASGI: Starlette's BaseHTTPMiddleware costs every request a task hop."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            length = headers.get("content-length")
+            refusal = None
+            if length is None and "chunked" in headers.get("transfer-encoding", ""):
+                refusal = error(411, "send the upload with a Content-Length")
+            elif length is not None and (not length.isdigit() or int(length) > self.limit):
+                refusal = error(413, f"request body of {length} bytes is over the {self.limit:,} byte limit")
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _options(body: _GenerateOptions) -> dict[str, Any]:
