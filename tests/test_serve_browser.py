@@ -97,7 +97,7 @@ def test_whole_flow_in_a_real_browser(tiny_home, tmp_path):
             page.screenshot(path=str(shots / "03-gallery.png"), full_page=True)
             docs = os.environ.get("PORTRAIT_DOCS_SCREENSHOT")
             if docs:
-                page.screenshot(path=docs, full_page=False)
+                page.screenshot(path=docs, full_page=True)
 
             # Download the zip of the job.
             with page.expect_download() as download:
