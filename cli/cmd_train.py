@@ -27,12 +27,14 @@ def register(app: typer.Typer) -> None:
 
         from portrait.flows.train import train
 
+        from .tables import show
+
         settings: Settings = ctx.obj or Settings()
         console = Console(stderr=True)
         with TrainProgress(console) as bar:
             identity = train(photos, name, settings=settings, steps=steps, rank=rank, resume=resume,
                              overwrite=overwrite, zero_shot=zero_shot, progress=bar.stage, on_event=bar.event)
-        Console().print(summary_table(identity))
+        show(summary_table(identity))
 
 
 class TrainProgress:
