@@ -28,6 +28,15 @@ def serve(
     """Start the server: prints its URL, runs until Ctrl-C."""
     if ctx.invoked_subcommand is not None:
         return
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401  (python-multipart, for uploads)
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        from portrait.core.errors import BadInput
+
+        raise BadInput(f"portrait serve needs the serve extra ({exc.name} is missing): "
+                       "pip install 'portrait[serve]'") from None
     from portrait.service.server import ServeOptions, serve as run_server
 
     run_server(ctx.obj, ServeOptions(host=host, port=port, workers=workers, ray=ray, threads=threads))
