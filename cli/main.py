@@ -18,7 +18,8 @@ import typer
 from portrait.core.config import Settings
 from portrait.core.errors import ENVIRONMENT_ERRNOS, Interrupted, OutputFailed, PortraitError, output_failed
 
-from . import cmd_batch, cmd_demo, cmd_doctor, cmd_eval, cmd_generate, cmd_models, cmd_prepare, cmd_templates, cmd_train
+from . import (cmd_batch, cmd_demo, cmd_doctor, cmd_eval, cmd_generate, cmd_models, cmd_prepare, cmd_serve,
+               cmd_templates, cmd_train)
 
 app = typer.Typer(
     name="portrait",
@@ -49,7 +50,7 @@ def main(
 
 
 for module in (cmd_prepare, cmd_train, cmd_generate, cmd_templates, cmd_batch, cmd_models, cmd_demo, cmd_doctor,
-               cmd_eval):
+               cmd_eval, cmd_serve):
     module.register(app)
 
 

@@ -30,7 +30,8 @@ def test_wheel_layout(wheel):
     top = {n.split("/")[0] for n in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"portrait"}
     for required in ("portrait/stages/__init__.py", "portrait/cli/main.py", "portrait/presets/models.yaml",
-                     "portrait/presets/tiny.yaml", "portrait/presets/configs/sd15/model_index.json"):
+                     "portrait/presets/tiny.yaml", "portrait/presets/configs/sd15/model_index.json",
+                     "portrait/service/app.py", "portrait/service/static/index.html", "portrait/service/static/app.js"):
         assert required in names, required
     assert any(n.startswith("portrait/templates/styles/") and n.endswith(".yaml") for n in names)
 

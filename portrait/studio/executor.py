@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from portrait.core.cache import ModelCache
 from portrait.core.config import Settings
@@ -130,6 +130,10 @@ def remove_empty_folders(folder: Path, levels: int) -> None:
             return
 
 
+# (item, phase, done, total): where a running item is, for a progress bar (the service's).
+ItemProgress = Callable[[Item, str, float, float], None]
+
+
 class FlowExecutor:
     """Runs items through the real flows with one warm RunContext per preset.
 
@@ -137,10 +141,16 @@ class FlowExecutor:
     so two presets that use the same base share its weights too.
     """
 
-    def __init__(self, settings: Settings, cache: ModelCache | None = None):
+    def __init__(self, settings: Settings, cache: ModelCache | None = None, progress: ItemProgress | None = None):
         self.settings = settings
         self.cache = cache or ModelCache()
+        self.progress = progress
         self._contexts: dict[str, Any] = {}
+
+    def _reporter(self, item: Item) -> Callable[[str, float, float], None] | None:
+        if self.progress is None:
+            return None
+        return lambda what, done, total: self.progress(item, what, done, total)
 
     def context(self, preset: str):
         from portrait.core.context import RunContext
@@ -166,8 +176,10 @@ class FlowExecutor:
             # An earlier attempt swapped the bundle into place and died before it was marked done.
             return ItemResult(in_place=(load_identity(ctx.settings, p["name"]).root,), meta=meta)
         # resume: a re-run after a crash continues from the interrupted run's last checkpoint.
+        report = self._reporter(item)
+        on_event = (lambda event: report(event.phase, event.step, event.total)) if report else None
         identity = train(p["photos"], p["name"], zero_shot=bool(p["zero_shot"]), steps=p.get("steps"), resume=True,
-                         ctx=ctx)
+                         ctx=ctx, progress=report, on_event=on_event)
         return ItemResult(in_place=(Path(identity.root),), meta=meta)
 
     def _generate(self, item: Item, staging: Path) -> ItemResult:
@@ -176,7 +188,7 @@ class FlowExecutor:
         p = item.payload
         result = generate(p["identity"], template=p["template"], prompt=p["prompt"], backend=p["backend"], n=1,
                           seed=p["seed"], out=staging, ctx=self.context(p["preset"]), finish=p["finish"],
-                          **p["overrides"])
+                          progress=self._reporter(item), **p["overrides"])
         report = result.as_json()
         rows = [{k: v for k, v in row.items() if k != "path"} for row in report["results"]]
         meta = {"backend": report["backend"], "template": report["template"], "results": rows}

@@ -235,6 +235,15 @@ def template_ref(base: Path, value: str) -> tuple[str, str]:
     return resolved, f"{slug(name)}-{hashlib.sha256(resolved.encode()).hexdigest()[:6]}"
 
 
+def train_item(name: str, photos: list[str], *, zero_shot: bool, preset: str, steps: int | None,
+               order: int = 0) -> Item:
+    """The item that trains (or, zero-shot, prepares) one identity from absolute photo paths."""
+    payload = {"name": check_name(name), "photos": list(photos), "zero_shot": bool(zero_shot), "preset": preset,
+               "steps": steps}
+    return Item(id=content_id({"kind": "train", **payload}), kind="train", group=f"{preset}/train/{name}", order=order,
+                label=f"{name} / train{' (zero-shot)' if zero_shot else ''}", payload=payload)
+
+
 def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exists, source: str = "spec") -> Job:
     """Expand a spec into items. `identity_exists(name) -> bool` decides which need training."""
     preset = spec.preset or default_preset
@@ -250,11 +259,10 @@ def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exist
         train_id = None
         if ident.photos is not None and not identity_exists(ident.name):
             zero_shot = ident.zero_shot if ident.zero_shot is not None else zero_shot_only
-            payload = {"name": ident.name, "photos": _photo_paths(base_dir, ident.photos), "zero_shot": zero_shot,
-                       "preset": preset, "steps": ident.steps}
-            train_id = content_id({"kind": "train", **payload})
-            items.append(Item(id=train_id, kind="train", group=f"{preset}/train/{ident.name}", order=order,
-                              label=f"{ident.name} / train{' (zero-shot)' if zero_shot else ''}", payload=payload))
+            train = train_item(ident.name, _photo_paths(base_dir, ident.photos), zero_shot=zero_shot, preset=preset,
+                               steps=ident.steps, order=order)
+            train_id = train.id
+            items.append(train)
             order += 1
         for backend in spec.backends:
             for style_kind, style, folder in styles:

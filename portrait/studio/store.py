@@ -81,6 +81,11 @@ CREATE TABLE IF NOT EXISTS job_items (
     PRIMARY KEY (job, item)
 );
 CREATE INDEX IF NOT EXISTS items_state ON items (state, priority, grp, ord);
+CREATE TABLE IF NOT EXISTS item_progress (
+    item TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    updated REAL NOT NULL
+);
 """
 
 
@@ -377,6 +382,53 @@ class Store:
             return con.execute(
                 "UPDATE items SET state = 'pending', attempts = 0, error = NULL, error_kind = NULL, not_before = 0,"
                 " finished = NULL, seconds = NULL WHERE state = 'failed'" + where, args).rowcount
+
+    def cancel(self, jobs: Iterable[str], reason: str = "cancelled") -> int:
+        """Fail every pending item of `jobs` at once (running items finish; nothing is re-run)."""
+        where, args = self._job_filter(list(jobs), "items")
+        with self._transaction() as con:
+            return con.execute(
+                "UPDATE items SET state = 'failed', error = ?, error_kind = 'cancelled', finished = ?"
+                " WHERE state = 'pending'" + where, (reason, time.time(), *args)).rowcount
+
+    def forget(self, jobs: Iterable[str]) -> int:
+        """Remove jobs and their items (those no other job shares) from the store, so nothing
+        of them remains (the service erases a customer's identity). Running items are kept:
+        the caller cancels and waits first. Returns the items removed."""
+        job_ids = list(jobs)
+        if not job_ids:
+            return 0
+        marks = ",".join("?" * len(job_ids))
+        with self._transaction() as con:
+            rows = con.execute(
+                f"SELECT i.id FROM items i JOIN job_items j ON j.item = i.id WHERE j.job IN ({marks})"
+                f" AND i.state != 'running' AND NOT EXISTS (SELECT 1 FROM job_items o WHERE o.item = i.id"
+                f" AND o.job NOT IN ({marks}))", (*job_ids, *job_ids)).fetchall()
+            items = [r["id"] for r in rows]
+            for item in items:
+                con.execute("DELETE FROM items WHERE id = ?", (item,))
+                con.execute("DELETE FROM item_progress WHERE item = ?", (item,))
+            con.execute(f"DELETE FROM job_items WHERE job IN ({marks})", job_ids)
+            con.execute(f"DELETE FROM jobs WHERE id IN ({marks})", job_ids)
+        return len(items)
+
+    # -- progress within an item ----------------------------------------------------------
+
+    def set_progress(self, item_id: str, data: dict[str, Any]) -> None:
+        """Where a running item is (phase, step, total): one upsert, written by the worker."""
+        with self._connect() as con:
+            con.execute("INSERT INTO item_progress (item, data, updated) VALUES (?, ?, ?)"
+                        " ON CONFLICT(item) DO UPDATE SET data = excluded.data, updated = excluded.updated",
+                        (item_id, json.dumps(data, default=str), time.time()))
+
+    def progress(self, item_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        ids = list(item_ids)
+        if not ids:
+            return {}
+        with self._connect() as con:
+            rows = con.execute(f"SELECT item, data, updated FROM item_progress WHERE item IN ({','.join('?' * len(ids))})",
+                               ids).fetchall()
+        return {r["item"]: {**json.loads(r["data"]), "updated": r["updated"]} for r in rows}
 
     # -- reading ----------------------------------------------------------------------
 

@@ -1,0 +1,126 @@
+"""The web UI in a real headless Chromium (Debian's `chromium`, driven by Playwright): upload,
+see the report, train with a live progress bar, pick a template, generate, see the ranked
+gallery, download the zip, delete the identity. Screenshots of each step are saved under
+outputs/test-artifacts/serve/ (set PORTRAIT_DOCS_SCREENSHOT=PATH to also write the README's).
+
+Outside CI the test is skipped when chromium is not installed; in CI (CI=true) it fails
+instead, because `.ci/run` installs it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from serve_helpers import ARTIFACTS, Server, free_port, sample_files, service_home
+
+pytest.importorskip("playwright")
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail("chromium is not installed; .ci/run installs Debian's `chromium` package")
+    pytest.skip("chromium is not installed (apt-get install chromium)")
+
+
+@pytest.mark.slow
+def test_whole_flow_in_a_real_browser(tiny_home, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    executable = chromium()
+    settings = service_home(tiny_home, tmp_path / "home")
+    photos = sample_files(tmp_path / "photos")
+    shots = ARTIFACTS
+    shots.mkdir(parents=True, exist_ok=True)
+    server = Server(settings.home, free_port()).start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(300_000)
+            expect.set_options(timeout=300_000)  # the tiny preset is quick, a shared CPU is not
+            page.goto(server.url)
+            expect(page.locator("#whoami")).to_have_text("local studio")
+
+            # Upload: the report says which photos were kept and why the others were not.
+            page.fill("#identity-name", "dana")
+            page.set_input_files("#photos", [str(p) for p in photos])
+            page.click("#upload-button")
+            expect(page.locator("#identity-title")).to_have_text("dana")
+            rows = page.locator("#report tbody tr")
+            expect(rows).to_have_count(len(photos))
+            expect(page.locator("#report tbody tr", has_text="hopper.jpg")).to_contain_text("other_person")
+            expect(page.locator("#report tbody tr", has_text="IMG_broken.jpg")).to_contain_text("unreadable")
+            expect(page.locator("#report-summary")).to_have_text("Photo check: 6 kept, 2 rejected")
+            page.wait_for_function("document.querySelector('#contact-sheet').naturalWidth > 0")
+            page.screenshot(path=str(shots / "01-report.png"), full_page=True)
+
+            # Train: the bar moves while the job runs, and the identity becomes ready.
+            page.fill("#train-steps", "4")
+            page.click("#train-button")
+            widths, texts = set(), set()
+            while (state := page.locator("#identity-state").inner_text()) != "ready":
+                assert state in ("training", "prepared"), page.locator("#train-status").inner_text()
+                widths.add(page.eval_on_selector("#train-bar", "el => el.style.width"))
+                texts.add(page.locator("#train-status").inner_text())
+                time.sleep(0.1)
+            assert any(w not in ("", "0%", "100%") for w in widths), widths  # a live bar, not only start and end
+            assert any("step" in t and "/4" in t for t in texts), texts
+            expect(page.locator("#train-status")).to_contain_text("trained: LoRA")
+            page.screenshot(path=str(shots / "02-trained.png"), full_page=True)
+
+            # Pick a template from the gallery of previews and generate.
+            cards = page.locator(".template")
+            assert cards.count() >= 9
+            page.wait_for_function("[...document.querySelectorAll('.template img')].every(i => i.naturalWidth > 0)")
+            page.click(".template[data-name=film]")
+            expect(page.locator(".template.selected")).to_have_attribute("data-name", "film")
+            page.fill("#count", "2")
+            page.fill("#seed", "7")
+            page.click("#generate-button")
+            shots_in_gallery = page.locator("#gallery figure")
+            expect(shots_in_gallery).to_have_count(2)
+            expect(shots_in_gallery.nth(0)).to_contain_text("#1")
+            expect(shots_in_gallery.nth(1)).to_contain_text("#2")
+            for i in range(2):
+                expect(shots_in_gallery.nth(i)).to_contain_text("gate")
+                expect(shots_in_gallery.nth(i)).to_contain_text("film")
+            page.wait_for_function("[...document.querySelectorAll('#gallery img')].every(i => i.naturalWidth > 0)")
+            expect(page.locator("#generate-bar")).to_have_class("bar done")
+            page.screenshot(path=str(shots / "03-gallery.png"), full_page=True)
+            docs = os.environ.get("PORTRAIT_DOCS_SCREENSHOT")
+            if docs:
+                page.screenshot(path=docs, full_page=True)
+
+            # Download the zip of the job.
+            with page.expect_download() as download:
+                page.click("#download")
+            target = tmp_path / "download.zip"
+            download.value.save_as(target)
+            names = zipfile.ZipFile(target).namelist()
+            assert len([n for n in names if n.endswith(".png")]) == 2 and "results.json" in names
+
+            # The queue shows both jobs, done.
+            queue = page.locator("#queue tbody tr")
+            expect(queue).to_have_count(2)
+            expect(page.locator("#queue tbody tr .state-done")).to_have_count(2)
+
+            # Delete: confirm, and nothing of the identity remains.
+            identity_id = page.get_attribute(".identities li.selected", "data-id")
+            page.on("dialog", lambda dialog: dialog.accept())
+            page.click("#delete-identity")
+            expect(page.locator("#message")).to_contain_text("dana deleted")
+            expect(page.locator("#identities")).to_contain_text("none yet")
+            expect(queue).to_have_count(0)
+            page.screenshot(path=str(shots / "04-deleted.png"), full_page=True)
+            browser.close()
+        assert identity_id and [p for p in settings.home.rglob("*") if identity_id in str(p)] == []
+    finally:
+        server.stop()
