@@ -102,7 +102,7 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 # The top-level keys a preset may hold: its identity, and one section per stage.
-PRESET_KEYS = ("name", "family", "tiny", "models", "description", "extends")
+PRESET_KEYS = ("name", "family", "tiny", "models", "description", "extends", "license")
 PRESET_SECTIONS = ("runtime", "prepare", "train", "generate", "finish", "score", "studio")
 
 
