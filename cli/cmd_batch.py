@@ -70,9 +70,9 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable: counts and every item."),
 ) -> None:
     """Counts per state and a per-item table."""
-    from rich.console import Console
-
     from portrait.studio.progress import status_table
+
+    from .tables import show
 
     _existing_store(ctx, store)
     studio = _studio(ctx, store)
@@ -80,11 +80,10 @@ def status(
     if as_json:
         sys.stdout.write(json.dumps(state.as_dict(), indent=2, default=str) + "\n")
         return
-    console = Console()
     c = state.counts
-    console.print(status_table(state.items, title=f"{studio.store.path}"))
-    console.print(f"{state.total} items: {c['done']} done, {c['failed']} failed, {c['running']} running, "
-                  f"{c['pending']} pending", highlight=False)
+    show(status_table(state.items, title=f"{studio.store.path}"))
+    typer.echo(f"{state.total} items: {c['done']} done, {c['failed']} failed, {c['running']} running, "
+               f"{c['pending']} pending")
 
 
 @batch_app.command("retry-failed")

@@ -14,4 +14,4 @@ def register(app: typer.Typer) -> None:
         from portrait.demo import run_demo
 
         for line in run_demo(ctx.obj, out):
-            print(line)
+            print(line, flush=True)

@@ -19,10 +19,11 @@ def list_models(ctx: typer.Context, json_out: bool = typer.Option(False, "--json
     """Every model in the registry, whether it is present, and its license."""
     import json
 
-    from rich.console import Console
     from rich.table import Table
 
     from portrait.core.registry import Registry, model_table
+
+    from .tables import show
 
     rows = model_table(Registry.load(), ctx.obj)
     if json_out:
@@ -33,7 +34,7 @@ def list_models(ctx: typer.Context, json_out: bool = typer.Option(False, "--json
         table.add_column(column)
     for row in rows:
         table.add_row(*(str(row[c] if row[c] is not None else "") for c in ("id", "kind", "family", "present", "size_mb", "license", "tiny")))
-    Console().print(table)
+    show(table)
 
 
 @models_app.command("download")

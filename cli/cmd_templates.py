@@ -25,8 +25,9 @@ def list_templates(json_out: bool = typer.Option(False, "--json", help="Print JS
     if json_out:
         print(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from .tables import show
 
     table = Table()
     for column in ("name", "kind", "title", "controls", "composition"):
@@ -34,4 +35,4 @@ def list_templates(json_out: bool = typer.Option(False, "--json", help="Print JS
     for row in rows:
         controls = ", ".join(f"{k} {v:g}" for k, v in row["controls"].items())
         table.add_row(row["name"], row["kind"], row["title"], controls, row["composition"])
-    Console().print(table)
+    show(table)

@@ -37,6 +37,8 @@ def register(app: typer.Typer) -> None:
 
         from portrait.flows.train import train
 
+        from .tables import show
+
         settings: Settings = ctx.obj or Settings()
         console = Console(stderr=True)
         with TrainProgress(console) as bar:
@@ -45,7 +47,7 @@ def register(app: typer.Typer) -> None:
                              resolution=resolution, batch_size=batch_size, lr=lr, alpha=alpha,
                              train_text_encoder=train_text_encoder, optimizer=optimizer,
                              gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision)
-        Console().print(summary_table(identity))
+        show(summary_table(identity))
 
 
 class TrainProgress:

@@ -2,8 +2,9 @@
 
 `write_sample_photos(folder)` writes several different shots of one person (the
 astronaut from scikit-image: crops, a mirror image, an EXIF-rotated JPEG, a JPEG at
-quality 30, a brighter exposure (x1.25)) plus one photo of someone else (matplotlib's Grace
-Hopper) as the outlier prepare must reject, and a truncated JPEG (`unreadable`).
+quality 30, a brighter exposure (x1.25)) plus one photo of someone else (Grace Hopper,
+shipped as the hopper template's photo) as the outlier prepare must reject, and a
+truncated JPEG (`unreadable`).
 `majority="hopper"` swaps the roles.
 Each shot is framed differently, the way real selfies are, so none is a near-duplicate
 of another.
@@ -43,10 +44,15 @@ def astronaut_photo() -> np.ndarray:
 
 
 def hopper_photo() -> np.ndarray:
-    import matplotlib.cbook
+    """Commodore Grace M. Hopper (U.S. Navy, public domain): matplotlib's `grace_hopper.jpg`,
+    byte for byte, which the package ships as the `hopper` photo template's image (so the
+    runtime needs no matplotlib, a dev-only package)."""
+    from importlib import resources
+
     from PIL import Image
 
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh, Image.open(fh) as im:
+    source = resources.files("portrait.templates") / "photos" / "hopper" / "template.jpg"
+    with source.open("rb") as fh, Image.open(fh) as im:
         return np.asarray(im.convert("RGB"))
 
 

@@ -330,6 +330,25 @@ def test_template_backend_end_to_end_on_grace_hopper(identity, warm, tmp_path):
     assert np.array_equal(_pixels(path), _pixels(again.paths[0]))
 
 
+def test_template_fusion_only_keeps_the_face_and_loads_no_pipeline(identity, ctx, tmp_path, hopper, astronaut):
+    """passes=0: the reference face fused into the template, no diffusion. Measured with dlib,
+    the new face is the identity's (the astronaut) and no longer Hopper's."""
+    from portrait.core.faces import make_analyzer, similarity
+
+    result = generate(identity, template="hopper", n=1, seed=6, out=tmp_path, ctx=ctx, width=256, height=296,
+                      finish={"upscale": False, "retouch": False}, options={"passes": 0})
+    loaded = [key.model_id for key in ctx.cache.keys()]
+    assert loaded and not any("sd15" in m or "controlnet" in m for m in loaded), loaded  # no diffusion model
+    info = result.results[0].candidate.info
+    assert info["identity_mode"] == "fusion-only" and info["passes"]["count"] == 0
+    dlib = make_analyzer(ctx, "dlib")
+    (face,) = dlib.detect(_pixels(result.paths[0]))
+    astro, grace = dlib.detect(astronaut)[0].embedding, dlib.detect(hopper)[0].embedding
+    assert similarity(face.embedding, astro, "dlib") > 0.5 > similarity(face.embedding, grace, "dlib")
+    with pytest.raises(BadInput, match="option passes must be 0"):
+        generate(identity, template="hopper", n=1, seed=6, out=tmp_path / "bad", ctx=ctx, options={"passes": 3})
+
+
 def test_template_backend_can_carry_faceid_in_its_passes(identity, warm, tmp_path):
     plain = generate(identity, template="hopper", n=1, seed=6, out=tmp_path / "plain", ctx=warm, finish=False)
     with_faceid = generate(identity, template="hopper", n=1, seed=6, out=tmp_path / "faceid", ctx=warm, finish=False,

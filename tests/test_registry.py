@@ -10,6 +10,7 @@ import pytest
 
 from portrait.core.config import Settings
 from portrait.core.errors import BadInput, ModelMissing
+from portrait.core.tiny import STAMP, TINY_VERSION
 from portrait.core.registry import ModelSpec, Registry, download, verify
 
 
@@ -74,10 +75,11 @@ def test_partial_home_folder_does_not_count(tmp_path, monkeypatch):
 def test_tiny_preset_resolves_stand_in_and_names_make_tiny(tmp_path):
     registry = _registry()
     settings = Settings(home=tmp_path)
-    with pytest.raises(ModelMissing) as missing:
-        registry.resolve("base", settings, tiny=True)
+    with pytest.raises(ModelMissing) as missing:  # asked not to write it (models list, doctor)
+        registry.resolve("base", settings, tiny=True, write_tiny=False)
     assert "portrait models make-tiny" in str(missing.value)
-    _write(settings.models_dir / "tiny-base", ["model_index.json"])
+    _write(settings.models_dir / "tiny-base", ["model_index.json", STAMP])
+    (settings.models_dir / "tiny-base" / STAMP).write_text(TINY_VERSION)
     hit = registry.resolve("base", settings, tiny=True)
     assert (hit.spec.id, hit.origin) == ("tiny-base", "tiny")
 
@@ -155,10 +157,45 @@ def test_cli_unknown_model_and_preset_exit_2(tmp_path):
     result = _cli("models", "path", "no-such-model", home=tmp_path)
     assert result.returncode == 2 and "unknown model 'no-such-model'" in result.stderr
     result = _cli("--preset", "nope", "doctor", home=tmp_path)
-    assert result.returncode in (0, 2)  # doctor does not need the preset; it must not crash
+    assert result.returncode == 0, result.stderr  # doctor does not need the preset: it reports, it does not crash
 
 
 def test_doctor_lists_licenses(tmp_path):
     result = _cli("doctor", home=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "non-commercial" in result.stdout and "torch" in result.stdout
+
+
+def test_tables_keep_whole_values_in_a_pipe(tmp_path):
+    """stdout is a pipe here: every table prints tab-separated rows with whole values (rich cut
+    them to 80 columns before: `ip-adapte…`, `non-comm…`)."""
+    from portrait.core.registry import Registry
+
+    result = _cli("models", "list", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split("\t") == ["id", "kind", "family", "present", "size_mb", "license", "tiny"]
+    rows = {line.split("\t")[0]: line.split("\t") for line in lines[1:]}
+    assert set(rows) == set(Registry.load().specs)
+    assert all(len(row) == 7 for row in rows.values())
+    faceid = rows["ip-adapter-faceid-sd15"]
+    assert "non-commercial" in faceid[5] and "…" not in result.stdout
+    templates = _cli("templates", "list", home=tmp_path)
+    assert templates.returncode == 0 and "hopper\tphoto\t" in templates.stdout
+
+
+def test_tables_draw_on_a_terminal():
+    import io
+
+    from rich.table import Table
+
+    from portrait.cli.tables import show
+
+    table = Table(title="t")
+    table.add_column("a")
+    table.add_row("[bold]x[/bold]")
+    plain, drawn = io.StringIO(), io.StringIO()
+    show(table, file=plain, tty=False)
+    show(table, file=drawn, tty=True)
+    assert plain.getvalue() == "# t\na\nx\n"
+    assert "─" in drawn.getvalue() or "━" in drawn.getvalue()

@@ -44,6 +44,11 @@ class ModelCache:
     def __contains__(self, key: CacheKey) -> bool:
         return key in self._items
 
+    def keys(self) -> list[CacheKey]:
+        """What is loaded now, least recently used first."""
+        with self._lock:
+            return list(self._items)
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()

@@ -111,15 +111,25 @@ class Registry:
             return self.specs[spec.tiny]
         return spec
 
-    def resolve(self, model_id: str, settings: Settings, *, tiny: bool = False, explicit: Path | None = None) -> ResolvedModel:
+    def resolve(self, model_id: str, settings: Settings, *, tiny: bool = False, explicit: Path | None = None,
+                write_tiny: bool = True) -> ResolvedModel:
+        """Where `model_id` is on disk. A tiny stand-in that is missing or stale (an older
+        make-tiny version) is written on first use (`write_tiny`), with a one-line notice:
+        they are deterministic and take about a second each, so "run make-tiny" was only a
+        command we could run ourselves. Real models stop with exit 3 and the download command."""
         spec = self.stand_in(model_id, tiny)
         if explicit is not None:
             return _resolve_explicit(spec, Path(explicit))
         if spec.source == "tiny":
+            from .tiny import is_current, write_stand_in
+
             root = settings.models_dir / spec.id
-            if _has_files(root, spec.files):
+            if _has_files(root, spec.files) and is_current(root):
                 return ResolvedModel(spec, root, "tiny", tuple(spec.files))
-            raise ModelMissing(spec.id, "portrait models make-tiny")
+            if not write_tiny:
+                raise ModelMissing(spec.id, "portrait models make-tiny")
+            write_stand_in(spec, settings)
+            return ResolvedModel(spec, root, "tiny", tuple(spec.files))
         root = settings.models_dir / spec.id
         if _has_files(root, spec.files):
             return ResolvedModel(spec, root, "home", tuple(spec.files))
@@ -136,7 +146,7 @@ class Registry:
 
     def is_present(self, model_id: str, settings: Settings, *, tiny: bool = False) -> bool:
         try:
-            self.resolve(model_id, settings, tiny=tiny)
+            self.resolve(model_id, settings, tiny=tiny, write_tiny=False)
             return True
         except ModelMissing:
             return False

@@ -12,6 +12,7 @@ TINY_VERSION), an existing HOME gets fresh ones instead of loading stale sizes.
 from __future__ import annotations
 
 import importlib
+import sys
 import zlib
 from pathlib import Path
 from typing import Callable, Iterable
@@ -54,11 +55,37 @@ def make_tiny(settings: Settings, registry: Registry | None = None, seed: int = 
             continue
         if on_model:
             on_model(spec.id)
-        with atomic_dir(target) as tmp:
-            maker_for(spec)(tmp, seed_for(spec.id, seed))
-            (tmp / STAMP).write_text(TINY_VERSION)
-        written.append(target)
+        written.append(_write(spec, target, seed))
     return written
+
+
+def _write(spec: ModelSpec, target: Path, seed: int = 0) -> Path:
+    with atomic_dir(target) as tmp:
+        maker_for(spec)(tmp, seed_for(spec.id, seed))
+        (tmp / STAMP).write_text(TINY_VERSION)
+    return target
+
+
+_announced: set[Path] = set()
+
+
+def write_stand_in(spec: ModelSpec, settings: Settings) -> Path:
+    """Write one stand-in on first use (the registry calls this when a tiny preset resolves a
+    missing or stale one), saying so once per models folder and process on stderr."""
+    models_dir = settings.models_dir
+    if models_dir not in _announced:
+        _announced.add(models_dir)
+        print(f"tiny preset: writing offline stand-in models to {models_dir} on first use (about a second each)",
+              file=sys.stderr)
+    target = models_dir / spec.id
+    try:
+        return _write(spec, target)
+    except OSError:
+        # Another process (a second batch worker) wrote it at the same moment: its copy is
+        # byte-identical, so take it when it is complete.
+        if is_current(target):
+            return target
+        raise
 
 
 def is_current(target: Path) -> bool:
