@@ -407,3 +407,15 @@ def test_train_knobs_reach_the_policy_and_bad_values_exit_2(home, photos, capsys
         import bitsandbytes  # noqa: F401
     except ImportError:
         one_line_exit_2(capsys, *common, "--optimizer", "adamw8bit", needles=("adamw8bit", "bitsandbytes"))
+
+
+def test_batch_spec_carries_train_options_and_refuses_bad_ones():
+    from portrait.studio.spec import parse_spec
+
+    spec = parse_spec({"output": "out", "prompts": ["x"], "identities": [{"name": "bob", "photos": "p",
+                                                         "train": {"rank": 8, "optimizer": "prodigy", "lr": 0.5}}]})
+    assert spec.identities[0].train == {"rank": 8, "optimizer": "prodigy", "lr": 0.5}
+    for bad, needle in (({"optimizer": "sgd"}, "--optimizer sgd"), ({"resolution": 100}, "--resolution 100"),
+                        ({"bogus": 1}, "bogus")):
+        with pytest.raises(BadInput, match=needle):
+            parse_spec({"output": "out", "prompts": ["x"], "identities": [{"name": "bob", "photos": "p", "train": bad}]})

@@ -166,8 +166,9 @@ class FlowExecutor:
             # An earlier attempt swapped the bundle into place and died before it was marked done.
             return ItemResult(in_place=(load_identity(ctx.settings, p["name"]).root,), meta=meta)
         # resume: a re-run after a crash continues from the interrupted run's last checkpoint.
+        options = dict(p.get("train") or {})
         identity = train(p["photos"], p["name"], zero_shot=bool(p["zero_shot"]), steps=p.get("steps"), resume=True,
-                         ctx=ctx)
+                         ctx=ctx, rank=options.pop("rank", None), **options)
         return ItemResult(in_place=(Path(identity.root),), meta=meta)
 
     def _generate(self, item: Item, staging: Path) -> ItemResult:

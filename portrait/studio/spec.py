@@ -50,11 +50,25 @@ class IdentitySpec(BaseModel):
     photos: str | list[str] | None = None  # a folder, files, or a list of either
     zero_shot: bool | None = None  # None: decided from the spec's backends
     steps: int | None = Field(default=None, ge=1)
+    # `portrait train` options for training this identity (resolution, batch_size, lr, rank,
+    # alpha, train_text_encoder, optimizer, gradient_checkpointing, mixed_precision).
+    train: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
         return check_name(value)
+
+    @field_validator("train")
+    @classmethod
+    def _valid_train(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from portrait.flows.train import policy_overrides
+        from portrait.stages.train import TrainPolicy
+
+        options = dict(value)
+        rank = options.pop("rank", None)
+        TrainPolicy.from_section({}, **policy_overrides(rank=rank, **options))  # BadInput names the option
+        return value
 
 
 class JobSpec(BaseModel):
@@ -229,6 +243,8 @@ def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exist
             zero_shot = ident.zero_shot if ident.zero_shot is not None else zero_shot_only
             payload = {"name": ident.name, "photos": _photo_paths(base_dir, ident.photos), "zero_shot": zero_shot,
                        "preset": preset, "steps": ident.steps}
+            if ident.train:  # only when given, so the ids of specs without it stay as they were
+                payload["train"] = dict(sorted(ident.train.items()))
             train_id = content_id({"kind": "train", **payload})
             items.append(Item(id=train_id, kind="train", group=f"{preset}/train/{ident.name}", order=order,
                               label=f"{ident.name} / train{' (zero-shot)' if zero_shot else ''}", payload=payload))
