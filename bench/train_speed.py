@@ -4,6 +4,8 @@ What a user feels is the time to a finished identity and the peak memory, so eac
 runs as a whole process (Python start, imports, model load, training, the LoRA written) and
 the parent times it from outside. Both train the same LoRA (rank, targets, AdamW, learning
 rate, batch 1, text encoder frozen) on the same model and photos for the same step count.
+The script's SD1.5 dataset does not flip images, so ours runs with `flip: false` here too
+(with flips on, each mirror a run draws costs one more VAE encode, once).
 
 - baseline: a faithful re-implementation of the loop of diffusers'
   `examples/dreambooth/train_dreambooth_lora.py` (defaults: fp32 on CPU, no gradient
@@ -109,7 +111,7 @@ def policy_for(ctx, steps: int, resolution: int, rank: int | None):
     from portrait.stages.train import TrainPolicy
 
     return TrainPolicy.from_section(ctx.preset.section("train"), steps=steps, resolution=resolution, rank=rank,
-                                    train_text_encoder=False, gradient_checkpointing=False, snr_gamma=0.0,
+                                    train_text_encoder=False, gradient_checkpointing=False, snr_gamma=0.0, flip=False,
                                     validation_seeds=[], checkpoint_every=10**9, optimizer="adamw",
                                     mixed_precision="no")
 
