@@ -220,6 +220,13 @@ def run_baseline(settings, preset, images, steps, resolution, rank, model_dir, o
     return clock.figures()
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (Linux /proc): its whole-process time, seen from inside."""
+    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 def peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
         import torch
@@ -241,8 +248,14 @@ def child(args) -> None:
     fn = run_ours if args.variant == "ours" else run_baseline
     with tempfile.TemporaryDirectory() as out:
         result = fn(settings, args.preset, images, args.steps[0], args.resolution, args.rank, args.model_dir, Path(out))
-    result.update(variant=args.variant, steps=args.steps[0], peak_mb=peak_memory_mb(settings.device))
+    result.update(variant=args.variant, steps=args.steps[0], peak_mb=peak_memory_mb(settings.device),
+                  arch="sd15" if args.model_dir else "tiny", resolution=args.resolution, rank=args.rank,
+                  threads=args.threads, finished=time.time(), load=load_average(), process_s=process_age_s())
     print(json.dumps(result))
+    # Every run is also appended to HOME/train-bench.jsonl, so a long run cut short still leaves
+    # its finished pairs (`--from-results` prints the table from such a file).
+    with open(Path(args.home) / "train-bench.jsonl", "a") as log:
+        log.write(json.dumps(result) + "\n")
 
 
 def ensure_tiny(home: Path, preset: str) -> None:
@@ -291,6 +304,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved (baseline, ours) pairs per step count")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per process (1 keeps a shared machine's load from skewing the ratio)")
+    parser.add_argument("--from-results", default=None,
+                        help="print the table from a train-bench.jsonl (pairs in order) instead of running")
     parser.add_argument("--variant", choices=("ours", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -300,6 +315,8 @@ def main() -> None:
     args.preset = args.preset or ("sd15" if real else "tiny")
     if args.variant:
         return child(args)
+    if args.from_results:
+        return report_file(args, Path(args.from_results))
     if min(args.steps) < 2:
         raise SystemExit("--steps: each run needs at least 2 steps (the first is the warm-up)")
 
@@ -322,6 +339,21 @@ def main() -> None:
                 print(f"  {steps} steps: baseline {base['process_s']:.1f} s, {base['peak_mb']:.0f} MB; "
                       f"ours {ours['process_s']:.1f} s, {ours['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
     report(args, runs, loads)
+
+
+def report_file(args, path: Path) -> None:
+    """The table from logged runs of this --arch: each baseline paired with the next ours run."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("arch") == args.arch and "process_s" in r]
+    runs: dict[int, list[tuple[dict, dict]]] = {}
+    pending: dict[int, dict] = {}
+    for row in rows:
+        if row["variant"] == "baseline":
+            pending[row["steps"]] = row
+        elif row["steps"] in pending:
+            runs.setdefault(row["steps"], []).append((pending.pop(row["steps"]), row))
+    args.repeats = min(len(v) for v in runs.values())
+    report(args, runs, sorted({r["load"] for r in rows}))
 
 
 def report(args, runs: dict[int, list[tuple[dict, dict]]], loads: list[str]) -> None:
