@@ -346,6 +346,11 @@ def make_optimizer(params_groups: list[dict[str, Any]], policy: TrainPolicy, dev
     if policy.optimizer == "prodigy":
         from prodigyopt import Prodigy  # learning-rate free: `lr` scales its estimate (use ~1.0)
 
+        # Prodigy refuses groups with different non-zero lr; as diffusers' script does, every
+        # group takes the UNet's (text_encoder_lr is ignored with prodigy).
+        for group in params_groups:
+            group["lr"] = policy.learning_rate
+
         # diffusers' script: safeguard warmup and bias correction on, decoupled weight decay.
         return Prodigy(params_groups, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-8, decouple=True,
                        use_bias_correction=True, safeguard_warmup=True)
