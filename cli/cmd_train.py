@@ -22,6 +22,16 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing identity of this name."),
         zero_shot: bool = typer.Option(False, "--zero-shot", help="No LoRA: store reference, embeddings and report only."),
         wait: bool = typer.Option(False, "--wait", help="If another process is training this name, wait for it instead of stopping (exit 2)."),
+        resolution: Optional[int] = typer.Option(None, "--resolution", help="Training size in pixels, a multiple of 8 (default: preset, 512 for SD1.5)."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step (default: preset, 1)."),
+        lr: Optional[float] = typer.Option(None, "--lr", help="UNet LoRA learning rate (default: preset, 1e-4; 1.0 with --optimizer prodigy)."),
+        alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha; the LoRA's scale is alpha / rank (default: preset)."),
+        train_text_encoder: Optional[bool] = typer.Option(None, "--train-text-encoder/--no-train-text-encoder",
+                                                         help="Also train a LoRA on the text encoder(s) (default: preset)."),
+        optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw | adamw8bit (needs bitsandbytes) | prodigy (default: preset, adamw)."),
+        gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                                             help="Trade a second forward for memory (default: on for CUDA under 16 GB, off on CPU)."),
+        mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="auto | no | fp16 | bf16 (default: auto: fp16/bf16 on CUDA, fp32 on CPU)."),
     ) -> None:
         """Find the person, train a LoRA, validate checkpoints by face similarity, write the bundle."""
         from rich.console import Console
@@ -35,7 +45,9 @@ def register(app: typer.Typer) -> None:
         with TrainProgress(console) as bar:
             identity = train(photos, name, settings=settings, steps=steps, rank=rank, resume=resume,
                              overwrite=overwrite, zero_shot=zero_shot, progress=bar.stage, on_event=bar.event,
-                             wait=wait)
+                             wait=wait, resolution=resolution, batch_size=batch_size, lr=lr, alpha=alpha,
+                             train_text_encoder=train_text_encoder, optimizer=optimizer,
+                             gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision)
         show(summary_table(identity))
 
 

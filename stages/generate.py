@@ -512,20 +512,33 @@ def with_seed(request: GenerationRequest, seed: int, n: int = 1) -> GenerationRe
 
 
 def seeded_candidates(request: GenerationRequest, render: Callable[[int], np.ndarray], *, setup_seconds: float,
-                      info: Mapping[str, Any]) -> Iterator[Candidate]:
+                      info: Mapping[str, Any], render_batch: Callable[[list[int]], list[np.ndarray]] | None = None,
+                      batch_size: int = 1) -> Iterator[Candidate]:
     """One candidate per seed of the request, `render(seed)` making each image.
 
     Every backend's loop: time each image, charge the setup (loading) to the first one, and
-    record the seed's own request so a candidate can be regenerated alone.
+    record the seed's own request so a candidate can be regenerated alone. A backend that can
+    render several seeds in one call passes `render_batch(seeds)` (one image per seed, each
+    equal to its `render(seed)` within float tolerance) and the `batch_size` that fits memory;
+    the seeds then go in chunks of that size, and each image is charged its share of its chunk.
     """
-    for i, seed in enumerate(candidate_seeds(request)):
+    seeds = candidate_seeds(request)
+    size = max(1, int(batch_size)) if render_batch is not None else 1
+    first = True
+    for start in range(0, len(seeds), size):
+        chunk = seeds[start:start + size]
         started = time.perf_counter()
-        image = render(seed)
-        timings = {"generate": time.perf_counter() - started}
-        if i == 0:
-            timings["load"] = setup_seconds
-        yield Candidate(image=image, seed=seed, request=with_seed(request, seed, request.n), timings=timings,
-                        info=dict(info))
+        images = render_batch(chunk) if len(chunk) > 1 else [render(chunk[0])]
+        if len(images) != len(chunk):
+            raise RuntimeError(f"batched render returned {len(images)} images for {len(chunk)} seeds")
+        share = (time.perf_counter() - started) / len(chunk)
+        for seed, image in zip(chunk, images):
+            timings = {"generate": share}
+            if first:
+                timings["load"] = setup_seconds
+                first = False
+            yield Candidate(image=image, seed=seed, request=with_seed(request, seed, request.n), timings=timings,
+                            info=dict(info))
 
 
 # --- backend dispatch ----------------------------------------------------------------------

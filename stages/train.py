@@ -5,10 +5,17 @@ Inputs: the base pipeline's components (`TrainModels`), the prepared images and 
 Output: a `TrainResult` holding the selected LoRA weights, every checkpoint's validation
 scores, the loss curve and timings.
 
-Why it is fast: the VAE latents (of each image and its mirror) and, when the text encoders
-are frozen, the text embeddings are computed once up front, so a step costs only the UNet
-forward and backward. diffusers' train_dreambooth_lora.py runs the VAE and text encoder on
-every step instead (bench/train_speed.py measures the difference).
+Why it is fast: the VAE latents and, when the text encoders are frozen, the text embeddings
+are computed once each, on first use: the first step starts as soon as the models are loaded
+(no up-front pass over every photo), a mirror is encoded only if a flip ever draws it, and a
+step that finds everything cached costs only the UNet forward and backward. diffusers'
+train_dreambooth_lora.py runs the VAE and text encoder on every step instead
+(bench/train_speed.py measures the difference).
+
+Why it is small: the draws of every step are a pure function of (seed, step), so the run
+knows in advance which latents and prompts it will ever need; once they are cached the VAE
+and the frozen text encoders leave the device, and leave RAM when the caller can reload them
+(`TrainModels.reload`) for validation renders. A training step holds the UNet alone.
 
 Why it is resumable: every `checkpoint_every` steps the LoRA, the optimizer, the LR
 schedule and the RNG states are written atomically (a temp folder renamed into place), and
@@ -49,6 +56,14 @@ CHECKPOINTS = "checkpoints"
 FaceScorer = Callable[[np.ndarray], "float | None"]
 
 
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 # --- values ---------------------------------------------------------------------------
 
 
@@ -73,8 +88,8 @@ class TrainPolicy:
     snr_gamma: float | None = None  # Min-SNR weighting; None = plain MSE
     noise_offset: float = 0.0
     max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = True
-    use_8bit_adam: bool = True  # only when bitsandbytes imports and the device is CUDA
+    gradient_checkpointing: bool | str = "auto"  # auto: on CUDA with < 16 GB; never on CPU (it costs a forward)
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | prodigy (prodigyopt)
     mixed_precision: str = "auto"  # auto (fp16/bf16 per placement on CUDA, fp32 on CPU) | no | fp16 | bf16
     seed: int = 0
     unet_targets: tuple[str, ...] = UNET_TARGETS
@@ -107,14 +122,30 @@ class TrainPolicy:
         return policy
 
     def check(self) -> None:
-        if self.rank < 1:
-            raise BadInput(f"--rank {self.rank}: must be at least 1")
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise BadInput(f"--rank {self.rank}: must be a whole number of at least 1")
+        if not _number(self.alpha) or self.alpha <= 0:
+            raise BadInput(f"--alpha {self.alpha}: must be a number above 0")
+        for option, value in (("--lr", self.learning_rate), ("--text-encoder-lr", self.text_encoder_lr)):
+            if not _number(value) or not 0 < value <= 10:
+                raise BadInput(f"{option} {value}: must be a number above 0 and at most 10")
         if self.steps is not None and self.steps < 1:
             raise BadInput(f"--steps {self.steps}: must be at least 1")
+        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 64:
+            raise BadInput(f"--batch-size {self.batch_size}: must be a whole number from 1 to 64")
+        if not isinstance(self.resolution, int) or not 64 <= self.resolution <= 2048 or self.resolution % 8:
+            raise BadInput(f"--resolution {self.resolution}: must be a multiple of 8 from 64 to 2048 "
+                           "(the VAE works in 8-pixel blocks)")
+        if self.optimizer not in OPTIMIZERS:
+            raise BadInput(f"--optimizer {self.optimizer}: use one of {', '.join(OPTIMIZERS)}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise BadInput(f"--mixed-precision {self.mixed_precision}: use one of {', '.join(MIXED_PRECISIONS)}")
+        if self.gradient_checkpointing not in (True, False, "auto"):
+            raise BadInput(f"preset train.gradient_checkpointing '{self.gradient_checkpointing}': use true, false or auto")
         if self.selection not in ("average", "best", "last"):
             raise BadInput(f"preset train.selection '{self.selection}': use average, best or last")
-        if self.checkpoint_every < 1 or self.batch_size < 1 or self.resolution < 8:
-            raise BadInput("preset train section: checkpoint_every, batch_size and resolution must be positive")
+        if self.checkpoint_every < 1:
+            raise BadInput("preset train.checkpoint_every: must be at least 1")
 
     def total_steps(self, n_photos: int) -> int:
         """EasyPhoto's rule: steps grow with the photo count, clamped to a range."""
@@ -137,6 +168,10 @@ class TrainModels:
 
     family: str  # sd15 | sdxl
     pipeline: Any
+    # Loads fresh copies of the named components (vae, text_encoder, ...) of the same base.
+    # With it, the trainer drops modules whose outputs are cached and reloads them for
+    # validation renders; without it they stay in RAM (parked off the GPU on CUDA).
+    reload: Callable[[Sequence[str]], Mapping[str, Any]] | None = None
 
     @property
     def unet(self):
@@ -251,22 +286,74 @@ def add_adapters(models: TrainModels, configs: Mapping[str, Any], seed: int) -> 
 
 def mixed_precision_for(policy: TrainPolicy, device: str, dtype_name: str) -> str:
     if not device.startswith("cuda"):
-        return "no"  # CPU trains in fp32: fp16 matmuls on CPU are slow or unsupported
+        # CPU trains in fp32 unless bf16 is asked for (fast only where the CPU has bf16
+        # instructions); fp16 matmuls on CPU are slow or unsupported.
+        if policy.mixed_precision == "fp16":
+            raise BadInput("--mixed-precision fp16: needs a CUDA device; on CPU use bf16 or no")
+        return "bf16" if policy.mixed_precision == "bf16" else "no"
     if policy.mixed_precision != "auto":
         return policy.mixed_precision
     return {"float16": "fp16", "bfloat16": "bf16"}.get(dtype_name, "no")
 
 
+def gradient_checkpointing_for(policy: TrainPolicy, device: str) -> bool:
+    """Checkpointing trades a second forward for activation memory: on only where memory needs it.
+
+    `auto` switches it on for CUDA devices under 16 GB (SD1.5 at 512 px trains in about 7 GB
+    without it in fp16, SDXL at 1024 px does not fit 16 GB without it); on CPU the RAM is there
+    and the extra forward would cost about 40% of a step.
+    """
+    if policy.gradient_checkpointing != "auto":
+        return bool(policy.gradient_checkpointing)
+    if not device.startswith("cuda"):
+        return False
+    import torch
+
+    index = torch.device(device).index or 0
+    return torch.cuda.get_device_properties(index).total_memory < 16 * 2**30
+
+
+def optimizer_available(name: str) -> None:
+    """Refuse an optimizer whose package is missing, naming what to install (exit 2)."""
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes  # noqa: F401  (optional: not in the lock, its CPU wheel is not needed)
+        except ImportError:
+            raise BadInput("--optimizer adamw8bit: needs the bitsandbytes package (pip install bitsandbytes); "
+                           "use adamw or prodigy") from None
+    if name == "prodigy":
+        try:
+            import prodigyopt  # noqa: F401
+        except ImportError:
+            raise BadInput("--optimizer prodigy: needs the prodigyopt package (pip install prodigyopt)") from None
+
+
+def check_runtime(policy: TrainPolicy, device: str, dtype_name: str) -> None:
+    """What the policy asks of this machine (the optimizer's package, the precision on this
+    device): checked before any work so a bad option costs nothing (exit 2)."""
+    optimizer_available(policy.optimizer)
+    mixed_precision_for(policy, device, dtype_name)
+
+
 def make_optimizer(params_groups: list[dict[str, Any]], policy: TrainPolicy, device: str):
     import torch
 
-    if policy.use_8bit_adam and device.startswith("cuda"):
-        try:
-            import bitsandbytes as bnb  # optional: 8-bit Adam halves optimizer memory on CUDA
+    optimizer_available(policy.optimizer)
+    if policy.optimizer == "adamw8bit":
+        import bitsandbytes as bnb  # 8-bit states: a quarter of AdamW's optimizer memory
 
-            return bnb.optim.AdamW8bit(params_groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-        except ImportError:
-            pass
+        return bnb.optim.AdamW8bit(params_groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    if policy.optimizer == "prodigy":
+        from prodigyopt import Prodigy  # learning-rate free: `lr` scales its estimate (use ~1.0)
+
+        # Prodigy refuses groups with different non-zero lr; as diffusers' script does, every
+        # group takes the UNet's (text_encoder_lr is ignored with prodigy).
+        for group in params_groups:
+            group["lr"] = policy.learning_rate
+
+        # diffusers' script: safeguard warmup and bias correction on, decoupled weight decay.
+        return Prodigy(params_groups, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-8, decouple=True,
+                       use_bias_correction=True, safeguard_warmup=True)
     # The fused kernel updates every LoRA tensor in one call instead of a Python loop over a few
     # hundred small ones; on CPU and CUDA it is the same AdamW, just without the per-tensor overhead.
     return torch.optim.AdamW(params_groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
@@ -274,25 +361,6 @@ def make_optimizer(params_groups: list[dict[str, Any]], policy: TrainPolicy, dev
 
 
 # --- caching --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EncodedSet:
-    """Per example: latent mean/std for the image and its mirror, and the caption's index."""
-
-    mean: Any  # [n, 2, c, h, w] (index 1 = mirrored)
-    std: Any
-    prompt_index: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class PromptCache:
-    """Token ids per unique prompt and encoder; embeddings too when the encoders are frozen."""
-
-    prompts: tuple[str, ...]
-    token_ids: dict[str, Any]  # component -> [n_prompts, L]
-    embeds: Any | None  # [n_prompts, L, D] when frozen
-    pooled: Any | None  # [n_prompts, D2] (SDXL) when frozen
 
 
 def images_to_tensor(images: Sequence[np.ndarray], resolution: int):
@@ -310,29 +378,85 @@ def images_to_tensor(images: Sequence[np.ndarray], resolution: int):
     return torch.stack(batch)
 
 
-def encode_images(vae, images: Sequence[np.ndarray], resolution: int, device: str) -> tuple[Any, Any]:
-    """Latent distribution (mean, std) of each image and its mirror, computed once.
+def encode_image(vae, image: np.ndarray, mirrored: bool, resolution: int, device) -> tuple[Any, Any]:
+    """Latent distribution (mean, std) of one image or its mirror, as fp32 CPU tensors [c, h, w].
 
-    The VAE runs in fp32 here whatever the training precision: it runs only once, and the
-    SDXL VAE overflows in fp16.
+    The VAE runs in fp32 whatever the training precision (the trainer keeps it so): it runs
+    once per image, and the SDXL VAE overflows in fp16.
     """
     import torch
 
-    original_dtype = vae.dtype
-    if original_dtype != torch.float32:
-        vae.to(dtype=torch.float32)
-    means, stds = [], []
+    pixels = images_to_tensor([image], resolution)
+    if mirrored:
+        pixels = torch.flip(pixels, dims=[3])
     with torch.no_grad():
-        for pixels in images_to_tensor(images, resolution).split(4):
-            pixels = pixels.to(device)
-            pair = torch.stack([pixels, torch.flip(pixels, dims=[3])], dim=1)  # [b, 2, 3, H, W]
-            dist = vae.encode(pair.flatten(0, 1)).latent_dist
-            shape = (pair.shape[0], 2) + tuple(dist.mean.shape[1:])
-            means.append(dist.mean.reshape(shape).cpu())
-            stds.append(dist.std.reshape(shape).cpu())
-    if original_dtype != torch.float32:
-        vae.to(dtype=original_dtype)
-    return torch.cat(means), torch.cat(stds)
+        dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+    return dist.mean[0].float().cpu(), dist.std[0].float().cpu()
+
+
+class LatentCache:
+    """Latent mean/std per (example, mirrored), filled on first use.
+
+    Each pair is encoded alone (a batch of one), so a latent never depends on which other
+    pairs were encoded beside it: a resumed run, which refills the cache in another order,
+    gets bit-identical latents.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], prompt_index: Sequence[int], resolution: int):
+        self.images = tuple(images)
+        self.prompt_index = tuple(prompt_index)
+        self.resolution = resolution
+        self.mean: dict[tuple[int, bool], Any] = {}
+        self.std: dict[tuple[int, bool], Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def missing(self, picks: Iterable[tuple[int, bool]]) -> list[tuple[int, bool]]:
+        return [p for p in dict.fromkeys(picks) if p not in self.mean]
+
+    def fill(self, vae, picks: Iterable[tuple[int, bool]], device) -> None:
+        for index, mirrored in self.missing(picks):
+            self.mean[(index, mirrored)], self.std[(index, mirrored)] = encode_image(
+                vae, self.images[index], mirrored, self.resolution, device)
+
+    def sample(self, picks: Sequence[tuple[int, bool]], eps, scaling: float, shift: float):
+        import torch
+
+        mean = torch.stack([self.mean[p] for p in picks])
+        std = torch.stack([self.std[p] for p in picks])
+        return (mean + std * eps - shift) * scaling
+
+
+class PromptCache:
+    """Token ids per unique prompt and encoder; with frozen encoders also each prompt's
+    embedding (and SDXL's pooled one), filled on first use, one prompt at a time."""
+
+    def __init__(self, prompts: Sequence[str], token_ids: Mapping[str, Any]):
+        self.prompts = tuple(prompts)
+        self.token_ids = dict(token_ids)  # component -> [n_prompts, L]
+        self.embeds: dict[int, Any] = {}  # prompt index -> [L, D]
+        self.pooled: dict[int, Any] = {}  # prompt index -> [D2] (SDXL)
+
+    def missing(self, indices: Iterable[int]) -> list[int]:
+        return [i for i in dict.fromkeys(indices) if i not in self.embeds]
+
+    def fill(self, models: "TrainModels", indices: Iterable[int], device) -> None:
+        import torch
+
+        for i in self.missing(indices):
+            with torch.no_grad():
+                embeds, pooled = encode_prompts(models, {k: v[i:i + 1] for k, v in self.token_ids.items()}, device)
+            self.embeds[i] = embeds[0].float().cpu()
+            if pooled is not None:
+                self.pooled[i] = pooled[0].float().cpu()
+
+    def cond(self, indices: Sequence[int]) -> tuple[Any, Any | None]:
+        import torch
+
+        embeds = torch.stack([self.embeds[i] for i in indices])
+        pooled = torch.stack([self.pooled[i] for i in indices]) if self.pooled else None
+        return embeds, pooled
 
 
 def tokenize(tokenizer, prompts: Sequence[str]):
@@ -359,21 +483,64 @@ def encode_prompts(models: TrainModels, token_ids: Mapping[str, Any], device: st
     return torch.cat(hidden, dim=-1), pooled
 
 
-def build_prompt_cache(models: TrainModels, prompts: Sequence[str], frozen: bool, device: str) -> PromptCache:
-    import torch
-
+def prompt_cache(models: TrainModels, prompts: Sequence[str]) -> PromptCache:
     unique = tuple(dict.fromkeys(prompts))
-    token_ids = {name: tokenize(tok, unique) for name, tok, _enc in models.text_encoders()}
-    if not frozen:
-        return PromptCache(unique, token_ids, None, None)
-    with torch.no_grad():
-        embeds, pooled = encode_prompts(models, token_ids, device)
-    return PromptCache(unique, token_ids, embeds.float().cpu(), None if pooled is None else pooled.float().cpu())
+    return PromptCache(unique, {name: tokenize(tok, unique) for name, tok, _enc in models.text_encoders()})
 
 
-def encode_set(models: TrainModels, images, captions, prompts: PromptCache, resolution: int, device: str) -> EncodedSet:
-    mean, std = encode_images(models.vae, images, resolution, device)
-    return EncodedSet(mean, std, tuple(prompts.prompts.index(c) for c in captions))
+class Residency:
+    """Where the modules a step no longer needs live: the VAE once every latent the run will
+    draw is cached, the frozen text encoders once every prompt is.
+
+    With `TrainModels.reload` they leave RAM (the pipeline's attribute is set to None and the
+    module is freed) and come back, freshly loaded, for validation renders; without it they
+    stay in RAM, parked off the GPU on CUDA.
+    """
+
+    def __init__(self, models: TrainModels, device, dtypes: Mapping[str, Any]):
+        self.models = models
+        self.device = device
+        self.dtypes = dict(dtypes)  # component -> the dtype it works in
+        self.dropped: set[str] = set()  # freed; `need` reloads them
+        self.parked: set[str] = set()  # released but kept (no reloader): on the CPU
+
+    def need(self, names: Iterable[str]) -> None:
+        names = [n for n in names if n in self.dtypes]
+        missing = [n for n in names if n in self.dropped]
+        if missing:
+            fresh = self.models.reload(missing)
+            for name in missing:
+                module = fresh[name]
+                module.requires_grad_(False)
+                module.eval()
+                setattr(self.models.pipeline, name, module)
+                self.dropped.discard(name)
+        for name in names:
+            self.parked.discard(name)
+            module = getattr(self.models.pipeline, name)
+            if module.device != self.device or module.dtype != self.dtypes[name]:
+                module.to(self.device, dtype=self.dtypes[name])
+
+    def release(self, names: Iterable[str]) -> None:
+        import gc
+
+        import torch
+
+        names = [n for n in names if n in self.dtypes and n not in self.dropped | self.parked]
+        if not names:
+            return
+        for name in names:
+            if self.models.reload is not None:
+                setattr(self.models.pipeline, name, None)
+                self.dropped.add(name)
+            else:
+                if str(self.device).startswith("cuda"):
+                    getattr(self.models.pipeline, name).to("cpu")
+                self.parked.add(name)
+        if self.dropped:
+            gc.collect()  # modules hold reference cycles (hooks); free their weights now, once
+        if str(self.device).startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
 # --- one step -------------------------------------------------------------------------
@@ -399,13 +566,32 @@ def example_indices(n: int, count: int, step: int, seed: int) -> list[int]:
     return picks
 
 
-def sample_batch(encoded: EncodedSet, indices: Sequence[int], flips: Any, gen, scaling: float, shift: float):
+@dataclass(frozen=True)
+class StepDraws:
+    """What step k samples before the UNet runs: examples, flips and latent noise."""
+
+    picks: tuple[tuple[int, bool], ...]  # (example, mirrored)
+    eps: Any  # [b, c, h, w] standard normal, for sampling the latent distribution
+    prior_picks: tuple[tuple[int, bool], ...] = ()
+    prior_eps: Any = None
+
+
+def step_draws(policy: TrainPolicy, step: int, gen, n_images: int, n_class: int, latent_shape: Sequence[int]) -> StepDraws:
+    """The step's draws, in a fixed order on `gen`. The planner runs it too, to know in advance
+    which latents a run will ever need, so it must stay a pure function of (seed, step)."""
     import torch
 
-    mean = torch.stack([encoded.mean[i, int(f)] for i, f in zip(indices, flips)])
-    std = torch.stack([encoded.std[i, int(f)] for i, f in zip(indices, flips)])
-    latents = mean + std * torch.randn(mean.shape, generator=gen)
-    return (latents - shift) * scaling, [encoded.prompt_index[i] for i in indices]
+    def draw(n: int, seed: int):
+        idx = example_indices(n, policy.batch_size, step, seed)
+        flips = (torch.rand(len(idx), generator=gen) < 0.5).tolist() if policy.flip else [False] * len(idx)
+        eps = torch.randn((len(idx), *latent_shape), generator=gen)
+        return tuple(zip(idx, map(bool, flips))), eps
+
+    picks, eps = draw(n_images, policy.seed)
+    if not n_class:
+        return StepDraws(picks, eps)
+    prior_picks, prior_eps = draw(n_class, policy.seed + 1)
+    return StepDraws(picks, eps, prior_picks, prior_eps)
 
 
 def time_ids(resolution: int, count: int):
@@ -692,21 +878,99 @@ class TrainingRun:
     optimizer: Any
     lr_scheduler: Any
     prompts: PromptCache
-    instances: EncodedSet
-    priors: EncodedSet | None
-    n_images: int
-    n_class_images: int
+    instances: LatentCache
+    priors: LatentCache | None
+    total: int
     scaling: float
     shift: float
+    latent_shape: tuple[int, int, int]
+    residency: Residency
+    trained_params: list[Any] = field(default_factory=list)
+    # What the steps still to run will draw and is not cached yet; None until planned.
+    pending_latents: set[tuple[str, int, bool]] | None = None
+    pending_prompts: set[int] | None = None
 
     @property
     def device(self):
         return self.accelerator.device
 
+    @property
+    def n_images(self) -> int:
+        return len(self.instances)
+
+    @property
+    def n_class_images(self) -> int:
+        return len(self.priors) if self.priors is not None else 0
+
+    @property
+    def frozen_text(self) -> bool:
+        return not self.policy.train_text_encoder
+
+    def draws(self, step: int, gen) -> StepDraws:
+        return step_draws(self.policy, step, gen, self.n_images, self.n_class_images, self.latent_shape)
+
+    def prompt_indices(self, draws: StepDraws) -> list[int]:
+        found = [self.instances.prompt_index[i] for i, _m in draws.picks]
+        if self.priors is not None:
+            found += [self.priors.prompt_index[i] for i, _m in draws.prior_picks]
+        return found
+
+    def plan(self, start: int) -> None:
+        """Replay the draws of steps start..total (no model runs) to learn what they will need."""
+        latents: set[tuple[str, int, bool]] = set()
+        prompts: set[int] = set()
+        for step in range(start, self.total):
+            draws = self.draws(step, step_generator(self.policy.seed, step))
+            latents.update(("instance",) + p for p in draws.picks)
+            latents.update(("prior",) + p for p in draws.prior_picks)
+            prompts.update(self.prompt_indices(draws))
+        self.pending_latents = {k for k in latents if (k[1], k[2]) not in self.cache(k[0]).mean}
+        self.pending_prompts = set(self.prompts.missing(prompts)) if self.frozen_text else set()
+
+    def cache(self, name: str) -> LatentCache:
+        return self.instances if name == "instance" else self.priors  # type: ignore[return-value]
+
+    def idle_names(self) -> list[str]:
+        """What a step never touches once everything it draws is cached."""
+        names = ["vae"]
+        if self.frozen_text:
+            names += [name for name, _tok, _enc in self.models.text_encoders()]
+        return names
+
+    def fill(self, draws: StepDraws) -> None:
+        """Encode what this step draws and the cache lacks; release what has done its work."""
+        if self.pending_latents is None:
+            self.plan(0)
+        wanted = [("instance",) + p for p in draws.picks] + [("prior",) + p for p in draws.prior_picks]
+        if any((k[1], k[2]) not in self.cache(k[0]).mean for k in wanted):
+            self.residency.need(["vae"])
+            self.instances.fill(self.models.vae, draws.picks, self.device)
+            if self.priors is not None:
+                self.priors.fill(self.models.vae, draws.prior_picks, self.device)
+        prompts = self.prompt_indices(draws)
+        if self.frozen_text and self.prompts.missing(prompts):
+            texts = [name for name, _tok, _enc in self.models.text_encoders()]
+            self.residency.need(texts)
+            self.prompts.fill(self.models, prompts, self.device)
+        self.pending_latents.difference_update(wanted)
+        self.pending_prompts.difference_update(prompts)  # type: ignore[union-attr]
+        self.release_done()
+
+    def release_done(self) -> None:
+        done = []
+        if not self.pending_latents:
+            done.append("vae")
+        if self.frozen_text and not self.pending_prompts:
+            done += [name for name, _tok, _enc in self.models.text_encoders()]
+        self.residency.release(done)
+
 
 def setup_training(models: TrainModels, data: TrainData, policy: TrainPolicy, total: int, *, device: str = "cpu",
                    dtype_name: str = "float32", emit: Callable[[TrainEvent], None] | None = None) -> TrainingRun:
-    """Place the models, add the LoRA adapters, cache latents and prompts, build the optimizer."""
+    """Place the models, add the LoRA adapters, build the (empty) caches and the optimizer.
+
+    Nothing is encoded here: the first step encodes what it draws (see TrainingRun.fill).
+    """
     import torch
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
@@ -714,12 +978,16 @@ def setup_training(models: TrainModels, data: TrainData, policy: TrainPolicy, to
     from diffusers.training_utils import cast_training_params
 
     mixed = mixed_precision_for(policy, device, dtype_name)
+    optimizer_available(policy.optimizer)  # refuse a missing package before any work
     accelerator = Accelerator(mixed_precision=mixed, cpu=not device.startswith("cuda"))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
+    # The VAE encodes in fp32 (once per image; the SDXL VAE overflows in fp16).
+    dtypes = {"vae": torch.float32, **{name: weight_dtype for name, _t, _e in models.text_encoders()}}
     for module in (models.unet, models.vae, *[enc for _n, _t, enc in models.text_encoders()]):
         module.requires_grad_(False)
-        if module.dtype != weight_dtype or module.device != accelerator.device:
-            module.to(accelerator.device, dtype=weight_dtype)
+    models.unet.to(accelerator.device, dtype=weight_dtype)
+    residency = Residency(models, accelerator.device, dtypes)
+    residency.need(dtypes)
 
     configs = lora_configs(policy, models)
     add_adapters(models, configs, policy.seed)
@@ -729,23 +997,23 @@ def setup_training(models: TrainModels, data: TrainData, policy: TrainPolicy, to
             p.requires_grad_("lora_" in name)
     # LoRA weights train in fp32 even when the frozen base runs in fp16 (diffusers does the same).
     cast_training_params(list(trainables.values()), dtype=torch.float32)
-    if policy.gradient_checkpointing:
+    if gradient_checkpointing_for(policy, str(accelerator.device)):
         models.unet.enable_gradient_checkpointing()
         for name in TEXT_COMPONENTS:
             if name in trainables:
                 trainables[name].gradient_checkpointing_enable()
     # Attention already runs through torch's scaled_dot_product_attention (diffusers' default
-    # AttnProcessor2_0), which picks flash / memory-efficient kernels on CUDA.
+    # AttnProcessor2_0): flash / memory-efficient kernels on CUDA, the flash kernel on CPU.
+    # channels_last was measured slower on CPU (SD1.5 step at 256 px: 7.3 s against 7.0 s).
 
-    if emit:
-        emit(TrainEvent("cache", 0, total, message="encoding images and prompts once"))
     class_prompt = data.class_prompt or policy.class_prompt.format(**{"class": data.class_word})
-    prompts = build_prompt_cache(models, list(data.captions) + ([class_prompt] if data.class_images else []),
-                                 frozen=not policy.train_text_encoder, device=accelerator.device)
-    instances = encode_set(models, data.images, data.captions, prompts, policy.resolution, accelerator.device)
-    priors = (encode_set(models, data.class_images, [class_prompt] * len(data.class_images), prompts,
-                         policy.resolution, accelerator.device) if data.class_images else None)
-    park_idle(models, policy, accelerator.device, parked=True)
+    prompts = prompt_cache(models, list(data.captions) + ([class_prompt] if data.class_images else []))
+    instances = LatentCache(data.images, [prompts.prompts.index(c) for c in data.captions], policy.resolution)
+    priors = (LatentCache(data.class_images, [prompts.prompts.index(class_prompt)] * len(data.class_images),
+                          policy.resolution) if data.class_images else None)
+    vae_config = models.vae.config
+    factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    latent_shape = (int(vae_config.latent_channels), policy.resolution // factor, policy.resolution // factor)
 
     groups = [{"params": [p for p in models.unet.parameters() if p.requires_grad], "lr": policy.learning_rate}]
     for name in TEXT_COMPONENTS:
@@ -760,8 +1028,9 @@ def setup_training(models: TrainModels, data: TrainData, policy: TrainPolicy, to
         models=models, policy=policy, accelerator=accelerator, weight_dtype=weight_dtype,
         noise_scheduler=DDPMScheduler.from_config(models.pipeline.scheduler.config), configs=configs,
         param_groups=groups, optimizer=optimizer, lr_scheduler=lr_scheduler, prompts=prompts, instances=instances,
-        priors=priors, n_images=len(data.images), n_class_images=len(data.class_images),
-        scaling=float(models.vae.config.scaling_factor), shift=float(models.vae.config.get("shift_factor") or 0.0),
+        priors=priors, total=total, scaling=float(vae_config.scaling_factor),
+        shift=float(vae_config.get("shift_factor") or 0.0), latent_shape=latent_shape, residency=residency,
+        trained_params=[p for g in groups for p in g["params"]],
     )
 
 
@@ -771,19 +1040,17 @@ def step_loss(run: TrainingRun, step: int):
 
     policy = run.policy
     gen = step_generator(policy.seed, step)
-    idx = example_indices(run.n_images, policy.batch_size, step, policy.seed)
-    flips = (torch.rand(len(idx), generator=gen) < 0.5) if policy.flip else torch.zeros(len(idx), dtype=torch.bool)
-    latents, prompt_idx = sample_batch(run.instances, idx, flips, gen, run.scaling, run.shift)
+    draws = run.draws(step, gen)
+    run.fill(draws)
+    latents = run.instances.sample(draws.picks, draws.eps, run.scaling, run.shift)
+    prompt_idx = run.prompt_indices(draws)
     prior_count = 0
     if run.priors is not None:
-        pidx = example_indices(run.n_class_images, policy.batch_size, step, policy.seed + 1)
-        pflips = torch.rand(len(pidx), generator=gen) < 0.5
-        plat, pprompt = sample_batch(run.priors, pidx, pflips, gen, run.scaling, run.shift)
-        latents, prompt_idx, prior_count = torch.cat([latents, plat]), prompt_idx + pprompt, len(pidx)
+        plat = run.priors.sample(draws.prior_picks, draws.prior_eps, run.scaling, run.shift)
+        latents, prior_count = torch.cat([latents, plat]), len(draws.prior_picks)
     with run.accelerator.autocast():
-        if run.prompts.embeds is not None:
-            cond = run.prompts.embeds[prompt_idx]
-            pooled = run.prompts.pooled[prompt_idx] if run.prompts.pooled is not None else None
+        if run.frozen_text:
+            cond, pooled = run.prompts.cond(prompt_idx)
         else:
             cond, pooled = encode_prompts(run.models, {k: v[prompt_idx] for k, v in run.prompts.token_ids.items()},
                                           run.device)
@@ -792,9 +1059,18 @@ def step_loss(run: TrainingRun, step: int):
 
 
 def optimize(run: TrainingRun, loss) -> None:
-    run.accelerator.backward(loss)
-    if run.accelerator.sync_gradients and run.policy.max_grad_norm:
-        run.accelerator.clip_grad_norm_([p for g in run.param_groups for p in g["params"]], run.policy.max_grad_norm)
+    import torch
+
+    if run.accelerator.scaler is None:
+        # No fp16 loss scaling and no accumulation: accelerate's wrappers would only add
+        # per-step Python (its DTensor-aware clip costs ~3 ms a step on the tiny model).
+        loss.backward()
+        if run.policy.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(run.trained_params, run.policy.max_grad_norm, foreach=True)
+    else:
+        run.accelerator.backward(loss)
+        if run.accelerator.sync_gradients and run.policy.max_grad_norm:
+            run.accelerator.clip_grad_norm_(run.trained_params, run.policy.max_grad_norm)
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -813,11 +1089,13 @@ def restore_checkpoint(run: TrainingRun, record: CheckpointRecord) -> tuple[int,
 
 def train_lora(models: TrainModels, data: TrainData, policy: TrainPolicy, workdir: Path, *, device: str = "cpu",
                dtype_name: str = "float32", scorer: FaceScorer | None = None, resume: bool = False,
-               base_model: str = "", on_event: Callable[[TrainEvent], None] | None = None) -> TrainResult:
+               base_model: str = "", on_event: Callable[[TrainEvent], None] | None = None,
+               restore_pipeline: bool = True) -> TrainResult:
     """Train, checkpoint, validate and select. The models come in loaded; `workdir` holds the run.
 
     Prior-preservation images (`data.class_images`) must come from the base model before any
-    LoRA is added: make them with `class_images` first.
+    LoRA is added: make them with `class_images` first. `restore_pipeline=False` leaves the
+    modules the trainer dropped (see Residency) dropped: for callers done with the pipeline.
     """
     if not data.images:
         raise BadInput("no usable training photos")
@@ -838,6 +1116,7 @@ def train_lora(models: TrainModels, data: TrainData, policy: TrainPolicy, workdi
     if previous:
         start_step, losses = restore_checkpoint(run, max(previous, key=lambda r: r.step))
         emit(TrainEvent("resume", start_step, total, message=f"resuming at step {start_step}"))
+    run.plan(start_step)
     records = list(previous)
     checkpoints = set(policy.checkpoint_steps(total))
     val_prompts = validation_prompts(policy, data.trigger, data.class_word)
@@ -851,7 +1130,7 @@ def train_lora(models: TrainModels, data: TrainData, policy: TrainPolicy, workdi
         done = step + 1
         emit(TrainEvent("step", done, total, loss=losses[-1]))
         if done in checkpoints:
-            scores = validate_checkpoint(models, val_prompts, policy, run.accelerator, scorer, emit, done, total)
+            scores = validate_checkpoint(run, val_prompts, scorer, emit, done)
             path = save_checkpoint(workdir, done, lora_state(models, run.configs), run.optimizer, run.lr_scheduler,
                                    losses, scores)
             records.append(read_checkpoint_meta(path))
@@ -863,6 +1142,8 @@ def train_lora(models: TrainModels, data: TrainData, policy: TrainPolicy, workdi
     final = average_states(states) if len(states) > 1 else states[0]
     load_lora_state(models, final)
     models.unet.eval()
+    if restore_pipeline:
+        run.residency.need(run.idle_names())
     emit(TrainEvent("select", total, total, message=f"{how}: steps {', '.join(str(r.step) for r in chosen)}"))
     timings["select"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
@@ -881,42 +1162,23 @@ def train_lora(models: TrainModels, data: TrainData, policy: TrainPolicy, workdi
     )
 
 
-def validate_checkpoint(models, prompts, policy, accelerator, scorer, emit, step, total) -> tuple[float, ...]:
+def validate_checkpoint(run: TrainingRun, prompts, scorer, emit, step) -> tuple[float, ...]:
+    """Render the fixed-seed validation images: the dropped modules come back for it and go again."""
     import torch
 
+    policy, models = run.policy, run.models
     if scorer is None or not prompts or not policy.validation_seeds:
         return ()
-    emit(TrainEvent("validate", step, total, message="rendering validation images"))
+    emit(TrainEvent("validate", step, run.total, message="rendering validation images"))
     models.unet.eval()
-    park_idle(models, policy, accelerator.device, parked=False)
+    run.residency.need(run.idle_names())
     try:
-        with torch.no_grad(), accelerator.autocast():
-            images = render_validation(models, prompts, policy, accelerator.device)
+        with torch.no_grad(), run.accelerator.autocast():
+            images = render_validation(models, prompts, policy, run.device)
     finally:
-        park_idle(models, policy, accelerator.device, parked=True)
+        run.release_done()
         models.unet.train()
     return score_images(images, scorer)
-
-
-def idle_modules(models: TrainModels, policy: TrainPolicy) -> list[Any]:
-    """What a training step never touches once latents (and frozen prompts) are cached."""
-    idle = [models.vae]
-    if not policy.train_text_encoder:
-        idle += [enc for _name, _tok, enc in models.text_encoders()]
-    return idle
-
-
-def park_idle(models: TrainModels, policy: TrainPolicy, device, parked: bool) -> None:
-    """On CUDA, keep the idle modules in CPU memory between validations (SDXL's two text
-    encoders are ~1.6 GB in fp16); on CPU there is nothing to gain."""
-    if not str(device).startswith("cuda"):
-        return
-    import torch
-
-    for module in idle_modules(models, policy):
-        module.to("cpu" if parked else device)
-    if parked:
-        torch.cuda.empty_cache()
 
 
 # --- export ---------------------------------------------------------------------------
@@ -1022,7 +1284,7 @@ def discard_checkpoints(workdir: Path, keep: bool) -> None:
 
 __all__ = [
     "TrainPolicy", "TrainModels", "TrainData", "TrainEvent", "TrainResult", "CheckpointRecord", "FaceScorer",
-    "TrainingRun", "setup_training", "step_loss", "optimize",
+    "TrainingRun", "setup_training", "step_loss", "optimize", "check_runtime",
     "train_lora", "class_images", "save_diffusers_lora", "save_kohya_lora", "kohya_state", "average_states",
     "result_summary", "validation_summary", "discard_checkpoints",
 ]

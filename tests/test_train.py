@@ -327,3 +327,95 @@ def test_loss_summary_compares_the_start_of_a_short_run_with_its_end():
                          selected=(4,), selection="last", timings={})
     summary = result_summary(result)
     assert (summary["first_loss"], summary["final_loss"]) == (3.5, 1.5)
+
+
+# --- lazy caches, freed modules, knobs (issue 16) ----------------------------------------
+
+
+def test_latents_encode_on_first_use_and_freed_modules_do_not_change_the_run(home, tmp_path, astronaut, hopper):
+    data = crops(astronaut, hopper)
+    policy = tiny_policy(steps=6, checkpoint_every=3, validation_seeds=[1], train_text_encoder=False)
+    run = setup_training(TrainModels("sd15", fresh_pipeline(home)), data, policy, total=6)
+    assert not run.instances.mean and not run.prompts.embeds  # nothing encoded up front
+    run.plan(0)
+    drawn = {("instance", i, m) for step in range(6) for i, m in run.draws(step, _gen(policy, step)).picks}
+    assert run.pending_latents == drawn
+    loss = step_loss(run, 0)
+    assert set(run.instances.mean) == {(i, m) for i, m in run.draws(0, _gen(policy, 0)).picks}  # only step 0's
+    assert torch.isfinite(loss)
+
+    # The trainer with a reloader: the VAE and text encoder leave once the run's draws are
+    # cached, come back for each validation render, and the LoRA is the same as without.
+    reloads = []
+
+    def reload(names):
+        reloads.append(tuple(names))
+        fresh = fresh_pipeline(home)
+        return {name: getattr(fresh, name) for name in names}
+
+    seen = []
+    pipe = fresh_pipeline(home)
+    freed = train_lora(TrainModels("sd15", pipe, reload=reload), data, policy, tmp_path / "freed",
+                       scorer=lambda image: None, restore_pipeline=False,
+                       on_event=lambda e: seen.append((e.phase, pipe.vae is None, pipe.text_encoder is None)))
+    kept = train_lora(TrainModels("sd15", fresh_pipeline(home)), data, policy, tmp_path / "kept",
+                      scorer=lambda image: None)
+    assert freed.losses == kept.losses
+    for name in freed.lora["unet"]:
+        assert torch.equal(freed.lora["unet"][name], kept.lora["unet"][name])
+    steps = [(vae, te) for phase, vae, te in seen if phase == "step"]
+    assert steps[-1] == (True, True)  # freed by the end of training
+    assert steps[0][1]  # the one prompt is cached at step 1: the text encoder goes at once
+    assert any("text_encoder" in names for names in reloads)  # validation brought it back
+    assert pipe.vae is None and pipe.text_encoder is None  # restore_pipeline=False leaves them freed
+
+
+def _gen(policy, step):
+    from portrait.stages.train import step_generator
+
+    return step_generator(policy.seed, step)
+
+
+def test_train_knobs_reach_the_policy_and_bad_values_exit_2(home, photos, capsys, astronaut, hopper, tmp_path):
+    from portrait.flows.train import policy_overrides
+
+    fields = policy_overrides(steps=5, rank=8, resolution=128, batch_size=2, lr=3e-4, alpha=4.0,
+                              train_text_encoder=True, optimizer="adamw", gradient_checkpointing=True,
+                              mixed_precision="no")
+    policy = tiny_policy(**fields)
+    assert (policy.steps, policy.rank, policy.resolution, policy.batch_size, policy.learning_rate, policy.alpha,
+            policy.train_text_encoder, policy.gradient_checkpointing) == (5, 8, 128, 2, 3e-4, 4.0, True, True)
+    prodigy = policy_overrides(optimizer="prodigy")
+    assert prodigy["learning_rate"] == 1.0 == prodigy["text_encoder_lr"]
+
+    # Prodigy trains (and checkpoints its state) like AdamW.
+    result = train_lora(TrainModels("sd15", fresh_pipeline(home)), crops(astronaut, hopper),
+                        tiny_policy(steps=2, optimizer="prodigy", learning_rate=1.0, validation_seeds=[]),
+                        tmp_path / "prodigy")
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+
+    common = ["--home", str(home.home), "--preset", "tiny", "--device", "cpu", "train", str(photos), "--name", "k"]
+    for option, needles in ((["--resolution", "100"], ("--resolution 100", "multiple of 8")),
+                            (["--batch-size", "0"], ("--batch-size 0",)),
+                            (["--lr", "0"], ("--lr 0",)),
+                            (["--alpha", "-1"], ("--alpha -1",)),
+                            (["--optimizer", "sgd"], ("--optimizer sgd", "adamw, adamw8bit, prodigy")),
+                            (["--mixed-precision", "fp8"], ("--mixed-precision fp8",)),
+                            (["--mixed-precision", "fp16"], ("--mixed-precision fp16", "CUDA"))):
+        one_line_exit_2(capsys, *common, *option, needles=needles)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        one_line_exit_2(capsys, *common, "--optimizer", "adamw8bit", needles=("adamw8bit", "bitsandbytes"))
+
+
+def test_batch_spec_carries_train_options_and_refuses_bad_ones():
+    from portrait.studio.spec import parse_spec
+
+    spec = parse_spec({"output": "out", "prompts": ["x"], "identities": [{"name": "bob", "photos": "p",
+                                                         "train": {"rank": 8, "optimizer": "prodigy", "lr": 0.5}}]})
+    assert spec.identities[0].train == {"rank": 8, "optimizer": "prodigy", "lr": 0.5}
+    for bad, needle in (({"optimizer": "sgd"}, "--optimizer sgd"), ({"resolution": 100}, "--resolution 100"),
+                        ({"bogus": 1}, "bogus")):
+        with pytest.raises(BadInput, match=needle):
+            parse_spec({"output": "out", "prompts": ["x"], "identities": [{"name": "bob", "photos": "p", "train": bad}]})

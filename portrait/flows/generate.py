@@ -207,9 +207,11 @@ def _finish(ctx: RunContext, identity: Identity, request: GenerationRequest, can
                                                      switches if isinstance(switches, dict) else {})
 
     def generate_more(seeds: Sequence[int]) -> list[Candidate]:
+        # One request per run of consecutive seeds (the gate asks for consecutive ones), so a
+        # backend that batches renders the regenerations in batches too.
         more: list[Candidate] = []
-        for s in seeds:
-            more += run(gen.with_seed(request, s))
+        for start, count in consecutive_runs(seeds):
+            more += run(gen.with_seed(request, start, count))
         return more
 
     outcome = finish_flow.gate(ctx, identity, candidates, chosen, generate_more, want=request.n, policy=policy)
@@ -217,6 +219,17 @@ def _finish(ctx: RunContext, identity: Identity, request: GenerationRequest, can
                                                   "extra_seeds": list(outcome.extra_seeds), "passed": outcome.passed},
              "scoring": outcome.scoring}
     return outcome.results, notes
+
+
+def consecutive_runs(seeds: Sequence[int]) -> list[tuple[int, int]]:
+    """[5, 6, 7, 9] -> [(5, 3), (9, 1)]: (first seed, count) per run of consecutive seeds."""
+    runs: list[tuple[int, int]] = []
+    for seed in seeds:
+        if runs and seed == runs[-1][0] + runs[-1][1]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((seed, 1))
+    return runs
 
 
 # --- writing -------------------------------------------------------------------------------

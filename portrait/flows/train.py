@@ -42,6 +42,7 @@ from portrait.stages.train import (
     TrainModels,
     TrainPolicy,
     TrainResult,
+    check_runtime,
     class_images,
     discard_checkpoints,
     result_summary,
@@ -60,16 +61,20 @@ def train(photos: Sequence[str | Path] | str | Path, name: str, *, settings: Set
           preset: str | None = None, steps: int | None = None, rank: int | None = None, resume: bool = False,
           overwrite: bool = False, zero_shot: bool = False, ctx: RunContext | None = None,
           progress: Callable[[str, float, float], None] | None = None, on_event: EventSink | None = None,
-          wait: bool = False) -> Identity:
+          wait: bool = False, **train_options: Any) -> Identity:
     """Learn `name` from `photos` and write HOME/identities/NAME. Returns the loaded Identity.
 
     Refuses (BadInput, exit 2) an existing name unless `overwrite`, too few usable photos, and
     a name another process is training (unless `wait`); an unwritable home is OutputFailed (exit 4).
     `resume` continues the interrupted run of the same name and options.
+    `train_options` override the preset's train section (see `policy_overrides`): resolution,
+    batch_size, lr, rank, alpha, train_text_encoder, optimizer, gradient_checkpointing,
+    mixed_precision; None keeps the preset's value.
     """
     ctx = ctx or RunContext.create(settings, preset=preset, progress=progress)
     settings = ctx.settings
     check_name(name)
+    overrides = policy_overrides(steps=steps, rank=rank, **train_options)
     ensure_writable(settings.identities_dir)
     reached = {"step": 0, "total": 0}
 
@@ -82,7 +87,7 @@ def train(photos: Sequence[str | Path] | str | Path, name: str, *, settings: Set
     work = settings.identities_dir / f".{name}.work"
     with identity_lock(settings.identities_dir, name, wait=wait):
         try:
-            return _train_locked(ctx, photos, name, steps=steps, rank=rank, resume=resume, overwrite=overwrite,
+            return _train_locked(ctx, photos, name, overrides=overrides, resume=resume, overwrite=overwrite,
                                  zero_shot=zero_shot, progress=progress, emit=emit)
         except KeyboardInterrupt as exc:
             raise Interrupted(interrupted_message(name, work, reached), signal_of(exc)) from None
@@ -104,8 +109,8 @@ def interrupted_message(name: str, work: Path, reached: dict[str, int]) -> str:
     return f"train '{name}' {where}, before the first checkpoint; nothing to resume (run the same command again)"
 
 
-def _train_locked(ctx: RunContext, photos, name: str, *, steps, rank, resume, overwrite, zero_shot, progress,
-                  emit: EventSink) -> Identity:
+def _train_locked(ctx: RunContext, photos, name: str, *, overrides: dict[str, Any], resume, overwrite, zero_shot,
+                  progress, emit: EventSink) -> Identity:
     settings = ctx.settings
     target = identity_dir(settings, name)
     if (target / "manifest.json").exists() and not overwrite:
@@ -113,9 +118,10 @@ def _train_locked(ctx: RunContext, photos, name: str, *, steps, rank, resume, ov
     # Every setting is checked before any work starts.
     policy: TrainPolicy | None = None
     if not zero_shot:
-        policy = TrainPolicy.from_section(ctx.preset.section("train"), steps=steps, rank=rank)
+        policy = TrainPolicy.from_section(ctx.preset.section("train"), **overrides)
         # Types and shapes against the declaration (a `learning_rate: fast` would fail deep in torch).
         policy = validate(TrainPolicy, dataclasses.asdict(policy), f"preset '{ctx.preset.name}' train")
+        check_runtime(policy, ctx.placement.device, ctx.placement.dtype_name)
     work = settings.identities_dir / f".{name}.work"
     if not resume and work.exists():
         shutil.rmtree(work)
@@ -173,6 +179,27 @@ def ensure_writable(folder: Path) -> None:
 
 # --- training -------------------------------------------------------------------------
 
+TRAIN_OPTIONS = ("resolution", "batch_size", "lr", "text_encoder_lr", "alpha", "train_text_encoder", "optimizer",
+                 "gradient_checkpointing", "mixed_precision")
+
+
+def policy_overrides(*, steps: int | None = None, rank: int | None = None, **options: Any) -> dict[str, Any]:
+    """`portrait train` options as TrainPolicy fields (None = the preset's value).
+
+    `lr` is the UNet LoRA learning rate. With `optimizer="prodigy"` and no `lr`, both learning
+    rates default to 1.0: Prodigy estimates the step size itself and `lr` only scales it.
+    """
+    unknown = sorted(set(options) - set(TRAIN_OPTIONS))
+    if unknown:
+        raise BadInput(f"unknown training option(s): {', '.join(unknown)}")
+    fields = {"steps": steps, "rank": rank, **{k: v for k, v in options.items() if k != "lr"},
+              "learning_rate": options.get("lr")}
+    if options.get("optimizer") == "prodigy" and options.get("lr") is None:
+        fields["learning_rate"] = 1.0
+        if fields.get("text_encoder_lr") is None:
+            fields["text_encoder_lr"] = 1.0
+    return {k: v for k, v in fields.items() if v is not None}
+
 
 def train_identity(ctx: RunContext, tset: TrainingSet, face_backend: str, policy: TrainPolicy, work: Path,
                    resume: bool, emit: EventSink) -> tuple[TrainResult, dict[str, Any]]:
@@ -185,7 +212,15 @@ def train_identity(ctx: RunContext, tset: TrainingSet, face_backend: str, policy
     train_ctx = dataclasses.replace(ctx, cache=ModelCache(max_items=4),
                                     placement=dataclasses.replace(ctx.placement, offload=False))
     pipe = load_pipeline(train_ctx, base_id)
-    models = TrainModels(ctx.preset.family, pipe)
+    # The pipeline is the only holder of its modules from here, so the trainer can free the VAE
+    # and frozen text encoders once their outputs are cached, and reload them for validation.
+    train_ctx.cache.clear()
+
+    def reload(names: Sequence[str]) -> dict[str, Any]:
+        fresh = load_pipeline(dataclasses.replace(train_ctx, cache=ModelCache(max_items=4)), base_id)
+        return {name: getattr(fresh, name) for name in names}
+
+    models = TrainModels(ctx.preset.family, pipe, reload=reload)
     data = training_data(tset)
     if policy.prior_preservation:
         prompt = policy.class_prompt.format(**{"class": tset.class_word})
@@ -193,7 +228,8 @@ def train_identity(ctx: RunContext, tset: TrainingSet, face_backend: str, policy
         extra = class_images(models, prompt, policy, folder, ctx.placement.device, emit)
         data = dataclasses.replace(data, class_images=extra, class_prompt=prompt)
     result = train_lora(models, data, policy, work, device=ctx.placement.device, dtype_name=ctx.placement.dtype_name,
-                        scorer=face_scorer(ctx, face_backend, tset.consensus), resume=resume, base_model=base_id, on_event=emit)
+                        scorer=face_scorer(ctx, face_backend, tset.consensus), resume=resume, base_model=base_id, on_event=emit,
+                        restore_pipeline=False)
     return result, base_model_record(ctx, base_id)
 
 

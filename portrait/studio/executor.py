@@ -178,8 +178,9 @@ class FlowExecutor:
         # resume: a re-run after a crash continues from the interrupted run's last checkpoint.
         report = self._reporter(item)
         on_event = (lambda event: report(event.phase, event.step, event.total)) if report else None
+        options = dict(p.get("train") or {})
         identity = train(p["photos"], p["name"], zero_shot=bool(p["zero_shot"]), steps=p.get("steps"), resume=True,
-                         ctx=ctx, progress=report, on_event=on_event)
+                         ctx=ctx, progress=report, on_event=on_event, rank=options.pop("rank", None), **options)
         return ItemResult(in_place=(Path(identity.root),), meta=meta)
 
     def _generate(self, item: Item, staging: Path) -> ItemResult:

@@ -51,11 +51,25 @@ class IdentitySpec(BaseModel):
     photos: str | list[str] | None = None  # a folder, files, or a list of either
     zero_shot: bool | None = None  # None: decided from the spec's backends
     steps: int | None = Field(default=None, ge=1)
+    # `portrait train` options for training this identity (resolution, batch_size, lr, rank,
+    # alpha, train_text_encoder, optimizer, gradient_checkpointing, mixed_precision).
+    train: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
         return check_name(value)
+
+    @field_validator("train")
+    @classmethod
+    def _valid_train(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from portrait.flows.train import policy_overrides
+        from portrait.stages.train import TrainPolicy
+
+        options = dict(value)
+        rank = options.pop("rank", None)
+        TrainPolicy.from_section({}, **policy_overrides(rank=rank, **options))  # BadInput names the option
+        return value
 
 
 class JobSpec(BaseModel):
@@ -236,10 +250,14 @@ def template_ref(base: Path, value: str) -> tuple[str, str]:
 
 
 def train_item(name: str, photos: list[str], *, zero_shot: bool, preset: str, steps: int | None,
-               order: int = 0) -> Item:
-    """The item that trains (or, zero-shot, prepares) one identity from absolute photo paths."""
+               order: int = 0, train: dict | None = None) -> Item:
+    """The item that trains (or, zero-shot, prepares) one identity from absolute photo paths.
+    `train` holds trainer options (rank, lr, ...): in the payload only when given, so the ids
+    of specs without it stay as they were."""
     payload = {"name": check_name(name), "photos": list(photos), "zero_shot": bool(zero_shot), "preset": preset,
                "steps": steps}
+    if train:
+        payload["train"] = dict(sorted(train.items()))
     return Item(id=content_id({"kind": "train", **payload}), kind="train", group=f"{preset}/train/{name}", order=order,
                 label=f"{name} / train{' (zero-shot)' if zero_shot else ''}", payload=payload)
 
@@ -260,7 +278,7 @@ def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exist
         if ident.photos is not None and not identity_exists(ident.name):
             zero_shot = ident.zero_shot if ident.zero_shot is not None else zero_shot_only
             train = train_item(ident.name, _photo_paths(base_dir, ident.photos), zero_shot=zero_shot, preset=preset,
-                               steps=ident.steps, order=order)
+                               steps=ident.steps, order=order, train=ident.train)
             train_id = train.id
             items.append(train)
             order += 1

@@ -21,6 +21,8 @@ from portrait.stages import loras
 from portrait.stages.generate import seeded_candidates
 from portrait.stages.sd import (
     call_pipeline,
+    call_pipeline_batch,
+    candidate_batch_size,
     control_kwargs,
     controlnet_ids,
     load_sd_pipeline,
@@ -59,7 +61,12 @@ class LoraBackend:
             with loras.composed(pipe, stack, mode) as extra:
                 return call_pipeline(pipe, request, seed, **control_kwargs(control_images), **extra)
 
-        yield from seeded_candidates(request, render, setup_seconds=time.perf_counter() - started, info=info)
+        def render_batch(seeds: list[int]):
+            with loras.composed(pipe, stack, mode) as extra:
+                return call_pipeline_batch(pipe, request, seeds, **control_kwargs(control_images), **extra)
+
+        yield from seeded_candidates(request, render, setup_seconds=time.perf_counter() - started, info=info,
+                                     render_batch=render_batch, batch_size=candidate_batch_size(ctx, request))
 
     def _controls(self, request: GenerationRequest, ctx: RunContext) -> list[ctl.ControlImage]:
         """Control maps from the template's pose images, at generation size."""
