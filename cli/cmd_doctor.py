@@ -1,4 +1,5 @@
-"""`portrait doctor`: versions, devices, which models are present, and their licenses."""
+"""`portrait doctor`: versions, devices, which models are present, their licenses, and the
+bill of materials of the preset under the license policy in force (`--json` for tools)."""
 
 from __future__ import annotations
 
@@ -7,23 +8,46 @@ import typer
 
 def register(app: typer.Typer) -> None:
     @app.command("doctor")
-    def doctor(ctx: typer.Context) -> None:
-        """Show versions, devices, models present and their licenses."""
+    def doctor(ctx: typer.Context,
+               as_json: bool = typer.Option(False, "--json", help="Print everything as one JSON document.")) -> None:
+        """Show versions, devices, models present and their licenses, and the preset's bill of materials."""
         from rich.table import Table
 
-        from portrait.doctor import environment_report, model_rows
+        from portrait.doctor import bill_of_materials, environment_report, model_rows
 
         from .tables import show
 
         settings = ctx.obj
+        bom = bill_of_materials(settings)
+        if as_json:
+            import json
+
+            print(json.dumps({"environment": environment_report(), "models": model_rows(settings),
+                              "bill_of_materials": bom}, indent=2, default=str))
+            return
         env = Table(title="environment", show_header=False)
         for key, value in environment_report().items():
             env.add_row(key, str(value))
         show(env)
         models = Table(title=f"models (home: {settings.home})")
-        for column in ("id", "kind", "present", "license"):
+        for column in ("id", "kind", "present", "license", "class"):
             models.add_column(column)
         for row in model_rows(settings):
-            style = "yellow" if "non-commercial" in row["license"] else None
-            models.add_row(row["id"], row["kind"], row["present"], row["license"], style=style)
+            style = "yellow" if row["license_class"] != "commercial" else None
+            models.add_row(row["id"], row["kind"], row["present"], row["license"], row["license_class"], style=style)
         show(models)
+        if bom.get("error"):
+            print(f"bill of materials: not available ({bom['error']})")
+            return
+        table = Table(title=f"bill of materials: preset {bom['preset']}, --license {bom['license_policy']}, "
+                            f"face backend {bom['face_backend']}")
+        for column in ("role", "model", "status", "class", "license source", "sha256"):
+            table.add_column(column, overflow="fold")
+        for row in bom["models"]:
+            hashes = ", ".join(f"{f['name']}: {(f['sha256'] or '-')[:16]}" for f in row.get("files", [])[:3])
+            if len(row.get("files", [])) > 3:
+                hashes += f" (+{len(row['files']) - 3} files)"
+            status = row["status"] if row["status"] == "present" else f"{row['status']}: {row.get('reason', '')}"
+            table.add_row(row["role"], row["id"], status, row.get("license_class", ""), row.get("license_source", ""),
+                          hashes, style=None if row["status"] == "present" else "yellow")
+        show(table)

@@ -18,7 +18,7 @@ import typer
 from portrait.core.config import Settings
 from portrait.core.errors import ENVIRONMENT_ERRNOS, Interrupted, OutputFailed, PortraitError, output_failed
 
-from . import cmd_batch, cmd_demo, cmd_doctor, cmd_generate, cmd_models, cmd_prepare, cmd_templates, cmd_train
+from . import cmd_batch, cmd_demo, cmd_doctor, cmd_eval, cmd_generate, cmd_models, cmd_prepare, cmd_templates, cmd_train
 
 app = typer.Typer(
     name="portrait",
@@ -36,15 +36,20 @@ def main(
     preset: Optional[str] = typer.Option(None, "--preset", envvar="PORTRAIT_PRESET", help="Preset name: tiny (offline default), sd15, sdxl, ..."),
     device: Optional[str] = typer.Option(None, "--device", envvar="PORTRAIT_DEVICE", help="auto, cpu, cuda or cuda:N."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    license: Optional[str] = typer.Option(None, "--license", envvar="PORTRAIT_LICENSE", help="License policy: any (default) or commercial (only models a business may use; others are refused, exit 3)."),
 ) -> None:
+    from portrait.core.licenses import check_policy
+
     if not debug:
         from portrait.core.quiet import quiet_libraries
 
         quiet_libraries()
-    ctx.obj = Settings().with_(home=home.expanduser() if home else None, preset=preset, device=device, debug=debug)
+    ctx.obj = Settings().with_(home=home.expanduser() if home else None, preset=preset, device=device, debug=debug,
+                               license=check_policy(license) if license else None)
 
 
-for module in (cmd_prepare, cmd_train, cmd_generate, cmd_templates, cmd_batch, cmd_models, cmd_demo, cmd_doctor):
+for module in (cmd_prepare, cmd_train, cmd_generate, cmd_templates, cmd_batch, cmd_models, cmd_demo, cmd_doctor,
+               cmd_eval):
     module.register(app)
 
 

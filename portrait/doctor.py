@@ -43,3 +43,55 @@ def environment_report() -> dict[str, Any]:
 
 def model_rows(settings: Settings) -> list[dict[str, Any]]:
     return model_table(Registry.load(), settings)
+
+
+# Files above this are not hashed by `doctor` (a 4 GB base takes ~15 s); `models verify` does.
+DOCTOR_HASH_LIMIT = 512 * 2**20
+
+
+def bill_of_materials(settings: Settings) -> dict[str, Any]:
+    """The models the preset would load under the license policy in force: per role, the model,
+    its license class and source, where it resolves from and each file's sha256 (or why not)."""
+    from .core.context import RunContext
+    from .core.errors import BadInput, ModelMissing
+    from .core.faces import pick_backend
+    from .core.io import sha256_file
+    from .core.licenses import BUILTIN, LicenseRefused, bom_row
+
+    try:
+        ctx = RunContext.create(settings)
+    except BadInput as exc:  # doctor reports; an unknown preset is one of the things it reports
+        return {"license_policy": settings.license, "preset": settings.preset, "face_backend": None, "models": [],
+                "error": str(exc)}
+
+    def hasher(path):
+        if path.stat().st_size > DOCTOR_HASH_LIMIT:
+            return f"not hashed ({path.stat().st_size / 2**30:.1f} GiB; `portrait models verify`)"
+        return sha256_file(path)
+
+    face = pick_backend("auto", ctx.registry, ctx.settings)
+    roles = dict(ctx.preset.models)
+    if face == "auraface":
+        roles.update({"face_recognizer": "auraface", "face_landmarks": "dlib-landmarks-5"})
+    elif face == "dlib":
+        roles.update({"face_recognizer": "dlib-face-recognition", "face_landmarks": "dlib-landmarks-5"})
+    rows = []
+    for role, model_id in sorted(roles.items()):
+        try:
+            spec = ctx.registry.get(model_id)
+            # dlib's models ship in a package and have no stand-in: they load as they are
+            tiny = ctx.preset.tiny and spec.source != "package"
+            row = bom_row(ctx.registry, ctx.registry.resolve(model_id, ctx.settings, tiny=tiny), hasher)
+            row["status"] = "present"
+        except LicenseRefused as exc:
+            row = {"id": model_id, "status": "refused", "reason": str(exc)}
+        except (ModelMissing, BadInput) as exc:
+            row = {"id": model_id, "status": "missing", "reason": str(exc)}
+        if row["status"] != "present":
+            spec = ctx.registry.specs.get(model_id)
+            if spec is not None:
+                row.update(license=spec.license, license_class=spec.license_class, license_source=spec.license_source)
+        rows.append({"role": role, **row})
+    if face in ("dlib", "auraface"):
+        rows.append({"role": "face_detector", "status": "present", **BUILTIN["dlib-hog-detector"]})
+    return {"license_policy": ctx.settings.license, "preset": ctx.preset.name, "face_backend": face, "models": rows}

@@ -9,6 +9,17 @@ Prompt adherence (CLIP-T: cosine of CLIP's image and text embeddings) is reporte
 identity similarity: a face pasted over everything scores high on identity and low on
 CLIP-T, the copy-paste failure that similarity alone rewards. Ranking uses identity by
 default; `clip_weight` lets a preset trade some of it for adherence.
+
+Two guards keep the score from flattering the method (issue 18):
+
+- Independent scoring. A backend conditioned on one recognizer (InstantID on antelopev2,
+  FaceID on buffalo_l) is scored in that space *and* in an independent one; ranking and the
+  gate use the independent space unless the preset says `rank_space: conditioning`.
+- Copy-paste. Real photo pairs of one person are far from identical (a median ArcFace
+  cosine of about 0.46 is reported for real pairs), so an output closer to one of the
+  identity's own photos than those photos are to each other (the bundle's stored spread,
+  per space) is suspicious, not better; so is one whose keypoints and aligned crop reproduce
+  a photo's. Such outputs are flagged `copy_paste` and ranked after the clean ones.
 """
 
 from __future__ import annotations
@@ -40,6 +51,11 @@ class ScorePolicy:
     clip_weight: float = 0.0  # ranking: share of CLIP-T next to identity
     budget: int = 4  # the gate generates at most this many extra candidates
     rounds: int = 2  # ... in at most this many rounds
+    rank_space: str = "independent"  # independent | conditioning: which space ranks and gates
+    copy_margin: float = 0.02  # copy-paste: similarity to one photo above the identity's own max + this
+    copy_min_photos: int = 3  # fewer photos than this give no spread: the similarity test is off
+    copy_kps_tolerance: float = 0.015  # copy-paste: mean keypoint distance (fraction of image side) ...
+    copy_crop_correlation: float = 0.9  # ... and aligned-crop correlation at or above this
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any], where: str = "preset score") -> "ScorePolicy":
@@ -50,6 +66,8 @@ class ScorePolicy:
             raise BadInput("preset score: budget and rounds must be >= 0")
         if not 0.0 <= policy.reference_weight <= 1.0 or not 0.0 <= policy.clip_weight <= 1.0:
             raise BadInput("preset score: reference_weight and clip_weight must be in [0, 1]")
+        if policy.rank_space not in ("independent", "conditioning"):
+            raise BadInput(f"preset score: rank_space '{policy.rank_space}' is not independent or conditioning")
         return policy
 
     def threshold_for(self, backend: str, default: float) -> float:
@@ -94,14 +112,125 @@ def rank_key(score: CandidateScore, policy: ScorePolicy) -> float:
 
 def rank(candidates: Sequence[Candidate], scores: Sequence[CandidateScore], policy: ScorePolicy,
          threshold: float) -> list[RankedResult]:
-    """Best first: candidates that pass the gate, then sane ones, then the rest, each by rank_key."""
+    """Best first: candidates that pass the gate, then sane ones, then the rest, each by rank_key;
+    within each group a copy-paste output comes after every clean one."""
     if len(candidates) != len(scores):
         raise ValueError("one score per candidate")
     order = sorted(range(len(candidates)), key=lambda i: (
-        not passes(scores[i], policy, threshold), not is_sane(scores[i], policy), -rank_key(scores[i], policy)))
+        not passes(scores[i], policy, threshold), scores[i].copy_paste is not None, not is_sane(scores[i], policy),
+        -rank_key(scores[i], policy)))
     return [RankedResult(candidate=candidates[i], score=scores[i], rank=position + 1,
                          passed_gate=passes(scores[i], policy, threshold))
             for position, i in enumerate(order)]
+
+
+# --- which spaces score -----------------------------------------------------------------------
+
+# The embedding space each generation backend is conditioned with (DESIGN section 5).
+CONDITIONING = {"instantid": "insightface:antelopev2", "faceid": "insightface:buffalo_l"}
+# Independent spaces, preferred first; dlib is the offline fallback (its models ship in a package).
+INDEPENDENT = ("auraface", "insightface:buffalo_l", "insightface:antelopev2", "dlib")
+
+
+def conditioning_space(backend: str, options: Mapping[str, Any], selection_space: str | None) -> str | None:
+    """The space that shaped the output. For the LoRA backends it is the space whose similarity
+    picked the LoRA's checkpoints (`selection_space`, the bundle's face backend)."""
+    if backend in CONDITIONING:
+        return CONDITIONING[backend]
+    if backend == "photomaker":
+        version = str(options.get("photomaker_version", "2")).lstrip("v")
+        return "insightface:buffalo_l" if version == "2" else None
+    if backend == "template" and options.get("identity_adapter") == "faceid":
+        return CONDITIONING["faceid"]
+    return selection_space
+
+
+# --- copy-paste ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Pairwise same-person similarity of the identity's own photos in one space."""
+
+    space: str
+    n: int  # photos
+    min: float
+    median: float
+    max: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "min": self.min, "median": self.median, "max": self.max}
+
+    @classmethod
+    def from_dict(cls, space: str, row: Mapping[str, Any]) -> "Spread":
+        return cls(space, int(row["n"]), float(row["min"]), float(row["median"]), float(row["max"]))
+
+
+def self_spread(embeddings: Sequence[np.ndarray], space: str) -> Spread | None:
+    """The spread of pairwise similarities of one person's photos (None below two photos)."""
+    sims = [similarity(a, b, space) for i, a in enumerate(embeddings) for b in embeddings[i + 1:]]
+    if not sims:
+        return None
+    return Spread(space, len(embeddings), round(float(np.min(sims)), 4), round(float(np.median(sims)), 4),
+                  round(float(np.max(sims)), 4))
+
+
+@dataclass(frozen=True)
+class FaceSignature:
+    """Where a face sits in its picture and what its aligned crop looks like."""
+
+    kps: np.ndarray  # (5, 2) keypoints as fractions of the image width and height
+    crop: np.ndarray  # (48, 48) aligned grey crop, zero mean, unit norm
+
+
+def face_signature(image: np.ndarray, face: FaceObservation, size: int = 48) -> FaceSignature:
+    from portrait.core.faces import norm_crop
+
+    h, w = image.shape[:2]
+    kps = np.asarray(face.kps, np.float64) / np.array([w, h], np.float64)
+    crop = norm_crop(image, face.kps, size=size).astype(np.float64).mean(axis=2)
+    crop -= crop.mean()
+    norm = float(np.linalg.norm(crop))
+    return FaceSignature(kps, crop / norm if norm > 0 else crop)
+
+
+@dataclass(frozen=True)
+class OwnPhoto:
+    """One of the identity's photos, as the copy-paste guard compares outputs with it."""
+
+    name: str
+    signature: FaceSignature | None
+    embeddings: dict[str, np.ndarray]  # space -> raw embedding
+
+
+def copy_paste_reason(embeddings: Mapping[str, np.ndarray], signature: FaceSignature | None,
+                      photos: Sequence[OwnPhoto], spreads: Mapping[str, Spread], policy: ScorePolicy) -> str | None:
+    """Why an output looks copied from one of `photos`, or None when it looks rendered anew.
+
+    The geometric test comes first (it names the photo reproduced); the similarity test
+    catches a copy that was cropped or resized differently."""
+    if signature is not None:
+        for photo in photos:
+            if photo.signature is None:
+                continue
+            distance = float(np.linalg.norm(signature.kps - photo.signature.kps, axis=1).mean())
+            correlation = float((signature.crop * photo.signature.crop).sum())
+            if distance <= policy.copy_kps_tolerance and correlation >= policy.copy_crop_correlation:
+                return (f"reproduces {photo.name}: keypoints within {distance:.3f} of the image side, "
+                        f"aligned-crop correlation {correlation:.3f}")
+    for space, embedding in embeddings.items():
+        spread = spreads.get(space)
+        if embedding is None or spread is None or spread.n < policy.copy_min_photos:
+            continue
+        for photo in photos:
+            other = photo.embeddings.get(space)
+            if other is None:
+                continue
+            sim = similarity(embedding, other, space)
+            if sim > spread.max + policy.copy_margin:
+                return (f"similarity {sim:.3f} to {photo.name} ({space}) is above the identity's own "
+                        f"photo-to-photo maximum {spread.max:.3f}")
+    return None
 
 
 # --- CLIP-T ---------------------------------------------------------------------------------

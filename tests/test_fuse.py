@@ -163,6 +163,8 @@ def test_a_model_that_is_not_a_swapper_is_refused(tmp_path):
 
     settings = Settings(home=tmp_path, preset="tiny", device="cpu")
     make_tiny(settings, only=("tiny-buffalo_l",))
+    from portrait.core.tiny import STAMP, TINY_VERSION
+
     (settings.models_dir / "tiny-inswapper").mkdir()
     shutil.copy(settings.models_dir / "tiny-buffalo_l" / "w600k_r50.onnx",
                 settings.models_dir / "tiny-inswapper" / "inswapper_128.onnx")

@@ -34,6 +34,8 @@ class Settings:
     preset: str = field(default_factory=lambda: os.environ.get("PORTRAIT_PRESET", DEFAULT_PRESET))
     device: str = field(default_factory=lambda: os.environ.get("PORTRAIT_DEVICE", "auto"))
     debug: bool = False
+    # license policy (portrait.core.licenses): "any", or "commercial" to load only models a business may use
+    license: str = field(default_factory=lambda: os.environ.get("PORTRAIT_LICENSE", "any"))
 
     @property
     def models_dir(self) -> Path:
@@ -61,6 +63,7 @@ class Preset:
     models: dict[str, str]  # role -> registry id (base, vae, controlnet_canny, ...)
     sections: dict[str, dict[str, Any]]
     description: str = ""
+    license: str | None = None  # a preset may demand a license policy (e.g. commercial)
 
     def section(self, name: str) -> dict[str, Any]:
         return dict(self.sections.get(name, {}))
@@ -84,7 +87,7 @@ def available_presets() -> list[str]:
     return sorted(
         p.name[: -len(".yaml")]
         for p in presets_root().iterdir()
-        if p.name.endswith(".yaml") and p.name != "models.yaml"
+        if p.name.endswith(".yaml") and p.name not in ("models.yaml", "licenses.yaml")
     )
 
 
@@ -141,7 +144,7 @@ def _read_preset_yaml(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
 
 def load_preset(name: str) -> Preset:
     data = _read_preset_yaml(name)
-    reserved = {"name", "family", "tiny", "models", "description"}
+    reserved = {"name", "family", "tiny", "models", "description", "license"}
     family = str(data.get("family", "sd15"))
     if family not in ("sd15", "sdxl"):
         raise BadInput(f"preset '{name}': family '{family}' is not sd15 or sdxl")
@@ -152,4 +155,5 @@ def load_preset(name: str) -> Preset:
         models=dict(data.get("models", {})),
         sections={k: v for k, v in data.items() if k not in reserved and isinstance(v, dict)},
         description=str(data.get("description", "")),
+        license=str(data["license"]) if data.get("license") else None,
     )

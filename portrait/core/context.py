@@ -34,8 +34,12 @@ class RunContext:
     @classmethod
     def create(cls, settings: Settings | None = None, preset: str | None = None, cache: ModelCache | None = None,
                progress: Progress | None = None) -> "RunContext":
+        from .licenses import strictest
+
         settings = settings or Settings()
         chosen = load_preset(preset or settings.preset)
+        # the stricter of the user's --license and the preset's `license:` holds for the whole run
+        settings = settings.with_(license=strictest(settings.license, chosen.license))
         precision = chosen.section("runtime").get("precision", "auto")
         return cls(
             settings=settings,

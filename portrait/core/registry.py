@@ -8,19 +8,25 @@
    `HF_HUB_OFFLINE`), and a package that ships the files (dlib's models),
 4. otherwise `ModelMissing`, which names the command that fetches it (exit 3).
 
+Before any of that, the license policy in `Settings.license` must allow the id (its class
+comes from presets/licenses.yaml; portrait.core.licenses), else `LicenseRefused` (exit 3).
+Every successful resolve is reported to the active `recording()` blocks, which is how a run
+knows its bill of materials.
+
 With a tiny preset every id resolves to its make-tiny stand-in instead, through the same
 code, so the loaders under test are the loaders users run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -57,6 +63,10 @@ class ModelSpec(BaseModel):
     config: str | None = None  # shipped config folder (presets/configs/...) for single-file bases
     maker: str | None = None  # for source=tiny: "module:function" that writes it (make-tiny)
     notes: str = ""
+    # from presets/licenses.yaml (portrait.core.licenses)
+    license_class: str = "unknown"  # commercial | non-commercial | research | unknown
+    license_source: str = ""
+    alternative: str | None = None  # what to use instead when a policy refuses it
 
     @property
     def license_label(self) -> str:
@@ -86,15 +96,27 @@ class Registry:
 
     def __init__(self, specs: list[ModelSpec]):
         self.specs = {s.id: s for s in specs}
+        self._recorders: list[dict[str, ResolvedModel]] = []
 
     @classmethod
-    def load(cls, path: Path | None = None) -> "Registry":
+    def load(cls, path: Path | None = None, licenses: Path | None = None) -> "Registry":
         text = path.read_text() if path else (presets_root() / "models.yaml").read_text()
         data = yaml.safe_load(text) or {}
+        terms = _license_rows(licenses)
         try:
-            return cls([ModelSpec(**row) for row in data.get("models", [])])
+            return cls([ModelSpec(**{**row, **terms.get(row.get("id"), {})}) for row in data.get("models", [])])
         except ValidationError as exc:
             raise PortraitError(f"models.yaml: {exc}") from exc
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[str, ResolvedModel]]:
+        """Collect every model resolved inside the block (id -> ResolvedModel): a run's bill of materials."""
+        used: dict[str, ResolvedModel] = {}
+        self._recorders.append(used)
+        try:
+            yield used
+        finally:
+            self._recorders.remove(used)
 
     def get(self, model_id: str) -> ModelSpec:
         try:
@@ -113,10 +135,21 @@ class Registry:
 
     def resolve(self, model_id: str, settings: Settings, *, tiny: bool = False, explicit: Path | None = None,
                 write_tiny: bool = True) -> ResolvedModel:
-        """Where `model_id` is on disk. A tiny stand-in that is missing or stale (an older
-        make-tiny version) is written on first use (`write_tiny`), with a one-line notice:
-        they are deterministic and take about a second each, so "run make-tiny" was only a
-        command we could run ourselves. Real models stop with exit 3 and the download command."""
+        """Where `model_id` is on disk, once the license policy allows it. A tiny stand-in that is
+        missing or stale (an older make-tiny version) is written on first use (`write_tiny`), with
+        a one-line notice: they are deterministic and take about a second each, so "run make-tiny"
+        was only a command we could run ourselves. Real models stop with exit 3 and the download
+        command."""
+        from .licenses import check
+
+        check(self, model_id, getattr(settings, "license", "any"))
+        resolved = self._resolve(model_id, settings, tiny=tiny, explicit=explicit, write_tiny=write_tiny)
+        for used in self._recorders:
+            used[resolved.spec.id] = resolved
+        return resolved
+
+    def _resolve(self, model_id: str, settings: Settings, *, tiny: bool = False, explicit: Path | None = None,
+                 write_tiny: bool = True) -> ResolvedModel:
         spec = self.stand_in(model_id, tiny)
         if explicit is not None:
             return _resolve_explicit(spec, Path(explicit))
@@ -145,11 +178,29 @@ class Registry:
         raise ModelMissing(spec.id)
 
     def is_present(self, model_id: str, settings: Settings, *, tiny: bool = False) -> bool:
+        """Whether the id would resolve (policy included); a look, so nothing is recorded as used."""
+        from .licenses import check
+
         try:
-            self.resolve(model_id, settings, tiny=tiny, write_tiny=False)
+            check(self, model_id, getattr(settings, "license", "any"))
+            self._resolve(model_id, settings, tiny=tiny, write_tiny=False)
             return True
         except ModelMissing:
             return False
+
+
+def _license_rows(path: Path | None) -> dict[str, dict[str, Any]]:
+    """presets/licenses.yaml as id -> ModelSpec fields (license_class, license_source, alternative)."""
+    text = path.read_text() if path else (presets_root() / "licenses.yaml").read_text()
+    rows = (yaml.safe_load(text) or {}).get("licenses", {}) or {}
+    out = {}
+    for model_id, row in rows.items():
+        row = dict(row or {})
+        out[model_id] = {"license_class": row.pop("class", "unknown"), "license_source": row.pop("source", ""),
+                         "alternative": row.pop("alternative", None)}
+        if row:
+            raise PortraitError(f"licenses.yaml: '{model_id}' has unknown keys {sorted(row)}")
+    return out
 
 
 def _has_files(root: Path, files: list[str]) -> bool:
@@ -325,8 +376,12 @@ def model_table(registry: Registry, settings: Settings) -> list[dict[str, Any]]:
     """One row per model for `models list` and `doctor`."""
     rows = []
     for spec in registry.specs.values():
+        from .licenses import LicenseRefused
+
         try:
             where = registry.resolve(spec.id, settings).origin
+        except LicenseRefused:
+            where = "refused"
         except (ModelMissing, BadInput):
             where = "missing"
         rows.append(
@@ -335,6 +390,7 @@ def model_table(registry: Registry, settings: Settings) -> list[dict[str, Any]]:
                 "kind": spec.kind,
                 "family": spec.family or "",
                 "license": spec.license_label,
+                "license_class": spec.license_class,
                 "size_mb": round(spec.size / 1e6, 1) if spec.size else None,
                 "present": where,
                 "tiny": spec.tiny or "",

@@ -236,11 +236,15 @@ class Candidate:
 
 @dataclass(frozen=True)
 class CandidateScore:
-    similarity: float  # to the identity's consensus embedding
+    similarity: float  # to the identity's consensus embedding, in the ranking space (`space`)
     reference_similarity: float
     faces: int
     face_size: float
     clip_t: float | None = None
+    space: str | None = None  # the embedding space of `similarity` (the independent one by default)
+    # every space scored: space -> {"role": "independent"|"conditioning", "similarity", "reference_similarity"}
+    spaces: dict[str, dict[str, Any]] = field(default_factory=dict)
+    copy_paste: str | None = None  # why the output looks like a copy of one of the identity's own photos
 
 
 @dataclass(frozen=True)

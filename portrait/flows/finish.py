@@ -1,7 +1,10 @@
 """Finishing: fusion -> retouch -> upscale (+ face restoration) -> score, then the gate.
 
 `finish` takes generated candidates and returns them ranked, each stage switchable (per
-template and on the CLI) and timed into the candidate's `timings`. `gate` wraps it for the
+template and on the CLI) and timed into the candidate's `timings`. Scoring happens in every
+available embedding space that matters (`Scoring`): the one the backend was conditioned
+with and an independent one, which ranks and gates by default; each output is also checked
+against the identity's own photos for copy-paste (stages/score.py). `gate` wraps it for the
 generate flow: while fewer than the wanted number of candidates pass the identity
 threshold, it asks for more with new seeds, up to the preset's budget, then returns the
 best it has, marking those below the threshold `passed_gate: false`.
@@ -22,7 +25,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from portrait.core.errors import BadInput, ModelMissing, bad_file
-from portrait.core.faces import FaceAnalyzer, make_analyzer
+from portrait.core.faces import FaceAnalyzer, make_analyzer, pick_backend
 from portrait.core.io import write_image
 from portrait.core.parsing import load_face_parser
 from portrait.core.types import Candidate, CandidateScore, FaceObservation, Identity, RankedResult
@@ -143,6 +146,140 @@ def _read_rgb(path: Path) -> np.ndarray:
         raise bad_file(path, f"unreadable image ({exc.__class__.__name__})") from None
 
 
+# --- the scoring spaces --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """Who scores: the ranking space first, then the others, and the identity's own photos.
+
+    `spaces` holds (role, analyzer, identity faces) with role "independent" or
+    "conditioning" (the space the backend was conditioned with); `own` and `spreads` feed the
+    copy-paste guard.
+    """
+
+    spaces: tuple[tuple[str, FaceAnalyzer, IdentityFaces], ...]
+    own: tuple[score_stage.OwnPhoto, ...] = ()
+    spreads: Mapping[str, score_stage.Spread] = field(default_factory=dict)
+    conditioning: str | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def analyzer(self) -> FaceAnalyzer:
+        return self.spaces[0][1]
+
+    @property
+    def who(self) -> IdentityFaces:
+        return self.spaces[0][2]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ranking_space": self.analyzer.backend, "conditioning_space": self.conditioning,
+                "spaces": {a.backend: role for role, a, _ in self.spaces},
+                "self_similarity": {k: v.as_dict() for k, v in self.spreads.items()},
+                "notes": list(self.notes)}
+
+
+def independent_space(ctx, conditioning: str | None) -> str:
+    """The first present, licensed space that did not condition the output (dlib offline).
+
+    Only real models count: a tiny stand-in's identities are meaningless by design.
+    """
+    from portrait.core.licenses import allowed
+
+    for space in score_stage.INDEPENDENT:
+        if space == conditioning:
+            continue
+        if space == "dlib":
+            return space
+        model = space.split(":", 1)[1] if ":" in space else space
+        if allowed(ctx.registry, model, ctx.settings.license) and ctx.registry.is_present(model, ctx.settings):
+            return space
+    return "dlib"
+
+
+def scoring_for(ctx, identity: Identity, backend: str, options: Mapping[str, Any], policy: FinishPolicy,
+                analyzer: FaceAnalyzer | None = None, who: IdentityFaces | None = None) -> Scoring:
+    """The spaces that score a run of `backend` (see `Scoring`), built once per run.
+
+    A given `analyzer` (or a preset `finish.face_backend` other than auto) fixes the ranking
+    space; otherwise `score.rank_space` picks the independent space (default) or the
+    conditioning one.
+    """
+    conditioning = score_stage.conditioning_space(backend, options, identity.manifest.get("face_backend"))
+    if analyzer is not None:
+        ranking = analyzer.backend
+    elif policy.face_backend != "auto":
+        ranking = pick_backend(policy.face_backend, ctx.registry, ctx.settings)
+    elif policy.score.rank_space == "conditioning" and conditioning:
+        ranking = conditioning
+    else:
+        ranking = independent_space(ctx, conditioning)
+    analyzer = analyzer or make_analyzer(ctx, ranking)
+    if who is None or who.space != analyzer.backend:
+        who = identity_faces(analyzer, identity)
+    spaces = [("conditioning" if ranking == conditioning else "independent", analyzer, who)]
+    notes = []
+    if conditioning and conditioning != ranking:
+        try:
+            other = make_analyzer(ctx, conditioning)
+            spaces.append(("conditioning", other, identity_faces(other, identity)))
+        except (ModelMissing, BadInput) as exc:  # absent or refused by the license policy
+            notes.append(f"conditioning space {conditioning} not scored: {exc}")
+    own = own_photos(identity, [(a, w) for _, a, w in spaces])
+    stored = identity.manifest.get("self_similarity") or {}
+    spreads = {}
+    for _, a, _ in spaces:
+        if a.backend in stored:
+            spreads[a.backend] = score_stage.Spread.from_dict(a.backend, stored[a.backend])
+        else:
+            found = score_stage.self_spread([p.embeddings[a.backend] for p in own
+                                             if p.name != "reference" and a.backend in p.embeddings], a.backend)
+            if found is not None:
+                spreads[a.backend] = found
+    return Scoring(tuple(spaces), tuple(own), spreads, conditioning, tuple(notes))
+
+
+def own_photos(identity: Identity, analyzers: Sequence[tuple[FaceAnalyzer, IdentityFaces]]) -> list[score_stage.OwnPhoto]:
+    """The identity's photos (and reference) as the copy-paste guard sees them: each face's
+    signature in the first analyzer's detection and its embedding in every space."""
+    out = []
+    paths = [("reference", identity.reference)] + [(p.name, p) for p in identity.photos]
+    for name, path in paths:
+        if not Path(path).is_file():
+            continue
+        image = _read_rgb(path)
+        signature, embeddings = None, {}
+        for index, (analyzer, _) in enumerate(analyzers):
+            faces = analyzer.detect(image)
+            if not faces:
+                continue
+            if index == 0:
+                signature = score_stage.face_signature(image, faces[0])
+            if faces[0].embedding is not None:
+                embeddings[analyzer.backend] = faces[0].embedding
+        out.append(score_stage.OwnPhoto(name, signature, embeddings))
+    return out
+
+
+def photo_spreads(ctx, spaces: Sequence[str], photos: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    """Per space, the pairwise same-person similarity spread of `photos` (stored in the bundle)."""
+    out = {}
+    for space in spaces:
+        try:
+            analyzer = make_analyzer(ctx, space)
+        except (ModelMissing, BadInput):
+            continue
+        embeddings = []
+        for path in photos:
+            faces = analyzer.detect(_read_rgb(path))
+            if faces and faces[0].embedding is not None:
+                embeddings.append(faces[0].embedding)
+        spread = score_stage.self_spread(embeddings, space)
+        if spread is not None:
+            out[space] = spread.as_dict()
+    return out
+
+
 # --- finish -------------------------------------------------------------------------------------
 
 
@@ -163,6 +300,7 @@ class _Finishers:
     policy: FinishPolicy
     analyzer: FaceAnalyzer
     who: IdentityFaces
+    scoring: Scoring | None = None
     parser: Any = None
     swapper: Any = None
     swap_embedding: np.ndarray | None = None
@@ -174,17 +312,24 @@ class _Finishers:
 
 def finish(ctx, identity: Identity, candidates: Sequence[Candidate], switches: FinishSwitches | None = None,
            policy: FinishPolicy | None = None, analyzer: FaceAnalyzer | None = None,
-           who: IdentityFaces | None = None) -> list[RankedResult]:
+           who: IdentityFaces | None = None, scoring: Scoring | None = None) -> list[RankedResult]:
     """Fuse, retouch, upscale, restore and score each candidate; return them ranked.
 
-    `analyzer` and `who` (the identity's faces in that analyzer's space) may be passed in
-    by a caller that finishes several batches, so they are computed once.
+    `analyzer` and `who` (the identity's faces in that analyzer's space), or a whole
+    `scoring`, may be passed in by a caller that finishes several batches, so they are
+    computed once. A given `analyzer` is the ranking space.
     """
     policy = policy or FinishPolicy.from_preset(ctx.preset)
     switches = switches or FinishSwitches.from_options(policy.switches)
     if not candidates:
         return []
+    if scoring is None and switches.score:
+        request = candidates[0].request
+        scoring = scoring_for(ctx, identity, request.backend, request.options, policy, analyzer, who)
+    if scoring is not None:
+        analyzer, who = scoring.analyzer, scoring.who
     kit = _prepare(ctx, identity, switches, policy, analyzer, who)
+    kit.scoring = scoring
     finished = []
     for index, candidate in enumerate(candidates):
         finished.append(_finish_one(candidate, switches, kit))
@@ -298,14 +443,33 @@ def _score_all(finished: list[Candidate], switches: FinishSwitches, kit: _Finish
         share = round((time.perf_counter() - start) / len(finished), 4)
         for candidate in finished:
             candidate.timings["clip"] = share
+    scoring = kit.scoring or Scoring((("independent", kit.analyzer, kit.who),))
     scores = []
     for candidate, clip in zip(finished, clips):
         start = time.perf_counter()
-        faces = kit.analyzer.detect(candidate.image)
-        scores.append(score_stage.score_faces(faces, candidate.image.shape, kit.who.consensus,
-                                              kit.who.reference_embedding, kit.who.space, clip))
+        scores.append(score_image(candidate.image, scoring, kit.policy.score, clip))
         candidate.timings["score"] = round(time.perf_counter() - start, 4)
     return scores
+
+
+def score_image(image: np.ndarray, scoring: Scoring, policy: score_stage.ScorePolicy,
+                clip: float | None = None) -> CandidateScore:
+    """One image's score in every space of `scoring` (the first ranks), with the copy-paste check."""
+    base, spaces, embeddings, signature = None, {}, {}, None
+    for role, analyzer, who in scoring.spaces:
+        faces = analyzer.detect(image)
+        score = score_stage.score_faces(faces, image.shape, who.consensus, who.reference_embedding, who.space, clip)
+        spaces[who.space] = {"role": role, "similarity": score.similarity,
+                             "reference_similarity": score.reference_similarity, "faces": score.faces}
+        if faces:
+            face = max(faces, key=lambda f: f.area)
+            embeddings[who.space] = face.embedding
+            if base is None:
+                signature = score_stage.face_signature(image, face)
+        if base is None:
+            base = score
+    reason = score_stage.copy_paste_reason(embeddings, signature, scoring.own, scoring.spreads, policy)
+    return dataclasses.replace(base, space=scoring.who.space, spaces=spaces, copy_paste=reason)
 
 
 # --- the gate -----------------------------------------------------------------------------------
@@ -318,6 +482,7 @@ class GateOutcome:
     rounds: int  # regeneration rounds run
     extra_seeds: tuple[int, ...]  # seeds generated beyond the first batch
     passed: bool  # every returned result passed the gate
+    scoring: dict[str, Any] = field(default_factory=dict)  # Scoring.as_dict() of the run
 
 
 GenerateMore = Callable[[list[int]], list[Candidate]]
@@ -344,7 +509,7 @@ def run_gate(first: list[RankedResult], generate_more: GenerateMore, evaluate: E
         done_rounds += 1
         extra.extend(c.seed for c in fresh)
         pool.extend(evaluate(fresh))
-    best = sorted(pool, key=lambda r: (not r.passed_gate, _order_key(r)))[:want]
+    best = sorted(pool, key=lambda r: (not r.passed_gate, r.score.copy_paste is not None, _order_key(r)))[:want]
     results = [dataclasses.replace(r, rank=i + 1) for i, r in enumerate(best)]
     return GateOutcome(results, len(pool), done_rounds, tuple(extra), all(r.passed_gate for r in results))
 
@@ -363,17 +528,20 @@ def gate(ctx, identity: Identity, candidates: Sequence[Candidate], switches: Fin
     """finish + run_gate with the preset's budget; the generate flow's single call."""
     policy = policy or FinishPolicy.from_preset(ctx.preset)
     switches = switches or FinishSwitches.from_options(policy.switches)
-    analyzer = make_analyzer(ctx, policy.face_backend)
-    who = identity_faces(analyzer, identity)
+    scoring = None
+    if switches.score and candidates:
+        request = candidates[0].request
+        scoring = scoring_for(ctx, identity, request.backend, request.options, policy)
 
     def evaluate(batch: list[Candidate]) -> list[RankedResult]:
-        return finish(ctx, identity, batch, switches, policy, analyzer, who)
+        return finish(ctx, identity, batch, switches, policy, scoring=scoring)
 
     first = evaluate(list(candidates))
     want = want or len(candidates)
     if not switches.score:
         return GateOutcome(first[:want], len(first), 0, (), True)
-    return run_gate(first, generate_more, evaluate, want, policy.score.budget, policy.score.rounds)
+    outcome = run_gate(first, generate_more, evaluate, want, policy.score.budget, policy.score.rounds)
+    return dataclasses.replace(outcome, scoring=scoring.as_dict() if scoring else {})
 
 
 # --- reporting -----------------------------------------------------------------------------------
@@ -394,6 +562,9 @@ def result_row(result: RankedResult) -> dict[str, Any]:
         "passed_gate": result.passed_gate,
         "timings": dict(result.candidate.timings),
         "notes": list(result.candidate.info.get("finish_notes", [])),
+        "similarity_space": score.space,
+        "scores": dict(score.spaces),
+        "copy_paste": score.copy_paste,
     }
 
 

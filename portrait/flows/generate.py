@@ -6,6 +6,10 @@ Composes stages only: resolve the request (stages.generate), run the backend, ha
 candidates to the finish flow (fusion / retouch / upscale / score + the similarity gate)
 when it is available, then write each image atomically with its metadata chunks and a
 ranked results.json (DESIGN section 3).
+
+Under a license policy the models the request needs are checked before any work
+(`_preflight`), and results.json carries the run's bill of materials: every model resolved
+while it ran, with its files' sha256, license class and source (portrait.core.licenses).
 """
 
 from __future__ import annotations
@@ -59,6 +63,10 @@ class GenerationResult:
                 "clip_t": _round(s.clip_t),
                 "faces": s.faces,
                 "info": r.candidate.info,
+                # issue 18: the space `similarity` is measured in, every space scored, copy-paste
+                "similarity_space": s.space,
+                "scores": {space: dict(v) for space, v in s.spaces.items()},
+                "copy_paste": s.copy_paste,
             })
         return {"identity": self.identity, "backend": self.backend, "template": self.template, "results": rows,
                 "request": self.request.resolved(), **self.info}
@@ -84,6 +92,7 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
     request = gen.resolve_request(person, policy, template=chosen, prompt=prompt, backend=backend, n=n, seed=seed,
                                   overrides=overrides)
     out = Path(out).expanduser()
+    _preflight(ctx, request)
     _check_out(out)
 
     def run(req: GenerationRequest) -> list[Candidate]:
@@ -97,12 +106,14 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
     # interrupted or failed run publishes nothing, and a re-run replaces the old results.
     staging = staging_for(out)
     try:
-        candidates = run(request)
-        ranked, notes = _finish(ctx, person, request, candidates, run, finish)
-        written = _write(ctx, staging, person, ranked)
+        with ctx.registry.recording() as used:
+            candidates = run(request)
+            ranked, notes = _finish(ctx, person, request, candidates, run, finish)
+            written = _write(ctx, staging, person, ranked)
+        notes = {**notes, "license_policy": ctx.settings.license, "bom": bill_of_materials(ctx, used)}
         staged = GenerationResult(person.name, request.backend, request.template, out, request, tuple(written), notes)
         write_json(staging / "results.json", staged.as_json())
-        if notes and written:
+        if "gate" in notes and written:
             from portrait.flows.finish import write_contact_sheet
 
             write_contact_sheet(written, staging / "contact_sheet.png")
@@ -122,6 +133,42 @@ def _template(name: str | None, prompt: str | None, backend: str | None, policy:
         return None
     kind = "photo" if backend == "template" else None
     return gen.find_template(name or gen.default_template_name(policy, backend or policy.backend), kind)
+
+
+# The preset roles each backend loads (the backends resolve them again; this only lets a
+# license policy refuse a run before its base model is loaded).
+_BACKEND_ROLES = {
+    "instantid": ("instantid_controlnet", "instantid_adapter", "face_pack_instantid"),
+    "faceid": ("face_pack_faceid",),
+}
+
+
+def _preflight(ctx: RunContext, request: GenerationRequest) -> None:
+    from portrait.core.licenses import preflight
+
+    options = request.options
+    roles = list(_BACKEND_ROLES.get(request.backend, ()))
+    if request.backend == "faceid" or options.get("identity_adapter") == "faceid":
+        roles += ["face_pack_faceid", "faceid" if options.get("faceid_variant") == "faceid" else "faceid_plus"]
+    if request.backend == "photomaker":
+        version = str(options.get("photomaker_version", "2")).lstrip("v")
+        roles += [f"photomaker_v{version}"] + (["face_pack_faceid"] if version == "2" else [])
+    ids = [ctx.preset.models.get(role) for role in roles]
+    fuse = (ctx.preset.section("finish").get("fuse") or {}).get("method")
+    if fuse == "inswapper":
+        ids.append("inswapper-128")
+    preflight(ctx.registry, ids, ctx.settings.license)
+
+
+def bill_of_materials(ctx: RunContext, used: dict) -> list[dict[str, Any]]:
+    """Every model the run resolved: id, license class and source, origin, each file's sha256."""
+    from portrait.core.licenses import BUILTIN, bom_row
+
+    rows = [bom_row(ctx.registry, resolved, lambda path: _hashed(ctx, path, "sha256", sha256_file))
+            for resolved in used.values()]
+    if any(r["id"] == "dlib-face-recognition" for r in rows):
+        rows.append(dict(BUILTIN["dlib-hog-detector"]))
+    return sorted(rows, key=lambda r: r["id"])
 
 
 def _check_out(out: Path) -> None:
@@ -167,7 +214,8 @@ def _finish(ctx: RunContext, identity: Identity, request: GenerationRequest, can
 
     outcome = finish_flow.gate(ctx, identity, candidates, chosen, generate_more, want=request.n, policy=policy)
     notes = {"finish": chosen.as_dict(), "gate": {"rounds": outcome.rounds, "evaluated": outcome.evaluated,
-                                                  "extra_seeds": list(outcome.extra_seeds), "passed": outcome.passed}}
+                                                  "extra_seeds": list(outcome.extra_seeds), "passed": outcome.passed},
+             "scoring": outcome.scoring}
     return outcome.results, notes
 
 

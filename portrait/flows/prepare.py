@@ -81,9 +81,10 @@ def prepare(photos: Sequence[str | Path] | str | Path, out: str | Path, *, setti
 
 def _prepare(ctx: RunContext, inputs: list, out: Path, section: dict, policies: dict, face_backend: str | None,
              progress, hooks: PrepareHooks, extra_backends: Sequence[str] | None) -> PrepareResult:
-    ingested = ingest(inputs, policies["ingest"], progress)
+    # the analyzer first: a missing or license-refused face model stops before any work.
     # preset `prepare.face_options`, e.g. {landmarks68: false} for the CC0-only dlib models
     analyzer = make_analyzer(ctx, face_backend or section.get("face_backend", "auto"), **section.get("face_options", {}))
+    ingested = ingest(inputs, policies["ingest"], progress)
     analyses = analyze(ingested.photos, analyzer, progress)
     ranking = rank(analyses, analyzer.scale, policies["rank"])
     assessments = _in_input_order(ingested.order, ranking, ingested.rejected)

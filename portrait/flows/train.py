@@ -122,24 +122,29 @@ def _train_locked(ctx: RunContext, photos, name: str, *, steps, rank, resume, ov
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
+    from portrait.core.licenses import preflight
     from portrait.flows.prepare import prepare
 
-    t0 = time.perf_counter()
-    emit(TrainEvent("prepare", 0, 0, message="analysing photos"))
-    prepared = prepare(photos, work / "prepare", ctx=ctx, progress=progress or ctx.progress)
-    timings["prepare"] = round(time.perf_counter() - t0, 3)
-    tset = prepared.training_set
+    if not zero_shot:  # a license policy refuses the base before any work
+        preflight(ctx.registry, [ctx.preset.models.get("base")], settings.license)
+    with ctx.registry.recording() as used:
+        t0 = time.perf_counter()
+        emit(TrainEvent("prepare", 0, 0, message="analysing photos"))
+        prepared = prepare(photos, work / "prepare", ctx=ctx, progress=progress or ctx.progress)
+        timings["prepare"] = round(time.perf_counter() - t0, 3)
+        tset = prepared.training_set
 
-    result: TrainResult | None = None
-    base: dict[str, Any] = {}
-    if policy is not None:
-        result, base = train_identity(ctx, tset, prepared.face_backend, policy, work, resume, emit)
-        timings.update({f"train_{k}": v for k, v in result.timings.items()})
-    timings["total"] = round(time.perf_counter() - started, 3)
+        result: TrainResult | None = None
+        base: dict[str, Any] = {}
+        if policy is not None:
+            result, base = train_identity(ctx, tset, prepared.face_backend, policy, work, resume, emit)
+            timings.update({f"train_{k}": v for k, v in result.timings.items()})
+        timings["total"] = round(time.perf_counter() - started, 3)
 
     staging = settings.identities_dir / f".{name}.staging"
     try:
         write_bundle(staging, name, ctx, prepared, result, policy, base, timings)
+        _add_bom(staging, ctx, used)
         sync_tree(staging)
         publish_dir(staging, target)
     finally:
@@ -263,6 +268,10 @@ def write_bundle(staging: Path, name: str, ctx: RunContext, prepared, result: Tr
         photos.append(rel)
     write_embeddings(staging / "embeddings.npz", tset.consensus)
     write_json(staging / "report.json", prepared.report)
+    from portrait.flows.finish import photo_spreads
+
+    # the copy-paste guard's yardstick: how alike this person's own photos are, per space
+    spreads = photo_spreads(ctx, sorted(set(tset.consensus) | {"dlib"}), [staging / p for p in photos])
     manifest: dict[str, Any] = {
         "name": name,
         "trigger": tset.trigger,
@@ -273,6 +282,8 @@ def write_bundle(staging: Path, name: str, ctx: RunContext, prepared, result: Tr
         "photos": photos,
         "embeddings": "embeddings.npz",
         "face_backend": prepared.face_backend,
+        "self_similarity": spreads,
+        "license_policy": ctx.settings.license,
         "captions": list(tset.captions),
         "versions": package_versions(),
         "device": {"device": ctx.placement.device, "dtype": ctx.placement.dtype_name},
@@ -295,6 +306,17 @@ def write_bundle(staging: Path, name: str, ctx: RunContext, prepared, result: Tr
                              "losses": [round(x, 6) for x in result.losses]}
         manifest["validation"] = validation_summary(result)
     write_manifest(staging, manifest)
+
+
+def _add_bom(staging: Path, ctx: RunContext, used: dict) -> None:
+    """The bill of materials of the training run, into the staged manifest."""
+    import json
+
+    from portrait.flows.generate import bill_of_materials
+
+    manifest = json.loads((staging / "manifest.json").read_text())
+    manifest["bom"] = bill_of_materials(ctx, used)
+    write_json(staging / "manifest.json", manifest)
 
 
 def swap_into_place(staging: Path, target: Path) -> None:

@@ -192,3 +192,17 @@ def genderage_model(rng: np.random.Generator, size: int = 96):
         initializer=[_tensor("fc_w", fc_w)],
     )
     return _model(graph, "tiny genderage stand-in (portrait make-tiny)")
+
+
+def write_auraface(root: Path, seed: int) -> None:
+    """tiny-auraface: AuraFace's one file, an ArcFace-shaped recognizer (fal ships glintr100.onnx).
+
+    No detector or attribute model: the commercial stack detects and aligns with dlib.
+    """
+    import onnx
+
+    root.mkdir(parents=True, exist_ok=True)
+    model = recognizer_model(np.random.default_rng(seed))
+    model.doc_string = "tiny AuraFace stand-in (portrait make-tiny)"
+    onnx.checker.check_model(model)
+    onnx.save(model, str(root / "glintr100.onnx"))

@@ -1,0 +1,135 @@
+"""The tiny commercial stack end to end (prepare, train, generate with the lora and template
+backends, finish) under `--license commercial`, its bill of materials, and `portrait eval`'s
+report opened in a real browser (issue 18)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from portrait.cli.main import run as cli_run
+from portrait.core.config import Settings
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, tiny_home) -> Settings:
+    root = tmp_path_factory.mktemp("commercial-home")
+    (root / "models").symlink_to(tiny_home.models_dir, target_is_directory=True)
+    return Settings(home=root, preset="tiny", device="cpu", license="commercial")
+
+
+@pytest.fixture(scope="module")
+def runs(home, tmp_path_factory):
+    """Train `biz` and generate with both LoRA-family backends, all under the commercial policy."""
+    from portrait.core.context import RunContext
+    from portrait.flows.generate import generate
+    from portrait.samples import write_sample_photos
+
+    work = tmp_path_factory.mktemp("commercial-runs")
+    photos = work / "photos"
+    write_sample_photos(photos, bad_file=False)
+    rc = cli_run(["--home", str(home.home), "--preset", "tiny", "--license", "commercial", "train", str(photos),
+                  "--name", "biz", "--steps", "4"])
+    assert rc == 0
+    rc = cli_run(["--home", str(home.home), "--preset", "tiny", "--license", "commercial", "generate", "-i", "biz",
+                  "--n", "1", "--seed", "5", "--no-upscale", "--out", str(work / "lora")])
+    assert rc == 0
+    ctx = RunContext.create(home, preset="tiny")
+    generate("biz", backend="template", n=1, seed=7, out=work / "template", ctx=ctx, finish={"upscale": False})
+    return work
+
+
+def _commercial_bom(rows):
+    ids = {row["id"] for row in rows}
+    assert all(row["license_class"] == "commercial" for row in rows), [(r["id"], r["license_class"]) for r in rows]
+    assert {"tiny-auraface", "dlib-landmarks-5", "dlib-face-recognition", "dlib-hog-detector"} <= ids
+    assert not ids & {"dlib-landmarks-68", "tiny-antelopev2", "tiny-buffalo_l", "tiny-inswapper", "tiny-clip",
+                      "tiny-face-parser"}
+    for row in rows:
+        for f in row["files"]:
+            assert f["sha256"] and len(f["sha256"]) == 64, (row["id"], f)
+    return ids
+
+
+def test_commercial_training_writes_a_bundle_with_its_bill_of_materials(home, runs):
+    manifest = json.loads((home.identities_dir / "biz" / "manifest.json").read_text())
+    assert manifest["face_backend"] == "auraface" and manifest["license_policy"] == "commercial"
+    assert manifest["loras"]["sd15"]["file"] == "lora.safetensors"
+    ids = _commercial_bom(manifest["bom"])
+    assert "tiny-sd15" in ids
+    assert {"auraface", "dlib"} <= set(manifest["self_similarity"])
+
+
+@pytest.mark.parametrize("backend", ["lora", "template"])
+def test_commercial_generation_scores_in_two_spaces_and_lists_its_models(runs, backend):
+    report = json.loads((runs / backend / "results.json").read_text())
+    assert report["backend"] == backend and report["license_policy"] == "commercial"
+    ids = _commercial_bom(report["bom"])
+    assert "tiny-sd15" in ids
+    if backend == "template":
+        assert "tiny-controlnet-sd15-canny" in ids
+    scoring = report["scoring"]
+    assert scoring["ranking_space"] == "dlib" and scoring["conditioning_space"] == "auraface"
+    for row in report["results"]:
+        # the contract's fields are kept; the spaces are added beside them
+        assert {"path", "seed", "rank", "similarity", "passed_gate", "timings"} <= set(row)
+        assert row["similarity_space"] == "dlib"
+        assert row["scores"]["dlib"]["role"] == "independent" and row["scores"]["auraface"]["role"] == "conditioning"
+        assert row["similarity"] == row["scores"]["dlib"]["similarity"]
+        assert any("CLIP-T skipped" in note and "refused" in note for note in row["info"]["finish_notes"])
+
+
+def _browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{CHROMIUM} is missing: .ci/run installs it (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    return sync_playwright()
+
+
+def test_eval_writes_a_report_a_browser_shows_with_its_plots(home, runs, capsys):
+    shutil.copyfile(home.identities_dir / "biz" / "photos" / "000.jpg", runs / "lora" / "dropped.jpg")
+    out = runs / "report"
+    rc = cli_run(["--home", str(home.home), "--preset", "tiny", "--license", "commercial", "eval",
+                  str(runs / "lora"), str(runs / "template"), "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads((out / "eval.json").read_text())
+    groups = {(g["backend"], g["template"]): g for g in data["groups"]}
+    assert {("lora", "business"), ("template", "hopper"), ("lora", "unlisted files")} <= set(groups)
+    assert set(data["spaces"]) == {"auraface", "dlib"}
+    assert data["overall"]["copy_paste"] == 1 and data["overall"]["unlisted"] == 1
+    dropped = next(r for r in data["rows"] if not r["listed"])
+    assert dropped["copy_paste"] and dropped["image"].endswith("dropped.jpg")
+
+    with _browser() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto((out / "index.html").as_uri())
+        plots = page.locator("svg.plot")
+        assert plots.count() == 3
+        names = [plots.nth(i).get_attribute("data-plot") for i in range(3)]
+        assert names == ["similarity", "clip-vs-similarity", "gate"]
+        # similarity bars per space: (groups x spaces) bars, each drawn with a height
+        bars = page.locator('svg[data-plot="similarity"] rect.bar')
+        assert bars.count() >= 2
+        series = {bars.nth(i).get_attribute("data-series") for i in range(bars.count())}
+        assert series == {"auraface (conditioning)", "dlib (independent)"}
+        box = plots.nth(0).bounding_box()
+        assert box and box["width"] > 300 and box["height"] > 200
+        # CLIP-T is refused under the policy: the scatter says so instead of plotting nothing silently
+        assert "refused by the license policy" in plots.nth(1).text_content()
+        images = page.locator(".gallery img")
+        assert images.count() >= 2
+        assert all(images.nth(i).evaluate("img => img.complete && img.naturalWidth > 0")
+                   for i in range(images.count()))
+        assert page.locator("figure.copy-paste").count() == 1
+        assert "dropped.jpg" in page.locator("ul.flags").inner_text()
+        browser.close()
