@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable
 from portrait.core.bundle import check_name
 from portrait.core.config import Settings, load_preset
 from portrait.core.errors import BadInput, PortraitError
+from portrait.core.lock import identity_lock
 from portrait.studio.runner import StudioPolicy
 from portrait.studio.spec import Job, content_id, expand, parse_spec, train_item
 from portrait.studio.store import ItemRow, Store
@@ -233,10 +234,13 @@ class StudioService:
                    *(idir / f".{identity_id}.{suffix}" for suffix in ("work", "staging", "old")),
                    *(self.job_root(j.id) for j in gone)]
         removed = 0
-        for folder in folders:
-            if folder.exists():
-                removed += sum(1 for p in folder.rglob("*") if p.is_file())
-                shutil.rmtree(folder)
+        with identity_lock(idir, identity_id):  # no trainer may be writing while it is erased
+            for folder in folders:
+                if folder.exists():
+                    removed += sum(1 for p in folder.rglob("*") if p.is_file())
+                    shutil.rmtree(folder)
+            # The lock file's name is the identity's id: it goes too (the id is never reused).
+            (idir / f".{identity_id}.lock").unlink(missing_ok=True)
         return {"deleted": identity_id, "jobs_deleted": len(gone), "files_removed": removed}
 
     # -- jobs -----------------------------------------------------------------------------
