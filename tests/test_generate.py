@@ -253,7 +253,11 @@ def test_template_backend_two_passes_keep_everything_outside_the_masks(identity,
     keep = np.ones(canvas.shape[:2], bool)
     keep[y0:y1, x0:x1] = False
     assert np.array_equal(image[keep], canvas[keep])
-    assert info["faces"] == [{"identity": identity, "face": 0, "crop": list(paint.box)}]
+    (face,) = info["faces"]
+    assert {k: face[k] for k in ("identity", "face", "crop")} == {"identity": identity, "face": 0, "crop": list(paint.box)}
+    bx0, by0, bx1, by1 = face["box"]  # the painted face lies inside its crop
+    assert x0 <= bx0 < bx1 <= x1 and y0 <= by0 < by1 <= y1
+    assert info["template_faces"] == 1 and info["unassigned_faces"] == []
     assert info["loras"][0]["role"] == "identity"
 
 

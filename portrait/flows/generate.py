@@ -55,6 +55,8 @@ class GenerationResult:
                 "reference_similarity": _round(s.reference_similarity),
                 "clip_t": _round(s.clip_t),
                 "faces": s.faces,
+                # a group picture: every assigned face with its identity, box and similarity
+                "face_scores": [f.as_dict() for f in s.per_face],
                 "info": r.candidate.info,
             })
         return {"identity": self.identity, "backend": self.backend, "template": self.template, "results": rows,
