@@ -145,3 +145,29 @@ def test_group_gate_passes_only_when_every_assigned_face_passes():
                                 policy, 0.5)
     assert missing.per_face[1].box is None and not score.is_sane(missing, policy)
     assert not score.passes(missing, policy, 0.0)
+
+
+def test_shipped_duo_template_from_the_cli_swaps_the_two_people(people, tiny_home, tmp_path, capsys, astronaut,
+                                                                   hopper, group_ctx):
+    """`portrait generate --identity B --with-identity A --template duo`: Hopper's identity goes
+    onto the astronaut (left), the astronaut's onto Hopper (right), measured with dlib."""
+    from portrait.cli.main import run
+    from portrait.core.faces import make_analyzer, similarity
+    from portrait.stages import generate as gen
+    from portrait.stages.controls import read_rgb
+
+    duo = gen.find_template("duo")
+    assert duo.kind == "photo" and duo.faces == 2
+    assert len(make_analyzer(group_ctx, "dlib").detect(read_rgb(duo.image), embed=False)) == 2
+    code = run(["--home", str(tiny_home.home), "--preset", "tiny", "--device", "cpu", "generate", "--identity", B,
+                "--with-identity", A, "--template", "duo", "--n", "1", "--seed", "1", "--size", "1024x512",
+                "--option", "passes=0", "--no-upscale", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    (row,) = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [(s["identity"], s["face"]) for s in row["face_scores"]] == [(B, 0), (A, 1)]
+    dlib = make_analyzer(group_ctx, "dlib")
+    left, right = (f.embedding for f in sorted(dlib.detect(_pixels(tmp_path / row["path"])), key=lambda f: f.box[0]))
+    astro, grace = dlib.detect(astronaut)[0].embedding, dlib.detect(hopper)[0].embedding
+    assert similarity(left, grace, "dlib") > similarity(left, astro, "dlib")
+    assert similarity(right, astro, "dlib") > similarity(right, grace, "dlib")
+    assert (tmp_path / "contact_sheet.png").is_file()
