@@ -33,6 +33,16 @@ def warm(tiny_home):
     return RunContext.create(tiny_home, preset="tiny")
 
 
+def _expected_versions() -> dict:
+    """What every output records so it can be reproduced: the stack's versions, device, dtype."""
+    from importlib.metadata import version
+
+    import portrait
+
+    return {"portrait": portrait.__version__, **{p: version(p) for p in ("torch", "diffusers", "transformers", "peft")},
+            "device": "cpu", "dtype": "float32"}
+
+
 def _pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
@@ -64,7 +74,9 @@ def test_lora_backend_writes_n_images_with_metadata(tiny_home, identity, warm, t
         assert chunk["request"]["seed"] == seed and chunk["request"]["backend"] == "lora"
         assert chunk["request"]["template"] == "business" and chunk["request"]["width"] == 64
         assert chunk["loras"][0]["hash"] == lora_hash
+        assert chunk["versions"] == _expected_versions()
     data = json.loads((tmp_path / "results.json").read_text())
+    assert data["versions"] == _expected_versions()
     assert data["identity"] == NAME and data["backend"] == "lora" and data["template"] == "business"
     assert [r["rank"] for r in data["results"]] == [1, 2]
     for row in data["results"]:

@@ -23,6 +23,7 @@ from portrait.core.context import Progress, RunContext
 from portrait.core.errors import BadInput
 from portrait.core.io import safetensors_data_sha256, sha256_file, write_image, write_json
 from portrait.core.types import Candidate, CandidateScore, GenerationRequest, Identity, RankedResult
+from portrait.core.versions import versions
 from portrait.stages import generate as gen
 
 
@@ -95,7 +96,8 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
     candidates = run(request)
     ranked, notes = _finish(ctx, person, request, candidates, run, finish)
     written = _write(ctx, out, person, ranked)
-    result = GenerationResult(person.name, request.backend, request.template, out, request, tuple(written), notes)
+    result = GenerationResult(person.name, request.backend, request.template, out, request, tuple(written),
+                              {**notes, "versions": versions(ctx.placement)})
     write_json(out / "results.json", result.as_json())
     if notes and written:
         from portrait.flows.finish import write_contact_sheet
@@ -178,7 +180,8 @@ def _write(ctx: RunContext, out: Path, identity: Identity, ranked: list[RankedRe
             model_hash10=(_model_hash(ctx, Path(model_file), model.get("sha256")) or "")[:10] or None
             if model_file else None,
             loras=loras,
-            extra={"rank": r.rank, "similarity": r.score.similarity, "passed_gate": r.passed_gate},
+            extra={"rank": r.rank, "similarity": r.score.similarity, "passed_gate": r.passed_gate,
+                   "versions": versions(ctx.placement)},
         )
         path = write_image(out / name, cand.image, chunks)
         cand.timings["write"] = time.perf_counter() - started
