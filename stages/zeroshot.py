@@ -35,7 +35,7 @@ from portrait.core.types import GenerationRequest, Identity
 from portrait.stages import embed as emb
 
 FaceIDVariant = Literal["faceid", "plusv2", "plus"]
-FACEID_ROLES = {"faceid": "faceid", "plusv2": "faceid_plus", "plus": "faceid_plus"}
+FACEID_ROLES = {"faceid": "faceid", "plusv2": "faceid_plus", "plus": "faceid_plus_v1"}
 FACEID_LORA_ADAPTER = "faceid_0"  # the name diffusers gives the first IP-Adapter's LoRA
 
 
@@ -55,9 +55,6 @@ class FaceIDPolicy:
         variant = str(options.get("faceid_variant", "plusv2"))
         if variant not in FACEID_ROLES:
             raise BadInput(f"option faceid_variant='{variant}' is not one of {', '.join(FACEID_ROLES)}")
-        if variant == "plus" and not options.get("faceid_model"):
-            raise BadInput("faceid_variant=plus needs option faceid_model (the FaceID-Plus v1 .bin): "
-                           "the registry ships PlusV2")
         return cls(variant=variant, scale=float(options.get("ip_adapter_scale", 0.6)),
                    s_scale=float(options.get("s_scale", 1.0)),
                    lora_scale=float(options.get("faceid_lora_scale", 1.0)), model=options.get("faceid_model"))

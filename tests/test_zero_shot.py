@@ -204,6 +204,19 @@ def test_faceid_plusv2_matches_diffusers_recipe(ctx15, person):
     assert diff <= 1
 
 
+def test_faceid_plus_v1_comes_from_the_registry(ctx15, person):
+    """faceid_variant=plus resolves the preset's FaceID-Plus v1 entry (h94's real files, tiny
+    stand-in offline) with no user path, and runs without PlusV2's shortcut."""
+    spec = ctx15.registry.get("ip-adapter-faceid-plus-sd15")
+    assert spec.repo == "h94/IP-Adapter-FaceID" and spec.files[0] == "ip-adapter-faceid-plus_sd15.bin"
+    assert ctx15.preset.model("faceid_plus_v1") == "ip-adapter-faceid-plus-sd15"
+    v1 = run(ctx15, request_for(ctx15, person, "faceid", faceid_variant="plus"))[0]
+    assert v1.info["adapter"]["id"] == "tiny-faceid-plus-sd15" and v1.info["adapter"]["variant"] == "plus"
+    v2 = run(ctx15, request_for(ctx15, person, "faceid", faceid_variant="plusv2"))[0]
+    assert v2.info["adapter"]["id"] == "tiny-faceid-plusv2-sd15"
+    assert maxdiff(v1.image, v2.image) > 0
+
+
 def test_faceid_scale_zero_without_lora_equals_plain(ctx15, person):
     req = request_for(ctx15, person, "faceid", faceid_variant="faceid", ip_adapter_scale=0.0,
                       faceid_lora_scale=0.0)
