@@ -96,23 +96,30 @@ class IdentityEmbeddings:
 
 
 def match_faces(found: Sequence[FaceObservation], assigned: Sequence[AssignedFace]) -> list[FaceObservation | None]:
-    """For each assigned face, the detected face that overlaps its box most (IoU > 0.2), each used once.
+    """For each assigned face, the detected face that overlaps its box most, each used once.
 
+    A match needs IoU > 0.2 or the detected face's centre inside the assigned box (a
+    regional text-to-image identity is assigned a whole region, much larger than a face).
     Detectors differ in box shape (dlib's boxes are tighter than insightface's), so the
     match is by overlap, greedy from the best pair, and not by equality of boxes.
     """
-    pairs = sorted(((_iou(f.box, a.box), i, j) for i, f in enumerate(found) for j, a in enumerate(assigned)),
+    pairs = sorted(((_match_key(f.box, a.box), i, j) for i, f in enumerate(found) for j, a in enumerate(assigned)),
                    reverse=True)
     out: list[FaceObservation | None] = [None] * len(assigned)
     used: set[int] = set()
-    for iou, i, j in pairs:
-        if iou <= 0.2:
+    for (inside, iou), i, j in pairs:
+        if not inside and iou <= 0.2:
             break
         if i in used or out[j] is not None:
             continue
         out[j] = found[i]
         used.add(i)
     return out
+
+
+def _match_key(face: Sequence[float], box: Sequence[float]) -> tuple[bool, float]:
+    cx, cy = (face[0] + face[2]) / 2, (face[1] + face[3]) / 2
+    return (box[0] <= cx <= box[2] and box[1] <= cy <= box[3]), _iou(face, box)
 
 
 def _iou(a: Sequence[float], b: Sequence[float]) -> float:
