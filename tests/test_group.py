@@ -171,3 +171,24 @@ def test_shipped_duo_template_from_the_cli_swaps_the_two_people(people, tiny_hom
     assert similarity(left, grace, "dlib") > similarity(left, astro, "dlib")
     assert similarity(right, astro, "dlib") > similarity(right, grace, "dlib")
     assert (tmp_path / "contact_sheet.png").is_file()
+
+
+def test_two_people_style_template_with_regional_faceid_from_the_cli(people, tiny_home, tmp_path, capsys):
+    """Text to image with two identities: `--backend faceid --with-identity`, each face then
+    scored against its own identity (the tiny stand-ins paint noise: no face is found, so
+    each is listed without a box and the gate fails; the listing and the run are what is
+    checked here, likeness is measured by the template tests)."""
+    from portrait.cli.main import run
+
+    args = ["--home", str(tiny_home.home), "--preset", "tiny", "--device", "cpu", "generate", "--identity", A,
+            "--with-identity", B, "--template", "two-people", "--n", "1", "--seed", "1", "--no-upscale"]
+    code = run([*args, "--backend", "faceid", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    (row,) = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert row["info"]["regions"] == [[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]]
+    assert [(s["identity"], s["face"]) for s in row["face_scores"]] == [(A, 0), (B, 1)]
+    assert row["passed_gate"] == all(s["passed"] for s in row["face_scores"])
+    capsys.readouterr()
+    code = run([*args, "--backend", "lora", "--out", str(tmp_path / "lora")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "backend 'lora' paints one identity" in err and len(err.splitlines()) == 1
