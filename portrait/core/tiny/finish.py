@@ -15,7 +15,7 @@ through the same code as the real weights:
 - `tiny-face-parser`: a BiSeNet face parser (portrait.core.parsing) at 1/8 width.
 
 Face restorers have no tiny stand-in: spandrel builds GFPGAN at its fixed full size
-(~350 MB) and CodeFormer is not in spandrel's core; restoration is optional and is skipped
+(~350 MB; CodeFormer, which spandrel's core cannot load, is not in the registry); restoration is optional and is skipped
 with a stated reason under a tiny preset.
 """
 
