@@ -235,6 +235,30 @@ def test_lora_backend_on_sdxl(tiny_home, identity, astronaut, tmp_path):
         generate(NAME, template="business", n=1, seed=1, out=tmp_path / "x", ctx=xl, finish=False)
 
 
+def test_hopper_photo_template_on_tiny_sdxl(tiny_home, astronaut, tmp_path):
+    """Both passes on SDXL: the preset's own tile ControlNet (xinsir's, tiny stand-in), the
+    identity's SDXL LoRA, and the template untouched outside the face crop."""
+    from portrait.core.context import RunContext
+    from portrait.stages.controls import fit, read_rgb
+    from portrait.stages import generate as gen
+
+    write_tiny_identity(tiny_home, "gen-xl", astronaut, seed=3, family="sdxl", base_id="tiny-sdxl")
+    xl = RunContext.create(tiny_home, preset="tiny-sdxl")
+    assert xl.preset.model("controlnet_tile") == "controlnet-tile-sdxl"
+    r = generate("gen-xl", template="hopper", n=1, seed=1, out=tmp_path, ctx=xl, finish=False)
+    info = r.results[0].candidate.info
+    assert r.backend == "template" and info["passes"]["count"] == 2 and info["model"]["name"] == "tiny-sdxl"
+    assert [u["role"] for u in info["loras"]] == ["identity"]
+    assert "ControlNet color: 0.85" in _params(r.paths[0])[-1]
+    out = _pixels(r.paths[0])
+    canvas = fit(read_rgb(gen.find_template("hopper").image), out.shape[1], out.shape[0])
+    (face,) = info["faces"]
+    x0, y0, x1, y1 = face["crop"]
+    keep = np.ones(canvas.shape[:2], bool)
+    keep[y0:y1, x0:x1] = False
+    assert np.array_equal(out[keep], canvas[keep]) and not np.array_equal(out[~keep], canvas[~keep])
+
+
 # --- template backend ----------------------------------------------------------------------------
 
 
