@@ -22,6 +22,7 @@ from portrait.core.faces import INSIGHTFACE_PACKS, FaceAnalyzer, make_analyzer
 from portrait.core.io import write_image, write_json, write_text
 from portrait.core.types import PhotoAssessment, TrainingSet
 from portrait.stages.analyze import analyze
+from portrait.stages.background import BackgroundPolicy, Segmenter, load_segmenter, whiten
 from portrait.stages.caption import CaptionPolicy, caption
 from portrait.stages.ingest import IngestPolicy, ingest
 from portrait.stages.prepare import PrepareHooks, PreparePolicy, prepare as prepare_crops
@@ -51,7 +52,8 @@ class PrepareResult:
 def prepare(photos: Sequence[str | Path] | str | Path, out: str | Path, *, settings: Settings | None = None,
             preset: str | None = None, face_backend: str | None = None, top_k: int | None = None,
             ctx: RunContext | None = None, progress: Callable[[str, float, float], None] | None = None,
-            hooks: PrepareHooks = PrepareHooks(), extra_backends: Sequence[str] | None = None) -> PrepareResult:
+            hooks: PrepareHooks = PrepareHooks(), extra_backends: Sequence[str] | None = None,
+            whiten_background: bool | None = None) -> PrepareResult:
     """Rank, filter and prepare one person's photos. Raises BadInput (exit 2) when fewer than
     the preset's `min_photos` are usable, after writing the report and contact sheet."""
     inputs = [photos] if isinstance(photos, (str, Path)) else list(photos)
@@ -60,7 +62,11 @@ def prepare(photos: Sequence[str | Path] | str | Path, out: str | Path, *, setti
     section = ctx.preset.section("prepare")
     if top_k is not None:
         section["top_k"] = top_k
+    if whiten_background is not None:
+        section["whiten_background"] = whiten_background
     out = Path(out)
+    background = BackgroundPolicy.from_section(section)
+    segmenter = load_segmenter(ctx, ctx.preset.model("background_segmenter")) if background.whiten else None
 
     ingested = ingest(inputs, IngestPolicy.from_section(section), progress)
     # preset `prepare.face_options`, e.g. {landmarks68: false} for the CC0-only dlib models
@@ -69,6 +75,8 @@ def prepare(photos: Sequence[str | Path] | str | Path, out: str | Path, *, setti
     ranking = rank(analyses, analyzer.scale, RankPolicy.from_section(section))
     assessments = _in_input_order(ingested.order, ranking, ingested.rejected)
     report = build_report(assessments, ranking, out)
+    if segmenter is not None:  # recorded only when on: the report's default shape is DESIGN's
+        report["background"] = {"whitened": True, "model": segmenter.model_id, "license": segmenter.license}
     write_json(out / "report.json", report)
     write_contact_sheet(out / "contact_sheet.png", assessments)
 
@@ -78,7 +86,7 @@ def prepare(photos: Sequence[str | Path] | str | Path, out: str | Path, *, setti
         raise BadInput(f"{', '.join(str(i) for i in inputs)}: only {passed} usable photo(s), need {minimum} "
                        f"({summarize_reasons(assessments)}; see {out / 'report.json'})")
 
-    training_set = write_training_set(out, ranking, section, hooks, progress)
+    training_set = write_training_set(out, ranking, section, hooks, progress, segmenter, background)
     consensus = {ranking.space: ranking.consensus}
     for backend in _extra_backends(ctx, analyzer, extra_backends):
         extra = consensus_in_space(make_analyzer(ctx, backend), ranking.kept)
@@ -110,14 +118,16 @@ def build_report(assessments: Sequence[PhotoAssessment], ranking: Ranking, out: 
 
 
 def write_training_set(out: Path, ranking: Ranking, section: dict, hooks: PrepareHooks,
-                       progress: Callable[[str, float, float], None] | None) -> TrainingSet:
+                       progress: Callable[[str, float, float], None] | None, segmenter: Segmenter | None = None,
+                       background: BackgroundPolicy = BackgroundPolicy()) -> TrainingSet:
     policy = PreparePolicy.from_section(section)
     captions = caption([a.face for a in ranking.kept], CaptionPolicy.from_section(section))
     crops = prepare_crops([(a.photo, a.face) for a in ranking.kept], policy, hooks)
     images, kept_photos = [], []
     for i, (assessment, crop, text) in enumerate(zip(ranking.kept, crops, captions.texts)):
         stem = f"{i:03d}"
-        images.append(write_image(out / "train" / f"{stem}.png", crop.image, {"source": assessment.source}))
+        pixels = crop.image if segmenter is None else whiten(crop.image, segmenter.mask(crop.image), background.color)
+        images.append(write_image(out / "train" / f"{stem}.png", pixels, {"source": assessment.source}))
         write_text(out / "train" / f"{stem}.txt", text + "\n")
         kept_photos.append(write_image(out / "photos" / f"{stem}.jpg", downscale(assessment.photo.image)))
         if progress:
