@@ -87,7 +87,7 @@ def test_each_assigned_face_is_fused_and_scored_as_its_own_identity(people, thre
     from portrait.core.faces import make_analyzer, similarity
 
     result = generate(A, template=str(three_faces), n=1, seed=3, out=tmp_path, ctx=group_ctx,
-                      width=SIZE[0], height=SIZE[1], options={"identities": [B], "passes": 0},
+                      width=SIZE[0], height=SIZE[1], with_identity=[B], options={"passes": 0},
                       finish={"fuse": True, "upscale": False})
     (row,) = json.loads((tmp_path / "results.json").read_text())["results"]
     scores = row["face_scores"]

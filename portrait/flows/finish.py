@@ -7,13 +7,13 @@ threshold, it asks for more with new seeds, up to the preset's budget, then retu
 best it has, marking those below the threshold `passed_gate: false`.
 
     ranked = finish(ctx, identity, candidates, FinishSwitches())
-
-A group picture (a photo template painted with several identities; the backend lists them
-in `Candidate.info["faces"]` with their boxes) is finished face by face: each assigned
-face is fused with its own identity's reference, retouched and restored, and scored
-against its own identity (stages/score.py `score_group`); faces no identity was assigned
-to are the template's people and are left exactly as they are.
     outcome = gate(ctx, identity, candidates, switches, generate_more=lambda seeds: [...])
+
+A group picture (a photo template painted with several identities, or regional FaceID; the
+backend lists them in `Candidate.info["faces"]` with their boxes) is finished face by face:
+each assigned face is fused with its own identity's reference, retouched and restored, and
+scored against its own identity (stages/score.py `score_group`); faces no identity was
+assigned to are the template's people and are left exactly as they are.
 """
 
 from __future__ import annotations
@@ -270,9 +270,12 @@ def _finish_one(candidate: Candidate, switches: FinishSwitches, kit: _Finishers)
         if faces:
             try:
                 with _timed(timings, "fuse"):
-                    if group:  # each face with its own identity's reference
+                    if group:  # each face with its own identity's reference; one failing face skips only itself
                         for face, owner in zip(faces, owners):
-                            image = _fuse(image, face, labels, candidate.seed, kit, owner)
+                            try:
+                                image = _fuse(image, face, labels, candidate.seed, kit, owner)
+                            except BadInput as exc:
+                                notes.append(f"fusion of {owner}'s face skipped: {exc}")
                     else:
                         image = _fuse(image, faces[0], labels, candidate.seed, kit)
             except BadInput as exc:  # a generated image is not user input: note it, keep the batch going

@@ -72,8 +72,14 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
              backend: str | None = None, n: int | None = 4, seed: int | None = None, out: str | Path,
              settings: Settings | None = None, preset: str | None = None, ctx: RunContext | None = None,
              progress: Progress | None = None, finish: bool | dict[str, bool] = True,
-             **overrides: Any) -> GenerationResult:
-    """Generate `n` portraits of an identity into `out` and return them ranked."""
+             with_identity: Sequence[str] = (), **overrides: Any) -> GenerationResult:
+    """Generate `n` portraits of an identity into `out` and return them ranked.
+
+    `with_identity`: more people in the same picture (a group photo template assigns them
+    faces left to right after `identity`; `backend="faceid"` gives each a region).
+    """
+    if with_identity:
+        overrides["options"] = {**(overrides.get("options") or {}), "identities": list(with_identity)}
     ctx = ctx or RunContext.create(settings, preset=preset, progress=progress)
     report = progress or ctx.progress
     person = identity if isinstance(identity, Identity) else load_identity(ctx.settings, identity)
