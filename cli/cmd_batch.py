@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from portrait.core.errors import BadInput, ModelMissing, PortraitError
+from portrait.core.errors import BadInput, Interrupted, ModelMissing, PortraitError
 
 batch_app = typer.Typer(help="Durable, resumable batches: identities x templates x counts.", no_args_is_help=True)
 
@@ -42,15 +42,29 @@ def run(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live per-item progress on stderr."),
 ) -> None:
     """Submit SPEC (only items not in the store yet are added) and run it to the end."""
+    from portrait.core.interrupt import signal_of
+    from portrait.studio.spec import load_spec
+
+    load_spec(spec)  # a bad spec is refused before the store is created
     studio = _studio(ctx, store)
-    summary = studio.run(spec, workers=workers, ray=ray, progress=progress)
+    try:
+        summary = studio.run(spec, workers=workers, ray=ray, progress=progress)
+    except KeyboardInterrupt as exc:  # a second signal: the running item went back to the queue
+        if isinstance(exc, Interrupted):
+            raise
+        raise Interrupted("batch aborted; the unfinished item went back to the queue and finished items are kept; "
+                          "run the same command again to resume", signal_of(exc)) from None
     sub = summary.submission
     counts = summary.status.counts
     typer.echo(f"job {sub.job}: {sub.added} new of {sub.total} items; {counts['done']} done, "
                f"{counts['failed']} failed, {counts['pending'] + counts['running']} left  (store {studio.store.path})")
     if summary.stopped:
-        typer.echo("stopped; run the same command again to resume", err=True)
-        raise typer.Exit(130)
+        import signal
+
+        left = counts["pending"] + counts["running"]
+        raise Interrupted(f"batch stopped after {counts['done']} of {sub.total} items ({left} left, each output "
+                          f"complete or not written); run the same command again to resume",
+                          summary.signal or signal.SIGINT)
     failed = summary.status.failed()
     if failed:
         for row in failed[:10]:

@@ -45,5 +45,6 @@ def register(app: typer.Typer) -> None:
                    f"(face backend {result.face_backend}); training images: {len(result.training_set.images)}")
         for row in summary["photos"]:
             if row["status"] == "rejected":
-                typer.echo(f"  rejected {row['path']}: {row['reason']}")
+                detail = f" ({row['detail']})" if row.get("detail") else ""
+                typer.echo(f"  rejected {row['path']}: {row['reason']}{detail}")
         typer.echo(f"wrote {result.report_path}, {result.out / 'train'}, {result.contact_sheet}")

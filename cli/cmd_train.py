@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of this name from its last checkpoint."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing identity of this name."),
         zero_shot: bool = typer.Option(False, "--zero-shot", help="No LoRA: store reference, embeddings and report only."),
+        wait: bool = typer.Option(False, "--wait", help="If another process is training this name, wait for it instead of stopping (exit 2)."),
     ) -> None:
         """Find the person, train a LoRA, validate checkpoints by face similarity, write the bundle."""
         from rich.console import Console
@@ -33,7 +34,8 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=True)
         with TrainProgress(console) as bar:
             identity = train(photos, name, settings=settings, steps=steps, rank=rank, resume=resume,
-                             overwrite=overwrite, zero_shot=zero_shot, progress=bar.stage, on_event=bar.event)
+                             overwrite=overwrite, zero_shot=zero_shot, progress=bar.stage, on_event=bar.event,
+                             wait=wait)
         show(summary_table(identity))
 
 
@@ -89,6 +91,10 @@ def summary_table(identity):
     report = _report(identity.root)
     if report:
         table.add_row("photos", f"{report.get('kept', 0)} kept, {report.get('rejected', 0)} rejected")
+        for row in report.get("photos", []):
+            if row.get("status") == "rejected":
+                detail = f" ({row['detail']})" if row.get("detail") else ""
+                table.add_row("rejected", f"{row['path']}: {row['reason']}{detail}")
     table.add_row("face backend", str(manifest.get("face_backend", "")))
     train = manifest.get("train")
     if not identity.loras:

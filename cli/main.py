@@ -2,11 +2,13 @@
 
 Each subcommand lives in its own module (cli/cmd_*.py) and only composes library calls;
 no pipeline logic lives here. Errors become one line on stderr and an exit code:
-2 bad input, 3 missing model, 1 internal (a traceback only with --debug).
+2 bad input, 3 missing model, 4 an output the machine refused (disk full, read-only),
+130 Ctrl-C, 143 SIGTERM, 1 internal (a traceback only with --debug).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Optional
@@ -14,7 +16,7 @@ from typing import Optional
 import typer
 
 from portrait.core.config import Settings
-from portrait.core.errors import PortraitError
+from portrait.core.errors import ENVIRONMENT_ERRNOS, Interrupted, OutputFailed, PortraitError, output_failed
 
 from . import cmd_batch, cmd_demo, cmd_doctor, cmd_generate, cmd_models, cmd_prepare, cmd_templates, cmd_train
 
@@ -46,12 +48,56 @@ for module in (cmd_prepare, cmd_train, cmd_generate, cmd_templates, cmd_batch, c
     module.register(app)
 
 
+class _Stopped(Exception):
+    """Carries a KeyboardInterrupt past typer, which would turn it into a bare `Exit(130)` and
+    lose which signal it was (SIGTERM: 143) and the line saying what was kept."""
+
+    def __init__(self, original: KeyboardInterrupt):
+        super().__init__(str(original))
+        self.original = original
+
+
+def _guard(callback):
+    @functools.wraps(callback)  # typer reads the signature through __wrapped__
+    def guarded(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            raise _Stopped(exc) from None
+
+    return guarded
+
+
+def _guard_commands(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        info.callback = _guard(info.callback)
+    for group in typer_app.registered_groups:
+        _guard_commands(group.typer_instance)
+
+
+_guard_commands(app)
+
+
 def run(argv: list[str] | None = None) -> int:
-    """Entry point: run the app and turn every error into one line and an exit code."""
+    """Entry point: run the app and turn every outcome into one line and an exit code.
+
+    typer runs with standalone_mode=False so errors reach us; it then *returns* the exit
+    code of a `typer.Exit` (click's contract in that mode) instead of raising, and that
+    code is ours to return. SIGTERM is turned into an interruption for the whole run, so
+    `kill PID` cleans up exactly like Ctrl-C and exits 143 (Ctrl-C: 130).
+    """
+    from portrait.core.interrupt import sigterm_raises
+
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        app(args=argv, standalone_mode=False)
-        return 0
+        with sigterm_raises():
+            returned = app(args=argv, standalone_mode=False)
+        code = returned if isinstance(returned, int) else 0
+        if code == 130:  # typer's own Exit(130): Ctrl-C while it parsed the arguments
+            print("interrupted: stopped by Ctrl-C", file=sys.stderr)
+        return code
+    except _Stopped as stopped:
+        return _interrupted(stopped.original)
     except PortraitError as exc:
         if debug:
             raise
@@ -59,20 +105,47 @@ def run(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except typer.Exit as exc:
         return getattr(exc, "exit_code", 0) or 0
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
-        return 130
+    except typer.Abort:  # click's answer to Ctrl-C inside a prompt
+        return _interrupted(KeyboardInterrupt())
     except typer.TyperException as exc:  # typer's (vendored click) usage errors: bad option, missing argument
-        exc.show()
+        print(f"error: {usage_line(exc)}", file=sys.stderr)
         return getattr(exc, "exit_code", 2) or 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # outside click's main (before or after the command ran)
+        return _interrupted(exc)
+    except OSError as exc:
+        if debug:
+            raise
+        if exc.errno in ENVIRONMENT_ERRNOS:  # a write the machine refused, wherever it happened
+            where = exc.filename or "output"
+            print(f"error: {output_failed(where, exc)}", file=sys.stderr)
+            return OutputFailed.exit_code
+        print(f"internal error: {exc.__class__.__name__}: {exc} (rerun with --debug for details)", file=sys.stderr)
+        return 1
     except Exception as exc:  # an internal error: one line unless --debug
         if debug:
             raise
         print(f"internal error: {exc.__class__.__name__}: {exc} (rerun with --debug for details)", file=sys.stderr)
         return 1
+
+
+def _interrupted(exc: BaseException | None) -> int:
+    """One line and 130 (SIGINT) or 143 (SIGTERM); the flows' Interrupted says what was kept."""
+    from portrait.core.interrupt import signal_of
+
+    if isinstance(exc, Interrupted):
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
+    code = 128 + (signal_of(exc) if isinstance(exc, KeyboardInterrupt) else 2)
+    print("interrupted: stopped by Ctrl-C" if code == 130 else "interrupted: stopped by SIGTERM", file=sys.stderr)
+    return code
+
+
+def usage_line(exc: Exception) -> str:
+    """click's usage error as one line (click prints usage, a hint and the error on three)."""
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None and getattr(ctx, "command_path", None) else ""
+    return " ".join(message.split()) + where
 
 
 def entry() -> None:

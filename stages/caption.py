@@ -21,10 +21,15 @@ class CaptionPolicy:
     class_word: str = "person"  # used when the backend gives no gender
     template: str = "a photo of {trigger} {class_word}"
 
+    SECTION_KEYS = ("trigger", "class_word", "caption_template")  # `template` is `caption_template` in a preset
+
     @classmethod
-    def from_section(cls, section: dict) -> "CaptionPolicy":
+    def from_section(cls, section: dict, where: str = "preset prepare", shared=()) -> "CaptionPolicy":
+        from portrait.core.declare import refuse_unknown, validate
+
+        refuse_unknown(section, where, cls.SECTION_KEYS, *shared)
         names = {"trigger": "trigger", "class_word": "class_word", "caption_template": "template"}
-        return cls(**{field: section[key] for key, field in names.items() if key in section})
+        return validate(cls, {field: section[key] for key, field in names.items() if key in section}, where)
 
 
 @dataclass(frozen=True)

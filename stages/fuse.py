@@ -46,8 +46,10 @@ class FusePolicy:
     feather: float = 1 / 14  # alpha edge softness as a fraction of the face size
 
     @classmethod
-    def from_section(cls, section: Mapping[str, Any]) -> "FusePolicy":
-        policy = cls(**{k: section[k] for k in cls.__dataclass_fields__ if k in section})
+    def from_section(cls, section: Mapping[str, Any], where: str = "preset finish.fuse") -> "FusePolicy":
+        from portrait.core.declare import policy_from
+
+        policy = policy_from(cls, section, where)
         if policy.method not in METHODS:
             raise BadInput(f"preset finish.fuse.method: '{policy.method}' is not one of {', '.join(METHODS)}")
         if policy.blend not in BLENDS:

@@ -17,10 +17,14 @@ import secrets
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Annotated, Any, Callable, Iterable, Iterator, Literal, Mapping
 
 import numpy as np
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from portrait.core.declare import describe, policy_from, refuse_unknown
+from portrait.core.options import validate_options
 
 from portrait.core.config import Preset, templates_root
 from portrait.core.errors import BadInput
@@ -148,55 +152,154 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+class _ControlFile(BaseModel):
+    """One `controls:` entry in a template file: a strength, or this mapping."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strength: float = Field(1.0, ge=0.0, le=5.0)
+    image: str | None = Field(None, min_length=1)
+    preprocessed: bool = False
+    start: float = Field(0.0, ge=0.0, le=1.0)
+    end: float = Field(1.0, ge=0.0, le=1.0)
+
+
+class _StyleLoraFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    weight: float = Field(0.6, ge=-5.0, le=5.0)
+
+
+class TemplateFile(BaseModel):
+    """A template YAML, declared once: every field, its type and bounds. Unknown keys are
+    refused with this list; `options` is checked against portrait.core.options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, min_length=1)
+    title: str = ""
+    description: str = ""
+    prompt: str = ""
+    negative: str = ""
+    size: tuple[Annotated[int, Field(ge=8, le=8192)], Annotated[int, Field(ge=8, le=8192)]] | None = None
+    steps: int | None = Field(None, ge=1, le=1000)
+    guidance: float | None = Field(None, ge=0.0, le=50.0)
+    scheduler: str | None = None
+    lora_weight: float | None = Field(None, ge=-5.0, le=5.0)
+    composition: Literal["merge", "switch", "composite"] = "merge"
+    fast: Literal["lcm"] | None = None
+    style_lora: str | _StyleLoraFile | None = None
+    controls: dict[str, float | _ControlFile] = Field(default_factory=dict)
+    image: str | None = Field(None, min_length=1)
+    faces: int | None = Field(None, ge=1, le=64)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("controls", "options", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
 def load_template_file(path: Path, kind: str) -> Template:
+    path = Path(path).resolve()
     data = _read_yaml(path)
     root = path.parent
+    refuse_unknown(data, f"template {path}", TemplateFile)
     try:
-        size = data.get("size")
-        template = Template(
-            name=str(data.get("name") or (root.name if kind == "photo" else path.stem)),
-            kind=kind,
-            root=root,
-            title=str(data.get("title", "")),
-            description=str(data.get("description", "")),
-            prompt=str(data.get("prompt", "")),
-            negative=str(data.get("negative", "")),
-            size=(int(size[0]), int(size[1])) if size else None,
-            steps=int(data["steps"]) if "steps" in data else None,
-            guidance=float(data["guidance"]) if "guidance" in data else None,
-            scheduler=data.get("scheduler"),
-            lora_weight=float(data["lora_weight"]) if "lora_weight" in data else None,
-            composition=str(data.get("composition", "merge")),
-            fast=data.get("fast"),
-            style_lora=_style_lora(data.get("style_lora")),
-            controls=tuple(_control(name, spec, root) for name, spec in (data.get("controls") or {}).items()),
-            image=(root / data["image"]) if data.get("image") else None,
-            faces=int(data["faces"]) if "faces" in data else None,
-            options=dict(data.get("options") or {}),
-        )
-    except (TypeError, ValueError, KeyError, IndexError) as exc:
-        raise bad_template(path, f"malformed field ({exc})") from None
+        spec = TemplateFile.model_validate(data)
+    except ValidationError as exc:
+        raise bad_template(path, describe(exc)) from None
+    options = validate_options(spec.options, f"template {path}")
+    if spec.scheduler is not None and spec.scheduler not in SCHEDULERS:
+        raise bad_template(path, f"scheduler '{spec.scheduler}' is not one of {', '.join(SCHEDULERS)}")
+    template = Template(
+        name=spec.name or (root.name if kind == "photo" else path.stem),
+        kind=kind,
+        root=root,
+        title=spec.title,
+        description=spec.description,
+        prompt=spec.prompt,
+        negative=spec.negative,
+        size=tuple(spec.size) if spec.size else None,
+        steps=spec.steps,
+        guidance=spec.guidance,
+        scheduler=spec.scheduler,
+        lora_weight=spec.lora_weight,
+        composition=spec.composition,
+        fast=spec.fast,
+        style_lora=_style_lora(spec.style_lora, root, path),
+        controls=tuple(_control(name, c, root) for name, c in spec.controls.items()),
+        image=_inside(root, spec.image) if spec.image else None,
+        faces=spec.faces,
+        options=options,
+    )
     return _checked(template, path)
 
 
-def _style_lora(value: Any) -> StyleLora | None:
+def _inside(root: Path, value: str) -> Path:
+    """A path written in a template: relative to the template's own folder, never the cwd."""
+    given = Path(value).expanduser()
+    return given if given.is_absolute() else root / given
+
+
+def _style_lora(value: Any, root: Path, path: Path) -> StyleLora | None:
     if not value:
         return None
-    if isinstance(value, str):
-        return StyleLora(value)
-    return StyleLora(str(value["model"]), float(value.get("weight", 0.6)))
+    model, weight = (value, 0.6) if isinstance(value, str) else (value.model, value.weight)
+    if model.endswith(".safetensors") or "/" in model:
+        file = _inside(root, model)
+        _check_lora_file(file, path)
+        model = str(file)
+    return StyleLora(model, float(weight))
 
 
-def _control(name: str, spec: Any, root: Path) -> ControlSpec:
-    spec = {"strength": spec} if isinstance(spec, (int, float)) else dict(spec or {})
+def _check_lora_file(file: Path, template: Path) -> None:
+    """A style LoRA named by path must be a safetensors file whose header parses, checked
+    when the template is read (not after the base model has loaded)."""
+    if not file.is_file():
+        raise bad_template(template, f"style LoRA {file} does not exist")
+    try:
+        with open(file, "rb") as fh:
+            head = fh.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            ok = 2 <= length <= 100_000_000 and json.loads(fh.read(length)) is not None
+    except (OSError, ValueError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise bad_template(template, f"style LoRA {file} is not a safetensors LoRA file")
+
+
+def _control(name: str, spec: float | _ControlFile, root: Path) -> ControlSpec:
+    spec = _ControlFile(strength=spec) if isinstance(spec, (int, float)) else spec
     return ControlSpec(
         name=name,
-        strength=float(spec.get("strength", 1.0)),
-        image=(root / spec["image"]) if spec.get("image") else None,
-        preprocessed=bool(spec.get("preprocessed", False)),
-        start=float(spec.get("start", 0.0)),
-        end=float(spec.get("end", 1.0)),
+        strength=float(spec.strength),
+        image=_inside(root, spec.image) if spec.image else None,
+        preprocessed=spec.preprocessed,
+        start=spec.start,
+        end=spec.end,
     )
+
+
+def _check_image(file: Path, template: Path, what: str) -> None:
+    """An image a template names must open as an image (checked before any model loads)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from portrait.core.io import special_kind
+
+    try:
+        kind = special_kind(file.stat().st_mode)
+        if kind:
+            raise bad_template(template, f"{what} {file} is a {kind}, not an image")
+        with Image.open(file) as im:
+            im.verify()
+    except FileNotFoundError:
+        raise bad_template(template, f"{what} {file} does not exist") from None
+    except PermissionError:
+        raise bad_template(template, f"{what} {file}: permission denied") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise bad_template(template, f"{what} {file} is not a readable image ({exc.__class__.__name__})") from None
 
 
 def _checked(t: Template, path: Path) -> Template:
@@ -205,10 +308,12 @@ def _checked(t: Template, path: Path) -> Template:
     for c in t.controls:
         if c.name not in CONTROL_NAMES:
             raise bad_template(path, f"control '{c.name}' is not one of {', '.join(CONTROL_NAMES)}")
-        if c.image is not None and not c.image.is_file():
-            raise bad_template(path, f"control image {c.image} does not exist")
-    if t.kind == "photo" and (t.image is None or not t.image.is_file()):
-        raise bad_template(path, f"photo template image {t.image} does not exist")
+        if c.image is not None:
+            _check_image(c.image, path, "control image")
+    if t.kind == "photo":
+        if t.image is None:
+            raise bad_template(path, "a photo template needs `image:`")
+        _check_image(t.image, path, "photo template image")
     if t.kind == "style" and not t.prompt:
         raise bad_template(path, "a style template needs a prompt")
     if t.fast not in (None, "lcm"):
@@ -221,31 +326,31 @@ def _checked(t: Template, path: Path) -> Template:
 
 @dataclass(frozen=True)
 class GeneratePolicy:
-    """The preset's `generate` section."""
+    """The preset's `generate` section (the declaration: type, default, bounds)."""
 
     backend: str = "lora"
     style: str = "business"  # default style template
     photo_template: str = "hopper"  # default photo template for the template backend
-    resolution: int = 512  # templates' sizes are given at 512 and scaled to this
-    size_multiple: int = 8
-    n: int = 4
-    steps: int = 30
-    steps_cap: int | None = None  # the tiny preset caps steps so tests run in seconds
+    resolution: Annotated[int, Field(ge=8, le=8192)] = 512  # templates' sizes are given at 512 and scaled to this
+    size_multiple: Annotated[int, Field(ge=1, le=512)] = 8
+    n: Annotated[int, Field(ge=1)] = 4
+    steps: Annotated[int, Field(ge=1)] = 30
+    steps_cap: Annotated[int, Field(ge=1)] | None = None  # the tiny preset caps steps so tests run in seconds
     guidance: float = 7.0
     scheduler: str = "dpmpp_2m_karras"
     lora_weight: float = 0.9
     negative: str = ""  # appended to every negative prompt
     face_backend: str = "dlib"  # to find faces in photo templates
     memory: dict[str, Any] = field(default_factory=dict)  # vae_slicing/vae_tiling/offload: auto|true|false
+    # Limits, checked before anything is allocated (`--size 40000x40000` would ask for gigabytes).
+    max_side: Annotated[int, Field(ge=8)] = 2048  # px, width and height each
+    max_pixels: Annotated[int, Field(ge=64)] = 2048 * 2048  # width x height
+    max_n: Annotated[int, Field(ge=1)] = 64  # images per call
+    max_steps: Annotated[int, Field(ge=1)] = 150  # denoising steps
 
     @classmethod
     def from_preset(cls, preset: Preset) -> "GeneratePolicy":
-        section = preset.section("generate")
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise BadInput(f"presets/{preset.name}.yaml: unknown generate option(s) {', '.join(unknown)}")
-        return cls(**section)
+        return policy_from(cls, preset.section("generate"), f"preset '{preset.name}' generate")
 
 
 OVERRIDABLE = ("width", "height", "steps", "guidance", "scheduler", "lora_weight", "negative_prompt", "composition",
@@ -289,10 +394,15 @@ def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Tem
     steps = int(t.steps or policy.steps)
     if policy.steps_cap:  # caps the template's and preset's steps; an explicit --steps wins
         steps = min(steps, policy.steps_cap)
-    steps = int(overrides.get("steps", steps))
+    steps = _whole(overrides.get("steps", steps), "--steps")
+    n = _whole(n if n is not None else policy.n, "--n")
+    check_limits(n, steps, policy)
     fast = overrides.get("fast", t.fast)
+    if fast not in (None, "lcm"):
+        raise BadInput(f"fast mode '{fast}' is not 'lcm'")
     controls = {c.name: c.strength for c in t.controls}
-    controls.update(overrides.get("controls", {}))
+    controls.update(_control_overrides(overrides.get("controls") or {}))
+    user_options = validate_options(overrides.get("options"), "--option")
     options: dict[str, Any] = {
         "composition": overrides.get("composition", t.composition),
         "fast": fast,
@@ -305,7 +415,7 @@ def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Tem
         "memory": dict(policy.memory),
         "face_backend": policy.face_backend,
         **t.options,
-        **overrides.get("options", {}),
+        **user_options,
     }
     scheduler = str(overrides.get("scheduler", t.scheduler or ("lcm" if fast == "lcm" else policy.scheduler)))
     if scheduler not in SCHEDULERS:
@@ -320,13 +430,15 @@ def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Tem
         negative_prompt=str(overrides.get("negative_prompt", negative)),
         width=width,
         height=height,
-        steps=max(1, steps),
-        guidance=float(overrides.get("guidance", t.guidance if t.guidance is not None else policy.guidance)),
+        steps=steps,
+        guidance=_number(overrides.get("guidance", t.guidance if t.guidance is not None else policy.guidance),
+                         "--guidance", 0.0, 50.0),
         scheduler=scheduler,
         seed=int(seed) if seed is not None else secrets.randbelow(2**31),
-        n=int(n if n is not None else policy.n),
-        lora_weight=float(overrides.get("lora_weight",
-                                        t.lora_weight if t.lora_weight is not None else policy.lora_weight)),
+        n=n,
+        lora_weight=_number(overrides.get("lora_weight",
+                                          t.lora_weight if t.lora_weight is not None else policy.lora_weight),
+                            "--lora-weight", -5.0, 5.0),
         controls=controls,
         options=options,
     )
@@ -344,12 +456,54 @@ def _size(t: Template, policy: GeneratePolicy, overrides: Mapping[str, Any]) -> 
         width, height = scaled_size((int(size[0]), int(size[1])), policy)
     else:
         width, height = scaled_size(t.size or (512, 512), policy)
-    width = int(overrides.get("width", width))
-    height = int(overrides.get("height", height))
+    width = _whole(overrides.get("width", width), "--size width")
+    height = _whole(overrides.get("height", height), "--size height")
     m = policy.size_multiple
     if width % m or height % m or width <= 0 or height <= 0:
         raise BadInput(f"--size {width}x{height}: width and height must be positive multiples of {m}")
+    if max(width, height) > policy.max_side or width * height > policy.max_pixels:
+        raise BadInput(f"--size {width}x{height}: over the limit of {policy.max_side} px a side and "
+                       f"{policy.max_pixels:,} pixels (preset keys generate.max_side, generate.max_pixels)")
     return width, height
+
+
+def _whole(value: Any, what: str) -> int:
+    """An int from a user value; a float with a fraction, a bool or text is refused."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise BadInput(f"{what}: '{value}' is not a whole number")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"{what}: '{value}' is not a whole number") from None
+
+
+def _number(value: Any, what: str, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"{what}: '{value}' is not a number") from None
+    if not low <= number <= high:
+        raise BadInput(f"{what} {number:g}: must be in [{low:g}, {high:g}]")
+    return number
+
+
+def _control_overrides(value: Any) -> dict[str, float]:
+    if not isinstance(value, Mapping):
+        raise BadInput(f"controls: expected a mapping of control name to strength, got {type(value).__name__}")
+    out = {}
+    for name, strength in value.items():
+        if name not in CONTROL_NAMES:
+            raise BadInput(f"control '{name}' is not one of {', '.join(CONTROL_NAMES)}")
+        out[name] = _number(strength, f"control {name}", 0.0, 5.0)
+    return out
+
+
+def check_limits(n: int, steps: int, policy: GeneratePolicy) -> None:
+    """n and steps against the preset's limits (before any model loads)."""
+    if n < 1 or n > policy.max_n:
+        raise BadInput(f"--n {n}: must be 1 to {policy.max_n} (preset key generate.max_n)")
+    if steps < 1 or steps > policy.max_steps:
+        raise BadInput(f"--steps {steps}: must be 1 to {policy.max_steps} (preset key generate.max_steps)")
 
 
 def candidate_seeds(request: GenerationRequest) -> list[int]:

@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from portrait.core.errors import BadInput, bad_file
+from portrait.core.io import read_bounded, read_input, special_kind
 from portrait.core.types import IngestRejection, Photo
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif")
@@ -33,10 +34,10 @@ class IngestPolicy:
     max_photos: int = 500
 
     @classmethod
-    def from_section(cls, section: dict) -> "IngestPolicy":
-        fields = {k: section[k] for k in ("max_pixels", "max_file_bytes", "min_side", "duplicate_bits", "max_photos")
-                  if k in section}
-        return cls(**fields)
+    def from_section(cls, section: dict, where: str = "preset prepare", shared=()) -> "IngestPolicy":
+        from portrait.core.declare import policy_from
+
+        return policy_from(cls, section, where, shared=shared)
 
 
 @dataclass(frozen=True)
@@ -67,49 +68,86 @@ class Unusable(Exception):
 # --- sources ------------------------------------------------------------------------------
 
 
-def collect_sources(inputs: Sequence[str | Path]) -> list[Source]:
-    """Expand files, folders (images only, sorted, hidden files skipped) and zip archives."""
+def collect_sources(inputs: Sequence[str | Path], policy: IngestPolicy = IngestPolicy()) -> list[Source]:
+    """Expand files, folders (images only, sorted, hidden files skipped) and zip archives.
+    A FIFO, device or socket named explicitly is refused by type (inside a folder it is skipped)."""
     sources: list[Source] = []
     for item in inputs:
         path = Path(item).expanduser()
-        if not path.exists():
-            raise bad_file(path, "no such file or folder")
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            raise bad_file(path, "no such file or folder") from None
+        except PermissionError:
+            raise bad_file(path, "permission denied") from None
+        kind = special_kind(mode)
+        if kind:
+            raise bad_file(path, f"is a {kind}, not a photo, folder or zip archive")
         if path.is_dir():
             for child in sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path))):
                 if child.suffix.lower() == ".zip":
-                    sources.extend(_zip_sources(child))
+                    sources.extend(_zip_sources(child, policy))
                 elif child.suffix.lower() in IMAGE_SUFFIXES:
-                    sources.append(_file_source(child))
-        elif path.suffix.lower() == ".zip" and zipfile.is_zipfile(path):
-            sources.extend(_zip_sources(path))
+                    sources.append(_file_source(child, policy))
+        elif path.suffix.lower() == ".zip" and _is_zip(path):
+            sources.extend(_zip_sources(path, policy))
         else:
-            sources.append(_file_source(path))  # named explicitly: try it whatever its suffix
+            sources.append(_file_source(path, policy))  # named explicitly: try it whatever its suffix
     return sources
+
+
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
 
 
 def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in relative.parts)
 
 
-def _file_source(path: Path) -> Source:
-    return Source(str(path), path.read_bytes, path.stat().st_size)
+def _file_source(path: Path, policy: IngestPolicy) -> Source:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0
+
+    def read() -> bytes:
+        # Bounded: never more than max_file_bytes, whatever stat said (see core.io.read_input).
+        try:
+            return read_input(path, policy.max_file_bytes, "photo")
+        except BadInput as exc:
+            text = str(exc)
+            reason = "too_large" if "byte limit" in text else "unreadable"
+            raise Unusable(reason, text.split(": ", 1)[-1]) from None
+
+    return Source(str(path), read, size)
 
 
-def _zip_sources(path: Path) -> Iterator[Source]:
+def _zip_sources(path: Path, policy: IngestPolicy) -> Iterator[Source]:
     try:
         with zipfile.ZipFile(path) as zf:
             members = [m for m in zf.infolist() if not m.is_dir() and not _hidden(Path(m.filename))
                        and Path(m.filename).suffix.lower() in IMAGE_SUFFIXES]
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, OSError) as exc:
         raise bad_file(path, f"not a readable zip archive ({exc})") from None
     for member in sorted(members, key=lambda m: m.filename):
-        yield Source(f"{path}::{member.filename}", _member_reader(path, member.filename), member.file_size)
+        yield Source(f"{path}::{member.filename}", _member_reader(path, member.filename, policy.max_file_bytes),
+                     member.file_size)
 
 
-def _member_reader(path: Path, name: str) -> Callable[[], bytes]:
+def _member_reader(path: Path, name: str, limit: int) -> Callable[[], bytes]:
     def read() -> bytes:
-        with zipfile.ZipFile(path) as zf:
-            return zf.read(name)
+        # The header's size can lie (a zip bomb): read at most limit + 1 bytes.
+        try:
+            with zipfile.ZipFile(path) as zf, zf.open(name) as fh:
+                data = read_bounded(fh, limit)
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:  # RuntimeError: encrypted member
+            raise Unusable("unreadable", f"cannot read it from the archive ({exc})") from None
+        if len(data) > limit:
+            raise Unusable("too_large", f"over the {limit:,} byte limit")
+        return data
 
     return read
 
@@ -133,9 +171,26 @@ def decode_image(data: bytes, policy: IngestPolicy) -> np.ndarray:
     except Image.DecompressionBombError as exc:
         raise Unusable("too_large", str(exc)) from None
     except UnidentifiedImageError:
+        if _looks_heif(data) and not _heif_available():
+            raise Unusable("unreadable", HEIC_HINT) from None
         raise Unusable("unreadable", "not an image file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated / corrupt data
         raise Unusable("unreadable", f"corrupt image data ({exc})") from None
+
+
+HEIC_HINT = "HEIC needs: pip install 'portrait[heic]'"
+
+
+def _looks_heif(data: bytes) -> bool:
+    """An ISO-BMFF `ftyp` box with a HEIF brand (what iPhones write as .heic)."""
+    return len(data) >= 12 and data[4:8] == b"ftyp" and data[8:12] in (
+        b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+
+
+def _heif_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pillow_heif") is not None
 
 
 def _register_heif() -> None:
@@ -208,7 +263,7 @@ def hamming(a: int, b: int) -> int:
 
 def ingest(inputs: Sequence[str | Path], policy: IngestPolicy = IngestPolicy(),
            progress: Callable[[str, float, float], None] | None = None) -> IngestResult:
-    sources = collect_sources(inputs)
+    sources = collect_sources(inputs, policy)
     if not sources:
         raise BadInput(f"{', '.join(str(i) for i in inputs)}: no image files found")
     if len(sources) > policy.max_photos:
@@ -231,6 +286,8 @@ def _load(source: Source, policy: IngestPolicy) -> Photo:
     if source.size > policy.max_file_bytes:
         raise Unusable("too_large", f"{source.size:,} bytes is over the {policy.max_file_bytes:,} byte limit")
     data = source.read()
+    if len(data) > policy.max_file_bytes:
+        raise Unusable("too_large", f"{len(data):,} bytes is over the {policy.max_file_bytes:,} byte limit")
     image = decode_image(data, policy)
     h, w = image.shape[:2]
     if min(h, w) < policy.min_side:

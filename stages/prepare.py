@@ -27,9 +27,10 @@ class PreparePolicy:
     eye_height: float = 0.40  # where the eyes sit, as a fraction of the crop height
 
     @classmethod
-    def from_section(cls, section: dict) -> "PreparePolicy":
-        names = ("resolution", "face_fraction", "eye_height")
-        return cls(**{k: section[k] for k in names if k in section})
+    def from_section(cls, section: dict, where: str = "preset prepare", shared=()) -> "PreparePolicy":
+        from portrait.core.declare import policy_from
+
+        return policy_from(cls, section, where, shared=shared)
 
 
 @dataclass(frozen=True)

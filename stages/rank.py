@@ -41,9 +41,10 @@ class RankPolicy:
     trim_rounds: int = 3
 
     @classmethod
-    def from_section(cls, section: dict) -> "RankPolicy":
-        names = ("top_k", "min_face_px", "max_yaw", "max_pitch", "min_sharpness", "min_exposure", "trim_rounds")
-        return cls(**{k: section[k] for k in names if k in section})
+    def from_section(cls, section: dict, where: str = "preset prepare", shared=()) -> "RankPolicy":
+        from portrait.core.declare import policy_from
+
+        return policy_from(cls, section, where, shared=shared)
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,10 @@ class RetouchPolicy:
     feather: float = 1 / 30  # mask edge softness as a fraction of the face size
 
     @classmethod
-    def from_section(cls, section: Mapping[str, Any]) -> "RetouchPolicy":
-        policy = cls(**{k: section[k] for k in cls.__dataclass_fields__ if k in section})
+    def from_section(cls, section: Mapping[str, Any], where: str = "preset finish.retouch") -> "RetouchPolicy":
+        from portrait.core.declare import policy_from
+
+        policy = policy_from(cls, section, where)
         if not 0.0 <= policy.strength <= 1.0 or not 0.0 <= policy.texture <= 1.0:
             raise BadInput("preset finish.retouch: strength and texture must be in [0, 1]")
         return policy

@@ -49,8 +49,10 @@ class ScorePolicy:
     rounds: int = 2  # ... in at most this many rounds
 
     @classmethod
-    def from_section(cls, section: Mapping[str, Any]) -> "ScorePolicy":
-        policy = cls(**{k: section[k] for k in cls.__dataclass_fields__ if k in section})
+    def from_section(cls, section: Mapping[str, Any], where: str = "preset score") -> "ScorePolicy":
+        from portrait.core.declare import policy_from
+
+        policy = policy_from(cls, section, where)
         if policy.budget < 0 or policy.rounds < 0:
             raise BadInput("preset score: budget and rounds must be >= 0")
         if not 0.0 <= policy.reference_weight <= 1.0 or not 0.0 <= policy.clip_weight <= 1.0:

@@ -52,9 +52,10 @@ class UpscalePolicy:
     restore_weight: float = 0.5  # face restoration blend with the upscaled face
 
     @classmethod
-    def from_section(cls, section: Mapping[str, Any]) -> "UpscalePolicy":
-        known = {k: section[k] for k in cls.__dataclass_fields__ if k in section}
-        policy = cls(**known)
+    def from_section(cls, section: Mapping[str, Any], where: str = "preset finish.upscale") -> "UpscalePolicy":
+        from portrait.core.declare import policy_from
+
+        policy = policy_from(cls, section, where)
         if not 0.0 <= policy.blend <= 1.0 or not 0.0 <= policy.restore_weight <= 1.0:
             raise BadInput("preset finish.upscale: blend and restore_weight must be in [0, 1]")
         if policy.outscale <= 0 or policy.tile < 0 or policy.overlap < 0:

@@ -166,5 +166,9 @@ def test_a_model_that_is_not_a_swapper_is_refused(tmp_path):
     (settings.models_dir / "tiny-inswapper").mkdir()
     shutil.copy(settings.models_dir / "tiny-buffalo_l" / "w600k_r50.onnx",
                 settings.models_dir / "tiny-inswapper" / "inswapper_128.onnx")
+    from portrait.core.tiny import STAMP, TINY_VERSION
+
+    # A current stand-in folder (else the tiny preset rewrites it on first use) holding the wrong model.
+    (settings.models_dir / "tiny-inswapper" / STAMP).write_text(TINY_VERSION)
     with pytest.raises(BadInput, match=r"inswapper_128\.onnx: is not an inswapper-style ONNX swapper"):
         load_swapper(RunContext.create(settings, preset="tiny"), "inswapper-128")

@@ -329,7 +329,7 @@ def test_template_fusion_only_keeps_the_face_and_loads_no_pipeline(identity, ctx
     (face,) = dlib.detect(_pixels(result.paths[0]))
     astro, grace = dlib.detect(astronaut)[0].embedding, dlib.detect(hopper)[0].embedding
     assert similarity(face.embedding, astro, "dlib") > 0.5 > similarity(face.embedding, grace, "dlib")
-    with pytest.raises(BadInput, match="option passes must be 0"):
+    with pytest.raises(BadInput, match="--option passes: input should be 0, 1 or 2"):
         generate(identity, template="hopper", n=1, seed=6, out=tmp_path / "bad", ctx=ctx, options={"passes": 3})
 
 
@@ -343,7 +343,7 @@ def test_template_backend_can_carry_faceid_in_its_passes(identity, warm, tmp_pat
     # the adapter is detached afterwards: the shared pipeline renders the plain result again
     again = generate(identity, template="hopper", n=1, seed=6, out=tmp_path / "again", ctx=warm, finish=False)
     assert np.array_equal(_pixels(plain.paths[0]), _pixels(again.paths[0]))
-    with pytest.raises(BadInput, match="identity_adapter must be 'faceid'"):
+    with pytest.raises(BadInput, match="--option identity_adapter: input should be 'faceid'"):
         generate(identity, template="hopper", n=1, seed=6, out=tmp_path / "bad", ctx=warm, finish=False,
                  options={"identity_adapter": "instantid"})
 

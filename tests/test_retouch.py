@@ -129,6 +129,10 @@ def test_a_checkpoint_that_is_not_bisenet_is_refused(parser_ctx, tmp_path):
     settings = Settings(home=tmp_path, preset="tiny", device="cpu")
     (settings.models_dir / "tiny-face-parser").mkdir(parents=True)
     shutil.copy(parser_ctx.resolve("realesrgan-x4plus").path, settings.models_dir / "tiny-face-parser" / "parsing_bisenet.pth")
+    from portrait.core.tiny import STAMP, TINY_VERSION
+
+    # A current stand-in folder (else the tiny preset rewrites it on first use) holding the wrong model.
+    (settings.models_dir / "tiny-face-parser" / STAMP).write_text(TINY_VERSION)
     with pytest.raises(BadInput, match=r"parsing_bisenet\.pth: cannot be loaded as a BiSeNet face parser"):
         load_face_parser(RunContext.create(settings, preset="tiny"), "face-parsing-bisenet")
 

@@ -58,7 +58,7 @@ def test_unknown_and_broken_templates_are_bad_input(tmp_path):
         gen.find_template(str(broken))
     bad_mode = tmp_path / "mode.yaml"
     bad_mode.write_text("prompt: a photo of {trigger}\ncomposition: blend\n")
-    with pytest.raises(BadInput, match="composition 'blend'"):
+    with pytest.raises(BadInput, match="mode.yaml: composition: .*'blend'"):
         gen.find_template(str(bad_mode))
     no_image = tmp_path / "pose.yaml"
     no_image.write_text("prompt: x\ncontrols:\n  openpose: {image: none.png, strength: 0.5}\n")

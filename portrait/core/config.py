@@ -98,28 +98,56 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The top-level keys a preset may hold: its identity, and one section per stage.
+PRESET_KEYS = ("name", "family", "tiny", "models", "description", "extends")
+PRESET_SECTIONS = ("runtime", "prepare", "train", "generate", "finish", "score", "studio")
+
+
+def _preset_file(name: str) -> tuple[Any, str]:
+    """A shipped preset by name, or the user's own preset file (`--preset my.yaml`), which
+    may `extends:` a shipped one and override only limits or other keys."""
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise BadInput(f"{path}: no such preset file")
+        return path, str(path)
+    return presets_root() / f"{name}.yaml", f"presets/{name}.yaml"
+
+
 def _read_preset_yaml(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     if name in seen:
         raise BadInput(f"preset '{name}': `extends` loops through {' -> '.join(seen + (name,))}")
-    path = presets_root() / f"{name}.yaml"
+    path, label = _preset_file(name)
     if not path.is_file():
         known = ", ".join(available_presets())
-        raise BadInput(f"unknown preset '{name}' (known: {known})")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise BadInput(f"unknown preset '{name}' (known: {known}; or give a .yaml file)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise BadInput(f"{label}: unreadable preset ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
-        raise BadInput(f"presets/{name}.yaml: not a mapping")
+        raise BadInput(f"{label}: not a mapping")
+    unknown = sorted(str(k) for k in data if k not in PRESET_KEYS + PRESET_SECTIONS)
+    if unknown:
+        raise BadInput(f"{label}: unknown key(s) {', '.join(unknown)} (known: {', '.join(PRESET_KEYS + PRESET_SECTIONS)})")
+    for key in PRESET_SECTIONS:
+        if key in data and not isinstance(data[key], dict):
+            raise BadInput(f"{label}: `{key}` must be a mapping")
     parent = data.pop("extends", None)
     if parent:
-        return deep_merge(_read_preset_yaml(parent, seen + (name,)), data)
+        return deep_merge(_read_preset_yaml(str(parent), seen + (name,)), data)
     return data
 
 
 def load_preset(name: str) -> Preset:
     data = _read_preset_yaml(name)
     reserved = {"name", "family", "tiny", "models", "description"}
+    family = str(data.get("family", "sd15"))
+    if family not in ("sd15", "sdxl"):
+        raise BadInput(f"preset '{name}': family '{family}' is not sd15 or sdxl")
     return Preset(
-        name=name,
-        family=str(data.get("family", "sd15")),
+        name=Path(name).stem if name.endswith((".yaml", ".yml")) else name,
+        family=family,
         tiny=bool(data.get("tiny", False)),
         models=dict(data.get("models", {})),
         sections={k: v for k, v in data.items() if k not in reserved and isinstance(v, dict)},

@@ -47,8 +47,14 @@ class RunContext:
         )
 
     def resolve(self, model_id: str) -> ResolvedModel:
-        """Resolve through the registry, honouring the preset's tiny switch."""
-        return self.registry.resolve(model_id, self.settings, tiny=self.preset.tiny)
+        """Resolve through the registry, honouring the preset's tiny switch, and check the
+        files against their recorded sha256 (once per size and mtime; portrait.core.integrity)."""
+        from .integrity import check_model
+
+        resolved = self.registry.resolve(model_id, self.settings, tiny=self.preset.tiny)
+        if resolved.origin != "explicit":
+            check_model(resolved.spec, resolved.root, self.settings.home)
+        return resolved
 
     def resolve_role(self, role: str) -> ResolvedModel:
         return self.resolve(self.preset.model(role))

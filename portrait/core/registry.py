@@ -232,6 +232,12 @@ def download(spec: ModelSpec, settings: Settings, progress=None) -> Path:
     bad = [row for row in verify(spec, root) if row.status in ("mismatch", "missing")]
     if bad:
         raise PortraitError(f"model '{spec.id}': {bad[0].file} {bad[0].status} after download")
+    from .integrity import record_hashes
+
+    # Files the registry has no hash for: record what arrived, so a later change is found.
+    unhashed = [f for f in spec.files if not f.endswith("/") and f not in spec.sha256 and (root / f).is_file()]
+    if unhashed:
+        record_hashes(root, unhashed)
     return root
 
 
@@ -286,8 +292,13 @@ def _extract(archive: Path, root: Path, strip: str | None) -> None:
 
 
 def verify(spec: ModelSpec, root: Path) -> list[VerifyRow]:
+    """Re-hash a model's files against the registry's hashes, else the folder's own record
+    (portrait.core.integrity), covering every recorded file, not only the listed ones."""
+    from .integrity import expected_hashes
+
+    expected_by_name = expected_hashes(spec, root)
     rows = []
-    for name in spec.files:
+    for name in list(dict.fromkeys([*spec.files, *sorted(expected_by_name)])):
         path = root / name
         if name.endswith("/"):
             rows.append(VerifyRow(spec.id, name, "ok" if path.is_dir() else "missing", None))
@@ -296,7 +307,7 @@ def verify(spec: ModelSpec, root: Path) -> list[VerifyRow]:
             rows.append(VerifyRow(spec.id, name, "missing", None))
             continue
         digest = sha256_file(path)
-        expected = spec.sha256.get(name)
+        expected = expected_by_name.get(name)
         status = "unknown-hash" if not expected else ("ok" if expected == digest else "mismatch")
         if status == "mismatch" and _imported_hash(root, name) == digest:
             status = "imported"  # converted locally (`portrait models import-ncnn`); its own hash matches

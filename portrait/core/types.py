@@ -122,15 +122,19 @@ class PhotoAssessment:
     faces: tuple[FaceObservation, ...] = ()
     face: FaceObservation | None = None  # the face that is the person (or the best guess)
     scores: PhotoScores = field(default_factory=PhotoScores)
+    detail: str = ""  # the human reason behind `reason` (e.g. HEIC needs: pip install 'portrait[heic]')
 
     def report_row(self) -> dict[str, Any]:
-        return {
+        row = {
             "path": self.source,
             "status": self.status,
             "reason": self.reason,
             "faces": len(self.faces),
             "scores": self.scores.as_dict(),
         }
+        if self.detail:
+            row["detail"] = self.detail
+        return row
 
 
 @dataclass(frozen=True)

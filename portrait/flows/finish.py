@@ -85,14 +85,18 @@ class FinishPolicy:
 
     @classmethod
     def from_preset(cls, preset) -> "FinishPolicy":
+        from portrait.core.declare import refuse_unknown
+
         section = preset.section("finish")
+        where = f"preset '{preset.name}' finish"
+        refuse_unknown(section, where, cls)
         return cls(
             face_backend=str(section.get("face_backend", "auto")),
             face_parsing=bool(section.get("face_parsing", True)),
-            fuse=fuse_stage.FusePolicy.from_section(section.get("fuse", {}) or {}),
-            retouch=retouch_stage.RetouchPolicy.from_section(section.get("retouch", {}) or {}),
-            upscale=upscale_stage.UpscalePolicy.from_section(section.get("upscale", {}) or {}),
-            score=score_stage.ScorePolicy.from_section(preset.section("score")),
+            fuse=fuse_stage.FusePolicy.from_section(section.get("fuse", {}) or {}, f"{where}.fuse"),
+            retouch=retouch_stage.RetouchPolicy.from_section(section.get("retouch", {}) or {}, f"{where}.retouch"),
+            upscale=upscale_stage.UpscalePolicy.from_section(section.get("upscale", {}) or {}, f"{where}.upscale"),
+            score=score_stage.ScorePolicy.from_section(preset.section("score"), f"preset '{preset.name}' score"),
             switches=dict(section.get("switches", {}) or {}),
         )
 

@@ -10,6 +10,7 @@ ranked results.json (DESIGN section 3).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
@@ -20,8 +21,10 @@ from portrait.core.bundle import load_identity
 from portrait.core.cache import CacheKey
 from portrait.core.config import Settings
 from portrait.core.context import Progress, RunContext
-from portrait.core.errors import BadInput
-from portrait.core.io import safetensors_data_sha256, sha256_file, write_image, write_json
+from portrait.core.errors import BadInput, Interrupted, OutputFailed
+from portrait.core.interrupt import signal_of
+from portrait.core.io import (as_published, check_replaceable, discard_dir, make_dirs, publish_dir, safetensors_data_sha256, sha256_file,
+                              staging_for, write_image, write_json)
 from portrait.core.types import Candidate, CandidateScore, GenerationRequest, Identity, RankedResult
 from portrait.core.versions import versions
 from portrait.stages import generate as gen
@@ -99,17 +102,29 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
             report("generate", len(found), req.n)
         return found
 
-    candidates = run(request)
-    ranked, notes = _finish(ctx, person, request, candidates, run, finish)
-    written = _write(ctx, out, person, ranked)
-    result = GenerationResult(person.name, request.backend, request.template, out, request, tuple(written),
-                              {**notes, "versions": versions(ctx.placement)})
-    write_json(out / "results.json", result.as_json())
-    if notes and written:
-        from portrait.flows.finish import write_contact_sheet
+    # Everything goes to a staging folder beside OUT, swapped in whole at the end: an
+    # interrupted or failed run publishes nothing, and a re-run replaces the old results.
+    staging = staging_for(out)
+    try:
+        candidates = run(request)
+        ranked, notes = _finish(ctx, person, request, candidates, run, finish)
+        written = _write(ctx, staging, person, ranked)
+        notes = {**notes, "versions": versions(ctx.placement)}  # what made these images, for reproducing them
+        staged = GenerationResult(person.name, request.backend, request.template, out, request, tuple(written), notes)
+        write_json(staging / "results.json", staged.as_json())
+        if notes.get("gate") and written:  # finishing ran (notes always carry versions)
+            from portrait.flows.finish import write_contact_sheet
 
-        write_contact_sheet(written, out / "contact_sheet.png")
-    return result
+            write_contact_sheet(written, staging / "contact_sheet.png")
+        publish_dir(staging, out)
+    except OutputFailed as exc:
+        raise as_published(exc, staging, out) from None
+    except KeyboardInterrupt as exc:
+        raise Interrupted(f"generate stopped; nothing written to {out}", signal_of(exc)) from None
+    finally:
+        discard_dir(staging)
+    final = tuple(dataclasses.replace(r, path=out / r.path.name) for r in written)
+    return GenerationResult(person.name, request.backend, request.template, out, request, final, notes)
 
 
 def _template(name: str | None, prompt: str | None, backend: str | None, policy: gen.GeneratePolicy):
@@ -120,12 +135,15 @@ def _template(name: str | None, prompt: str | None, backend: str | None, policy:
 
 
 def _check_out(out: Path) -> None:
+    """OUT is replaced as a unit: it must be new, empty, or an earlier generate result (never a
+    folder of the user's other files, such as a template or photo folder)."""
     if out.exists() and not out.is_dir():
         raise BadInput(f"{out}: --out exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInput(f"{out}: cannot create the output folder ({exc.strerror})") from None
+    check_replaceable(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / "results.json").is_file():
+        raise BadInput(f"{out}: --out holds files that are not an earlier generate result; "
+                       f"choose a new or empty folder")
+    make_dirs(out.parent)
 
 
 # --- finishing -----------------------------------------------------------------------------

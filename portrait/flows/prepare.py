@@ -19,7 +19,9 @@ from portrait.core.config import Settings
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.faces import INSIGHTFACE_PACKS, FaceAnalyzer, make_analyzer
-from portrait.core.io import write_image, write_json, write_text
+from portrait.core.errors import Interrupted, OutputFailed
+from portrait.core.interrupt import signal_of
+from portrait.core.io import as_published, check_replaceable, discard_dir, publish_dir, staging_for, write_image, write_json, write_text
 from portrait.core.types import PhotoAssessment, TrainingSet
 from portrait.stages.analyze import analyze
 from portrait.stages.background import BackgroundPolicy, Segmenter, load_segmenter, whiten
@@ -49,13 +51,19 @@ class PrepareResult:
         return self.out / "contact_sheet.png"
 
 
+FLOW_KEYS = ("face_backend", "face_options", "min_photos", "whiten_background")  # the prepare section keys this flow reads itself
+
+
 def prepare(photos: Sequence[str | Path] | str | Path, out: str | Path, *, settings: Settings | None = None,
             preset: str | None = None, face_backend: str | None = None, top_k: int | None = None,
             ctx: RunContext | None = None, progress: Callable[[str, float, float], None] | None = None,
             hooks: PrepareHooks = PrepareHooks(), extra_backends: Sequence[str] | None = None,
             whiten_background: bool | None = None) -> PrepareResult:
     """Rank, filter and prepare one person's photos. Raises BadInput (exit 2) when fewer than
-    the preset's `min_photos` are usable, after writing the report and contact sheet."""
+    the preset's `min_photos` are usable, after publishing the report and contact sheet.
+
+    Everything is written into a staging folder beside OUT and swapped in at the end, so OUT
+    is either the whole earlier result or the whole new one (never a mix, never half)."""
     inputs = [photos] if isinstance(photos, (str, Path)) else list(photos)
     ctx = ctx or RunContext.create(settings, preset=preset, progress=progress)
     progress = progress or ctx.progress
@@ -64,42 +72,111 @@ def prepare(photos: Sequence[str | Path] | str | Path, out: str | Path, *, setti
         section["top_k"] = top_k
     if whiten_background is not None:
         section["whiten_background"] = whiten_background
-    out = Path(out)
+    policies = check_section(section, f"preset '{ctx.preset.name}' prepare")
+    out = Path(out).expanduser()
+    check_out(out, inputs, marker="report.json", what="prepare")
     background = BackgroundPolicy.from_section(section)
     segmenter = load_segmenter(ctx, ctx.preset.model("background_segmenter")) if background.whiten else None
+    try:
+        return _prepare(ctx, inputs, out, section, policies, face_backend, progress, hooks, extra_backends,
+                        segmenter, background)
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Interrupted):
+            raise
+        raise Interrupted(f"prepare stopped; nothing written to {out}", signal_of(exc)) from None
 
-    ingested = ingest(inputs, IngestPolicy.from_section(section), progress)
+
+def _prepare(ctx: RunContext, inputs: list, out: Path, section: dict, policies: dict, face_backend: str | None,
+             progress, hooks: PrepareHooks, extra_backends: Sequence[str] | None,
+             segmenter: Segmenter | None = None, background: BackgroundPolicy = BackgroundPolicy()) -> PrepareResult:
+    ingested = ingest(inputs, policies["ingest"], progress)
     # preset `prepare.face_options`, e.g. {landmarks68: false} for the CC0-only dlib models
     analyzer = make_analyzer(ctx, face_backend or section.get("face_backend", "auto"), **section.get("face_options", {}))
     analyses = analyze(ingested.photos, analyzer, progress)
-    ranking = rank(analyses, analyzer.scale, RankPolicy.from_section(section))
+    ranking = rank(analyses, analyzer.scale, policies["rank"])
     assessments = _in_input_order(ingested.order, ranking, ingested.rejected)
     report = build_report(assessments, ranking, out)
     if segmenter is not None:  # recorded only when on: the report's default shape is DESIGN's
         report["background"] = {"whitened": True, "model": segmenter.model_id, "license": segmenter.license}
-    write_json(out / "report.json", report)
-    write_contact_sheet(out / "contact_sheet.png", assessments)
-
     minimum = int(section.get("min_photos", 3))
     passed = sum(a.status == "kept" for a in assessments)
-    if passed < minimum:
-        raise BadInput(f"{', '.join(str(i) for i in inputs)}: only {passed} usable photo(s), need {minimum} "
-                       f"({summarize_reasons(assessments)}; see {out / 'report.json'})")
 
-    training_set = write_training_set(out, ranking, section, hooks, progress, segmenter, background)
-    consensus = {ranking.space: ranking.consensus}
-    for backend in _extra_backends(ctx, analyzer, extra_backends):
-        extra = consensus_in_space(make_analyzer(ctx, backend), ranking.kept)
-        if extra is not None:
-            consensus[backend] = extra
+    staging = staging_for(out)
+    try:
+        write_json(staging / "report.json", report)
+        write_contact_sheet(staging / "contact_sheet.png", assessments)
+        if passed < minimum:
+            # The report says why; it is published (as a unit) so the user can read it.
+            publish_dir(staging, out)
+            raise BadInput(f"{', '.join(str(i) for i in inputs)}: only {passed} usable photo(s), need {minimum} "
+                           f"({summarize_reasons(assessments)}; see {out / 'report.json'})")
+        training_set = write_training_set(staging, ranking, section, hooks, progress, segmenter, background)
+        consensus = {ranking.space: ranking.consensus}
+        for backend in _extra_backends(ctx, analyzer, extra_backends):
+            extra = consensus_in_space(make_analyzer(ctx, backend), ranking.kept)
+            if extra is not None:
+                consensus[backend] = extra
+        publish_dir(staging, out)
+    except OutputFailed as exc:
+        raise as_published(exc, staging, out) from None
+    finally:
+        discard_dir(staging)
+    training_set = _moved(training_set, staging, out)
     training_set = TrainingSet(**{**training_set.__dict__, "consensus": consensus, "assessments": tuple(assessments)})
     return PrepareResult(out, training_set, report, analyzer.backend)
+
+
+def check_section(section: dict, where: str) -> dict[str, Any]:
+    """The whole prepare section against every policy that reads it (a typo such as `treshold:`
+    is refused with the known keys), and each policy built from its own keys."""
+    from portrait.core.declare import refuse_unknown
+
+    refuse_unknown(section, where, IngestPolicy, RankPolicy, PreparePolicy, CaptionPolicy.SECTION_KEYS, FLOW_KEYS)
+    if not isinstance(section.get("face_options", {}) or {}, dict):
+        raise BadInput(f"{where}: face_options must be a mapping")
+    min_photos = section.get("min_photos", 3)
+    if isinstance(min_photos, bool) or not isinstance(min_photos, int) or min_photos < 1:
+        raise BadInput(f"{where}: min_photos must be a whole number >= 1 (got {min_photos!r})")
+    everything = (IngestPolicy, RankPolicy, PreparePolicy, CaptionPolicy.SECTION_KEYS, FLOW_KEYS)
+    return {"ingest": IngestPolicy.from_section(section, where, everything),
+            "rank": RankPolicy.from_section(section, where, everything),
+            "prepare": PreparePolicy.from_section(section, where, everything),
+            "caption": CaptionPolicy.from_section(section, where, everything)}
+
+
+def check_out(out: Path, inputs: Sequence[str | Path], *, marker: str, what: str) -> None:
+    """OUT must not be (or be inside) an input folder or file, and an existing OUT must be empty
+    or an earlier result of the same command (it is replaced as a unit): never the user's
+    other files."""
+    resolved = check_replaceable(out)
+    for item in inputs:
+        given = Path(item).expanduser()
+        if not given.exists():
+            continue
+        source = given.resolve()
+        if resolved == source or source in resolved.parents or (given.is_file() and resolved == source.parent):
+            raise BadInput(f"{out}: --out is inside the input {item}; choose a folder outside the photos")
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out}: --out exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise BadInput(f"{out}: --out holds files that are not an earlier {what} result; "
+                       f"choose a new or empty folder")
+
+
+def _moved(tset: TrainingSet, staging: Path, out: Path) -> TrainingSet:
+    """The training set's paths, from the staging folder to where it was published."""
+
+    def move(path: Path) -> Path:
+        return out / Path(path).relative_to(staging)
+
+    return TrainingSet(**{**tset.__dict__, "root": out, "images": tuple(move(p) for p in tset.images),
+                          "reference": move(tset.reference), "kept_photos": tuple(move(p) for p in tset.kept_photos)})
 
 
 def _in_input_order(order: Sequence[str], ranking: Ranking, ingest_rejections) -> list[PhotoAssessment]:
     by_source: dict[str, PhotoAssessment] = {a.source: a for a in ranking.assessments}
     for r in ingest_rejections:
-        by_source[r.source] = PhotoAssessment(r.source, "rejected", r.reason, None)
+        by_source[r.source] = PhotoAssessment(r.source, "rejected", r.reason, None, detail=r.detail)
     return [by_source[s] for s in order if s in by_source]
 
 
@@ -120,8 +197,9 @@ def build_report(assessments: Sequence[PhotoAssessment], ranking: Ranking, out: 
 def write_training_set(out: Path, ranking: Ranking, section: dict, hooks: PrepareHooks,
                        progress: Callable[[str, float, float], None] | None, segmenter: Segmenter | None = None,
                        background: BackgroundPolicy = BackgroundPolicy()) -> TrainingSet:
-    policy = PreparePolicy.from_section(section)
-    captions = caption([a.face for a in ranking.kept], CaptionPolicy.from_section(section))
+    everything = (IngestPolicy, RankPolicy, PreparePolicy, CaptionPolicy.SECTION_KEYS, FLOW_KEYS)
+    policy = PreparePolicy.from_section(section, shared=everything)
+    captions = caption([a.face for a in ranking.kept], CaptionPolicy.from_section(section, shared=everything))
     crops = prepare_crops([(a.photo, a.face) for a in ranking.kept], policy, hooks)
     images, kept_photos = [], []
     for i, (assessment, crop, text) in enumerate(zip(ranking.kept, crops, captions.texts)):

@@ -8,6 +8,9 @@ Where things go (HOME = settings.home):
                                      by a rename only once every file is complete
 
 So an interrupted run never leaves a half bundle, and `--resume` finds its checkpoints.
+Ctrl-C or SIGTERM end the run with Interrupted (exit 130 / 143) and one line saying which step
+it reached and which checkpoint is kept. One process at a time owns a name: the run holds
+HOME/identities/.NAME.lock (portrait.core.lock); a second one is refused, naming the holder.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ from portrait.core.bundle import check_name, identity_dir, load_identity, write_
 from portrait.core.cache import ModelCache
 from portrait.core.config import Settings
 from portrait.core.context import RunContext
-from portrait.core.errors import BadInput
-from portrait.core.io import sha256_file, write_json
+from portrait.core.errors import ENVIRONMENT_ERRNOS, BadInput, Interrupted, OutputFailed
+from portrait.core.declare import validate
+from portrait.core.interrupt import signal_of
+from portrait.core.io import copy_file, discard_dir, publish_dir, sha256_file, sync_tree, write_json
+from portrait.core.lock import identity_lock
 from portrait.core.types import Identity, TrainingSet
 from portrait.stages.train import (
     FaceScorer,
@@ -53,20 +59,63 @@ VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate"
 def train(photos: Sequence[str | Path] | str | Path, name: str, *, settings: Settings | None = None,
           preset: str | None = None, steps: int | None = None, rank: int | None = None, resume: bool = False,
           overwrite: bool = False, zero_shot: bool = False, ctx: RunContext | None = None,
-          progress: Callable[[str, float, float], None] | None = None, on_event: EventSink | None = None) -> Identity:
+          progress: Callable[[str, float, float], None] | None = None, on_event: EventSink | None = None,
+          wait: bool = False) -> Identity:
     """Learn `name` from `photos` and write HOME/identities/NAME. Returns the loaded Identity.
 
     Refuses (BadInput, exit 2) an existing name unless `overwrite`, too few usable photos, and
-    an unwritable home. `resume` continues the interrupted run of the same name and options.
+    a name another process is training (unless `wait`); an unwritable home is OutputFailed (exit 4).
+    `resume` continues the interrupted run of the same name and options.
     """
     ctx = ctx or RunContext.create(settings, preset=preset, progress=progress)
     settings = ctx.settings
-    emit = on_event or (lambda event: None)
     check_name(name)
-    target = identity_dir(settings, name)
     ensure_writable(settings.identities_dir)
+    reached = {"step": 0, "total": 0}
+
+    def emit(event: TrainEvent) -> None:
+        if event.phase in ("step", "resume"):
+            reached.update(step=event.step, total=event.total)
+        if on_event:
+            on_event(event)
+
+    work = settings.identities_dir / f".{name}.work"
+    with identity_lock(settings.identities_dir, name, wait=wait):
+        try:
+            return _train_locked(ctx, photos, name, steps=steps, rank=rank, resume=resume, overwrite=overwrite,
+                                 zero_shot=zero_shot, progress=progress, emit=emit)
+        except KeyboardInterrupt as exc:
+            raise Interrupted(interrupted_message(name, work, reached), signal_of(exc)) from None
+
+
+def interrupted_message(name: str, work: Path, reached: dict[str, int]) -> str:
+    """What an interrupted run kept, in one line."""
+    from portrait.stages.train import completed_checkpoints
+
+    try:
+        kept = max((r.step for r in completed_checkpoints(work)), default=0)
+    except Exception:  # noqa: BLE001 - a half-written checkpoint: say nothing is kept rather than fail here
+        kept = 0
+    if not reached["step"]:
+        return f"train '{name}' stopped before training started; nothing kept (run the same command again)"
+    where = f"stopped at step {reached['step']} of {reached['total']}"
+    if kept:
+        return f"train '{name}' {where}; checkpoint at step {kept} kept in {work}; resume with --resume"
+    return f"train '{name}' {where}, before the first checkpoint; nothing to resume (run the same command again)"
+
+
+def _train_locked(ctx: RunContext, photos, name: str, *, steps, rank, resume, overwrite, zero_shot, progress,
+                  emit: EventSink) -> Identity:
+    settings = ctx.settings
+    target = identity_dir(settings, name)
     if (target / "manifest.json").exists() and not overwrite:
         raise BadInput(f"{target}: identity '{name}' already exists; pass --overwrite to replace it")
+    # Every setting is checked before any work starts.
+    policy: TrainPolicy | None = None
+    if not zero_shot:
+        policy = TrainPolicy.from_section(ctx.preset.section("train"), steps=steps, rank=rank)
+        # Types and shapes against the declaration (a `learning_rate: fast` would fail deep in torch).
+        policy = validate(TrainPolicy, dataclasses.asdict(policy), f"preset '{ctx.preset.name}' train")
     work = settings.identities_dir / f".{name}.work"
     if not resume and work.exists():
         shutil.rmtree(work)
@@ -82,17 +131,19 @@ def train(photos: Sequence[str | Path] | str | Path, name: str, *, settings: Set
     tset = prepared.training_set
 
     result: TrainResult | None = None
-    policy: TrainPolicy | None = None
     base: dict[str, Any] = {}
-    if not zero_shot:
-        policy = TrainPolicy.from_section(ctx.preset.section("train"), steps=steps, rank=rank)
+    if policy is not None:
         result, base = train_identity(ctx, tset, prepared.face_backend, policy, work, resume, emit)
         timings.update({f"train_{k}": v for k, v in result.timings.items()})
     timings["total"] = round(time.perf_counter() - started, 3)
 
     staging = settings.identities_dir / f".{name}.staging"
-    write_bundle(staging, name, ctx, prepared, result, policy, base, timings)
-    swap_into_place(staging, target)
+    try:
+        write_bundle(staging, name, ctx, prepared, result, policy, base, timings)
+        sync_tree(staging)
+        publish_dir(staging, target)
+    finally:
+        discard_dir(staging)
     discard_checkpoints(work, keep=bool(policy and policy.keep_checkpoints))
     if not (policy and policy.keep_checkpoints):
         shutil.rmtree(work, ignore_errors=True)
@@ -100,13 +151,19 @@ def train(photos: Sequence[str | Path] | str | Path, name: str, *, settings: Set
 
 
 def ensure_writable(folder: Path) -> None:
+    """A file where a folder should be is the user's input (exit 2); a refusal by the machine
+    (read-only, permission, full) is OutputFailed (exit 4)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
-    except OSError as exc:
+    except (NotADirectoryError, FileExistsError) as exc:
         raise BadInput(f"{folder}: portrait home is not writable ({exc.strerror or exc})") from None
+    except OSError as exc:
+        if exc.errno in ENVIRONMENT_ERRNOS:
+            raise OutputFailed(f"{folder}: portrait home is not writable ({(exc.strerror or str(exc)).lower()})") from None
+        raise
 
 
 # --- training -------------------------------------------------------------------------
@@ -198,12 +255,11 @@ def write_bundle(staging: Path, name: str, ctx: RunContext, prepared, result: Tr
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    shutil.copyfile(tset.reference, staging / "reference.png")
+    copy_file(tset.reference, staging / "reference.png")
     photos = []
     for i, source in enumerate(tset.kept_photos):
         rel = f"photos/{i:03d}{Path(source).suffix.lower() or '.png'}"
-        (staging / "photos").mkdir(exist_ok=True)
-        shutil.copyfile(source, staging / rel)
+        copy_file(source, staging / rel)
         photos.append(rel)
     write_embeddings(staging / "embeddings.npz", tset.consensus)
     write_json(staging / "report.json", prepared.report)
@@ -242,15 +298,9 @@ def write_bundle(staging: Path, name: str, ctx: RunContext, prepared, result: Tr
 
 
 def swap_into_place(staging: Path, target: Path) -> None:
-    """Replace `target` with the finished `staging` folder by renames (the old one goes last)."""
-    old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old.exists():
-        shutil.rmtree(old)
+    """Replace `target` with the finished `staging` folder by renames (kept for callers; see
+    portrait.core.io.publish_dir)."""
+    publish_dir(staging, target)
 
 
 def package_versions() -> dict[str, str]:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from functools import partial
@@ -28,6 +29,7 @@ class RunSummary:
     submission: Submission | None
     status: StoreStatus
     stopped: bool  # Ctrl-C (or `stop`) ended the run before the jobs finished
+    signal: int | None = None  # the signal that stopped it (SIGINT / SIGTERM), when one did
 
     @property
     def ok(self) -> bool:
@@ -41,9 +43,14 @@ class Studio:
         self.settings = (settings or Settings()).with_(home=Path(home).expanduser() if home else None, preset=preset,
                                                        device=device)
         self.policy = policy or StudioPolicy.from_preset(load_preset(self.settings.preset))
-        self.store = Store(Path(store) if store else default_store_path(self.settings.home), self.policy.retry)
+        self._store_path = Path(store) if store else default_store_path(self.settings.home)
         # partial of a class is picklable, so the same factory serves spawned workers and Ray actors.
         self.executor_factory = executor_factory or partial(FlowExecutor, self.settings)
+
+    @functools.cached_property
+    def store(self) -> Store:
+        """Opened (and created) on first use, so a spec that fails validation leaves no empty store."""
+        return Store(self._store_path, self.policy.retry)
 
     # -- verbs ------------------------------------------------------------------------
 
@@ -66,9 +73,13 @@ class Studio:
             stop: threading.Event | None = None, base_dir: str | Path | None = None) -> RunSummary:
         """Submit `spec` (if given; adding only new items) and run until its items are settled.
         Without a spec, runs everything in the store that is not settled."""
-        submission = self.submit(spec, base_dir) if spec is not None else None
+        job = self.expand(spec, base_dir) if spec is not None else None  # validated before the store is touched
+        submission = self.store.submit(job) if job is not None else None
         job_ids = [submission.job] if submission else (list(jobs) if jobs is not None else None)
         stop = stop or threading.Event()
+        from .runner import reset_stop_signal
+
+        reset_stop_signal()
         count = workers if workers is not None else self.policy.workers
         monitor = None
         if progress:
@@ -92,7 +103,11 @@ class Studio:
             if monitor:
                 monitor.__exit__(None, None, None)
         status = self.store.status(job_ids)
-        return RunSummary(submission=submission, status=status, stopped=stop.is_set() and not status.finished)
+        from .runner import stop_signal
+
+        stopped = stop.is_set() and not status.finished
+        return RunSummary(submission=submission, status=status, stopped=stopped,
+                          signal=stop_signal() if stopped else None)
 
     def status(self, job: str | None = None) -> StoreStatus:
         return self.store.status([job] if job else None)

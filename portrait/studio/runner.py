@@ -44,13 +44,14 @@ class StudioPolicy:
     ray_cpus_per_worker: float = 1.0
 
     @classmethod
-    def from_section(cls, section: dict[str, Any]) -> "StudioPolicy":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in section.items() if k in known and v is not None})
+    def from_section(cls, section: dict[str, Any], where: str = "preset studio") -> "StudioPolicy":
+        from portrait.core.declare import policy_from
+
+        return policy_from(cls, {k: v for k, v in section.items() if v is not None}, where)
 
     @classmethod
     def from_preset(cls, preset: Preset) -> "StudioPolicy":
-        return cls.from_section(preset.section("studio"))
+        return cls.from_section(preset.section("studio"), f"preset '{preset.name}' studio")
 
     @property
     def retry(self) -> RetryPolicy:
@@ -138,8 +139,21 @@ class LocalWorker:
                 self.store.release(item.id, self.worker)
 
 
+_STOP_SIGNAL: list[int] = []  # the signal that asked this process's runner to stop (for the exit code)
+
+
+def reset_stop_signal() -> None:
+    _STOP_SIGNAL.clear()
+
+
+def stop_signal() -> int | None:
+    """The signal (SIGINT or SIGTERM) that last asked a runner in this process to stop."""
+    return _STOP_SIGNAL[-1] if _STOP_SIGNAL else None
+
+
 class GracefulStop:
-    """First SIGINT/SIGTERM: set `event` (stop after the current item). Second SIGINT: abort."""
+    """First SIGINT/SIGTERM: set `event` (stop after the current item). A second signal: abort
+    (the unfinished item goes back to the queue)."""
 
     def __init__(self, event: threading.Event | Any, on_first: Callable[[], None] | None = None):
         self.event = event
@@ -147,8 +161,11 @@ class GracefulStop:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.event.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        _STOP_SIGNAL.append(int(signum))
+        if self.event.is_set():
+            from portrait.core.interrupt import Terminated
+
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
         self.event.set()
         if self.on_first:
             self.on_first()

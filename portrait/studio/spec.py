@@ -39,6 +39,7 @@ def known_backends() -> tuple[str, ...]:
     return tuple(BACKENDS)
 
 ItemKind = Literal["train", "generate"]
+SPEC_MAX_BYTES = 10_000_000  # a job spec is text; anything bigger is not one
 
 
 class IdentitySpec(BaseModel):
@@ -180,12 +181,15 @@ def slug(text: str, limit: int = 40) -> str:
 
 def load_spec(path: Path | str) -> JobSpec:
     """Read and validate a spec file; any problem is one BadInput line naming the file."""
+    from portrait.core.io import read_input
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise bad_file(path, "no such spec file")
+    text = read_input(path, SPEC_MAX_BYTES, "spec file")  # a FIFO or device is refused by type
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML is a superset of JSON
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        data = yaml.safe_load(text.decode("utf-8"))  # YAML is a superset of JSON
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
         raise bad_file(path, f"unreadable spec ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
     return parse_spec(data, source=str(path))
 
@@ -213,6 +217,24 @@ def _photo_paths(base: Path, photos: str | list[str]) -> list[str]:
     return [_resolve(base, p) for p in ([photos] if isinstance(photos, str) else photos)]
 
 
+def _is_template_path(value: str) -> bool:
+    """A template written as a path (a .yaml or a folder), not a shipped template's name."""
+    return value.lower().endswith((".yaml", ".yml")) or "/" in value or value.startswith(("~", "."))
+
+
+def template_ref(base: Path, value: str) -> tuple[str, str]:
+    """(what the executor loads, the output folder name). A path resolves against the spec
+    file's folder; its output folder is derived from its name (`<stem>-<hash6>`), never the
+    raw path, so results never land in the user's template folder."""
+    if not _is_template_path(value):
+        return value, slug(value)
+    resolved = _resolve(base, value)
+    path = Path(resolved)
+    name = path.parent.name if path.name.lower() in ("template.yaml", "template.yml") else (
+        path.stem if path.suffix.lower() in (".yaml", ".yml") else path.name)
+    return resolved, f"{slug(name)}-{hashlib.sha256(resolved.encode()).hexdigest()[:6]}"
+
+
 def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exists, source: str = "spec") -> Job:
     """Expand a spec into items. `identity_exists(name) -> bool` decides which need training."""
     preset = spec.preset or default_preset
@@ -220,7 +242,8 @@ def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exist
     zero_shot_only = all(b in ZERO_SHOT_BACKENDS for b in spec.backends)
     overrides = dict(sorted(spec.overrides().items()))
     finish = dict(sorted(spec.finish.items())) if isinstance(spec.finish, dict) else spec.finish
-    styles = [("template", t, t) for t in spec.templates] + [("prompt", p, f"prompt-{slug(p)}") for p in spec.prompts]
+    styles = [("template", *template_ref(base_dir, t)) for t in spec.templates] + [
+        ("prompt", p, f"prompt-{slug(p)}") for p in spec.prompts]
     items: list[Item] = []
     order = 0
     for ident in spec.identities:
@@ -259,7 +282,7 @@ def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exist
                     ))
                     order += 1
     resolved = spec.model_dump(mode="json")
-    resolved.update(output=output, preset=preset)
+    resolved.update(output=output, preset=preset, templates=[template_ref(base_dir, t)[0] for t in spec.templates])
     resolved["identities"] = [
         {**i, "photos": _photo_paths(base_dir, i["photos"]) if i.get("photos") is not None else None}
         for i in resolved["identities"]
