@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         no_fuse: bool = typer.Option(False, "--no-fuse", help="Skip the final face fusion."),
         no_retouch: bool = typer.Option(False, "--no-retouch", help="Skip skin retouch."),
         no_upscale: bool = typer.Option(False, "--no-upscale", help="Skip super-resolution."),
-        also: list[str] = typer.Option([], "--with-identity", help="Another identity for a group photo template (repeatable; faces are assigned left to right)."),
+        also: list[str] = typer.Option([], "--with-identity", help="Another identity in the picture (repeatable): a group photo template assigns faces left to right; the faceid backend gives each identity its own region (IP-Adapter masks)."),
         option: list[str] = typer.Option([], "--option", help="A backend option KEY=VALUE (repeatable), e.g. ip_adapter_scale=0.6, faceid_variant=plusv2, photomaker_version=v1, identity_adapter=faceid; the value is read as YAML."),
     ) -> None:
         """Generate portraits of IDENTITY from a template or a prompt into OUT."""

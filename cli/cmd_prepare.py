@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
         face_backend: Optional[str] = typer.Option(
             None, "--face-backend", help="auto, dlib, insightface:antelopev2 or insightface:buffalo_l (default: preset)."),
         top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="How many of the best photos to train on."),
+        whiten: Optional[bool] = typer.Option(None, "--whiten-background/--keep-background", help="White background behind the person in the training crops (default: the preset's prepare.whiten_background)."),
     ) -> None:
         """Find the person in most photos, reject the rest with a reason, and write aligned crops."""
         from rich.console import Console
@@ -37,7 +38,8 @@ def register(app: typer.Typer) -> None:
                     tasks[what] = bar.add_task(what, total=total)
                 bar.update(tasks[what], completed=done, total=total)
 
-            result = prepare(photos, out, settings=settings, face_backend=face_backend, top_k=top_k, progress=report)
+            result = prepare(photos, out, settings=settings, face_backend=face_backend, top_k=top_k, progress=report,
+                             whiten_background=whiten)
         summary = result.report
         typer.echo(f"kept {summary['kept']}, rejected {summary['rejected']} "
                    f"(face backend {result.face_backend}); training images: {len(result.training_set.images)}")

@@ -31,6 +31,9 @@ from portrait.core.errors import BadInput
 from portrait.core.loaders import SCHEDULERS, sampler_label
 from portrait.core.types import Candidate, GenerationRequest, Identity
 
+# Backends that put several identities in one picture (option `identities`, `--with-identity`).
+GROUP_BACKENDS = ("template", "faceid")
+
 # name -> "module:Class". Zero-shot backends add their rows here.
 BACKENDS: dict[str, str] = {
     "lora": "portrait.stages.backends.lora:LoraBackend",
@@ -558,6 +561,9 @@ def generate_candidates(request: GenerationRequest, ctx) -> Iterable[Candidate]:
     if ctx.preset.family not in backend.families:
         raise BadInput(f"backend '{request.backend}' runs on {', '.join(backend.families)}; "
                        f"preset '{ctx.preset.name}' is {ctx.preset.family}")
+    if request.options.get("identities") and request.backend not in GROUP_BACKENDS:
+        raise BadInput(f"--with-identity: backend '{request.backend}' paints one identity; several people in one "
+                       f"picture need a group photo template (backend template) or --backend faceid")
     return backend.generate(request, ctx)
 
 

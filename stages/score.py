@@ -5,6 +5,13 @@ gate's measure) and with the reference photo's embedding, in the face backend's 
 and scale (portrait.core.faces). Face count and size are checked, because a candidate with
 two faces, or a face too small to judge, is not a usable portrait whatever its similarity.
 
+A group picture (a photo template with several faces, `Candidate.info["faces"]`) is scored
+face by face: each assigned face is found again in the finished image by its box, compared
+with its own identity, and the candidate passes the gate only when every assigned face
+does. Its `similarity` is then the lowest of them, so ranking favours the group whose
+weakest likeness is best. Faces of the template no identity was assigned to are the
+template's own people: they are neither scored nor counted against the picture.
+
 Prompt adherence (CLIP-T: cosine of CLIP's image and text embeddings) is reported beside
 identity similarity: a face pasted over everything scores high on identity and low on
 CLIP-T, the copy-paste failure that similarity alone rewards. Ranking uses identity by
@@ -33,7 +40,7 @@ import numpy as np
 from portrait.core.cache import CacheKey
 from portrait.core.errors import BadInput
 from portrait.core.faces import similarity
-from portrait.core.types import Candidate, CandidateScore, FaceObservation, RankedResult
+from portrait.core.types import Candidate, CandidateScore, FaceObservation, FaceScore, RankedResult
 
 _LORA_TAG = re.compile(r"<lora:[^>]*>")
 
@@ -93,13 +100,92 @@ def score_faces(faces: Sequence[FaceObservation], image_shape: tuple[int, ...], 
                           faces=len(faces), face_size=round(face.area / float(h * w), 4), clip_t=clip_t)
 
 
+@dataclass(frozen=True)
+class AssignedFace:
+    """A face of a group picture the way the backend painted it: whose it is and where."""
+
+    identity: str
+    face: int  # template face index
+    box: tuple[float, float, float, float]  # where it was painted, in the scored image's pixels
+
+
+@dataclass(frozen=True)
+class IdentityEmbeddings:
+    consensus: np.ndarray
+    reference: np.ndarray | None
+
+
+def match_faces(found: Sequence[FaceObservation], assigned: Sequence[AssignedFace]) -> list[FaceObservation | None]:
+    """For each assigned face, the detected face that overlaps its box most, each used once.
+
+    A match needs IoU > 0.2 or the detected face's centre inside the assigned box (a
+    regional text-to-image identity is assigned a whole region, much larger than a face).
+    Detectors differ in box shape (dlib's boxes are tighter than insightface's), so the
+    match is by overlap, greedy from the best pair, and not by equality of boxes.
+    """
+    pairs = sorted(((_match_key(f.box, a.box), i, j) for i, f in enumerate(found) for j, a in enumerate(assigned)),
+                   reverse=True)
+    out: list[FaceObservation | None] = [None] * len(assigned)
+    used: set[int] = set()
+    for (inside, iou), i, j in pairs:
+        if not inside and iou <= 0.2:
+            break
+        if i in used or out[j] is not None:
+            continue
+        out[j] = found[i]
+        used.add(i)
+    return out
+
+
+def _match_key(face: Sequence[float], box: Sequence[float]) -> tuple[bool, float]:
+    cx, cy = (face[0] + face[2]) / 2, (face[1] + face[3]) / 2
+    return (box[0] <= cx <= box[2] and box[1] <= cy <= box[3]), _iou(face, box)
+
+
+def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+    x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def score_group(found: Sequence[FaceObservation], image_shape: tuple[int, ...], assigned: Sequence[AssignedFace],
+                people: Mapping[str, IdentityEmbeddings], space: str, policy: ScorePolicy, threshold: float,
+                clip_t: float | None = None) -> CandidateScore:
+    """Each assigned face against its own identity; the candidate's similarity is the lowest."""
+    h, w = image_shape[:2]
+    per_face = []
+    for want, face in zip(assigned, match_faces(found, assigned)):
+        if face is None or face.embedding is None:
+            per_face.append(FaceScore(want.identity, want.face, None if face is None else face.box, 0.0, 0.0,
+                                      0.0 if face is None else round(face.area / float(h * w), 4), False))
+            continue
+        who = people[want.identity]
+        sim = float(similarity(face.embedding, who.consensus, space))
+        ref = float(similarity(face.embedding, who.reference, space)) if who.reference is not None else sim
+        size = round(face.area / float(h * w), 4)
+        ok = policy.min_face_fraction <= size <= policy.max_face_fraction and sim >= threshold
+        per_face.append(FaceScore(want.identity, want.face, tuple(float(v) for v in face.box), round(sim, 4),
+                                  round(ref, 4), size, bool(ok)))
+    return CandidateScore(similarity=min(f.similarity for f in per_face) if per_face else 0.0,
+                          reference_similarity=min(f.reference_similarity for f in per_face) if per_face else 0.0,
+                          faces=len(found), face_size=min(f.face_size for f in per_face) if per_face else 0.0,
+                          clip_t=clip_t, per_face=tuple(per_face))
+
+
 def is_sane(score: CandidateScore, policy: ScorePolicy) -> bool:
-    """One subject face (or the expected count) of a judgeable size."""
+    """One subject face (or the expected count) of a judgeable size; a group: every assigned face found
+    at a judgeable size."""
+    if score.per_face:
+        return all(f.box is not None and policy.min_face_fraction <= f.face_size <= policy.max_face_fraction
+                   for f in score.per_face)
     return (score.faces == policy.expected_faces
             and policy.min_face_fraction <= score.face_size <= policy.max_face_fraction)
 
 
 def passes(score: CandidateScore, policy: ScorePolicy, threshold: float) -> bool:
+    if score.per_face:  # a group passes only when every assigned face does
+        return is_sane(score, policy) and all(f.similarity >= threshold for f in score.per_face)
     return is_sane(score, policy) and score.similarity >= threshold
 
 

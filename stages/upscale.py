@@ -1,4 +1,4 @@
-"""Super-resolution and face restoration through spandrel (Real-ESRGAN, GFPGAN, CodeFormer).
+"""Super-resolution and face restoration through spandrel (Real-ESRGAN, GFPGAN).
 
 spandrel recognizes a checkpoint by its keys and hands back a uniform descriptor (scale,
 size requirements, half support), so nothing here branches on the upscaler's architecture;
@@ -10,8 +10,8 @@ each tile's interior is kept, so the stitched result matches an untiled run whil
 stays bounded by the tile size. The output is blended with a plain resize (EasyPhoto
 blends 50%) because GAN upscalers can over-sharpen skin.
 
-Face restorers (GFPGAN, CodeFormer) work on 512 px aligned faces: each face is warped to
-the FFHQ template by its 5 keypoints, restored, and pasted back with a feathered mask.
+Face restorers (GFPGAN; CodeFormer is not in the registry: spandrel's core cannot load
+it) work on 512 px aligned faces: each face is warped to the FFHQ template by its 5 keypoints, restored, and pasted back with a feathered mask.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def try_load_restorer(ctx, model_id: str):
     except (ModelMissing, BadInput) as exc:  # absent, or "has no tiny stand-in"
         return None, str(exc)
     except spandrel.UnsupportedModelError as exc:
-        return None, f"model '{model_id}': spandrel cannot load it ({exc}); CodeFormer needs spandrel_extra_arches"
+        return None, f"model '{model_id}': spandrel cannot load it ({exc})"
 
 
 # --- super-resolution ---------------------------------------------------------------------

@@ -35,7 +35,7 @@ from portrait.core.types import GenerationRequest, Identity
 from portrait.stages import embed as emb
 
 FaceIDVariant = Literal["faceid", "plusv2", "plus"]
-FACEID_ROLES = {"faceid": "faceid", "plusv2": "faceid_plus", "plus": "faceid_plus"}
+FACEID_ROLES = {"faceid": "faceid", "plusv2": "faceid_plus", "plus": "faceid_plus_v1"}
 FACEID_LORA_ADAPTER = "faceid_0"  # the name diffusers gives the first IP-Adapter's LoRA
 
 
@@ -55,9 +55,6 @@ class FaceIDPolicy:
         variant = str(options.get("faceid_variant", "plusv2"))
         if variant not in FACEID_ROLES:
             raise BadInput(f"option faceid_variant='{variant}' is not one of {', '.join(FACEID_ROLES)}")
-        if variant == "plus" and not options.get("faceid_model"):
-            raise BadInput("faceid_variant=plus needs option faceid_model (the FaceID-Plus v1 .bin): "
-                           "the registry ships PlusV2")
         return cls(variant=variant, scale=float(options.get("ip_adapter_scale", 0.6)),
                    s_scale=float(options.get("s_scale", 1.0)),
                    lora_scale=float(options.get("faceid_lora_scale", 1.0)), model=options.get("faceid_model"))
@@ -287,6 +284,62 @@ def faceid_for_request(ctx, pipe, request: GenerationRequest, identity: Identity
                                      "embedding": inputs.info()})
         finally:
             pipe.disable_lora()
+
+
+# --- regional identities (several people in one text-to-image picture) ------------------------------
+
+
+def default_regions(count: int) -> list[tuple[float, float, float, float]]:
+    """Equal vertical strips, left to right, as fractions (x0, y0, x1, y1) of the image."""
+    return [(k / count, 0.0, (k + 1) / count, 1.0) for k in range(count)]
+
+
+def parse_regions(value: Any, count: int) -> list[tuple[float, float, float, float]]:
+    """Option `regions`: one [x0, y0, x1, y1] box (fractions of the image) per identity."""
+    if value is None:
+        return default_regions(count)
+    try:
+        boxes = [tuple(float(v) for v in box) for box in value]
+    except (TypeError, ValueError):
+        raise BadInput("option regions: expected a list of [x0, y0, x1, y1] boxes (fractions of the image)") from None
+    if len(boxes) != count or any(len(b) != 4 or not (0 <= b[0] < b[2] <= 1 and 0 <= b[1] < b[3] <= 1)
+                                  for b in boxes):
+        raise BadInput(f"option regions: {count} boxes [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and "
+                       f"0 <= y0 < y1 <= 1 are needed, one per identity")
+    return boxes  # type: ignore[return-value]
+
+
+def region_masks(regions: Sequence[tuple[float, float, float, float]], width: int, height: int):
+    """diffusers' IP-Adapter masks for one adapter and several images: [1, n, height, width]."""
+    from diffusers.image_processor import IPAdapterMaskProcessor
+    from PIL import Image
+
+    masks = []
+    for x0, y0, x1, y1 in regions:
+        mask = np.zeros((height, width), np.uint8)
+        mask[int(round(y0 * height)):int(round(y1 * height)), int(round(x0 * width)):int(round(x1 * width))] = 255
+        masks.append(Image.fromarray(mask, mode="L"))
+    processed = IPAdapterMaskProcessor().preprocess(masks, height=height, width=width)  # [n, 1, H, W]
+    return processed.reshape(1, processed.shape[0], processed.shape[2], processed.shape[3])
+
+
+def regional_faceid_inputs(ctx, people: Sequence[Identity], policy: FaceIDPolicy, af: AdapterFile,
+                           embed_policy: emb.EmbedPolicy) -> tuple[FaceIDInputs, list[emb.IdEmbedding]]:
+    """One FaceID embedding per person (the mean of their photos', unit length), as diffusers'
+    several images of one IP-Adapter: id_embeds [2, n_people, d], to be masked per region."""
+    import torch
+
+    if policy.plus:
+        raise BadInput("regional identities (option identities) need faceid_variant=faceid: the Plus variants "
+                       "carry one CLIP face crop set per call")
+    found = [emb.embed_identity(ctx, person, "faceid", embed_policy) for person in people]
+    vectors = []
+    for f in found:
+        check_embedding_fits(af, f.vectors)
+        mean = np.asarray(f.vectors, np.float32).mean(axis=0)
+        vectors.append(mean / max(float(np.linalg.norm(mean)), 1e-8) * float(np.linalg.norm(f.vectors[0])))
+    cond = torch.from_numpy(np.stack(vectors)).to(device=ctx.placement.device, dtype=ctx.placement.dtype)[None]
+    return FaceIDInputs(torch.cat([torch.zeros_like(cond), cond]), None, found[0]), found
 
 
 def activate_with_faceid(pipe, others: Sequence[tuple[str, float]], policy: FaceIDPolicy) -> None:

@@ -33,6 +33,16 @@ def warm(tiny_home):
     return RunContext.create(tiny_home, preset="tiny")
 
 
+def _expected_versions() -> dict:
+    """What every output records so it can be reproduced: the stack's versions, device, dtype."""
+    from importlib.metadata import version
+
+    import portrait
+
+    return {"portrait": portrait.__version__, **{p: version(p) for p in ("torch", "diffusers", "transformers", "peft")},
+            "device": "cpu", "dtype": "float32"}
+
+
 def _pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
@@ -64,7 +74,9 @@ def test_lora_backend_writes_n_images_with_metadata(tiny_home, identity, warm, t
         assert chunk["request"]["seed"] == seed and chunk["request"]["backend"] == "lora"
         assert chunk["request"]["template"] == "business" and chunk["request"]["width"] == 64
         assert chunk["loras"][0]["hash"] == lora_hash
+        assert chunk["versions"] == _expected_versions()
     data = json.loads((tmp_path / "results.json").read_text())
+    assert data["versions"] == _expected_versions()
     assert data["identity"] == NAME and data["backend"] == "lora" and data["template"] == "business"
     assert [r["rank"] for r in data["results"]] == [1, 2]
     for row in data["results"]:
@@ -279,6 +291,30 @@ def test_lora_backend_on_sdxl(tiny_home, identity, astronaut, tmp_path):
         generate(NAME, template="business", n=1, seed=1, out=tmp_path / "x", ctx=xl, finish=False)
 
 
+def test_hopper_photo_template_on_tiny_sdxl(tiny_home, astronaut, tmp_path):
+    """Both passes on SDXL: the preset's own tile ControlNet (xinsir's, tiny stand-in), the
+    identity's SDXL LoRA, and the template untouched outside the face crop."""
+    from portrait.core.context import RunContext
+    from portrait.stages.controls import fit, read_rgb
+    from portrait.stages import generate as gen
+
+    write_tiny_identity(tiny_home, "gen-xl", astronaut, seed=3, family="sdxl", base_id="tiny-sdxl")
+    xl = RunContext.create(tiny_home, preset="tiny-sdxl")
+    assert xl.preset.model("controlnet_tile") == "controlnet-tile-sdxl"
+    r = generate("gen-xl", template="hopper", n=1, seed=1, out=tmp_path, ctx=xl, finish=False)
+    info = r.results[0].candidate.info
+    assert r.backend == "template" and info["passes"]["count"] == 2 and info["model"]["name"] == "tiny-sdxl"
+    assert [u["role"] for u in info["loras"]] == ["identity"]
+    assert "ControlNet color: 0.85" in _params(r.paths[0])[-1]
+    out = _pixels(r.paths[0])
+    canvas = fit(read_rgb(gen.find_template("hopper").image), out.shape[1], out.shape[0])
+    (face,) = info["faces"]
+    x0, y0, x1, y1 = face["crop"]
+    keep = np.ones(canvas.shape[:2], bool)
+    keep[y0:y1, x0:x1] = False
+    assert np.array_equal(out[keep], canvas[keep]) and not np.array_equal(out[~keep], canvas[~keep])
+
+
 # --- template backend ----------------------------------------------------------------------------
 
 
@@ -309,7 +345,11 @@ def test_template_backend_two_passes_keep_everything_outside_the_masks(identity,
     keep = np.ones(canvas.shape[:2], bool)
     keep[y0:y1, x0:x1] = False
     assert np.array_equal(image[keep], canvas[keep])
-    assert info["faces"] == [{"identity": identity, "face": 0, "crop": list(paint.box)}]
+    (face,) = info["faces"]
+    assert {k: face[k] for k in ("identity", "face", "crop")} == {"identity": identity, "face": 0, "crop": list(paint.box)}
+    bx0, by0, bx1, by1 = face["box"]  # the painted face lies inside its crop
+    assert x0 <= bx0 < bx1 <= x1 and y0 <= by0 < by1 <= y1
+    assert info["template_faces"] == 1 and info["unassigned_faces"] == []
     assert info["loras"][0]["role"] == "identity"
 
 

@@ -136,7 +136,7 @@ def test_real_registry_is_complete():
         if spec.source == "tiny":
             assert spec.maker and ":" in spec.maker, spec.id
     non_commercial = {s.id for s in real if not s.commercial}
-    assert {"antelopev2", "buffalo_l", "inswapper-128", "codeformer", "ip-adapter-faceid-sd15", "dlib-landmarks-68"} <= non_commercial
+    assert {"antelopev2", "buffalo_l", "inswapper-128", "ip-adapter-faceid-sd15", "dlib-landmarks-68"} <= non_commercial
 
 
 def _cli(*args: str, home: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -199,3 +199,17 @@ def test_tables_draw_on_a_terminal():
     show(table, file=drawn, tty=True)
     assert plain.getvalue() == "# t\na\nx\n"
     assert "─" in drawn.getvalue() or "━" in drawn.getvalue()
+
+
+def test_codeformer_is_removed_not_offered_broken():
+    """CodeFormer cannot load here (spandrel's core lacks it): it is not in the registry, no
+    preset names it, and asking for it is one clear BadInput."""
+    from portrait.core.config import load_preset
+
+    registry = Registry.load()
+    assert not [s.id for s in registry.specs.values() if "codeformer" in s.id.lower()
+                or any("codeformer" in f.lower() for f in s.files)]
+    for name in ("sd15", "sdxl", "tiny", "tiny-sdxl"):
+        assert not [m for m in load_preset(name).models.values() if "codeformer" in str(m).lower()], name
+    with pytest.raises(BadInput, match="unknown model 'codeformer'"):
+        registry.get("codeformer")

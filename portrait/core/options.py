@@ -69,7 +69,9 @@ class BackendOptions(BaseModel):
     fuse_ratio: float | None = Field(None, ge=0.0, le=1.0)
     pass2: Pass2 | None = None
     assign: Literal["left_to_right"] | list[int] | None = None
-    identities: list[str] | None = None
+    identities: list[str] | None = None  # more people in one picture (group template faces, or faceid regions)
+    regions: list[list[float]] | None = Field(None, description="faceid with identities: one [x0, y0, x1, y1] box "
+                                                                "(fractions of the image) per identity")
     crop_size: int | None = Field(None, ge=8, le=4096)
     # finishing switches per template (portrait/flows/finish.py STAGES)
     finish: dict[Literal["fuse", "retouch", "upscale", "restore", "score", "clip"], bool | None] | None = None

@@ -235,8 +235,27 @@ class Candidate:
 
 
 @dataclass(frozen=True)
+class FaceScore:
+    """One assigned face of a group picture, scored against its own identity."""
+
+    identity: str
+    face: int  # the template face index (left to right)
+    box: tuple[float, float, float, float] | None  # the detected face in the finished image (None: not found)
+    similarity: float  # to this identity's consensus embedding
+    reference_similarity: float
+    face_size: float  # face box area / image area
+    passed: bool = False  # found, of a judgeable size, and at or above the gate threshold
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"identity": self.identity, "face": self.face,
+                "box": None if self.box is None else [round(float(v), 1) for v in self.box],
+                "similarity": self.similarity, "reference_similarity": self.reference_similarity,
+                "face_size": self.face_size, "passed": self.passed}
+
+
+@dataclass(frozen=True)
 class CandidateScore:
-    similarity: float  # to the identity's consensus embedding, in the ranking space (`space`)
+    similarity: float  # to the identity's consensus embedding, in the ranking space (`space`); a group: the lowest assigned face's
     reference_similarity: float
     faces: int
     face_size: float
@@ -245,6 +264,7 @@ class CandidateScore:
     # every space scored: space -> {"role": "independent"|"conditioning", "similarity", "reference_similarity"}
     spaces: dict[str, dict[str, Any]] = field(default_factory=dict)
     copy_paste: str | None = None  # why the output looks like a copy of one of the identity's own photos
+    per_face: tuple[FaceScore, ...] = ()  # a group picture: every assigned face, in assignment order
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,12 @@ best it has, marking those below the threshold `passed_gate: false`.
 
     ranked = finish(ctx, identity, candidates, FinishSwitches())
     outcome = gate(ctx, identity, candidates, switches, generate_more=lambda seeds: [...])
+
+A group picture (a photo template painted with several identities, or regional FaceID; the
+backend lists them in `Candidate.info["faces"]` with their boxes) is finished face by face:
+each assigned face is fused with its own identity's reference, retouched and restored, and
+scored against its own identity (stages/score.py `score_group`); faces no identity was
+assigned to are the template's people and are left exactly as they are.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from portrait.core.bundle import load_identity
 from portrait.core.errors import BadInput, ModelMissing, bad_file
 from portrait.core.faces import FaceAnalyzer, make_analyzer, pick_backend
 from portrait.core.io import write_image
@@ -301,6 +308,10 @@ class _Finishers:
     analyzer: FaceAnalyzer
     who: IdentityFaces
     scoring: Scoring | None = None
+    ctx: Any = None
+    identity: Identity | None = None
+    people: dict[str, IdentityFaces] = field(default_factory=dict)  # a group's other identities, by name
+    swap_embeddings: dict[str, np.ndarray] = field(default_factory=dict)
     parser: Any = None
     swapper: Any = None
     swap_embedding: np.ndarray | None = None
@@ -334,9 +345,9 @@ def finish(ctx, identity: Identity, candidates: Sequence[Candidate], switches: F
     for index, candidate in enumerate(candidates):
         finished.append(_finish_one(candidate, switches, kit))
         ctx.progress("finish", index + 1, len(candidates))
-    scores = _score_all(finished, switches, kit)
     backend = candidates[0].request.backend
     threshold = policy.score.threshold_for(backend, kit.analyzer.scale.threshold)
+    scores = _score_all(finished, switches, kit, threshold)
     if not switches.score:  # nothing to rank by: generation order, no gate
         return [RankedResult(c, s, i + 1, True) for i, (c, s) in enumerate(zip(finished, scores))]
     return score_stage.rank(finished, scores, policy.score, threshold)
@@ -347,7 +358,7 @@ def _prepare(ctx, identity: Identity, switches: FinishSwitches, policy: FinishPo
     analyzer = analyzer or make_analyzer(ctx, policy.face_backend)
     if who is None or who.space != analyzer.backend:
         who = identity_faces(analyzer, identity)
-    kit = _Finishers(policy, analyzer, who)
+    kit = _Finishers(policy, analyzer, who, ctx, identity, {identity.name: who})
     if policy.face_parsing and (switches.fuse or switches.retouch):
         try:
             kit.parser = load_face_parser(ctx, ctx.preset.model("face_parser"))
@@ -371,12 +382,35 @@ def _prepare(ctx, identity: Identity, switches: FinishSwitches, policy: FinishPo
     return kit
 
 
+def assigned_faces(candidate: Candidate, image_shape: tuple[int, ...] | None = None) -> list[score_stage.AssignedFace]:
+    """The faces a backend painted for named identities (photo templates), boxes scaled to `image_shape`."""
+    rows = [f for f in candidate.info.get("faces") or [] if isinstance(f, dict) and f.get("box")]
+    scale = 1.0
+    if image_shape is not None and rows:
+        scale = image_shape[1] / float(candidate.request.width)
+    return [score_stage.AssignedFace(str(f["identity"]), int(f["face"]), tuple(float(v) * scale for v in f["box"]))
+            for f in rows]
+
+
+def _person(kit: _Finishers, name: str) -> IdentityFaces:
+    """A group member's faces in the analyzer's space (loaded once per finish call)."""
+    if name not in kit.people:
+        kit.people[name] = identity_faces(kit.analyzer, load_identity(kit.ctx.settings, name))
+    return kit.people[name]
+
+
 def _finish_one(candidate: Candidate, switches: FinishSwitches, kit: _Finishers) -> Candidate:
     timings = dict(candidate.timings)
     notes = list(kit.notes)
     image = candidate.image
+    group = assigned_faces(candidate, image.shape)
+    owners: list[str] = []
     with _timed(timings, "detect"):
         faces = kit.analyzer.detect(image, embed=False) if (switches.fuse or switches.retouch or switches.restore) else []
+    if group and faces:  # only the assigned faces are finished; the template's other people stay as they are
+        matched = score_stage.match_faces(faces, group)
+        owners = [g.identity for g, f in zip(group, matched) if f is not None]
+        faces = [f for f in matched if f is not None]
     labels = None
     if kit.parser is not None and faces and (switches.fuse or switches.retouch):
         with _timed(timings, "parse"):
@@ -385,7 +419,14 @@ def _finish_one(candidate: Candidate, switches: FinishSwitches, kit: _Finishers)
         if faces:
             try:
                 with _timed(timings, "fuse"):
-                    image = _fuse(image, faces[0], labels, candidate.seed, kit)
+                    if group:  # each face with its own identity's reference; one failing face skips only itself
+                        for face, owner in zip(faces, owners):
+                            try:
+                                image = _fuse(image, face, labels, candidate.seed, kit, owner)
+                            except BadInput as exc:
+                                notes.append(f"fusion of {owner}'s face skipped: {exc}")
+                    else:
+                        image = _fuse(image, faces[0], labels, candidate.seed, kit)
             except BadInput as exc:  # a generated image is not user input: note it, keep the batch going
                 notes.append(f"fusion skipped: {exc}")
         else:
@@ -408,10 +449,18 @@ def _finish_one(candidate: Candidate, switches: FinishSwitches, kit: _Finishers)
     return dataclasses.replace(candidate, image=image, timings=timings, info=info)
 
 
-def _fuse(image: np.ndarray, face: FaceObservation, labels: np.ndarray | None, seed: int, kit: _Finishers) -> np.ndarray:
+def _fuse(image: np.ndarray, face: FaceObservation, labels: np.ndarray | None, seed: int, kit: _Finishers,
+          owner: str | None = None) -> np.ndarray:
+    who = kit.who if owner is None else _person(kit, owner)
     if kit.swapper is not None:
-        return fuse_stage.swap_face(kit.swapper, image, face, kit.swap_embedding, target_name=f"seed {seed}")
-    return fuse_stage.fuse(kit.who.reference_image, kit.who.reference_face, image, face, kit.policy.fuse,
+        embedding = kit.swap_embedding
+        if owner is not None and owner != kit.identity.name:
+            if owner not in kit.swap_embeddings:
+                person = load_identity(kit.ctx.settings, owner)
+                kit.swap_embeddings[owner] = _swap_embedding(kit.ctx, who.reference_image, person)
+            embedding = kit.swap_embeddings[owner]
+        return fuse_stage.swap_face(kit.swapper, image, face, embedding, target_name=f"seed {seed}")
+    return fuse_stage.fuse(who.reference_image, who.reference_face, image, face, kit.policy.fuse,
                            target_name=f"seed {seed}", target_parsing=labels).image
 
 
@@ -433,7 +482,8 @@ def _scaled(face: FaceObservation, scale: float) -> FaceObservation:
     )
 
 
-def _score_all(finished: list[Candidate], switches: FinishSwitches, kit: _Finishers) -> list[CandidateScore]:
+def _score_all(finished: list[Candidate], switches: FinishSwitches, kit: _Finishers,
+               threshold: float = 0.0) -> list[CandidateScore]:
     if not switches.score:
         return [CandidateScore(0.0, 0.0, 0, 0.0, None) for _ in finished]
     clips: list[float | None] = [None] * len(finished)
@@ -447,7 +497,18 @@ def _score_all(finished: list[Candidate], switches: FinishSwitches, kit: _Finish
     scores = []
     for candidate, clip in zip(finished, clips):
         start = time.perf_counter()
-        scores.append(score_image(candidate.image, scoring, kit.policy.score, clip))
+        group = assigned_faces(candidate, candidate.image.shape)
+        if group:
+            # A group picture: each assigned face against its own identity, in the bundle's space
+            # (the independent second space and the copy-paste guard score single portraits only).
+            faces = kit.analyzer.detect(candidate.image)
+            people = {g.identity: _person(kit, g.identity) for g in group}
+            embeddings = {name: score_stage.IdentityEmbeddings(p.consensus, p.reference_embedding)
+                          for name, p in people.items()}
+            scores.append(score_stage.score_group(faces, candidate.image.shape, group, embeddings, kit.who.space,
+                                                  kit.policy.score, threshold, clip))
+        else:
+            scores.append(score_image(candidate.image, scoring, kit.policy.score, clip))
         candidate.timings["score"] = round(time.perf_counter() - start, 4)
     return scores
 
@@ -560,6 +621,7 @@ def result_row(result: RankedResult) -> dict[str, Any]:
         "faces": score.faces,
         "face_size": score.face_size,
         "passed_gate": result.passed_gate,
+        "face_scores": [f.as_dict() for f in score.per_face],
         "timings": dict(result.candidate.timings),
         "notes": list(result.candidate.info.get("finish_notes", [])),
         "similarity_space": score.space,
@@ -584,8 +646,18 @@ def write_contact_sheet(results: Sequence[RankedResult], target: Path, thumb: in
         x = 8 + (index % columns) * (thumb + 8)
         y = 8 + (index // columns) * (thumb + caption_h + 8)
         tile = Image.fromarray(result.candidate.image)
+        full_w = tile.width
         tile.thumbnail((thumb, thumb))
-        sheet.paste(tile, (x + (thumb - tile.width) // 2, y + (thumb - tile.height) // 2))
+        ox, oy = x + (thumb - tile.width) // 2, y + (thumb - tile.height) // 2
+        sheet.paste(tile, (ox, oy))
+        k = tile.width / float(full_w)
+        for face in result.score.per_face:  # a group: each assigned face boxed, green/red by its own gate
+            if face.box is None:
+                continue
+            mark = (60, 190, 90) if face.passed else (220, 70, 60)
+            bx0, by0, bx1, by1 = (ox + face.box[0] * k, oy + face.box[1] * k, ox + face.box[2] * k, oy + face.box[3] * k)
+            draw.rectangle([bx0, by0, bx1, by1], outline=mark, width=2)
+            draw.text((bx0 + 2, by0 + 1), f"{face.identity} {face.similarity:.2f}", fill=mark, font=font)
         colour = (60, 190, 90) if result.passed_gate else (220, 70, 60)
         draw.rectangle([x - 3, y - 3, x + thumb + 2, y + thumb + 2], outline=colour, width=3)
         s = result.score

@@ -30,6 +30,7 @@ from portrait.core.interrupt import signal_of
 from portrait.core.io import (as_published, check_replaceable, discard_dir, make_dirs, publish_dir, safetensors_data_sha256, sha256_file,
                               staging_for, write_image, write_json)
 from portrait.core.types import Candidate, CandidateScore, GenerationRequest, Identity, RankedResult
+from portrait.core.versions import versions
 from portrait.stages import generate as gen
 
 
@@ -62,6 +63,8 @@ class GenerationResult:
                 "reference_similarity": _round(s.reference_similarity),
                 "clip_t": _round(s.clip_t),
                 "faces": s.faces,
+                # a group picture: every assigned face with its identity, box and similarity
+                "face_scores": [f.as_dict() for f in s.per_face],
                 "info": r.candidate.info,
                 # issue 18: the space `similarity` is measured in, every space scored, copy-paste
                 "similarity_space": s.space,
@@ -80,8 +83,14 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
              backend: str | None = None, n: int | None = 4, seed: int | None = None, out: str | Path,
              settings: Settings | None = None, preset: str | None = None, ctx: RunContext | None = None,
              progress: Progress | None = None, finish: bool | dict[str, bool] = True,
-             **overrides: Any) -> GenerationResult:
-    """Generate `n` portraits of an identity into `out` and return them ranked."""
+             with_identity: Sequence[str] = (), **overrides: Any) -> GenerationResult:
+    """Generate `n` portraits of an identity into `out` and return them ranked.
+
+    `with_identity`: more people in the same picture (a group photo template assigns them
+    faces left to right after `identity`; `backend="faceid"` gives each a region).
+    """
+    if with_identity:
+        overrides["options"] = {**(overrides.get("options") or {}), "identities": list(with_identity)}
     ctx = ctx or RunContext.create(settings, preset=preset, progress=progress)
     report = progress or ctx.progress
     person = identity if isinstance(identity, Identity) else load_identity(ctx.settings, identity)
@@ -110,10 +119,12 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
             candidates = run(request)
             ranked, notes = _finish(ctx, person, request, candidates, run, finish)
             written = _write(ctx, staging, person, ranked)
-        notes = {**notes, "license_policy": ctx.settings.license, "bom": bill_of_materials(ctx, used)}
+        # what made these images, for reproducing them: versions and the bill of materials
+        notes = {**notes, "versions": versions(ctx.placement), "license_policy": ctx.settings.license,
+                 "bom": bill_of_materials(ctx, used)}
         staged = GenerationResult(person.name, request.backend, request.template, out, request, tuple(written), notes)
         write_json(staging / "results.json", staged.as_json())
-        if "gate" in notes and written:
+        if notes.get("gate") and written:  # finishing ran (notes always carry versions and the BOM)
             from portrait.flows.finish import write_contact_sheet
 
             write_contact_sheet(written, staging / "contact_sheet.png")
@@ -255,7 +266,8 @@ def _write(ctx: RunContext, out: Path, identity: Identity, ranked: list[RankedRe
             model_hash10=(_model_hash(ctx, Path(model_file), model.get("sha256")) or "")[:10] or None
             if model_file else None,
             loras=loras,
-            extra={"rank": r.rank, "similarity": r.score.similarity, "passed_gate": r.passed_gate},
+            extra={"rank": r.rank, "similarity": r.score.similarity, "passed_gate": r.passed_gate,
+                   "versions": versions(ctx.placement)},
         )
         path = write_image(out / name, cand.image, chunks)
         cand.timings["write"] = time.perf_counter() - started

@@ -24,6 +24,7 @@ from portrait.core.interrupt import signal_of
 from portrait.core.io import as_published, check_replaceable, discard_dir, publish_dir, staging_for, write_image, write_json, write_text
 from portrait.core.types import PhotoAssessment, TrainingSet
 from portrait.stages.analyze import analyze
+from portrait.stages.background import BackgroundPolicy, Segmenter, load_segmenter, whiten
 from portrait.stages.caption import CaptionPolicy, caption
 from portrait.stages.ingest import IngestPolicy, ingest
 from portrait.stages.prepare import PrepareHooks, PreparePolicy, prepare as prepare_crops
@@ -50,13 +51,14 @@ class PrepareResult:
         return self.out / "contact_sheet.png"
 
 
-FLOW_KEYS = ("face_backend", "face_options", "min_photos")  # the prepare section keys this flow reads itself
+FLOW_KEYS = ("face_backend", "face_options", "min_photos", "whiten_background")  # the prepare section keys this flow reads itself
 
 
 def prepare(photos: Sequence[str | Path] | str | Path, out: str | Path, *, settings: Settings | None = None,
             preset: str | None = None, face_backend: str | None = None, top_k: int | None = None,
             ctx: RunContext | None = None, progress: Callable[[str, float, float], None] | None = None,
-            hooks: PrepareHooks = PrepareHooks(), extra_backends: Sequence[str] | None = None) -> PrepareResult:
+            hooks: PrepareHooks = PrepareHooks(), extra_backends: Sequence[str] | None = None,
+            whiten_background: bool | None = None) -> PrepareResult:
     """Rank, filter and prepare one person's photos. Raises BadInput (exit 2) when fewer than
     the preset's `min_photos` are usable, after publishing the report and contact sheet.
 
@@ -68,11 +70,16 @@ def prepare(photos: Sequence[str | Path] | str | Path, out: str | Path, *, setti
     section = ctx.preset.section("prepare")
     if top_k is not None:
         section["top_k"] = top_k
+    if whiten_background is not None:
+        section["whiten_background"] = whiten_background
     policies = check_section(section, f"preset '{ctx.preset.name}' prepare")
     out = Path(out).expanduser()
     check_out(out, inputs, marker="report.json", what="prepare")
+    background = BackgroundPolicy.from_section(section)
+    segmenter = load_segmenter(ctx, ctx.preset.model("background_segmenter")) if background.whiten else None
     try:
-        return _prepare(ctx, inputs, out, section, policies, face_backend, progress, hooks, extra_backends)
+        return _prepare(ctx, inputs, out, section, policies, face_backend, progress, hooks, extra_backends,
+                        segmenter, background)
     except KeyboardInterrupt as exc:
         if isinstance(exc, Interrupted):
             raise
@@ -80,7 +87,8 @@ def prepare(photos: Sequence[str | Path] | str | Path, out: str | Path, *, setti
 
 
 def _prepare(ctx: RunContext, inputs: list, out: Path, section: dict, policies: dict, face_backend: str | None,
-             progress, hooks: PrepareHooks, extra_backends: Sequence[str] | None) -> PrepareResult:
+             progress, hooks: PrepareHooks, extra_backends: Sequence[str] | None,
+             segmenter: Segmenter | None = None, background: BackgroundPolicy = BackgroundPolicy()) -> PrepareResult:
     # the analyzer first: a missing or license-refused face model stops before any work.
     # preset `prepare.face_options`, e.g. {landmarks68: false} for the CC0-only dlib models
     analyzer = make_analyzer(ctx, face_backend or section.get("face_backend", "auto"), **section.get("face_options", {}))
@@ -89,6 +97,8 @@ def _prepare(ctx: RunContext, inputs: list, out: Path, section: dict, policies: 
     ranking = rank(analyses, analyzer.scale, policies["rank"])
     assessments = _in_input_order(ingested.order, ranking, ingested.rejected)
     report = build_report(assessments, ranking, out)
+    if segmenter is not None:  # recorded only when on: the report's default shape is DESIGN's
+        report["background"] = {"whitened": True, "model": segmenter.model_id, "license": segmenter.license}
     minimum = int(section.get("min_photos", 3))
     passed = sum(a.status == "kept" for a in assessments)
 
@@ -101,7 +111,7 @@ def _prepare(ctx: RunContext, inputs: list, out: Path, section: dict, policies: 
             publish_dir(staging, out)
             raise BadInput(f"{', '.join(str(i) for i in inputs)}: only {passed} usable photo(s), need {minimum} "
                            f"({summarize_reasons(assessments)}; see {out / 'report.json'})")
-        training_set = write_training_set(staging, ranking, section, hooks, progress)
+        training_set = write_training_set(staging, ranking, section, hooks, progress, segmenter, background)
         consensus = {ranking.space: ranking.consensus}
         for backend in _extra_backends(ctx, analyzer, extra_backends):
             extra = consensus_in_space(make_analyzer(ctx, backend), ranking.kept)
@@ -186,7 +196,8 @@ def build_report(assessments: Sequence[PhotoAssessment], ranking: Ranking, out: 
 
 
 def write_training_set(out: Path, ranking: Ranking, section: dict, hooks: PrepareHooks,
-                       progress: Callable[[str, float, float], None] | None) -> TrainingSet:
+                       progress: Callable[[str, float, float], None] | None, segmenter: Segmenter | None = None,
+                       background: BackgroundPolicy = BackgroundPolicy()) -> TrainingSet:
     everything = (IngestPolicy, RankPolicy, PreparePolicy, CaptionPolicy.SECTION_KEYS, FLOW_KEYS)
     policy = PreparePolicy.from_section(section, shared=everything)
     captions = caption([a.face for a in ranking.kept], CaptionPolicy.from_section(section, shared=everything))
@@ -194,7 +205,8 @@ def write_training_set(out: Path, ranking: Ranking, section: dict, hooks: Prepar
     images, kept_photos = [], []
     for i, (assessment, crop, text) in enumerate(zip(ranking.kept, crops, captions.texts)):
         stem = f"{i:03d}"
-        images.append(write_image(out / "train" / f"{stem}.png", crop.image, {"source": assessment.source}))
+        pixels = crop.image if segmenter is None else whiten(crop.image, segmenter.mask(crop.image), background.color)
+        images.append(write_image(out / "train" / f"{stem}.png", pixels, {"source": assessment.source}))
         write_text(out / "train" / f"{stem}.txt", text + "\n")
         kept_photos.append(write_image(out / "photos" / f"{stem}.jpg", downscale(assessment.photo.image)))
         if progress:

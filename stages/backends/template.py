@@ -144,7 +144,11 @@ class TemplateBackend:
             "identity_mode": "+".join(modes) if modes and policy.passes else "fusion-only",
             "model": model_info(ctx),
             "loras": [u.as_info() for u in used_loras + shared],
-            "faces": [{"identity": p.identity, "face": p.face_index, "crop": list(p.box)} for p in paints],
+            # `box`: the painted face in output pixels; finishing fuses and scores each face by it
+            "faces": [{"identity": p.identity, "face": p.face_index, "crop": list(p.box),
+                       "box": [round(float(v), 1) for v in faces[p.face_index].box]} for p in paints],
+            "template_faces": len(faces),
+            "unassigned_faces": [k for k in range(len(faces)) if k not in {i for _, i in pairs}],
             "passes": {"count": policy.passes, "denoise": [policy.denoise, policy.pass2_denoise][:policy.passes],
                        "steps": [list(p.steps[:policy.passes]) for p in paints],
                        "controls": [policy.controls, policy.pass2_controls][:policy.passes]},

@@ -208,18 +208,24 @@ def faceid_state(seed: int, layout: UnetLayout, plus: bool) -> dict[str, dict[st
     return {"image_proj": proj, "ip_adapter": ip_layers(init, layout, lora_rank=LORA_RANK)}
 
 
-def _write_faceid(root: Path, seed: int, family: str, plus: bool) -> None:
+def _write_faceid(root: Path, seed: int, family: str, plus: bool, stem_tag: str | None = None) -> None:
     from safetensors.torch import save_file
 
     layout = unet_layout(tiny_unet_config(family))
     state = faceid_state(seed, layout, plus)
-    stem = f"ip-adapter-faceid{'-plusv2' if plus else ''}_{family}"
+    tag = stem_tag if stem_tag is not None else ("-plusv2" if plus else "")
+    stem = f"ip-adapter-faceid{tag}_{family}"
     _save_bin(root / f"{stem}.bin", state)
     save_file(kohya_lora(state["ip_adapter"], layout), str(root / f"{stem}_lora.safetensors"))
 
 
 def write_faceid_sd15(root: Path, seed: int) -> None:
     _write_faceid(root, seed, "sd15", plus=False)
+
+
+def write_faceid_plus_sd15(root: Path, seed: int) -> None:
+    """FaceID-Plus v1: the same state-dict layout as PlusV2 (v2 only adds the shortcut at inference)."""
+    _write_faceid(root, seed, "sd15", plus=True, stem_tag="-plus")
 
 
 def write_faceid_plusv2_sd15(root: Path, seed: int) -> None:

@@ -15,7 +15,7 @@ through the same code as the real weights:
 - `tiny-face-parser`: a BiSeNet face parser (portrait.core.parsing) at 1/8 width.
 
 Face restorers have no tiny stand-in: spandrel builds GFPGAN at its fixed full size
-(~350 MB) and CodeFormer is not in spandrel's core; restoration is optional and is skipped
+(~350 MB; CodeFormer, which spandrel's core cannot load, is not in the registry); restoration is optional and is skipped
 with a stated reason under a tiny preset.
 """
 
@@ -167,3 +167,31 @@ def write_inswapper(root: Path, seed: int) -> None:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / "inswapper_128.onnx").write_bytes(model.SerializeToString())
+
+
+def write_u2net(root: Path, seed: int) -> None:
+    """A U^2-Net-shaped ONNX (rembg's u2net.onnx): input `input.1` [N,3,320,320] (ImageNet-
+    normalised RGB) -> seven side outputs [N,1,320,320] of which the first is the mask.
+
+    The tiny network is a 1x1 convolution + sigmoid that calls reddish pixels foreground, so a
+    test can predict its mask: it proves the loading and whitening path, not segmentation.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.array([8.0, -4.0, -4.0], np.float32).reshape(1, 3, 1, 1)
+    nodes = [helper.make_node("Conv", ["input.1", "w"], ["logit"], kernel_shape=[1, 1]),
+             helper.make_node("Sigmoid", ["logit"], ["d0"])]
+    outputs = ["d0"] + [f"d{k}" for k in range(1, 7)]
+    nodes += [helper.make_node("Identity", ["d0"], [name]) for name in outputs[1:]]
+    graph = helper.make_graph(
+        nodes, "tiny-u2net",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 320, 320])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 1, 320, 320]) for name in outputs],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="portrait-make-tiny")
+    model.ir_version = 9
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "u2net.onnx").write_bytes(model.SerializeToString())
