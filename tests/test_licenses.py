@@ -33,7 +33,7 @@ def test_every_registry_model_has_a_license_class_and_its_source(registry):
             assert spec.alternative, f"{spec.id}: a refused model must name what to use instead"
     # the facts the issue names
     for model_id in ("antelopev2", "buffalo_l", "inswapper-128", "instantid-adapter", "ip-adapter-faceid-sd15",
-                     "photomaker-v2", "codeformer", "dlib-landmarks-68"):
+                     "photomaker-v2", "dlib-landmarks-68"):
         assert registry.get(model_id).license_class in ("non-commercial", "research"), model_id
     for model_id in ("sd15", "sdxl", "photomaker-v1", "realesrgan-x4plus", "dlib-landmarks-5",
                      "dlib-face-recognition", "auraface"):
@@ -93,8 +93,8 @@ def test_cli_flag_and_environment_refuse_with_one_line_and_exit_3(tmp_path, caps
     line = _one_line(capsys)
     assert "antelopev2" in line and "non-commercial" in line and "use auraface instead" in line
     monkeypatch.setenv("PORTRAIT_LICENSE", "commercial")
-    assert cli_run(["--home", home, "models", "path", "codeformer"]) == 3
-    assert "codeformer" in _one_line(capsys)
+    assert cli_run(["--home", home, "models", "path", "inswapper-128"]) == 3
+    assert "inswapper-128" in _one_line(capsys)
     assert cli_run(["--home", home, "--license", "free-for-all", "doctor"]) == 2
     assert "--license 'free-for-all'" in _one_line(capsys)
 
