@@ -358,7 +358,7 @@ def _prepare(ctx, identity: Identity, switches: FinishSwitches, policy: FinishPo
     analyzer = analyzer or make_analyzer(ctx, policy.face_backend)
     if who is None or who.space != analyzer.backend:
         who = identity_faces(analyzer, identity)
-    kit = _Finishers(policy, analyzer, who, ctx, identity, {identity.name: who})
+    kit = _Finishers(policy, analyzer, who, ctx=ctx, identity=identity, people={identity.name: who})
     if policy.face_parsing and (switches.fuse or switches.retouch):
         try:
             kit.parser = load_face_parser(ctx, ctx.preset.model("face_parser"))
@@ -498,15 +498,16 @@ def _score_all(finished: list[Candidate], switches: FinishSwitches, kit: _Finish
     for candidate, clip in zip(finished, clips):
         start = time.perf_counter()
         group = assigned_faces(candidate, candidate.image.shape)
-        if group:
-            # A group picture: each assigned face against its own identity, in the bundle's space
+        if len(group) > 1:
+            # A group picture: each assigned face against its own identity, in the analyzer's space
             # (the independent second space and the copy-paste guard score single portraits only).
             faces = kit.analyzer.detect(candidate.image)
             people = {g.identity: _person(kit, g.identity) for g in group}
             embeddings = {name: score_stage.IdentityEmbeddings(p.consensus, p.reference_embedding)
                           for name, p in people.items()}
-            scores.append(score_stage.score_group(faces, candidate.image.shape, group, embeddings, kit.who.space,
-                                                  kit.policy.score, threshold, clip))
+            scored = score_stage.score_group(faces, candidate.image.shape, group, embeddings, kit.who.space,
+                                             kit.policy.score, threshold, clip)
+            scores.append(dataclasses.replace(scored, space=kit.who.space))
         else:
             scores.append(score_image(candidate.image, scoring, kit.policy.score, clip))
         candidate.timings["score"] = round(time.perf_counter() - start, 4)

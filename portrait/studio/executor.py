@@ -91,11 +91,22 @@ def drop_stale_outputs(item: Item, keep: set[Path]) -> None:
             old.unlink()
 
 
+def discard_staging(staging: Path) -> None:
+    """The item's staging folder and what a flow staged beside it: the generate flow builds its
+    --out (this folder) in a sibling `.NAME.staging-*` and swaps it in, so a kill -9 in the
+    middle leaves that sibling too. The item's folder name is unique, so no other item's
+    work matches."""
+    shutil.rmtree(staging, ignore_errors=True)
+    for pattern in (f".{staging.name}.staging-*", f".{staging.name}.old-*"):
+        for leftover in staging.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def perform(executor: Executor, item: Item) -> Outcome:
     """Run one item to an Outcome. Only KeyboardInterrupt/SystemExit escape."""
     start = time.perf_counter()
     staging = staging_dir(item)
-    shutil.rmtree(staging, ignore_errors=True)  # a crashed earlier attempt's leftovers
+    discard_staging(staging)  # a crashed earlier attempt's leftovers
     try:
         staging.mkdir(parents=True, exist_ok=True)
         result = executor.run(item, staging)
@@ -116,7 +127,7 @@ def perform(executor: Executor, item: Item) -> Outcome:
         return Outcome(ok=False, error=message, error_kind=kind, permanent=permanent,
                        seconds=time.perf_counter() - start)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
         if item.kind == "generate":
             remove_empty_folders(Path(item.payload["dest"]), levels=2)
 
