@@ -41,6 +41,7 @@ BACKENDS: dict[str, str] = {
     "instantid": "portrait.stages.backends.instantid:InstantIDBackend",
     "faceid": "portrait.stages.backends.faceid:FaceIDBackend",
     "photomaker": "portrait.stages.backends.photomaker:PhotoMakerBackend",
+    "flux": "portrait.stages.backends.flux:FluxBackend",
 }
 
 COMPOSITIONS = ("merge", "switch", "composite")
@@ -347,6 +348,7 @@ class GeneratePolicy:
     max_pixels: Annotated[int, Field(ge=64)] = 2048 * 2048  # width x height
     max_n: Annotated[int, Field(ge=1)] = 64  # images per call
     max_steps: Annotated[int, Field(ge=1)] = 150  # denoising steps
+    max_sequence_length: Annotated[int, Field(ge=16, le=512)] = 512  # FLUX: T5 tokens of the prompt
 
     @classmethod
     def from_preset(cls, preset: Preset) -> "GeneratePolicy":
@@ -600,11 +602,13 @@ def image_metadata(candidate: Candidate, *, model_name: str, model_hash10: str |
     loras = list(loras)
     sampler, schedule = sampler_label(r.scheduler)
     prompt = r.prompt + "".join(f" <lora:{lora.name}:{lora.weight:g}>" for lora in loras)
+    flux = r.scheduler == "flow_euler"  # FLUX: guidance is distilled (Forge's "Distilled CFG Scale")
     params: dict[str, Any] = {
         "Steps": r.steps,
         "Sampler": sampler,
         "Schedule type": schedule or None,
-        "CFG scale": f"{r.guidance:g}",
+        "CFG scale": f"{float(r.options.get('true_cfg') or 1.0):g}" if flux else f"{r.guidance:g}",
+        "Distilled CFG Scale": f"{r.guidance:g}" if flux else None,
         "Seed": candidate.seed,
         "Size": f"{r.width}x{r.height}",
         "Model hash": model_hash10,

@@ -48,12 +48,25 @@ _PIPELINES = {
     ("sdxl", "txt2img", True): "StableDiffusionXLControlNetPipeline",
     ("sdxl", "img2img", True): "StableDiffusionXLControlNetImg2ImgPipeline",
     ("sdxl", "inpaint", True): "StableDiffusionXLControlNetInpaintPipeline",
+    ("flux", "txt2img", False): "FluxPipeline",
+    ("flux", "img2img", False): "FluxImg2ImgPipeline",
+    ("flux", "inpaint", False): "FluxInpaintPipeline",
+    ("flux", "txt2img", True): "FluxControlNetPipeline",
+    ("flux", "img2img", True): "FluxControlNetImg2ImgPipeline",
+    ("flux", "inpaint", True): "FluxControlNetInpaintPipeline",
 }
 
 _PARTS = {
     "sd15": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
     "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+    # FLUX.1: a transformer instead of a UNet, CLIP-L (pooled) + T5 (sequence) text encoders.
+    "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
 }
+FAMILIES = tuple(_PARTS)
+# 8-bit weight formats for the FLUX transformer and T5 (preset runtime.quantize), through
+# optimum-quanto (extra `flux`): qint8 is what InfiniteYou's own pipeline uses; both halve
+# the bf16 weights (FLUX.1-dev transformer 23.8 GB -> ~12 GB, T5-XXL 9.5 GB -> ~4.8 GB).
+QUANTIZE = {"none": None, "int8": "qint8", "fp8": "qfloat8"}
 
 
 @dataclass(frozen=True)
@@ -88,7 +101,7 @@ class Components:
 def _family(ctx, resolved: ResolvedModel | None, family: str | None) -> str:
     chosen = family or (resolved.spec.family if resolved else None) or ctx.preset.family
     if chosen not in _PARTS:
-        raise BadInput(f"unknown model family '{chosen}' (expected sd15 or sdxl)")
+        raise BadInput(f"unknown model family '{chosen}' (expected {', '.join(FAMILIES)})")
     return chosen
 
 
@@ -225,13 +238,22 @@ def _controlnet_folder(resolved: ResolvedModel) -> Path:
 
 def load_controlnet(ctx, model_id: str, explicit: Path | None = None):
     """A ControlNetModel: a folder (maybe an fp16 variant, maybe in a subfolder like
-    InstantID's ControlNetModel/) or a single ControlNet-v1-1 file with its config."""
+    InstantID's ControlNetModel/) or a single ControlNet-v1-1 file with its config. A FLUX
+    ControlNet folder (config `_class_name` FluxControlNetModel, e.g. InfiniteYou's
+    InfuseNetModel/) loads as a FluxControlNetModel."""
 
     def factory():
-        from diffusers import ControlNetModel
+        import json
+
+        from diffusers import ControlNetModel, FluxControlNetModel
 
         resolved = _resolve(ctx, model_id, explicit)
         file = _weights_file(resolved)
+        folder = _controlnet_folder(resolved)
+        if file is None and (folder / "config.json").is_file() and \
+                json.loads((folder / "config.json").read_text()).get("_class_name") == "FluxControlNetModel":
+            model = FluxControlNetModel.from_pretrained(folder, torch_dtype=_dtype(ctx), variant=_variant(folder))
+            return _place(ctx, model.eval())
         if file is not None:
             config = single_file_config(ctx, resolved, resolved.spec.family or "sd15", name="configs/controlnet-sd15")
             model = ControlNetModel.from_single_file(str(file), config=str(config), torch_dtype=_dtype(ctx),
@@ -269,7 +291,7 @@ def _friendly(factory, model_id: str):
 # --- bases --------------------------------------------------------------------------------
 
 
-def _folder_components(resolved: ResolvedModel, family: str, dtype) -> dict[str, Any]:
+def _folder_components(resolved: ResolvedModel, family: str, dtype, parts: Iterable[str] | None = None) -> dict[str, Any]:
     """Load each part of a diffusers folder by itself, so a folder whose model_index names a
     custom pipeline (YamerMIX) or whose UNet is only an fp16 variant (SDXL base) still loads."""
     import diffusers
@@ -277,15 +299,22 @@ def _folder_components(resolved: ResolvedModel, family: str, dtype) -> dict[str,
 
     root = resolved.root
     modules: dict[str, Any] = {}
-    for part in _PARTS[family]:
+    for part in parts or _PARTS[family]:
         folder = root / part
         if not folder.is_dir():
             raise ModelMissing(resolved.spec.id, detail=f"{folder} is absent")
         if part.startswith("tokenizer"):
-            modules[part] = transformers.CLIPTokenizer.from_pretrained(folder)
+            t5 = family == "flux" and part == "tokenizer_2"
+            modules[part] = (transformers.T5TokenizerFast if t5 else transformers.CLIPTokenizer).from_pretrained(folder)
         elif part == "scheduler":
             config = diffusers.DDIMScheduler.load_config(folder)
             modules[part] = getattr(diffusers, config["_class_name"]).from_config(config)
+        elif family == "flux" and part == "transformer":
+            modules[part] = diffusers.FluxTransformer2DModel.from_pretrained(folder, torch_dtype=dtype,
+                                                                             variant=_variant(folder))
+        elif family == "flux" and part.startswith("text_encoder"):
+            cls = transformers.T5EncoderModel if part == "text_encoder_2" else transformers.CLIPTextModel
+            modules[part] = cls.from_pretrained(folder, dtype=dtype, variant=_variant(folder))
         elif part.startswith("text_encoder"):
             cls = transformers.CLIPTextModelWithProjection if part == "text_encoder_2" else transformers.CLIPTextModel
             modules[part] = cls.from_pretrained(folder, dtype=dtype, variant=_variant(folder))
@@ -295,9 +324,45 @@ def _folder_components(resolved: ResolvedModel, family: str, dtype) -> dict[str,
     return modules
 
 
+def _flux_single_file_components(ctx, resolved: ResolvedModel, file: Path, dtype) -> dict[str, Any]:
+    """A FLUX single file (BFL's `flux1-dev.safetensors`, or a fine-tune in its layout) holds
+    only the transformer. It is converted offline with a shipped config; the text encoders,
+    tokenizers, VAE and scheduler come from the preset's `flux_encoders` folder (FLUX.1-dev
+    without its transformer/)."""
+    import diffusers
+
+    config = single_file_config(ctx, resolved, "flux")
+    if file.suffix in PICKLE_SUFFIXES:
+        verified_file(ctx, resolved, file.name)
+    transformer = diffusers.FluxTransformer2DModel.from_single_file(
+        str(file), config=str(config), subfolder="transformer", torch_dtype=dtype, local_files_only=True)
+    encoders = ctx.resolve(ctx.preset.model("flux_encoders"))
+    modules = _folder_components(encoders, "flux", dtype, parts=[p for p in _PARTS["flux"] if p != "transformer"])
+    return {"transformer": transformer, **modules}
+
+
+def quantize_flux(modules: dict[str, Any], scheme: str | None) -> None:
+    """8-bit weights for the transformer and T5 in place (optimum-quanto), as InfiniteYou's
+    pipeline does with --quantize_8bit; activations stay in the placement dtype."""
+    weights = QUANTIZE.get(scheme or "none", "?")
+    if weights == "?":
+        raise BadInput(f"runtime.quantize '{scheme}': use one of {', '.join(QUANTIZE)}")
+    if weights is None:
+        return
+    try:
+        import optimum.quanto as quanto
+    except ImportError:
+        raise BadInput("runtime.quantize needs optimum-quanto: pip install 'portrait[flux]'") from None
+    for name in ("transformer", "text_encoder_2"):
+        quanto.quantize(modules[name], weights=getattr(quanto, weights))
+        quanto.freeze(modules[name])
+
+
 def _single_file_components(ctx, resolved: ResolvedModel, file: Path, family: str, dtype) -> dict[str, Any]:
     import diffusers
 
+    if family == "flux":
+        return _flux_single_file_components(ctx, resolved, file, dtype)
     config = single_file_config(ctx, resolved, family)
     cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
     extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
@@ -329,6 +394,7 @@ def load_components(ctx, model_id: str | None = None, *, family: str | None = No
     resolved = _resolve(ctx, model_id, explicit)
     fam = _family(ctx, resolved, family)
     vae_id = _default_vae_id(ctx, fam) if vae == "auto" else vae
+    quantize = str(ctx.preset.section("runtime").get("quantize", "none")) if fam == "flux" else "none"
 
     def factory() -> Components:
         dtype = _dtype(ctx)
@@ -339,16 +405,18 @@ def load_components(ctx, model_id: str | None = None, *, family: str | None = No
             modules = _folder_components(resolved, fam, dtype)
         if vae_id:
             modules["vae"] = load_vae(ctx, vae_id)
+        if fam == "flux":
+            quantize_flux(modules, quantize)
         if not ctx.placement.offload:
             for name, module in modules.items():
                 if hasattr(module, "to") and not name.startswith(("tokenizer", "scheduler")):
                     module.to(ctx.placement.device)
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2"):
             if name in modules:
                 modules[name].eval()
         return Components(model_id, fam, modules, file or resolved.root)
 
-    variant = ("components", str(explicit) if explicit else None, vae_id)
+    variant = ("components", str(explicit) if explicit else None, vae_id) + ((quantize,) if quantize != "none" else ())
     return ctx.cache.get(_key(ctx, model_id, variant), _friendly(factory, model_id))
 
 
@@ -410,6 +478,14 @@ def load_pipeline(ctx, model_id: str | None = None, kind: str = "txt2img", contr
 
 def _check_controlnet_fits(controlnet_id: str, net, components: Components) -> None:
     """A ControlNet for the other family fails deep inside the UNet; say so up front."""
+    if components.family == "flux":
+        if "unet" in components.modules or getattr(net.config, "joint_attention_dim", None) != \
+                components["transformer"].config.joint_attention_dim:
+            raise BadInput(f"ControlNet '{controlnet_id}' does not fit base '{components.model_id}' (flux)")
+        return
+    if not hasattr(net.config, "cross_attention_dim"):
+        raise BadInput(f"ControlNet '{controlnet_id}' is a FLUX ControlNet; base '{components.model_id}' is "
+                       f"{components.family}")
     unet = components["unet"]
     if net.config.cross_attention_dim != unet.config.cross_attention_dim or \
             tuple(net.config.block_out_channels) != tuple(unet.config.block_out_channels):
@@ -441,6 +517,8 @@ SCHEDULERS: dict[str, SchedulerChoice] = {
                                            {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
                                            "DPM++ 2M SDE", "Karras"),
     "lcm": SchedulerChoice("LCMScheduler", {}, "LCM"),
+    # FLUX's flow-matching Euler (its only sampler in diffusers); Forge labels it Euler / Simple.
+    "flow_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler", {}, "Euler", "Simple"),
 }
 
 

@@ -54,6 +54,13 @@ class BackendOptions(BaseModel):
     start_merge_step: int | None = Field(None, ge=0, le=10_000)
     style_strength: float | None = Field(None, ge=0.0, le=1.0)
     trigger: str | None = Field(None, min_length=1)
+    # FLUX (stages/flux.py, stages/backends/infiniteyou.py)
+    true_cfg: float | None = Field(None, ge=1.0, le=20.0, description="FLUX true CFG (1 = distilled guidance only)")
+    infusenet_conditioning_scale: float | None = Field(None, ge=0.0, le=5.0, description="InfiniteYou InfuseNet residual scale (1.0)")
+    infusenet_guidance_start: float | None = Field(None, ge=0.0, le=1.0, description="InfiniteYou: first fraction of steps with identity (0.0)")
+    infusenet_guidance_end: float | None = Field(None, ge=0.0, le=1.0, description="InfiniteYou: last fraction of steps with identity (1.0)")
+    infiniteyou_variant: Literal["aes_stage2", "sim_stage1"] | None = Field(None, description="InfiniteYou model: aesthetics (aes_stage2) or similarity (sim_stage1)")
+    control_image: str | None = Field(None, min_length=1, description="InfiniteYou pose image (its face keypoints); none = black")
     # identity embeddings (stages/embed.py)
     id_mode: Literal["mean", "all", "best"] | None = None
     id_photos: int | None = Field(None, ge=1, le=64)
