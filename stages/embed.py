@@ -54,6 +54,9 @@ SPACES: dict[str, AdapterSpace] = {
     "faceid": AdapterSpace("faceid", "buffalo_l", "w600k_r50.onnx", normalized=True),
     "faceid_plus": AdapterSpace("faceid_plus", "buffalo_l", "w600k_r50.onnx", normalized=True),
     "photomaker_v2": AdapterSpace("photomaker_v2", "buffalo_l", "w600k_r50.onnx", normalized=False),
+    # InfiniteYou detects with antelopev2 and embeds with facexlib's ArcFace (normalized); the
+    # closest space we ship is antelopev2's own ArcFace (glintr100), normalized.
+    "infiniteyou": AdapterSpace("infiniteyou", "antelopev2", "glintr100.onnx", normalized=True),
 }
 
 

@@ -42,6 +42,7 @@ BACKENDS: dict[str, str] = {
     "faceid": "portrait.stages.backends.faceid:FaceIDBackend",
     "photomaker": "portrait.stages.backends.photomaker:PhotoMakerBackend",
     "flux": "portrait.stages.backends.flux:FluxBackend",
+    "infiniteyou": "portrait.stages.backends.infiniteyou:InfiniteYouBackend",
 }
 
 COMPOSITIONS = ("merge", "switch", "composite")

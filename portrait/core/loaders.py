@@ -250,7 +250,7 @@ def load_controlnet(ctx, model_id: str, explicit: Path | None = None):
         resolved = _resolve(ctx, model_id, explicit)
         file = _weights_file(resolved)
         folder = _controlnet_folder(resolved)
-        if file is None and (folder / "config.json").is_file() and \
+        if (folder / "config.json").is_file() and \
                 json.loads((folder / "config.json").read_text()).get("_class_name") == "FluxControlNetModel":
             model = FluxControlNetModel.from_pretrained(folder, torch_dtype=_dtype(ctx), variant=_variant(folder))
             return _place(ctx, model.eval())

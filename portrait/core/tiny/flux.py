@@ -246,3 +246,62 @@ def write_flux_config(root: Path, seed: int = 0) -> None:
     parts["scheduler"].save_config(root / "scheduler")
     _write_clip_tokenizer(root / "tokenizer")
     write_t5_tokenizer(root / "tokenizer_2")
+
+
+# --- InfiniteYou (InfuseNet + identity projection) -------------------------------------------
+
+TINY_INFINITEYOU: dict[str, Any] = {
+    "infusenet_layers": 1,  # double blocks of the InfuseNet; their residuals spread over TINY_FLUX's 2
+    "infusenet_single_layers": 2,  # single blocks; spread over TINY_FLUX's 4
+    "proj_dim": 64, "proj_depth": 2, "proj_dim_head": 64, "proj_heads": 2, "proj_queries": 8,
+    "embedding_dim": 512,  # ArcFace
+}
+
+
+def infusenet(seed: int):
+    """A FluxControlNetModel shaped like InfiniteYou's InfuseNet at tiny width: no input hint
+    block (the control image goes through the VAE), guidance embedding on."""
+    from diffusers import FluxControlNetModel
+
+    from .diffusion import _fill_zero_weights
+
+    c, i = TINY_FLUX, TINY_INFINITEYOU
+    _seed(seed)
+    model = FluxControlNetModel(
+        patch_size=1, in_channels=c["in_channels"], num_layers=i["infusenet_layers"],
+        num_single_layers=i["infusenet_single_layers"], attention_head_dim=c["attention_head_dim"],
+        num_attention_heads=c["num_attention_heads"], joint_attention_dim=c["joint_attention_dim"],
+        pooled_projection_dim=c["pooled_projection_dim"], guidance_embeds=True, axes_dims_rope=list(c["axes_dims_rope"]),
+    )
+    # ControlNet output projections start at zero (a no-op net): random values instead.
+    return _fill_zero_weights(model, seed, std=0.05).eval()
+
+
+def id_projection_state(seed: int) -> dict[str, Any]:
+    from ..archs.infiniteyou import IdProjection
+
+    i = TINY_INFINITEYOU
+    _seed(seed)
+    model = IdProjection(dim=i["proj_dim"], depth=i["proj_depth"], dim_head=i["proj_dim_head"], heads=i["proj_heads"],
+                         num_queries=i["proj_queries"], embedding_dim=i["embedding_dim"],
+                         output_dim=TINY_FLUX["joint_attention_dim"])
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _name, param in sorted(model.named_parameters()):
+            if param.ndim >= 2 or _name == "latents":
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def write_infiniteyou(root: Path, seed: int) -> None:
+    """`InfuseNetModel/` (config + safetensors) and `image_proj_model.bin` ({"image_proj": ...},
+    a pickle like the release), as in ByteDance/InfiniteYou infu_flux_v1.0/<variant>/."""
+    import torch
+
+    from .diffusion import _save_model
+
+    root = Path(root)
+    _save_model(infusenet(seed), root / "InfuseNetModel")
+    torch.save({"image_proj": id_projection_state(seed + 1)}, root / "image_proj_model.bin")
