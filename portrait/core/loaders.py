@@ -11,6 +11,10 @@ config folder), or an explicit `--base PATH`. Loaded weights live in `ctx.cache`
   them, exactly as with diffusers' `from_pipe`;
 - `load_controlnet`, `load_vae` load and cache one model each.
 
+All three go through the model door (portrait.core.models: resolve, verify, cache under one key):
+this module holds the door's "components", "vae" and "controlnet" builders (`build_*`), i.e. the
+diffusers-specific part of turning files into modules.
+
 Placement comes from `ctx.placement`: fp32 on CPU, fp16/bf16 on CUDA (with the fp16-fix
 VAE the sdxl preset names), `enable_model_cpu_offload` when placement.offload.
 """

@@ -65,6 +65,11 @@ class Source:
         """The file or folder to read (not yet hash-checked; see `verified`)."""
         return self.resolved.file(self.file) if self.file else self.resolved.path
 
+    @property
+    def folder(self) -> Path:
+        """The model's folder (or the folder `file` names inside it), for `from_pretrained`."""
+        return self.resolved.file(self.file) if self.file else self.resolved.root
+
     def verified(self) -> Path:
         return verify(self.ctx, self.resolved, self.file)
 
@@ -108,9 +113,9 @@ def builder(kind: str, *, place: bool = False, offloaded: bool = False):
     """
 
     def register(fn):
-        doc = (fn.__doc__ or "").strip().splitlines()
+        first = (fn.__doc__ or "").strip().split("\n\n")[0]  # the docstring's first paragraph
         with _lock:
-            _BUILDERS[kind] = Builder(kind, fn, place, offloaded, doc[0] if doc else "")
+            _BUILDERS[kind] = Builder(kind, fn, place, offloaded, " ".join(first.split()))
         return fn
 
     return register
@@ -364,7 +369,7 @@ def _clip_vision(source: Source) -> ClipVision:
     and a CLIPImageProcessor for its input size."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    model = CLIPVisionModelWithProjection.from_pretrained(source.verified(), dtype=source.dtype)
+    model = CLIPVisionModelWithProjection.from_pretrained(source.folder, dtype=source.dtype)
     model = source.place(model).eval()
     size = int(model.config.image_size)
     return ClipVision(model, CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}))
@@ -416,21 +421,28 @@ def _onnx(source: Source):
         raise bad_file(path, f"is not a loadable ONNX model ({exc.__class__.__name__})") from None
 
 
-@builder("insightface")
-def _insightface(source: Source, expect: str | None = None):
-    """An ONNX file routed by insightface's model zoo (ArcFaceONNX, INSwapper, SCRFD, ...),
-    prepared on `onnx_providers(ctx)`; `expect` names the class it must route to."""
+def insightface_model(path: Path | str, ctx, expect: str | None = None):
+    """An ONNX file routed by insightface's model zoo to its class by its shapes (ArcFaceONNX,
+    INSwapper, SCRFD, ...), on `onnx_providers(ctx)` and prepared; `expect` names the class
+    it must route to. Analyzers that compose several files (portrait.core.faces) call this
+    directly; a single model goes through `load(ctx, id, "insightface")`."""
     import warnings
 
     import insightface
 
-    path = source.verified()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = insightface.model_zoo.get_model(str(path), providers=onnx_providers(source.ctx))
+        model = insightface.model_zoo.get_model(str(path), providers=onnx_providers(ctx))
     found = type(model).__name__ if model is not None else "nothing"
     if model is None or (expect and found != expect):
         raise bad_file(path, f"is not an insightface {expect or 'model'} (insightface routed it to {found})")
     if hasattr(model, "prepare"):  # INSwapper has none: its session already has the providers
-        model.prepare(ctx_id=onnx_ctx_id(source.ctx))
+        model.prepare(ctx_id=onnx_ctx_id(ctx))
     return model
+
+
+@builder("insightface")
+def _insightface(source: Source, expect: str | None = None):
+    """An ONNX file routed by insightface's model zoo (ArcFaceONNX, INSwapper, SCRFD, ...),
+    prepared on `onnx_providers(ctx)`; `expect` names the class it must route to."""
+    return insightface_model(source.verified(), source.ctx, expect)
