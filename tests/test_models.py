@@ -32,12 +32,9 @@ def _linear(source, width: int = 4):
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    from portrait.core.tiny import make_tiny
-
-    settings = Settings(home=tmp_path_factory.mktemp("door-home"), preset="tiny", device="cpu")
-    make_tiny(settings, only=("tiny-face-parser",))
-    return settings
+def home(tiny_home):
+    """The session's tiny home (every stand-in written once for the whole suite)."""
+    return tiny_home
 
 
 @pytest.fixture()
@@ -92,6 +89,27 @@ def test_adapter_kinds_read_the_weights_once(home, adapter_file):
         models.load(ctx, "photomaker-v1", "photomaker-checkpoint", path=adapter_file)
     assert _one_line(caught.value).startswith(f"{adapter_file}: not a PhotoMaker checkpoint")
     assert caught.value.exit_code == 2
+
+
+def test_the_kinds_the_zero_shot_backends_load(home):
+    """What branch `backends` switches to: adapter files, the CLIP vision encoder, PhotoMaker
+    checkpoints and InstantID's ip-adapter + IdentityNet, on their tiny stand-ins."""
+    ctx = RunContext.create(home, preset="tiny")
+    faceid = models.load(ctx, "ip-adapter-faceid-sd15", "ip-adapter")
+    instantid = models.load(ctx, ctx.preset.model("instantid_adapter"), "ip-adapter")
+    for weights, name in ((faceid, "tiny-faceid-sd15"), (instantid, "tiny-instantid-adapter")):
+        assert weights.model_id == name and weights.path.parent.name == name
+        assert {"image_proj", "ip_adapter"} <= set(weights.state)
+    assert instantid.state["image_proj"]["latents"].shape[1] == 16  # InstantID's 16-query Resampler
+    for version in (1, 2):
+        checkpoint = models.load(ctx, f"photomaker-v{version}", "photomaker-checkpoint")
+        assert list(checkpoint.state) == models.PHOTOMAKER_KEYS and checkpoint.path.suffix == ".bin"
+    vision, processor = models.load(ctx, ctx.preset.model("clip_vision"), "clip-vision", file="models/image_encoder")
+    assert type(vision).__name__ == "CLIPVisionModelWithProjection" and not vision.training
+    assert processor.crop_size["height"] == vision.config.image_size
+    identitynet = models.load(ctx, ctx.preset.model("instantid_controlnet"), "controlnet")
+    assert type(identitynet).__name__ == "ControlNetModel" and not identitynet.training
+    assert models.load(ctx, ctx.preset.model("instantid_controlnet"), "controlnet") is identitynet
 
 
 def test_a_file_that_does_not_match_the_registry_hash_is_refused(home, tmp_path):
