@@ -4,7 +4,7 @@ The layout is FLUX.1-dev's: `model_index.json` naming FluxPipeline, `transformer
 (FluxTransformer2DModel with guidance embedding, as in -dev), `vae/` (a 16-channel
 AutoencoderKL with FLUX's scaling and shift factors, no quant convs), `text_encoder/`
 (CLIPTextModel, pooled output -> `pooled_projections`), `text_encoder_2/` (T5EncoderModel,
-gated-GELU like T5 v1.1 XXL), `tokenizer/` (the real CLIP BPE, from open_clip's vocabulary),
+gated-GELU like T5 v1.1 XXL), `tokenizer/` (the real CLIP BPE, portrait.core.tokenizers),
 `tokenizer_2/` (a T5-style SentencePiece Unigram `tokenizer.json`) and `scheduler/`
 (FlowMatchEulerDiscreteScheduler with -dev's dynamic-shift config).
 
@@ -142,7 +142,7 @@ def t5_vocab() -> list[tuple[str, float]]:
     (the first merges are the commonest English words), scored so longer known words win."""
     import string
 
-    from .tokenizer import clip_merges
+    from ..tokenizers import clip_merges
 
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     seen = {p for p, _ in pieces}
@@ -213,7 +213,7 @@ def model_index() -> dict[str, Any]:
 
 
 def _write_clip_tokenizer(folder: Path) -> None:
-    from .tokenizer import EOS, tokenizer_files
+    from ..tokenizers import EOS, tokenizer_files
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in tokenizer_files(pad_token=EOS).items():
