@@ -25,12 +25,16 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
+from pydantic import BaseModel, ValidationError
+
 from portrait.core.cache import CacheKey
+from portrait.core.declare import describe
 from portrait.core.errors import BadInput
+from portrait.core.options import EmbedOptions, FaceIDAdapterOptions, resolved
 from portrait.core.types import GenerationRequest, Identity
 from portrait.stages import embed as emb
 
@@ -51,13 +55,13 @@ class FaceIDPolicy:
     model: str | None = None  # registry id or file overriding the preset's role
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> "FaceIDPolicy":
-        variant = str(options.get("faceid_variant", "plusv2"))
-        if variant not in FACEID_ROLES:
-            raise BadInput(f"option faceid_variant='{variant}' is not one of {', '.join(FACEID_ROLES)}")
-        return cls(variant=variant, scale=float(options.get("ip_adapter_scale", 0.6)),
-                   s_scale=float(options.get("s_scale", 1.0)),
-                   lora_scale=float(options.get("faceid_lora_scale", 1.0)), model=options.get("faceid_model"))
+    def from_options(cls, options: FaceIDAdapterOptions | Mapping[str, Any]) -> "FaceIDPolicy":
+        """From a backend's typed options (or a request's options mapping, read through the
+        FaceID adapter's declaration)."""
+        if not isinstance(options, FaceIDAdapterOptions):
+            options = _typed(FaceIDAdapterOptions, options)
+        return cls(variant=options.faceid_variant, scale=options.ip_adapter_scale, s_scale=options.s_scale,
+                   lora_scale=options.faceid_lora_scale, model=options.faceid_model)
 
     @property
     def plus(self) -> bool:
@@ -70,9 +74,17 @@ class InstantIDPolicy:
     identitynet_scale: float = 0.8
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> "InstantIDPolicy":
-        return cls(ip_scale=float(options.get("ip_adapter_scale", 0.8)),
-                   identitynet_scale=float(options.get("controlnet_conditioning_scale", 0.8)))
+    def from_options(cls, options: Any) -> "InstantIDPolicy":
+        """From the instantid backend's typed options (ip_adapter_scale, controlnet_conditioning_scale)."""
+        return cls(ip_scale=float(options.ip_adapter_scale), identitynet_scale=float(options.controlnet_conditioning_scale))
+
+
+def _typed(model: type[BaseModel], options: Mapping[str, Any]) -> Any:
+    """The keys of `options` that `model` declares, validated (a bad value is one BadInput line)."""
+    try:
+        return model.model_validate({k: v for k, v in options.items() if k in model.model_fields})
+    except ValidationError as exc:
+        raise BadInput(f"option {describe(exc)}") from None
 
 
 # --- adapter files -------------------------------------------------------------------------------
@@ -275,8 +287,10 @@ def faceid_for_request(ctx, pipe, request: GenerationRequest, identity: Identity
             image = call_pipeline(pipe, request, seed, **faceid.kwargs, ...)
     """
     policy = FaceIDPolicy.from_options(request.options)
+    embed = _typed(EmbedOptions, request.options)
     af = faceid_adapter(ctx, policy)
-    inputs = faceid_inputs(ctx, identity, policy, af, emb.EmbedPolicy.from_options(request.options))
+    inputs = faceid_inputs(ctx, identity, policy, af, emb.EmbedPolicy(mode=embed.id_mode, max_photos=embed.id_photos,
+                                                                      locator=embed.face_locator, pack=embed.face_pack))
     with attached_faceid(pipe, af, inputs, policy) as extra:
         activate_with_faceid(pipe, others, policy)
         try:
@@ -406,12 +420,12 @@ class PoseReference:
     kps: np.ndarray  # (5, 2) in `image` pixels
 
 
-def pose_reference(ctx, request: GenerationRequest, embed_policy: emb.EmbedPolicy) -> PoseReference:
-    """Where the face should be: options pose_image, else the template's image, else the
-    identity's reference photo."""
-    options = request.options
-    candidates = [options.get("pose_image"), options.get("template_image"),
-                  (options.get("control_images") or {}).get("openpose")]
+def pose_reference(ctx, request: GenerationRequest, embed_policy: emb.EmbedPolicy,
+                   pose_image: str | None = None) -> PoseReference:
+    """Where the face should be: option pose_image, else the template's image, else its
+    openpose image, else the identity's reference photo."""
+    r = resolved(request)
+    candidates = [pose_image, r.template_image, r.control_images.get("openpose")]
     chosen = next((str(p) for p in candidates if p), None) or str(request.identity.reference)
     path = Path(chosen)
     if not path.is_file():
@@ -503,37 +517,3 @@ def attached_instantid(pipe, af: AdapterFile, inputs: InstantIDInputs, policy: I
         tokens = face_tokens(pipe, inputs.id_embeds)
         with identitynet_tokens(identitynet, tokens):
             yield {"ip_adapter_image_embeds": [inputs.id_embeds.to(dtype=pipe.unet.dtype)]}
-
-
-# --- extra ControlNets from the pose reference ---------------------------------------------------------
-
-
-def zero_shot_controls(ctx, request: GenerationRequest, pose_image: np.ndarray | None, pose_source: str,
-                       embed_policy: emb.EmbedPolicy, skip: Sequence[str] = ()) -> list:
-    """ControlImages of the request's controls: each from its template image, or the pose reference."""
-    from portrait.stages import controls as ctl
-
-    images = request.options.get("control_images") or {}
-    ranges = request.options.get("control_range") or {}
-    preprocessed = set(request.options.get("control_preprocessed") or ())
-    made = []
-    for name, strength in request.controls.items():
-        if name in skip:
-            continue
-        if name in images:
-            source, where = ctl.read_rgb(Path(images[name])), images[name]
-        elif pose_image is not None:
-            source, where = pose_image, pose_source
-        else:
-            raise BadInput(f"template {request.template}: control '{name}' has no image to read it from")
-        faces = None
-        if name == "openpose" and name not in preprocessed and ctx.preset.tiny:
-            space = emb.space_for("instantid")
-            face = emb.largest_face(emb.make_locator(ctx, space, embed_policy), source)
-            if face is None:
-                raise BadInput(f"{where}: no face found for the openpose control")
-            faces = [face]
-        start, end = ranges.get(name, (0.0, 1.0))
-        made.append(ctl.make_control(name, source, request.width, request.height, float(strength), ctx=ctx,
-                                     faces=faces, preprocessed=name in preprocessed, start=start, end=end))
-    return made

@@ -21,36 +21,52 @@ the Plus variants feed one set of CLIP face crops per call.
 from __future__ import annotations
 
 import time
-from typing import ClassVar, Iterator
+from typing import Iterator
 
+from pydantic import Field
+
+from portrait.core.backend import BackendSpec
 from portrait.core.bundle import load_identity
 from portrait.core.context import RunContext
+from portrait.core.options import CommonOptions, EmbedOptions, FaceIDAdapterOptions, GroupOptions, resolved
 from portrait.core.types import Candidate, GenerationRequest
 from portrait.stages import embed as emb
 from portrait.stages import loras
 from portrait.stages import zeroshot as zs
-from portrait.stages.generate import seeded_candidates
+from portrait.stages.identity_inputs import embed_policy_of, pack_face_finder, request_controls
 from portrait.stages.sd import call_pipeline, control_kwargs, controlnet_ids, load_sd_pipeline, model_info, \
     prepare_pipeline
+from portrait.stages.seeding import seeded_candidates
+
+
+class FaceIDOptions(CommonOptions, FaceIDAdapterOptions, EmbedOptions, GroupOptions):
+    """IP-Adapter FaceID's options (defaults as in h94's examples)."""
+
+    regions: list[list[float]] | None = Field(None, description="with identities: one [x0, y0, x1, y1] box "
+                                                                "(fractions of the image) per identity")
+
+
+def _models(options: FaceIDOptions) -> tuple[str, ...]:
+    variant = options.faceid_variant if "faceid_variant" in options.model_fields_set or not options.identities \
+        else "faceid"  # the regional path runs FaceID v1 unless asked otherwise
+    return ("face_pack_faceid", zs.FACEID_ROLES[variant])
 
 
 class FaceIDBackend:
-    name: ClassVar[str] = "faceid"
-    families: ClassVar[tuple[str, ...]] = ("sd15", "sdxl")
-
     def generate(self, request: GenerationRequest, ctx: RunContext) -> Iterator[Candidate]:
         started = time.perf_counter()
-        others = [n for n in request.options.get("identities") or () if n != request.identity.name]
-        options = dict(request.options)
-        if others:  # regional: FaceID v1 unless the user asked otherwise (then parse_regions/inputs refuse Plus)
-            options.setdefault("faceid_variant", "faceid")
+        options = SPEC.read(request)
+        others = [n for n in options.identities or () if n != request.identity.name]
+        if others and "faceid_variant" not in options.model_fields_set:
+            # regional: FaceID v1 unless the user asked otherwise (then parse_regions/inputs refuse Plus)
+            options = options.model_copy(update={"faceid_variant": "faceid"})
         policy = zs.FaceIDPolicy.from_options(options)
-        embed_policy = emb.EmbedPolicy.from_options(request.options)
+        embed_policy = embed_policy_of(options)
         af = zs.faceid_adapter(ctx, policy)
         regional: dict = {}
         if others:
             people = [request.identity] + [load_identity(ctx.settings, n) for n in others]
-            regions = zs.parse_regions(request.options.get("regions"), len(people))
+            regions = zs.parse_regions(options.regions, len(people))
             inputs, _found = zs.regional_faceid_inputs(ctx, people, policy, af, embed_policy)
             mask = zs.region_masks(regions, request.width, request.height)
             regional = {"cross_attention_kwargs": {"ip_adapter_masks": [mask.to(ctx.placement.device)]}}
@@ -97,6 +113,18 @@ class FaceIDBackend:
     def _controls(self, request: GenerationRequest, ctx: RunContext, embed_policy: emb.EmbedPolicy) -> list:
         if not request.controls:
             return []
-        pose = request.options.get("template_image") or str(request.identity.reference)
+        pose = resolved(request).template_image or str(request.identity.reference)
         image = emb.read_rgb(pose) if pose else None
-        return zs.zero_shot_controls(ctx, request, image, str(pose), embed_policy)
+        return request_controls(ctx, request, find_faces=pack_face_finder(ctx, embed_policy),
+                                fallback=(image, str(pose)))
+
+
+SPEC = BackendSpec(
+    name="faceid",
+    families=("sd15", "sdxl"),
+    make=FaceIDBackend,
+    help="IP-Adapter FaceID / Plus / PlusV2 (zero-shot; several identities in regions with --with-identity)",
+    options=FaceIDOptions,
+    models=_models,
+    group=True,
+)

@@ -15,33 +15,45 @@ pose_image, id_mode mean|best, id_photos, face_locator, face_pack.
 from __future__ import annotations
 
 import time
-from typing import ClassVar, Iterator
+from typing import Iterator
 
+from pydantic import Field
+
+from portrait.core.backend import BackendSpec
 from portrait.core.context import RunContext
+from portrait.core.options import CommonOptions, EmbedOptions
 from portrait.core.types import Candidate, GenerationRequest
-from portrait.stages import embed as emb
 from portrait.stages import loras
 from portrait.stages import zeroshot as zs
 from portrait.stages.controls import ControlImage
-from portrait.stages.generate import seeded_candidates
+from portrait.stages.identity_inputs import embed_policy_of, pack_face_finder, request_controls
 from portrait.stages.sd import call_pipeline, control_kwargs, controlnet_ids, load_sd_pipeline, model_info, \
     prepare_pipeline
+from portrait.stages.seeding import seeded_candidates
+
+
+class InstantIDOptions(CommonOptions, EmbedOptions):
+    """InstantID's options (defaults as in InstantID's reference code)."""
+
+    ip_adapter_scale: float = Field(0.8, ge=0.0, le=5.0, description="IP-Adapter scale of the face tokens")
+    controlnet_conditioning_scale: float = Field(0.8, ge=0.0, le=5.0, description="IdentityNet scale")
+    pose_image: str | None = Field(None, min_length=1, description="pose reference image (default: the template's "
+                                                                   "image, else the identity's reference photo)")
 
 
 class InstantIDBackend:
-    name: ClassVar[str] = "instantid"
-    families: ClassVar[tuple[str, ...]] = ("sdxl",)
-
     def generate(self, request: GenerationRequest, ctx: RunContext) -> Iterator[Candidate]:
         started = time.perf_counter()
-        policy = zs.InstantIDPolicy.from_options(request.options)
-        embed_policy = emb.EmbedPolicy.from_options(request.options)
+        options = SPEC.read(request)
+        policy = zs.InstantIDPolicy.from_options(options)
+        embed_policy = embed_policy_of(options)
         af = zs.instantid_adapter(ctx)
         inputs = zs.instantid_inputs(ctx, request.identity, af, embed_policy)
-        pose = zs.pose_reference(ctx, request, embed_policy)
+        pose = zs.pose_reference(ctx, request, embed_policy, options.pose_image)
         kps = ControlImage("identitynet", zs.keypoint_image(pose, request.width, request.height),
                            policy.identitynet_scale, source=f"keypoints of {pose.source}")
-        extra_controls = zs.zero_shot_controls(ctx, request, pose.image, pose.source, embed_policy)
+        extra_controls = request_controls(ctx, request, find_faces=pack_face_finder(ctx, embed_policy),
+                                          fallback=(pose.image, pose.source))
         identitynet_id = ctx.preset.model("instantid_controlnet")
         pipe = load_sd_pipeline(ctx, "txt2img",
                                 (identitynet_id, *controlnet_ids(ctx, [c.name for c in extra_controls])))
@@ -69,3 +81,13 @@ class InstantIDBackend:
                 yield from seeded_candidates(
                     request, lambda seed: call_pipeline(pipe, request, seed, **control_kwargs(controls), **extra),
                     setup_seconds=setup, info=info)
+
+
+SPEC = BackendSpec(
+    name="instantid",
+    families=("sdxl",),
+    make=InstantIDBackend,
+    help="InstantID: face tokens + IdentityNet keypoints (SDXL, zero-shot)",
+    options=InstantIDOptions,
+    models=("instantid_controlnet", "instantid_adapter", "face_pack_instantid"),
+)
