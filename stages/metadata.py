@@ -1,4 +1,4 @@
-"""Output metadata (DESIGN section 6): the two PNG text chunks of every output image.
+"""Output metadata (docs/ARCHITECTURE.md#a1111-metadata): the two PNG text chunks of every output image.
 
 `parameters` is the A1111 text (prompt, `Negative prompt:` line, then `Key: value, ...`),
 which A1111, ComfyUI and sd-parsers read back; `portrait` is our JSON (the resolved request,

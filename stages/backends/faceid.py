@@ -21,15 +21,18 @@ the Plus variants feed one set of CLIP face crops per call.
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Any, Iterator, Sequence
+
+import numpy as np
 
 from pydantic import Field
 
 from portrait.core.backend import BackendSpec
 from portrait.core.bundle import load_identity
 from portrait.core.context import RunContext
+from portrait.core.errors import BadInput
 from portrait.core.options import CommonOptions, EmbedOptions, FaceIDAdapterOptions, GroupOptions, resolved
-from portrait.core.types import Candidate, GenerationRequest
+from portrait.core.types import Candidate, GenerationRequest, Identity
 from portrait.stages import embed as emb
 from portrait.stages import loras
 from portrait.stages import zeroshot as zs
@@ -52,6 +55,62 @@ def _models(options: FaceIDOptions) -> tuple[str, ...]:
     return ("face_pack_faceid", zs.FACEID_ROLES[variant])
 
 
+# --- regional identities (several people in one text-to-image picture) ------------------------------
+
+
+def default_regions(count: int) -> list[tuple[float, float, float, float]]:
+    """Equal vertical strips, left to right, as fractions (x0, y0, x1, y1) of the image."""
+    return [(k / count, 0.0, (k + 1) / count, 1.0) for k in range(count)]
+
+
+def parse_regions(value: Any, count: int) -> list[tuple[float, float, float, float]]:
+    """Option `regions`: one [x0, y0, x1, y1] box (fractions of the image) per identity."""
+    if value is None:
+        return default_regions(count)
+    try:
+        boxes = [tuple(float(v) for v in box) for box in value]
+    except (TypeError, ValueError):
+        raise BadInput("option regions: expected a list of [x0, y0, x1, y1] boxes (fractions of the image)") from None
+    if len(boxes) != count or any(len(b) != 4 or not (0 <= b[0] < b[2] <= 1 and 0 <= b[1] < b[3] <= 1)
+                                  for b in boxes):
+        raise BadInput(f"option regions: {count} boxes [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and "
+                       f"0 <= y0 < y1 <= 1 are needed, one per identity")
+    return boxes  # type: ignore[return-value]
+
+
+def region_masks(regions: Sequence[tuple[float, float, float, float]], width: int, height: int):
+    """diffusers' IP-Adapter masks for one adapter and several images: [1, n, height, width]."""
+    from diffusers.image_processor import IPAdapterMaskProcessor
+    from PIL import Image
+
+    masks = []
+    for x0, y0, x1, y1 in regions:
+        mask = np.zeros((height, width), np.uint8)
+        mask[int(round(y0 * height)):int(round(y1 * height)), int(round(x0 * width)):int(round(x1 * width))] = 255
+        masks.append(Image.fromarray(mask, mode="L"))
+    processed = IPAdapterMaskProcessor().preprocess(masks, height=height, width=width)  # [n, 1, H, W]
+    return processed.reshape(1, processed.shape[0], processed.shape[2], processed.shape[3])
+
+
+def regional_faceid_inputs(ctx, people: Sequence[Identity], policy: zs.FaceIDPolicy, af: zs.AdapterFile,
+                           embed_policy: emb.EmbedPolicy) -> tuple[zs.FaceIDInputs, list[emb.IdEmbedding]]:
+    """One FaceID embedding per person (the mean of their photos', unit length), as diffusers'
+    several images of one IP-Adapter: id_embeds [2, n_people, d], to be masked per region."""
+    import torch
+
+    if policy.plus:
+        raise BadInput("regional identities (option identities) need faceid_variant=faceid: the Plus variants "
+                       "carry one CLIP face crop set per call")
+    found = [emb.embed_identity(ctx, person, "faceid", embed_policy) for person in people]
+    vectors = []
+    for f in found:
+        zs.check_embedding_fits(af, f.vectors)
+        mean = np.asarray(f.vectors, np.float32).mean(axis=0)
+        vectors.append(mean / max(float(np.linalg.norm(mean)), 1e-8) * float(np.linalg.norm(f.vectors[0])))
+    cond = torch.from_numpy(np.stack(vectors)).to(device=ctx.placement.device, dtype=ctx.placement.dtype)[None]
+    return zs.FaceIDInputs(torch.cat([torch.zeros_like(cond), cond]), None, found[0]), found
+
+
 class FaceIDBackend:
     def generate(self, request: GenerationRequest, ctx: RunContext) -> Iterator[Candidate]:
         started = time.perf_counter()
@@ -66,9 +125,9 @@ class FaceIDBackend:
         regional: dict = {}
         if others:
             people = [request.identity] + [load_identity(ctx.settings, n) for n in others]
-            regions = zs.parse_regions(options.regions, len(people))
-            inputs, _found = zs.regional_faceid_inputs(ctx, people, policy, af, embed_policy)
-            mask = zs.region_masks(regions, request.width, request.height)
+            regions = parse_regions(options.regions, len(people))
+            inputs, _found = regional_faceid_inputs(ctx, people, policy, af, embed_policy)
+            mask = region_masks(regions, request.width, request.height)
             regional = {"cross_attention_kwargs": {"ip_adapter_masks": [mask.to(ctx.placement.device)]}}
             faces = [{"identity": p.name, "face": k,
                       "box": [round(b[0] * request.width, 1), round(b[1] * request.height, 1),

@@ -15,7 +15,7 @@ a FuseModule merges each copy with one ID token; the trigger itself is dropped. 
 identity comes in. The checkpoint's LoRA is loaded as the PEFT adapter `photomaker`
 (next to the identity's own SDXL LoRA when the bundle has one).
 
-Written from PhotoMaker's published architecture (DESIGN section 5), not its package: the
+Written from PhotoMaker's published architecture (docs/ARCHITECTURE.md#adapter-formats), not its package: the
 tokenizer is not modified (the trigger is found in the text), and one code path serves
 v1 and v2 with the token count read from the checkpoint (a known bug elsewhere used one
 count for both). Options: photomaker_version 1|2, trigger (img), start_merge_step (10, or
