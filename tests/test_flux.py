@@ -22,7 +22,8 @@ import torch
 
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
-from portrait.stages.generate import GeneratePolicy, generate_candidates, image_metadata, resolve_request
+from portrait.stages.generate import GeneratePolicy, generate_candidates, resolve_request
+from portrait.stages.metadata import image_metadata
 
 from test_embed import make_identity
 
@@ -197,7 +198,7 @@ def test_matches_infiniteyou_reference_pipeline(ctx, person, hopper, tmp_path_fa
 
     from portrait.stages import embed as emb
     from portrait.stages import flux
-    from portrait.stages import zeroshot as zs
+    from portrait.stages.keypoints import draw_kps
     from portrait.stages.backends import infiniteyou as iy
 
     ref = reference_module("pipeline_flux_infusenet", tmp_path_factory)
@@ -211,7 +212,7 @@ def test_matches_infiniteyou_reference_pipeline(ctx, person, hopper, tmp_path_fa
         control = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
         if with_pose:
             kps = np.array([[20, 26], [44, 26], [32, 36], [24, 48], [40, 48]], dtype=np.float32)
-            control = zs.draw_kps(SIZE, SIZE, kps)
+            control = draw_kps(SIZE, SIZE, kps)
         pipe = flux.load_flux_pipeline(ctx, req)
         msl = flux.max_sequence_length(ctx)
         with torch.inference_mode():

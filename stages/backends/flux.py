@@ -13,11 +13,20 @@ from __future__ import annotations
 import time
 from typing import ClassVar, Iterator
 
+from pydantic import Field
+
+from portrait.core.backend import BackendSpec
 from portrait.core.context import RunContext
+from portrait.core.options import CommonOptions
 from portrait.core.types import Candidate, GenerationRequest
 from portrait.stages import flux
-from portrait.stages.generate import seeded_candidates
 from portrait.stages.sd import model_info
+from portrait.stages.seeding import seeded_candidates
+
+
+class FluxOptions(CommonOptions):
+    true_cfg: float = Field(1.0, ge=1.0, le=20.0, description="FLUX true CFG with the negative prompt "
+                                                                "(1 = distilled guidance only, one pass per step)")
 
 
 class FluxBackend:
@@ -33,3 +42,14 @@ class FluxBackend:
                         "use --backend infiniteyou for zero-shot identity"}
         yield from seeded_candidates(request, lambda seed: flux.call_flux(pipe, request, ctx, seed),
                                      setup_seconds=time.perf_counter() - started, info=info)
+
+
+SPEC = BackendSpec(
+    name="flux",
+    families=("flux",),
+    make=FluxBackend,
+    help="FLUX.1-dev text-to-image, no identity conditioning (the finish fuses the face)",
+    options=FluxOptions,
+    models=("base",),
+    license="FLUX.1-dev weights: non-commercial license",
+)

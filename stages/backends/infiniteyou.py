@@ -16,7 +16,7 @@ weights. Variants: `aes_stage2` (default, aesthetics) and `sim_stage1` (similari
 
 Options: infusenet_conditioning_scale (1.0), infusenet_guidance_start (0.0),
 infusenet_guidance_end (1.0), infiniteyou_variant, control_image, id_mode, id_photos,
-face_locator, true_cfg.
+face_locator.
 """
 
 from __future__ import annotations
@@ -24,19 +24,37 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Literal
 
 import numpy as np
 
+from pydantic import Field
+
+from portrait.core.backend import BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
+from portrait.core.options import CommonOptions, EmbedOptions
 from portrait.core.types import Candidate, GenerationRequest
 from portrait.stages import embed as emb
 from portrait.stages import flux
-from portrait.stages.generate import seeded_candidates
+from portrait.stages.identity_inputs import embed_policy_of
+from portrait.stages.keypoints import draw_kps
 from portrait.stages.sd import generator, model_info, to_uint8
+from portrait.stages.seeding import seeded_candidates
 
 VARIANTS = {"aes_stage2": "infiniteyou_aes", "sim_stage1": "infiniteyou_sim"}  # variant -> preset role
+
+
+class InfiniteYouOptions(CommonOptions, EmbedOptions):
+    """InfiniteYou's options (defaults as in its pipeline)."""
+
+    infusenet_conditioning_scale: float = Field(1.0, ge=0.0, le=5.0, description="InfuseNet residual scale")
+    infusenet_guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="first fraction of steps with identity")
+    infusenet_guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="last fraction of steps with identity")
+    infiniteyou_variant: Literal["aes_stage2", "sim_stage1"] = Field(
+        "aes_stage2", description="aes_stage2 (aesthetics) or sim_stage1 (identity similarity)")
+    control_image: str | None = Field(None, min_length=1, description="pose image whose face keypoints the "
+                                                                      "InfuseNet reads (default: a black canvas)")
 
 
 @dataclass(frozen=True)
@@ -49,15 +67,9 @@ class InfiniteYouPolicy:
     end: float = 1.0
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> "InfiniteYouPolicy":
-        policy = cls(variant=str(options.get("infiniteyou_variant") or "aes_stage2"),
-                     scale=float(options.get("infusenet_conditioning_scale", 1.0) if
-                                 options.get("infusenet_conditioning_scale") is not None else 1.0),
-                     start=float(options.get("infusenet_guidance_start") or 0.0),
-                     end=float(options.get("infusenet_guidance_end") if
-                               options.get("infusenet_guidance_end") is not None else 1.0))
-        if policy.variant not in VARIANTS:
-            raise BadInput(f"--option infiniteyou_variant={policy.variant}: use one of {', '.join(VARIANTS)}")
+    def from_options(cls, options: InfiniteYouOptions) -> "InfiniteYouPolicy":
+        policy = cls(variant=options.infiniteyou_variant, scale=float(options.infusenet_conditioning_scale),
+                     start=float(options.infusenet_guidance_start), end=float(options.infusenet_guidance_end))
         if policy.start > policy.end:
             raise BadInput(f"--option infusenet_guidance_start={policy.start:g} is after "
                            f"infusenet_guidance_end={policy.end:g}")
@@ -122,17 +134,15 @@ def resize_and_pad(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def control_image(ctx: RunContext, request: GenerationRequest, policy: emb.EmbedPolicy) -> tuple[np.ndarray, str]:
+def control_image(ctx: RunContext, request: GenerationRequest, policy: emb.EmbedPolicy,
+                  path: str | None) -> tuple[np.ndarray, str]:
     """The InfuseNet's image: keypoints of the pose image's largest face, else black."""
-    from portrait.stages import zeroshot as zs
-
-    path = request.options.get("control_image")
     if not path:
         return np.zeros((request.height, request.width, 3), dtype=np.uint8), "none (black)"
     image = emb.read_rgb(Path(path).expanduser())
     fitted = resize_and_pad(image, request.width, request.height)
     kps = emb.pose_keypoints(ctx, fitted, f"--option control_image {path}", "infiniteyou", policy)
-    return zs.draw_kps(request.width, request.height, kps), f"keypoints of {path}"
+    return draw_kps(request.width, request.height, kps), f"keypoints of {path}"
 
 
 def denoise(pipe, infusenet, tokens, *, prompt: str, width: int, height: int, steps: int, guidance: float,
@@ -199,10 +209,9 @@ class InfiniteYouBackend:
         import torch
 
         started = time.perf_counter()
-        policy = InfiniteYouPolicy.from_options(request.options)
-        if flux.true_cfg(request) > 1.0:
-            raise BadInput("--option true_cfg: the infiniteyou backend runs FLUX's distilled guidance only")
-        embed_policy = emb.EmbedPolicy.from_options(request.options)
+        options = SPEC.read(request)
+        policy = InfiniteYouPolicy.from_options(options)
+        embed_policy = embed_policy_of(options)
         flux.check_request(request, ctx)
         models = load_models(ctx, policy)
         found = emb.embed_identity(ctx, request.identity, "infiniteyou", embed_policy)
@@ -210,7 +219,7 @@ class InfiniteYouBackend:
             raise BadInput(f"model '{models.model_id}' projects {models.projection.proj_in.in_features}-d embeddings; "
                            f"the identity's are {found.dim}-d")
         tokens = id_tokens(models.projection, found.vectors)
-        control, control_source = control_image(ctx, request, embed_policy)
+        control, control_source = control_image(ctx, request, embed_policy, options.control_image)
         pipe = flux.load_flux_pipeline(ctx, request)
         msl = flux.max_sequence_length(ctx)
         info = {"identity_mode": "zero-shot", "model": model_info(ctx),
@@ -229,3 +238,14 @@ class InfiniteYouBackend:
             return to_uint8(image)
 
         yield from seeded_candidates(request, render, setup_seconds=time.perf_counter() - started, info=info)
+
+
+SPEC = BackendSpec(
+    name="infiniteyou",
+    families=("flux",),
+    make=InfiniteYouBackend,
+    help="InfiniteYou: InfuseNet residuals from the projected ArcFace embedding (FLUX, zero-shot)",
+    options=InfiniteYouOptions,
+    models=lambda o: ("base", VARIANTS[o.infiniteyou_variant], "face_pack_instantid"),
+    license="InfiniteYou weights CC BY-NC 4.0; FLUX.1-dev non-commercial; antelopev2 non-commercial",
+)

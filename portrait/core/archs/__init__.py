@@ -1,3 +1,6 @@
-"""Adapter architectures and their checkpoint detection by state-dict keys (pure torch, no
-pipeline knowledge): each module exposes `detect(keys) -> bool` and a builder from a state
-dict, like diffusers' models/ and spandrel's arch + detect pairs. Backends import them."""
+"""Adapter and network architectures, each paired with its checkpoint detection by state-dict keys.
+
+Pure torch, no pipeline knowledge (like diffusers models/ and spandrel arch+detect pairs):
+each module exposes `detect(keys) -> bool` and a builder from a state dict. Backends import
+them; an arch never imports stages.
+"""
