@@ -46,6 +46,12 @@ def prepare_pipeline(pipe, request: GenerationRequest, ctx: RunContext) -> None:
     """Scheduler and memory options for this request (the pipeline may be shared: set both)."""
     from portrait.core.loaders import make_scheduler
 
+    from portrait.core.loaders import SCHEDULERS
+
+    choice = SCHEDULERS.get(request.scheduler)
+    if choice is not None and ctx.preset.family not in choice.families:
+        raise BadInput(f"--scheduler {request.scheduler}: a sampler for {', '.join(choice.families)}, not "
+                       f"{ctx.preset.family} (preset '{ctx.preset.name}')")
     pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler.config)
     memory = request.options.get("memory") or {}
     big = request.width * request.height >= TILING_PIXELS

@@ -270,3 +270,30 @@ def test_python_api_runs_infiniteyou_with_the_finish(ctx, person, tmp_path):
     text = Image.open(tmp_path / "out" / Path(first["path"]).name).text["parameters"]
     assert "Distilled CFG Scale: 3.5" in text and "Sampler: Euler" in text
     assert len(result.results) == 2
+
+
+def test_int8_preset_runs_infiniteyou_end_to_end(tiny_home, person, tmp_path):
+    """A preset extending tiny-flux with runtime.quantize int8: transformer, T5 and InfuseNet
+    load 8-bit (optimum-quanto) and InfiniteYou still generates."""
+    from optimum.quanto import QLinear
+
+    preset = tmp_path / "flux-int8.yaml"
+    preset.write_text("extends: tiny-flux\nruntime: {quantize: int8}\n")
+    ctx8 = RunContext.create(tiny_home, preset=str(preset))
+    candidate = run(ctx8, request_for(ctx8, person, "infiniteyou"))[0]
+    assert candidate.image.shape == (SIZE, SIZE, 3)
+    from portrait.core.loaders import load_components
+    from portrait.stages.backends.infiniteyou import InfiniteYouPolicy, load_models
+
+    components = load_components(ctx8)
+    for module in (components["transformer"], components["text_encoder_2"], load_models(ctx8, InfiniteYouPolicy()).infusenet):
+        assert any(isinstance(m, QLinear) for m in module.modules())
+
+
+def test_flow_sampler_is_refused_on_sd(tiny_home, person):
+    sd = RunContext.create(tiny_home, preset="tiny")
+    policy = GeneratePolicy.from_preset(sd.preset)
+    req = resolve_request(person, policy, template=None, prompt="x", backend="faceid", n=1, seed=1,
+                          overrides={"width": SIZE, "height": SIZE, "steps": 1, "scheduler": "flow_euler"})
+    with pytest.raises(BadInput, match="flow_euler: a sampler for flux"):
+        run(sd, req)

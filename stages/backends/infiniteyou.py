@@ -101,13 +101,15 @@ def _projection(source):
 def load_models(ctx: RunContext, policy: InfiniteYouPolicy) -> InfiniteYouModels:
     """The variant's InfuseNet (kind "controlnet": a FluxControlNetModel folder) and its
     projection (kind "infiniteyou-projection"), both through the model door."""
-    from portrait.core.loaders import load_controlnet
+    from portrait.core.loaders import load_controlnet, quantize_module
 
     model_id = ctx.preset.model(VARIANTS[policy.variant])
     resolved = ctx.resolve(model_id)
     infusenet = load_controlnet(ctx, model_id)
     if infusenet.__class__.__name__ != "FluxControlNetModel":
         raise BadInput(f"model '{model_id}': its InfuseNetModel/ is not a FluxControlNetModel")
+    # runtime.quantize: the InfuseNet too, as InfiniteYou's --quantize_8bit does.
+    quantize_module(infusenet, str(ctx.preset.section("runtime").get("quantize", "none")))
     name = next(f for f in resolved.files if f.endswith("image_proj_model.bin"))
     return InfiniteYouModels(model_id, infusenet, load_model(ctx, model_id, "infiniteyou-projection", file=name))
 
@@ -225,6 +227,11 @@ class InfiniteYouBackend:
         tokens = id_tokens(models.projection, found.vectors)
         control, control_source = control_image(ctx, request, embed_policy, options.control_image)
         pipe = flux.load_flux_pipeline(ctx, request)
+        device = pipe._execution_device
+        if next(models.infusenet.parameters()).device != device:
+            # Under model CPU offload the door leaves ControlNets on the CPU for the pipeline's
+            # hooks; our loop calls the InfuseNet itself, so it sits with the transformer.
+            models.infusenet.to(device)
         msl = flux.max_sequence_length(ctx)
         info = {"identity_mode": "zero-shot", "model": model_info(ctx),
                 "adapter": {"id": models.model_id, "variant": policy.variant,
