@@ -1,7 +1,8 @@
 """Backend `photomaker` (SDXL): PhotoMaker v1 / v2 stacked ID embedding.
 
-The checkpoint is a `.bin` with exactly `id_encoder` and `lora_weights`. The ID encoder is
-a CLIP ViT-L image tower plus:
+The checkpoint is a `.bin` with exactly `id_encoder` and `lora_weights` (read through the model
+door; the network and its key detection are portrait/core/archs/photomaker.py). The ID encoder
+is a CLIP ViT-L image tower plus:
 
 - v1: pooled CLIP -> visual_projection (768) ++ visual_projection_2 (1024 -> 1280) = one
   2048-d token per photo;
@@ -15,11 +16,11 @@ a FuseModule merges each copy with one ID token; the trigger itself is dropped. 
 identity comes in. The checkpoint's LoRA is loaded as the PEFT adapter `photomaker`
 (next to the identity's own SDXL LoRA when the bundle has one).
 
-Written from PhotoMaker's published architecture (docs/ARCHITECTURE.md#adapter-formats), not its package: the
-tokenizer is not modified (the trigger is found in the text), and one code path serves
+Written from PhotoMaker's published architecture (docs/ARCHITECTURE.md#adapter-formats), not
+its package: the tokenizer is not modified (the trigger is found in the text), and one code path serves
 v1 and v2 with the token count read from the checkpoint (a known bug elsewhere used one
-count for both). Options: photomaker_version 1|2, trigger (img), start_merge_step (10, or
-style_strength as a fraction of the steps), id_mode all|mean|best, id_photos.
+count for both). Options (PhotoMakerOptions): photomaker_version 1|2, trigger (img),
+start_merge_step (or style_strength 0.2 as a fraction of the steps), id_mode all|mean|best, id_photos.
 """
 
 from __future__ import annotations
