@@ -6,6 +6,7 @@ only place models are built (an AST scan of the code base)."""
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -60,13 +61,20 @@ def test_a_second_load_is_the_same_object_built_once(home, adapter_file):
     assert BUILT == [adapter_file] and ctx.cache.loads == loads + 1
     wider = models.load(ctx, "ip-adapter-faceid-sd15", "test-door-linear", path=adapter_file, width=8)
     assert wider is not first and wider.in_features == 8 and len(BUILT) == 2  # the builder's args are in the key
-    # one key scheme: (resolved id, device, dtype, (kind, file, explicit path, args))
+    # one key scheme: (resolved id, device, dtype, (kind, file, explicit file stamp, args))
     spec_id = models.resolve(ctx, "ip-adapter-faceid-sd15", adapter_file).spec.id
-    assert CacheKey(spec_id, "cpu", "float32", ("test-door-linear", None, str(adapter_file), ())) in ctx.cache
-    assert CacheKey(spec_id, "cpu", "float32", ("test-door-linear", None, str(adapter_file), (("width", 8),))) in ctx.cache
+    stat = adapter_file.stat()
+    stamp = (str(adapter_file), stat.st_size, stat.st_mtime_ns)
+    assert CacheKey(spec_id, "cpu", "float32", ("test-door-linear", None, stamp, ())) in ctx.cache
+    assert CacheKey(spec_id, "cpu", "float32", ("test-door-linear", None, stamp, (("width", 8),))) in ctx.cache
+    # the user's file replaced at the same path: built again, not the old model
+    torch.save({"other": torch.zeros(1)}, adapter_file)
+    os.utime(adapter_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert models.load(ctx, "ip-adapter-faceid-sd15", "test-door-linear", path=adapter_file) is not first
+    assert len(BUILT) == 3
     # a fresh run context has its own cache: built again there
     models.load(RunContext.create(home, preset="tiny"), "ip-adapter-faceid-sd15", "test-door-linear", path=adapter_file)
-    assert len(BUILT) == 3
+    assert len(BUILT) == 4
 
 
 def test_real_kinds_share_the_door_cache(home):

@@ -16,7 +16,7 @@ written once, in this order:
 4. place and cache: modules go to ctx's device, cast to its dtype on CUDA (fp16/bf16;
    fp32 on CPU), left on the CPU for pipeline parts when the preset asks for offload, and
    the result is kept in ctx.cache under one key scheme:
-   `CacheKey(resolved id, device, dtype, (kind, file, explicit path, args))`.
+   `CacheKey(resolved id, device, dtype, (kind, file, explicit file stamp, args))`.
 
 A loading failure on a user's file (OSError, ValueError, KeyError, RuntimeError from the
 library) becomes one line naming the model, exit 2; a missing model is exit 3 naming
@@ -235,6 +235,15 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+def _stamp(explicit: Path | None) -> tuple | None:
+    """The user's own file by path, size and mtime: a long-lived cache (the service, a batch
+    runner) must not hand back the old model after the file at that path was replaced."""
+    if explicit is None:
+        return None
+    stat = explicit.stat()
+    return (str(explicit), stat.st_size, stat.st_mtime_ns)
+
+
 def load(ctx, model_id: str, kind: str, *, path: Path | str | None = None, file: str | None = None, **args: Any):
     """Resolve, verify, build, place and cache one model; the same object on every later call.
 
@@ -248,7 +257,7 @@ def load(ctx, model_id: str, kind: str, *, path: Path | str | None = None, file:
     resolved = resolve(ctx, model_id, path)  # every call: the run's bill of materials records it
     explicit = Path(path).expanduser() if path is not None else None
     source = Source(ctx, resolved, file, explicit)
-    key = cache_key(ctx, resolved.spec.id, kind, file, str(explicit) if explicit else None, _freeze(args))
+    key = cache_key(ctx, resolved.spec.id, kind, file, _stamp(explicit), _freeze(args))
 
     def factory():
         built = entry.build(source, **args)
@@ -256,10 +265,6 @@ def load(ctx, model_id: str, kind: str, *, path: Path | str | None = None, file:
 
     return ctx.cache.get(key, friendly(factory, model_id))
 
-
-def cached(ctx, model_id: str, kind: str, factory: Callable[[], Any], *variant: Any):
-    """Cache a composed object (loaders' base components) under the door's key scheme."""
-    return ctx.cache.get(cache_key(ctx, model_id, kind, *variant), friendly(factory, model_id))
 
 
 # --- ONNX ---------------------------------------------------------------------------------------
