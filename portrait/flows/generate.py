@@ -156,6 +156,7 @@ _BACKEND_ROLES = {
 
 def _preflight(ctx: RunContext, request: GenerationRequest) -> None:
     from portrait.core.licenses import preflight
+    from portrait.flows.finish import FinishPolicy
 
     options = request.options
     roles = list(_BACKEND_ROLES.get(request.backend, ()))
@@ -165,8 +166,7 @@ def _preflight(ctx: RunContext, request: GenerationRequest) -> None:
         version = str(options.get("photomaker_version", "2")).lstrip("v")
         roles += [f"photomaker_v{version}"] + (["face_pack_faceid"] if version == "2" else [])
     ids = [ctx.preset.models.get(role) for role in roles]
-    fuse = (ctx.preset.section("finish").get("fuse") or {}).get("method")
-    if fuse == "inswapper":
+    if FinishPolicy.from_preset(ctx.preset).fuse.method == "inswapper":
         ids.append("inswapper-128")
     preflight(ctx.registry, ids, ctx.settings.license)
 
