@@ -21,7 +21,7 @@ from pydantic import Field, StrictBool
 
 from portrait.core.cache import CacheKey
 from portrait.core.declare import policy_from
-from portrait.core.errors import BadInput, bad_file
+from portrait.core.errors import bad_file
 
 SIZE = 320  # U^2-Net's input side
 Level = Annotated[int, Field(ge=0, le=255)]

@@ -12,7 +12,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
-from portrait.core.declare import policy_from
 from portrait.core.types import FaceObservation
 
 
@@ -25,10 +24,6 @@ class CaptionPolicy:
     trigger: str = "sks"  # the identity's rare token in every caption and prompt
     class_word: str = "person"  # used when the face backend gives no gender/age
     template: str = field(default="a photo of {trigger} {class_word}", metadata={"key": "caption_template"})  # each training image's caption
-
-    @classmethod
-    def from_section(cls, section: dict, where: str = "preset prepare", shared=()) -> "CaptionPolicy":
-        return policy_from(cls, section, where, shared=shared)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from typing import Annotated, Callable, ClassVar, Iterator, Sequence
 import numpy as np
 from pydantic import Field
 
-from portrait.core.declare import policy_from
 from portrait.core.errors import BadInput, bad_file
 from portrait.core.io import read_bounded, read_input, special_kind
 from portrait.core.types import IngestRejection, Photo
@@ -38,10 +37,6 @@ class IngestPolicy:
     min_side: Annotated[int, Field(ge=1)] = 192  # px; a shorter side cannot give a usable face crop (`too_small`)
     duplicate_bits: Annotated[int, Field(ge=0, le=64)] = 5  # dHash distance at or below which two photos are one (`duplicate`)
     max_photos: Annotated[int, Field(ge=1)] = 500
-
-    @classmethod
-    def from_section(cls, section: dict, where: str = "preset prepare", shared=()) -> "IngestPolicy":
-        return policy_from(cls, section, where, shared=shared)
 
 
 @dataclass(frozen=True)

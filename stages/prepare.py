@@ -15,7 +15,6 @@ from typing import Annotated, Callable, ClassVar, Sequence
 import numpy as np
 from pydantic import Field
 
-from portrait.core.declare import policy_from
 from portrait.core.faces import ARCFACE_TEMPLATE, similarity_transform
 from portrait.core.types import FaceObservation, Photo
 
@@ -31,10 +30,6 @@ class PreparePolicy:
     resolution: Annotated[int, Field(ge=8, le=4096)] = 512  # px; the training crops' side
     face_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.42  # the keypoint template's 112-px box as a fraction of the crop width
     eye_height: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.40  # where the eyes sit, as a fraction of the crop height
-
-    @classmethod
-    def from_section(cls, section: dict, where: str = "preset prepare", shared=()) -> "PreparePolicy":
-        return policy_from(cls, section, where, shared=shared)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from typing import Annotated, ClassVar, Sequence
 import numpy as np
 from pydantic import Field
 
-from portrait.core.declare import policy_from
 from portrait.core.faces import SimilarityScale
 from portrait.core.types import FaceObservation, PhotoAssessment, PhotoScores
 
@@ -45,10 +44,6 @@ class RankPolicy:
     min_sharpness: Annotated[float, Field(ge=0.0, le=1.0)] = 0.15  # below is `blurry` (Laplacian variance on the face, mapped to [0, 1])
     min_exposure: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2  # below is `bad_exposure`
     trim_rounds: Annotated[int, Field(ge=0)] = 3  # outlier-trimming rounds of the identity consensus
-
-    @classmethod
-    def from_section(cls, section: dict, where: str = "preset prepare", shared=()) -> "RankPolicy":
-        return policy_from(cls, section, where, shared=shared)
 
 
 @dataclass(frozen=True)

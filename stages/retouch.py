@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import Field
 
 from portrait.core.declare import policy_from
-from portrait.core.errors import BadInput, bad_file
+from portrait.core.errors import bad_file
 from portrait.core.facemask import PARSED_SKIN, face_regions, feather, parsed_mask
 from portrait.core.types import FaceObservation
 

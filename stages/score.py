@@ -39,8 +39,6 @@ import numpy as np
 from pydantic import Field
 
 from portrait.core.cache import CacheKey
-from portrait.core.declare import from_preset, policy_from
-from portrait.core.errors import BadInput
 from portrait.core.faces import similarity
 from portrait.core.types import Candidate, CandidateScore, FaceObservation, FaceScore, RankedResult
 
@@ -67,14 +65,6 @@ class ScorePolicy:
     copy_min_photos: Annotated[int, Field(ge=0)] = 3  # fewer photos than this give no spread: the similarity test is off
     copy_kps_tolerance: Annotated[float, Field(ge=0.0)] = 0.015  # copy-paste: mean keypoint distance (fraction of image side) ...
     copy_crop_correlation: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.9  # ... and aligned-crop correlation at or above this
-
-    @classmethod
-    def from_section(cls, section: Mapping[str, Any], where: str = "preset score") -> "ScorePolicy":
-        return policy_from(cls, section, where)
-
-    @classmethod
-    def from_preset(cls, preset) -> "ScorePolicy":
-        return from_preset(cls, preset)
 
     def threshold_for(self, backend: str, default: float) -> float:
         """The gate threshold for a generation backend (a per-backend value wins)."""

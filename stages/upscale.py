@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Mapping, Sequence
+from typing import Annotated, ClassVar, Sequence
 
 import numpy as np
 from pydantic import Field
 
 from portrait.core.cache import CacheKey
-from portrait.core.declare import policy_from
 from portrait.core.errors import BadInput, ModelMissing, bad_file
 from portrait.core.types import FaceObservation
 
@@ -54,10 +53,6 @@ class UpscalePolicy:
     overlap: Annotated[int, Field(ge=0)] = 16  # context px on each side of a tile
     max_output_pixels: Annotated[int, Field(ge=1)] = 80_000_000  # refuse outputs larger than this (memory)
     restore_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5  # face restoration blend with the upscaled face
-
-    @classmethod
-    def from_section(cls, section: Mapping[str, Any], where: str = "preset finish.upscale") -> "UpscalePolicy":
-        return policy_from(cls, section, where)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import multiprocessing
 import os
 import signal
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Iterable
 
