@@ -92,7 +92,7 @@ class TrainPolicy:
     batch_size: Annotated[int, Field(ge=1, le=64)] = _option("--batch-size", 1)  # images per step
     resolution: Annotated[int, Field(ge=64, le=2048, multiple_of=8)] = _option("--resolution", 512)  # px, the prepare crops' size (the VAE works in 8-pixel blocks)
     flip: bool = True  # mirrored copies, cached with the originals
-    snr_gamma: Annotated[float, Field(gt=0)] | None = None  # Min-SNR loss weighting; null = plain MSE
+    snr_gamma: Annotated[float, Field(ge=0)] | None = None  # Min-SNR loss weighting; null or 0 = plain MSE
     noise_offset: Annotated[float, Field(ge=0)] = 0.0
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     gradient_checkpointing: Literal[True, False, "auto"] = _option("--gradient-checkpointing", "auto")  # auto: on CUDA with < 16 GB; never on CPU (it costs a forward)

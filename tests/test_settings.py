@@ -222,6 +222,8 @@ def test_override_errors_name_the_option_and_section_errors_name_the_file(tmp_pa
         TrainPolicy.from_section({}, resolution=100)
     with pytest.raises(BadInput, match=r"^--optimizer sgd: use one of adamw, adamw8bit, prodigy$"):
         TrainPolicy.from_section({}, optimizer="sgd")
+    with pytest.raises(BadInput, match=r"^preset train \(given\): unknown key 'rnak' \(known: alpha, "):
+        TrainPolicy.from_section({}, rnak=3)  # an override is checked by name too, never dropped
     bad = tmp_path / "bad.yaml"
     bad.write_text("extends: tiny\nfinish:\n  fuse: {skin_ratio: 1.5}\n")
     from portrait.flows.finish import FinishPolicy

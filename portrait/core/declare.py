@@ -129,6 +129,8 @@ def policy_from(cls: type[T], section: Mapping[str, Any] | None, where: str, *,
             value = policy_from(nested, value, f"{where}.{key}")
         values[name] = value
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else list(keys.values())
+    refuse_unknown(given, f"{where} (given)", names)  # pydantic would drop an unknown field silently
     values.update(given)
     try:
         return _adapter(cls).validate_python(values)
