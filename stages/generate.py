@@ -14,7 +14,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Mapping
+from typing import Annotated, Any, ClassVar, Iterable, Literal, Mapping
 
 from pydantic import Field
 
@@ -36,6 +36,8 @@ from portrait.stages.templates import COMPOSITIONS, CONTROL_NAMES, Template
 class GeneratePolicy:
     """The preset's `generate` section (the declaration: type, default, bounds)."""
 
+    SECTION: ClassVar[str] = "generate"
+
     backend: str = "lora"
     style: str = "business"  # default style template
     photo_template: str = "hopper"  # default photo template for the template backend
@@ -49,7 +51,7 @@ class GeneratePolicy:
     lora_weight: float = 0.9
     negative: str = ""  # appended to every negative prompt
     face_backend: str = "dlib"  # to find faces in photo templates
-    memory: dict[str, Any] = field(default_factory=dict)  # vae_slicing/vae_tiling/offload: auto|true|false
+    memory: dict[Literal["vae_slicing", "vae_tiling", "batch", "offload"], Any] = field(default_factory=dict)  # auto: decided from free VRAM on CUDA; true/false forces (batch: candidates per call, auto or a number)
     # Limits, checked before anything is allocated (`--size 40000x40000` would ask for gigabytes).
     max_side: Annotated[int, Field(ge=8)] = 2048  # px, width and height each
     max_pixels: Annotated[int, Field(ge=64)] = 2048 * 2048  # width x height

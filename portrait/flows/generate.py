@@ -158,11 +158,11 @@ def _preflight(ctx: RunContext, request: GenerationRequest) -> None:
     """The preset roles the backend declares it loads (BackendSpec.models), checked against the
     license policy before the base model is loaded (the backend resolves them again)."""
     from portrait.core.licenses import preflight
+    from portrait.flows.finish import FinishPolicy
 
     roles = list(gen.backend_spec(request.backend).model_roles(request))
     ids = [ctx.preset.models.get(role) for role in roles]
-    fuse = (ctx.preset.section("finish").get("fuse") or {}).get("method")
-    if fuse == "inswapper":
+    if FinishPolicy.from_preset(ctx.preset).fuse.method == "inswapper":
         ids.append("inswapper-128")
     preflight(ctx.registry, ids, ctx.settings.license)
 

@@ -260,6 +260,14 @@ def create_app(service: StudioService, workers: Any = None) -> FastAPI:
         data, media = service.template_preview(name)
         return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600"})
 
+    @app.get("/v1/presets", tags=["catalogue"])
+    def presets(t: str = Depends(tenant)) -> list[dict[str, Any]]:
+        return service.presets()
+
+    @app.get("/v1/presets/{name}", tags=["catalogue"])
+    def preset(name: str, t: str = Depends(tenant)) -> dict[str, Any]:
+        """Every setting of every section: key, type, default, bounds, help, this preset's value."""
+        return service.preset(name)
     @app.get("/v1/backends", tags=["catalogue"])
     def backends(t: str = Depends(tenant)) -> list[dict[str, Any]]:
         """The generation backends (the backend table), each with its options' JSON schema."""

@@ -87,9 +87,11 @@ def item_fraction(row: ItemRow, progress: dict[str, Any] | None) -> float:
 class StudioService:
     def __init__(self, settings: Settings, policy: ServicePolicy | None = None,
                  studio_policy: StudioPolicy | None = None, wake: Callable[[], None] | None = None):
-        preset = load_preset(settings.preset)
+        from portrait.preset_schema import load
+
+        preset = load(settings.preset)  # the whole preset file against the declarations
         self.settings = settings
-        self.policy = policy or ServicePolicy.from_section(preset.section("service"))
+        self.policy = policy or ServicePolicy.from_preset(preset)
         self.studio_policy = studio_policy or StudioPolicy.from_preset(preset)
         self.root = settings.home / "service"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -137,10 +139,11 @@ class StudioService:
         return self.identity_view(self._identity(tenant, identity_id))
 
     def _prepare(self, identity_id: str, folder: Path, screened: Screened, stored: dict[str, str]) -> dict[str, Any]:
-        from portrait.flows.prepare import prepare, write_contact_sheet
+        from portrait.core.declare import from_preset
+        from portrait.flows.prepare import PREPARE_READERS, PrepareFlowPolicy, prepare, write_contact_sheet
 
         rows: dict[str, dict[str, Any]] = {row["path"]: row for row in screened.rejected}
-        minimum = int(load_preset(self.settings.preset).section("prepare").get("min_photos", 3))
+        minimum = from_preset(PrepareFlowPolicy, load_preset(self.settings.preset), shared=PREPARE_READERS).min_photos
         if stored:
             with self._ctx_lock:
                 ctx = self.context()
@@ -470,6 +473,20 @@ class StudioService:
         if name not in self._cards:
             self._cards[name] = _card(template)
         return self._cards[name], "image/png"
+
+    def presets(self) -> list[dict[str, Any]]:
+        from portrait.preset_schema import catalogue
+
+        return catalogue()
+
+    def preset(self, name: str) -> dict[str, Any]:
+        """A shipped preset's declared schema and values (never a file path from the request)."""
+        from portrait.core.config import available_presets
+        from portrait.preset_schema import show
+
+        if name not in available_presets():
+            raise NotFound(f"preset '{name}' not found")
+        return show(name)
 
     def models(self) -> list[dict[str, Any]]:
         from portrait.core.registry import Registry, model_table
