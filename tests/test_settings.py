@@ -35,6 +35,7 @@ NOT_FROM_A_PRESET = {
     "InstantIDPolicy": "request options, declared in portrait.core.options.BackendOptions",
     "PhotoMakerPolicy": "request options, declared in portrait.core.options.BackendOptions",
     "TemplatePolicy": "request options, declared in portrait.core.options.BackendOptions",
+    "InfiniteYouPolicy": "request options, declared by stages/backends/infiniteyou.py InfiniteYouOptions",
 }
 
 

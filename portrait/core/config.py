@@ -179,6 +179,7 @@ class RuntimePolicy:
     SECTION: ClassVar[str] = "runtime"
 
     precision: Literal["auto", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    quantize: Literal["none", "int8", "fp8"] = "none"  # FLUX: 8-bit transformer/T5/InfuseNet weights (optimum-quanto)
 
     @classmethod
     def from_preset(cls, preset: Preset) -> "RuntimePolicy":
