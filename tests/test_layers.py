@@ -173,6 +173,22 @@ def private_reaches(importer: str, source: str, is_package: bool, modules: set[s
     return bad
 
 
+BACKENDS = "portrait.stages.backends"
+
+
+def backend_crossings(imports: list[Import]) -> list[str]:
+    """A backend importing another backend (the table in the package's __init__ may name them all)."""
+    bad = []
+    for imp in imports:
+        mine = imp.importer[len(BACKENDS) + 1:].split(".")[0] if imp.importer.startswith(BACKENDS + ".") else None
+        targets = [imp.target] + [f"{imp.target}.{n}" for n in imp.names]
+        for target in targets:
+            theirs = target[len(BACKENDS) + 1:].split(".")[0] if target.startswith(BACKENDS + ".") else None
+            if mine and theirs and theirs != mine:
+                bad.append(f"{imp.importer}:{imp.line}: backend {mine} imports backend {theirs}")
+    return bad
+
+
 def registry_makers() -> list[Import]:
     """The tiny-model makers presets/models.yaml names: imported by portrait.core.tiny."""
     import yaml
@@ -202,6 +218,7 @@ def check(modules: dict[str, tuple[str, bool]], extra: list[Import] = ()) -> lis
         imports += imports_of(name, source, is_package)
         problems += private_reaches(name, source, is_package, names)
     problems += upward_imports(imports)
+    problems += backend_crossings(imports)
     # an import of a portrait module that does not exist is a typo the layer check would miss
     for imp in imports:
         if imp.how != "from" and imp.target not in names:
@@ -245,6 +262,8 @@ def _tree(**extra: str) -> dict[str, tuple[str, bool]]:
         "portrait.core.io": ("def write(): pass\n", False),
         "portrait.stages": ("", True),
         "portrait.stages.controls": ("def _private(): pass\ndef public(): pass\n", False),
+        "portrait.stages.backends": ("", True),
+        "portrait.stages.backends.two": ("class Two: pass\n", False),
         "portrait.flows": ("", True),
         "portrait.flows.generate": ("from portrait.stages.controls import public\n", False),
         "portrait.cli": ("", True),
@@ -274,6 +293,9 @@ def test_checker_passes_a_clean_tree():
      "reaches into portrait.stages.controls._private"),
     ("portrait.stages.bad", "import importlib\nimportlib.import_module('portrait.stages.contrlos')\n",
      "portrait.stages.contrlos, which is not a module"),
+    ("portrait.stages.backends.one", "from portrait.stages.backends import two\n", "backend one imports backend two"),
+    ("portrait.stages.backends.one", "def f():\n    from portrait.stages.backends.two import Two\n",
+     "backend one imports backend two"),
 ])
 def test_checker_fails_on_a_forbidden_import(module, source, expected):
     problems = check(_tree(**{module: source}))
