@@ -11,6 +11,10 @@ config folder), or an explicit `--base PATH`. Loaded weights live in `ctx.cache`
   them, exactly as with diffusers' `from_pipe`;
 - `load_controlnet`, `load_vae` load and cache one model each.
 
+All three go through the model door (portrait.core.models: resolve, verify, cache under one key):
+this module holds the door's "components", "vae" and "controlnet" builders (`build_*`), i.e. the
+diffusers-specific part of turning files into modules.
+
 Placement comes from `ctx.placement`: fp32 on CPU, fp16/bf16 on CUDA (with the fp16-fix
 VAE the sdxl preset names), `enable_model_cpu_offload` when placement.offload.
 """
@@ -23,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .cache import CacheKey
+from . import models
 from .config import presets_root
 from .errors import BadInput, ModelMissing, PortraitError, bad_file
 from .io import atomic_dir
 from .registry import ResolvedModel
-from .tiny.tokenizer import EOS, write_clip_tokenizer
+from .tokenizers import EOS, write_clip_tokenizer
 
 KINDS = ("txt2img", "img2img", "inpaint")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -92,14 +96,6 @@ def _family(ctx, resolved: ResolvedModel | None, family: str | None) -> str:
     return chosen
 
 
-def _key(ctx, model_id: str, variant: Any = None) -> CacheKey:
-    return CacheKey(model_id, ctx.placement.device, ctx.placement.dtype_name, variant)
-
-
-def _resolve(ctx, model_id: str, explicit: Path | None = None) -> ResolvedModel:
-    if explicit is not None:
-        return ctx.registry.resolve(model_id, ctx.settings, tiny=ctx.preset.tiny, explicit=Path(explicit))
-    return ctx.resolve(model_id)
 
 
 def _weights_file(resolved: ResolvedModel) -> Path | None:
@@ -119,39 +115,9 @@ def _variant(folder: Path) -> str | None:
     return "fp16" if not plain and any(".fp16." in n for n in names) else None
 
 
-def _dtype(ctx):
-    return ctx.placement.dtype
-
-
-def verified_file(ctx, resolved: ResolvedModel, name: str | None = None) -> Path:
-    """A model file whose sha256 matches the registry (when the registry knows it), cached per file."""
-    from .io import sha256_file
-
-    path = resolved.file(name) if name else resolved.path
-    if not path.is_file():
-        raise ModelMissing(resolved.spec.id, detail=f"{path.name} is absent")
-    expected = resolved.spec.sha256.get(name or path.name)
-    if expected and resolved.origin != "tiny":
-        stat = path.stat()
-        digest = ctx.cache.get(CacheKey(f"sha256:{path}", "", "", (stat.st_size, stat.st_mtime_ns)), lambda: sha256_file(path))
-        if digest != expected:
-            raise bad_file(path, f"sha256 {digest[:12]} does not match the registry ({expected[:12]}); re-download it")
-    return path
-
-
-def load_torch_file(ctx, resolved: ResolvedModel, name: str | None = None) -> dict:
-    """A pickle checkpoint (.bin/.pth/.ckpt): hash-checked, then `torch.load(weights_only=True)`."""
-    import torch
-
-    path = verified_file(ctx, resolved, name)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt or non-tensor pickle is the user's file, not our bug
-        raise bad_file(path, f"cannot be read as a weights-only torch checkpoint ({exc.__class__.__name__})") from exc
+# The door's checks, under the names this module has always had (tests and callers use them).
+verified_file = models.verify
+load_torch_file = models.read_weights
 
 
 # --- config folders for single files -------------------------------------------------
@@ -202,20 +168,23 @@ def _copy_tree(source, target: Path) -> None:
 
 
 def load_vae(ctx, model_id: str, explicit: Path | None = None):
-    """An AutoencoderKL from a folder (config.json + weights) or a single file."""
+    """An AutoencoderKL, through the model door (kind "vae")."""
+    return models.load(ctx, model_id, "vae", path=explicit)
 
-    def factory():
-        from diffusers import AutoencoderKL
 
-        resolved = _resolve(ctx, model_id, explicit)
-        file = _weights_file(resolved)
-        if file is not None:
-            config = single_file_config(ctx, resolved, resolved.spec.family or ctx.preset.family)
-            return _place(ctx, AutoencoderKL.from_single_file(str(file), config=str(config), subfolder="vae",
-                                                              torch_dtype=_dtype(ctx), local_files_only=True))
-        return _place(ctx, AutoencoderKL.from_pretrained(resolved.root, torch_dtype=_dtype(ctx), variant=_variant(resolved.root)))
+def build_vae(source: models.Source):
+    """The door's "vae" builder: a folder (config.json + weights) or a single file."""
+    from diffusers import AutoencoderKL
 
-    return ctx.cache.get(_key(ctx, model_id, ("vae", str(explicit) if explicit else None)), _friendly(factory, model_id))
+    resolved = source.resolved
+    file = _weights_file(resolved)
+    if file is not None:
+        if file.suffix in PICKLE_SUFFIXES:
+            models.verify(source.ctx, resolved, file.name)  # diffusers loads pickles weights-only; hash first
+        config = single_file_config(source.ctx, resolved, resolved.spec.family or source.ctx.preset.family)
+        return AutoencoderKL.from_single_file(str(file), config=str(config), subfolder="vae", torch_dtype=source.dtype,
+                                              local_files_only=True)
+    return AutoencoderKL.from_pretrained(resolved.root, torch_dtype=source.dtype, variant=_variant(resolved.root))
 
 
 def _controlnet_folder(resolved: ResolvedModel) -> Path:
@@ -224,46 +193,28 @@ def _controlnet_folder(resolved: ResolvedModel) -> Path:
 
 
 def load_controlnet(ctx, model_id: str, explicit: Path | None = None):
-    """A ControlNetModel: a folder (maybe an fp16 variant, maybe in a subfolder like
+    """A ControlNetModel (InstantID's IdentityNet too), through the model door (kind "controlnet")."""
+    return models.load(ctx, model_id, "controlnet", path=explicit)
+
+
+def build_controlnet(source: models.Source):
+    """The door's "controlnet" builder: a folder (maybe an fp16 variant, maybe in a subfolder like
     InstantID's ControlNetModel/) or a single ControlNet-v1-1 file with its config."""
+    from diffusers import ControlNetModel
 
-    def factory():
-        from diffusers import ControlNetModel
-
-        resolved = _resolve(ctx, model_id, explicit)
-        file = _weights_file(resolved)
-        if file is not None:
-            config = single_file_config(ctx, resolved, resolved.spec.family or "sd15", name="configs/controlnet-sd15")
-            model = ControlNetModel.from_single_file(str(file), config=str(config), torch_dtype=_dtype(ctx),
-                                                     local_files_only=True)
-        else:
-            folder = _controlnet_folder(resolved)
-            model = ControlNetModel.from_pretrained(folder, torch_dtype=_dtype(ctx), variant=_variant(folder))
-        return _place(ctx, model.eval())
-
-    return ctx.cache.get(_key(ctx, model_id, ("controlnet", str(explicit) if explicit else None)), _friendly(factory, model_id))
+    ctx, resolved = source.ctx, source.resolved
+    file = _weights_file(resolved)
+    if file is not None:
+        if file.suffix in PICKLE_SUFFIXES:
+            models.verify(ctx, resolved, file.name)
+        config = single_file_config(ctx, resolved, resolved.spec.family or "sd15", name="configs/controlnet-sd15")
+        return ControlNetModel.from_single_file(str(file), config=str(config), torch_dtype=source.dtype,
+                                                local_files_only=True)
+    folder = _controlnet_folder(resolved)
+    return ControlNetModel.from_pretrained(folder, torch_dtype=source.dtype, variant=_variant(folder))
 
 
-def _place(ctx, module):
-    """Move a module to the device unless offload will manage it."""
-    if ctx.placement.offload:
-        return module
-    return module.to(ctx.placement.device)
-
-
-def _friendly(factory, model_id: str):
-    """Turn a loader's failure on a user's file into one line (exit 2), not a traceback."""
-
-    def run():
-        try:
-            return factory()
-        except PortraitError:
-            raise
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            raise BadInput(f"model '{model_id}': cannot load ({exc.__class__.__name__}: {first[:300]})") from exc
-
-    return run
+_friendly = models.friendly
 
 
 # --- bases --------------------------------------------------------------------------------
@@ -326,30 +277,29 @@ def load_components(ctx, model_id: str | None = None, *, family: str | None = No
     """
     model_id = model_id or ctx.preset.model("base")
     explicit = Path(base_path) if base_path else None
-    resolved = _resolve(ctx, model_id, explicit)
+    resolved = models.resolve(ctx, model_id, explicit)
     fam = _family(ctx, resolved, family)
     vae_id = _default_vae_id(ctx, fam) if vae == "auto" else vae
+    return models.load(ctx, model_id, "components", path=explicit, family=fam, vae=vae_id, requested=model_id)
 
-    def factory() -> Components:
-        dtype = _dtype(ctx)
-        file = _weights_file(resolved)
-        if file is not None:
-            modules = _single_file_components(ctx, resolved, file, fam, dtype)
-        else:
-            modules = _folder_components(resolved, fam, dtype)
-        if vae_id:
-            modules["vae"] = load_vae(ctx, vae_id)
-        if not ctx.placement.offload:
-            for name, module in modules.items():
-                if hasattr(module, "to") and not name.startswith(("tokenizer", "scheduler")):
-                    module.to(ctx.placement.device)
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-            if name in modules:
-                modules[name].eval()
-        return Components(model_id, fam, modules, file or resolved.root)
 
-    variant = ("components", str(explicit) if explicit else None, vae_id)
-    return ctx.cache.get(_key(ctx, model_id, variant), _friendly(factory, model_id))
+def build_components(source: models.Source, family: str, vae_id: str | None, requested: str | None = None) -> Components:
+    """The door's "components" builder: a single file or a diffusers folder, placed and in eval."""
+    ctx, resolved = source.ctx, source.resolved
+    file = _weights_file(resolved)
+    if file is not None:
+        modules = _single_file_components(ctx, resolved, file, family, source.dtype)
+    else:
+        modules = _folder_components(resolved, family, source.dtype)
+    if vae_id:
+        modules["vae"] = load_vae(ctx, vae_id)
+    for name, module in modules.items():
+        if not name.startswith(("tokenizer", "scheduler")):
+            modules[name] = models.place(ctx, module, cast=False, offloaded=True)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if name in modules:
+            modules[name].eval()
+    return Components(requested or source.model_id, family, modules, file or resolved.root)
 
 
 def _build(cls, components: Components, extra: Mapping[str, Any]):
