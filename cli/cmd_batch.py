@@ -43,8 +43,10 @@ def run(
 ) -> None:
     """Submit SPEC (only items not in the store yet are added) and run it to the end."""
     from portrait.core.interrupt import signal_of
+    from portrait.preset_schema import load
     from portrait.studio.spec import load_spec
 
+    load(ctx.obj.preset)  # the whole preset file against the declarations (exit 2)
     load_spec(spec)  # a bad spec is refused before the store is created
     studio = _studio(ctx, store)
     try:

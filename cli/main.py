@@ -18,8 +18,8 @@ import typer
 from portrait.core.config import Settings
 from portrait.core.errors import ENVIRONMENT_ERRNOS, Interrupted, OutputFailed, PortraitError, output_failed
 
-from . import (cmd_batch, cmd_demo, cmd_doctor, cmd_eval, cmd_generate, cmd_models, cmd_prepare, cmd_serve,
-               cmd_templates, cmd_train)
+from . import (cmd_batch, cmd_demo, cmd_doctor, cmd_eval, cmd_generate, cmd_models, cmd_prepare, cmd_presets,
+               cmd_serve, cmd_templates, cmd_train)
 
 app = typer.Typer(
     name="portrait",
@@ -47,10 +47,18 @@ def main(
         quiet_libraries()
     ctx.obj = Settings().with_(home=home.expanduser() if home else None, preset=preset, device=device, debug=debug,
                                license=check_policy(license) if license else None)
+    if ctx.invoked_subcommand in PRESET_COMMANDS:
+        from portrait.preset_schema import load
+
+        load(ctx.obj.preset)  # the whole preset file against the declarations, before any work (exit 2)
 
 
-for module in (cmd_prepare, cmd_train, cmd_generate, cmd_templates, cmd_batch, cmd_models, cmd_demo, cmd_doctor,
-               cmd_eval, cmd_serve):
+# The commands that run with the --preset: its file is checked whole before they start.
+PRESET_COMMANDS = ("prepare", "train", "generate", "eval")  # batch run and serve check it as they start
+
+
+for module in (cmd_prepare, cmd_train, cmd_generate, cmd_templates, cmd_presets, cmd_batch, cmd_models, cmd_demo,
+               cmd_doctor, cmd_eval, cmd_serve):
     module.register(app)
 
 

@@ -13,30 +13,34 @@ a large set of packages for what is ten lines here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Mapping
 
 import numpy as np
+from pydantic import Field, StrictBool
 
-from portrait.core.errors import BadInput, bad_file
+from portrait.core.declare import policy_from
+from portrait.core.errors import bad_file
 from portrait.core.models import builder
 
 SIZE = 320  # U^2-Net's input side
+Level = Annotated[int, Field(ge=0, le=255)]
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 @dataclass(frozen=True)
 class BackgroundPolicy:
-    whiten: bool = False
-    color: tuple[int, int, int] = (255, 255, 255)
+    """The background settings of the preset's `prepare` section (the declaration: type, default, bounds)."""
+
+    SECTION: ClassVar[str] = "prepare"
+
+    whiten: StrictBool = field(default=False, metadata={"key": "whiten_background"})  # white background behind the person in the training crops (U^2-Net mask, as EasyPhoto/FaceChain)
+    color: tuple[Level, Level, Level] = field(default=(255, 255, 255), metadata={"key": "background_color"})  # RGB of the whitened background
 
     @classmethod
-    def from_section(cls, section: Mapping[str, Any]) -> "BackgroundPolicy":
-        value = section.get("whiten_background", False)
-        if not isinstance(value, bool):
-            raise BadInput(f"preset prepare.whiten_background must be true or false, got {value!r}")
-        return cls(whiten=value)
+    def from_section(cls, section: Mapping[str, Any], where: str = "preset prepare", shared=()) -> "BackgroundPolicy":
+        return policy_from(cls, section, where, shared=shared)
 
 
 @dataclass

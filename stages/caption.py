@@ -9,27 +9,21 @@ FaceChain do, so prompts at generation time can use "{trigger} {class}".
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Sequence
 
 from portrait.core.types import FaceObservation
 
 
 @dataclass(frozen=True)
 class CaptionPolicy:
-    trigger: str = "sks"
-    class_word: str = "person"  # used when the backend gives no gender
-    template: str = "a photo of {trigger} {class_word}"
+    """The caption settings of the preset's `prepare` section (the declaration: type, default, bounds)."""
 
-    SECTION_KEYS = ("trigger", "class_word", "caption_template")  # `template` is `caption_template` in a preset
+    SECTION: ClassVar[str] = "prepare"
 
-    @classmethod
-    def from_section(cls, section: dict, where: str = "preset prepare", shared=()) -> "CaptionPolicy":
-        from portrait.core.declare import refuse_unknown, validate
-
-        refuse_unknown(section, where, cls.SECTION_KEYS, *shared)
-        names = {"trigger": "trigger", "class_word": "class_word", "caption_template": "template"}
-        return validate(cls, {field: section[key] for key, field in names.items() if key in section}, where)
+    trigger: str = "sks"  # the identity's rare token in every caption and prompt
+    class_word: str = "person"  # used when the face backend gives no gender/age
+    template: str = field(default="a photo of {trigger} {class_word}", metadata={"key": "caption_template"})  # each training image's caption
 
 
 @dataclass(frozen=True)

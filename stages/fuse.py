@@ -19,17 +19,17 @@ the caller's job, so one analyzer (cached) serves every stage.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
+from pydantic import Field
 
+from portrait.core.declare import policy_from
 from portrait.core.errors import BadInput, bad_file
 from portrait.core.faces import similarity_transform
 from portrait.core.facemask import PARSED_FACE, FaceRegions, face_regions, feather, parsed_mask, regions_from_points
 from portrait.core.types import FaceObservation
 
-BLENDS = ("poisson", "feather")
-METHODS = ("blend", "inswapper")
 MIN_FACE_PX = 16
 
 
@@ -37,26 +37,19 @@ MIN_FACE_PX = 16
 class FusePolicy:
     """Settings from the preset's `finish.fuse` section (a template may override them)."""
 
-    method: str = "blend"  # blend (landmark warp + masks) | inswapper (the optional ONNX swapper, non-commercial)
-    skin_ratio: float = 0.6  # share of the reference's skin in the result
-    feature_ratio: float = 1.0  # share of the reference's eyes, brows, nose and mouth
-    keep_target_lips: bool = False
-    blend: str = "poisson"  # poisson | feather
-    color_transfer: bool = True
-    feather: float = 1 / 14  # alpha edge softness as a fraction of the face size
+    SECTION: ClassVar[str] = "finish.fuse"
+
+    method: Literal["blend", "inswapper"] = "blend"  # blend (landmark warp + masks) | inswapper (the optional ONNX swapper, non-commercial)
+    skin_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.6  # share of the reference's skin in the result
+    feature_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0  # share of the reference's eyes, brows, nose and mouth
+    keep_target_lips: bool = False  # keep the generated mouth instead of the reference's
+    blend: Literal["poisson", "feather"] = "poisson"  # poisson (seamless clone) | feather (alpha blend)
+    color_transfer: bool = True  # match the reference face's colours to the target's skin first
+    feather: Annotated[float, Field(ge=0.0)] = 1 / 14  # alpha edge softness as a fraction of the face size
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any], where: str = "preset finish.fuse") -> "FusePolicy":
-        from portrait.core.declare import policy_from
-
-        policy = policy_from(cls, section, where)
-        if policy.method not in METHODS:
-            raise BadInput(f"preset finish.fuse.method: '{policy.method}' is not one of {', '.join(METHODS)}")
-        if policy.blend not in BLENDS:
-            raise BadInput(f"preset finish.fuse.blend: '{policy.blend}' is not one of {', '.join(BLENDS)}")
-        if not 0.0 <= policy.skin_ratio <= 1.0 or not 0.0 <= policy.feature_ratio <= 1.0:
-            raise BadInput("preset finish.fuse: skin_ratio and feature_ratio must be in [0, 1]")
-        return policy
+        return policy_from(cls, section, where)
 
 
 @dataclass(frozen=True)

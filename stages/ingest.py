@@ -14,9 +14,10 @@ import io
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Annotated, Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
+from pydantic import Field
 
 from portrait.core.errors import BadInput, bad_file
 from portrait.core.io import read_bounded, read_input, special_kind
@@ -27,17 +28,15 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".h
 
 @dataclass(frozen=True)
 class IngestPolicy:
-    max_pixels: int = 80_000_000  # decompression-bomb guard (a 40 MP phone photo passes)
-    max_file_bytes: int = 200_000_000  # per file or zip member
-    min_side: int = 192  # shorter side below this cannot give a usable face crop
-    duplicate_bits: int = 5  # perceptual-hash Hamming distance at or below which two photos are one
-    max_photos: int = 500
+    """The ingest settings of the preset's `prepare` section (the declaration: type, default, bounds)."""
 
-    @classmethod
-    def from_section(cls, section: dict, where: str = "preset prepare", shared=()) -> "IngestPolicy":
-        from portrait.core.declare import policy_from
+    SECTION: ClassVar[str] = "prepare"
 
-        return policy_from(cls, section, where, shared=shared)
+    max_pixels: Annotated[int, Field(ge=1)] = 80_000_000  # decompression-bomb guard: bigger photos are `too_large` (a 40 MP phone photo passes)
+    max_file_bytes: Annotated[int, Field(ge=1)] = 200_000_000  # per file or zip member
+    min_side: Annotated[int, Field(ge=1)] = 192  # px; a shorter side cannot give a usable face crop (`too_small`)
+    duplicate_bits: Annotated[int, Field(ge=0, le=64)] = 5  # dHash distance at or below which two photos are one (`duplicate`)
+    max_photos: Annotated[int, Field(ge=1)] = 500
 
 
 @dataclass(frozen=True)

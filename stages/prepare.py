@@ -10,9 +10,10 @@ the photo are filled by edge replication rather than black, which a LoRA would l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Annotated, Callable, ClassVar, Sequence
 
 import numpy as np
+from pydantic import Field
 
 from portrait.core.faces import ARCFACE_TEMPLATE, similarity_transform
 from portrait.core.types import FaceObservation, Photo
@@ -22,15 +23,13 @@ ImageHook = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class PreparePolicy:
-    resolution: int = 512
-    face_fraction: float = 0.42  # the keypoint template's 112-px box as a fraction of the crop width
-    eye_height: float = 0.40  # where the eyes sit, as a fraction of the crop height
+    """The crop settings of the preset's `prepare` section (the declaration: type, default, bounds)."""
 
-    @classmethod
-    def from_section(cls, section: dict, where: str = "preset prepare", shared=()) -> "PreparePolicy":
-        from portrait.core.declare import policy_from
+    SECTION: ClassVar[str] = "prepare"
 
-        return policy_from(cls, section, where, shared=shared)
+    resolution: Annotated[int, Field(ge=8, le=4096)] = 512  # px; the training crops' side
+    face_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.42  # the keypoint template's 112-px box as a fraction of the crop width
+    eye_height: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.40  # where the eyes sit, as a fraction of the crop height
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Annotated, ClassVar, Sequence
 
 import numpy as np
+from pydantic import Field
 
 from portrait.core.faces import SimilarityScale
 from portrait.core.types import FaceObservation, PhotoAssessment, PhotoScores
@@ -32,19 +33,17 @@ from .analyze import FaceQuality, PhotoAnalysis
 
 @dataclass(frozen=True)
 class RankPolicy:
-    top_k: int = 15
-    min_face_px: int = 64  # the face box's shorter side in the original photo
-    max_yaw: float = 45.0
-    max_pitch: float = 35.0
-    min_sharpness: float = 0.15
-    min_exposure: float = 0.2
-    trim_rounds: int = 3
+    """The ranking settings of the preset's `prepare` section (the declaration: type, default, bounds)."""
 
-    @classmethod
-    def from_section(cls, section: dict, where: str = "preset prepare", shared=()) -> "RankPolicy":
-        from portrait.core.declare import policy_from
+    SECTION: ClassVar[str] = "prepare"
 
-        return policy_from(cls, section, where, shared=shared)
+    top_k: Annotated[int, Field(ge=1)] = 15  # photos kept for training, best first
+    min_face_px: Annotated[int, Field(ge=1)] = 64  # the face box's shorter side in the original photo; smaller is `face_too_small`
+    max_yaw: Annotated[float, Field(ge=0.0, le=180.0)] = 45.0  # degrees; beyond is `bad_pose`
+    max_pitch: Annotated[float, Field(ge=0.0, le=180.0)] = 35.0  # degrees; beyond is `bad_pose`
+    min_sharpness: Annotated[float, Field(ge=0.0, le=1.0)] = 0.15  # below is `blurry` (Laplacian variance on the face, mapped to [0, 1])
+    min_exposure: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2  # below is `bad_exposure`
+    trim_rounds: Annotated[int, Field(ge=0)] = 3  # outlier-trimming rounds of the identity consensus
 
 
 @dataclass(frozen=True)

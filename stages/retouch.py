@@ -11,33 +11,32 @@ returned exactly as it came in.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, ClassVar, Mapping, Sequence
 
 import numpy as np
+from pydantic import Field
 
-from portrait.core.errors import BadInput, bad_file
+from portrait.core.declare import policy_from
+from portrait.core.errors import bad_file
 from portrait.core.facemask import PARSED_SKIN, face_regions, feather, parsed_mask
 from portrait.core.types import FaceObservation
 
 
 @dataclass(frozen=True)
 class RetouchPolicy:
-    """Settings from the preset's `finish.retouch` section."""
+    """Settings from the preset's `finish.retouch` section (the declaration: type, default, bounds)."""
 
-    strength: float = 0.5  # 0 = untouched, 1 = fully smoothed skin
-    texture: float = 0.35  # share of the fine detail (pores) kept in the smoothed skin
-    sigma_color: float = 20.0  # bilateral range sigma in 8-bit levels: larger merges more tones
-    smoothing: float = 1 / 45  # bilateral spatial sigma as a fraction of the face size
-    feather: float = 1 / 30  # mask edge softness as a fraction of the face size
+    SECTION: ClassVar[str] = "finish.retouch"
+
+    strength: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5  # 0 = untouched, 1 = fully smoothed skin
+    texture: Annotated[float, Field(ge=0.0, le=1.0)] = 0.35  # share of the fine detail (pores) kept in the smoothed skin
+    sigma_color: Annotated[float, Field(gt=0.0)] = 20.0  # bilateral range sigma in 8-bit levels: larger merges more tones
+    smoothing: Annotated[float, Field(gt=0.0)] = 1 / 45  # bilateral spatial sigma as a fraction of the face size
+    feather: Annotated[float, Field(ge=0.0)] = 1 / 30  # mask edge softness as a fraction of the face size
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any], where: str = "preset finish.retouch") -> "RetouchPolicy":
-        from portrait.core.declare import policy_from
-
-        policy = policy_from(cls, section, where)
-        if not 0.0 <= policy.strength <= 1.0 or not 0.0 <= policy.texture <= 1.0:
-            raise BadInput("preset finish.retouch: strength and texture must be in [0, 1]")
-        return policy
+        return policy_from(cls, section, where)
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
+from pydantic import Field
 
-from portrait.core.errors import BadInput
 from portrait.core.faces import similarity
 from portrait.core.models import builder
 from portrait.core.types import Candidate, CandidateScore, FaceObservation, FaceScore, RankedResult
@@ -49,33 +49,22 @@ _LORA_TAG = re.compile(r"<lora:[^>]*>")
 class ScorePolicy:
     """Settings from the preset's `score` section."""
 
-    threshold: float | None = None  # gate threshold; None = the face backend's same-person threshold
-    thresholds: dict[str, float] = field(default_factory=dict)  # per generation backend
-    expected_faces: int = 1
-    min_face_fraction: float = 0.01  # face box area / image area
-    max_face_fraction: float = 0.9
-    reference_weight: float = 0.25  # ranking: share of reference similarity next to consensus similarity
-    clip_weight: float = 0.0  # ranking: share of CLIP-T next to identity
-    budget: int = 4  # the gate generates at most this many extra candidates
-    rounds: int = 2  # ... in at most this many rounds
-    rank_space: str = "independent"  # independent | conditioning: which space ranks and gates
+    SECTION: ClassVar[str] = "score"
+
+    threshold: float | None = None  # gate threshold; null = the face backend's same-person threshold (dlib 0.5, insightface 0.3)
+    thresholds: dict[str, float] = field(default_factory=dict)  # per generation backend, e.g. {instantid: 0.4}
+    expected_faces: Annotated[int, Field(ge=0)] = 1  # faces a candidate should show
+    min_face_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01  # face box area / image area
+    max_face_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9
+    reference_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.25  # ranking: share of reference similarity next to consensus similarity
+    clip_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # ranking: share of CLIP-T next to identity
+    budget: Annotated[int, Field(ge=0)] = 4  # the gate generates at most this many extra candidates
+    rounds: Annotated[int, Field(ge=0)] = 2  # ... in at most this many rounds
+    rank_space: Literal["independent", "conditioning"] = "independent"  # the embedding space that ranks and gates
     copy_margin: float = 0.02  # copy-paste: similarity to one photo above the identity's own max + this
-    copy_min_photos: int = 3  # fewer photos than this give no spread: the similarity test is off
-    copy_kps_tolerance: float = 0.015  # copy-paste: mean keypoint distance (fraction of image side) ...
-    copy_crop_correlation: float = 0.9  # ... and aligned-crop correlation at or above this
-
-    @classmethod
-    def from_section(cls, section: Mapping[str, Any], where: str = "preset score") -> "ScorePolicy":
-        from portrait.core.declare import policy_from
-
-        policy = policy_from(cls, section, where)
-        if policy.budget < 0 or policy.rounds < 0:
-            raise BadInput("preset score: budget and rounds must be >= 0")
-        if not 0.0 <= policy.reference_weight <= 1.0 or not 0.0 <= policy.clip_weight <= 1.0:
-            raise BadInput("preset score: reference_weight and clip_weight must be in [0, 1]")
-        if policy.rank_space not in ("independent", "conditioning"):
-            raise BadInput(f"preset score: rank_space '{policy.rank_space}' is not independent or conditioning")
-        return policy
+    copy_min_photos: Annotated[int, Field(ge=0)] = 3  # fewer photos than this give no spread: the similarity test is off
+    copy_kps_tolerance: Annotated[float, Field(ge=0.0)] = 0.015  # copy-paste: mean keypoint distance (fraction of image side) ...
+    copy_crop_correlation: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.9  # ... and aligned-crop correlation at or above this
 
     def threshold_for(self, backend: str, default: float) -> float:
         """The gate threshold for a generation backend (a per-backend value wins)."""

@@ -40,10 +40,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Annotated, Any, Callable, ClassVar, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
+from pydantic import Field
 
+from portrait.core.declare import policy_from
 from portrait.core.errors import BadInput, PortraitError
 from portrait.core.formats.lora import (TEXT_COMPONENTS, TEXT_TARGETS, UNET_TARGETS, kohya_state, read_lora_file,
                                         save_diffusers_lora, save_kohya_lora)
@@ -54,12 +56,14 @@ from portrait.stages.train_state import (CheckpointRecord, TrainEvent, completed
                                          prepare_workdir, read_checkpoint_meta, restore_rng, run_params, save_checkpoint)
 
 
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
-MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+Optimizer = Literal["adamw", "adamw8bit", "prodigy"]
+MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
+LearningRate = Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _option(name: str, default: Any) -> Any:
+    """A field that a `portrait train` option also sets: an override's error names the option."""
+    return field(default=default, metadata={"option": name})
 
 
 # --- values ---------------------------------------------------------------------------
@@ -67,83 +71,52 @@ def _number(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class TrainPolicy:
-    """The `train` section of a preset (defaults documented in presets/sd15.yaml)."""
+    """The `train` section of a preset (the declaration: type, default, bounds). Every key is
+    overridable; the ones `portrait train` takes as options name the option in their errors."""
 
-    rank: int = 32
-    alpha: float = 16.0
-    learning_rate: float = 1e-4
-    text_encoder_lr: float = 5e-5
-    train_text_encoder: bool = False
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    steps: int | None = None  # explicit step count; else steps_per_photo x photos, clamped
-    steps_per_photo: int = 100
-    min_steps: int = 200
-    max_steps: int = 800
-    batch_size: int = 1
-    resolution: int = 512
-    flip: bool = True
-    snr_gamma: float | None = None  # Min-SNR weighting; None = plain MSE
-    noise_offset: float = 0.0
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool | str = "auto"  # auto: on CUDA with < 16 GB; never on CPU (it costs a forward)
-    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | prodigy (prodigyopt)
-    mixed_precision: str = "auto"  # auto (fp16/bf16 per placement on CUDA, fp32 on CPU) | no | fp16 | bf16
+    SECTION: ClassVar[str] = "train"
+
+    rank: Annotated[int, Field(ge=1)] = _option("--rank", 32)  # LoRA rank (EasyPhoto 128, FaceChain 4)
+    alpha: Annotated[float, Field(gt=0, allow_inf_nan=False)] = _option("--alpha", 16.0)  # lora_alpha; the LoRA's scale is alpha / rank
+    learning_rate: LearningRate = _option("--lr", 1e-4)  # UNet LoRA (EasyPhoto 1e-4); Prodigy: 1.0
+    text_encoder_lr: LearningRate = _option("--text-encoder-lr", 5e-5)
+    train_text_encoder: bool = _option("--train-text-encoder", False)  # EasyPhoto trains it; costs one text-encoder pass per step
+    lr_scheduler: str = "constant"  # a diffusers get_scheduler name
+    lr_warmup_steps: Annotated[int, Field(ge=0)] = 0
+    steps: Annotated[int, Field(ge=1)] | None = _option("--steps", None)  # explicit step count; else steps_per_photo x photos, clamped
+    steps_per_photo: Annotated[int, Field(ge=1)] = 100  # steps = clamp(steps_per_photo x photos, min_steps, max_steps)
+    min_steps: Annotated[int, Field(ge=1)] = 200
+    max_steps: Annotated[int, Field(ge=1)] = 800  # EasyPhoto: min(200 x photos, 800)
+    batch_size: Annotated[int, Field(ge=1, le=64)] = _option("--batch-size", 1)  # images per step
+    resolution: Annotated[int, Field(ge=64, le=2048, multiple_of=8)] = _option("--resolution", 512)  # px, the prepare crops' size (the VAE works in 8-pixel blocks)
+    flip: bool = True  # mirrored copies, cached with the originals
+    snr_gamma: Annotated[float, Field(ge=0)] | None = None  # Min-SNR loss weighting; null or 0 = plain MSE
+    noise_offset: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    gradient_checkpointing: Literal[True, False, "auto"] = _option("--gradient-checkpointing", "auto")  # auto: on CUDA with < 16 GB; never on CPU (it costs a forward)
+    optimizer: Optimizer = _option("--optimizer", "adamw")  # adamw (fused) | adamw8bit (bitsandbytes) | prodigy (prodigyopt; learning-rate free, use lr 1.0)
+    mixed_precision: MixedPrecision = _option("--mixed-precision", "auto")  # auto (fp16/bf16 per runtime.precision on CUDA, fp32 on CPU) | no | fp16 | bf16
     seed: int = 0
-    unet_targets: tuple[str, ...] = UNET_TARGETS
-    text_targets: tuple[str, ...] = TEXT_TARGETS
-    checkpoint_every: int = 100
-    validation_prompts: tuple[str, ...] = ("a close-up photo of {trigger} {class}, looking at the camera",)
+    unet_targets: tuple[str, ...] = UNET_TARGETS  # UNet modules that get a LoRA
+    text_targets: tuple[str, ...] = TEXT_TARGETS  # text-encoder modules that get a LoRA
+    checkpoint_every: Annotated[int, Field(ge=1)] = 100  # LoRA + optimizer + RNG, atomically; --resume continues from the last one
+    validation_prompts: tuple[str, ...] = ("a close-up photo of {trigger} {class}, looking at the camera",)  # rendered at each checkpoint with fixed seeds, scored by face similarity
     validation_negative: str = "blurry, lowres, deformed"
     validation_seeds: tuple[int, ...] = (1, 2)
-    validation_steps: int = 20
-    validation_guidance: float = 6.0
-    selection: str = "average"  # average (EasyPhoto) | best | last
-    select_top_images: int = 10  # average the checkpoints behind the best N validation images
-    prior_preservation: bool = False
-    prior_loss_weight: float = 1.0
-    class_images: int = 50
+    validation_steps: Annotated[int, Field(ge=1)] = 20
+    validation_guidance: Annotated[float, Field(ge=0)] = 6.0
+    selection: Literal["average", "best", "last"] = "average"  # average (EasyPhoto: mean of the checkpoints behind the best images) | best | last
+    select_top_images: Annotated[int, Field(ge=1)] = 10  # average the checkpoints behind the best N validation images
+    prior_preservation: bool = False  # DreamBooth class images from the base model (cached in HOME/cache)
+    prior_loss_weight: Annotated[float, Field(ge=0)] = 1.0
+    class_images: Annotated[int, Field(ge=0)] = 50
     class_prompt: str = "a photo of a {class}"
-    class_steps: int = 25
-    keep_checkpoints: bool = False
+    class_steps: Annotated[int, Field(ge=1)] = 25
+    keep_checkpoints: bool = False  # keep HOME/identities/.NAME.work after a successful run
 
     @classmethod
-    def from_section(cls, section: Mapping[str, Any], **overrides: Any) -> "TrainPolicy":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise BadInput(f"preset train section: unknown keys {', '.join(unknown)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        policy = cls(**values)
-        policy.check()
-        return policy
-
-    def check(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise BadInput(f"--rank {self.rank}: must be a whole number of at least 1")
-        if not _number(self.alpha) or self.alpha <= 0:
-            raise BadInput(f"--alpha {self.alpha}: must be a number above 0")
-        for option, value in (("--lr", self.learning_rate), ("--text-encoder-lr", self.text_encoder_lr)):
-            if not _number(value) or not 0 < value <= 10:
-                raise BadInput(f"{option} {value}: must be a number above 0 and at most 10")
-        if self.steps is not None and self.steps < 1:
-            raise BadInput(f"--steps {self.steps}: must be at least 1")
-        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 64:
-            raise BadInput(f"--batch-size {self.batch_size}: must be a whole number from 1 to 64")
-        if not isinstance(self.resolution, int) or not 64 <= self.resolution <= 2048 or self.resolution % 8:
-            raise BadInput(f"--resolution {self.resolution}: must be a multiple of 8 from 64 to 2048 "
-                           "(the VAE works in 8-pixel blocks)")
-        if self.optimizer not in OPTIMIZERS:
-            raise BadInput(f"--optimizer {self.optimizer}: use one of {', '.join(OPTIMIZERS)}")
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            raise BadInput(f"--mixed-precision {self.mixed_precision}: use one of {', '.join(MIXED_PRECISIONS)}")
-        if self.gradient_checkpointing not in (True, False, "auto"):
-            raise BadInput(f"preset train.gradient_checkpointing '{self.gradient_checkpointing}': use true, false or auto")
-        if self.selection not in ("average", "best", "last"):
-            raise BadInput(f"preset train.selection '{self.selection}': use average, best or last")
-        if self.checkpoint_every < 1:
-            raise BadInput("preset train.checkpoint_every: must be at least 1")
+    def from_section(cls, section: Mapping[str, Any], where: str = "preset train", **overrides: Any) -> "TrainPolicy":
+        return policy_from(cls, section, where, overrides=overrides)
 
     def total_steps(self, n_photos: int) -> int:
         """EasyPhoto's rule: steps grow with the photo count, clamped to a range."""

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Annotated, ClassVar, Sequence
 
 import numpy as np
+from pydantic import Field
 
 from portrait.core.errors import BadInput, ModelMissing, bad_file
 from portrait.core.models import builder
@@ -44,23 +45,14 @@ SIGNED_RANGE_ARCHES = ("GFPGAN", "RestoreFormer", "CodeFormer")
 class UpscalePolicy:
     """Settings from the preset's `finish.upscale` section."""
 
-    outscale: float = 2.0  # final scale; the model's native scale is resized to it
-    blend: float = 0.5  # weight of the SR result against a plain Lanczos resize
-    tile: int = 256  # input tile side in px (0 = whole image in one pass)
-    overlap: int = 16  # context px on each side of a tile
-    max_output_pixels: int = 80_000_000  # refuse outputs larger than this (memory)
-    restore_weight: float = 0.5  # face restoration blend with the upscaled face
+    SECTION: ClassVar[str] = "finish.upscale"
 
-    @classmethod
-    def from_section(cls, section: Mapping[str, Any], where: str = "preset finish.upscale") -> "UpscalePolicy":
-        from portrait.core.declare import policy_from
-
-        policy = policy_from(cls, section, where)
-        if not 0.0 <= policy.blend <= 1.0 or not 0.0 <= policy.restore_weight <= 1.0:
-            raise BadInput("preset finish.upscale: blend and restore_weight must be in [0, 1]")
-        if policy.outscale <= 0 or policy.tile < 0 or policy.overlap < 0:
-            raise BadInput("preset finish.upscale: outscale must be > 0, tile and overlap >= 0")
-        return policy
+    outscale: Annotated[float, Field(gt=0.0)] = 2.0  # final scale; the model's native scale is resized to it
+    blend: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5  # weight of the SR result against a plain Lanczos resize
+    tile: Annotated[int, Field(ge=0)] = 256  # input tile side in px (0 = whole image in one pass)
+    overlap: Annotated[int, Field(ge=0)] = 16  # context px on each side of a tile
+    max_output_pixels: Annotated[int, Field(ge=1)] = 80_000_000  # refuse outputs larger than this (memory)
+    restore_weight: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5  # face restoration blend with the upscaled face
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ def test_tiny_segmenter_whitens_what_it_calls_background(ctx):
     out = bg.whiten(image, mask)
     assert np.abs(out[:, :56].astype(int) - image[:, :56]).max() <= 26
     assert out[:, 72:].min() >= 229  # near white
-    with pytest.raises(BadInput, match="whiten_background must be true or false"):
+    with pytest.raises(BadInput, match="whiten_background: input should be a valid boolean"):
         bg.BackgroundPolicy.from_section({"whiten_background": "yes"})
 
 

@@ -207,12 +207,23 @@ def test_catalogue_health_and_docs(studio):
     assert photo.headers["content-type"] == "image/jpeg" and photo.content[:2] == b"\xff\xd8"
     assert card.headers["content-type"] == "image/png" and card.content[:4] == b"\x89PNG"
     assert client.get("/v1/templates/../../etc/preview", headers=a).status_code == 404
+    presets = {p["name"]: p for p in client.get("/v1/presets", headers=a).json()}
+    assert presets["tiny"]["tiny"] is True and presets["sdxl"]["family"] == "sdxl"
+    shown = client.get("/v1/presets/sd15", headers=a).json()
+    rank = next(row for row in shown["sections"]["train"] if row["key"] == "rank")
+    assert (rank["type"], rank["default"], rank["bounds"], rank["value"]) == ("int", 32, ">= 1", 64)
+    from portrait.preset_schema import show
+
+    assert shown == show("sd15")  # the same document `portrait presets show sd15 --json` prints
+    for name in ("nope", "..%2F..%2Fetc%2Fx.yaml", "%2Ftmp%2Fx.yaml"):
+        assert client.get(f"/v1/presets/{name}", headers=a).status_code == 404
     models = {m["id"]: m for m in client.get("/v1/models", headers=a).json()}
     assert models and all({"present", "license", "size_mb"} <= set(m) for m in models.values())
     assert client.get("/healthz").json()["status"] == "ok"
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/v1/identities", "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/zip", "/v1/models"} <= set(paths)
+    assert {"/v1/identities", "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/zip", "/v1/models",
+            "/v1/presets/{name}"} <= set(paths)
     page = client.get("/")
     assert page.status_code == 200 and "portrait studio" in page.text and "/static/app.js" in page.text
     assert client.get("/static/app.js").status_code == 200

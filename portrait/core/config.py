@@ -2,8 +2,13 @@
 
 A preset is YAML in presets/ (data, not code). It may `extends:` another preset and
 override only what differs. Each stage reads its own section (`prepare`, `train`,
-`generate`, `finish`, `score`, `studio`) into its own small policy object, so a preset
-can grow a field without touching this file.
+`generate`, `finish`, `score`, `studio`, `service`, `runtime`) into its own small policy
+object, a frozen dataclass that is the declaration of those settings (type, default, bounds;
+portrait.core.declare), so a preset states only what differs from the declared defaults.
+
+This module checks the file itself (top-level keys, each section a mapping); every section's
+keys are checked against their declarations when the policies are built, and all of them at
+once by `portrait.presets.load` (the front doors) and `portrait presets show`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import os
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -64,6 +69,7 @@ class Preset:
     sections: dict[str, dict[str, Any]]
     description: str = ""
     license: str | None = None  # a preset may demand a license policy (e.g. commercial)
+    source: str = ""  # the file as messages name it: presets/tiny.yaml, or the user's own file
 
     def section(self, name: str) -> dict[str, Any]:
         return dict(self.sections.get(name, {}))
@@ -103,7 +109,7 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 # The top-level keys a preset may hold: its identity, and one section per stage.
 PRESET_KEYS = ("name", "family", "tiny", "models", "description", "extends", "license")
-PRESET_SECTIONS = ("runtime", "prepare", "train", "generate", "finish", "score", "studio")
+PRESET_SECTIONS = ("runtime", "prepare", "train", "generate", "finish", "score", "studio", "service")
 
 
 def _preset_file(name: str) -> tuple[Any, str]:
@@ -130,12 +136,18 @@ def _read_preset_yaml(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
         raise BadInput(f"{label}: unreadable preset ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise BadInput(f"{label}: not a mapping")
-    unknown = sorted(str(k) for k in data if k not in PRESET_KEYS + PRESET_SECTIONS)
-    if unknown:
-        raise BadInput(f"{label}: unknown key(s) {', '.join(unknown)} (known: {', '.join(PRESET_KEYS + PRESET_SECTIONS)})")
-    for key in PRESET_SECTIONS:
+    from .declare import refuse_unknown
+
+    refuse_unknown(data, label, PRESET_KEYS + PRESET_SECTIONS)
+    for key in PRESET_SECTIONS + ("models",):
         if key in data and not isinstance(data[key], dict):
             raise BadInput(f"{label}: `{key}` must be a mapping")
+    for key in ("tiny",):
+        if key in data and not isinstance(data[key], bool):
+            raise BadInput(f"{label}: `{key}` must be true or false (got {data[key]!r})")
+    for role, model_id in (data.get("models") or {}).items():
+        if not isinstance(model_id, str):
+            raise BadInput(f"{label}: models.{role} must be a registry id (got {model_id!r})")
     parent = data.pop("extends", None)
     if parent:
         return deep_merge(_read_preset_yaml(str(parent), seen + (name,)), data)
@@ -156,4 +168,20 @@ def load_preset(name: str) -> Preset:
         sections={k: v for k, v in data.items() if k not in reserved and isinstance(v, dict)},
         description=str(data.get("description", "")),
         license=str(data["license"]) if data.get("license") else None,
+        source=_preset_file(name)[1],
     )
+
+
+@dataclass(frozen=True)
+class RuntimePolicy:
+    """The preset's `runtime` section."""
+
+    SECTION: ClassVar[str] = "runtime"
+
+    precision: Literal["auto", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+
+    @classmethod
+    def from_preset(cls, preset: Preset) -> "RuntimePolicy":
+        from .declare import from_preset
+
+        return from_preset(cls, preset)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .cache import ModelCache
-from .config import Preset, Settings, load_preset
+from .config import Preset, RuntimePolicy, Settings, load_preset
 from .device import Placement, placement
 from .registry import Registry, ResolvedModel
 
@@ -40,7 +40,7 @@ class RunContext:
         chosen = load_preset(preset or settings.preset)
         # the stricter of the user's --license and the preset's `license:` holds for the whole run
         settings = settings.with_(license=strictest(settings.license, chosen.license))
-        precision = chosen.section("runtime").get("precision", "auto")
+        precision = RuntimePolicy.from_preset(chosen).precision
         return cls(
             settings=settings,
             preset=chosen,

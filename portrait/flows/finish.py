@@ -26,11 +26,12 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, Sequence, get_args
 
 import numpy as np
 
 from portrait.core.bundle import load_identity
+from portrait.core.declare import from_preset
 from portrait.core.errors import BadInput, ModelMissing, bad_file
 from portrait.core.faces import FaceAnalyzer, make_analyzer, pick_backend
 from portrait.core.formats.images import read_rgb
@@ -42,7 +43,8 @@ from portrait.stages import retouch as retouch_stage
 from portrait.stages import score as score_stage
 from portrait.stages import upscale as upscale_stage
 
-STAGES = ("fuse", "retouch", "upscale", "restore", "score", "clip")
+Stage = Literal["fuse", "retouch", "upscale", "restore", "score", "clip"]
+STAGES: tuple[str, ...] = get_args(Stage)
 SWAPPER = "inswapper-128"
 SWAP_SPACE = "insightface:buffalo_l"
 
@@ -77,32 +79,22 @@ class FinishSwitches:
 
 @dataclass(frozen=True)
 class FinishPolicy:
-    """The preset's `finish` and `score` sections, as the stages' policies."""
+    """The preset's `finish` section (with its fuse/retouch/upscale sections) and the `score`
+    section, as the stages' policies (the declaration: type, default, bounds)."""
 
-    face_backend: str = "auto"
-    face_parsing: bool = True  # use the registry's face parser for skin and face masks when present
+    SECTION: ClassVar[str] = "finish"
+
+    face_backend: str = "auto"  # auto: insightface when a real pack is present, else dlib
+    face_parsing: bool = True  # BiSeNet skin/face masks (hair, glasses excluded) when present; landmarks otherwise
     fuse: fuse_stage.FusePolicy = field(default_factory=fuse_stage.FusePolicy)
     retouch: retouch_stage.RetouchPolicy = field(default_factory=retouch_stage.RetouchPolicy)
     upscale: upscale_stage.UpscalePolicy = field(default_factory=upscale_stage.UpscalePolicy)
-    score: score_stage.ScorePolicy = field(default_factory=score_stage.ScorePolicy)
-    switches: Mapping[str, bool] = field(default_factory=dict)
+    score: score_stage.ScorePolicy = field(default_factory=score_stage.ScorePolicy, metadata={"section": "score"})
+    switches: dict[Stage, bool] = field(default_factory=dict)  # which stages run (FinishSwitches' defaults when absent); templates and CLI flags override
 
     @classmethod
     def from_preset(cls, preset) -> "FinishPolicy":
-        from portrait.core.declare import refuse_unknown
-
-        section = preset.section("finish")
-        where = f"preset '{preset.name}' finish"
-        refuse_unknown(section, where, cls)
-        return cls(
-            face_backend=str(section.get("face_backend", "auto")),
-            face_parsing=bool(section.get("face_parsing", True)),
-            fuse=fuse_stage.FusePolicy.from_section(section.get("fuse", {}) or {}, f"{where}.fuse"),
-            retouch=retouch_stage.RetouchPolicy.from_section(section.get("retouch", {}) or {}, f"{where}.retouch"),
-            upscale=upscale_stage.UpscalePolicy.from_section(section.get("upscale", {}) or {}, f"{where}.upscale"),
-            score=score_stage.ScorePolicy.from_section(preset.section("score"), f"preset '{preset.name}' score"),
-            switches=dict(section.get("switches", {}) or {}),
-        )
+        return from_preset(cls, preset)
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,16 @@ input with kept/rejected and the reason). Returns a PrepareResult holding the Tr
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Annotated, Any, Callable, ClassVar, Sequence
 
 import numpy as np
+from pydantic import Field
 
 from portrait.core.config import Settings
 from portrait.core.context import RunContext
+from portrait.core.declare import policy_from, preset_label
 from portrait.core.errors import BadInput
 from portrait.core.faces import INSIGHTFACE_PACKS, FaceAnalyzer, make_analyzer
 from portrait.core.errors import Interrupted, OutputFailed
@@ -52,7 +54,19 @@ class PrepareResult:
         return self.out / "contact_sheet.png"
 
 
-FLOW_KEYS = ("face_backend", "face_options", "min_photos", "whiten_background")  # the prepare section keys this flow reads itself
+@dataclass(frozen=True)
+class PrepareFlowPolicy:
+    """The keys of the preset's `prepare` section this flow reads itself (the declaration)."""
+
+    SECTION: ClassVar[str] = "prepare"
+
+    face_backend: str = "auto"  # auto: insightface when its pack is present, else dlib
+    face_options: dict[str, Any] = field(default_factory=dict)  # e.g. {landmarks68: false}: dlib without the non-commercial 68-point model
+    min_photos: Annotated[int, Field(ge=1)] = 3  # fewer usable photos than this: exit 2, with the report
+
+
+# Every declaration that reads the `prepare` section: the section is checked against their union.
+PREPARE_READERS = (IngestPolicy, RankPolicy, PreparePolicy, CaptionPolicy, BackgroundPolicy, PrepareFlowPolicy)
 
 
 def prepare(photos: Sequence[str | Path] | str | Path, out: str | Path, *, settings: Settings | None = None,
@@ -73,26 +87,26 @@ def prepare(photos: Sequence[str | Path] | str | Path, out: str | Path, *, setti
         section["top_k"] = top_k
     if whiten_background is not None:
         section["whiten_background"] = whiten_background
-    policies = check_section(section, f"preset '{ctx.preset.name}' prepare")
+    policies = check_section(section, f"{preset_label(ctx.preset)} prepare")
     out = Path(out).expanduser()
     check_out(out, inputs, marker="report.json", what="prepare")
-    background = BackgroundPolicy.from_section(section)
+    background = policies["background"]
     segmenter = load_segmenter(ctx, ctx.preset.model("background_segmenter")) if background.whiten else None
     try:
-        return _prepare(ctx, inputs, out, section, policies, face_backend, progress, hooks, extra_backends,
-                        segmenter, background)
+        return _prepare(ctx, inputs, out, policies, face_backend, progress, hooks, extra_backends, segmenter)
     except KeyboardInterrupt as exc:
         if isinstance(exc, Interrupted):
             raise
         raise Interrupted(f"prepare stopped; nothing written to {out}", signal_of(exc)) from None
 
 
-def _prepare(ctx: RunContext, inputs: list, out: Path, section: dict, policies: dict, face_backend: str | None,
+def _prepare(ctx: RunContext, inputs: list, out: Path, policies: dict, face_backend: str | None,
              progress, hooks: PrepareHooks, extra_backends: Sequence[str] | None,
-             segmenter: Segmenter | None = None, background: BackgroundPolicy = BackgroundPolicy()) -> PrepareResult:
+             segmenter: Segmenter | None = None) -> PrepareResult:
     # the analyzer first: a missing or license-refused face model stops before any work.
     # preset `prepare.face_options`, e.g. {landmarks68: false} for the CC0-only dlib models
-    analyzer = make_analyzer(ctx, face_backend or section.get("face_backend", "auto"), **section.get("face_options", {}))
+    flow: PrepareFlowPolicy = policies["flow"]
+    analyzer = make_analyzer(ctx, face_backend or flow.face_backend, **flow.face_options)
     ingested = ingest(inputs, policies["ingest"], progress)
     analyses = analyze(ingested.photos, analyzer, progress)
     ranking = rank(analyses, analyzer.scale, policies["rank"])
@@ -100,7 +114,7 @@ def _prepare(ctx: RunContext, inputs: list, out: Path, section: dict, policies: 
     report = build_report(assessments, ranking, out)
     if segmenter is not None:  # recorded only when on: the default report keeps its documented shape (docs/ARCHITECTURE.md#report-json)
         report["background"] = {"whitened": True, "model": segmenter.model_id, "license": segmenter.license}
-    minimum = int(section.get("min_photos", 3))
+    minimum = flow.min_photos
     passed = sum(a.status == "kept" for a in assessments)
 
     staging = staging_for(out)
@@ -112,7 +126,7 @@ def _prepare(ctx: RunContext, inputs: list, out: Path, section: dict, policies: 
             publish_dir(staging, out)
             raise BadInput(f"{', '.join(str(i) for i in inputs)}: only {passed} usable photo(s), need {minimum} "
                            f"({summarize_reasons(assessments)}; see {out / 'report.json'})")
-        training_set = write_training_set(staging, ranking, section, hooks, progress, segmenter, background)
+        training_set = write_training_set(staging, ranking, policies, hooks, progress, segmenter)
         consensus = {ranking.space: ranking.consensus}
         for backend in _extra_backends(ctx, analyzer, extra_backends):
             extra = consensus_in_space(make_analyzer(ctx, backend), ranking.kept)
@@ -128,22 +142,14 @@ def _prepare(ctx: RunContext, inputs: list, out: Path, section: dict, policies: 
     return PrepareResult(out, training_set, report, analyzer.backend)
 
 
-def check_section(section: dict, where: str) -> dict[str, Any]:
-    """The whole prepare section against every policy that reads it (a typo such as `treshold:`
-    is refused with the known keys), and each policy built from its own keys."""
-    from portrait.core.declare import refuse_unknown
+PREPARE_NAMES = ("ingest", "rank", "prepare", "caption", "background", "flow")
 
-    refuse_unknown(section, where, IngestPolicy, RankPolicy, PreparePolicy, CaptionPolicy.SECTION_KEYS, FLOW_KEYS)
-    if not isinstance(section.get("face_options", {}) or {}, dict):
-        raise BadInput(f"{where}: face_options must be a mapping")
-    min_photos = section.get("min_photos", 3)
-    if isinstance(min_photos, bool) or not isinstance(min_photos, int) or min_photos < 1:
-        raise BadInput(f"{where}: min_photos must be a whole number >= 1 (got {min_photos!r})")
-    everything = (IngestPolicy, RankPolicy, PreparePolicy, CaptionPolicy.SECTION_KEYS, FLOW_KEYS)
-    return {"ingest": IngestPolicy.from_section(section, where, everything),
-            "rank": RankPolicy.from_section(section, where, everything),
-            "prepare": PreparePolicy.from_section(section, where, everything),
-            "caption": CaptionPolicy.from_section(section, where, everything)}
+
+def check_section(section: dict, where: str) -> dict[str, Any]:
+    """The whole prepare section against every declaration that reads it (a typo such as
+    `treshold:` is refused with the known keys), and each policy built from its own keys."""
+    return {name: policy_from(cls, section, where, shared=PREPARE_READERS)
+            for name, cls in zip(PREPARE_NAMES, PREPARE_READERS)}
 
 
 def check_out(out: Path, inputs: Sequence[str | Path], *, marker: str, what: str) -> None:
@@ -196,12 +202,12 @@ def build_report(assessments: Sequence[PhotoAssessment], ranking: Ranking, out: 
     }
 
 
-def write_training_set(out: Path, ranking: Ranking, section: dict, hooks: PrepareHooks,
-                       progress: Callable[[str, float, float], None] | None, segmenter: Segmenter | None = None,
-                       background: BackgroundPolicy = BackgroundPolicy()) -> TrainingSet:
-    everything = (IngestPolicy, RankPolicy, PreparePolicy, CaptionPolicy.SECTION_KEYS, FLOW_KEYS)
-    policy = PreparePolicy.from_section(section, shared=everything)
-    captions = caption([a.face for a in ranking.kept], CaptionPolicy.from_section(section, shared=everything))
+def write_training_set(out: Path, ranking: Ranking, policies: dict[str, Any], hooks: PrepareHooks,
+                       progress: Callable[[str, float, float], None] | None,
+                       segmenter: Segmenter | None = None) -> TrainingSet:
+    policy: PreparePolicy = policies["prepare"]
+    background: BackgroundPolicy = policies["background"]
+    captions = caption([a.face for a in ranking.kept], policies["caption"])
     crops = prepare_crops([(a.photo, a.face) for a in ranking.kept], policy, hooks)
     images, kept_photos = [], []
     for i, (assessment, crop, text) in enumerate(zip(ranking.kept, crops, captions.texts)):

@@ -31,7 +31,7 @@ from portrait.core.cache import ModelCache
 from portrait.core.config import Settings
 from portrait.core.context import RunContext
 from portrait.core.errors import ENVIRONMENT_ERRNOS, BadInput, Interrupted, OutputFailed
-from portrait.core.declare import validate
+from portrait.core.declare import from_preset
 from portrait.core.interrupt import signal_of
 from portrait.core.formats.images import read_rgb
 from portrait.core.io import discard_dir, publish_dir, sha256_file, sync_tree
@@ -118,9 +118,8 @@ def _train_locked(ctx: RunContext, photos, name: str, *, overrides: dict[str, An
     # Every setting is checked before any work starts.
     policy: TrainPolicy | None = None
     if not zero_shot:
-        policy = TrainPolicy.from_section(ctx.preset.section("train"), **overrides)
-        # Types and shapes against the declaration (a `learning_rate: fast` would fail deep in torch).
-        policy = validate(TrainPolicy, dataclasses.asdict(policy), f"preset '{ctx.preset.name}' train")
+        # Types and bounds against the declaration (a `learning_rate: fast` would fail deep in torch).
+        policy = from_preset(TrainPolicy, ctx.preset, overrides=overrides)
         check_runtime(policy, ctx.placement.device, ctx.placement.dtype_name)
     work = settings.identities_dir / f".{name}.work"
     if not resume and work.exists():

@@ -6,26 +6,35 @@ files on the user's own disk): a portrait session needs 5-20 photos of a few MB 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, ClassVar
+
+from pydantic import Field
+
+from portrait.core.declare import from_preset
+
+Positive = Annotated[int, Field(ge=1)]
 
 
 @dataclass(frozen=True)
 class ServicePolicy:
-    max_file_bytes: int = 25_000_000  # one photo (or one zip member), as stored
-    max_files: int = 60  # photos per identity, after zips are expanded
-    max_pixels: int = 50_000_000  # per photo, read from the header before decoding
-    max_request_bytes: int = 300_000_000  # the whole multipart body
-    max_zip_ratio: float = 200.0  # uncompressed / compressed size above which a member is a bomb
-    max_zip_members: int = 1000  # entries in one archive, directories included
-    max_prompt_chars: int = 2000
-    max_count: int = 64  # images per generation job
-    progress_every: float = 0.25  # seconds between progress writes of a running item
+    """The preset's `service` section (the declaration: type, default, bounds)."""
+
+    SECTION: ClassVar[str] = "service"
+
+    max_file_bytes: Positive = 25_000_000  # one photo (or one zip member), as stored
+    max_files: Positive = 60  # photos per identity, after zips are expanded
+    max_pixels: Positive = 50_000_000  # per photo, read from the header before decoding
+    max_request_bytes: Positive = 300_000_000  # the whole multipart body
+    max_zip_ratio: Annotated[float, Field(gt=1)] = 200.0  # uncompressed / compressed size above which a member is a bomb
+    max_zip_members: Positive = 1000  # entries in one archive, directories included
+    max_prompt_chars: Positive = 2000
+    max_count: Positive = 64  # images per generation job
+    progress_every: Annotated[float, Field(gt=0)] = 0.25  # seconds between progress writes of a running item
 
     @classmethod
-    def from_section(cls, section: dict[str, Any] | None) -> "ServicePolicy":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (section or {}).items() if k in known and v is not None})
+    def from_preset(cls, preset) -> "ServicePolicy":
+        return from_preset(cls, preset)
 
     @property
     def max_expanded_bytes(self) -> int:

@@ -87,9 +87,11 @@ def item_fraction(row: ItemRow, progress: dict[str, Any] | None) -> float:
 class StudioService:
     def __init__(self, settings: Settings, policy: ServicePolicy | None = None,
                  studio_policy: StudioPolicy | None = None, wake: Callable[[], None] | None = None):
-        preset = load_preset(settings.preset)
+        from portrait.preset_schema import load
+
+        preset = load(settings.preset)  # the whole preset file against the declarations
         self.settings = settings
-        self.policy = policy or ServicePolicy.from_section(preset.section("service"))
+        self.policy = policy or ServicePolicy.from_preset(preset)
         self.studio_policy = studio_policy or StudioPolicy.from_preset(preset)
         self.root = settings.home / "service"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -137,10 +139,11 @@ class StudioService:
         return self.identity_view(self._identity(tenant, identity_id))
 
     def _prepare(self, identity_id: str, folder: Path, screened: Screened, stored: dict[str, str]) -> dict[str, Any]:
-        from portrait.flows.prepare import prepare, write_prepare_sheet
+        from portrait.core.declare import from_preset
+        from portrait.flows.prepare import PREPARE_READERS, PrepareFlowPolicy, prepare, write_prepare_sheet
 
         rows: dict[str, dict[str, Any]] = {row["path"]: row for row in screened.rejected}
-        minimum = int(load_preset(self.settings.preset).section("prepare").get("min_photos", 3))
+        minimum = from_preset(PrepareFlowPolicy, load_preset(self.settings.preset), shared=PREPARE_READERS).min_photos
         if stored:
             with self._ctx_lock:
                 ctx = self.context()
@@ -268,7 +271,7 @@ class StudioService:
                         seed: int = 0, options: dict[str, Any] | None = None, finish: bool | dict[str, bool] = True,
                         steps: int | None = None, guidance: float | None = None, size: tuple[int, int] | None = None,
                         negative_prompt: str | None = None, kind: str = "generate") -> dict[str, Any]:
-        from portrait.stages.generate import shipped_templates
+        from portrait.stages.templates import shipped_templates
 
         templates, prompts = list(templates or []), list(prompts or [])
         if not identities:
@@ -442,15 +445,24 @@ class StudioService:
     # -- catalogue ------------------------------------------------------------------------
 
     def templates(self) -> list[dict[str, Any]]:
-        from portrait.stages.generate import shipped_templates
+        from portrait.stages.templates import shipped_templates
 
         return [{"name": t.name, "kind": t.kind, "title": t.title or t.name, "description": t.description,
                  "backend": "template" if t.kind == "photo" else "lora",
                  "preview": f"/v1/templates/{t.name}/preview"} for t in shipped_templates()]
 
+    def backends(self) -> list[dict[str, Any]]:
+        """The backend table: name, families, help, what it needs, and its options' JSON schema
+        (types, defaults, bounds: the declaration the options are validated against)."""
+        from portrait.stages.backends import BACKENDS
+
+        return [{"name": s.name, "families": list(s.families), "help": s.help, "needs_lora": s.needs_lora,
+                 "group": s.group, "photo_template": s.photo_template, "license": s.license or None,
+                 "options": s.options.model_json_schema()} for s in BACKENDS.specs()]
+
     def template_preview(self, name: str) -> tuple[bytes, str]:
         """The photo of a photo template; a rendered card (title, prompt) for a style template."""
-        from portrait.stages.generate import shipped_templates
+        from portrait.stages.templates import shipped_templates
 
         found = [t for t in shipped_templates() if t.name == name]
         if not found:
@@ -461,6 +473,20 @@ class StudioService:
         if name not in self._cards:
             self._cards[name] = _card(template)
         return self._cards[name], "image/png"
+
+    def presets(self) -> list[dict[str, Any]]:
+        from portrait.preset_schema import catalogue
+
+        return catalogue()
+
+    def preset(self, name: str) -> dict[str, Any]:
+        """A shipped preset's declared schema and values (never a file path from the request)."""
+        from portrait.core.config import available_presets
+        from portrait.preset_schema import show
+
+        if name not in available_presets():
+            raise NotFound(f"preset '{name}' not found")
+        return show(name)
 
     def models(self) -> list[dict[str, Any]]:
         from portrait.core.registry import Registry, model_table

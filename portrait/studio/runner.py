@@ -16,11 +16,14 @@ import multiprocessing
 import os
 import signal
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Annotated, Any, Callable, ClassVar, Iterable
+
+from pydantic import Field
 
 from portrait.core.config import Preset
+from portrait.core.declare import from_preset
 
 from .executor import Executor, Outcome, perform
 from .spec import Item
@@ -31,27 +34,23 @@ ExecutorFactory = Callable[[], Executor]
 
 @dataclass(frozen=True)
 class StudioPolicy:
-    """The preset's `studio` section."""
+    """The preset's `studio` section (the declaration: type, default, bounds)."""
 
-    lease_seconds: float = 120.0  # a worker that stops heartbeating loses its items after this
-    heartbeat_seconds: float = 15.0
-    max_attempts: int = 3
-    backoff_seconds: float = 5.0  # first retry delay after a transient error; doubles each time
-    backoff_max_seconds: float = 300.0
-    poll_seconds: float = 0.5  # how often an idle worker looks for work
-    workers: int = 1
-    ray_gpus_per_worker: float = 1.0  # only when the Ray cluster has GPUs
-    ray_cpus_per_worker: float = 1.0
+    SECTION: ClassVar[str] = "studio"
 
-    @classmethod
-    def from_section(cls, section: dict[str, Any], where: str = "preset studio") -> "StudioPolicy":
-        from portrait.core.declare import policy_from
-
-        return policy_from(cls, {k: v for k, v in section.items() if v is not None}, where)
+    lease_seconds: Annotated[float, Field(gt=0)] = 120.0  # a worker that stops heartbeating loses its items after this
+    heartbeat_seconds: Annotated[float, Field(gt=0)] = 15.0
+    max_attempts: Annotated[int, Field(ge=1)] = 3  # transient errors (OOM, I/O) retry with exponential backoff
+    backoff_seconds: Annotated[float, Field(ge=0)] = 5.0  # first retry delay after a transient error; doubles each time
+    backoff_max_seconds: Annotated[float, Field(ge=0)] = 300.0
+    poll_seconds: Annotated[float, Field(gt=0)] = 0.5  # how often an idle worker looks for work
+    workers: Annotated[int, Field(ge=1)] = 1  # local worker processes; each holds its own warm models
+    ray_gpus_per_worker: Annotated[float, Field(ge=0)] = 1.0  # per Ray actor, only when the Ray cluster has GPUs
+    ray_cpus_per_worker: Annotated[float, Field(ge=0)] = 1.0
 
     @classmethod
     def from_preset(cls, preset: Preset) -> "StudioPolicy":
-        return cls.from_section(preset.section("studio"), f"preset '{preset.name}' studio")
+        return from_preset(cls, preset)
 
     @property
     def retry(self) -> RetryPolicy:
