@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from portrait.service.client import upload_body
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -71,16 +73,6 @@ class Client:
             time.sleep(every)
 
 
-def multipart(name: str, photos: list[Path]) -> tuple[bytes, dict]:
-    boundary = "portrait-bench-boundary"
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\n{name}\r\n'.encode()]
-    for p in photos:
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{p.name}"\r\n'
-                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + p.read_bytes() + b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
@@ -120,7 +112,7 @@ def main() -> int:
     server = Server(home, port).start()
     try:
         client = Client(port)
-        body, headers = multipart("bench", photos)
+        body, headers = upload_body("bench", photos)
         status, data = client.call("POST", "/v1/identities", body, headers)
         assert status == 201, data[:300]
         identity = json.loads(data)["id"]
@@ -191,7 +183,7 @@ def main() -> int:
 
         def upload(i: int) -> None:
             c = Client(port)
-            body, headers = multipart(f"load{i}", photos)
+            body, headers = upload_body(f"load{i}", photos)
             t0 = time.perf_counter()
             status, _ = c.call("POST", "/v1/identities", body, headers)
             with lock:

@@ -131,9 +131,7 @@ class StepClock:
 
 
 def run_ours(settings, preset, images, steps, resolution, rank, model_dir, out: Path) -> dict:
-    import numpy as np
-    from PIL import Image
-
+    from portrait.core.formats.images import read_rgb
     from portrait.stages.train import TrainData, TrainModels, save_diffusers_lora, train_lora
 
     ctx, load = loader(settings, preset, model_dir)
@@ -145,7 +143,7 @@ def run_ours(settings, preset, images, steps, resolution, rank, model_dir, out: 
 
     policy = policy_for(ctx, steps, resolution, rank)
     # The trainer's input: RGB arrays (portrait train reads its prepared crops the same way).
-    arrays = tuple(np.asarray(Image.open(p).convert("RGB")) for p in images)
+    arrays = tuple(read_rgb(p) for p in images)
     data = TrainData(arrays, (PROMPT,) * len(arrays), "sks", "person")
     clock = StepClock()
     result = train_lora(TrainModels(ctx.preset.family, pipe, reload=reload), data, policy, out / "work",

@@ -140,8 +140,8 @@ def _measured(row: DemoRow, ctx: RunContext, identity, result) -> DemoRow:
     from dataclasses import replace
 
     from .core.faces import make_analyzer, similarity, similarity_scale
+    from .core.formats.images import read_rgb
     from .stages.templates import find_template
-    from .stages.controls import read_rgb
 
     space = "dlib"
     analyzer = make_analyzer(ctx, space)

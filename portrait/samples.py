@@ -49,20 +49,20 @@ def hopper_photo() -> np.ndarray:
     runtime needs no matplotlib, a dev-only package)."""
     from importlib import resources
 
-    from PIL import Image
+    from portrait.core.formats.images import read_rgb
 
     source = resources.files("portrait.templates") / "photos" / "hopper" / "template.jpg"
-    with source.open("rb") as fh, Image.open(fh) as im:
-        return np.asarray(im.convert("RGB"))
+    with resources.as_file(source) as path:
+        return read_rgb(path)
 
 
 def group_photo() -> np.ndarray:
     """insightface's t1.jpg: six people, none of them the astronaut or Hopper."""
     import insightface
-    from PIL import Image
 
-    with Image.open(Path(insightface.__file__).parent / "data" / "images" / "t1.jpg") as im:
-        return np.asarray(im.convert("RGB"))
+    from portrait.core.formats.images import read_rgb
+
+    return read_rgb(Path(insightface.__file__).parent / "data" / "images" / "t1.jpg")
 
 
 def _encode(image: np.ndarray, fmt: str, **options) -> bytes:

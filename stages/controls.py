@@ -24,7 +24,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from portrait.core.errors import BadInput, bad_file
+from portrait.core.errors import BadInput
+from portrait.core.formats.images import read_rgb  # noqa: F401  (backends call <stage>.read_rgb)
 from portrait.core.models import builder
 from portrait.core.types import FaceObservation
 
@@ -39,16 +40,6 @@ class ControlImage:
     start: float = 0.0
     end: float = 1.0
     source: str = ""  # how the map was made (annotator, landmarks, shipped, opencv)
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except (OSError, UnidentifiedImageError) as exc:
-        raise bad_file(path, f"unreadable image ({exc.__class__.__name__})") from None
 
 
 def fit(image: np.ndarray, width: int, height: int) -> np.ndarray:

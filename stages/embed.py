@@ -28,6 +28,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from portrait.core.errors import BadInput
+from portrait.core.formats.images import read_rgb  # noqa: F401  (backends call <stage>.read_rgb)
 from portrait.core.models import builder
 from portrait.core.types import FaceObservation, Identity
 
@@ -136,16 +137,6 @@ def check_space(adapter: str, backend: str) -> None:
 
 
 # --- locating and embedding ------------------------------------------------------------------
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except (OSError, UnidentifiedImageError) as exc:
-        raise BadInput(f"{path}: unreadable image ({exc.__class__.__name__})") from None
 
 
 def identity_photos(identity: Identity, limit: int) -> list[Path]:

@@ -201,7 +201,7 @@ def rank(candidates: Sequence[Candidate], scores: Sequence[CandidateScore], poli
 
 # --- which spaces score -----------------------------------------------------------------------
 
-# The embedding space each generation backend is conditioned with (DESIGN section 5).
+# The embedding space each generation backend is conditioned with (docs/ARCHITECTURE.md#adapter-formats).
 CONDITIONING = {"instantid": "insightface:antelopev2", "faceid": "insightface:buffalo_l"}
 # Independent spaces, preferred first; dlib is the offline fallback (its models ship in a package).
 INDEPENDENT = ("auraface", "insightface:buffalo_l", "insightface:antelopev2", "dlib")

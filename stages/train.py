@@ -25,18 +25,20 @@ point and resumed from its last checkpoint reproduces the uninterrupted run on C
 Validation and selection follow EasyPhoto: each checkpoint renders a few images from fixed
 seeds, a face scorer rates their identity similarity, and the final LoRA is the average of
 the checkpoints behind the best images (or the best single checkpoint, per preset).
+
+This module is the loop (values, setup, caches, one step, the run). Around it:
+stages/train_state.py (work folder, checkpoints, RNG states), stages/train_select.py
+(validation renders, scoring, checkpoint choice, the manifest's training record),
+stages/train_prior.py (prior-preservation class images) and portrait/core/formats/lora.py
+(the LoRA files). Their public names are re-exported here, so `portrait.stages.train` stays
+the one import for the train flow.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import random
-import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Iterable, Literal, Mapping, Sequence
 
@@ -45,17 +47,13 @@ from pydantic import Field
 
 from portrait.core.declare import policy_from
 from portrait.core.errors import BadInput, PortraitError
-from portrait.core.io import atomic_path, write_json
-
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
-RUN_FILE = "run.json"
-CHECKPOINTS = "checkpoints"
-
-# A face scorer maps one generated RGB uint8 image to its identity similarity with the
-# consensus, or None when it finds no face (which scores 0, never an error).
-FaceScorer = Callable[[np.ndarray], "float | None"]
+from portrait.core.formats.lora import (TEXT_COMPONENTS, TEXT_TARGETS, UNET_TARGETS, kohya_state, read_lora_file,
+                                        save_diffusers_lora, save_kohya_lora)
+from portrait.stages.train_prior import class_images
+from portrait.stages.train_select import (FaceScorer, average_states, choose_checkpoints, render_validation,
+                                          result_summary, score_images, validation_prompts, validation_summary)
+from portrait.stages.train_state import (CheckpointRecord, TrainEvent, completed_checkpoints, discard_checkpoints,
+                                         prepare_workdir, read_checkpoint_meta, restore_rng, run_params, save_checkpoint)
 
 
 Optimizer = Literal["adamw", "adamw8bit", "prodigy"]
@@ -184,29 +182,6 @@ class TrainData:
             digest.update(np.ascontiguousarray(image).tobytes())
         digest.update(self.class_prompt.encode())
         return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class TrainEvent:
-    """Progress, for bars and logs. phase: cache | class_images | step | validate | select."""
-
-    phase: str
-    step: int
-    total: int
-    loss: float | None = None
-    message: str = ""
-
-
-@dataclass(frozen=True)
-class CheckpointRecord:
-    step: int
-    path: Path
-    loss: float  # mean training loss over the steps since the previous checkpoint
-    scores: tuple[float, ...]  # one per validation image (0 where no face was found)
-
-    @property
-    def score(self) -> float:
-        return float(np.mean(self.scores)) if self.scores else 0.0
 
 
 @dataclass(frozen=True)
@@ -635,204 +610,6 @@ def load_lora_state(models: TrainModels, state: Mapping[str, Mapping[str, Any]])
             raise PortraitError(f"checkpoint LoRA for {name} does not fit the model: {unexpected[:3]}")
 
 
-def flatten_state(state: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    return {f"{name}.{key}": value.contiguous() for name, part in state.items() for key, value in part.items()}
-
-
-def unflatten_state(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for key, value in flat.items():
-        name, rest = key.split(".", 1)
-        out.setdefault(name, {})[rest] = value
-    return out
-
-
-def rng_state() -> dict[str, Any]:
-    import torch
-
-    # Steps draw from step_generator; these global states are saved anyway so anything else
-    # random (a dropout a preset switches on, a custom scheduler) also resumes exactly.
-    _name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": [keys.tolist(), int(pos), int(has_gauss), float(cached)],
-             "python": repr(random.getstate())}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: Mapping[str, Any]) -> None:
-    import ast
-
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    random.setstate(ast.literal_eval(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoint_dir(workdir: Path, step: int) -> Path:
-    return workdir / CHECKPOINTS / f"step-{step:06d}"
-
-
-def save_checkpoint(workdir: Path, step: int, state: Mapping[str, Mapping[str, Any]], optimizer, lr_scheduler,
-                    losses: Sequence[float], scores: Sequence[float]) -> Path:
-    """Write LoRA + optimizer + schedule + RNG into a temp folder, then rename it into place."""
-    import torch
-    from safetensors.torch import save_file
-
-    target = checkpoint_dir(workdir, step)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        save_file(flatten_state(state), str(tmp / "lora.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": rng_state(),
-                    "step": step, "losses": list(losses)}, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "scores": list(scores),
-                                                   "loss": float(np.mean(losses[-50:])) if losses else 0.0}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return target
-
-
-def read_checkpoint_meta(path: Path) -> CheckpointRecord:
-    meta = json.loads((path / "meta.json").read_text())
-    return CheckpointRecord(int(meta["step"]), path, float(meta["loss"]), tuple(float(s) for s in meta["scores"]))
-
-
-def completed_checkpoints(workdir: Path) -> list[CheckpointRecord]:
-    root = workdir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in sorted(root.glob("step-*")) if (p / "meta.json").is_file() and (p / "state.pt").is_file()]
-    return [read_checkpoint_meta(p) for p in found]
-
-
-def read_lora_file(path: Path) -> dict[str, dict[str, Any]]:
-    from safetensors.torch import load_file
-
-    return unflatten_state(load_file(str(path)))
-
-
-def run_params(policy: TrainPolicy, data: TrainData, total: int, base_model: str) -> dict[str, Any]:
-    """What must match for a resume to continue the same run."""
-    params = asdict(policy)
-    params.pop("keep_checkpoints", None)
-    return {"policy": params, "total_steps": total, "data": data.fingerprint(), "base_model": base_model}
-
-
-def prepare_workdir(workdir: Path, params: dict[str, Any], resume: bool) -> list[CheckpointRecord]:
-    """Start fresh, or check that the interrupted run in `workdir` is this one and list its checkpoints."""
-    run_file = workdir / RUN_FILE
-    jsonable = json.loads(json.dumps(params, default=str))
-    if resume and run_file.is_file():
-        previous = json.loads(run_file.read_text())
-        if previous != jsonable:
-            changed = sorted(k for k in jsonable if previous.get(k) != jsonable.get(k))
-            raise BadInput(f"{run_file}: --resume with different {', '.join(changed)} than the interrupted run; "
-                           "rerun with the same options or drop --resume")
-        return completed_checkpoints(workdir)
-    if workdir.exists():
-        shutil.rmtree(workdir / CHECKPOINTS, ignore_errors=True)
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_json(run_file, jsonable)
-    return []
-
-
-# --- validation and selection ---------------------------------------------------------
-
-
-def validation_prompts(policy: TrainPolicy, trigger: str, class_word: str) -> list[str]:
-    return [p.format(trigger=trigger, **{"class": class_word}) for p in policy.validation_prompts]
-
-
-def render_validation(models: TrainModels, prompts: Sequence[str], policy: TrainPolicy, device: str) -> list[np.ndarray]:
-    """Images from fixed seeds, so checkpoints are compared on equal terms."""
-    import torch
-
-    images = []
-    for prompt in prompts:
-        for seed in policy.validation_seeds:
-            gen = torch.Generator(device="cpu").manual_seed(int(seed))
-            out = models.pipeline(prompt=prompt, negative_prompt=policy.validation_negative, height=policy.resolution,
-                                  width=policy.resolution, num_inference_steps=policy.validation_steps,
-                                  guidance_scale=policy.validation_guidance, generator=gen, output_type="np")
-            images.append((np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8))
-    return images
-
-
-def score_images(images: Sequence[np.ndarray], scorer: FaceScorer | None) -> tuple[float, ...]:
-    if scorer is None:
-        return ()
-    scores = []
-    for image in images:
-        value = scorer(image)
-        scores.append(0.0 if value is None or not math.isfinite(value) else max(float(value), 0.0))
-    return tuple(scores)
-
-
-def average_states(states: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Element-wise mean of LoRA checkpoints, as EasyPhoto merges its best checkpoints.
-
-    Averaging A and B separately is not the mean of the products B@A, but checkpoints of one
-    run stay close, and this keeps the rank (a product average would need an SVD refit).
-    """
-    first = states[0]
-    return {
-        name: {key: sum(s[name][key] for s in states) / len(states) for key in first[name]}
-        for name in first
-    }
-
-
-def choose_checkpoints(records: Sequence[CheckpointRecord], policy: TrainPolicy) -> tuple[str, list[CheckpointRecord]]:
-    # A run whose validation images never show a face (tiny models, a broken base) has
-    # nothing to rank by: keep the last weights rather than averaging noise.
-    scored = [r for r in records if any(s > 0 for s in r.scores)]
-    if policy.selection == "last" or not scored:
-        return "last", [max(records, key=lambda r: r.step)]
-    if policy.selection == "best":
-        best = max(scored, key=lambda r: (r.score, r.step))
-        return "best", [best]
-    ranked = sorted(((s, r.step, r) for r in scored for s in r.scores), key=lambda t: (-t[0], -t[1]))
-    chosen: dict[int, CheckpointRecord] = {}
-    for _score, step, record in ranked[: policy.select_top_images]:
-        chosen.setdefault(step, record)
-    return "average", sorted(chosen.values(), key=lambda r: r.step)
-
-
-# --- prior preservation ---------------------------------------------------------------
-
-
-def class_images(models: TrainModels, prompt: str, policy: TrainPolicy, cache_dir: Path, device: str,
-                 on_event: Callable[[TrainEvent], None] | None = None) -> tuple[np.ndarray, ...]:
-    """Generate (once; cached as PNGs in `cache_dir`) the base model's images of the class."""
-    import torch
-    from PIL import Image
-
-    from portrait.core.io import write_image
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    images = []
-    for i in range(policy.class_images):
-        path = cache_dir / f"{i:04d}.png"
-        if not path.is_file():
-            if on_event:
-                on_event(TrainEvent("class_images", i, policy.class_images))
-            gen = torch.Generator(device="cpu").manual_seed(policy.seed * 10_007 + i)
-            out = models.pipeline(prompt=prompt, height=policy.resolution, width=policy.resolution,
-                                  num_inference_steps=policy.class_steps, generator=gen, output_type="np")
-            write_image(path, (np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8))
-        with Image.open(path) as im:
-            images.append(np.asarray(im.convert("RGB")))
-    return tuple(images)
-
-
 # --- the loop -------------------------------------------------------------------------
 
 
@@ -1154,110 +931,10 @@ def validate_checkpoint(run: TrainingRun, prompts, scorer, emit, step) -> tuple[
     return score_images(images, scorer)
 
 
-# --- export ---------------------------------------------------------------------------
-
-
-def pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-
-
-def adapter_metadata(policy_rank: int, alpha: float, targets: Sequence[str]) -> dict[str, Any]:
-    from peft import LoraConfig
-
-    return LoraConfig(r=policy_rank, lora_alpha=alpha, target_modules=list(targets)).to_dict()
-
-
-def save_diffusers_lora(path: Path, family: str, lora: Mapping[str, Mapping[str, Any]], rank: int, alpha: float,
-                        unet_targets: Sequence[str] = UNET_TARGETS, text_targets: Sequence[str] = TEXT_TARGETS) -> Path:
-    """diffusers' own writer with the adapter config embedded, so `load_lora_weights` restores
-    the real lora_alpha (without metadata it would assume alpha = rank)."""
-    path = Path(path)
-    kwargs: dict[str, Any] = {
-        "unet_lora_layers": dict(lora["unet"]),
-        "unet_lora_adapter_metadata": adapter_metadata(rank, alpha, unet_targets),
-    }
-    for name in TEXT_COMPONENTS:
-        if name in lora:
-            kwargs[f"{name}_lora_layers"] = dict(lora[name])
-            kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(rank, alpha, text_targets)
-    with atomic_path(path) as tmp:
-        folder = Path(tempfile.mkdtemp(prefix=".lora.", dir=path.parent))
-        try:
-            pipeline_class(family).save_lora_weights(str(folder), weight_name="lora.safetensors", **kwargs)
-            os.replace(folder / "lora.safetensors", tmp)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-    return path
-
-
-def kohya_state(lora: Mapping[str, Mapping[str, Any]], family: str, alpha: float) -> dict[str, Any]:
-    """A1111 / ComfyUI key names, with `.alpha` = the real lora_alpha.
-
-    diffusers' convert_state_dict_to_kohya writes alpha = rank and, with transformers 5
-    (no `text_model` wrapper), text-encoder keys those tools do not recognise; both are fixed here.
-    """
-    import torch
-    from diffusers.utils import convert_state_dict_to_kohya
-
-    flat = {f"{name}.{key}": value for name, part in lora.items() for key, value in part.items()}
-    kohya = convert_state_dict_to_kohya(flat)
-    te_prefix = {"lora_te1_": "lora_te_text_model_" if family != "sdxl" else "lora_te1_text_model_",
-                 "lora_te2_": "lora_te2_text_model_"}
-    out = {}
-    for key, value in kohya.items():
-        for old, new in te_prefix.items():
-            if key.startswith(old) and not key.startswith(old + "text_model_"):
-                key = new + key[len(old):]
-                break
-        if key.endswith(".alpha"):
-            value = torch.tensor(float(alpha), dtype=torch.float32)
-        out[key] = value.contiguous()
-    return out
-
-
-def save_kohya_lora(path: Path, family: str, lora: Mapping[str, Mapping[str, Any]], alpha: float,
-                    metadata: Mapping[str, str] | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    state = kohya_state(lora, family, alpha)
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=dict(metadata or {}))
-    return Path(path)
-
-
-def result_summary(result: TrainResult) -> dict[str, Any]:
-    """The training record written into the bundle manifest."""
-    # Mean loss over a window at each end; the window never covers more than half the run,
-    # so a short run's first and last figures do not average the same steps.
-    window = max(1, min(10, len(result.losses) // 2))
-    return {
-        "steps": result.steps,
-        "rank": result.rank,
-        "alpha": result.alpha,
-        "resumed_from": result.resumed_from,
-        "selection": result.selection,
-        "selected_steps": list(result.selected),
-        "final_loss": round(float(np.mean(result.losses[-window:])), 6) if result.losses else None,
-        "first_loss": round(float(np.mean(result.losses[:window])), 6) if result.losses else None,
-        "params": result.params,
-    }
-
-
-def validation_summary(result: TrainResult) -> list[dict[str, Any]]:
-    return [{"step": r.step, "loss": round(r.loss, 6), "score": round(r.score, 4), "scores": [round(s, 4) for s in r.scores],
-             "selected": r.step in result.selected} for r in result.checkpoints]
-
-
-def discard_checkpoints(workdir: Path, keep: bool) -> None:
-    if not keep:
-        shutil.rmtree(Path(workdir) / CHECKPOINTS, ignore_errors=True)
-
-
 __all__ = [
     "TrainPolicy", "TrainModels", "TrainData", "TrainEvent", "TrainResult", "CheckpointRecord", "FaceScorer",
     "TrainingRun", "setup_training", "step_loss", "optimize", "check_runtime",
     "train_lora", "class_images", "save_diffusers_lora", "save_kohya_lora", "kohya_state", "average_states",
-    "result_summary", "validation_summary", "discard_checkpoints",
+    "result_summary", "validation_summary", "discard_checkpoints", "completed_checkpoints", "choose_checkpoints",
+    "score_images", "read_lora_file",
 ]

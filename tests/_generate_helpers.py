@@ -1,7 +1,7 @@
 """Test helpers for generation: a tiny identity bundle made the way `portrait train` writes one.
 
-Kept separate from conftest.py (shared) so the generate tests own their fixture; once the
-trainer lands, its bundles go through the same loader (portrait.core.bundle).
+Kept separate from conftest.py (shared) so the generate tests own their fixture; the bundle is
+written by the trainer's own writer (portrait.core.bundle.write_bundle) and read by its loader.
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ def write_tiny_identity(settings, name: str, reference: np.ndarray, *, seed: int
                         base_id: str = "tiny-sd15", rank: int = 4, alpha: float = 4.0) -> Path:
     """An identity bundle with a random (non-zero) peft LoRA on the tiny UNet, saved like the trainer does."""
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict
-    from PIL import Image
 
-    from portrait.core.bundle import identity_dir, write_manifest
+    from portrait.core.bundle import BundleLora, identity_dir, write_bundle
 
     root = identity_dir(settings, name)
-    root.mkdir(parents=True, exist_ok=True)
     unet_dir = settings.models_dir / base_id / "unet"
     variant = "fp16" if (unet_dir / "diffusion_pytorch_model.fp16.safetensors").is_file() else None
     unet = UNet2DConditionModel.from_pretrained(unet_dir, variant=variant, torch_dtype=torch.float32)
@@ -34,14 +32,7 @@ def write_tiny_identity(settings, name: str, reference: np.ndarray, *, seed: int
         for pname, param in sorted(unet.named_parameters()):
             if "lora_" in pname:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    pipeline_cls.save_lora_weights(root, unet_lora_layers=get_peft_model_state_dict(unet),
-                                              weight_name="lora.safetensors",
-                                              unet_lora_adapter_metadata=config.to_dict())
-    Image.fromarray(reference).save(root / "reference.png")
-    write_manifest(root, {
-        "name": name, "trigger": "sks", "class_word": "person", "preset": "tiny",
-        "reference": "reference.png", "photos": [],
-        "loras": {family: {"file": "lora.safetensors", "base_model": base_id, "rank": rank, "alpha": alpha}},
-    })
+    write_bundle(root, {"name": name, "trigger": "sks", "class_word": "person", "preset": "tiny"},
+                 reference=reference,
+                 lora=BundleLora(family, {"unet": get_peft_model_state_dict(unet)}, rank, alpha, base_model=base_id))
     return root

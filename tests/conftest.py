@@ -65,7 +65,7 @@ def hopper() -> np.ndarray:
 def t1_group() -> np.ndarray:
     """insightface's t1.jpg: six people."""
     import insightface
-    from PIL import Image
 
-    path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
-    return np.asarray(Image.open(path).convert("RGB"))
+    from portrait.core.formats.images import read_rgb
+
+    return read_rgb(Path(insightface.__file__).parent / "data" / "images" / "t1.jpg")

@@ -134,14 +134,10 @@ class Server:
         return json.loads(data)
 
     def upload(self, name: str, paths: list[Path]) -> dict:
-        boundary = "portrait-test-boundary"
-        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\n{name}\r\n'.encode()]
-        for p in paths:
-            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{p.name}"\r\n'
-                         f"Content-Type: application/octet-stream\r\n\r\n".encode() + p.read_bytes() + b"\r\n")
-        parts.append(f"--{boundary}--\r\n".encode())
-        status, data = self.request("POST", "/v1/identities", data=b"".join(parts),
-                                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        from portrait.service.client import upload_body
+
+        body, headers = upload_body(name, paths)
+        status, data = self.request("POST", "/v1/identities", data=body, headers=headers)
         assert status == 201, (status, data[:500])
         return json.loads(data)
 

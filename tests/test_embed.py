@@ -8,21 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from portrait.core.bundle import load_identity, write_manifest
+from portrait.core.bundle import load_identity, write_bundle
 from portrait.core.errors import BadInput
 from portrait.stages import embed as emb
 
 
 def make_identity(settings, name: str, photos: list[np.ndarray], reference: np.ndarray | None = None):
-    root = settings.identities_dir / name
-    (root / "photos").mkdir(parents=True, exist_ok=True)
-    rel = []
-    for i, image in enumerate(photos):
-        Image.fromarray(image).save(root / "photos" / f"{i:03d}.png")
-        rel.append(f"photos/{i:03d}.png")
-    Image.fromarray(reference if reference is not None else photos[0]).save(root / "reference.png")
-    write_manifest(root, {"name": name, "trigger": "sks", "class_word": "woman", "reference": "reference.png",
-                          "photos": rel})
+    write_bundle(settings.identities_dir / name, {"name": name, "trigger": "sks", "class_word": "woman"},
+                 reference=reference if reference is not None else photos[0], photos=photos)
     return load_identity(settings, name)
 
 

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from _generate_helpers import write_tiny_identity
+from portrait.core.formats.images import read_rgb
 from portrait.core.errors import BadInput
 from portrait.core.io import read_png_text, safetensors_data_sha256
 from portrait.flows.generate import generate
@@ -44,7 +45,7 @@ def _expected_versions() -> dict:
 
 
 def _pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
+    return read_rgb(path)
 
 
 def _params(path: Path) -> list[str]:
@@ -270,12 +271,11 @@ def test_pose_controlnet_from_template_image(identity, warm, tmp_path):
     assert not np.array_equal(_pixels(r.paths[0]), _pixels(plain.paths[0]))
 
 
-def test_lora_backend_needs_a_lora(tiny_home, warm, tmp_path):
-    from portrait.core.bundle import identity_dir, write_manifest
+def test_lora_backend_needs_a_lora(tiny_home, warm, tmp_path, astronaut):
+    from portrait.core.bundle import identity_dir, write_bundle
 
-    root = identity_dir(tiny_home, "gen-zero")
-    root.mkdir(parents=True, exist_ok=True)
-    write_manifest(root, {"name": "gen-zero", "trigger": "sks", "class_word": "person", "reference": "reference.png"})
+    write_bundle(identity_dir(tiny_home, "gen-zero"), {"name": "gen-zero", "trigger": "sks", "class_word": "person"},
+                 reference=astronaut)
     with pytest.raises(BadInput, match="no sd15 LoRA.*zero-shot"):
         generate("gen-zero", template="business", n=1, seed=1, out=tmp_path, ctx=warm, finish=False)
 
@@ -296,7 +296,7 @@ def test_hopper_photo_template_on_tiny_sdxl(tiny_home, astronaut, tmp_path):
     """Both passes on SDXL: the preset's own tile ControlNet (xinsir's, tiny stand-in), the
     identity's SDXL LoRA, and the template untouched outside the face crop."""
     from portrait.core.context import RunContext
-    from portrait.stages.controls import fit, read_rgb
+    from portrait.stages.controls import fit
     from portrait.stages import generate as gen
     from portrait.stages import templates
 
@@ -325,7 +325,7 @@ def test_template_backend_two_passes_keep_everything_outside_the_masks(identity,
     from portrait.stages import generate as gen
     from portrait.stages import templates
     from portrait.stages.backends.template import TemplateBackend
-    from portrait.stages.controls import fit, read_rgb
+    from portrait.stages.controls import fit
 
     template = templates.find_template("hopper")
     policy = gen.GeneratePolicy.from_preset(warm.preset)

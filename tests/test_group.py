@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from _generate_helpers import write_tiny_identity
+from portrait.core.formats.images import read_rgb
 from portrait.flows.generate import generate
 
 A, B = "grp-astronaut", "grp-hopper"
@@ -42,12 +43,12 @@ def group_ctx(tiny_home):
 
 
 def _pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
+    return read_rgb(path)
 
 
 def _middle_face_box(ctx, three_faces: Path) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     from portrait.core.faces import make_analyzer
-    from portrait.stages.controls import fit, read_rgb
+    from portrait.stages.controls import fit
 
     canvas = fit(read_rgb(three_faces / "three.png"), *SIZE)
     found = sorted(make_analyzer(ctx, "dlib").detect(canvas, embed=False), key=lambda f: f.box[0])
@@ -115,8 +116,6 @@ def test_each_assigned_face_is_fused_and_scored_as_its_own_identity(people, thre
 
 
 def ctl_read(path: Path) -> np.ndarray:
-    from portrait.stages.controls import read_rgb
-
     return read_rgb(path)
 
 
@@ -155,7 +154,6 @@ def test_shipped_duo_template_from_the_cli_swaps_the_two_people(people, tiny_hom
     from portrait.core.faces import make_analyzer, similarity
     from portrait.stages import generate as gen
     from portrait.stages import templates
-    from portrait.stages.controls import read_rgb
 
     duo = templates.find_template("duo")
     assert duo.kind == "photo" and duo.faces == 2

@@ -125,14 +125,12 @@ def test_a_preset_can_demand_the_policy(tiny_home):
 
 
 def test_generate_refuses_a_research_only_backend_before_any_work(tiny_home, tmp_path, astronaut):
-    from portrait.core.bundle import write_manifest
-    from portrait.core.io import write_image
+    from portrait.core.bundle import write_bundle
     from portrait.flows.generate import generate
 
     settings = Settings(home=tmp_path / "home", preset="tiny-sdxl", device="cpu", license="commercial")
-    root = settings.identities_dir / "astro"
-    write_image(root / "reference.png", astronaut)
-    write_manifest(root, {"name": "astro", "trigger": "sks", "class_word": "woman", "reference": "reference.png"})
+    write_bundle(settings.identities_dir / "astro", {"name": "astro", "trigger": "sks", "class_word": "woman"},
+                 reference=astronaut)
     out = tmp_path / "out"
     with pytest.raises(LicenseRefused, match="instantid"):
         generate("astro", backend="instantid", prompt="a photo of sks woman", n=1, out=out, settings=settings)

@@ -202,8 +202,9 @@ def test_onnx_providers_on_this_machine():
 # writers (core/tiny/), or inside a function registered with `@builder(...)`.
 FORBIDDEN = {"from_pretrained", "from_single_file", "torch.load", "InferenceSession", "get_model", "load_file"}
 ALLOWED_FILES = ("portrait/core/models.py", "portrait/core/loaders.py", "portrait/core/archs/", "portrait/core/tiny/")
-# Not registry models: the training run's own checkpoint state (RNG, optimizer) and LoRA it wrote.
-OWN_FILES = {("stages/train.py", "torch.load"), ("stages/train.py", "load_file")}
+# Not registry models: the training run's own checkpoint state (RNG, optimizer), and the LoRA
+# file reader (portrait.core.formats.lora) for the checkpoints and bundles the project writes.
+OWN_FILES = {("stages/train.py", "torch.load"), ("portrait/core/formats/lora.py", "load_file")}
 
 
 def _call_name(node: ast.Call) -> str | None:

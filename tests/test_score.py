@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 from portrait.core.errors import BadInput
+from portrait.core.formats.results import results_row
 from portrait.core.types import Candidate, CandidateScore, GenerationRequest, Identity, RankedResult
 from portrait.flows.finish import (
     FinishPolicy,
     FinishSwitches,
     finish,
     gate,
-    result_row,
     run_gate,
-    write_contact_sheet,
+    write_results_sheet,
 )
 from portrait.stages import score as sc
 
@@ -118,7 +118,7 @@ def test_finish_runs_every_stage_and_times_it(finish_ctx, analyzer, astronaut_id
     assert result.score.clip_t is not None
     assert any("face restoration skipped" in note for note in result.candidate.info["finish_notes"])
     assert np.array_equal(candidates[0].image, target)  # the candidate itself is not modified
-    row = result_row(result)
+    row = results_row(result)
     assert {"path", "seed", "rank", "similarity", "passed_gate", "timings", "clip_t", "reference_similarity"} <= set(row)
 
 
@@ -217,13 +217,13 @@ def test_contact_sheet(tmp_path):
     from PIL import Image
 
     results = [_ranked(1, 0.8, True), _ranked(2, 0.3, False), _ranked(3, 0.1, False)]
-    path = write_contact_sheet(results, tmp_path / "contact_sheet.png", thumb=64, columns=2)
+    path = write_results_sheet(tmp_path / "contact_sheet.png", results, thumb=64, columns=2)
     with Image.open(path) as im:
         sheet = np.asarray(im.convert("RGB"))
     assert sheet.shape[1] == 2 * (64 + 8) + 8 and sheet.shape[0] == 2 * (64 + 44 + 8) + 8
     assert (sheet == [60, 190, 90]).all(-1).any() and (sheet == [220, 70, 60]).all(-1).any()
     with pytest.raises(BadInput, match="no candidates"):
-        write_contact_sheet([], tmp_path / "empty.png")
+        write_results_sheet(tmp_path / "empty.png", [])
 
 
 def test_switches_layering():

@@ -124,9 +124,10 @@ def test_a_policy_no_preset_feeds_has_its_keys_checked_elsewhere(cls):
     reason = NOT_FROM_A_PRESET[cls.__name__]
     if "request options" in reason:
         from portrait.core.options import validate_options
+        from portrait.stages.backends import BACKENDS
 
         with pytest.raises(BadInput, match=f"--option {TYPO}: unknown option \\(known: "):
-            validate_options({TYPO: 1}, "--option")
+            validate_options({TYPO: 1}, "--option", BACKENDS.specs())
     else:
         from portrait.studio.runner import StudioPolicy
 

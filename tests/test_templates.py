@@ -41,7 +41,7 @@ def test_shipped_templates_cover_the_styles_and_a_photo_template():
 
 def test_hopper_template_has_exactly_one_real_face(ctx):
     from portrait.core.faces import make_analyzer
-    from portrait.stages.controls import read_rgb
+    from portrait.core.formats.images import read_rgb
 
     hopper = tpl.find_template("hopper")
     assert hopper.kind == "photo" and hopper.image.is_file() and hopper.faces == 1

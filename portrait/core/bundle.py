@@ -16,20 +16,26 @@ Layout (manifest.json is the source of truth; other files are named by it):
     lora*.safetensors    per base family
 
 A bundle without "loras" is a zero-shot identity (`portrait train --zero-shot`).
+
+`write_bundle` is the one writer (the train flow and the tests' helpers use it) and
+`load_identity` / `read_manifest` the readers; `update_manifest` adds facts known only after
+the files are in place (the copy-paste yardstick, the bill of materials).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .config import Settings
 from .errors import BadInput
-from .io import atomic_path, write_json
+from .formats.lora import TEXT_TARGETS, UNET_TARGETS, save_diffusers_lora, save_kohya_lora
+from .io import atomic_path, copy_file, write_image, write_json
 from .types import Identity, LoraFile
 
 BUNDLE_FORMAT = 1
@@ -61,11 +67,19 @@ def load_identity(settings: Settings, name: str) -> Identity:
     if not manifest_path.is_file():
         known = ", ".join(list_identities(settings)) or "none yet; run `portrait train`"
         raise BadInput(f"identity '{name}' does not exist in {settings.identities_dir} (known: {known})")
+    return identity_from_manifest(root, read_manifest(root))
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """A bundle's manifest.json; an unreadable one is one line naming it (exit 2)."""
+    manifest_path = Path(root) / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise BadInput(f"{manifest_path}: unreadable manifest ({exc})") from None
-    return identity_from_manifest(root, manifest)
+    if not isinstance(manifest, dict):
+        raise BadInput(f"{manifest_path}: unreadable manifest (not a JSON object)")
+    return manifest
 
 
 def identity_from_manifest(root: Path, manifest: dict[str, Any]) -> Identity:
@@ -108,3 +122,71 @@ def write_embeddings(path: Path, embeddings: dict[str, np.ndarray]) -> None:
 def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
     manifest = {"format": BUNDLE_FORMAT, **manifest}
     return write_json(root / "manifest.json", manifest)
+
+
+def update_manifest(root: Path, **fields: Any) -> Path:
+    """Add or replace top-level manifest fields (atomically: the whole file is rewritten)."""
+    manifest = read_manifest(root)
+    manifest.update(fields)
+    return write_json(Path(root) / "manifest.json", manifest)
+
+
+@dataclass(frozen=True)
+class BundleLora:
+    """One trained LoRA for a bundle: per-component peft state dicts (`unet`, `text_encoder`, ...)."""
+
+    family: str  # sd15 | sdxl
+    state: Mapping[str, Mapping[str, Any]]
+    rank: int
+    alpha: float
+    base_model: str = ""
+    unet_targets: Sequence[str] = UNET_TARGETS
+    text_targets: Sequence[str] = TEXT_TARGETS
+    kohya_metadata: Mapping[str, str] | None = None  # None: no A1111/ComfyUI copy
+    row: Mapping[str, Any] = field(default_factory=dict)  # more facts for manifest["loras"][family]
+
+
+def write_bundle(root: Path, manifest: Mapping[str, Any], *, reference: Path | np.ndarray,
+                 photos: Sequence[Path | np.ndarray] = (), embeddings: Mapping[str, np.ndarray] | None = None,
+                 report: Mapping[str, Any] | None = None, lora: BundleLora | None = None) -> Path:
+    """Write a whole bundle into `root` (a staging folder the caller publishes, or a test's
+    identity folder): the reference and the top-k photos (files to copy or RGB arrays), the
+    embeddings, prepare's report, the LoRA files, and manifest.json naming them all.
+
+    `manifest` holds the identity's facts (name, trigger, class_word, preset, ...); the file
+    keys (`reference`, `photos`, `embeddings`, `loras`) are filled in here.
+    """
+    root = Path(root)
+    files: dict[str, Any] = {"reference": "reference.png"}
+    if isinstance(reference, np.ndarray):
+        write_image(root / "reference.png", reference)
+    else:
+        copy_file(reference, root / "reference.png")
+    rels = []
+    for i, source in enumerate(photos):
+        if isinstance(source, np.ndarray):
+            rel = f"photos/{i:03d}.png"
+            write_image(root / rel, source)
+        else:
+            rel = f"photos/{i:03d}{Path(source).suffix.lower() or '.png'}"
+            copy_file(source, root / rel)
+        rels.append(rel)
+    files["photos"] = rels
+    if embeddings is not None:
+        write_embeddings(root / "embeddings.npz", dict(embeddings))
+        files["embeddings"] = "embeddings.npz"
+    if report is not None:
+        write_json(root / "report.json", dict(report))
+    tail: dict[str, Any] = {}
+    if lora is not None:
+        save_diffusers_lora(root / "lora.safetensors", lora.family, lora.state, lora.rank, lora.alpha,
+                            lora.unet_targets, lora.text_targets)
+        row: dict[str, Any] = {"file": "lora.safetensors"}
+        if lora.kohya_metadata is not None:
+            save_kohya_lora(root / "lora_kohya.safetensors", lora.family, lora.state, lora.alpha, lora.kohya_metadata)
+            row["kohya"] = "lora_kohya.safetensors"
+        row.update({"base_model": lora.base_model, **dict(lora.row), "rank": lora.rank, "alpha": lora.alpha})
+        tail["loras"] = {lora.family: row}
+    head = {k: v for k, v in manifest.items() if k in ("name", "trigger", "class_word", "preset", "created")}
+    rest = {k: v for k, v in manifest.items() if k not in head}
+    return write_manifest(root, {**head, **files, **rest, **tail})

@@ -59,8 +59,9 @@ class SimilarityScale:
     """How one embedding space measures "same person".
 
     `threshold` is the similarity above which two faces are taken as one person, calibrated
-    on real photos (DESIGN section 6 for dlib; the usual ArcFace operating point for
-    insightface, where same-person cosine is typically > 0.4 and strangers < 0.2).
+    on real photos (docs/ARCHITECTURE.md#face-analysis: dlib's measured distances, and the
+    usual ArcFace operating point for insightface, where same-person cosine is typically
+    > 0.4 and strangers < 0.2).
     """
 
     space: str

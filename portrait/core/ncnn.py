@@ -6,7 +6,7 @@ of reach, so `portrait models import-ncnn` turns them into the `RealESRGAN_x4plu
 layout (`{"params_ema": state_dict}` with the new-arch RRDBNet key names) and stores it
 where the registry resolves `realesrgan-x4plus`.
 
-Format facts (DESIGN section 6): the `.param` is text (magic 7767517, counts, one layer per
+Format facts (docs/ARCHITECTURE.md#ncnn-real-esrgan): the `.param` is text (magic 7767517, counts, one layer per
 line with `k=v` params); the `.bin` holds, per Convolution, a 4-byte tag and the weights in
 [out][in][kh][kw] order, then the bias as raw fp32; PReLU slopes are raw fp32. Layers come
 in the order of the original network, which for RRDBNet is exactly its state-dict order.

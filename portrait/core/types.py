@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
-# Stable words for report.json (DESIGN section 3). Tests and users rely on them.
+# Stable words for report.json (docs/ARCHITECTURE.md#report-json). Tests and users rely on them.
 RejectReason = Literal[
     "unreadable",
     "too_large",

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
-import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,8 @@ import numpy as np
 
 from portrait.core.config import Settings
 from portrait.core.errors import BadInput, ModelMissing, PortraitError, bad_file
+from portrait.core.formats.images import read_rgb, thumbnail_bytes
+from portrait.core.formats.results import read_results
 from portrait.core.io import write_json, write_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -84,16 +84,6 @@ def evaluate(results: Sequence[str | Path], out: str | Path | None = None, *, se
 # --- reading runs ----------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise bad_file(path, f"unreadable results file ({exc.__class__.__name__})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
-        raise bad_file(path, "not a portrait results.json (no `results` list)")
-    return data
-
-
 def _row(run: dict[str, Any], r: dict[str, Any], image: Path | None, origin: str) -> dict[str, Any]:
     scores = r.get("scores") or {}
     space = r.get("similarity_space") or (next(iter(scores)) if scores else None)
@@ -117,7 +107,7 @@ def _row(run: dict[str, Any], r: dict[str, Any], image: Path | None, origin: str
 
 
 def _run_rows(path: Path, settings: Settings, rescore: bool, skip: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    run = _read_json(path)
+    run = read_results(path)
     folder = path.parent
     rows = []
     listed = set()
@@ -141,8 +131,6 @@ def _run_rows(path: Path, settings: Settings, rescore: bool, skip: Path) -> tupl
 
 def _rescore(run: dict[str, Any], images: Sequence[Path], settings: Settings, origin: str) -> list[dict[str, Any]]:
     """Score images the run did not list, in the run's spaces, against the identity's bundle."""
-    from PIL import Image, UnidentifiedImageError
-
     from portrait.core.bundle import load_identity
     from portrait.core.context import RunContext
     from portrait.flows.finish import FinishPolicy, score_image, scoring_for
@@ -157,9 +145,8 @@ def _rescore(run: dict[str, Any], images: Sequence[Path], settings: Settings, or
     rows = []
     for path in images:
         try:
-            with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError):
+            image = read_rgb(path)
+        except BadInput:
             continue
         score = score_image(image, scoring, policy.score)
         rows.append(_row(run, {
@@ -230,22 +217,16 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _thumbs(data: dict[str, Any], side: int = 192) -> dict[str, str]:
     """data: URIs of the best and worst images (a self-contained report)."""
-    from PIL import Image
-
     out = {}
     for row in data["best"] + data["worst"]:
         path = Path(row["image"])
         if str(path) in out or not path.is_file():
             continue
         try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                im.thumbnail((side, side))
-                buf = io.BytesIO()
-                im.save(buf, format="PNG")
-        except OSError:
+            png = thumbnail_bytes(path, side, "PNG")
+        except BadInput:
             continue
-        out[str(path)] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        out[str(path)] = "data:image/png;base64," + base64.b64encode(png).decode()
     return out
 
 

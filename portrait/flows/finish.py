@@ -34,7 +34,8 @@ from portrait.core.bundle import load_identity
 from portrait.core.declare import from_preset
 from portrait.core.errors import BadInput, ModelMissing, bad_file
 from portrait.core.faces import FaceAnalyzer, make_analyzer, pick_backend
-from portrait.core.io import write_image
+from portrait.core.formats.images import read_rgb
+from portrait.core.formats.sheet import FaceBox, Tile, write_contact_sheet
 from portrait.core.parsing import load_face_parser
 from portrait.core.types import Candidate, CandidateScore, FaceObservation, Identity, RankedResult
 from portrait.stages import fuse as fuse_stage
@@ -109,7 +110,7 @@ class IdentityFaces:
 
 def identity_faces(analyzer: FaceAnalyzer, identity: Identity) -> IdentityFaces:
     """Embeddings of `identity` in the analyzer's space (from the bundle, else from its photos)."""
-    image = _read_rgb(identity.reference)
+    image = read_rgb(identity.reference)
     reference_face = fuse_stage.require_face(analyzer.detect(image), str(identity.reference))
     consensus = identity.consensus.get(analyzer.backend)
     if consensus is None:
@@ -122,7 +123,7 @@ def _embed_photos(analyzer: FaceAnalyzer, paths: Sequence[Path], reference_face:
     """Mean embedding over the bundle's photos, for a backend the bundle has no consensus for."""
     embeddings = [reference_face.embedding] if reference_face.embedding is not None else []
     for path in paths[1:]:
-        faces = analyzer.detect(_read_rgb(path))
+        faces = analyzer.detect(read_rgb(path))
         if faces and faces[0].embedding is not None:
             embeddings.append(faces[0].embedding)
     if not embeddings:
@@ -131,18 +132,6 @@ def _embed_photos(analyzer: FaceAnalyzer, paths: Sequence[Path], reference_face:
         return np.mean(embeddings, axis=0)
     mean = np.mean([e / max(np.linalg.norm(e), 1e-8) for e in embeddings], axis=0)
     return mean / max(np.linalg.norm(mean), 1e-8)
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise bad_file(path, "no such file") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise bad_file(path, f"unreadable image ({exc.__class__.__name__})") from None
 
 
 # --- the scoring spaces --------------------------------------------------------------------------
@@ -246,7 +235,7 @@ def own_photos(identity: Identity, analyzers: Sequence[tuple[FaceAnalyzer, Ident
     for name, path in paths:
         if not Path(path).is_file():
             continue
-        image = _read_rgb(path)
+        image = read_rgb(path)
         signature, embeddings = None, {}
         for index, (analyzer, _) in enumerate(analyzers):
             faces = analyzer.detect(image)
@@ -270,7 +259,7 @@ def photo_spreads(ctx, spaces: Sequence[str], photos: Sequence[Path]) -> dict[st
             continue
         embeddings = []
         for path in photos:
-            faces = analyzer.detect(_read_rgb(path))
+            faces = analyzer.detect(read_rgb(path))
             if faces and faces[0].embedding is not None:
                 embeddings.append(faces[0].embedding)
         spread = score_stage.self_spread(embeddings, space)
@@ -601,61 +590,25 @@ def gate(ctx, identity: Identity, candidates: Sequence[Candidate], switches: Fin
 # --- reporting -----------------------------------------------------------------------------------
 
 
-def result_row(result: RankedResult) -> dict[str, Any]:
-    """One `results.json` entry: the contract's fields plus every score."""
-    score = result.score
-    return {
-        "path": str(result.path) if result.path else None,
-        "seed": result.candidate.seed,
-        "rank": result.rank,
-        "similarity": score.similarity,
-        "reference_similarity": score.reference_similarity,
-        "clip_t": score.clip_t,
-        "faces": score.faces,
-        "face_size": score.face_size,
-        "passed_gate": result.passed_gate,
-        "face_scores": [f.as_dict() for f in score.per_face],
-        "timings": dict(result.candidate.timings),
-        "notes": list(result.candidate.info.get("finish_notes", [])),
-        "similarity_space": score.space,
-        "scores": dict(score.spaces),
-        "copy_paste": score.copy_paste,
-    }
+def result_tiles(results: Sequence[RankedResult]) -> list[Tile]:
+    """The candidates in rank order, each captioned with its scores (green = passed the gate);
+    a group picture's assigned faces are boxed green/red by their own gate."""
+    tiles = []
+    for result in results:
+        s = result.score
+        colour = (60, 190, 90) if result.passed_gate else (220, 70, 60)
+        clip = f"  clip {s.clip_t:.3f}" if s.clip_t is not None else ""
+        boxes = tuple(FaceBox(tuple(face.box), (60, 190, 90) if face.passed else (220, 70, 60),
+                              f"{face.identity} {face.similarity:.2f}") for face in s.per_face if face.box is not None)
+        lines = ((f"#{result.rank}  seed {result.candidate.seed}  faces {s.faces}", (235, 235, 235)),
+                 (f"id {s.similarity:.3f}  ref {s.reference_similarity:.3f}{clip}", colour),
+                 ("passed" if result.passed_gate else "below gate", colour))
+        tiles.append(Tile(result.candidate.image, lines, frame=colour, boxes=boxes))
+    return tiles
 
 
-def write_contact_sheet(results: Sequence[RankedResult], target: Path, thumb: int = 256, columns: int = 4) -> Path:
-    """A grid of the candidates in rank order, each captioned with its scores (green = passed the gate)."""
-    from PIL import Image, ImageDraw, ImageFont
-
+def write_results_sheet(target: Path, results: Sequence[RankedResult], thumb: int = 256, columns: int = 4) -> Path:
+    """generate's contact sheet (portrait.core.formats.sheet draws it)."""
     if not results:
         raise BadInput(f"{target}: no candidates to put on a contact sheet")
-    font = ImageFont.load_default()
-    caption_h = 44
-    columns = max(1, min(columns, len(results)))
-    rows = -(-len(results) // columns)
-    sheet = Image.new("RGB", (columns * (thumb + 8) + 8, rows * (thumb + caption_h + 8) + 8), (24, 24, 24))
-    draw = ImageDraw.Draw(sheet)
-    for index, result in enumerate(results):
-        x = 8 + (index % columns) * (thumb + 8)
-        y = 8 + (index // columns) * (thumb + caption_h + 8)
-        tile = Image.fromarray(result.candidate.image)
-        full_w = tile.width
-        tile.thumbnail((thumb, thumb))
-        ox, oy = x + (thumb - tile.width) // 2, y + (thumb - tile.height) // 2
-        sheet.paste(tile, (ox, oy))
-        k = tile.width / float(full_w)
-        for face in result.score.per_face:  # a group: each assigned face boxed, green/red by its own gate
-            if face.box is None:
-                continue
-            mark = (60, 190, 90) if face.passed else (220, 70, 60)
-            bx0, by0, bx1, by1 = (ox + face.box[0] * k, oy + face.box[1] * k, ox + face.box[2] * k, oy + face.box[3] * k)
-            draw.rectangle([bx0, by0, bx1, by1], outline=mark, width=2)
-            draw.text((bx0 + 2, by0 + 1), f"{face.identity} {face.similarity:.2f}", fill=mark, font=font)
-        colour = (60, 190, 90) if result.passed_gate else (220, 70, 60)
-        draw.rectangle([x - 3, y - 3, x + thumb + 2, y + thumb + 2], outline=colour, width=3)
-        s = result.score
-        clip = f"  clip {s.clip_t:.3f}" if s.clip_t is not None else ""
-        draw.text((x, y + thumb + 4), f"#{result.rank}  seed {result.candidate.seed}  faces {s.faces}", fill=(235, 235, 235), font=font)
-        draw.text((x, y + thumb + 18), f"id {s.similarity:.3f}  ref {s.reference_similarity:.3f}{clip}", fill=colour, font=font)
-        draw.text((x, y + thumb + 32), "passed" if result.passed_gate else "below gate", fill=colour, font=font)
-    return write_image(target, np.asarray(sheet))
+    return write_contact_sheet(target, result_tiles(results), thumb=thumb, columns=columns)

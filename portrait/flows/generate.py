@@ -5,7 +5,7 @@
 Composes stages only: resolve the request (stages.generate), run the backend, hand the
 candidates to the finish flow (fusion / retouch / upscale / score + the similarity gate)
 when it is available, then write each image atomically with its metadata chunks and a
-ranked results.json (DESIGN section 3).
+ranked results.json (docs/ARCHITECTURE.md#results-json).
 
 Under a license policy the models the request needs are checked before any work
 (`_preflight`), and results.json carries the run's bill of materials: every model resolved
@@ -26,6 +26,7 @@ from portrait.core.cache import CacheKey
 from portrait.core.config import Settings
 from portrait.core.context import Progress, RunContext
 from portrait.core.errors import BadInput, Interrupted, OutputFailed
+from portrait.core.formats.results import results_document
 from portrait.core.interrupt import signal_of
 from portrait.core.io import (as_published, check_replaceable, discard_dir, make_dirs, publish_dir, safetensors_data_sha256, sha256_file,
                               staging_for, write_image, write_json)
@@ -51,34 +52,9 @@ class GenerationResult:
         return [r.path for r in self.results if r.path is not None]
 
     def as_json(self) -> dict[str, Any]:
-        """results.json (DESIGN section 3), plus the resolved request for reproducibility."""
-        rows = []
-        for r in self.results:
-            s = r.score
-            rows.append({
-                "path": r.path.name if r.path else None,
-                "seed": r.candidate.seed,
-                "rank": r.rank,
-                "similarity": _round(s.similarity),
-                "passed_gate": bool(r.passed_gate),
-                "timings": {k: round(float(v), 4) for k, v in r.candidate.timings.items()},
-                "reference_similarity": _round(s.reference_similarity),
-                "clip_t": _round(s.clip_t),
-                "faces": s.faces,
-                # a group picture: every assigned face with its identity, box and similarity
-                "face_scores": [f.as_dict() for f in s.per_face],
-                "info": r.candidate.info,
-                # issue 18: the space `similarity` is measured in, every space scored, copy-paste
-                "similarity_space": s.space,
-                "scores": {space: dict(v) for space, v in s.spaces.items()},
-                "copy_paste": s.copy_paste,
-            })
-        return {"identity": self.identity, "backend": self.backend, "template": self.template, "results": rows,
-                "request": self.request.resolved(), **self.info}
-
-
-def _round(value: Any) -> float | None:
-    return None if value is None else round(float(value), 4)
+        """results.json (docs/ARCHITECTURE.md#results-json), plus the resolved request for reproducibility."""
+        return results_document(self.identity, self.backend, self.template, self.results, self.request.resolved(),
+                                self.info)
 
 
 def generate(identity: str | Identity, *, template: str | None = None, prompt: str | None = None,
@@ -127,9 +103,9 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
         staged = GenerationResult(person.name, request.backend, request.template, out, request, tuple(written), notes)
         write_json(staging / "results.json", staged.as_json())
         if notes.get("gate") and written:  # finishing ran (notes always carry versions and the BOM)
-            from portrait.flows.finish import write_contact_sheet
+            from portrait.flows.finish import write_results_sheet
 
-            write_contact_sheet(written, staging / "contact_sheet.png")
+            write_results_sheet(staging / "contact_sheet.png", written)
         publish_dir(staging, out)
     except OutputFailed as exc:
         raise as_published(exc, staging, out) from None

@@ -1,6 +1,6 @@
 """`portrait prepare`: ingest -> analyze -> rank -> prepare -> caption, and the outputs.
 
-Writes into OUT: report.json (DESIGN section 3), train/NNN.png + NNN.txt (aligned crops and
+Writes into OUT: report.json (docs/ARCHITECTURE.md#report-json), train/NNN.png + NNN.txt (aligned crops and
 captions), reference.png (the fusion face, head and shoulders), photos/NNN.jpg (the top-k
 originals downscaled to <= 1024 px, for zero-shot embeddings) and contact_sheet.png (every
 input with kept/rejected and the reason). Returns a PrepareResult holding the TrainingSet.
@@ -24,6 +24,7 @@ from portrait.core.faces import INSIGHTFACE_PACKS, FaceAnalyzer, make_analyzer
 from portrait.core.errors import Interrupted, OutputFailed
 from portrait.core.interrupt import signal_of
 from portrait.core.io import as_published, check_replaceable, discard_dir, publish_dir, staging_for, write_image, write_json, write_text
+from portrait.core.formats.sheet import FaceBox, Tile, write_contact_sheet
 from portrait.core.types import PhotoAssessment, TrainingSet
 from portrait.stages.analyze import analyze
 from portrait.stages.background import BackgroundPolicy, Segmenter, load_segmenter, whiten
@@ -111,7 +112,7 @@ def _prepare(ctx: RunContext, inputs: list, out: Path, policies: dict, face_back
     ranking = rank(analyses, analyzer.scale, policies["rank"])
     assessments = _in_input_order(ingested.order, ranking, ingested.rejected)
     report = build_report(assessments, ranking, out)
-    if segmenter is not None:  # recorded only when on: the report's default shape is DESIGN's
+    if segmenter is not None:  # recorded only when on: the default report keeps its documented shape (docs/ARCHITECTURE.md#report-json)
         report["background"] = {"whitened": True, "model": segmenter.model_id, "license": segmenter.license}
     minimum = flow.min_photos
     passed = sum(a.status == "kept" for a in assessments)
@@ -119,7 +120,7 @@ def _prepare(ctx: RunContext, inputs: list, out: Path, policies: dict, face_back
     staging = staging_for(out)
     try:
         write_json(staging / "report.json", report)
-        write_contact_sheet(staging / "contact_sheet.png", assessments)
+        write_prepare_sheet(staging / "contact_sheet.png", assessments)
         if passed < minimum:
             # The report says why; it is published (as a unit) so the user can read it.
             publish_dir(staging, out)
@@ -279,45 +280,28 @@ def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
 
 # --- contact sheet ---------------------------------------------------------------------------
 
+# prepare's sheet: 160 px cells edge to edge, six across, a green (kept) or red band with the reason
+PREPARE_SHEET = {"thumb": THUMB, "columns": 6, "caption_h": 30, "gap": 0, "background": (40, 40, 40), "enlarge": True}
 
-def write_contact_sheet(target: Path, assessments: Sequence[PhotoAssessment], columns: int = 6) -> Path:
-    """Every input as a thumbnail with a green (kept) or red (rejected) band and the reason."""
-    from PIL import Image, ImageDraw
 
-    label_h = 30
-    rows = max(1, -(-len(assessments) // columns))
-    cols = min(columns, max(1, len(assessments)))
-    sheet = Image.new("RGB", (cols * THUMB, rows * (THUMB + label_h)), (40, 40, 40))
-    draw = ImageDraw.Draw(sheet)
-    for i, a in enumerate(assessments):
-        x, y = (i % columns) * THUMB, (i // columns) * (THUMB + label_h)
-        if a.photo is not None:
-            thumb = _thumbnail(a)
-            sheet.paste(thumb, (x + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
-        else:
-            draw.line((x + 20, y + 20, x + THUMB - 20, y + THUMB - 20), fill=(120, 120, 120), width=3)
-            draw.line((x + 20, y + THUMB - 20, x + THUMB - 20, y + 20), fill=(120, 120, 120), width=3)
+def assessment_tiles(assessments: Sequence[PhotoAssessment]) -> list[Tile]:
+    """Every input as a tile: its faces boxed (the chosen one green when kept, yellow when not)."""
+    tiles = []
+    for a in assessments:
         kept = a.status == "kept"
-        draw.rectangle((x, y + THUMB, x + THUMB - 1, y + THUMB + label_h - 1), fill=(30, 140, 60) if kept else (170, 40, 40))
+        boxes = tuple(FaceBox(tuple(face.box), (0, 255, 0) if face is a.face and kept
+                              else (255, 200, 0) if face is a.face else (200, 200, 200))
+                      for face in a.faces) if a.photo is not None else ()
         name = Path(a.source.split("::")[-1]).name
-        draw.text((x + 4, y + THUMB + 2), name[:24], fill=(255, 255, 255))
         status = f"kept {a.scores.total:.2f}" if kept else (a.reason or "rejected")
-        draw.text((x + 4, y + THUMB + 15), status, fill=(255, 255, 255))
-    return write_image(target, np.asarray(sheet))
+        white = (255, 255, 255)
+        tiles.append(Tile(a.photo.image if a.photo is not None else None, ((name[:24], white), (status, white)),
+                          band=(30, 140, 60) if kept else (170, 40, 40), boxes=boxes))
+    return tiles
 
 
-def _thumbnail(a: PhotoAssessment):
-    from PIL import Image, ImageDraw
-
-    pil = Image.fromarray(a.photo.image)
-    scale = THUMB / max(pil.size)
-    pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.Resampling.LANCZOS)
-    draw = ImageDraw.Draw(pil)
-    for face in a.faces:
-        box = tuple(v * scale for v in face.box)
-        color = (0, 255, 0) if face is a.face and a.status == "kept" else (255, 200, 0) if face is a.face else (200, 200, 200)
-        draw.rectangle(box, outline=color, width=2)
-    return pil
+def write_prepare_sheet(target: Path, assessments: Sequence[PhotoAssessment]) -> Path:
+    return write_contact_sheet(target, assessment_tiles(assessments), **PREPARE_SHEET)
 
 
 __all__ = ["PrepareResult", "prepare"]

@@ -25,14 +25,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from portrait.core.bundle import check_name, identity_dir, load_identity, write_embeddings, write_manifest
+from portrait.core.bundle import BundleLora, check_name, identity_dir, load_identity, read_manifest, update_manifest
+from portrait.core.bundle import write_bundle as write_bundle_files
 from portrait.core.cache import ModelCache
 from portrait.core.config import Settings
 from portrait.core.context import RunContext
 from portrait.core.errors import ENVIRONMENT_ERRNOS, BadInput, Interrupted, OutputFailed
 from portrait.core.declare import from_preset
 from portrait.core.interrupt import signal_of
-from portrait.core.io import copy_file, discard_dir, publish_dir, sha256_file, sync_tree, write_json
+from portrait.core.formats.images import read_rgb
+from portrait.core.io import discard_dir, publish_dir, sha256_file, sync_tree
 from portrait.core.lock import identity_lock
 from portrait.core.types import Identity, TrainingSet
 from portrait.stages.train import (
@@ -46,8 +48,6 @@ from portrait.stages.train import (
     class_images,
     discard_checkpoints,
     result_summary,
-    save_diffusers_lora,
-    save_kohya_lora,
     train_lora,
     validation_summary,
 )
@@ -233,13 +233,8 @@ def train_identity(ctx: RunContext, tset: TrainingSet, face_backend: str, policy
 
 
 def training_data(tset: TrainingSet) -> TrainData:
-    from PIL import Image
-
-    images = []
-    for path in tset.images:
-        with Image.open(path) as im:
-            images.append(np.asarray(im.convert("RGB")))
-    return TrainData(tuple(images), tuple(tset.captions), tset.trigger, tset.class_word)
+    images = tuple(read_rgb(path) for path in tset.images)
+    return TrainData(images, tuple(tset.captions), tset.trigger, tset.class_word)
 
 
 def face_scorer(ctx: RunContext, face_backend: str, consensus_by_backend: dict[str, np.ndarray]) -> FaceScorer | None:
@@ -291,67 +286,52 @@ def main_weights_file(root: Path, files: Sequence[str]) -> Path | None:
 
 def write_bundle(staging: Path, name: str, ctx: RunContext, prepared, result: TrainResult | None,
                  policy: TrainPolicy | None, base: dict[str, Any], timings: dict[str, float]) -> None:
+    """The identity bundle of this run, written by portrait.core.bundle.write_bundle."""
     tset = prepared.training_set
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    copy_file(tset.reference, staging / "reference.png")
-    photos = []
-    for i, source in enumerate(tset.kept_photos):
-        rel = f"photos/{i:03d}{Path(source).suffix.lower() or '.png'}"
-        copy_file(source, staging / rel)
-        photos.append(rel)
-    write_embeddings(staging / "embeddings.npz", tset.consensus)
-    write_json(staging / "report.json", prepared.report)
-    from portrait.flows.finish import photo_spreads
-
-    # the copy-paste guard's yardstick: how alike this person's own photos are, per space
-    spreads = photo_spreads(ctx, sorted(set(tset.consensus) | {"dlib"}), [staging / p for p in photos])
     manifest: dict[str, Any] = {
         "name": name,
         "trigger": tset.trigger,
         "class_word": tset.class_word,
         "preset": ctx.preset.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "reference": "reference.png",
-        "photos": photos,
-        "embeddings": "embeddings.npz",
         "face_backend": prepared.face_backend,
-        "self_similarity": spreads,
         "license_policy": ctx.settings.license,
         "captions": list(tset.captions),
         "versions": package_versions(),
         "device": {"device": ctx.placement.device, "dtype": ctx.placement.dtype_name},
         "timings": timings,
     }
+    lora = None
     if result is not None and policy is not None:
         family = ctx.preset.family
-        save_diffusers_lora(staging / "lora.safetensors", family, result.lora, result.rank, result.alpha,
-                            policy.unet_targets, policy.text_targets)
-        save_kohya_lora(staging / "lora_kohya.safetensors", family, result.lora, result.alpha,
-                        {"ss_network_dim": str(result.rank), "ss_network_alpha": str(result.alpha),
-                         "ss_base_model_version": family, "ss_output_name": name, "portrait_trigger": tset.trigger})
-        manifest["loras"] = {family: {"file": "lora.safetensors", "kohya": "lora_kohya.safetensors",
-                                      "base_model": base.get("id", ""), "base_hash": base.get("hash"),
-                                      "rank": result.rank, "alpha": result.alpha,
-                                      "text_encoder": policy.train_text_encoder}}
+        lora = BundleLora(family, result.lora, result.rank, result.alpha, base_model=base.get("id", ""),
+                          unet_targets=policy.unet_targets, text_targets=policy.text_targets,
+                          kohya_metadata={"ss_network_dim": str(result.rank), "ss_network_alpha": str(result.alpha),
+                                          "ss_base_model_version": family, "ss_output_name": name,
+                                          "portrait_trigger": tset.trigger},
+                          row={"base_hash": base.get("hash"), "text_encoder": policy.train_text_encoder})
         manifest["base_model"] = base
         manifest["train"] = {**result_summary(result), "seed": policy.seed,
                              "validation_seeds": list(policy.validation_seeds),
                              "losses": [round(x, 6) for x in result.losses]}
         manifest["validation"] = validation_summary(result)
-    write_manifest(staging, manifest)
+    write_bundle_files(staging, manifest, reference=tset.reference, photos=tset.kept_photos,
+                                embeddings=tset.consensus, report=prepared.report, lora=lora)
+    from portrait.flows.finish import photo_spreads
+
+    # the copy-paste guard's yardstick: how alike this person's own photos are, per space
+    photos = [staging / p for p in read_manifest(staging)["photos"]]
+    update_manifest(staging, self_similarity=photo_spreads(ctx, sorted(set(tset.consensus) | {"dlib"}), photos))
 
 
 def _add_bom(staging: Path, ctx: RunContext, used: dict) -> None:
     """The bill of materials of the training run, into the staged manifest."""
-    import json
-
     from portrait.flows.generate import bill_of_materials
 
-    manifest = json.loads((staging / "manifest.json").read_text())
-    manifest["bom"] = bill_of_materials(ctx, used)
-    write_json(staging / "manifest.json", manifest)
+    update_manifest(staging, bom=bill_of_materials(ctx, used))
 
 
 def swap_into_place(staging: Path, target: Path) -> None:

@@ -140,7 +140,7 @@ class StudioService:
 
     def _prepare(self, identity_id: str, folder: Path, screened: Screened, stored: dict[str, str]) -> dict[str, Any]:
         from portrait.core.declare import from_preset
-        from portrait.flows.prepare import PREPARE_READERS, PrepareFlowPolicy, prepare, write_contact_sheet
+        from portrait.flows.prepare import PREPARE_READERS, PrepareFlowPolicy, prepare, write_prepare_sheet
 
         rows: dict[str, dict[str, Any]] = {row["path"]: row for row in screened.rejected}
         minimum = from_preset(PrepareFlowPolicy, load_preset(self.settings.preset), shared=PREPARE_READERS).min_photos
@@ -161,7 +161,7 @@ class StudioService:
                 # The contact sheet again, under the names the customer gave (prepare saw NNN.jpg).
                 relabeled = [dataclasses.replace(a, source=stored.get(a.source, a.source))
                              for a in result.training_set.assessments]
-                write_contact_sheet(folder / "prepare" / "contact_sheet.png", relabeled)
+                write_prepare_sheet(folder / "prepare" / "contact_sheet.png", relabeled)
         else:
             failure = BadInput("no usable photo")
         photos = [rows[label] for label in screened.order if label in rows]
@@ -498,14 +498,9 @@ class StudioService:
 
 
 def _thumbnail(path: Path, side: int = 320) -> bytes:
-    from PIL import Image
+    from portrait.core.formats.images import thumbnail_bytes
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        im.thumbnail((side, side))
-        out = io.BytesIO()
-        im.save(out, "JPEG", quality=85)
-    return out.getvalue()
+    return thumbnail_bytes(path, side, "JPEG", quality=85)
 
 
 def _card(template, size: tuple[int, int] = (320, 320)) -> bytes:

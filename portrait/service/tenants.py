@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from portrait.core.db import connect
 from portrait.core.errors import BadInput
 
 LOCAL_TENANT = "local"  # the single tenant of a server without tokens
@@ -86,15 +87,8 @@ class TenantDB:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(_SCHEMA)
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-        try:
-            con.row_factory = sqlite3.Row
-            con.execute("PRAGMA busy_timeout=60000")
-            yield con
-        finally:
-            con.close()
+    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return connect(self.path)
 
     # -- tenants and tokens -------------------------------------------------------------
 

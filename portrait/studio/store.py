@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from portrait.core.db import connect
 from portrait.core.errors import BadInput
 
 from .spec import Item, Job
@@ -222,17 +223,9 @@ class Store:
 
     # -- plumbing ---------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-        try:
-            con.row_factory = sqlite3.Row
-            con.execute("PRAGMA busy_timeout=60000")
-            # FULL: a `done` that was reported survives a power cut, not only a crash.
-            con.execute("PRAGMA synchronous=FULL")
-            yield con
-        finally:
-            con.close()
+    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        # FULL: a `done` that was reported survives a power cut, not only a crash.
+        return connect(self.path, synchronous="FULL")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

@@ -2,7 +2,7 @@
 
 Every file has the real file name, the real container (torch.save pickle of nested dicts,
 safetensors, a transformers folder) and the real key names, at tiny sizes matched to the
-tiny SD1.5 / SDXL UNets (DESIGN section 5):
+tiny SD1.5 / SDXL UNets (docs/ARCHITECTURE.md#adapter-formats):
 
 - InstantID `ip-adapter.bin`: {"image_proj": Resampler (latents, proj_in, proj_out, norm_out,
   layers.{0..3}.0.{norm1,norm2,to_q,to_kv,to_out}, layers.l.1.{0,1,3}),

@@ -11,7 +11,7 @@ TINY_SDXL. Notes on the choices:
 - text encoders keep the real vocabulary (49,408 tokens) so the real tokenizer works; the
   embedding table is most of each model's bytes, so the hidden sizes stay small;
 - SDXL's two text encoders have different hidden sizes (32 and 64): diffusers tells them
-  apart in single files by that width (DESIGN section 6);
+  apart in single files by that width (docs/ARCHITECTURE.md#tiny-models);
 - the VAE has 4 blocks, so it downsamples by 8 like every real SD VAE (64 px image -> 8 px
   latent) and the ControlNet hint encoder has 4 levels to match. Latent sizes, mask
   downsampling and size multiples are then tested at the factor real models use, and a

@@ -42,7 +42,7 @@ def kohya_lora_state(family: str, seed: int, targets: list[str], rank: int = 4, 
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
     peft_state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
     state = convert_state_dict_to_kohya(peft_state)
-    # The converter writes alpha = rank; the real files carry their true alpha (DESIGN section 6).
+    # The converter writes alpha = rank; the real files carry their true alpha (docs/ARCHITECTURE.md#lora-files).
     for key in [k for k in state if k.endswith(".alpha")]:
         state[key] = torch.tensor(float(alpha))
     return {k: v.detach().to(torch.float16 if k.endswith("weight") else torch.float32).contiguous()
@@ -50,10 +50,9 @@ def kohya_lora_state(family: str, seed: int, targets: list[str], rank: int = 4, 
 
 
 def _save(path: Path, state: dict) -> None:
-    from safetensors.torch import save_file
+    from portrait.core.formats.lora import write_safetensors
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"format": "pt"})
+    write_safetensors(path, state, {"format": "pt"})
 
 
 def write_lcm_lora_sd15(root: Path, seed: int) -> None:

@@ -1,0 +1,43 @@
+"""Prior preservation (DreamBooth): images of the class drawn by the base model itself.
+
+Generated once per (base, resolution, steps, seed, prompt) into a cache folder the train flow
+names, as PNGs, and read back with the one image reader; the loop mixes them into the batches
+with the prior-loss weight of the preset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from portrait.stages.train_state import TrainEvent
+
+if TYPE_CHECKING:  # annotations only (train.py imports this module)
+    from portrait.stages.train import TrainModels, TrainPolicy
+
+
+def class_images(models: TrainModels, prompt: str, policy: TrainPolicy, cache_dir: Path, device: str,
+                 on_event: Callable[[TrainEvent], None] | None = None) -> tuple[np.ndarray, ...]:
+    """Generate (once; cached as PNGs in `cache_dir`) the base model's images of the class."""
+    import torch
+
+    from portrait.core.formats.images import read_rgb, write_image
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i in range(policy.class_images):
+        path = cache_dir / f"{i:04d}.png"
+        if not path.is_file():
+            if on_event:
+                on_event(TrainEvent("class_images", i, policy.class_images))
+            gen = torch.Generator(device="cpu").manual_seed(policy.seed * 10_007 + i)
+            out = models.pipeline(prompt=prompt, height=policy.resolution, width=policy.resolution,
+                                  num_inference_steps=policy.class_steps, generator=gen, output_type="np")
+            write_image(path, (np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8))
+        images.append(read_rgb(path))
+    return tuple(images)
+
+
+__all__ = ["class_images"]
