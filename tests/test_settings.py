@@ -148,7 +148,8 @@ def test_every_shipped_preset_loads_and_builds_every_policy(name):
             assert dataclasses.is_dataclass(policy) and policy.SECTION == section
     train = built["train"]["TrainPolicy"]
     # defaults are the declaration's; a preset states only what differs
-    expected_rank = {"sd15": 64, "commercial": 64, "sdxl": 32, "tiny": 4, "tiny-sdxl": 4, "tiny-commercial": 4}
+    expected_rank = {"sd15": 64, "commercial": 64, "sdxl": 32, "tiny": 4, "tiny-sdxl": 4, "tiny-commercial": 4,
+                     "flux": 64, "tiny-flux": 64}  # FLUX presets keep sd15's train section (no FLUX training)
     assert train.rank == expected_rank[name]
     assert built["studio"]["StudioPolicy"] == StudioPolicy()
 
