@@ -386,3 +386,9 @@ def write_controlnet_sd15_single(root: Path, seed: int) -> None:
 def write_instantid_controlnet(root: Path, seed: int) -> None:
     """IdentityNet: an SDXL ControlNet at InstantX/InstantID's `ControlNetModel/` path."""
     _save_model(_controlnet(seed, "sdxl"), Path(root) / "ControlNetModel")
+
+
+# Public names for the other make-tiny modules (tiny/flux.py builds FLUX stand-ins the same way).
+fill_zero_weights = _fill_zero_weights
+text_config = _text_config
+save_model = _save_model

@@ -68,7 +68,7 @@ def transformer(seed: int):
     """A FluxTransformer2DModel of FLUX.1-dev's shape at tiny width (guidance embedding on)."""
     from diffusers import FluxTransformer2DModel
 
-    from .diffusion import _fill_zero_weights
+    from .diffusion import fill_zero_weights
 
     c = TINY_FLUX
     _seed(seed)
@@ -81,7 +81,7 @@ def transformer(seed: int):
     )
     # The output projection and AdaLN gates start at zero in diffusers; random values make
     # every block matter, so a wrong wire changes the output.
-    return _fill_zero_weights(model, seed).eval()
+    return fill_zero_weights(model, seed).eval()
 
 
 def vae(seed: int):
@@ -102,10 +102,10 @@ def vae(seed: int):
 def clip_text_encoder(seed: int):
     from transformers import CLIPTextModel
 
-    from .diffusion import _text_config
+    from .diffusion import text_config
 
     _seed(seed)
-    return CLIPTextModel(_text_config(TINY_FLUX["clip_hidden_size"], 2, 2, "quick_gelu")).eval()
+    return CLIPTextModel(text_config(TINY_FLUX["clip_hidden_size"], 2, 2, "quick_gelu")).eval()
 
 
 def t5_encoder(seed: int):
@@ -222,13 +222,13 @@ def _write_clip_tokenizer(folder: Path) -> None:
 
 def write_flux(root: Path, seed: int) -> None:
     """A FLUX.1-dev-shaped diffusers folder."""
-    from .diffusion import _save_model
+    from .diffusion import save_model
 
     root = Path(root)
     parts = flux_parts(seed)
     _write_json(root / "model_index.json", model_index())
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        _save_model(parts[name], root / name)
+        save_model(parts[name], root / name)
     parts["scheduler"].save_pretrained(root / "scheduler")
     _write_clip_tokenizer(root / "tokenizer")
     write_t5_tokenizer(root / "tokenizer_2")
@@ -263,7 +263,7 @@ def infusenet(seed: int):
     block (the control image goes through the VAE), guidance embedding on."""
     from diffusers import FluxControlNetModel
 
-    from .diffusion import _fill_zero_weights
+    from .diffusion import fill_zero_weights
 
     c, i = TINY_FLUX, TINY_INFINITEYOU
     _seed(seed)
@@ -274,7 +274,7 @@ def infusenet(seed: int):
         pooled_projection_dim=c["pooled_projection_dim"], guidance_embeds=True, axes_dims_rope=list(c["axes_dims_rope"]),
     )
     # ControlNet output projections start at zero (a no-op net): random values instead.
-    return _fill_zero_weights(model, seed, std=0.05).eval()
+    return fill_zero_weights(model, seed, std=0.05).eval()
 
 
 def id_projection_state(seed: int) -> dict[str, Any]:
@@ -300,8 +300,8 @@ def write_infiniteyou(root: Path, seed: int) -> None:
     a pickle like the release), as in ByteDance/InfiniteYou infu_flux_v1.0/<variant>/."""
     import torch
 
-    from .diffusion import _save_model
+    from .diffusion import save_model
 
     root = Path(root)
-    _save_model(infusenet(seed), root / "InfuseNetModel")
+    save_model(infusenet(seed), root / "InfuseNetModel")
     torch.save({"image_proj": id_projection_state(seed + 1)}, root / "image_proj_model.bin")
