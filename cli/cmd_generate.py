@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         identity: str = typer.Option(..., "--identity", "-i", help="Identity name (HOME/identities/NAME)."),
         template: Optional[str] = typer.Option(None, "--template", "-t", help="Style or photo template name, a .yaml, or a photo template folder."),
         prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt instead of a template ({trigger} and {class} are filled in)."),
-        backend: Optional[str] = typer.Option(None, "--backend", "-b", help="lora, template, instantid, faceid, photomaker (default: the preset's)."),
+        backend: Optional[str] = typer.Option(None, "--backend", "-b", help="lora, template, instantid, faceid, photomaker, pulid (default: the preset's)."),
         n: Optional[int] = typer.Option(None, "--n", "-n", min=1, help="How many images (default: the preset's; at most its generate.max_n)."),
         seed: Optional[int] = typer.Option(None, "--seed", help="First seed; image k uses seed+k. Random when omitted (recorded)."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder (PNGs + results.json)."),

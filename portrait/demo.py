@@ -57,6 +57,7 @@ DEMO_STEPS = (
     DemoStep("zero-shot: InstantID (SDXL)", "instantid", "business", "tiny-sdxl"),
     DemoStep("zero-shot: PhotoMaker (SDXL)", "photomaker", None, "tiny-sdxl",
              prompt="studio portrait of a {class} img, soft light"),
+    DemoStep("zero-shot: PuLID v1.1 (SDXL)", "pulid", "business", "tiny-sdxl"),
 )
 
 NOISE_NOTE = "ran end to end; tiny stand-ins draw noise, so there is no face to measure (real presets: README)"

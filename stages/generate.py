@@ -41,6 +41,7 @@ BACKENDS: dict[str, str] = {
     "instantid": "portrait.stages.backends.instantid:InstantIDBackend",
     "faceid": "portrait.stages.backends.faceid:FaceIDBackend",
     "photomaker": "portrait.stages.backends.photomaker:PhotoMakerBackend",
+    "pulid": "portrait.stages.backends.pulid:PuLIDBackend",
 }
 
 COMPOSITIONS = ("merge", "switch", "composite")

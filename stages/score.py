@@ -213,7 +213,8 @@ def rank(candidates: Sequence[Candidate], scores: Sequence[CandidateScore], poli
 # --- which spaces score -----------------------------------------------------------------------
 
 # The embedding space each generation backend is conditioned with (DESIGN section 5).
-CONDITIONING = {"instantid": "insightface:antelopev2", "faceid": "insightface:buffalo_l"}
+CONDITIONING = {"instantid": "insightface:antelopev2", "faceid": "insightface:buffalo_l",
+                "pulid": "insightface:antelopev2"}
 # Independent spaces, preferred first; dlib is the offline fallback (its models ship in a package).
 INDEPENDENT = ("auraface", "insightface:buffalo_l", "insightface:antelopev2", "dlib")
 

@@ -54,6 +54,12 @@ class BackendOptions(BaseModel):
     start_merge_step: int | None = Field(None, ge=0, le=10_000)
     style_strength: float | None = Field(None, ge=0.0, le=1.0)
     trigger: str | None = Field(None, min_length=1)
+    # PuLID (stages/backends/pulid.py)
+    id_scale: float | None = Field(None, ge=0.0, le=5.0, description="PuLID ID attention scale (0.8)")
+    pulid_mode: Literal["fidelity", "style", "plain"] | None = None
+    pulid_num_zero: int | None = Field(None, ge=0, le=64, description="zero tokens appended to PuLID's ID tokens")
+    pulid_ortho: Literal["off", "v1", "v2"] | None = None
+    pulid_schedule: Literal["karras", "lightning"] | None = None
     # identity embeddings (stages/embed.py)
     id_mode: Literal["mean", "all", "best"] | None = None
     id_photos: int | None = Field(None, ge=1, le=64)

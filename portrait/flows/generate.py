@@ -151,6 +151,7 @@ def _template(name: str | None, prompt: str | None, backend: str | None, policy:
 _BACKEND_ROLES = {
     "instantid": ("instantid_controlnet", "instantid_adapter", "face_pack_instantid"),
     "faceid": ("face_pack_faceid",),
+    "pulid": ("pulid", "eva_clip", "face_pack_instantid", "face_parser"),
 }
 
 

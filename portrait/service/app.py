@@ -61,7 +61,7 @@ class GenerateRequest(_GenerateOptions):
     identity: str
     template: Optional[str] = Field(None, description="A template name from /v1/templates.")
     prompt: Optional[str] = Field(None, description="A prompt with {trigger} and {class}, instead of a template.")
-    backend: Optional[str] = Field(None, description="lora, template, faceid, instantid, photomaker; default from the template.")
+    backend: Optional[str] = Field(None, description="lora, template, faceid, instantid, photomaker, pulid; default from the template.")
 
 
 class BatchRequest(_GenerateOptions):

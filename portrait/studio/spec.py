@@ -29,7 +29,7 @@ from portrait.core.errors import BadInput, bad_file
 
 # Backends that need no trained LoRA: an identity used only with these is prepared
 # (`train --zero-shot`) instead of trained.
-ZERO_SHOT_BACKENDS = frozenset({"instantid", "faceid", "photomaker"})
+ZERO_SHOT_BACKENDS = frozenset({"instantid", "faceid", "photomaker", "pulid"})
 
 
 def known_backends() -> tuple[str, ...]:

@@ -1,0 +1,390 @@
+"""Backend `pulid` (SDXL): PuLID v1.1, an ID encoder whose tokens enter the UNet through
+its own cross-attention branch (`id_scale`), with no IdentityNet and no LoRA of its own.
+
+Per photo of the identity (best first, `id_photos`, default 4 as the reference demo's one
+main + three supporting photos): the antelopev2 raw embedding (stages/embed.py) and
+EVA02-CLIP-L-14-336 features of the face, aligned to facexlib's 512 FFHQ template, with
+the background, ears, neck, clothes and hat painted white by the face parser and the rest
+turned gray (as PuLID feeds EVA). The ID vector [arcface 512 ++ unit EVA embedding 768]
+and the five EVA hidden states go into the IDFormer (portrait.core.archs.pulid), which
+gives 32 ID tokens; the unconditional tokens are the IDFormer on zeros. Several photos
+are read together (`id_mode=all`, the reference's way: their tokens side by side), or
+averaged (`mean`), or the best one alone (`best`).
+
+Modes (`pulid_mode`): `fidelity` (8 zero tokens, orthogonal v2) and `style` (16 zero
+tokens, orthogonal v1), the two modes of the reference demo; `plain` adds the ID attention
+as is (v1.1's default with num_zero 0, ortho off). `pulid_num_zero` / `pulid_ortho` override.
+
+Schedules (`pulid_schedule`):
+- `karras` (v1.1 reference, default): DPM-Solver++(2M) in k-diffusion's sigma space over
+  Karras sigmas of the SD discrete schedule, each step the UNet at the nearest discrete
+  timestep on x / sqrt(sigma^2 + 1), CFG from uncond (negative text + zero-ID tokens) and cond.
+  The loop is written here (about 20 lines) because the reference samples exactly this
+  way, and diffusers' DPMSolverMultistepScheduler starts from the noise in VP space (x_T =
+  noise instead of noise * sigma_max / sqrt(sigma_max^2 + 1)), which is a different image.
+- `lightning`: the stock diffusers SDXL pipeline with DPMSolverMultistepScheduler on
+  `timestep_spacing="trailing"`, PuLID v1's recipe for SDXL-Lightning bases (4 steps,
+  guidance 1.2); the ID processors read the tokens laid out like the pipeline's text batch.
+
+Options: id_scale (0.8), pulid_mode, pulid_num_zero, pulid_ortho, pulid_schedule,
+id_mode all|mean|best, id_photos, face_locator, face_pack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
+
+import numpy as np
+
+from portrait.core.archs import pulid as arch
+from portrait.core.cache import CacheKey
+from portrait.core.context import RunContext
+from portrait.core.errors import BadInput, bad_file
+from portrait.core.types import Candidate, GenerationRequest, Identity
+from portrait.stages import embed as emb
+from portrait.stages import loras
+from portrait.stages.generate import seeded_candidates
+from portrait.stages.sd import load_sd_pipeline, model_info, prepare_pipeline, to_uint8
+
+# facexlib's FaceRestoreHelper 5-point template for a 512 face (crop ratio 1), which PuLID
+# aligns with before parsing: eyes, nose, mouth corners.
+FFHQ_512 = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
+                     [201.26117, 371.41043], [313.08905, 371.15118]], np.float32)
+ALIGN_BORDER = (135, 133, 132)  # facexlib's border value for warpAffine
+# Parser labels PuLID paints white: background, cloth, hat, ears, earring, neck, necklace.
+WHITE_LABELS = (0, 16, 18, 7, 8, 9, 14, 15)
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+SCHEDULES = ("karras", "lightning")
+
+
+@dataclass(frozen=True)
+class PuLIDPolicy:
+    id_scale: float = 0.8  # the reference demos' default
+    mode: arch.IDMode = arch.MODES["fidelity"]
+    mode_name: str = "fidelity"
+    schedule: str = "karras"
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "PuLIDPolicy":
+        name = str(options.get("pulid_mode", "fidelity"))
+        if name not in arch.MODES:
+            raise BadInput(f"option pulid_mode='{name}' is not one of {', '.join(arch.MODES)}")
+        base = arch.MODES[name]
+        ortho = str(options.get("pulid_ortho", base.ortho))
+        if ortho not in ("off", "v1", "v2"):
+            raise BadInput(f"option pulid_ortho='{ortho}' is not one of off, v1, v2")
+        schedule = str(options.get("pulid_schedule", "karras"))
+        if schedule not in SCHEDULES:
+            raise BadInput(f"option pulid_schedule='{schedule}' is not one of {', '.join(SCHEDULES)}")
+        mode = arch.IDMode(num_zero=int(options.get("pulid_num_zero", base.num_zero)), ortho=ortho)
+        return cls(id_scale=float(options.get("id_scale", 0.8)), mode=mode, mode_name=name, schedule=schedule)
+
+
+# --- models -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PuLIDModels:
+    model_id: str
+    encoder: Any  # arch.IDFormer
+    layers: dict  # processor index -> {id_to_k.weight, id_to_v.weight}
+    eva_id: str
+    eva: Any  # arch.EvaVisual
+
+
+def load_models(ctx: RunContext) -> PuLIDModels:
+    """The preset's PuLID checkpoint and EVA-CLIP, hash-checked, built and cached."""
+    from portrait.core.loaders import load_torch_file
+
+    placement = ctx.placement
+    pulid_id, eva_id = ctx.preset.model("pulid"), ctx.preset.model("eva_clip")
+
+    def build_pulid():
+        resolved = ctx.resolve(pulid_id)
+        state = load_torch_file(ctx, resolved)
+        if not arch.detect(state):
+            raise bad_file(resolved.path, "is not a PuLID SDXL checkpoint (no id_adapter / id_adapter_attn_layers)")
+        encoder_state, layers = arch.split_state(state)
+        try:
+            encoder = arch.build_idformer(encoder_state)
+        except (ValueError, RuntimeError) as exc:
+            raise bad_file(resolved.path, f"cannot be loaded as PuLID's IDFormer ({str(exc).splitlines()[0]})") from None
+        return encoder.to(placement.device, placement.dtype), layers
+
+    def build_eva():
+        resolved = ctx.resolve(eva_id)
+        try:
+            model = arch.build_eva_visual(load_torch_file(ctx, resolved))
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise bad_file(resolved.path, f"cannot be loaded as EVA02-CLIP ({str(exc).splitlines()[0]})") from None
+        return model.to(placement.device, placement.dtype)
+
+    encoder, layers = ctx.cache.get(CacheKey(pulid_id, placement.device, placement.dtype_name, "pulid"), build_pulid)
+    eva = ctx.cache.get(CacheKey(eva_id, placement.device, placement.dtype_name, "eva-visual"), build_eva)
+    return PuLIDModels(pulid_id, encoder, layers, eva_id, eva)
+
+
+# --- identity features ----------------------------------------------------------------------------------
+
+
+def align_face(image: np.ndarray, kps: np.ndarray) -> np.ndarray:
+    """The 512 face crop facexlib's FaceRestoreHelper makes from 5 keypoints (similarity, LMEDS)."""
+    import cv2
+
+    matrix = cv2.estimateAffinePartial2D(np.asarray(kps, np.float32), FFHQ_512, method=cv2.LMEDS)[0]
+    return cv2.warpAffine(image, matrix, (512, 512), borderMode=cv2.BORDER_CONSTANT, borderValue=ALIGN_BORDER)
+
+
+def eva_input(aligned: np.ndarray, labels: np.ndarray, image_size: int):
+    """PuLID's EVA input from an aligned RGB face and its parser labels: gray face, white
+    elsewhere, bicubic to the EVA size, OpenAI CLIP normalization -> [1, 3, S, S] float32."""
+    import torch
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import normalize, resize
+
+    rgb = torch.from_numpy(np.ascontiguousarray(aligned)).permute(2, 0, 1)[None].float() / 255.0
+    gray = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]).repeat(1, 3, 1, 1)
+    white = torch.from_numpy(np.isin(labels, WHITE_LABELS))[None, None]
+    face = torch.where(white, torch.ones_like(rgb), gray)
+    face = resize(face, image_size, InterpolationMode.BICUBIC)
+    return normalize(face, OPENAI_MEAN, OPENAI_STD)
+
+
+@dataclass(frozen=True)
+class PuLIDInputs:
+    cond: Any  # [1, Q, C] ID tokens of the identity
+    uncond: Any  # [1, Q, C] the IDFormer on zeros
+    embedding: emb.IdEmbedding
+
+
+def id_features(eva, faces, arcface: np.ndarray, device, dtype):
+    """Per photo: (id vector [1, 512 + E], five hidden states [1, L, W]) from EVA on the prepared
+    faces (list of [1, 3, S, S]) and the arcface rows (k, 512)."""
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        for pixels, vector in zip(faces, arcface):
+            embed, hidden = eva(pixels.to(device=device, dtype=dtype))
+            embed = embed / embed.norm(p=2, dim=1, keepdim=True)
+            ante = torch.from_numpy(np.asarray(vector, np.float32))[None].to(device=device, dtype=dtype)
+            rows.append((torch.cat([ante, embed], dim=-1), hidden))
+    return rows
+
+
+def encode_identity(encoder, rows, mode: str):
+    """(uncond, cond) ID tokens from per-photo (id vector, hidden states) rows."""
+    import torch
+
+    with torch.no_grad():
+        if mode == "mean":
+            vector = torch.stack([r[0] for r in rows]).mean(0)
+            hidden = [torch.stack([r[1][i] for r in rows]).mean(0) for i in range(5)]
+            cond_in, hidden_in = vector, hidden
+        else:
+            rows = rows[:1] if mode == "best" else rows
+            cond_in = torch.stack([r[0] for r in rows], dim=1)  # [1, P, D]: P photos of one identity
+            hidden_in = [torch.cat([r[1][i] for r in rows], dim=1) for i in range(5)]
+        cond = encoder(cond_in, hidden_in)
+        uncond = encoder(torch.zeros_like(rows[0][0]), [torch.zeros_like(h) for h in rows[0][1]])
+    return uncond, cond
+
+
+def pulid_inputs(ctx: RunContext, identity: Identity, models: PuLIDModels, embed_policy: emb.EmbedPolicy) -> PuLIDInputs:
+    from portrait.core.parsing import load_face_parser
+
+    all_policy = emb.EmbedPolicy("all", embed_policy.max_photos, embed_policy.locator, embed_policy.pack)
+    found = emb.embed_identity(ctx, identity, "pulid", all_policy)
+    parser = load_face_parser(ctx, ctx.preset.model("face_parser"))
+    faces = []
+    for crop in found.crops:
+        aligned = align_face(crop.image, crop.face.kps)
+        faces.append(eva_input(aligned, parser.parse_crop(aligned), models.eva.image_size))
+    rows = id_features(models.eva, faces, found.vectors, ctx.placement.device, ctx.placement.dtype)
+    uncond, cond = encode_identity(models.encoder, rows, embed_policy.mode)
+    return PuLIDInputs(cond, uncond, emb.IdEmbedding(found.space, found.vectors, found.crops, embed_policy.mode))
+
+
+# --- the UNet's ID attention ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def attached_pulid(unet, layers: dict, policy: PuLIDPolicy) -> Iterator[arch.IDState]:
+    """PuLID's processors on `unet` for one block (its own processors come back after)."""
+    state = arch.IDState()
+    state.scale, state.mode = policy.id_scale, policy.mode
+    before = unet.attn_processors
+    try:
+        procs = arch.id_processors(unet, layers, state)
+    except ValueError as exc:
+        raise BadInput(f"the PuLID checkpoint does not fit this SDXL UNet: {exc}") from None
+    unet.set_attn_processor(procs)
+    try:
+        yield state
+    finally:
+        unet.set_attn_processor(before)
+
+
+def batch_tokens(uncond, cond, batch: int):
+    """[batch, Q, C] laid out as the UNet batch: uncond rows then cond rows under CFG."""
+    import torch
+
+    if batch % 2 == 0 and batch >= 2:
+        half = batch // 2
+        return torch.cat([uncond.expand(half, -1, -1), cond.expand(half, -1, -1)])
+    return cond.expand(batch, -1, -1)
+
+
+# --- sampling (the karras schedule) ------------------------------------------------------------------------------
+
+
+class KarrasDenoiser:
+    """The SD discrete schedule in k-diffusion's sigma space (eps prediction)."""
+
+    def __init__(self, scheduler_config: dict):
+        import torch
+
+        start, end = float(scheduler_config.get("beta_start", 0.00085)), float(scheduler_config.get("beta_end", 0.012))
+        steps = int(scheduler_config.get("num_train_timesteps", 1000))
+        betas = torch.linspace(start ** 0.5, end ** 0.5, steps, dtype=torch.float64) ** 2
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).float()
+        self.sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        self.log_sigmas = self.sigmas.log()
+
+    def karras(self, n: int, rho: float = 7.0):
+        import torch
+
+        ramp = torch.linspace(0, 1, n)
+        lo, hi = self.sigmas[0] ** (1 / rho), self.sigmas[-1] ** (1 / rho)
+        sigmas = (hi + ramp * (lo - hi)) ** rho
+        return torch.cat([sigmas, sigmas.new_zeros([1])])
+
+    def timestep(self, sigma):
+        return (sigma.log().to(self.log_sigmas.device) - self.log_sigmas[:, None]).abs().argmin(dim=0).view(
+            sigma.shape).to(sigma.device)
+
+
+def sample_karras(unet, denoiser: KarrasDenoiser, noise, steps: int, guidance: float, text: dict, state, tokens):
+    """DPM-Solver++(2M) over Karras sigmas with CFG; `text` holds the UNet's conditioning batched
+    [negative, positive]; `tokens` (uncond, cond) go to the ID processors the same way."""
+    import torch
+
+    sigmas = denoiser.karras(steps).to(noise.device)
+    x = noise * sigmas[0].to(noise)
+    if state is not None:
+        state.tokens = batch_tokens(*tokens, 2 * x.shape[0])
+
+    def denoised(x, sigma):
+        scaled = x / (sigma ** 2 + 1) ** 0.5
+        t = denoiser.timestep(sigma.reshape(1)).expand(2 * x.shape[0])
+        eps = unet(torch.cat([scaled, scaled]), t, return_dict=False, **text)[0]
+        negative, positive = eps.chunk(2)
+        return x - (negative + guidance * (positive - negative)) * sigma
+
+    old = None
+    for i in range(len(sigmas) - 1):
+        d = denoised(x, sigmas[i])
+        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+        h = t_next - t
+        if old is None or sigmas[i + 1] == 0:
+            x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * d
+        else:
+            r = (t - (-sigmas[i - 1].log())) / h
+            x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * ((1 + 1 / (2 * r)) * d - (1 / (2 * r)) * old)
+        old = d
+    return x
+
+
+def render_karras(pipe, prompt: str, negative: str, width: int, height: int, steps: int, guidance: float, seed: int,
+                  state=None, tokens=None, decode: bool = True):
+    """One PuLID v1.1 render on an SDXL pipeline's parts -> latents (decode=False) or HxWx3 uint8."""
+    import torch
+
+    unet = pipe.unet
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    with torch.inference_mode():
+        noise = torch.randn((1, unet.config.in_channels, height // pipe.vae_scale_factor,
+                             width // pipe.vae_scale_factor), generator=torch.Generator().manual_seed(int(seed)))
+        noise = noise.to(device=device, dtype=dtype)
+        pos, neg, pos_pooled, neg_pooled = pipe.encode_prompt(prompt=prompt, negative_prompt=negative, device=device)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
+        text = {"encoder_hidden_states": torch.cat([neg, pos]).to(dtype),
+                "added_cond_kwargs": {"text_embeds": torch.cat([neg_pooled, pos_pooled]).to(dtype),
+                                      "time_ids": torch.cat([time_ids, time_ids])}}
+        latents = sample_karras(unet, KarrasDenoiser(dict(pipe.scheduler.config)), noise, steps, guidance, text,
+                                state, tokens)
+        if state is not None:
+            state.tokens = None
+        if not decode:
+            return latents
+        vae = pipe.vae
+        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return to_uint8(pipe.image_processor.postprocess(image, output_type="np")[0])
+
+
+def render_lightning(pipe, request: GenerationRequest, seed: int, state, tokens) -> np.ndarray:
+    """PuLID v1's SDXL-Lightning recipe: the stock pipeline, trailing DPM-Solver++ steps."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from portrait.stages.sd import call_pipeline
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    uncond, cond = tokens
+    rows = 2 if request.guidance > 1.0 else 1  # diffusers runs CFG only above guidance 1
+    state.tokens = batch_tokens(uncond, cond, rows)
+    try:
+        return call_pipeline(pipe, request, seed)
+    finally:
+        state.tokens = None
+
+
+# --- the backend ----------------------------------------------------------------------------------------------------
+
+
+class PuLIDBackend:
+    name: ClassVar[str] = "pulid"
+    families: ClassVar[tuple[str, ...]] = ("sdxl",)
+
+    def generate(self, request: GenerationRequest, ctx: RunContext) -> Iterator[Candidate]:
+        started = time.perf_counter()
+        policy = PuLIDPolicy.from_options(request.options)
+        embed_policy = emb.EmbedPolicy.from_options({"id_photos": 4, **request.options}, default_mode="all")
+        models = load_models(ctx)
+        inputs = pulid_inputs(ctx, request.identity, models, embed_policy)
+        pipe = load_sd_pipeline(ctx, "txt2img")
+        identity_lora = loras.identity_use(request.identity, "sdxl", request.lora_weight)
+        stack = [identity_lora] if identity_lora else []
+        loras.attach(pipe, stack)
+        prepare_pipeline(pipe, request, ctx)
+        info = {
+            "identity_mode": "zero-shot+lora" if identity_lora else "zero-shot",
+            "adapter": {"id": models.model_id, "eva_clip": models.eva_id, "id_scale": policy.id_scale,
+                        "mode": policy.mode_name, "num_zero": policy.mode.num_zero, "ortho": policy.mode.ortho,
+                        "schedule": policy.schedule,
+                        "sampler": "DPM++ 2M Karras (k-diffusion sigmas)" if policy.schedule == "karras"
+                        else "DPM++ 2M trailing (SDXL-Lightning)"},
+            "embedding": inputs.embedding.info(),
+            "model": model_info(ctx),
+            "loras": [u.as_info() for u in stack],
+        }
+        if identity_lora is None:
+            info["note"] = "no sdxl LoRA in the bundle: ran zero-shot"
+        if request.controls:
+            info["note_controls"] = "pulid ignores the template's ControlNets (PuLID needs none)"
+        setup = time.perf_counter() - started
+        tokens = (inputs.uncond, inputs.cond)
+        with attached_pulid(pipe.unet, models.layers, policy) as state:
+            with loras.composed(pipe, stack, "merge"):
+
+                def render(seed: int) -> np.ndarray:
+                    if policy.schedule == "lightning":
+                        return render_lightning(pipe, request, seed, state, tokens)
+                    return render_karras(pipe, request.prompt, request.negative_prompt, request.width,
+                                         request.height, request.steps, request.guidance, seed, state, tokens)
+
+                yield from seeded_candidates(request, render, setup_seconds=setup, info=info)
