@@ -9,8 +9,31 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 
 from portrait.core.errors import BadInput
+
+
+def backend_help() -> tuple[str, str]:
+    """The --backend help and the per-backend lines, from the backend table (in its order)."""
+    from portrait.stages.backends import BACKENDS
+
+    names = ", ".join(BACKENDS.names())
+    lines = "\n\n".join(f"{s.name} ({', '.join(s.families)}): {s.help}" for s in BACKENDS.specs())
+    return f"One of {names} (default: the preset's; see Backends below).", f"Backends:\n\n{lines}"
+
+
+class _GenerateCommand(TyperCommand):
+    """Fills the --backend help and the backend list from the backend table when help is shown
+    (reading the table imports every backend module, about a second, which running another
+    command need not pay)."""
+
+    def format_help(self, ctx, formatter):
+        option, self.epilog = backend_help()
+        for param in self.params:
+            if param.name == "backend":
+                param.help = option
+        return super().format_help(ctx, formatter)
 
 
 def _size(value: Optional[str]) -> tuple[int | None, int | None]:
@@ -24,13 +47,13 @@ def _size(value: Optional[str]) -> tuple[int | None, int | None]:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("generate")
+    @app.command("generate", cls=_GenerateCommand)
     def generate_cmd(
         ctx: typer.Context,
         identity: str = typer.Option(..., "--identity", "-i", help="Identity name (HOME/identities/NAME)."),
         template: Optional[str] = typer.Option(None, "--template", "-t", help="Style or photo template name, a .yaml, or a photo template folder."),
         prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt instead of a template ({trigger} and {class} are filled in)."),
-        backend: Optional[str] = typer.Option(None, "--backend", "-b", help="lora, template, instantid, faceid, photomaker, pulid (default: the preset's)."),
+        backend: Optional[str] = typer.Option(None, "--backend", "-b", help="Generation backend (see the table in `portrait generate --help`)."),
         n: Optional[int] = typer.Option(None, "--n", "-n", min=1, help="How many images (default: the preset's; at most its generate.max_n)."),
         seed: Optional[int] = typer.Option(None, "--seed", help="First seed; image k uses seed+k. Random when omitted (recorded)."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder (PNGs + results.json)."),

@@ -17,7 +17,7 @@ def list_templates(json_out: bool = typer.Option(False, "--json", help="Print JS
     """Every shipped template: name, kind, title, controls, composition."""
     import json
 
-    from portrait.stages.generate import shipped_templates
+    from portrait.stages.templates import shipped_templates
 
     rows = [{"name": t.name, "kind": t.kind, "title": t.title, "composition": t.composition, "fast": t.fast,
              "controls": {c.name: c.strength for c in t.controls}, "description": t.description}

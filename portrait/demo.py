@@ -140,7 +140,7 @@ def _measured(row: DemoRow, ctx: RunContext, identity, result) -> DemoRow:
     from dataclasses import replace
 
     from .core.faces import make_analyzer, similarity, similarity_scale
-    from .stages.generate import find_template
+    from .stages.templates import find_template
     from .stages.controls import read_rgb
 
     space = "dlib"

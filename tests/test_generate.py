@@ -143,7 +143,8 @@ def test_candidate_batch_size_and_gate_seed_runs(warm):
 
 def _request(ctx, n: int):
     from portrait.core.bundle import load_identity
-    from portrait.stages.generate import GeneratePolicy, find_template, resolve_request
+    from portrait.stages.generate import GeneratePolicy, resolve_request
+    from portrait.stages.templates import find_template
 
     identity = load_identity(ctx.settings, NAME)
     return resolve_request(identity, GeneratePolicy.from_preset(ctx.preset), template=find_template("business"),
@@ -297,6 +298,7 @@ def test_hopper_photo_template_on_tiny_sdxl(tiny_home, astronaut, tmp_path):
     from portrait.core.context import RunContext
     from portrait.stages.controls import fit, read_rgb
     from portrait.stages import generate as gen
+    from portrait.stages import templates
 
     write_tiny_identity(tiny_home, "gen-xl", astronaut, seed=3, family="sdxl", base_id="tiny-sdxl")
     xl = RunContext.create(tiny_home, preset="tiny-sdxl")
@@ -307,7 +309,7 @@ def test_hopper_photo_template_on_tiny_sdxl(tiny_home, astronaut, tmp_path):
     assert [u["role"] for u in info["loras"]] == ["identity"]
     assert "ControlNet color: 0.85" in _params(r.paths[0])[-1]
     out = _pixels(r.paths[0])
-    canvas = fit(read_rgb(gen.find_template("hopper").image), out.shape[1], out.shape[0])
+    canvas = fit(read_rgb(templates.find_template("hopper").image), out.shape[1], out.shape[0])
     (face,) = info["faces"]
     x0, y0, x1, y1 = face["crop"]
     keep = np.ones(canvas.shape[:2], bool)
@@ -321,10 +323,11 @@ def test_hopper_photo_template_on_tiny_sdxl(tiny_home, astronaut, tmp_path):
 def test_template_backend_two_passes_keep_everything_outside_the_masks(identity, warm, tmp_path):
     from portrait.core.bundle import load_identity
     from portrait.stages import generate as gen
+    from portrait.stages import templates
     from portrait.stages.backends.template import TemplateBackend
     from portrait.stages.controls import fit, read_rgb
 
-    template = gen.find_template("hopper")
+    template = templates.find_template("hopper")
     policy = gen.GeneratePolicy.from_preset(warm.preset)
     request = gen.resolve_request(load_identity(warm.settings, identity), policy, template=template, prompt=None,
                                   backend="template", n=1, seed=8)

@@ -154,9 +154,10 @@ def test_shipped_duo_template_from_the_cli_swaps_the_two_people(people, tiny_hom
     from portrait.cli.main import run
     from portrait.core.faces import make_analyzer, similarity
     from portrait.stages import generate as gen
+    from portrait.stages import templates
     from portrait.stages.controls import read_rgb
 
-    duo = gen.find_template("duo")
+    duo = templates.find_template("duo")
     assert duo.kind == "photo" and duo.faces == 2
     assert len(make_analyzer(group_ctx, "dlib").detect(read_rgb(duo.image), embed=False)) == 2
     code = run(["--home", str(tiny_home.home), "--preset", "tiny", "--device", "cpu", "generate", "--identity", B,

@@ -440,6 +440,7 @@ def test_photo_template_image_that_is_not_an_image(home, capsys, tmp_path):
 
 def test_template_paths_resolve_against_the_template_folder(tmp_path, monkeypatch, hopper):
     from portrait.stages import generate as gen
+    from portrait.stages import templates
 
     folder = tmp_path / "tpl"
     write_template(folder, "prompt: x\ncontrols:\n  openpose: {image: poses/me.png, strength: 0.5}\n")
@@ -448,9 +449,9 @@ def test_template_paths_resolve_against_the_template_folder(tmp_path, monkeypatc
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    template = gen.find_template(str(folder / "mine.yaml"))
+    template = templates.find_template(str(folder / "mine.yaml"))
     assert template.controls[0].image == (folder / "poses" / "me.png").resolve()
-    relative = gen.find_template(os.path.relpath(folder / "mine.yaml"))
+    relative = templates.find_template(os.path.relpath(folder / "mine.yaml"))
     assert relative.controls[0].image == (folder / "poses" / "me.png").resolve()
 
 

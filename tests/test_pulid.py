@@ -119,6 +119,10 @@ def parts(ctx_xl, person):
                                  backend=backend)
 
 
+def policy_of(parts, options):
+    return parts.backend.PuLIDPolicy.from_options(parts.backend.PuLIDOptions(**options))
+
+
 def request_for(ctx, identity, seed=3, n=1, guidance=2.0, **options):
     policy = GeneratePolicy.from_preset(ctx.preset)
     overrides = {"width": SIZE, "height": SIZE, "steps": STEPS, "guidance": guidance, "options": options}
@@ -219,7 +223,7 @@ def our_latents(parts, policy, guidance, seed, tokens=None):
 
 @pytest.mark.parametrize("mode", ["fidelity", "style", "plain"])
 def test_karras_render_matches_reference_pipeline(ref, parts, mode, monkeypatch):
-    policy = parts.backend.PuLIDPolicy.from_options({"pulid_mode": mode, "id_scale": 0.8})
+    policy = policy_of(parts, {"pulid_mode": mode, "id_scale": 0.8})
     tokens = (parts.inputs.uncond, parts.inputs.cond)
     theirs = reference_latents(ref, parts.pipe, parts.models.layers, tokens, policy.mode, 0.8, 2.0, 11, monkeypatch)
     ours = our_latents(parts, policy, 2.0, 11)
@@ -238,12 +242,12 @@ def test_karras_render_matches_reference_pipeline(ref, parts, mode, monkeypatch)
 
 def test_id_scale_zero_is_exactly_the_plain_pipeline(parts):
     for mode in ("fidelity", "style", "plain"):
-        policy = parts.backend.PuLIDPolicy.from_options({"pulid_mode": mode, "id_scale": 0.0})
+        policy = policy_of(parts, {"pulid_mode": mode, "id_scale": 0.0})
         with_id = our_latents(parts, policy, 2.0, 5)
         plain = parts.backend.render_karras(parts.pipe, "portrait photo of a woman", "", SIZE, SIZE, STEPS, 2.0, 5,
                                             decode=False)
         assert torch.equal(with_id, plain), mode
-    policy = parts.backend.PuLIDPolicy.from_options({"id_scale": 0.8})
+    policy = policy_of(parts, {"id_scale": 0.8})
     assert not torch.equal(our_latents(parts, policy, 2.0, 5), plain)
 
 
@@ -267,7 +271,7 @@ def test_id_tokens_reach_exactly_the_cross_attention_layers(parts):
     """Every cross-attention processor (attn2) sees the ID tokens; no self-attention one does."""
     unet = parts.pipe.unet
     seen: dict[str, int] = {}
-    policy = parts.backend.PuLIDPolicy.from_options({})
+    policy = policy_of(parts, {})
     with parts.backend.attached_pulid(unet, parts.models.layers, policy) as state:
         procs = unet.attn_processors
         for name, proc in procs.items():
@@ -291,7 +295,7 @@ def test_id_tokens_reach_exactly_the_cross_attention_layers(parts):
 
 
 def test_each_layers_weights_matter(parts):
-    policy = parts.backend.PuLIDPolicy.from_options({"pulid_mode": "plain"})
+    policy = policy_of(parts, {"pulid_mode": "plain"})
     base = our_latents(parts, policy, 2.0, 4)
     layers = {i: dict(w) for i, w in parts.models.layers.items()}
     first = min(layers)

@@ -11,6 +11,8 @@ from portrait.core.config import load_preset
 from portrait.core.errors import BadInput
 from portrait.core.types import Identity
 from portrait.stages import generate as gen
+from portrait.stages import templates as tpl
+from portrait.stages import metadata
 
 REQUIRED_STYLES = {"business", "outdoor", "studio-bw", "film", "oil-painting", "cyberpunk", "traditional-dress",
                    "astronaut"}
@@ -22,7 +24,7 @@ def _identity(tmp_path: Path) -> Identity:
 
 
 def test_shipped_templates_cover_the_styles_and_a_photo_template():
-    templates = gen.shipped_templates()
+    templates = tpl.shipped_templates()
     styles = {t.name for t in templates if t.kind == "style"}
     assert REQUIRED_STYLES <= styles
     photos = [t for t in templates if t.kind == "photo"]
@@ -30,7 +32,7 @@ def test_shipped_templates_cover_the_styles_and_a_photo_template():
     for t in templates:
         if t.kind == "style":
             assert "{trigger}" in t.prompt and "{class}" in t.prompt, t.name
-        assert t.composition in gen.COMPOSITIONS
+        assert t.composition in tpl.COMPOSITIONS
     compositions = {t.composition for t in templates}
     assert {"merge", "switch", "composite"} <= compositions
     assert any(t.fast == "lcm" for t in templates)
@@ -41,7 +43,7 @@ def test_hopper_template_has_exactly_one_real_face(ctx):
     from portrait.core.faces import make_analyzer
     from portrait.stages.controls import read_rgb
 
-    hopper = gen.find_template("hopper")
+    hopper = tpl.find_template("hopper")
     assert hopper.kind == "photo" and hopper.image.is_file() and hopper.faces == 1
     faces = make_analyzer(ctx, "dlib").detect(read_rgb(hopper.image), embed=False)
     assert len(faces) == 1 and faces[0].width > 100
@@ -49,21 +51,21 @@ def test_hopper_template_has_exactly_one_real_face(ctx):
 
 def test_unknown_and_broken_templates_are_bad_input(tmp_path):
     with pytest.raises(BadInput, match="unknown template 'nope'.*business"):
-        gen.find_template("nope")
+        tpl.find_template("nope")
     with pytest.raises(BadInput, match="no such template"):
-        gen.find_template(str(tmp_path / "missing.yaml"))
+        tpl.find_template(str(tmp_path / "missing.yaml"))
     broken = tmp_path / "broken.yaml"
     broken.write_text("prompt: [unclosed\n")
     with pytest.raises(BadInput, match="broken.yaml.*YAML"):
-        gen.find_template(str(broken))
+        tpl.find_template(str(broken))
     bad_mode = tmp_path / "mode.yaml"
     bad_mode.write_text("prompt: a photo of {trigger}\ncomposition: blend\n")
     with pytest.raises(BadInput, match="mode.yaml: composition: .*'blend'"):
-        gen.find_template(str(bad_mode))
+        tpl.find_template(str(bad_mode))
     no_image = tmp_path / "pose.yaml"
     no_image.write_text("prompt: x\ncontrols:\n  openpose: {image: none.png, strength: 0.5}\n")
     with pytest.raises(BadInput, match="none.png does not exist"):
-        gen.find_template(str(no_image))
+        tpl.find_template(str(no_image))
 
 
 def test_user_template_file_and_photo_folder(tmp_path, hopper):
@@ -71,19 +73,19 @@ def test_user_template_file_and_photo_folder(tmp_path, hopper):
 
     style = tmp_path / "mine.yaml"
     style.write_text("name: mine\nprompt: portrait of {trigger} {class} at dusk\nsteps: 12\n")
-    assert gen.find_template(str(style)).steps == 12
+    assert tpl.find_template(str(style)).steps == 12
     folder = tmp_path / "navy"
     folder.mkdir()
     Image.fromarray(hopper).save(folder / "photo.jpg")
     (folder / "template.yaml").write_text("image: photo.jpg\nfaces: 1\n")
-    t = gen.find_template(str(folder))
+    t = tpl.find_template(str(folder))
     assert t.kind == "photo" and t.name == "navy" and t.image == folder / "photo.jpg"
 
 
 def test_resolution_order_preset_then_template_then_overrides(tmp_path):
     policy = gen.GeneratePolicy.from_preset(load_preset("sd15"))
     person = _identity(tmp_path)
-    business = gen.find_template("business")
+    business = tpl.find_template("business")
     req = gen.resolve_request(person, policy, template=business, prompt=None, backend=None, n=None, seed=5)
     assert req.backend == "lora" and req.n == policy.n and req.seed == 5
     assert (req.width, req.height) == (512, 640)
@@ -101,11 +103,11 @@ def test_resolution_order_preset_then_template_then_overrides(tmp_path):
 
 def test_tiny_preset_scales_sizes_and_caps_steps(tmp_path):
     policy = gen.GeneratePolicy.from_preset(load_preset("tiny"))
-    req = gen.resolve_request(_identity(tmp_path), policy, template=gen.find_template("business"), prompt=None,
+    req = gen.resolve_request(_identity(tmp_path), policy, template=tpl.find_template("business"), prompt=None,
                               backend=None, n=1, seed=0)
     assert (req.width, req.height) == (64, 80) and req.steps == 3
     sdxl = gen.GeneratePolicy.from_preset(load_preset("sdxl"))
-    req = gen.resolve_request(_identity(tmp_path), sdxl, template=gen.find_template("business"), prompt=None,
+    req = gen.resolve_request(_identity(tmp_path), sdxl, template=tpl.find_template("business"), prompt=None,
                               backend=None, n=1, seed=0)
     assert (req.width, req.height) == (1024, 1280) and req.width % 64 == 0
 
@@ -121,7 +123,7 @@ def test_prompt_without_template_and_random_seed_recorded(tmp_path):
 def test_bad_options_are_bad_input(tmp_path):
     policy = gen.GeneratePolicy.from_preset(load_preset("tiny"))
     person = _identity(tmp_path)
-    business = gen.find_template("business")
+    business = tpl.find_template("business")
     with pytest.raises(BadInput, match="unknown backend 'dalle'"):
         gen.resolve_request(person, policy, template=business, prompt=None, backend="dalle", n=1, seed=0)
     with pytest.raises(BadInput, match="unknown scheduler 'warp'"):
@@ -135,7 +137,7 @@ def test_bad_options_are_bad_input(tmp_path):
 
 
 def test_a1111_parameters_format():
-    text = gen.a1111_parameters("a photo, sks", "blurry", {"Steps": 20, "Sampler": "DPM++ 2M", "CFG scale": "7",
+    text = metadata.a1111_parameters("a photo, sks", "blurry", {"Steps": 20, "Sampler": "DPM++ 2M", "CFG scale": "7",
                                                           "Seed": 1, "Size": "512x768",
                                                           "Lora hashes": "me: 0123456789ab", "Version": "portrait 0.1"})
     lines = text.split("\n")

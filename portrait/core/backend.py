@@ -1,26 +1,126 @@
-"""The contract every generation backend meets (stages/backends/*.py).
+"""The contract every generation backend meets, and the table that lists them.
+
+A backend is one module, `stages/backends/<name>.py`, that declares itself with a
+`BackendSpec` (its name, the base families it runs on, its typed options, the preset model
+roles it loads, whether it needs a trained LoRA, a one-line help) and is listed by one line
+in the table `portrait.stages.backends.BACKENDS`. Everything that names backends reads that
+table: request resolution and dispatch (stages/generate.py), `portrait generate --help`,
+studio spec validation, the service's backend list and option schema, the license
+preflight. A test or a plugin adds one with `portrait.stages.backends.register(spec)`.
 
 A backend turns one resolved GenerationRequest into candidates. It loads what it needs
 through ctx (registry + ModelCache, so batch jobs reuse warm pipelines), never imports
-another backend, and records in each Candidate.info what it actually did (for example
-{"identity_mode": "zero-shot", "note": "no sd15 LoRA in bundle"}).
+another backend or the generate stage (the seeded loop is stages/seeding.py), and records
+in each Candidate.info what it actually did (for example {"identity_mode": "zero-shot"}).
 
-The generate stage maps names to classes by data (BACKENDS in stages/generate.py), so a
-backend's heavy imports happen only when it is used.
+Options: `GenerationRequest.options` keeps the given keys as plain data (it is what
+results.json and the PNG metadata record); a backend reads it through its declared model,
+`SPEC.read(request)`, which gives every field typed with its default. The values were
+checked once, before any model loaded (stages/generate.resolve_request).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Iterator, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+
+from pydantic import BaseModel, ConfigDict
 
 from .context import RunContext
 from .types import Candidate, GenerationRequest
 
 
 class Backend(Protocol):
-    name: ClassVar[str]
-    families: ClassVar[tuple[str, ...]]  # base families it runs on ("sd15", "sdxl")
-
     def generate(self, request: GenerationRequest, ctx: RunContext) -> Iterator[Candidate]:
         """Yield request.n candidates, seeds request.seed, request.seed + 1, ..."""
         ...
+
+
+class NoOptions(BaseModel):
+    """A backend that reads no user option (only the shared ones every backend sees)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One backend, declared once (the fields in the order a reader asks about them)."""
+
+    name: str
+    families: tuple[str, ...]  # base families it runs on ("sd15", "sdxl")
+    make: Callable[[], Backend]  # the backend class (or any zero-argument factory)
+    help: str  # one line for `portrait generate --help`, the service and the docs
+    options: type[BaseModel] = NoOptions  # its user options: types, defaults, bounds (extra="forbid")
+    # The preset model roles it loads (for the license preflight before any model loads): a
+    # tuple, or a function of its typed options when they choose the models (variants, versions).
+    models: tuple[str, ...] | Callable[[Any], Sequence[str]] = ()
+    needs_lora: bool = False  # runs only with a trained identity LoRA (else zero-shot: prepare is enough)
+    group: bool = False  # can put several identities in one picture (--with-identity, option `identities`)
+    photo_template: bool = False  # takes a photo template (not a style template or a prompt)
+    license: str = ""  # a note on the license of what it loads, when it is not the preset's
+    finish: Mapping[str, bool] = field(default_factory=dict)  # finish switches it changes by default
+    extra: Mapping[str, Any] = field(default_factory=dict)  # room for a plugin's own facts
+
+    def read(self, request_or_options: GenerationRequest | Mapping[str, Any]) -> Any:
+        """This backend's typed options from a request (keys it does not declare are other
+        backends' or the resolver's and are left out; values were validated at resolution)."""
+        options = request_or_options.options if isinstance(request_or_options, GenerationRequest) \
+            else request_or_options
+        fields = self.options.model_fields
+        return self.options.model_validate({k: v for k, v in options.items() if k in fields})
+
+    def model_roles(self, request: GenerationRequest) -> tuple[str, ...]:
+        if callable(self.models):
+            return tuple(self.models(self.read(request)))
+        return tuple(self.models)
+
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(self.options.model_fields)
+
+    @property
+    def zero_shot(self) -> bool:
+        return not self.needs_lora
+
+
+class BackendTable:
+    """Name -> BackendSpec, in the order the backends were listed (help and docs show that order)."""
+
+    def __init__(self, specs: Iterable[BackendSpec] = ()):
+        self._specs: dict[str, BackendSpec] = {}
+        for spec in specs:
+            self.register(spec)
+
+    def register(self, spec: BackendSpec, *, replace: bool = False) -> BackendSpec:
+        if not isinstance(spec, BackendSpec):
+            raise TypeError(f"register() takes a BackendSpec, got {type(spec).__name__}")
+        if spec.name in self._specs and not replace:
+            raise ValueError(f"backend '{spec.name}' is already registered")
+        self._specs[spec.name] = spec
+        return spec
+
+    def unregister(self, name: str) -> None:
+        self._specs.pop(name, None)
+
+    def get(self, name: str) -> BackendSpec | None:
+        return self._specs.get(name)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._specs)
+
+    def specs(self) -> tuple[BackendSpec, ...]:
+        return tuple(self._specs.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __iter__(self):
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def help_line(self) -> str:
+        return ", ".join(self._specs)
+
+
+__all__ = ["Backend", "BackendSpec", "BackendTable", "NoOptions"]

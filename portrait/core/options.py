@@ -1,28 +1,31 @@
-"""Backend options, declared once: every key a template's `options:` or `--option KEY=VALUE`
-may set, with its type and bounds.
+"""Backend options, declared once and typed: the groups of keys backends share, the keys the
+resolver adds, and the one validation every option goes through.
 
-The backends read these keys (stages/backends/*, stages/zeroshot.py, stages/embed.py,
-stages/backends/photomaker.py); their defaults stay with the backend that reads them, because
-one key can mean different defaults per backend (`ip_adapter_scale` is 0.6 for FaceID and
-0.8 for InstantID, as in the reference code). A value given here is checked before any
-model loads: `--option ip_adapter_scale=abc` or `--option frobnicate=7` is one line, exit 2,
-with the list of known keys.
+Each backend declares its own options model in its module (stages/backends/<name>.py),
+composed from the groups below, with its own defaults (one key can mean different defaults
+per backend: `ip_adapter_scale` is 0.6 for FaceID and 0.8 for InstantID, as in the reference
+code). The known user options are the union of what the registered backends declare, so a
+new backend's options are known as soon as it is in the table. A value given in a template's
+`options:`, a studio spec or `--option KEY=VALUE` is checked before any model loads against
+the backend(s) declaring its key: `--option ip_adapter_scale=abc` or `--option frobnicate=7`
+is one line, exit 2, with the list of known keys.
 
 The resolver (stages.generate.resolve_request) adds its own keys to a request's options
-(`composition`, `style_lora`, `control_images`, ...); those are not user options and are
-declared in RESOLVED_KEYS so nothing reads an undeclared key.
+(`composition`, `style_lora`, `control_images`, ...); those are not user options, are declared
+in `Resolved` and read typed through `resolved(request)`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .declare import describe
 from .errors import BadInput
 
-Scale = float  # documented alias; bounds are per field
+if TYPE_CHECKING:
+    from .backend import BackendSpec
 
 
 class Pass2(BaseModel):
@@ -35,92 +38,112 @@ class Pass2(BaseModel):
     controls: dict[Literal["canny", "openpose", "depth", "tile", "color"], float] | None = None
 
 
-class BackendOptions(BaseModel):
-    """Every user-settable backend option (template `options:` and `--option`)."""
+FinishStage = Literal["fuse", "retouch", "upscale", "restore", "score", "clip"]
+
+
+class CommonOptions(BaseModel):
+    """Options every backend takes (the finish flow reads them after any backend)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    # zero-shot adapters (stages/zeroshot.py)
-    ip_adapter_scale: float | None = Field(None, ge=0.0, le=5.0, description="IP-Adapter scale (FaceID 0.6, InstantID 0.8)")
-    s_scale: float | None = Field(None, ge=0.0, le=5.0, description="FaceID PlusV2 shortcut weight")
-    faceid_variant: Literal["faceid", "plus", "plusv2"] | None = None
-    faceid_lora_scale: float | None = Field(None, ge=0.0, le=5.0)
-    faceid_model: str | None = Field(None, min_length=1, description="registry id or file overriding the preset's role")
-    controlnet_conditioning_scale: float | None = Field(None, ge=0.0, le=5.0, description="InstantID IdentityNet scale")
-    pose_image: str | None = Field(None, min_length=1, description="InstantID pose reference image")
-    # PhotoMaker (stages/backends/photomaker.py)
-    photomaker_version: Literal["v1", "v2", "1", "2"] | None = None
-    photomaker_model: str | None = Field(None, min_length=1)
-    start_merge_step: int | None = Field(None, ge=0, le=10_000)
-    style_strength: float | None = Field(None, ge=0.0, le=1.0)
-    trigger: str | None = Field(None, min_length=1)
-    # PuLID (stages/backends/pulid.py)
-    id_scale: float | None = Field(None, ge=0.0, le=5.0, description="PuLID ID attention scale (0.8)")
-    pulid_mode: Literal["fidelity", "style", "plain"] | None = None
-    pulid_num_zero: int | None = Field(None, ge=0, le=64, description="zero tokens appended to PuLID's ID tokens")
-    pulid_ortho: Literal["off", "v1", "v2"] | None = None
-    pulid_schedule: Literal["karras", "lightning"] | None = None
-    # identity embeddings (stages/embed.py)
-    id_mode: Literal["mean", "all", "best"] | None = None
-    id_photos: int | None = Field(None, ge=1, le=64)
-    face_locator: Literal["auto", "pack", "dlib"] | None = None
-    face_pack: str | None = Field(None, min_length=1)
-    # photo templates (stages/backends/template.py)
-    identity_adapter: Literal["faceid"] | None = None
-    passes: Literal[0, 1, 2] | None = Field(None, description="2 face + ring, 1 face only, 0 fusion only (preview)")
-    denoise: float | None = Field(None, ge=0.0, le=1.0)
-    crop_scale: float | None = Field(None, gt=0.0, le=10.0)
-    mask_grow: float | None = Field(None, ge=0.0, le=2.0)
-    color_transfer: bool | None = None
-    fuse_ratio: float | None = Field(None, ge=0.0, le=1.0)
-    pass2: Pass2 | None = None
-    assign: Literal["left_to_right"] | list[int] | None = None
-    identities: list[str] | None = None  # more people in one picture (group template faces, or faceid regions)
-    regions: list[list[float]] | None = Field(None, description="faceid with identities: one [x0, y0, x1, y1] box "
-                                                                "(fractions of the image) per identity")
-    crop_size: int | None = Field(None, ge=8, le=4096)
     # finishing switches per template (portrait/flows/finish.py STAGES)
-    finish: dict[Literal["fuse", "retouch", "upscale", "restore", "score", "clip"], bool | None] | None = None
-
-    @field_validator("photomaker_version", mode="before")
-    @classmethod
-    def _version_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    finish: dict[FinishStage, bool | None] | None = None
 
 
-# Keys the resolver itself puts into a request's options (never user options).
-RESOLVED_KEYS = ("composition", "fast", "style_lora", "control_images", "control_preprocessed", "control_range",
-                 "template_image", "template_faces", "memory", "face_backend")
+class EmbedOptions(BaseModel):
+    """How the identity's photos become an embedding (stages/embed.py EmbedPolicy)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id_mode: Literal["mean", "all", "best"] = "mean"
+    id_photos: int = Field(8, ge=1, le=64, description="the bundle's best photos; more add little and cost time")
+    face_locator: Literal["auto", "pack", "dlib"] = "auto"
+    face_pack: str | None = Field(None, min_length=1, description="override the adapter's face pack")
 
 
-def known_options() -> tuple[str, ...]:
-    return tuple(sorted(BackendOptions.model_fields))
+class FaceIDAdapterOptions(BaseModel):
+    """IP-Adapter FaceID / Plus / PlusV2 (the faceid backend, and the template backend's
+    `identity_adapter: faceid`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    faceid_variant: Literal["faceid", "plus", "plusv2"] = "plusv2"
+    ip_adapter_scale: float = Field(0.6, ge=0.0, le=5.0, description="IP-Adapter scale (h94's examples: 0.6)")
+    s_scale: float = Field(1.0, ge=0.0, le=5.0, description="FaceID PlusV2 shortcut weight")
+    faceid_lora_scale: float = Field(1.0, ge=0.0, le=5.0, description="the FaceID LoRA's weight")
+    faceid_model: str | None = Field(None, min_length=1, description="registry id or file overriding the preset's role")
 
 
-def validate_options(values: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
-    """Check user options against the declaration; returns them typed (only the keys given).
+class GroupOptions(BaseModel):
+    """More people in one picture (`--with-identity`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    identities: list[str] | None = None
+
+
+class Resolved(BaseModel):
+    """The keys the resolver puts into every request's options (never user options)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    composition: Literal["merge", "switch", "composite"] = "merge"
+    fast: Literal["lcm"] | None = None
+    style_lora: dict[str, Any] | None = None  # {"model": id or path, "weight": w}
+    control_images: dict[str, str] = Field(default_factory=dict)  # control name -> image path
+    control_preprocessed: list[str] = Field(default_factory=list)
+    control_range: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    template_image: str | None = None
+    template_faces: int | None = None
+    memory: dict[str, Any] = Field(default_factory=dict)
+    face_backend: str = "dlib"
+
+
+RESOLVED_KEYS = tuple(Resolved.model_fields)
+
+
+def resolved(request_or_options: Any) -> Resolved:
+    """The resolver's keys of a request (or of its options mapping), typed."""
+    options = getattr(request_or_options, "options", request_or_options)
+    return Resolved.model_validate({k: v for k, v in options.items() if k in Resolved.model_fields})
+
+
+def known_options(specs: Iterable["BackendSpec"]) -> tuple[str, ...]:
+    return tuple(sorted({name for spec in specs for name in spec.options.model_fields}))
+
+
+def validate_options(values: Mapping[str, Any] | None, where: str, specs: Iterable["BackendSpec"]) -> dict[str, Any]:
+    """Check user options against the backends that declare them; returns them typed (only
+    the keys given). A key no backend declares is refused with the known ones listed.
 
     `where` names the source: `--option` (each key is shown as `--option KEY`) or a template
     file (shown as `template FILE: options.KEY`)."""
     values = dict(values or {})
     if not values:
         return {}
+    specs = tuple(specs)
     flag = where == "--option"
-    known = ", ".join(known_options())
+    known = known_options(specs)
     for key in values:
-        if key not in BackendOptions.model_fields:
+        if key not in known:
             if flag:
-                raise BadInput(f"--option {key}: unknown option (known: {known})")
-            raise BadInput(f"{where}: options: unknown key {key!r} (known: {known})")
-    try:
-        model = BackendOptions.model_validate(values)
-    except ValidationError as exc:
-        text = describe(exc)
-        if flag:
-            raise BadInput(f"--option {text}") from None
-        raise BadInput(f"{where}: options.{text}") from None
-    typed = model.model_dump(exclude_unset=True, mode="python")
+                raise BadInput(f"--option {key}: unknown option (known: {', '.join(known)})")
+            raise BadInput(f"{where}: options: unknown key {key!r} (known: {', '.join(known)})")
+    typed: dict[str, Any] = {}
+    for spec in specs:  # every declaring backend checks its keys (types and bounds)
+        mine = {k: v for k, v in values.items() if k in spec.options.model_fields}
+        if not mine:
+            continue
+        try:
+            model = spec.options.model_validate(mine)
+        except ValidationError as exc:
+            text = describe(exc)
+            if flag:
+                raise BadInput(f"--option {text}") from None
+            raise BadInput(f"{where}: options.{text}") from None
+        for key, value in model.model_dump(exclude_unset=True, mode="python").items():
+            typed.setdefault(key, value)
     # Keep plain containers (backends read dicts and lists) and drop None-valued nested keys.
-    if "pass2" in typed and typed["pass2"] is not None:
+    if typed.get("pass2") is not None:
         typed["pass2"] = {k: v for k, v in typed["pass2"].items() if v is not None}
-    return typed
+    return {k: typed[k] for k in values}

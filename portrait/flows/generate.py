@@ -32,6 +32,8 @@ from portrait.core.io import (as_published, check_replaceable, discard_dir, make
 from portrait.core.types import Candidate, CandidateScore, GenerationRequest, Identity, RankedResult
 from portrait.core.versions import versions
 from portrait.stages import generate as gen
+from portrait.stages import metadata, seeding, templates
+from portrait.stages.backends import BACKENDS
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
     policy = gen.GeneratePolicy.from_preset(ctx.preset)
     chosen = _template(template, prompt, backend, policy)
     if backend is None and chosen is not None and chosen.kind == "photo":
-        backend = "template"
+        backend = _photo_backend()
     request = gen.resolve_request(person, policy, template=chosen, prompt=prompt, backend=backend, n=n, seed=seed,
                                   overrides=overrides)
     out = Path(out).expanduser()
@@ -142,29 +144,22 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
 def _template(name: str | None, prompt: str | None, backend: str | None, policy: gen.GeneratePolicy):
     if name is None and prompt:
         return None
-    kind = "photo" if backend == "template" else None
-    return gen.find_template(name or gen.default_template_name(policy, backend or policy.backend), kind)
+    spec = BACKENDS.get(backend) if backend else None
+    kind = "photo" if spec is not None and spec.photo_template else None
+    return templates.find_template(name or gen.default_template_name(policy, backend or policy.backend), kind)
 
 
-# The preset roles each backend loads (the backends resolve them again; this only lets a
-# license policy refuse a run before its base model is loaded).
-_BACKEND_ROLES = {
-    "instantid": ("instantid_controlnet", "instantid_adapter", "face_pack_instantid"),
-    "faceid": ("face_pack_faceid",),
-    "pulid": ("pulid", "eva_clip", "face_pack_instantid", "face_parser"),
-}
+def _photo_backend() -> str:
+    """The backend a photo template runs on when none is named (the table's first that takes one)."""
+    return next(spec.name for spec in BACKENDS.specs() if spec.photo_template)
 
 
 def _preflight(ctx: RunContext, request: GenerationRequest) -> None:
+    """The preset roles the backend declares it loads (BackendSpec.models), checked against the
+    license policy before the base model is loaded (the backend resolves them again)."""
     from portrait.core.licenses import preflight
 
-    options = request.options
-    roles = list(_BACKEND_ROLES.get(request.backend, ()))
-    if request.backend == "faceid" or options.get("identity_adapter") == "faceid":
-        roles += ["face_pack_faceid", "faceid" if options.get("faceid_variant") == "faceid" else "faceid_plus"]
-    if request.backend == "photomaker":
-        version = str(options.get("photomaker_version", "2")).lstrip("v")
-        roles += [f"photomaker_v{version}"] + (["face_pack_faceid"] if version == "2" else [])
+    roles = list(gen.backend_spec(request.backend).model_roles(request))
     ids = [ctx.preset.models.get(role) for role in roles]
     fuse = (ctx.preset.section("finish").get("fuse") or {}).get("method")
     if fuse == "inswapper":
@@ -213,9 +208,9 @@ def _finish(ctx: RunContext, identity: Identity, request: GenerationRequest, can
     from portrait.flows import finish as finish_flow
 
     policy = finish_flow.FinishPolicy.from_preset(ctx.preset)
-    backend_default = {"fuse": False} if request.backend == "template" else {}
+    backend_default = dict(gen.backend_spec(request.backend).finish)
     chosen = finish_flow.FinishSwitches.from_options(policy.switches, backend_default,
-                                                     request.options.get("finish") or {},
+                                                     gen.backend_spec(request.backend).read(request).finish or {},
                                                      switches if isinstance(switches, dict) else {})
 
     def generate_more(seeds: Sequence[int]) -> list[Candidate]:
@@ -223,7 +218,7 @@ def _finish(ctx: RunContext, identity: Identity, request: GenerationRequest, can
         # backend that batches renders the regenerations in batches too.
         more: list[Candidate] = []
         for start, count in consecutive_runs(seeds):
-            more += run(gen.with_seed(request, start, count))
+            more += run(seeding.with_seed(request, start, count))
         return more
 
     outcome = finish_flow.gate(ctx, identity, candidates, chosen, generate_more, want=request.n, policy=policy)
@@ -258,10 +253,10 @@ def _write(ctx: RunContext, out: Path, identity: Identity, ranked: list[RankedRe
         started = time.perf_counter()
         name = f"{_slug(identity.name)}_{_slug(cand.request.template or 'prompt')}_{cand.seed}.png"
         model = cand.info.get("model", {})
-        loras = [gen.LoraUse(u["name"], float(u["weight"]), _lora_hash12(ctx, Path(u["path"])))
+        loras = [metadata.LoraUse(u["name"], float(u["weight"]), _lora_hash12(ctx, Path(u["path"])))
                  for u in cand.info.get("loras", []) if u.get("path")]
         model_file = model.get("file")
-        chunks = gen.image_metadata(
+        chunks = metadata.image_metadata(
             cand,
             model_name=model.get("name", "unknown"),
             model_hash10=(_model_hash(ctx, Path(model_file), model.get("sha256")) or "")[:10] or None

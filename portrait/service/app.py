@@ -49,7 +49,7 @@ class _GenerateOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     count: int = Field(1, ge=1, description="Images to make (one item each in the store).")
     seed: int = Field(0, ge=0)
-    options: dict[str, Any] = Field(default_factory=dict, description="Backend options, as --option KEY=VALUE.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Backend options, as --option KEY=VALUE (each backend's schema: /v1/backends).")
     finish: bool | dict[str, bool] = Field(True, description="Finishing stages (fuse, retouch, upscale, ...).")
     steps: Optional[int] = Field(None, ge=1, le=1000)
     guidance: Optional[float] = Field(None, ge=0, le=50)
@@ -61,7 +61,7 @@ class GenerateRequest(_GenerateOptions):
     identity: str
     template: Optional[str] = Field(None, description="A template name from /v1/templates.")
     prompt: Optional[str] = Field(None, description="A prompt with {trigger} and {class}, instead of a template.")
-    backend: Optional[str] = Field(None, description="lora, template, faceid, instantid, photomaker, pulid; default from the template.")
+    backend: Optional[str] = Field(None, description="A backend name from /v1/backends; default from the template.")
 
 
 class BatchRequest(_GenerateOptions):
@@ -259,6 +259,11 @@ def create_app(service: StudioService, workers: Any = None) -> FastAPI:
     def template_preview(name: str, t: str = Depends(tenant)) -> Response:
         data, media = service.template_preview(name)
         return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/v1/backends", tags=["catalogue"])
+    def backends(t: str = Depends(tenant)) -> list[dict[str, Any]]:
+        """The generation backends (the backend table), each with its options' JSON schema."""
+        return service.backends()
 
     @app.get("/v1/models", tags=["catalogue"])
     def models(t: str = Depends(tenant)) -> list[dict[str, Any]]:

@@ -268,7 +268,7 @@ class StudioService:
                         seed: int = 0, options: dict[str, Any] | None = None, finish: bool | dict[str, bool] = True,
                         steps: int | None = None, guidance: float | None = None, size: tuple[int, int] | None = None,
                         negative_prompt: str | None = None, kind: str = "generate") -> dict[str, Any]:
-        from portrait.stages.generate import shipped_templates
+        from portrait.stages.templates import shipped_templates
 
         templates, prompts = list(templates or []), list(prompts or [])
         if not identities:
@@ -442,15 +442,24 @@ class StudioService:
     # -- catalogue ------------------------------------------------------------------------
 
     def templates(self) -> list[dict[str, Any]]:
-        from portrait.stages.generate import shipped_templates
+        from portrait.stages.templates import shipped_templates
 
         return [{"name": t.name, "kind": t.kind, "title": t.title or t.name, "description": t.description,
                  "backend": "template" if t.kind == "photo" else "lora",
                  "preview": f"/v1/templates/{t.name}/preview"} for t in shipped_templates()]
 
+    def backends(self) -> list[dict[str, Any]]:
+        """The backend table: name, families, help, what it needs, and its options' JSON schema
+        (types, defaults, bounds: the declaration the options are validated against)."""
+        from portrait.stages.backends import BACKENDS
+
+        return [{"name": s.name, "families": list(s.families), "help": s.help, "needs_lora": s.needs_lora,
+                 "group": s.group, "photo_template": s.photo_template, "license": s.license or None,
+                 "options": s.options.model_json_schema()} for s in BACKENDS.specs()]
+
     def template_preview(self, name: str) -> tuple[bytes, str]:
         """The photo of a photo template; a rendered card (title, prompt) for a style template."""
-        from portrait.stages.generate import shipped_templates
+        from portrait.stages.templates import shipped_templates
 
         found = [t for t in shipped_templates() if t.name == name]
         if not found:

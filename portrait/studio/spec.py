@@ -27,16 +27,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from portrait.core.bundle import check_name
 from portrait.core.errors import BadInput, bad_file
 
-# Backends that need no trained LoRA: an identity used only with these is prepared
-# (`train --zero-shot`) instead of trained.
-ZERO_SHOT_BACKENDS = frozenset({"instantid", "faceid", "photomaker", "pulid"})
-
 
 def known_backends() -> tuple[str, ...]:
-    """The backends this build has (the generate stage's table is the one source)."""
-    from portrait.stages.generate import BACKENDS
+    """The backends this build has (the backend table, portrait.stages.backends, is the one source)."""
+    from portrait.stages.backends import BACKENDS
 
-    return tuple(BACKENDS)
+    return BACKENDS.names()
+
+
+def zero_shot_backend(name: str) -> bool:
+    """A backend that needs no trained LoRA: an identity used only with such backends is
+    prepared (`train --zero-shot`) instead of trained (BackendSpec.needs_lora)."""
+    from portrait.stages.backends import BACKENDS
+
+    spec = BACKENDS.get(name)
+    return spec is not None and spec.zero_shot
 
 ItemKind = Literal["train", "generate"]
 SPEC_MAX_BYTES = 10_000_000  # a job spec is text; anything bigger is not one
@@ -126,6 +131,14 @@ class JobSpec(BaseModel):
         unknown = sorted(set(value) - set(OVERRIDABLE))
         if unknown:
             raise ValueError(f"unknown generate option {', '.join(unknown)} (known: {', '.join(OVERRIDABLE)})")
+        if value.get("options"):
+            from portrait.core.options import validate_options
+            from portrait.stages.backends import BACKENDS
+
+            if not isinstance(value["options"], dict):
+                raise ValueError("options: expected a mapping of option name to value")
+            # each key against the backend(s) declaring it (BadInput is our one line: exit 2)
+            validate_options(value["options"], "generate", BACKENDS.specs())
         return value
 
     def overrides(self) -> dict[str, Any]:
@@ -266,7 +279,7 @@ def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exist
     """Expand a spec into items. `identity_exists(name) -> bool` decides which need training."""
     preset = spec.preset or default_preset
     output = _resolve(base_dir, spec.output)
-    zero_shot_only = all(b in ZERO_SHOT_BACKENDS for b in spec.backends)
+    zero_shot_only = all(zero_shot_backend(b) for b in spec.backends)
     overrides = dict(sorted(spec.overrides().items()))
     finish = dict(sorted(spec.finish.items())) if isinstance(spec.finish, dict) else spec.finish
     styles = [("template", *template_ref(base_dir, t)) for t in spec.templates] + [

@@ -15,7 +15,7 @@ a FuseModule merges each copy with one ID token; the trigger itself is dropped. 
 identity comes in. The checkpoint's LoRA is loaded as the PEFT adapter `photomaker`
 (next to the identity's own SDXL LoRA when the bundle has one).
 
-Written from PhotoMaker's published architecture (DESIGN section 5), not its package: the
+Written from PhotoMaker's published architecture (docs/ARCHITECTURE.md#adapter-formats), not its package: the
 tokenizer is not modified (the trigger is found in the text), and one code path serves
 v1 and v2 with the token count read from the checkpoint (a known bug elsewhere used one
 count for both). Options: photomaker_version 1|2, trigger (img), start_merge_step (10, or
@@ -29,206 +29,62 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, Iterator, Literal
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from pydantic import Field, field_validator
 
+from portrait.core.backend import BackendSpec
 from portrait.core.cache import CacheKey
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
+from portrait.core.options import CommonOptions, EmbedOptions
 from portrait.core.types import Candidate, GenerationRequest
 from portrait.stages import embed as emb
 from portrait.stages import loras
-from portrait.stages.generate import seeded_candidates
+from portrait.stages.identity_inputs import embed_policy_of
 from portrait.stages.sd import call_pipeline, load_sd_pipeline, model_info, prepare_pipeline
+from portrait.stages.seeding import seeded_candidates
 
-PHOTOMAKER_KEYS = ["id_encoder", "lora_weights"]
 LORA_ADAPTER = "photomaker"
-V2_HEAD_DIM = 128
+# The network and its key detection live in portrait/core/archs/photomaker.py (torch is
+# imported only when a PhotoMaker model is built); these names are re-exported lazily.
+_ARCH_NAMES = ("PHOTOMAKER_KEYS", "V2_HEAD_DIM", "MLP", "FuseModule", "PerceiverAttention", "PerceiverResampler",
+               "QFormerPerceiver", "EncoderShape", "detect_version", "encoder_shape", "build_encoder")
 
 
-# --- the ID encoder (written from the architecture; see module docstring) ------------------------
+def __getattr__(name: str):
+    if name in _ARCH_NAMES:
+        from portrait.core.archs import photomaker as arch
+
+        return getattr(arch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class MLP(nn.Module):
-    """LayerNorm -> Linear -> GELU -> Linear (+ residual)."""
+class PhotoMakerOptions(CommonOptions, EmbedOptions):
+    """PhotoMaker's options (defaults as in PhotoMaker's demo)."""
 
-    def __init__(self, inp: int, out: int, hidden: int, residual: bool):
-        super().__init__()
-        self.layernorm = nn.LayerNorm(inp)
-        self.fc1 = nn.Linear(inp, hidden)
-        self.fc2 = nn.Linear(hidden, out)
-        self.act_fn = nn.GELU()
-        self.residual = residual
+    photomaker_version: Literal["v1", "v2", "1", "2"] | None = Field(
+        None, description="1 or 2 (default: the preset's photomaker_v2 role when it has one, else v1)")
+    photomaker_model: str | None = Field(None, min_length=1, description="registry id or file overriding the role")
+    start_merge_step: int | None = Field(None, ge=0, le=10_000, description="steps on the text alone before the ID")
+    style_strength: float = Field(0.2, ge=0.0, le=1.0, description="start_merge_step as a fraction of the steps")
+    trigger: str = Field("img", min_length=1, description="the word after the class word that marks the identity")
+    id_mode: Literal["mean", "all", "best"] = "all"  # PhotoMaker stacks every photo's tokens
 
-    def forward(self, x):
-        y = self.fc2(self.act_fn(self.fc1(self.layernorm(x))))
-        return y + x if self.residual else y
+    @field_validator("photomaker_version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
-
-class FuseModule(nn.Module):
-    """Merges a class-word token with an ID token: MLP(cat) + word, MLP with residual, LayerNorm."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.mlp1 = MLP(2 * dim, dim, dim, residual=False)
-        self.mlp2 = MLP(dim, dim, dim, residual=True)
-        self.layer_norm = nn.LayerNorm(dim)
-
-    def fuse(self, words, ids):
-        x = self.mlp1(torch.cat([words, ids], dim=-1)) + words
-        return self.layer_norm(self.mlp2(x))
-
-    def forward(self, prompt_embeds, id_tokens, class_mask):
-        """prompt_embeds [1, seq, D]; id_tokens [n, D] in photo order; class_mask [1, seq] with n True."""
-        positions = class_mask[0].nonzero().squeeze(1)
-        if positions.numel() != id_tokens.shape[0]:
-            raise ValueError(f"{positions.numel()} class-word slots for {id_tokens.shape[0]} ID tokens")
-        out = prompt_embeds.clone()
-        out[0, positions] = self.fuse(prompt_embeds[0, positions], id_tokens.to(prompt_embeds.dtype))
-        return out
+    @property
+    def version(self) -> int | None:
+        return int(self.photomaker_version.lstrip("v")) if self.photomaker_version else None
 
 
-class PerceiverAttention(nn.Module):
-    """IP-Adapter's perceiver attention: latents attend to (inputs ++ latents)."""
+def _models(options: PhotoMakerOptions) -> tuple[str, ...]:
+    version = options.version or 2  # the preflight's view: v2 unless v1 was asked for
+    return (f"photomaker_v{version}",) + (("face_pack_faceid",) if version == 2 else ())
 
-    def __init__(self, dim: int, inner: int, dim_head: int):
-        super().__init__()
-        self.heads = inner // dim_head
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
-
-    def forward(self, x, latents):
-        x, latents = self.norm1(x), self.norm2(latents)
-        q = self.to_q(latents)
-        k, v = self.to_kv(torch.cat([x, latents], dim=-2)).chunk(2, dim=-1)
-
-        def heads(t):
-            return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(heads(q).float(), heads(k).float(), heads(v).float()).to(q.dtype)
-        return self.to_out(out.transpose(1, 2).flatten(2))
-
-
-class PerceiverResampler(nn.Module):
-    """FacePerceiverResampler: proj_in, [attention, feed-forward] x depth, proj_out, norm_out."""
-
-    def __init__(self, dim: int, inner: int, dim_head: int, depth: int, embedding_dim: int, output_dim: int,
-                 ff_mult: int = 4):
-        super().__init__()
-        self.proj_in = nn.Linear(embedding_dim, dim)
-        self.proj_out = nn.Linear(dim, output_dim)
-        self.norm_out = nn.LayerNorm(output_dim)
-        self.layers = nn.ModuleList([
-            nn.ModuleList([
-                PerceiverAttention(dim, inner, dim_head),
-                nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * ff_mult, bias=False), nn.GELU(),
-                              nn.Linear(dim * ff_mult, dim, bias=False)),
-            ]) for _ in range(depth)
-        ])
-
-    def forward(self, latents, x):
-        x = self.proj_in(x)
-        for attention, feed_forward in self.layers:
-            latents = attention(x, latents) + latents
-            latents = feed_forward(latents) + latents
-        return self.norm_out(self.proj_out(latents))
-
-
-class QFormerPerceiver(nn.Module):
-    """v2: ID embedding -> `tokens` tokens, refined against CLIP patch features (+ residual)."""
-
-    def __init__(self, id_dim: int, dim: int, tokens: int, clip_dim: int, inner: int, depth: int, ratio: int = 4):
-        super().__init__()
-        self.tokens, self.dim = tokens, dim
-        self.token_proj = nn.Sequential(nn.Linear(id_dim, id_dim * ratio), nn.GELU(),
-                                        nn.Linear(id_dim * ratio, dim * tokens))
-        self.token_norm = nn.LayerNorm(dim)
-        self.perceiver_resampler = PerceiverResampler(dim, inner, V2_HEAD_DIM, depth, clip_dim, dim)
-
-    def forward(self, id_embeds, clip_hidden):
-        x = self.token_norm(self.token_proj(id_embeds).reshape(-1, self.tokens, self.dim))
-        return x + self.perceiver_resampler(x, clip_hidden)
-
-
-@dataclass(frozen=True)
-class EncoderShape:
-    """Sizes read from a checkpoint, so real and tiny files build the same classes."""
-
-    version: int
-    clip: dict[str, Any]
-    dim: int  # fused token width (SDXL: 2048)
-    text_2: int  # visual_projection_2 output (SDXL text_encoder_2 width)
-    id_dim: int = 0
-    tokens: int = 1
-    perceiver_inner: int = 0
-    perceiver_depth: int = 0
-
-
-def detect_version(id_encoder: dict) -> int:
-    """2 when the checkpoint carries v2's qformer_perceiver, else 1."""
-    return 2 if any(k.startswith("qformer_perceiver.") for k in id_encoder) else 1
-
-
-def encoder_shape(sd: dict) -> EncoderShape:
-    hidden = int(sd["vision_model.embeddings.class_embedding"].shape[0])
-    patch = int(sd["vision_model.embeddings.patch_embedding.weight"].shape[-1])
-    positions = int(sd["vision_model.embeddings.position_embedding.weight"].shape[0])
-    layers = len({k.split(".")[3] for k in sd if k.startswith("vision_model.encoder.layers.")})
-    clip = dict(hidden_size=hidden, patch_size=patch, image_size=patch * int(round((positions - 1) ** 0.5)),
-                num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                intermediate_size=int(sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
-                projection_dim=int(sd["visual_projection.weight"].shape[0]), hidden_act="quick_gelu")
-    dim = int(sd["fuse_module.layer_norm.weight"].shape[0])
-    text_2 = int(sd["visual_projection_2.weight"].shape[0])
-    if detect_version(sd) == 1:
-        return EncoderShape(1, clip, dim, text_2)
-    q = "qformer_perceiver."
-    depth = len({k.split(".")[3] for k in sd if k.startswith(f"{q}perceiver_resampler.layers.")})
-    return EncoderShape(2, clip, dim, text_2, id_dim=int(sd[f"{q}token_proj.0.weight"].shape[1]),
-                        tokens=int(sd[f"{q}token_proj.2.weight"].shape[0]) // dim,
-                        perceiver_inner=int(sd[f"{q}perceiver_resampler.layers.0.0.to_q.weight"].shape[0]),
-                        perceiver_depth=depth)
-
-
-def build_encoder(shape: EncoderShape):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-
-    class PhotoMakerIDEncoder(CLIPVisionModelWithProjection):
-        """CLIP ViT-L tower + PhotoMaker's projections and fuse module (state dict keys as released)."""
-
-        def __init__(self):
-            super().__init__(CLIPVisionConfig(**shape.clip))
-            self.shape = shape
-            self.visual_projection_2 = nn.Linear(shape.clip["hidden_size"], shape.text_2, bias=False)
-            self.fuse_module = FuseModule(shape.dim)
-            if shape.version == 2:
-                self.qformer_perceiver = QFormerPerceiver(shape.id_dim, shape.dim, shape.tokens,
-                                                          shape.clip["hidden_size"], shape.perceiver_inner,
-                                                          shape.perceiver_depth)
-
-        @property
-        def tokens_per_image(self) -> int:
-            return self.shape.tokens if self.shape.version == 2 else 1
-
-        def id_tokens(self, pixels, id_embeds=None):
-            """[n photos, 3, H, W] -> [n * tokens_per_image, D] in photo order."""
-            out = self.vision_model(pixel_values=pixels)
-            if self.shape.version == 1:
-                pooled = out[1]
-                return torch.cat([self.visual_projection(pooled), self.visual_projection_2(pooled)], dim=-1)
-            if id_embeds is None:
-                raise ValueError("PhotoMaker v2 needs insightface embeddings of the ID photos")
-            tokens = self.qformer_perceiver(id_embeds.to(out[0].dtype), out[0])
-            return tokens.reshape(-1, self.shape.dim)
-
-    return PhotoMakerIDEncoder()
 
 
 # --- checkpoint ---------------------------------------------------------------------------------------
@@ -256,6 +112,8 @@ def read_checkpoint(ctx, model_id_or_path: str) -> tuple[str, Path, dict]:
     else:
         resolved = ctx.resolve(model_id_or_path)
         name = resolved.files[0]
+    from portrait.core.archs.photomaker import PHOTOMAKER_KEYS
+
     state = load_torch_file(ctx, resolved, name)
     if isinstance(state, dict) and "id_encoder" not in state and any(k.startswith("id_encoder.") for k in state):
         state = _unflatten(state)  # the safetensors form PhotoMaker's loader also accepts
@@ -266,6 +124,8 @@ def read_checkpoint(ctx, model_id_or_path: str) -> tuple[str, Path, dict]:
 
 
 def _unflatten(flat: dict) -> dict:
+    from portrait.core.archs.photomaker import PHOTOMAKER_KEYS
+
     out: dict[str, dict] = {k: {} for k in PHOTOMAKER_KEYS}
     for key, value in flat.items():
         head, _, rest = key.partition(".")
@@ -279,6 +139,8 @@ def load_photomaker(ctx, model_id_or_path: str, expected: int | None = None) -> 
 
     def build() -> PhotoMakerModel:
         from transformers import CLIPImageProcessor
+
+        from portrait.core.archs.photomaker import build_encoder, detect_version, encoder_shape
 
         model_id, path, state = read_checkpoint(ctx, model_id_or_path)
         found = detect_version(state["id_encoder"])
@@ -366,6 +228,8 @@ def class_token_ids(tokenizer, parts: TriggerPrompt, copies: int) -> tuple[list[
 def encode_with_ids(pipe, parts: TriggerPrompt, copies: int):
     """(prompt_embeds [1, 77, D], pooled [1, P], class_mask [1, 77]) for the trigger prompt,
     encoded as SDXL does: penultimate hidden states of both encoders, pooled from the second."""
+    import torch
+
     embeds, pooled, mask = [], None, None
     device = pipe._execution_device  # where offload hooks run the encoders
     for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
@@ -389,16 +253,9 @@ class PhotoMakerPolicy:
     mode: str = "all"
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> "PhotoMakerPolicy":
-        version = options.get("photomaker_version")
-        if version is not None and str(version).lstrip("v") not in ("1", "2"):
-            raise BadInput(f"option photomaker_version={version} is not 1 or 2")
-        start = options.get("start_merge_step")
-        return cls(version=int(str(version).lstrip("v")) if version is not None else None,
-                   trigger=str(options.get("trigger", "img")),
-                   start_merge_step=int(start) if start is not None else None,
-                   style_strength=float(options.get("style_strength", 0.2)),
-                   mode=str(options.get("id_mode", "all")))
+    def from_options(cls, options: PhotoMakerOptions) -> "PhotoMakerPolicy":
+        return cls(version=options.version, trigger=options.trigger, start_merge_step=options.start_merge_step,
+                   style_strength=options.style_strength, mode=options.id_mode)
 
     def merge_step(self, steps: int) -> int:
         if self.start_merge_step is not None:
@@ -406,8 +263,8 @@ class PhotoMakerPolicy:
         return min(int(self.style_strength * steps), 30)  # PhotoMaker's demo caps it at 30
 
 
-def model_for(ctx, policy: PhotoMakerPolicy, options: dict[str, Any]) -> tuple[str, int | None]:
-    explicit = options.get("photomaker_model")
+def model_for(ctx, policy: PhotoMakerPolicy, options: PhotoMakerOptions) -> tuple[str, int | None]:
+    explicit = options.photomaker_model
     if explicit:
         return str(explicit), policy.version
     version = policy.version or (2 if "photomaker_v2" in ctx.preset.models else 1)
@@ -425,7 +282,9 @@ class IdImages:
 def id_images(ctx, request: GenerationRequest, model: PhotoMakerModel) -> IdImages:
     """The identity's photos as CLIP inputs (whole photos, as PhotoMaker takes them) and, for
     v2, their buffalo_l raw embeddings; v2 keeps only the photos where a face was found."""
-    embed_policy = emb.EmbedPolicy.from_options({**request.options, "id_mode": "all"})
+    import torch
+
+    embed_policy = embed_policy_of(SPEC.read(request), mode="all")
     paths = emb.identity_photos(request.identity, embed_policy.max_photos)
     images = [(str(p), emb.read_rgb(p)) for p in paths]
     found, ids = None, None
@@ -460,6 +319,8 @@ class PromptEmbeds:
 
 def photomaker_embeds(pipe, model: PhotoMakerModel, request: GenerationRequest, policy: PhotoMakerPolicy,
                       ids: IdImages) -> PromptEmbeds:
+    import torch
+
     parts = split_trigger(template_prompt(request, policy.trigger)[0], policy.trigger)
     with torch.no_grad():
         tokens = combine_tokens(model.encoder.id_tokens(ids.pixels, ids.id_embeds),
@@ -475,6 +336,8 @@ def photomaker_embeds(pipe, model: PhotoMakerModel, request: GenerationRequest, 
 
 def merge_callback(embeds: PromptEmbeds, start_merge_step: int):
     """Steps 0..start_merge_step run on the text alone; then the fused ID prompt takes over."""
+
+    import torch
 
     def on_step_end(pipe, step: int, timestep, kwargs: dict) -> dict:
         if step == start_merge_step:
@@ -512,17 +375,13 @@ def attach_lora(pipe, model: PhotoMakerModel) -> str:
 
 
 class PhotoMakerBackend:
-    name: ClassVar[str] = "photomaker"
-    families: ClassVar[tuple[str, ...]] = ("sdxl",)
-
     def generate(self, request: GenerationRequest, ctx: RunContext) -> Iterator[Candidate]:
         started = time.perf_counter()
-        policy = PhotoMakerPolicy.from_options(request.options)
-        if policy.mode not in emb.MODES:
-            raise BadInput(f"option id_mode='{policy.mode}' is not one of {', '.join(emb.MODES)}")
+        options = SPEC.read(request)
+        policy = PhotoMakerPolicy.from_options(options)
         prompt, rewritten = template_prompt(request, policy.trigger)
         split_trigger(prompt, policy.trigger)  # fail on the prompt before loading anything
-        model_ref, expected = model_for(ctx, policy, request.options)
+        model_ref, expected = model_for(ctx, policy, options)
         model = load_photomaker(ctx, model_ref, expected)
         ids = id_images(ctx, request, model)
         pipe = load_sd_pipeline(ctx, "txt2img")
@@ -560,3 +419,12 @@ class PhotoMakerBackend:
         finally:
             pipe.disable_lora()
 
+
+SPEC = BackendSpec(
+    name="photomaker",
+    families=("sdxl",),
+    make=PhotoMakerBackend,
+    help="PhotoMaker v1/v2 stacked ID embedding (SDXL, zero-shot; the prompt needs `CLASS img`)",
+    options=PhotoMakerOptions,
+    models=_models,
+)

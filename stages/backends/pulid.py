@@ -35,19 +35,24 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 
+from pydantic import Field
+
 from portrait.core.archs import pulid as arch
+from portrait.core.backend import BackendSpec
 from portrait.core.cache import CacheKey
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput, bad_file
+from portrait.core.options import CommonOptions, EmbedOptions
 from portrait.core.types import Candidate, GenerationRequest, Identity
 from portrait.stages import embed as emb
 from portrait.stages import loras
-from portrait.stages.generate import seeded_candidates
+from portrait.stages.identity_inputs import embed_policy_of
 from portrait.stages.sd import load_sd_pipeline, model_info, prepare_pipeline, to_uint8
+from portrait.stages.seeding import seeded_candidates
 
 # facexlib's FaceRestoreHelper 5-point template for a 512 face (crop ratio 1), which PuLID
 # aligns with before parsing: eyes, nose, mouth corners.
@@ -58,7 +63,21 @@ ALIGN_BORDER = (135, 133, 132)  # facexlib's border value for warpAffine
 WHITE_LABELS = (0, 16, 18, 7, 8, 9, 14, 15)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-SCHEDULES = ("karras", "lightning")
+
+
+class PuLIDOptions(CommonOptions, EmbedOptions):
+    """PuLID's options (defaults as in the reference demos)."""
+
+    id_mode: Literal["mean", "all", "best"] = Field("all", description="all: the photos' tokens side by side "
+                                                                       "(the reference's way); mean; best")
+    id_photos: int = Field(4, ge=1, le=64, description="the bundle's best photos (the demo takes 1 + 3 supporting)")
+    id_scale: float = Field(0.8, ge=0.0, le=5.0, description="weight of the ID attention")
+    pulid_mode: Literal["fidelity", "style", "plain"] = Field(
+        "fidelity", description="fidelity: 8 zero tokens + ortho v2; style: 16 + ortho v1; plain: neither")
+    pulid_num_zero: int | None = Field(None, ge=0, le=64, description="zero tokens appended (overrides the mode)")
+    pulid_ortho: Literal["off", "v1", "v2"] | None = Field(None, description="orthogonal projection (overrides the mode)")
+    pulid_schedule: Literal["karras", "lightning"] = Field(
+        "karras", description="karras: v1.1's DPM++ 2M Karras; lightning: trailing DPM++ for SDXL-Lightning bases")
 
 
 @dataclass(frozen=True)
@@ -69,19 +88,12 @@ class PuLIDPolicy:
     schedule: str = "karras"
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> "PuLIDPolicy":
-        name = str(options.get("pulid_mode", "fidelity"))
-        if name not in arch.MODES:
-            raise BadInput(f"option pulid_mode='{name}' is not one of {', '.join(arch.MODES)}")
-        base = arch.MODES[name]
-        ortho = str(options.get("pulid_ortho", base.ortho))
-        if ortho not in ("off", "v1", "v2"):
-            raise BadInput(f"option pulid_ortho='{ortho}' is not one of off, v1, v2")
-        schedule = str(options.get("pulid_schedule", "karras"))
-        if schedule not in SCHEDULES:
-            raise BadInput(f"option pulid_schedule='{schedule}' is not one of {', '.join(SCHEDULES)}")
-        mode = arch.IDMode(num_zero=int(options.get("pulid_num_zero", base.num_zero)), ortho=ortho)
-        return cls(id_scale=float(options.get("id_scale", 0.8)), mode=mode, mode_name=name, schedule=schedule)
+    def from_options(cls, options: PuLIDOptions) -> "PuLIDPolicy":
+        """From the backend's typed options: the mode's settings, each overridable."""
+        base = arch.MODES[options.pulid_mode]
+        mode = arch.IDMode(num_zero=base.num_zero if options.pulid_num_zero is None else options.pulid_num_zero,
+                           ortho=options.pulid_ortho or base.ortho)
+        return cls(id_scale=options.id_scale, mode=mode, mode_name=options.pulid_mode, schedule=options.pulid_schedule)
 
 
 # --- models -------------------------------------------------------------------------------------------
@@ -347,13 +359,11 @@ def render_lightning(pipe, request: GenerationRequest, seed: int, state, tokens)
 
 
 class PuLIDBackend:
-    name: ClassVar[str] = "pulid"
-    families: ClassVar[tuple[str, ...]] = ("sdxl",)
-
     def generate(self, request: GenerationRequest, ctx: RunContext) -> Iterator[Candidate]:
         started = time.perf_counter()
-        policy = PuLIDPolicy.from_options(request.options)
-        embed_policy = emb.EmbedPolicy.from_options({"id_photos": 4, **request.options}, default_mode="all")
+        options = SPEC.read(request)
+        policy = PuLIDPolicy.from_options(options)
+        embed_policy = embed_policy_of(options)
         models = load_models(ctx)
         inputs = pulid_inputs(ctx, request.identity, models, embed_policy)
         pipe = load_sd_pipeline(ctx, "txt2img")
@@ -388,3 +398,14 @@ class PuLIDBackend:
                                          request.height, request.steps, request.guidance, seed, state, tokens)
 
                 yield from seeded_candidates(request, render, setup_seconds=setup, info=info)
+
+
+SPEC = BackendSpec(
+    name="pulid",
+    families=("sdxl",),
+    make=PuLIDBackend,
+    help="PuLID v1.1: ID tokens through its own cross-attention (SDXL, zero-shot; fidelity/style modes)",
+    options=PuLIDOptions,
+    models=("pulid", "eva_clip", "face_pack_instantid", "face_parser"),
+    license="PuLID weights Apache-2.0, conditioned on insightface antelopev2 (non-commercial); EVA-CLIP MIT",
+)

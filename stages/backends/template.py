@@ -24,20 +24,23 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 
+from pydantic import Field
+
+from portrait.core.backend import BackendSpec
 from portrait.core.bundle import load_identity
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.facemask import face_regions, feather
+from portrait.core.options import CommonOptions, EmbedOptions, FaceIDAdapterOptions, GroupOptions, Pass2, resolved
 from portrait.core.types import Candidate, FaceObservation, GenerationRequest, Identity
 from portrait.stages import controls as ctl
 from portrait.stages import fuse as fusion
 from portrait.stages import loras
 from portrait.stages import zeroshot as zs
-from portrait.stages.generate import candidate_seeds, with_seed
 from portrait.stages.sd import (
     call_pipeline,
     control_kwargs,
@@ -46,6 +49,29 @@ from portrait.stages.sd import (
     model_info,
     prepare_pipeline,
 )
+from portrait.stages.seeding import candidate_seeds, with_seed
+
+
+class TemplateOptions(CommonOptions, GroupOptions, FaceIDAdapterOptions, EmbedOptions):
+    """A photo template's options (EasyPhoto's defaults); with `identity_adapter: faceid` the
+    FaceID adapter's and embedding options apply to the inpainting passes too."""
+
+    identity_adapter: Literal["faceid"] | None = Field(None, description="add IP-Adapter FaceID to the passes")
+    passes: Literal[0, 1, 2] = Field(2, description="2 face + ring, 1 face only, 0 fusion only (preview)")
+    denoise: float = Field(0.45, ge=0.0, le=1.0, description="pass 1 strength")
+    crop_scale: float = Field(2.0, gt=0.0, le=10.0, description="the face box grown by this much is repainted")
+    mask_grow: float = Field(0.10, ge=0.0, le=2.0, description="face mask dilation, a fraction of the face size")
+    color_transfer: bool = Field(True, description="LAB shift of the face skin toward the template's skin")
+    fuse_ratio: float = Field(0.6, ge=0.0, le=1.0, description="skin mixing when the reference face is fused in")
+    pass2: Pass2 | None = None
+    assign: Literal["left_to_right"] | list[int] = "left_to_right"
+    crop_size: int | None = Field(None, ge=8, le=4096, description="processing size of the face crop")
+
+
+def _models(options: TemplateOptions) -> tuple[str, ...]:
+    if options.identity_adapter == "faceid":
+        return ("face_pack_faceid", "faceid" if options.faceid_variant == "faceid" else "faceid_plus")
+    return ()
 
 
 @dataclass(frozen=True)
@@ -68,22 +94,22 @@ class TemplatePolicy:
 
     @classmethod
     def from_request(cls, request: GenerationRequest) -> "TemplatePolicy":
-        o = request.options
-        pass2 = o.get("pass2") or {}
+        o = SPEC.read(request)
+        pass2 = o.pass2 or Pass2()
         return cls(
-            denoise=float(o.get("denoise", cls.denoise)),
+            denoise=o.denoise,
             controls=dict(request.controls) if request.controls else cls().controls,
-            crop_scale=float(o.get("crop_scale", cls.crop_scale)),
-            mask_grow=float(o.get("mask_grow", cls.mask_grow)),
-            color_transfer=bool(o.get("color_transfer", cls.color_transfer)),
-            fuse_ratio=float(o.get("fuse_ratio", cls.fuse_ratio)),
-            pass2_denoise=float(pass2.get("denoise", cls.pass2_denoise)),
-            ring=float(pass2.get("ring", cls.ring)),
-            pass2_controls=dict(pass2.get("controls") or cls().pass2_controls),
-            assign=o.get("assign", "left_to_right"),
-            identities=tuple(o.get("identities") or ()),
-            crop_size=int(o["crop_size"]) if o.get("crop_size") else None,
-            passes=_passes(o.get("passes", cls.passes), request.template),
+            crop_scale=o.crop_scale,
+            mask_grow=o.mask_grow,
+            color_transfer=o.color_transfer,
+            fuse_ratio=o.fuse_ratio,
+            pass2_denoise=pass2.denoise if pass2.denoise is not None else cls.pass2_denoise,
+            ring=pass2.ring if pass2.ring is not None else cls.ring,
+            pass2_controls=dict(pass2.controls or cls().pass2_controls),
+            assign=o.assign,
+            identities=tuple(o.identities or ()),
+            crop_size=o.crop_size or None,
+            passes=o.passes,
         )
 
 
@@ -104,9 +130,6 @@ class FacePaint:
 
 
 class TemplateBackend:
-    name: ClassVar[str] = "template"
-    families: ClassVar[tuple[str, ...]] = ("sd15", "sdxl")
-
     def generate(self, request: GenerationRequest, ctx: RunContext) -> Iterator[Candidate]:
         for seed in candidate_seeds(request):
             t0 = time.perf_counter()
@@ -117,7 +140,10 @@ class TemplateBackend:
     def render(self, request: GenerationRequest, ctx: RunContext, seed: int) -> tuple[np.ndarray, list[FacePaint], dict]:
         """The finished template image for one seed, with each face's intermediate steps."""
         policy = TemplatePolicy.from_request(request)
-        template_path = Path(request.options["template_image"])
+        r = resolved(request)
+        if not r.template_image:
+            raise BadInput(f"the template backend needs a photo template (got {request.template or 'a prompt'})")
+        template_path = Path(r.template_image)
         canvas = ctl.fit(ctl.read_rgb(template_path), request.width, request.height)
         analyzer = _analyzer(ctx, request)
         faces = template_faces(analyzer, template_path, request, canvas.shape)
@@ -127,8 +153,7 @@ class TemplateBackend:
         paints = []
         used_loras: list[loras.AdapterUse] = []
         # A style LoRA (merged: inpainting a face keeps both active) and LCM apply to every face.
-        shared = [u for u in (loras.style_use(ctx, request.options.get("style_lora")),
-                              loras.lcm_use(ctx) if request.options.get("fast") == "lcm" else None) if u]
+        shared = [u for u in (loras.style_use(ctx, r.style_lora), loras.lcm_use(ctx) if r.fast == "lcm" else None) if u]
         for person, index in pairs:
             use = loras.identity_use(person, ctx.preset.family, request.lora_weight)
             stack = ([use] if use is not None else []) + shared
@@ -138,7 +163,7 @@ class TemplateBackend:
             canvas, paint = paint_face(ctx, request, policy, fuse_policy, canvas, faces[index], index, others,
                                        reference, reference_face, person.name, stack, seed, person=person)
             paints.append(paint)
-        adapter = request.options.get("identity_adapter")
+        adapter = SPEC.read(request).identity_adapter
         modes = (["lora"] if used_loras else []) + ([adapter] if adapter else [])
         info = {
             "identity_mode": "+".join(modes) if modes and policy.passes else "fusion-only",
@@ -161,20 +186,13 @@ class TemplateBackend:
         return canvas, paints, info
 
 
-def _passes(value: Any, template: str | None) -> int:
-    if isinstance(value, bool) or value not in (0, 1, 2):
-        raise BadInput(f"template '{template}': option passes must be 0 (fusion only), 1 (face) or 2 (face and "
-                       f"ring), got {value!r}")
-    return int(value)
-
-
 # --- faces and identities --------------------------------------------------------------------
 
 
 def _analyzer(ctx: RunContext, request: GenerationRequest):
     from portrait.core.faces import make_analyzer
 
-    return make_analyzer(ctx, request.options.get("face_backend", "dlib"))
+    return make_analyzer(ctx, resolved(request).face_backend)
 
 
 def scale_face(face: FaceObservation, sx: float, sy: float, dx: float = 0.0, dy: float = 0.0) -> FaceObservation:
@@ -202,7 +220,7 @@ def template_faces(analyzer, template_path: Path, request: GenerationRequest,
     name = request.template or str(template_path)
     if not found:
         raise BadInput(f"template {name}: no face found in {template_path}")
-    expected = request.options.get("template_faces")
+    expected = resolved(request).template_faces
     if expected and len(found) < int(expected):
         raise BadInput(f"template {name}: {len(found)} face(s) found in {template_path}, the template says {expected}")
     h, w = original.shape[:2]
@@ -330,12 +348,9 @@ def _inpaint(ctx, request, image, mask, denoise, controls: list[ctl.ControlImage
                              mask_image=_pil_mask(mask), strength=float(denoise), width=size, height=size,
                              **control_kwargs(controls, key="control_image"), **extra)
 
-    if person is not None and request.options.get("identity_adapter") == "faceid":
+    if person is not None and SPEC.read(request).identity_adapter == "faceid":
         with zs.faceid_for_request(ctx, pipe, request, person, [(u.adapter, u.weight) for u in stack]) as faceid:
             return run(**faceid.kwargs), steps
-    if request.options.get("identity_adapter") not in (None, "faceid"):
-        raise BadInput(f"template '{request.template}': identity_adapter must be 'faceid' "
-                       f"(got '{request.options['identity_adapter']}')")
     with loras.composed(pipe, stack, "merge"):
         return run(), steps
 
@@ -413,3 +428,17 @@ def _controls(ctx: RunContext, strengths: dict[str, float], image: np.ndarray,
     h, w = image.shape[:2]
     return [ctl.make_control(name, image, w, h, float(strength), ctx=ctx, faces=[face])
             for name, strength in strengths.items() if strength > 0]
+
+
+SPEC = BackendSpec(
+    name="template",
+    families=("sd15", "sdxl"),
+    make=TemplateBackend,
+    help="paint the identity into a photo template, two inpainting passes (EasyPhoto style; group templates)",
+    options=TemplateOptions,
+    models=_models,
+    needs_lora=True,
+    group=True,
+    photo_template=True,
+    finish={"fuse": False},  # it fuses inside its own passes
+)

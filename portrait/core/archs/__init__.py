@@ -1,6 +1,6 @@
-"""Adapter architectures and their checkpoint detection (pure torch, no pipeline knowledge).
+"""Adapter and network architectures, each paired with its checkpoint detection by state-dict keys.
 
-One module per family, each with `detect(keys) -> bool` and builders from a state dict, in
-the manner of diffusers' `models/` and spandrel's arch + detect pairs. Backends
-(portrait.stages.backends) import these; nothing here imports a stage.
+Pure torch, no pipeline knowledge (like diffusers models/ and spandrel arch+detect pairs):
+each module exposes `detect(keys) -> bool` and a builder from a state dict. Backends import
+them; an arch never imports stages.
 """

@@ -1,0 +1,72 @@
+"""Output metadata (docs/ARCHITECTURE.md#a1111-metadata): the two PNG text chunks of every output image.
+
+`parameters` is the A1111 text (prompt, `Negative prompt:` line, then `Key: value, ...`),
+which A1111, ComfyUI and sd-parsers read back; `portrait` is our JSON (the resolved request,
+what the backend did, timings, model and LoRA hashes).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from portrait.core.loaders import sampler_label
+from portrait.core.types import Candidate
+
+VERSION = "portrait 0.1"
+
+
+def _a1111_value(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if any(ch in text for ch in ",:\n") else text
+
+
+def a1111_parameters(prompt: str, negative: str, params: Mapping[str, Any]) -> str:
+    """The A1111 `parameters` text: prompt, optional negative line, then `Key: value, ...` last."""
+    lines = [prompt]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    lines.append(", ".join(f"{k}: {_a1111_value(v)}" for k, v in params.items() if v is not None and v != ""))
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """A LoRA that shaped an image, for the `<lora:NAME:W>` prompt tag and `Lora hashes`."""
+
+    name: str
+    weight: float
+    hash12: str
+
+
+def image_metadata(candidate: Candidate, *, model_name: str, model_hash10: str | None,
+                   loras: Iterable[LoraUse] = (), extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The two PNG text chunks of one output: A1111 `parameters` and our `portrait` JSON."""
+    r = candidate.request
+    loras = list(loras)
+    sampler, schedule = sampler_label(r.scheduler)
+    prompt = r.prompt + "".join(f" <lora:{lora.name}:{lora.weight:g}>" for lora in loras)
+    params: dict[str, Any] = {
+        "Steps": r.steps,
+        "Sampler": sampler,
+        "Schedule type": schedule or None,
+        "CFG scale": f"{r.guidance:g}",
+        "Seed": candidate.seed,
+        "Size": f"{r.width}x{r.height}",
+        "Model hash": model_hash10,
+        "Model": model_name,
+        "Lora hashes": ", ".join(f"{lora.name}: {lora.hash12}" for lora in loras) or None,
+    }
+    for name, strength in r.controls.items():
+        params[f"ControlNet {name}"] = f"{strength:g}"
+    if r.options.get("denoise") is not None:
+        params["Denoising strength"] = f"{float(r.options['denoise']):g}"
+    params["Version"] = VERSION
+    resolved = {**r.resolved(), "seed": candidate.seed, "n": r.n}
+    portrait = {"request": resolved, "info": dict(candidate.info), "timings": dict(candidate.timings),
+                "model": {"name": model_name, "hash": model_hash10},
+                "loras": [{"name": lora.name, "weight": lora.weight, "hash": lora.hash12} for lora in loras],
+                **(dict(extra) if extra else {})}
+    return {"parameters": a1111_parameters(prompt, r.negative_prompt, params),
+            "portrait": json.dumps(portrait, default=str, sort_keys=False)}

@@ -1,0 +1,141 @@
+"""The backend table: a backend is one module plus one line (here a toy backend from the tests
+folder, registered at run time), and everything that names backends reads the table."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import toy_backend
+from hostile_helpers import cli, error_line
+from portrait.core.errors import BadInput
+from portrait.stages.backends import BACKENDS, register, unregister
+
+STAGES = Path(__file__).resolve().parents[1] / "stages"
+
+
+@pytest.fixture()
+def toy():
+    register(toy_backend.SPEC)  # the one line that adds a backend
+    yield toy_backend.SPEC
+    unregister("toy")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    from portrait.core.config import Settings
+
+    from test_embed import make_identity
+
+    settings = Settings(home=tmp_path_factory.mktemp("backends-home"), preset="tiny", device="cpu")
+    rng = np.random.default_rng(0)
+    make_identity(settings, "toy-ann", [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)])
+    return settings
+
+
+def test_the_table_lists_the_shipped_backends_with_their_declarations():
+    assert BACKENDS.names() == ("lora", "template", "instantid", "faceid", "photomaker")
+    for spec in BACKENDS.specs():
+        assert spec.help and spec.families and set(spec.families) <= {"sd15", "sdxl"}
+        assert spec.options.model_config.get("extra") == "forbid", spec.name
+    assert [s.name for s in BACKENDS.specs() if s.needs_lora] == ["lora", "template"]
+    assert [s.name for s in BACKENDS.specs() if s.group] == ["template", "faceid"]
+    # one key, per-backend defaults (the reference code's): FaceID 0.6, InstantID 0.8
+    assert BACKENDS.get("faceid").read({}).ip_adapter_scale == 0.6
+    assert BACKENDS.get("instantid").read({"ip_adapter_scale": 0.5}).ip_adapter_scale == 0.5
+    assert BACKENDS.get("instantid").read({}).controlnet_conditioning_scale == 0.8
+    with pytest.raises(ValueError, match="already registered"):
+        register(BACKENDS.get("lora"))
+
+
+def test_dispatch_runs_one_way_through_the_table():
+    """No backend imports the generate stage (or another backend), and the generate stage
+    imports no backend by string."""
+    generate = (STAGES / "generate.py").read_text()
+    assert "importlib" not in generate and "import_module" not in generate
+    names = {p.stem for p in (STAGES / "backends").glob("*.py")} - {"__init__"}
+    for path in (STAGES / "backends").glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+                imported.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+        assert not {m for m in imported if m.endswith("stages.generate")}, path.name
+        others = {f"portrait.stages.backends.{n}" for n in names - {path.stem}}
+        assert not imported & others, (path.name, imported & others)
+
+
+def test_a_registered_backend_is_in_the_cli_help(toy, capsys, home):
+    code, out, err = cli(capsys, home.home, "generate", "--help")
+    assert code == 0, err
+    assert "toy (sd15, sdxl): a flat grey test card" in " ".join(out.split())
+    for name in BACKENDS.names():
+        assert name in out
+    unregister("toy")
+    code, out, _ = cli(capsys, home.home, "generate", "--help")
+    assert code == 0 and "toy" not in out
+
+
+def test_a_registered_backend_passes_spec_validation(toy, tmp_path):
+    from portrait.studio.spec import expand, parse_spec
+
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "photos" / "a.png")
+    spec = parse_spec({"output": "out", "identities": [{"name": "toy-bob", "photos": "photos"}],
+                       "prompts": ["a photo of {trigger}"], "backends": ["toy"],
+                       "generate": {"options": {"toy_shade": 7}}})
+    job = expand(spec, base_dir=tmp_path, default_preset="tiny", identity_exists=lambda name: False)
+    kinds = [(i.kind, i.payload.get("backend"), i.payload.get("zero_shot")) for i in job.items]
+    assert ("train", None, True) in kinds  # toy needs no LoRA: the identity is prepared, not trained
+    assert ("generate", "toy", None) in kinds
+    with pytest.raises(BadInput, match="toy_shade"):  # bounds come from the toy's declaration
+        parse_spec({"output": "out", "identities": ["toy-ann"], "prompts": ["x"], "backends": ["toy"],
+                    "generate": {"options": {"toy_shade": 300}}})
+    unregister("toy")
+    with pytest.raises(BadInput, match=r"unknown backend toy \(known: lora, template"):
+        parse_spec({"output": "out", "identities": ["toy-ann"], "prompts": ["x"], "backends": ["toy"]})
+
+
+def test_a_registered_backend_runs_end_to_end_and_is_recorded(toy, capsys, home, tmp_path):
+    out = tmp_path / "out"
+    code, text, err = cli(capsys, home.home, "generate", "--identity", "toy-ann", "--prompt", "a photo of {trigger}",
+                          "--backend", "toy", "--n", "2", "--seed", "5", "--size", "64x64", "--option",
+                          "toy_shade=40", "--no-finish", "--out", str(out))
+    assert code == 0, err
+    data = json.loads((out / "results.json").read_text())
+    assert data["backend"] == "toy"
+    assert [r["seed"] for r in data["results"]] == [5, 6]
+    for row in data["results"]:
+        with Image.open(out / row["path"]) as im:
+            pixels = np.asarray(im.convert("RGB"), dtype=np.float64)
+            meta = json.loads(im.text["portrait"])
+        assert abs(pixels.mean() - 40) < 2
+        assert meta["request"]["backend"] == "toy" and meta["request"]["options"]["toy_shade"] == 40
+        assert meta["info"]["identity_mode"] == "toy"
+    # the toy's option is checked against its declaration before anything runs
+    bad = tmp_path / "bad"
+    code, _, err = cli(capsys, home.home, "generate", "--identity", "toy-ann", "--prompt", "x", "--backend", "toy",
+                       "--option", "toy_shade=300", "--no-finish", "--out", str(bad))
+    assert code == 2
+    error_line(err, "--option toy_shade", "less than or equal to 255")
+    assert not bad.exists()
+
+
+def test_an_unregistered_backend_and_its_options_are_unknown(capsys, home, tmp_path):
+    code, _, err = cli(capsys, home.home, "generate", "--identity", "toy-ann", "--prompt", "x", "--backend", "toy",
+                       "--no-finish", "--out", str(tmp_path / "o"))
+    assert code == 2
+    error_line(err, "unknown backend 'toy'", "photomaker")
+    code, _, err = cli(capsys, home.home, "generate", "--identity", "toy-ann", "--prompt", "x",
+                       "--option", "toy_shade=3", "--no-finish", "--out", str(tmp_path / "o"))
+    assert code == 2
+    error_line(err, "--option toy_shade", "unknown option", "ip_adapter_scale")
