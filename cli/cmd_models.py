@@ -39,11 +39,20 @@ def list_models(ctx: typer.Context, json_out: bool = typer.Option(False, "--json
 
 @models_app.command("download")
 def download_model(ctx: typer.Context, model_id: str = typer.Argument(..., help="Registry id, e.g. sd15.")) -> None:
-    """Download a model into HOME/models/ID (resumes partial files, checks hashes)."""
+    """Download a model into HOME/models/ID (resumes partial files, checks hashes).
+
+    The license policy (--license / PORTRAIT_LICENSE) is checked first: a studio running
+    `--license commercial` is refused a model it may not use before any byte is fetched."""
+    import sys
+
+    from portrait.core.licenses import check
     from portrait.core.registry import Registry, download
 
     registry = Registry.load()
-    root = download(registry.get(model_id), ctx.obj)
+    spec = registry.get(model_id)
+    check(registry, model_id, getattr(ctx.obj, "license", None) or "any")
+    print(f"{model_id}: license {spec.license_label}", file=sys.stderr)
+    root = download(spec, ctx.obj)
     print(root)
 
 

@@ -18,8 +18,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from portrait.core.cache import CacheKey
 from portrait.core.errors import BadInput, bad_file
+from portrait.core.models import builder
 
 SIZE = 320  # U^2-Net's input side
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -60,19 +60,26 @@ class Segmenter:
 
 
 def load_segmenter(ctx, model_id: str) -> Segmenter:
-    """The registry's background segmenter (tiny stand-in under a tiny preset), cached."""
-    resolved = ctx.resolve(model_id)
+    """The registry's background segmenter (tiny stand-in under a tiny preset), through the
+    model door (kind "segmenter"), cached."""
+    from portrait.core.models import load
 
-    def build() -> Segmenter:
-        import onnxruntime
+    return load(ctx, model_id, "segmenter")
 
-        try:
-            session = onnxruntime.InferenceSession(str(resolved.path), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types for a bad file
-            raise bad_file(resolved.path, f"is not a loadable ONNX segmenter ({exc.__class__.__name__})") from None
-        return Segmenter(session, resolved.spec.id, resolved.spec.license)
 
-    return ctx.cache.get(CacheKey(resolved.spec.id, "cpu", "float32", "segmenter"), build)
+@builder("segmenter")
+def _build_segmenter(source) -> Segmenter:
+    """A U2-Net-style ONNX (one RGB input, a foreground map first) on `onnx_providers(ctx)`."""
+    import onnxruntime
+
+    from portrait.core.models import onnx_providers
+
+    path = source.verified()
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=onnx_providers(source.ctx))
+    except Exception as exc:  # onnxruntime raises its own exception types for a bad file
+        raise bad_file(path, f"is not a loadable ONNX segmenter ({exc.__class__.__name__})") from None
+    return Segmenter(session, source.model_id, source.resolved.spec.license)
 
 
 def whiten(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from portrait.core.errors import BadInput, bad_file
+from portrait.core.models import builder
 from portrait.core.types import FaceObservation
 
 
@@ -162,31 +163,35 @@ def openpose_from_faces(faces: Sequence[FaceObservation], width: int, height: in
 
 def load_openpose_annotator(ctx):
     """controlnet-aux's OpenposeDetector from registry-resolved files (never the network)."""
-    from portrait.core.cache import CacheKey
+    from portrait.core.models import load
 
-    resolved = ctx.resolve("annotator-openpose")
-
-    def build():
-        with _quiet_import():
-            from controlnet_aux import OpenposeDetector
-
-        return OpenposeDetector.from_pretrained(str(resolved.root)).to(ctx.placement.device)
-
-    return ctx.cache.get(CacheKey("annotator-openpose", ctx.placement.device, "float32"), build)
+    return load(ctx, "annotator-openpose", "openpose")
 
 
 def load_depth_annotator(ctx):
-    from portrait.core.cache import CacheKey
+    """controlnet-aux's MidasDetector from registry-resolved files (never the network)."""
+    from portrait.core.models import load
 
-    resolved = ctx.resolve("annotator-midas")
+    return load(ctx, "annotator-midas", "midas")
 
-    def build():
-        with _quiet_import():
-            from controlnet_aux import MidasDetector
 
-        return MidasDetector.from_pretrained(str(resolved.root)).to(ctx.placement.device)
+@builder("openpose")
+def _build_openpose(source):
+    """controlnet-aux OpenposeDetector from a local lllyasviel/Annotators folder."""
+    with _quiet_import():
+        from controlnet_aux import OpenposeDetector
 
-    return ctx.cache.get(CacheKey("annotator-midas", ctx.placement.device, "float32"), build)
+    # controlnet-aux's detectors take a device only (`.to(device)`); they stay fp32 on CUDA
+    return source.place(OpenposeDetector.from_pretrained(str(source.folder)), cast=False)
+
+
+@builder("midas")
+def _build_midas(source):
+    """controlnet-aux MidasDetector (DPT hybrid) from a local lllyasviel/Annotators folder."""
+    with _quiet_import():
+        from controlnet_aux import MidasDetector
+
+    return source.place(MidasDetector.from_pretrained(str(source.folder)), cast=False)
 
 
 def _annotate(detector, image: np.ndarray, width: int, height: int, **kwargs) -> np.ndarray:

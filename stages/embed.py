@@ -28,8 +28,8 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from portrait.core.cache import CacheKey
 from portrait.core.errors import BadInput
+from portrait.core.models import builder
 from portrait.core.types import FaceObservation, Identity
 
 Mode = Literal["mean", "all", "best"]
@@ -56,6 +56,9 @@ SPACES: dict[str, AdapterSpace] = {
     "faceid_plus": AdapterSpace("faceid_plus", "buffalo_l", "w600k_r50.onnx", normalized=True),
     "photomaker_v2": AdapterSpace("photomaker_v2", "buffalo_l", "w600k_r50.onnx", normalized=False),
     "pulid": AdapterSpace("pulid", "antelopev2", "glintr100.onnx", normalized=False),
+    # InfiniteYou detects with antelopev2 and embeds with facexlib's ArcFace (normalized); the
+    # closest space we ship is antelopev2's own ArcFace (glintr100), normalized.
+    "infiniteyou": AdapterSpace("infiniteyou", "antelopev2", "glintr100.onnx", normalized=True),
 }
 
 
@@ -161,14 +164,11 @@ class Recognizer:
     """One pack's ArcFace model, loaded by insightface's router from the pack folder."""
 
     def __init__(self, onnx_path: Path, device: str = "cpu"):
-        import insightface
+        from portrait.core.models import insightface_model
 
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else [
-            "CPUExecutionProvider"]
-        self.model = insightface.model_zoo.get_model(str(onnx_path), providers=providers)
-        if self.model is None or not hasattr(self.model, "get_feat"):
+        self.model = insightface_model(onnx_path, device)
+        if not hasattr(self.model, "get_feat"):
             raise BadInput(f"{onnx_path}: not an insightface recognition model")
-        self.model.prepare(ctx_id=0 if device.startswith("cuda") else -1)
         self.input_size = int(self.model.input_size[0])
 
     def embed(self, image: np.ndarray, kps: np.ndarray) -> np.ndarray:
@@ -189,12 +189,19 @@ def insightface_crop(image: np.ndarray, kps: np.ndarray, size: int) -> np.ndarra
 
 
 def load_recognizer(ctx, space: AdapterSpace) -> Recognizer:
-    resolved = ctx.resolve(space.pack)
-    path = resolved.file(space.recognizer)
-    if not path.is_file():
+    """The pack's recognizer an adapter space names, through the model door (kind "recognizer")."""
+    from portrait.core.models import load, resolve
+
+    resolved = resolve(ctx, space.pack)
+    if not resolved.file(space.recognizer).is_file():
         raise BadInput(f"{resolved.root}: pack '{space.pack}' has no {space.recognizer}")
-    key = CacheKey(resolved.spec.id, ctx.placement.device, "float32", ("recognizer", space.recognizer))
-    return ctx.cache.get(key, lambda: Recognizer(path, ctx.placement.device))
+    return load(ctx, space.pack, "recognizer", file=space.recognizer)
+
+
+@builder("recognizer")
+def _build_recognizer(source) -> Recognizer:
+    """An insightface pack's ArcFace ONNX (glintr100, w600k_r50) as a Recognizer, on `onnx_providers(ctx)`."""
+    return Recognizer(source.verified(), source.device)
 
 
 def locator_backend(ctx, space: AdapterSpace, policy: EmbedPolicy) -> str:

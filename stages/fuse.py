@@ -188,29 +188,20 @@ def _check(image: np.ndarray, name: str) -> None:
 
 
 def load_swapper(ctx, model_id: str):
-    """insightface's INSwapper for an inswapper-style ONNX from the registry, cached.
+    """insightface's INSwapper for an inswapper-style ONNX from the registry, through the model
+    door (kind "insightface": routed by its shapes, on `onnx_providers(ctx)`), cached.
 
     The model is optional and non-commercial (see `portrait models list`); the source face's
     embedding must come from the buffalo_l recognizer, the space it was trained with.
     """
-    from portrait.core.cache import CacheKey
+    from insightface.model_zoo.inswapper import INSwapper
 
-    resolved = ctx.resolve(model_id)
-    device = ctx.placement.device
+    from portrait.core.models import load, resolve
 
-    def build():
-        import onnxruntime
-        from insightface.model_zoo import get_model
-        from insightface.model_zoo.inswapper import INSwapper
-
-        wanted = ["CUDAExecutionProvider"] if device.startswith("cuda") else []
-        providers = [p for p in wanted if p in onnxruntime.get_available_providers()] + ["CPUExecutionProvider"]
-        model = get_model(str(resolved.path), providers=providers)
-        if not isinstance(model, INSwapper):
-            raise bad_file(resolved.path, "is not an inswapper-style ONNX swapper (two inputs, 128x128 faces)")
-        return model
-
-    return ctx.cache.get(CacheKey(resolved.spec.id, device, "float32", "inswapper"), build)
+    model = load(ctx, model_id, "insightface")
+    if not isinstance(model, INSwapper):
+        raise bad_file(resolve(ctx, model_id).path, "is not an inswapper-style ONNX swapper (two inputs, 128x128 faces)")
+    return model
 
 
 def swap_face(swapper, target: np.ndarray, target_face: FaceObservation, source_embedding: np.ndarray,

@@ -55,6 +55,7 @@ class GeneratePolicy:
     max_pixels: Annotated[int, Field(ge=64)] = 2048 * 2048  # width x height
     max_n: Annotated[int, Field(ge=1)] = 64  # images per call
     max_steps: Annotated[int, Field(ge=1)] = 150  # denoising steps
+    max_sequence_length: Annotated[int, Field(ge=16, le=512)] = 512  # FLUX: T5 tokens of the prompt
 
     @classmethod
     def from_preset(cls, preset: Preset) -> "GeneratePolicy":

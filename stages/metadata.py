@@ -46,12 +46,15 @@ def image_metadata(candidate: Candidate, *, model_name: str, model_hash10: str |
     r = candidate.request
     loras = list(loras)
     sampler, schedule = sampler_label(r.scheduler)
+    flux = r.scheduler == "flow_euler"
     prompt = r.prompt + "".join(f" <lora:{lora.name}:{lora.weight:g}>" for lora in loras)
     params: dict[str, Any] = {
         "Steps": r.steps,
         "Sampler": sampler,
         "Schedule type": schedule or None,
-        "CFG scale": f"{r.guidance:g}",
+        # FLUX (flow_euler): guidance is distilled, written as Forge does ("Distilled CFG Scale").
+        "CFG scale": f"{float(r.options.get('true_cfg') or 1.0):g}" if flux else f"{r.guidance:g}",
+        "Distilled CFG Scale": f"{r.guidance:g}" if flux else None,
         "Seed": candidate.seed,
         "Size": f"{r.width}x{r.height}",
         "Model hash": model_hash10,

@@ -37,9 +37,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from portrait.core.cache import CacheKey
 from portrait.core.errors import BadInput
 from portrait.core.faces import similarity
+from portrait.core.models import builder
 from portrait.core.types import Candidate, CandidateScore, FaceObservation, FaceScore, RankedResult
 
 _LORA_TAG = re.compile(r"<lora:[^>]*>")
@@ -331,17 +331,20 @@ class ClipModel:
 
 
 def load_clip(ctx, model_id: str) -> ClipModel:
-    """The registry CLIP (tiny stand-in offline), cached; fp16 on CUDA."""
-    resolved = ctx.resolve(model_id)
-    placement = ctx.placement
+    """The registry CLIP (tiny stand-in offline), through the model door (kind "clip-score"); fp16 on CUDA."""
+    from portrait.core.models import load
 
-    def build() -> ClipModel:
-        from transformers import CLIPModel, CLIPProcessor
+    return load(ctx, model_id, "clip-score")
 
-        model = CLIPModel.from_pretrained(resolved.root, torch_dtype=placement.dtype if placement.is_cuda else None)
-        return ClipModel(model.to(placement.device).eval(), CLIPProcessor.from_pretrained(resolved.root), placement.device)
 
-    return ctx.cache.get(CacheKey(resolved.spec.id, placement.device, placement.dtype_name, "clip"), build)
+@builder("clip-score")
+def _build_clip(source) -> ClipModel:
+    """transformers CLIPModel + CLIPProcessor from a folder, for CLIP-T prompt scores."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = source.folder
+    model = CLIPModel.from_pretrained(folder, torch_dtype=source.dtype if source.ctx.placement.is_cuda else None)
+    return ClipModel(source.place(model).eval(), CLIPProcessor.from_pretrained(folder), source.device)
 
 
 def clean_prompt(prompt: str) -> str:

@@ -23,7 +23,9 @@ CONTROL_ROLES = {"canny": "controlnet_canny", "openpose": "controlnet_openpose",
 TILING_PIXELS = 1536 * 1536
 # Resident fp16 footprint of a pipeline with up to three ControlNets, by family (GB). Below
 # this much free VRAM, `offload: auto` moves idle modules to the CPU between uses.
-RESIDENT_GB = {"sd15": 5.0, "sdxl": 11.0}
+# FLUX.1-dev in bf16: transformer 23.8 GB + T5-XXL 9.5 GB + CLIP-L + VAE (int8 roughly halves
+# the first two); InfiniteYou reports a 43 GB bf16 peak with its InfuseNet.
+RESIDENT_GB = {"sd15": 5.0, "sdxl": 11.0, "flux": 34.0}
 
 
 def controlnet_ids(ctx: RunContext, names: Sequence[str]) -> tuple[str, ...]:
@@ -202,9 +204,10 @@ def model_info(ctx: RunContext, role: str = "base") -> dict[str, Any]:
     path = resolved.path
     if path.is_file():
         return {"id": model_id, "name": path.stem, "file": str(path), "sha256": spec.sha256.get(path.name)}
-    # A diffusers folder has no single checkpoint; its UNet weights identify it.
-    unet = sorted(Path(resolved.root, "unet").glob("diffusion_pytorch_model*.safetensors"))
+    # A diffusers folder has no single checkpoint; its UNet (FLUX: transformer) weights identify it.
+    part = "transformer" if (Path(resolved.root) / "transformer").is_dir() else "unet"
+    unet = sorted(Path(resolved.root, part).glob("diffusion_pytorch_model*.safetensors"))
     file = unet[0] if unet else None
-    known = spec.sha256.get(f"unet/{file.name}") if file else None
+    known = spec.sha256.get(f"{part}/{file.name}") if file else None
     return {"id": model_id, "name": spec.id if spec.source == "tiny" else (spec.repo or spec.id).split("/")[-1],
             "file": str(file) if file else None, "sha256": known}

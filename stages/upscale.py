@@ -22,8 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from portrait.core.cache import CacheKey
 from portrait.core.errors import BadInput, ModelMissing, bad_file
+from portrait.core.models import builder
 from portrait.core.types import FaceObservation
 
 # The 5-point FFHQ template at 512 px that GFPGAN and CodeFormer were trained on
@@ -75,45 +75,42 @@ class Upscaled:
 
 
 def load_model(ctx, model_id: str):
-    """A spandrel descriptor for a registry id, cached per (id, device, dtype), in eval mode."""
-    resolved = ctx.resolve(model_id)
-    placement = ctx.placement
+    """A spandrel descriptor for a registry id, through the model door (kind "spandrel"), in eval mode."""
+    from portrait.core.models import load
 
-    def build():
-        import spandrel
-
-        state = spandrel.canonicalize_state_dict(_checked_state_dict(ctx, resolved))
-        descriptor = spandrel.ModelLoader(device="cpu").load_from_state_dict(state)
-        dtype = placement.dtype if placement.is_cuda else None
-        if dtype is not None and not _supports(descriptor, placement.dtype_name):
-            dtype = None  # e.g. GFPGAN has no fp16 support: it stays fp32 on the GPU
-        descriptor.to(placement.device)
-        if dtype is not None:
-            descriptor.to(dtype)
-        return descriptor.eval()
-
-    return ctx.cache.get(CacheKey(resolved.spec.id, placement.device, placement.dtype_name, "spandrel"), build)
+    return load(ctx, model_id, "spandrel")
 
 
-def _checked_state_dict(ctx, resolved) -> dict:
+@builder("spandrel")
+def _build_spandrel(source):
+    """Any architecture spandrel detects from a state dict (Real-ESRGAN, GFPGAN, CodeFormer, ...);
+    fp16/bf16 on CUDA only where the architecture supports it, else fp32 there."""
+    import spandrel
+
+    placement = source.ctx.placement
+    state = spandrel.canonicalize_state_dict(_checked_state_dict(source))
+    descriptor = spandrel.ModelLoader(device="cpu").load_from_state_dict(state)
+    cast = placement.is_cuda and _supports(descriptor, placement.dtype_name)  # e.g. GFPGAN has no fp16
+    return source.place(descriptor, cast=cast).eval()
+
+
+def _checked_state_dict(source) -> dict:
     """The checkpoint, hash-checked against the registry, loaded with weights_only=True.
 
     A file converted by `portrait models import-ncnn` differs from the upstream bytes by
     construction; it is checked against the hash its import recorded instead.
     """
-    import torch
-
     from portrait.core.io import sha256_file
-    from portrait.core.loaders import load_torch_file
+    from portrait.core.models import read_weights_file
     from portrait.core.ncnn import imported_hash
 
-    path = resolved.path
-    recorded = imported_hash(resolved.root, path.name)
+    path = source.path
+    recorded = imported_hash(source.resolved.root, path.name)
     if recorded is None:
-        return load_torch_file(ctx, resolved)
+        return source.weights()
     if sha256_file(path) != recorded:
         raise bad_file(path, "does not match the hash recorded by its ncnn import; run `portrait models import-ncnn` again")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_weights_file(path)
 
 
 def _supports(descriptor, dtype_name: str) -> bool:

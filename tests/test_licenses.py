@@ -175,3 +175,19 @@ def test_doctor_prints_the_bill_of_materials_of_the_policy(tiny_home, capsys):
     assert all(r["license_class"] == "commercial" for r in bom["models"] if r["status"] == "present")
     table = {row["id"]: row for row in report["models"]}
     assert table["antelopev2"]["present"] == "refused" and table["antelopev2"]["license_class"] == "non-commercial"
+
+
+def test_download_is_refused_before_any_fetch_under_the_commercial_policy(tmp_path, capsys, monkeypatch):
+    import portrait.core.registry as registry_module
+
+    fetched: list[str] = []
+    monkeypatch.setattr(registry_module, "download", lambda spec, settings: fetched.append(spec.id))
+    home = str(tmp_path / "home")
+    assert cli_run(["--home", home, "--license", "commercial", "models", "download", "antelopev2"]) == 3
+    line = _one_line(capsys)
+    assert "antelopev2" in line and "non-commercial" in line
+    assert fetched == []
+    # Under the default policy the same command reaches the fetch and says the license first.
+    assert cli_run(["--home", home, "models", "download", "antelopev2"]) == 0
+    assert fetched == ["antelopev2"]
+    assert "antelopev2: license" in capsys.readouterr().err

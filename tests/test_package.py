@@ -199,3 +199,17 @@ def test_the_wheel_without_extras_runs_the_demo(wheel, tmp_path):
     assert fused["similarity"] > fused["threshold"] > fused["template_similarity"] + 0.2, fused
     assert "identity kept: dlib similarity" in run.stdout
     assert (tmp_path / "demo" / "index.html").read_text().count("<section>") == len(summary["steps"])
+
+
+def test_a_cli_command_that_needs_no_model_imports_no_heavy_library(tmp_path):
+    """`--help` and a one-line refusal must not pay for importing torch and diffusers
+    (quiet_libraries used to import diffusers at every start: 16 s on the loaded box)."""
+    probe = ("import sys\n"
+             "from portrait.cli.main import run\n"
+             "code = run(['--home', sys.argv[1], 'templates', 'list'])\n"
+             "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
+             "print(code, ','.join(heavy) or '-')\n")
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "home")], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-2:] == ["0", "-"], out.stdout

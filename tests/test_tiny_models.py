@@ -14,7 +14,7 @@ import torch
 from portrait.core import loaders
 from portrait.core.config import Settings
 from portrait.core.tiny import diffusion, make_tiny
-from portrait.core.tiny.tokenizer import write_clip_tokenizer
+from portrait.core.tokenizers import write_clip_tokenizer
 
 PIPELINES = ["tiny-sd15", "tiny-sd15-inpaint", "tiny-sd15-single", "tiny-sdxl", "tiny-sdxl-single"]
 CONTROLNETS = ["tiny-controlnet-sd15-canny", "tiny-controlnet-sd15-openpose", "tiny-controlnet-sd15-depth",

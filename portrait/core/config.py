@@ -58,7 +58,7 @@ class Preset:
     """A resolved preset: its name, base family, model roles and per-stage sections."""
 
     name: str
-    family: str  # sd15 | sdxl
+    family: str  # sd15 | sdxl | flux
     tiny: bool  # resolve every model to its make-tiny stand-in
     models: dict[str, str]  # role -> registry id (base, vae, controlnet_canny, ...)
     sections: dict[str, dict[str, Any]]
@@ -146,8 +146,8 @@ def load_preset(name: str) -> Preset:
     data = _read_preset_yaml(name)
     reserved = {"name", "family", "tiny", "models", "description", "license"}
     family = str(data.get("family", "sd15"))
-    if family not in ("sd15", "sdxl"):
-        raise BadInput(f"preset '{name}': family '{family}' is not sd15 or sdxl")
+    if family not in ("sd15", "sdxl", "flux"):
+        raise BadInput(f"preset '{name}': family '{family}' is not sd15, sdxl or flux")
     return Preset(
         name=Path(name).stem if name.endswith((".yaml", ".yml")) else name,
         family=family,

@@ -32,6 +32,7 @@ import numpy as np
 
 from .cache import CacheKey
 from .errors import BadInput, ModelMissing
+from .models import insightface_model, onnx_ctx_id, onnx_providers
 from .types import FaceObservation
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -356,11 +357,11 @@ class InsightfaceAnalyzer:
         self.backend = f"insightface:{pack}"
         self.scale = similarity_scale(self.backend)
         self.pack_dir = Path(pack_dir)
-        providers = _onnx_providers(device)
+        providers = onnx_providers(device)
         modules = ["detection", "recognition", "genderage"] + (["landmark_2d_106"] if landmarks else [])
         self._app = insightface.app.FaceAnalysis(name=str(self.pack_dir), providers=providers,
                                                  allowed_modules=modules)
-        self._app.prepare(ctx_id=0 if device.startswith("cuda") else -1, det_thresh=det_thresh,
+        self._app.prepare(ctx_id=onnx_ctx_id(device), det_thresh=det_thresh,
                           det_size=(det_size, det_size))
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
@@ -407,15 +408,6 @@ def _kps_from_box(box: np.ndarray) -> np.ndarray:
     return (ARCFACE_TEMPLATE / 112.0 * np.array([x2 - x1, y2 - y1]) + np.array([x1, y1])).astype(np.float32)
 
 
-def _onnx_providers(device: str) -> list[str]:
-    import onnxruntime
-
-    available = set(onnxruntime.get_available_providers())
-    if device.startswith("cuda") and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
 # --- the commercial stack: dlib 5-point + AuraFace -------------------------------------------
 
 
@@ -431,18 +423,10 @@ class AuraFaceAnalyzer:
     backend = "auraface"
 
     def __init__(self, dlib_models: DlibModels, recognizer: Path, *, device: str = "cpu", **dlib_options):
-        import insightface
-
         self.scale = similarity_scale(self.backend)
         self._dlib = DlibAnalyzer(DlibModels(dlib_models.recognizer, dlib_models.landmarks_5, None,
                                              dlib_models.cnn_detector), **dlib_options)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self._rec = insightface.model_zoo.get_model(str(recognizer), providers=_onnx_providers(device))
-        if self._rec is None or self._rec.__class__.__name__ != "ArcFaceONNX":
-            raise BadInput(f"{recognizer}: not an ArcFace-style recognizer (insightface routed it to "
-                           f"{type(self._rec).__name__})")
-        self._rec.prepare(ctx_id=0 if device.startswith("cuda") else -1)
+        self._rec = insightface_model(recognizer, device, expect="ArcFaceONNX")  # else one line, exit 2
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
         return similarity(a, b, self.backend)
@@ -509,6 +493,17 @@ def make_analyzer(ctx: "RunContext | None" = None, backend: str = "auto", *, reg
         raise ValueError("make_analyzer needs a RunContext or a registry and settings")
     tiny = bool(tiny)
     device = device or "cpu"
+
+    def resolve(model_id: str):
+        # with a run context, through the model door's resolve (recorded sha256 checked); the
+        # analyzer itself is composed of several files, so it is cached here, under the door's
+        # key scheme (id, device, dtype, (kind, ...)); ONNX and dlib run in float32
+        if ctx is not None and registry is ctx.registry and settings is ctx.settings and tiny == bool(ctx.preset.tiny):
+            from .models import resolve as door_resolve
+
+            return door_resolve(ctx, model_id)
+        return registry.resolve(model_id, settings, tiny=tiny)
+
     chosen = pick_backend(backend, registry, settings)
     if chosen in ("dlib", COMMERCIAL_BACKEND):
         from .licenses import allowed, check
@@ -526,14 +521,14 @@ def make_analyzer(ctx: "RunContext | None" = None, backend: str = "auto", *, reg
             build = lambda: DlibAnalyzer(dlib_models, **options)  # noqa: E731
             model_id = "dlib-face-recognition"
         else:
-            recognizer = registry.resolve("auraface", settings, tiny=tiny)
+            recognizer = resolve("auraface")
             key_options = dict(options)
             build = lambda: AuraFaceAnalyzer(dlib_models, recognizer.path, device=device, **options)  # noqa: E731
             model_id = recognizer.spec.id
     else:
         key_options = dict(options)
         pack = chosen.split(":", 1)[1]
-        resolved = registry.resolve(pack, settings, tiny=tiny)
+        resolved = resolve(pack)
         build = lambda: InsightfaceAnalyzer(resolved.root, pack, device=device, **options)  # noqa: E731
         model_id = resolved.spec.id
     if cache is None:

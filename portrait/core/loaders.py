@@ -11,6 +11,10 @@ config folder), or an explicit `--base PATH`. Loaded weights live in `ctx.cache`
   them, exactly as with diffusers' `from_pipe`;
 - `load_controlnet`, `load_vae` load and cache one model each.
 
+All three go through the model door (portrait.core.models: resolve, verify, cache under one key):
+this module holds the door's "components", "vae" and "controlnet" builders (`build_*`), i.e. the
+diffusers-specific part of turning files into modules.
+
 Placement comes from `ctx.placement`: fp32 on CPU, fp16/bf16 on CUDA (with the fp16-fix
 VAE the sdxl preset names), `enable_model_cpu_offload` when placement.offload.
 """
@@ -23,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .cache import CacheKey
+from . import models
 from .config import presets_root
 from .errors import BadInput, ModelMissing, PortraitError, bad_file
 from .io import atomic_dir
 from .registry import ResolvedModel
-from .tiny.tokenizer import EOS, write_clip_tokenizer
+from .tokenizers import EOS, write_clip_tokenizer
 
 KINDS = ("txt2img", "img2img", "inpaint")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -48,12 +52,25 @@ _PIPELINES = {
     ("sdxl", "txt2img", True): "StableDiffusionXLControlNetPipeline",
     ("sdxl", "img2img", True): "StableDiffusionXLControlNetImg2ImgPipeline",
     ("sdxl", "inpaint", True): "StableDiffusionXLControlNetInpaintPipeline",
+    ("flux", "txt2img", False): "FluxPipeline",
+    ("flux", "img2img", False): "FluxImg2ImgPipeline",
+    ("flux", "inpaint", False): "FluxInpaintPipeline",
+    ("flux", "txt2img", True): "FluxControlNetPipeline",
+    ("flux", "img2img", True): "FluxControlNetImg2ImgPipeline",
+    ("flux", "inpaint", True): "FluxControlNetInpaintPipeline",
 }
 
 _PARTS = {
     "sd15": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
     "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+    # FLUX.1: a transformer instead of a UNet, CLIP-L (pooled) + T5 (sequence) text encoders.
+    "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
 }
+FAMILIES = tuple(_PARTS)
+# 8-bit weight formats for the FLUX transformer and T5 (preset runtime.quantize), through
+# optimum-quanto (extra `flux`): qint8 is what InfiniteYou's own pipeline uses; both halve
+# the bf16 weights (FLUX.1-dev transformer 23.8 GB -> ~12 GB, T5-XXL 9.5 GB -> ~4.8 GB).
+QUANTIZE = {"none": None, "int8": "qint8", "fp8": "qfloat8"}
 
 
 @dataclass(frozen=True)
@@ -88,18 +105,10 @@ class Components:
 def _family(ctx, resolved: ResolvedModel | None, family: str | None) -> str:
     chosen = family or (resolved.spec.family if resolved else None) or ctx.preset.family
     if chosen not in _PARTS:
-        raise BadInput(f"unknown model family '{chosen}' (expected sd15 or sdxl)")
+        raise BadInput(f"unknown model family '{chosen}' (expected {', '.join(FAMILIES)})")
     return chosen
 
 
-def _key(ctx, model_id: str, variant: Any = None) -> CacheKey:
-    return CacheKey(model_id, ctx.placement.device, ctx.placement.dtype_name, variant)
-
-
-def _resolve(ctx, model_id: str, explicit: Path | None = None) -> ResolvedModel:
-    if explicit is not None:
-        return ctx.registry.resolve(model_id, ctx.settings, tiny=ctx.preset.tiny, explicit=Path(explicit))
-    return ctx.resolve(model_id)
 
 
 def _weights_file(resolved: ResolvedModel) -> Path | None:
@@ -119,39 +128,9 @@ def _variant(folder: Path) -> str | None:
     return "fp16" if not plain and any(".fp16." in n for n in names) else None
 
 
-def _dtype(ctx):
-    return ctx.placement.dtype
-
-
-def verified_file(ctx, resolved: ResolvedModel, name: str | None = None) -> Path:
-    """A model file whose sha256 matches the registry (when the registry knows it), cached per file."""
-    from .io import sha256_file
-
-    path = resolved.file(name) if name else resolved.path
-    if not path.is_file():
-        raise ModelMissing(resolved.spec.id, detail=f"{path.name} is absent")
-    expected = resolved.spec.sha256.get(name or path.name)
-    if expected and resolved.origin != "tiny":
-        stat = path.stat()
-        digest = ctx.cache.get(CacheKey(f"sha256:{path}", "", "", (stat.st_size, stat.st_mtime_ns)), lambda: sha256_file(path))
-        if digest != expected:
-            raise bad_file(path, f"sha256 {digest[:12]} does not match the registry ({expected[:12]}); re-download it")
-    return path
-
-
-def load_torch_file(ctx, resolved: ResolvedModel, name: str | None = None) -> dict:
-    """A pickle checkpoint (.bin/.pth/.ckpt): hash-checked, then `torch.load(weights_only=True)`."""
-    import torch
-
-    path = verified_file(ctx, resolved, name)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt or non-tensor pickle is the user's file, not our bug
-        raise bad_file(path, f"cannot be read as a weights-only torch checkpoint ({exc.__class__.__name__})") from exc
+# The door's checks, under the names this module has always had (tests and callers use them).
+verified_file = models.verify
+load_torch_file = models.read_weights
 
 
 # --- config folders for single files -------------------------------------------------
@@ -202,20 +181,23 @@ def _copy_tree(source, target: Path) -> None:
 
 
 def load_vae(ctx, model_id: str, explicit: Path | None = None):
-    """An AutoencoderKL from a folder (config.json + weights) or a single file."""
+    """An AutoencoderKL, through the model door (kind "vae")."""
+    return models.load(ctx, model_id, "vae", path=explicit)
 
-    def factory():
-        from diffusers import AutoencoderKL
 
-        resolved = _resolve(ctx, model_id, explicit)
-        file = _weights_file(resolved)
-        if file is not None:
-            config = single_file_config(ctx, resolved, resolved.spec.family or ctx.preset.family)
-            return _place(ctx, AutoencoderKL.from_single_file(str(file), config=str(config), subfolder="vae",
-                                                              torch_dtype=_dtype(ctx), local_files_only=True))
-        return _place(ctx, AutoencoderKL.from_pretrained(resolved.root, torch_dtype=_dtype(ctx), variant=_variant(resolved.root)))
+def build_vae(source: models.Source):
+    """The door's "vae" builder: a folder (config.json + weights) or a single file."""
+    from diffusers import AutoencoderKL
 
-    return ctx.cache.get(_key(ctx, model_id, ("vae", str(explicit) if explicit else None)), _friendly(factory, model_id))
+    resolved = source.resolved
+    file = _weights_file(resolved)
+    if file is not None:
+        if file.suffix in PICKLE_SUFFIXES:
+            models.verify(source.ctx, resolved, file.name)  # diffusers loads pickles weights-only; hash first
+        config = single_file_config(source.ctx, resolved, resolved.spec.family or source.ctx.preset.family)
+        return AutoencoderKL.from_single_file(str(file), config=str(config), subfolder="vae", torch_dtype=source.dtype,
+                                              local_files_only=True)
+    return AutoencoderKL.from_pretrained(resolved.root, torch_dtype=source.dtype, variant=_variant(resolved.root))
 
 
 def _controlnet_folder(resolved: ResolvedModel) -> Path:
@@ -224,52 +206,42 @@ def _controlnet_folder(resolved: ResolvedModel) -> Path:
 
 
 def load_controlnet(ctx, model_id: str, explicit: Path | None = None):
-    """A ControlNetModel: a folder (maybe an fp16 variant, maybe in a subfolder like
-    InstantID's ControlNetModel/) or a single ControlNet-v1-1 file with its config."""
-
-    def factory():
-        from diffusers import ControlNetModel
-
-        resolved = _resolve(ctx, model_id, explicit)
-        file = _weights_file(resolved)
-        if file is not None:
-            config = single_file_config(ctx, resolved, resolved.spec.family or "sd15", name="configs/controlnet-sd15")
-            model = ControlNetModel.from_single_file(str(file), config=str(config), torch_dtype=_dtype(ctx),
-                                                     local_files_only=True)
-        else:
-            folder = _controlnet_folder(resolved)
-            model = ControlNetModel.from_pretrained(folder, torch_dtype=_dtype(ctx), variant=_variant(folder))
-        return _place(ctx, model.eval())
-
-    return ctx.cache.get(_key(ctx, model_id, ("controlnet", str(explicit) if explicit else None)), _friendly(factory, model_id))
+    """A ControlNetModel (InstantID's IdentityNet too), through the model door (kind "controlnet")."""
+    return models.load(ctx, model_id, "controlnet", path=explicit)
 
 
-def _place(ctx, module):
-    """Move a module to the device unless offload will manage it."""
-    if ctx.placement.offload:
-        return module
-    return module.to(ctx.placement.device)
+def build_controlnet(source: models.Source):
+    """The door's "controlnet" builder: a folder (maybe an fp16 variant, maybe in a subfolder like
+    InstantID's ControlNetModel/) or a single ControlNet-v1-1 file with its config. A FLUX
+    ControlNet folder (config `_class_name` FluxControlNetModel, e.g. InfiniteYou's
+    InfuseNetModel/) loads as a FluxControlNetModel."""
+    import json
+
+    from diffusers import ControlNetModel, FluxControlNetModel
+
+    ctx, resolved = source.ctx, source.resolved
+    folder = _controlnet_folder(resolved)
+    if (folder / "config.json").is_file() and \
+            json.loads((folder / "config.json").read_text()).get("_class_name") == "FluxControlNetModel":
+        return FluxControlNetModel.from_pretrained(folder, torch_dtype=source.dtype, variant=_variant(folder))
+    file = _weights_file(resolved)
+    if file is not None:
+        if file.suffix in PICKLE_SUFFIXES:
+            models.verify(ctx, resolved, file.name)
+        config = single_file_config(ctx, resolved, resolved.spec.family or "sd15", name="configs/controlnet-sd15")
+        return ControlNetModel.from_single_file(str(file), config=str(config), torch_dtype=source.dtype,
+                                                local_files_only=True)
+    folder = _controlnet_folder(resolved)
+    return ControlNetModel.from_pretrained(folder, torch_dtype=source.dtype, variant=_variant(folder))
 
 
-def _friendly(factory, model_id: str):
-    """Turn a loader's failure on a user's file into one line (exit 2), not a traceback."""
-
-    def run():
-        try:
-            return factory()
-        except PortraitError:
-            raise
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            raise BadInput(f"model '{model_id}': cannot load ({exc.__class__.__name__}: {first[:300]})") from exc
-
-    return run
+_friendly = models.friendly
 
 
 # --- bases --------------------------------------------------------------------------------
 
 
-def _folder_components(resolved: ResolvedModel, family: str, dtype) -> dict[str, Any]:
+def _folder_components(resolved: ResolvedModel, family: str, dtype, parts: Iterable[str] | None = None) -> dict[str, Any]:
     """Load each part of a diffusers folder by itself, so a folder whose model_index names a
     custom pipeline (YamerMIX) or whose UNet is only an fp16 variant (SDXL base) still loads."""
     import diffusers
@@ -277,15 +249,22 @@ def _folder_components(resolved: ResolvedModel, family: str, dtype) -> dict[str,
 
     root = resolved.root
     modules: dict[str, Any] = {}
-    for part in _PARTS[family]:
+    for part in parts or _PARTS[family]:
         folder = root / part
         if not folder.is_dir():
             raise ModelMissing(resolved.spec.id, detail=f"{folder} is absent")
         if part.startswith("tokenizer"):
-            modules[part] = transformers.CLIPTokenizer.from_pretrained(folder)
+            t5 = family == "flux" and part == "tokenizer_2"
+            modules[part] = (transformers.T5TokenizerFast if t5 else transformers.CLIPTokenizer).from_pretrained(folder)
         elif part == "scheduler":
             config = diffusers.DDIMScheduler.load_config(folder)
             modules[part] = getattr(diffusers, config["_class_name"]).from_config(config)
+        elif family == "flux" and part == "transformer":
+            modules[part] = diffusers.FluxTransformer2DModel.from_pretrained(folder, torch_dtype=dtype,
+                                                                             variant=_variant(folder))
+        elif family == "flux" and part.startswith("text_encoder"):
+            cls = transformers.T5EncoderModel if part == "text_encoder_2" else transformers.CLIPTextModel
+            modules[part] = cls.from_pretrained(folder, dtype=dtype, variant=_variant(folder))
         elif part.startswith("text_encoder"):
             cls = transformers.CLIPTextModelWithProjection if part == "text_encoder_2" else transformers.CLIPTextModel
             modules[part] = cls.from_pretrained(folder, dtype=dtype, variant=_variant(folder))
@@ -295,9 +274,45 @@ def _folder_components(resolved: ResolvedModel, family: str, dtype) -> dict[str,
     return modules
 
 
+def _flux_single_file_components(ctx, resolved: ResolvedModel, file: Path, dtype) -> dict[str, Any]:
+    """A FLUX single file (BFL's `flux1-dev.safetensors`, or a fine-tune in its layout) holds
+    only the transformer. It is converted offline with a shipped config; the text encoders,
+    tokenizers, VAE and scheduler come from the preset's `flux_encoders` folder (FLUX.1-dev
+    without its transformer/)."""
+    import diffusers
+
+    config = single_file_config(ctx, resolved, "flux")
+    if file.suffix in PICKLE_SUFFIXES:
+        verified_file(ctx, resolved, file.name)
+    transformer = diffusers.FluxTransformer2DModel.from_single_file(
+        str(file), config=str(config), subfolder="transformer", torch_dtype=dtype, local_files_only=True)
+    encoders = ctx.resolve(ctx.preset.model("flux_encoders"))
+    modules = _folder_components(encoders, "flux", dtype, parts=[p for p in _PARTS["flux"] if p != "transformer"])
+    return {"transformer": transformer, **modules}
+
+
+def quantize_flux(modules: dict[str, Any], scheme: str | None) -> None:
+    """8-bit weights for the transformer and T5 in place (optimum-quanto), as InfiniteYou's
+    pipeline does with --quantize_8bit; activations stay in the placement dtype."""
+    weights = QUANTIZE.get(scheme or "none", "?")
+    if weights == "?":
+        raise BadInput(f"runtime.quantize '{scheme}': use one of {', '.join(QUANTIZE)}")
+    if weights is None:
+        return
+    try:
+        import optimum.quanto as quanto
+    except ImportError:
+        raise BadInput("runtime.quantize needs optimum-quanto: pip install 'portrait[flux]'") from None
+    for name in ("transformer", "text_encoder_2"):
+        quanto.quantize(modules[name], weights=getattr(quanto, weights))
+        quanto.freeze(modules[name])
+
+
 def _single_file_components(ctx, resolved: ResolvedModel, file: Path, family: str, dtype) -> dict[str, Any]:
     import diffusers
 
+    if family == "flux":
+        return _flux_single_file_components(ctx, resolved, file, dtype)
     config = single_file_config(ctx, resolved, family)
     cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
     extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
@@ -326,30 +341,35 @@ def load_components(ctx, model_id: str | None = None, *, family: str | None = No
     """
     model_id = model_id or ctx.preset.model("base")
     explicit = Path(base_path) if base_path else None
-    resolved = _resolve(ctx, model_id, explicit)
+    resolved = models.resolve(ctx, model_id, explicit)
     fam = _family(ctx, resolved, family)
     vae_id = _default_vae_id(ctx, fam) if vae == "auto" else vae
+    quantize = str(ctx.preset.section("runtime").get("quantize", "none")) if fam == "flux" else "none"
+    extra = {"quantize": quantize} if quantize != "none" else {}
+    return models.load(ctx, model_id, "components", path=explicit, family=fam, vae=vae_id, requested=model_id, **extra)
 
-    def factory() -> Components:
-        dtype = _dtype(ctx)
-        file = _weights_file(resolved)
-        if file is not None:
-            modules = _single_file_components(ctx, resolved, file, fam, dtype)
-        else:
-            modules = _folder_components(resolved, fam, dtype)
-        if vae_id:
-            modules["vae"] = load_vae(ctx, vae_id)
-        if not ctx.placement.offload:
-            for name, module in modules.items():
-                if hasattr(module, "to") and not name.startswith(("tokenizer", "scheduler")):
-                    module.to(ctx.placement.device)
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-            if name in modules:
-                modules[name].eval()
-        return Components(model_id, fam, modules, file or resolved.root)
 
-    variant = ("components", str(explicit) if explicit else None, vae_id)
-    return ctx.cache.get(_key(ctx, model_id, variant), _friendly(factory, model_id))
+def build_components(source: models.Source, family: str, vae_id: str | None, requested: str | None = None,
+                     quantize: str = "none") -> Components:
+    """The door's "components" builder: a single file or a diffusers folder, placed and in eval
+    (FLUX: the transformer and T5 quantized first when runtime.quantize asks)."""
+    ctx, resolved = source.ctx, source.resolved
+    file = _weights_file(resolved)
+    if file is not None:
+        modules = _single_file_components(ctx, resolved, file, family, source.dtype)
+    else:
+        modules = _folder_components(resolved, family, source.dtype)
+    if vae_id:
+        modules["vae"] = load_vae(ctx, vae_id)
+    if family == "flux":
+        quantize_flux(modules, quantize)
+    for name, module in modules.items():
+        if not name.startswith(("tokenizer", "scheduler")):
+            modules[name] = models.place(ctx, module, cast=False, offloaded=True)
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2"):
+        if name in modules:
+            modules[name].eval()
+    return Components(requested or source.model_id, family, modules, file or resolved.root)
 
 
 def _build(cls, components: Components, extra: Mapping[str, Any]):
@@ -410,6 +430,14 @@ def load_pipeline(ctx, model_id: str | None = None, kind: str = "txt2img", contr
 
 def _check_controlnet_fits(controlnet_id: str, net, components: Components) -> None:
     """A ControlNet for the other family fails deep inside the UNet; say so up front."""
+    if components.family == "flux":
+        if "unet" in components.modules or getattr(net.config, "joint_attention_dim", None) != \
+                components["transformer"].config.joint_attention_dim:
+            raise BadInput(f"ControlNet '{controlnet_id}' does not fit base '{components.model_id}' (flux)")
+        return
+    if not hasattr(net.config, "cross_attention_dim"):
+        raise BadInput(f"ControlNet '{controlnet_id}' is a FLUX ControlNet; base '{components.model_id}' is "
+                       f"{components.family}")
     unet = components["unet"]
     if net.config.cross_attention_dim != unet.config.cross_attention_dim or \
             tuple(net.config.block_out_channels) != tuple(unet.config.block_out_channels):
@@ -441,6 +469,8 @@ SCHEDULERS: dict[str, SchedulerChoice] = {
                                            {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
                                            "DPM++ 2M SDE", "Karras"),
     "lcm": SchedulerChoice("LCMScheduler", {}, "LCM"),
+    # FLUX's flow-matching Euler (its only sampler in diffusers); Forge labels it Euler / Simple.
+    "flow_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler", {}, "Euler", "Simple"),
 }
 
 

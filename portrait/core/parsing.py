@@ -20,7 +20,6 @@ from typing import Sequence
 
 import numpy as np
 
-from .cache import CacheKey
 from .errors import bad_file
 from .types import FaceObservation
 
@@ -198,23 +197,19 @@ def _run(parser: FaceParser, crop: np.ndarray) -> np.ndarray:
 
 
 def load_face_parser(ctx, model_id: str) -> FaceParser:
-    """The registry's parser (tiny stand-in offline), hash-checked, weights_only, cached; fp16 on CUDA."""
-    from .loaders import load_torch_file
+    """The registry's parser (tiny stand-in offline), through the model door (kind "face-parser")."""
+    from .models import load
 
-    resolved = ctx.resolve(model_id)
-    placement = ctx.placement
+    return load(ctx, model_id, "face-parser")
 
-    def build() -> FaceParser:
-        state = load_torch_file(ctx, resolved)
-        state = {k: v for k, v in state.items() if not k.startswith(("conv_out16.", "conv_out32."))}
-        try:
-            network = bisenet_from_state(state)
-            network.load_state_dict(state, strict=True)
-        except (ValueError, RuntimeError) as exc:
-            raise bad_file(resolved.path, f"cannot be loaded as a BiSeNet face parser ({str(exc).splitlines()[0]})") from None
-        network = network.eval().to(placement.device)
-        if placement.is_cuda:
-            network = network.to(placement.dtype)
-        return FaceParser(network, placement.device)
 
-    return ctx.cache.get(CacheKey(resolved.spec.id, placement.device, placement.dtype_name, "bisenet"), build)
+def build_face_parser(source) -> FaceParser:
+    """The door's "face-parser" builder: hash-checked, weights_only, strict keys; fp16 on CUDA."""
+    state = source.weights()
+    state = {k: v for k, v in state.items() if not k.startswith(("conv_out16.", "conv_out32."))}
+    try:
+        network = bisenet_from_state(state)
+        network.load_state_dict(state, strict=True)
+    except (ValueError, RuntimeError) as exc:
+        raise bad_file(source.path, f"cannot be loaded as a BiSeNet face parser ({str(exc).splitlines()[0]})") from None
+    return FaceParser(source.place(network.eval()), source.device)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from portrait.core.backend import BackendSpec, BackendTable
 
-from . import faceid, instantid, lora, photomaker, pulid, template
+from . import faceid, flux, infiniteyou, instantid, lora, photomaker, pulid, template
 
 BACKENDS = BackendTable([
     lora.SPEC,
@@ -24,6 +24,8 @@ BACKENDS = BackendTable([
     faceid.SPEC,
     photomaker.SPEC,
     pulid.SPEC,
+    flux.SPEC,
+    infiniteyou.SPEC,
 ])
 
 

@@ -43,9 +43,8 @@ from pydantic import Field
 
 from portrait.core.archs import pulid as arch
 from portrait.core.backend import BackendSpec
-from portrait.core.cache import CacheKey
 from portrait.core.context import RunContext
-from portrait.core.errors import BadInput, bad_file
+from portrait.core.errors import BadInput
 from portrait.core.options import CommonOptions, EmbedOptions
 from portrait.core.types import Candidate, GenerationRequest, Identity
 from portrait.stages import embed as emb
@@ -109,35 +108,12 @@ class PuLIDModels:
 
 
 def load_models(ctx: RunContext) -> PuLIDModels:
-    """The preset's PuLID checkpoint and EVA-CLIP, hash-checked, built and cached."""
-    from portrait.core.loaders import load_torch_file
+    """The preset's PuLID checkpoint and EVA-CLIP through the model door (kinds "pulid", "eva-clip")."""
+    from portrait.core.models import load
 
-    placement = ctx.placement
     pulid_id, eva_id = ctx.preset.model("pulid"), ctx.preset.model("eva_clip")
-
-    def build_pulid():
-        resolved = ctx.resolve(pulid_id)
-        state = load_torch_file(ctx, resolved)
-        if not arch.detect(state):
-            raise bad_file(resolved.path, "is not a PuLID SDXL checkpoint (no id_adapter / id_adapter_attn_layers)")
-        encoder_state, layers = arch.split_state(state)
-        try:
-            encoder = arch.build_idformer(encoder_state)
-        except (ValueError, RuntimeError) as exc:
-            raise bad_file(resolved.path, f"cannot be loaded as PuLID's IDFormer ({str(exc).splitlines()[0]})") from None
-        return encoder.to(placement.device, placement.dtype), layers
-
-    def build_eva():
-        resolved = ctx.resolve(eva_id)
-        try:
-            model = arch.build_eva_visual(load_torch_file(ctx, resolved))
-        except (ValueError, RuntimeError, KeyError) as exc:
-            raise bad_file(resolved.path, f"cannot be loaded as EVA02-CLIP ({str(exc).splitlines()[0]})") from None
-        return model.to(placement.device, placement.dtype)
-
-    encoder, layers = ctx.cache.get(CacheKey(pulid_id, placement.device, placement.dtype_name, "pulid"), build_pulid)
-    eva = ctx.cache.get(CacheKey(eva_id, placement.device, placement.dtype_name, "eva-visual"), build_eva)
-    return PuLIDModels(pulid_id, encoder, layers, eva_id, eva)
+    encoder, layers = load(ctx, pulid_id, "pulid")
+    return PuLIDModels(pulid_id, encoder, layers, eva_id, load(ctx, eva_id, "eva-clip"))
 
 
 # --- identity features ----------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .tokenizer import EOS, tokenizer_files
+from ..tokenizers import EOS, tokenizer_files
 
 TINY_SD15: dict[str, Any] = {
     "image_size": 64,  # pixels; multiples of 8 keep every sampler and ControlNet happy

@@ -96,7 +96,7 @@ def write_clip(root: Path, seed: int) -> None:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from .tokenizer import VOCAB_SIZE, write_clip_tokenizer
+    from ..tokenizers import VOCAB_SIZE, write_clip_tokenizer
 
     root = Path(root)
     torch.manual_seed(seed)

@@ -9,6 +9,10 @@ The construction follows CLIP's own recipe (the same one open_clip's SimpleToken
 the 256 byte symbols, then each with the end-of-word marker, then one token per merge, then
 the two special tokens. Only the special-token spelling differs: transformers names them
 `<|startoftext|>` / `<|endoftext|>`.
+
+Production code uses it (portrait.core.loaders writes the tokenizer folders a single-file
+checkpoint's config needs), so it lives in the foundation; the make-tiny writers in
+portrait/core/tiny/ import it from here for their stand-ins.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import importlib.util
 import json
 from pathlib import Path
 
-from ..errors import ModelMissing
-from ..io import write_text
+from .errors import ModelMissing
+from .io import write_text
 
 VOCAB_SIZE = 49408
 BOS = "<|startoftext|>"

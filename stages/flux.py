@@ -1,0 +1,80 @@
+"""What the FLUX backends share: the base pipeline, its sampler, and one seeded call.
+
+FLUX.1-dev differs from SD where a caller would trip: guidance is a distilled embedding fed
+to the transformer (one pass per step, no CFG batch), the only sampler is flow-matching Euler
+with a resolution-dependent shift, the prompt goes to CLIP-L (pooled) and T5 (up to 512
+tokens), and a negative prompt does nothing unless true CFG is asked for (`true_cfg` > 1,
+two passes per step). Pipelines come from portrait.core.loaders like the SD ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from portrait.core.context import RunContext
+from portrait.core.errors import BadInput
+from portrait.core.types import GenerationRequest
+from portrait.stages.sd import generator, prepare_pipeline, to_uint8
+
+SAMPLER = "flow_euler"
+
+
+def check_request(request: GenerationRequest, ctx: RunContext) -> None:
+    """FLUX runs on the flux family with its flow-matching sampler, at sizes of 16 px."""
+    if ctx.preset.family != "flux":
+        raise BadInput(f"backend '{request.backend}' runs on the flux family; preset '{ctx.preset.name}' is "
+                       f"{ctx.preset.family} (use --preset flux)")
+    if request.scheduler != SAMPLER:
+        raise BadInput(f"--scheduler {request.scheduler}: FLUX samples with {SAMPLER} only")
+    if request.width % 16 or request.height % 16:
+        raise BadInput(f"--size {request.width}x{request.height}: FLUX needs multiples of 16")
+
+
+def max_sequence_length(ctx: RunContext) -> int:
+    """The preset's generate.max_sequence_length (FLUX.1-dev 512; declared and bounded in
+    stages/generate.GeneratePolicy, which checks the preset before a request resolves)."""
+    return int(ctx.preset.section("generate").get("max_sequence_length", 512))
+
+
+def load_flux_pipeline(ctx: RunContext, request: GenerationRequest, kind: str = "txt2img"):
+    """The preset's FLUX base as a diffusers Flux pipeline, with sampler and memory options set."""
+    from portrait.stages.sd import load_sd_pipeline
+
+    check_request(request, ctx)
+    pipe = load_sd_pipeline(ctx, kind)
+    prepare_pipeline(pipe, request, ctx)
+    return pipe
+
+
+def true_cfg(request: GenerationRequest) -> float:
+    """Option true_cfg (declared with bounds by the FLUX backends' options; 1 when absent)."""
+    return float(request.options.get("true_cfg") or 1.0)
+
+
+def call_args(request: GenerationRequest, ctx: RunContext, seed: int) -> dict[str, Any]:
+    """The keyword arguments of one FluxPipeline call for this request and seed."""
+    cfg = true_cfg(request)
+    args: dict[str, Any] = {
+        "prompt": request.prompt,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance,
+        "width": request.width,
+        "height": request.height,
+        "max_sequence_length": max_sequence_length(ctx),
+        "generator": generator(seed),
+    }
+    if cfg > 1.0:
+        args.update(negative_prompt=request.negative_prompt or "", true_cfg_scale=cfg)
+    return args
+
+
+def call_flux(pipe, request: GenerationRequest, ctx: RunContext, seed: int, **kwargs: Any) -> np.ndarray:
+    """One seeded FLUX call -> HxWx3 uint8 RGB."""
+    import torch
+
+    args = {**call_args(request, ctx, seed), "output_type": "np", **kwargs}
+    with torch.inference_mode():
+        out = pipe(**args)
+    return to_uint8(out.images[0])
