@@ -20,10 +20,7 @@ Measured differences are printed (`pytest -s`).
 
 from __future__ import annotations
 
-import importlib.machinery
-import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,65 +32,22 @@ from portrait.core.errors import BadInput
 from portrait.core.tiny import pulid as tiny_pulid
 from portrait.stages.generate import GeneratePolicy, generate_candidates, resolve_request
 
+from pulid_reference import reference_modules
 from test_embed import make_identity
 
-REFERENCE = Path("/work/.mirror/ToTheBeginning+PuLID/repo")
 SIZE = 64
 STEPS = 3
 TOL = 1e-4
 
 
-def reference_checkout(tmp_path_factory) -> Path:
-    """A work tree of the fetched reference (the mirror is a bare git directory)."""
-    import subprocess
-
-    if not (REFERENCE / "HEAD").exists() and not (REFERENCE / ".git").exists():
-        pytest.skip(f"reference repository not present at {REFERENCE}")
-    target = tmp_path_factory.mktemp("pulid-reference")
-    archive = subprocess.run(["git", "--git-dir", str(REFERENCE), "archive", "HEAD", "pulid", "eva_clip"],
-                             capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
-    return target
-
-
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
-    """The reference modules, imported with stand-ins for packages they import but we never call."""
-    import diffusers  # noqa: F401  (diffusers probes optional packages at import: before the stand-ins)
-
-    root = reference_checkout(tmp_path_factory)
-    stubs = {
-        "basicsr": {}, "basicsr.utils": {"img2tensor": None, "tensor2img": None},
-        "facexlib": {}, "facexlib.parsing": {"init_parsing_model": None},
-        "facexlib.utils": {}, "facexlib.utils.face_restoration_helper": {"FaceRestoreHelper": None},
-        "torchsde": {"BrownianTree": None},
-    }
-    saved = {name: sys.modules.get(name) for name in stubs}
-    for name, attrs in stubs.items():
-        if name in sys.modules and not isinstance(sys.modules[name], types.ModuleType):
-            continue
-        module = types.ModuleType(name)
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        module.__dict__.update(attrs)
-        sys.modules.setdefault(name, module)
-    sys.path.insert(0, str(root))
-    try:
-        import eva_clip.eva_vit_model as eva_vit
-        import pulid.attention_processor as attention
-        import pulid.encoders_transformer as encoders
-        import pulid.pipeline_v1_1 as pipeline
-        import pulid.utils as utils
-        yield types.SimpleNamespace(pipeline=pipeline, attention=attention, encoders=encoders, utils=utils,
-                                    eva_vit=eva_vit)
-    finally:
-        sys.path.remove(str(root))
-        for name in [n for n in sys.modules if n.split(".")[0] in ("pulid", "eva_clip")]:
-            del sys.modules[name]
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
+    with reference_modules(tmp_path_factory.mktemp("pulid-reference"), "pulid.pipeline_v1_1",
+                           "pulid.attention_processor", "pulid.encoders_transformer", "pulid.utils",
+                           "eva_clip.eva_vit_model") as m:
+        yield types.SimpleNamespace(pipeline=m.pulid_pipeline_v1_1, attention=m.pulid_attention_processor,
+                                    encoders=m.pulid_encoders_transformer, utils=m.pulid_utils,
+                                    eva_vit=m.eva_clip_eva_vit_model)
 
 
 @pytest.fixture(scope="module")

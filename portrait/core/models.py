@@ -418,6 +418,22 @@ def _pulid(source: Source):
     return source.place(model), layers
 
 
+@builder("pulid-flux")
+def _pulid_flux(source: Source):
+    """PuLID-FLUX checkpoint: (IDFormer, ModuleList of the ID cross-attentions), both placed on the device."""
+    from .archs import pulid as arch
+
+    state = source.weights()
+    if not arch.detect_flux(state):
+        raise bad_file(source.path, "is not a PuLID-FLUX checkpoint (no pulid_encoder / pulid_ca keys)")
+    try:
+        encoder, blocks = arch.split_flux_state(state)
+        model, ca = arch.build_idformer(encoder), arch.build_flux_ca(blocks)
+    except (ValueError, RuntimeError) as exc:
+        raise bad_file(source.path, f"cannot be loaded as PuLID-FLUX ({str(exc).splitlines()[0]})") from None
+    return source.place(model), source.place(ca)
+
+
 @builder("eva-clip", place=True)
 def _eva_clip(source: Source):
     """EVA-CLIP visual tower (EVA02-CLIP-L-14-336 `.pt`) on timm's Eva: embedding + PuLID's five hidden states."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from portrait.core.backend import BackendSpec, BackendTable
 
-from . import faceid, flux, infiniteyou, instantid, lora, photomaker, pulid, template
+from . import faceid, flux, infiniteyou, instantid, lora, photomaker, pulid, pulid_flux, template
 
 BACKENDS = BackendTable([
     lora.SPEC,
@@ -26,6 +26,7 @@ BACKENDS = BackendTable([
     pulid.SPEC,
     flux.SPEC,
     infiniteyou.SPEC,
+    pulid_flux.SPEC,
 ])
 
 

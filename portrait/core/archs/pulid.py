@@ -361,3 +361,111 @@ def build_eva_visual(state: dict[str, torch.Tensor]) -> EvaVisual:
     if config["depth"] <= EVA_HIDDEN_BLOCKS[-1]:
         raise ValueError(f"EVA depth {config['depth']}: PuLID reads the inputs of blocks {EVA_HIDDEN_BLOCKS}")
     return EvaVisual(trunk, EVA_HIDDEN_BLOCKS).eval()
+
+
+# --- PuLID-FLUX (v0.9.0 / v0.9.1) --------------------------------------------------------------------
+#
+# `pulid_flux_v0.9.1.safetensors`: `pulid_encoder.*` (an IDFormer as above, output 2048) and
+# `pulid_ca.{k}.{norm1,norm2,to_q,to_kv,to_out}` (k < 20): cross-attention from the image
+# tokens of FLUX's stream (width 3072, queries) to the ID tokens (width 2048, keys/values),
+# added to the image stream after double block i when i % 2 == 0 and after single block i
+# (its image part) when i % 4 == 0, in that order (ceil(19 / 2) + ceil(38 / 4) = 20 modules).
+
+FLUX_PREFIX_ENCODER = "pulid_encoder."
+FLUX_PREFIX_CA = "pulid_ca."
+FLUX_DOUBLE_INTERVAL = 2
+FLUX_SINGLE_INTERVAL = 4
+CA_HEAD_DIM = 128  # PerceiverAttentionCA's dim_head (16 heads of 128 in the real file)
+
+
+def detect_flux(keys: Iterable[str]) -> bool:
+    keys = set(keys)
+    return f"{FLUX_PREFIX_ENCODER}latents" in keys and f"{FLUX_PREFIX_CA}0.to_q.weight" in keys
+
+
+def split_flux_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """(IDFormer state, [the k-th cross-attention's state, in order])."""
+    encoder = {k[len(FLUX_PREFIX_ENCODER):]: v for k, v in state.items() if k.startswith(FLUX_PREFIX_ENCODER)}
+    blocks: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in state.items():
+        if k.startswith(FLUX_PREFIX_CA):
+            index, rest = k[len(FLUX_PREFIX_CA):].split(".", 1)
+            blocks.setdefault(int(index), {})[rest] = v
+    if sorted(blocks) != list(range(len(blocks))):
+        raise ValueError(f"pulid_ca indices {sorted(blocks)} are not 0..{len(blocks) - 1}")
+    return encoder, [blocks[i] for i in range(len(blocks))]
+
+
+class PerceiverAttentionCA(nn.Module):
+    """Image tokens (queries) attend to the ID tokens only; no residual inside (the caller adds)."""
+
+    def __init__(self, dim: int, kv_dim: int, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.dim_head = heads, dim_head
+        self.norm1 = nn.LayerNorm(kv_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(kv_dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, id_tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        id_tokens, image = self.norm1(id_tokens), self.norm2(image)
+        b, n, _ = image.shape
+        q = self.to_q(image)
+        k, v = self.to_kv(id_tokens).chunk(2, dim=-1)
+        q, k, v = (t.view(b, t.shape[1], self.heads, self.dim_head).transpose(1, 2) for t in (q, k, v))
+        s = self.dim_head ** -0.25  # split between q and k, softmax in fp32, as in PerceiverAttention
+        weights = torch.softmax(((q * s) @ (k * s).transpose(-2, -1)).float(), dim=-1).to(q.dtype)
+        return self.to_out((weights @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+def build_flux_ca(blocks: Sequence[dict[str, torch.Tensor]]) -> nn.ModuleList:
+    modules = []
+    for i, w in enumerate(blocks):
+        try:
+            inner, dim = w["to_q.weight"].shape
+            kv_dim = w["to_kv.weight"].shape[1]
+        except KeyError as exc:
+            raise ValueError(f"pulid_ca.{i} has no {exc}") from None
+        heads = max(1, inner // CA_HEAD_DIM)
+        module = PerceiverAttentionCA(dim, kv_dim, heads, inner // heads)
+        module.load_state_dict(w, strict=True)
+        modules.append(module)
+    return nn.ModuleList(modules).eval()
+
+
+def flux_ca_count(double_blocks: int, single_blocks: int) -> int:
+    return -(-double_blocks // FLUX_DOUBLE_INTERVAL) + -(-single_blocks // FLUX_SINGLE_INTERVAL)
+
+
+class FluxIDState:
+    """What the block hooks read during one transformer call: ID tokens [B, Q, kv_dim] (None: no
+    ID this call, e.g. before start_step) and id_weight."""
+
+    def __init__(self):
+        self.tokens: torch.Tensor | None = None
+        self.weight: float = 1.0
+
+
+def flux_id_hooks(transformer, ca: nn.ModuleList, state: FluxIDState) -> list:
+    """Forward hooks on a diffusers FluxTransformer2DModel's blocks adding
+    id_weight x ca[k](tokens, image stream) where PuLID-FLUX adds it; returns the handles."""
+    doubles, singles = list(transformer.transformer_blocks), list(transformer.single_transformer_blocks)
+    expected = flux_ca_count(len(doubles), len(singles))
+    if len(ca) != expected:
+        raise ValueError(f"{len(ca)} ID cross-attention modules; this transformer ({len(doubles)} double, "
+                         f"{len(singles)} single blocks) takes {expected}")
+    targets = [b for i, b in enumerate(doubles) if i % FLUX_DOUBLE_INTERVAL == 0]
+    targets += [b for i, b in enumerate(singles) if i % FLUX_SINGLE_INTERVAL == 0]
+    handles = []
+    for module, block in zip(ca, targets):
+        def hook(_block, _args, output, _ca=module):
+            if state.tokens is None:
+                return output
+            text, image = output  # diffusers' blocks return (encoder_hidden_states, hidden_states)
+            tokens = state.tokens.to(device=image.device, dtype=image.dtype)
+            return text, image + state.weight * _ca(tokens, image)
+
+        handles.append(block.register_forward_hook(hook))
+    return handles

@@ -104,3 +104,40 @@ def write_pulid_sdxl(root: Path, seed: int) -> None:
 
     root.mkdir(parents=True, exist_ok=True)
     save_file(pulid_tiny_state(seed), str(root / "pulid_v1.1.safetensors"))
+
+
+# --- PuLID-FLUX ----------------------------------------------------------------------------------------
+
+CA_TINY = {"inner": 128, "kv_dim": 64}  # one head of 128 (the real: 16 heads of 128, kv 2048, dim 3072)
+
+
+def pulid_flux_tiny_state(seed: int) -> dict[str, torch.Tensor]:
+    """`pulid_encoder.*` + `pulid_ca.{k}.*` for tiny-flux's transformer (2 double, 4 single blocks -> 2 modules)."""
+    from ..archs.pulid import flux_ca_count
+    from .flux import TINY_FLUX
+
+    init = _Init(seed)
+    c, kv = IDFORMER_TINY, CA_TINY["kv_dim"]
+    encoder = pulid_tiny_state(seed)  # the IDFormer part, re-drawn at output width kv below
+    encoder = {k[len("id_adapter."):]: v for k, v in encoder.items() if k.startswith("id_adapter.")}
+    encoder["proj_out"] = init.w(c["dim"], kv, std=c["dim"] ** -0.5)
+    state = {f"pulid_encoder.{k}": v.contiguous() for k, v in encoder.items()}
+    dim = TINY_FLUX["num_attention_heads"] * TINY_FLUX["attention_head_dim"]
+    inner = CA_TINY["inner"]
+    for k in range(flux_ca_count(TINY_FLUX["num_layers"], TINY_FLUX["num_single_layers"])):
+        p = f"pulid_ca.{k}"
+        block = {}
+        block.update(init.ln(f"{p}.norm1", kv))
+        block.update(init.ln(f"{p}.norm2", dim))
+        block.update(init.linear(f"{p}.to_q", inner, dim, bias=False))
+        block.update(init.linear(f"{p}.to_kv", inner * 2, kv, bias=False))
+        block.update(init.linear(f"{p}.to_out", dim, inner, bias=False))
+        state.update({name: v.contiguous() for name, v in block.items()})
+    return state
+
+
+def write_pulid_flux(root: Path, seed: int) -> None:
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    save_file(pulid_flux_tiny_state(seed), str(root / "pulid_flux_v0.9.1.safetensors"))
