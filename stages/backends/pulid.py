@@ -201,8 +201,7 @@ def render_karras(pipe, prompt: str, negative: str, width: int, height: int, ste
     import torch
 
     unet = pipe.unet
-    param = next(unet.parameters())
-    device, dtype = param.device, param.dtype
+    device, dtype = pipe._execution_device, unet.dtype  # under model CPU offload the UNet's weights sit on the CPU
     with torch.inference_mode():
         noise = torch.randn((1, unet.config.in_channels, height // pipe.vae_scale_factor,
                              width // pipe.vae_scale_factor), generator=torch.Generator().manual_seed(int(seed)))
