@@ -12,7 +12,7 @@ candidate loop backends run in stages/seeding.py, output metadata in stages/meta
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Mapping
 
@@ -101,6 +101,10 @@ def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Tem
         text = fill_prompt("portrait photo of {trigger} {class}", identity)
     negative = ", ".join(x for x in (t.negative, policy.negative) if x)
     width, height = _size(t, policy, overrides)
+    if policy.scheduler == "flow_euler" and t.scheduler != "flow_euler":
+        # A FLUX preset: style templates are written for SD (their sampler and CFG scale mean
+        # nothing to FLUX's flow-matching Euler and distilled guidance): the preset's apply.
+        t = replace(t, scheduler=None, guidance=None, fast=None)
     steps = int(t.steps or policy.steps)
     if policy.steps_cap:  # caps the template's and preset's steps; an explicit --steps wins
         steps = min(steps, policy.steps_cap)

@@ -28,9 +28,10 @@ import numpy as np
 
 from pydantic import BaseModel, ValidationError
 
-from portrait.core.cache import CacheKey
+from portrait.core import models
 from portrait.core.declare import describe
 from portrait.core.errors import BadInput
+from portrait.core.models import Weights
 from portrait.core.archs import ip_adapter as ip_arch
 from portrait.core.archs.ip_adapter import adapter_kind
 from portrait.core.options import EmbedOptions, FaceIDAdapterOptions
@@ -78,33 +79,25 @@ def _typed(model: type[BaseModel], options: Mapping[str, Any]) -> Any:
 # --- adapter files -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AdapterFile:
-    model_id: str
-    path: Path
-    state: dict  # {"image_proj": ..., "ip_adapter": ...}
+# An IP-Adapter-style checkpoint in memory: (model_id, path, state {"image_proj", "ip_adapter"}),
+# as the model door's "ip-adapter" kind builds it.
+AdapterFile = Weights
+
+
+def _explicit(model_id_or_path: str) -> Path | None:
+    """The user's own file (a path, not a registry id)."""
+    path = Path(str(model_id_or_path)).expanduser()
+    return path if path.suffix in (".bin", ".safetensors") or "/" in str(model_id_or_path) else None
 
 
 def load_adapter_file(ctx, model_id_or_path: str, name: str | None = None) -> AdapterFile:
-    """An IP-Adapter-style `.bin` (registry id or explicit file), read once per process."""
-    from portrait.core.loaders import load_torch_file
-
-    path = Path(str(model_id_or_path)).expanduser()
-    explicit = path.suffix in (".bin", ".safetensors") or "/" in str(model_id_or_path)
-    if explicit:
-        if not path.is_file():
-            raise BadInput(f"{path}: adapter file does not exist")
-        resolved = ctx.registry.resolve("instantid-adapter" if name == "instantid" else "ip-adapter-faceid-sd15",
-                                        ctx.settings, tiny=ctx.preset.tiny, explicit=path)
-        file_name = path.name
-    else:
-        resolved = ctx.resolve(model_id_or_path)
-        file_name = next((f for f in resolved.files if f.endswith(".bin")), resolved.files[0])
-    key = CacheKey(f"state:{resolved.root / file_name}", "cpu", "state")
-    state = ctx.cache.get(key, lambda: load_torch_file(ctx, resolved, file_name))
-    if not isinstance(state, dict) or not {"image_proj", "ip_adapter"} <= set(state):
-        raise BadInput(f"{resolved.root / file_name}: not an IP-Adapter checkpoint (needs image_proj and ip_adapter)")
-    return AdapterFile(resolved.spec.id, resolved.root / file_name, state)
+    """An IP-Adapter-style checkpoint (registry id, or the user's file described by the
+    FaceID / InstantID entry), through the model door: read once per process."""
+    explicit = _explicit(model_id_or_path)
+    if explicit is None:
+        return models.load(ctx, model_id_or_path, "ip-adapter")
+    described_by = "instantid-adapter" if name == "instantid" else "ip-adapter-faceid-sd15"
+    return models.load(ctx, described_by, "ip-adapter", path=explicit)
 
 
 def check_adapter(af: AdapterFile, want: str) -> None:
@@ -187,20 +180,9 @@ def faceid_adapter(ctx, policy: FaceIDPolicy) -> AdapterFile:
 
 
 def load_clip_vision(ctx):
-    """CLIP ViT-H (h94/IP-Adapter models/image_encoder) and its 224 px processor, cached."""
-
-    def build():
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-        resolved = ctx.resolve_role("clip_vision")
-        folder = resolved.file("models/image_encoder")
-        model = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=ctx.placement.dtype)
-        model = model.to(ctx.placement.device).eval()
-        size = int(model.config.image_size)
-        return model, CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-
-    model_id = ctx.preset.model("clip_vision")
-    return ctx.cache.get(CacheKey(model_id, ctx.placement.device, ctx.placement.dtype_name, ("clip-vision",)), build)
+    """CLIP ViT-H (h94/IP-Adapter models/image_encoder) and its 224 px processor, through the
+    model door (cached; unpacks as (model, processor))."""
+    return models.load(ctx, ctx.preset.model("clip_vision"), "clip-vision", file="models/image_encoder")
 
 
 def faceid_inputs(ctx, identity: Identity, policy: FaceIDPolicy, af: AdapterFile,

@@ -140,3 +140,25 @@ def test_an_unregistered_backend_and_its_options_are_unknown(capsys, home, tmp_p
                        "--option", "toy_shade=3", "--no-finish", "--out", str(tmp_path / "o"))
     assert code == 2
     error_line(err, "--option toy_shade", "unknown option", "ip_adapter_scale")
+
+
+def test_the_service_lists_the_table_with_each_options_schema(toy, home):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from portrait.service.app import create_app
+    from portrait.service.service import StudioService
+
+    service = StudioService(home)
+    _, token = service.db.create_token("acme")
+    client = TestClient(create_app(service))
+    response = client.get("/v1/backends", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+    rows = {row["name"]: row for row in response.json()}
+    assert list(rows) == [*BACKENDS.names()] and list(rows)[-1] == "toy"
+    shade = rows["toy"]["options"]["properties"]["toy_shade"]
+    assert (shade["default"], shade["minimum"], shade["maximum"]) == (128, 0, 255)
+    assert rows["toy"]["needs_lora"] is False and rows["lora"]["needs_lora"] is True
+    assert rows["faceid"]["options"]["properties"]["ip_adapter_scale"]["default"] == 0.6
+    assert rows["instantid"]["options"]["properties"]["ip_adapter_scale"]["default"] == 0.8
+    assert client.get("/v1/backends").status_code == 401  # a tenant's token, as every catalogue call

@@ -235,3 +235,65 @@ def test_matches_infiniteyou_reference_pipeline(ctx, person, hopper, tmp_path_fa
         print(f"InfiniteYou {variant} scale {scale} window [{start}, {end}] pose {with_pose}: "
               f"max |latent diff| vs reference {diff:.2e} (latent scale {float(theirs.abs().max()):.2f})")
         assert ours.shape == theirs.shape and diff <= 1e-4
+
+
+def test_style_template_on_flux_uses_flow_sampler_and_distilled_guidance(ctx, person):
+    """Style templates name SD samplers and CFG scales; on a FLUX preset the preset's apply."""
+    from portrait.stages.templates import find_template
+
+    policy = GeneratePolicy.from_preset(ctx.preset)
+    template = find_template("business", "style")
+    assert template.scheduler and template.scheduler != "flow_euler"
+    req = resolve_request(person, policy, template=template, prompt=None, backend="infiniteyou", n=1, seed=1,
+                          overrides={"width": SIZE, "height": SIZE, "steps": 1})
+    assert req.scheduler == "flow_euler" and req.guidance == 3.5
+    assert run(ctx, req)[0].image.shape == (SIZE, SIZE, 3)
+
+
+def test_python_api_runs_infiniteyou_with_the_finish(ctx, person, tmp_path):
+    """portrait.generate on tiny-flux: fusion, scoring and the gate behind InfiniteYou, the
+    A1111 chunk with FLUX's parameters, results.json."""
+    import json
+
+    from PIL import Image
+
+    import portrait
+
+    result = portrait.generate(person.name, prompt="portrait photo of a woman", backend="infiniteyou", n=2, seed=4,
+                               out=tmp_path / "out", ctx=ctx, width=SIZE, height=SIZE, steps=STEPS,
+                               options={"infusenet_conditioning_scale": 0.8})
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["backend"] == "infiniteyou" and len(data["results"]) == 2
+    assert [r["seed"] for r in sorted(data["results"], key=lambda r: r["seed"])] == [4, 5]
+    first = data["results"][0]
+    assert {"similarity", "passed_gate", "rank"} <= set(first)
+    text = Image.open(tmp_path / "out" / Path(first["path"]).name).text["parameters"]
+    assert "Distilled CFG Scale: 3.5" in text and "Sampler: Euler" in text
+    assert len(result.results) == 2
+
+
+def test_int8_preset_runs_infiniteyou_end_to_end(tiny_home, person, tmp_path):
+    """A preset extending tiny-flux with runtime.quantize int8: transformer, T5 and InfuseNet
+    load 8-bit (optimum-quanto) and InfiniteYou still generates."""
+    from optimum.quanto import QLinear
+
+    preset = tmp_path / "flux-int8.yaml"
+    preset.write_text("extends: tiny-flux\nruntime: {quantize: int8}\n")
+    ctx8 = RunContext.create(tiny_home, preset=str(preset))
+    candidate = run(ctx8, request_for(ctx8, person, "infiniteyou"))[0]
+    assert candidate.image.shape == (SIZE, SIZE, 3)
+    from portrait.core.loaders import load_components
+    from portrait.stages.backends.infiniteyou import InfiniteYouPolicy, load_models
+
+    components = load_components(ctx8)
+    for module in (components["transformer"], components["text_encoder_2"], load_models(ctx8, InfiniteYouPolicy()).infusenet):
+        assert any(isinstance(m, QLinear) for m in module.modules())
+
+
+def test_flow_sampler_is_refused_on_sd(tiny_home, person):
+    sd = RunContext.create(tiny_home, preset="tiny")
+    policy = GeneratePolicy.from_preset(sd.preset)
+    req = resolve_request(person, policy, template=None, prompt="x", backend="faceid", n=1, seed=1,
+                          overrides={"width": SIZE, "height": SIZE, "steps": 1, "scheduler": "flow_euler"})
+    with pytest.raises(BadInput, match="flow_euler: a sampler for flux"):
+        run(sd, req)

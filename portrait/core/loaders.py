@@ -291,21 +291,28 @@ def _flux_single_file_components(ctx, resolved: ResolvedModel, file: Path, dtype
     return {"transformer": transformer, **modules}
 
 
-def quantize_flux(modules: dict[str, Any], scheme: str | None) -> None:
-    """8-bit weights for the transformer and T5 in place (optimum-quanto), as InfiniteYou's
-    pipeline does with --quantize_8bit; activations stay in the placement dtype."""
+def quantize_module(module, scheme: str | None) -> bool:
+    """8-bit weights for one module in place (optimum-quanto); False when scheme is none."""
     weights = QUANTIZE.get(scheme or "none", "?")
     if weights == "?":
         raise BadInput(f"runtime.quantize '{scheme}': use one of {', '.join(QUANTIZE)}")
-    if weights is None:
-        return
+    if weights is None or getattr(module, "_portrait_quantized", None) == weights:
+        return False
     try:
         import optimum.quanto as quanto
     except ImportError:
         raise BadInput("runtime.quantize needs optimum-quanto: pip install 'portrait[flux]'") from None
+    quanto.quantize(module, weights=getattr(quanto, weights))
+    quanto.freeze(module)
+    module._portrait_quantized = weights
+    return True
+
+
+def quantize_flux(modules: dict[str, Any], scheme: str | None) -> None:
+    """8-bit weights for the transformer and T5 in place (optimum-quanto), as InfiniteYou's
+    pipeline does with --quantize_8bit; activations stay in the placement dtype."""
     for name in ("transformer", "text_encoder_2"):
-        quanto.quantize(modules[name], weights=getattr(quanto, weights))
-        quanto.freeze(modules[name])
+        quantize_module(modules[name], scheme)
 
 
 def _single_file_components(ctx, resolved: ResolvedModel, file: Path, family: str, dtype) -> dict[str, Any]:
@@ -454,6 +461,7 @@ class SchedulerChoice:
     options: Mapping[str, Any]
     a1111: str  # A1111's "Sampler" label for the PNG parameters chunk
     schedule: str = ""  # A1111's "Schedule type" (Karras) when not the default
+    families: tuple[str, ...] = ("sd15", "sdxl")  # the bases whose noise schedule it fits
 
 
 SCHEDULERS: dict[str, SchedulerChoice] = {
@@ -470,7 +478,7 @@ SCHEDULERS: dict[str, SchedulerChoice] = {
                                            "DPM++ 2M SDE", "Karras"),
     "lcm": SchedulerChoice("LCMScheduler", {}, "LCM"),
     # FLUX's flow-matching Euler (its only sampler in diffusers); Forge labels it Euler / Simple.
-    "flow_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler", {}, "Euler", "Simple"),
+    "flow_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler", {}, "Euler", "Simple", ("flux",)),
 }
 
 

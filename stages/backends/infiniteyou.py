@@ -33,6 +33,8 @@ from pydantic import Field
 from portrait.core.backend import BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
+from portrait.core.models import builder
+from portrait.core.models import load as load_model
 from portrait.core.options import CommonOptions, EmbedOptions
 from portrait.core.types import Candidate, GenerationRequest
 from portrait.stages import embed as emb
@@ -83,29 +85,33 @@ class InfiniteYouModels:
     projection: Any  # portrait.core.archs.infiniteyou.IdProjection
 
 
-def load_models(ctx: RunContext, policy: InfiniteYouPolicy) -> InfiniteYouModels:
-    """The variant's InfuseNet (through the ControlNet loader) and its projection (hash-checked
-    pickle, weights_only), cached per variant."""
+@builder("infiniteyou-projection", place=True)
+def _projection(source):
+    """InfiniteYou's identity projection (image_proj_model.bin's "image_proj" Resampler), hash-checked
+    and read weights-only; sizes from the tensors (portrait/core/archs/infiniteyou.py)."""
     from portrait.core.archs import infiniteyou as arch
-    from portrait.core.cache import CacheKey
-    from portrait.core.loaders import load_controlnet, load_torch_file
+
+    state = source.weights()
+    proj = state.get("image_proj") if isinstance(state, dict) else None
+    if proj is None or not arch.detect(proj.keys()):
+        raise BadInput(f"{source.path}: not an InfiniteYou image_proj_model.bin (no Resampler 'image_proj')")
+    return arch.build(proj)
+
+
+def load_models(ctx: RunContext, policy: InfiniteYouPolicy) -> InfiniteYouModels:
+    """The variant's InfuseNet (kind "controlnet": a FluxControlNetModel folder) and its
+    projection (kind "infiniteyou-projection"), both through the model door."""
+    from portrait.core.loaders import load_controlnet, quantize_module
 
     model_id = ctx.preset.model(VARIANTS[policy.variant])
     resolved = ctx.resolve(model_id)
     infusenet = load_controlnet(ctx, model_id)
     if infusenet.__class__.__name__ != "FluxControlNetModel":
         raise BadInput(f"model '{model_id}': its InfuseNetModel/ is not a FluxControlNetModel")
+    # runtime.quantize: the InfuseNet too, as InfiniteYou's --quantize_8bit does.
+    quantize_module(infusenet, str(ctx.preset.section("runtime").get("quantize", "none")))
     name = next(f for f in resolved.files if f.endswith("image_proj_model.bin"))
-
-    def build():
-        state = load_torch_file(ctx, resolved, name)
-        proj = state.get("image_proj") if isinstance(state, dict) else None
-        if proj is None or not arch.detect(proj.keys()):
-            raise BadInput(f"{resolved.root / name}: not an InfiniteYou image_proj_model.bin (no Resampler 'image_proj')")
-        return arch.build(proj).to(ctx.placement.device, ctx.placement.dtype)
-
-    key = CacheKey(model_id, ctx.placement.device, ctx.placement.dtype_name, ("infiniteyou-projection",))
-    return InfiniteYouModels(model_id, infusenet, ctx.cache.get(key, build))
+    return InfiniteYouModels(model_id, infusenet, load_model(ctx, model_id, "infiniteyou-projection", file=name))
 
 
 def id_tokens(projection, vectors: np.ndarray):
@@ -221,6 +227,11 @@ class InfiniteYouBackend:
         tokens = id_tokens(models.projection, found.vectors)
         control, control_source = control_image(ctx, request, embed_policy, options.control_image)
         pipe = flux.load_flux_pipeline(ctx, request)
+        device = pipe._execution_device
+        if next(models.infusenet.parameters()).device != device:
+            # Under model CPU offload the door leaves ControlNets on the CPU for the pipeline's
+            # hooks; our loop calls the InfuseNet itself, so it sits with the transformer.
+            models.infusenet.to(device)
         msl = flux.max_sequence_length(ctx)
         info = {"identity_mode": "zero-shot", "model": model_info(ctx),
                 "adapter": {"id": models.model_id, "variant": policy.variant,

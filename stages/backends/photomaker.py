@@ -1,7 +1,8 @@
 """Backend `photomaker` (SDXL): PhotoMaker v1 / v2 stacked ID embedding.
 
-The checkpoint is a `.bin` with exactly `id_encoder` and `lora_weights`. The ID encoder is
-a CLIP ViT-L image tower plus:
+The checkpoint is a `.bin` with exactly `id_encoder` and `lora_weights` (read through the model
+door; the network and its key detection are portrait/core/archs/photomaker.py). The ID encoder
+is a CLIP ViT-L image tower plus:
 
 - v1: pooled CLIP -> visual_projection (768) ++ visual_projection_2 (1024 -> 1280) = one
   2048-d token per photo;
@@ -15,11 +16,11 @@ a FuseModule merges each copy with one ID token; the trigger itself is dropped. 
 identity comes in. The checkpoint's LoRA is loaded as the PEFT adapter `photomaker`
 (next to the identity's own SDXL LoRA when the bundle has one).
 
-Written from PhotoMaker's published architecture (docs/ARCHITECTURE.md#adapter-formats), not its package: the
-tokenizer is not modified (the trigger is found in the text), and one code path serves
+Written from PhotoMaker's published architecture (docs/ARCHITECTURE.md#adapter-formats), not
+its package: the tokenizer is not modified (the trigger is found in the text), and one code path serves
 v1 and v2 with the token count read from the checkpoint (a known bug elsewhere used one
-count for both). Options: photomaker_version 1|2, trigger (img), start_merge_step (10, or
-style_strength as a fraction of the steps), id_mode all|mean|best, id_photos.
+count for both). Options (PhotoMakerOptions): photomaker_version 1|2, trigger (img),
+start_merge_step (or style_strength 0.2 as a fraction of the steps), id_mode all|mean|best, id_photos.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from typing import Any, Iterator, Literal
 
 from pydantic import Field, field_validator
 
+from portrait.core import models
 from portrait.core.backend import BackendSpec
-from portrait.core.cache import CacheKey
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.options import CommonOptions, EmbedOptions
@@ -100,67 +101,53 @@ class PhotoMakerModel:
     processor: Any
 
 
-def read_checkpoint(ctx, model_id_or_path: str) -> tuple[str, Path, dict]:
-    from portrait.core.loaders import load_torch_file
-
+def _explicit(model_id_or_path: str) -> Path | None:
     path = Path(str(model_id_or_path)).expanduser()
-    if path.suffix in (".bin", ".safetensors") or "/" in str(model_id_or_path):
-        if not path.is_file():
-            raise BadInput(f"{path}: PhotoMaker checkpoint does not exist")
-        resolved = ctx.registry.resolve("photomaker-v1", ctx.settings, tiny=ctx.preset.tiny, explicit=path)
-        name = path.name
-    else:
-        resolved = ctx.resolve(model_id_or_path)
-        name = resolved.files[0]
-    from portrait.core.archs.photomaker import PHOTOMAKER_KEYS
-
-    state = load_torch_file(ctx, resolved, name)
-    if isinstance(state, dict) and "id_encoder" not in state and any(k.startswith("id_encoder.") for k in state):
-        state = _unflatten(state)  # the safetensors form PhotoMaker's loader also accepts
-    if not isinstance(state, dict) or list(state) != PHOTOMAKER_KEYS:
-        raise BadInput(f"{resolved.root / name}: not a PhotoMaker checkpoint (its keys must be exactly "
-                       f"id_encoder, lora_weights)")
-    return resolved.spec.id, resolved.root / name, state
+    return path if path.suffix in (".bin", ".safetensors") or "/" in str(model_id_or_path) else None
 
 
-def _unflatten(flat: dict) -> dict:
-    from portrait.core.archs.photomaker import PHOTOMAKER_KEYS
-
-    out: dict[str, dict] = {k: {} for k in PHOTOMAKER_KEYS}
-    for key, value in flat.items():
-        head, _, rest = key.partition(".")
-        if head in out:
-            out[head][rest] = value
-    return out
+def read_checkpoint(ctx, model_id_or_path: str) -> tuple[str, Path, dict]:
+    """{id_encoder, lora_weights} of a registry id, or of the user's file (described by the
+    photomaker-v1 entry), through the model door (its "photomaker-checkpoint" kind checks the keys)."""
+    explicit = _explicit(model_id_or_path)
+    weights = models.load(ctx, "photomaker-v1" if explicit else model_id_or_path, "photomaker-checkpoint",
+                          path=explicit)
+    return weights.model_id, weights.path, weights.state
 
 
 def load_photomaker(ctx, model_id_or_path: str, expected: int | None = None) -> PhotoMakerModel:
-    """Read, version-check and build the ID encoder once per (file, device, dtype)."""
+    """The ID encoder of a checkpoint, version-checked, built once per (file, device, dtype)
+    by the model door's "photomaker" kind (registered below)."""
+    explicit = _explicit(model_id_or_path)
+    return models.load(ctx, "photomaker-v1" if explicit else model_id_or_path, "photomaker", path=explicit,
+                       expected=expected)
 
-    def build() -> PhotoMakerModel:
-        from transformers import CLIPImageProcessor
 
-        from portrait.core.archs.photomaker import build_encoder, detect_version, encoder_shape
+@models.builder("photomaker")
+def _build_photomaker(source: models.Source, expected: int | None = None) -> PhotoMakerModel:
+    """PhotoMaker's ID encoder (CLIP ViT-L + projections + fuse module, v2's qformer_perceiver)
+    from a PhotoMaker checkpoint, with its CLIP processor and the checkpoint's LoRA."""
+    from transformers import CLIPImageProcessor
 
-        model_id, path, state = read_checkpoint(ctx, model_id_or_path)
-        found = detect_version(state["id_encoder"])
-        if expected is not None and found != expected:
-            raise BadInput(f"{path}: is a PhotoMaker v{found} checkpoint "
-                           f"({'has' if found == 2 else 'has no'} qformer_perceiver), but v{expected} was asked "
-                           f"for; use photomaker_version={found} or the photomaker-v{expected} model")
-        encoder = build_encoder(encoder_shape(state["id_encoder"]))
-        try:
-            encoder.load_state_dict(state["id_encoder"], strict=True)
-        except RuntimeError as exc:
-            raise BadInput(f"{path}: id_encoder does not match PhotoMaker v{found} "
-                           f"({str(exc).splitlines()[0][:200]})") from None
-        encoder = encoder.to(device=ctx.placement.device, dtype=ctx.placement.dtype).eval()
-        size = int(encoder.config.image_size)
-        processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        return PhotoMakerModel(model_id, path, found, encoder, state["lora_weights"], processor)
+    from portrait.core.archs.photomaker import build_encoder, detect_version, encoder_shape
 
-    key = CacheKey(f"photomaker:{model_id_or_path}", ctx.placement.device, ctx.placement.dtype_name, expected)
-    return ctx.cache.get(key, build)
+    ctx = source.ctx
+    model_id, path, state = read_checkpoint(ctx, str(source.explicit) if source.explicit else source.model_id)
+    found = detect_version(state["id_encoder"])
+    if expected is not None and found != expected:
+        raise BadInput(f"{path}: is a PhotoMaker v{found} checkpoint "
+                       f"({'has' if found == 2 else 'has no'} qformer_perceiver), but v{expected} was asked "
+                       f"for; use photomaker_version={found} or the photomaker-v{expected} model")
+    encoder = build_encoder(encoder_shape(state["id_encoder"]))
+    try:
+        encoder.load_state_dict(state["id_encoder"], strict=True)
+    except RuntimeError as exc:
+        raise BadInput(f"{path}: id_encoder does not match PhotoMaker v{found} "
+                       f"({str(exc).splitlines()[0][:200]})") from None
+    encoder = encoder.to(device=ctx.placement.device, dtype=ctx.placement.dtype).eval()
+    size = int(encoder.config.image_size)
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return PhotoMakerModel(model_id, path, found, encoder, state["lora_weights"], processor)
 
 
 # --- prompts ------------------------------------------------------------------------------------------
