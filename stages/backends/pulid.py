@@ -35,13 +35,12 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import numpy as np
 
 from pydantic import Field
 
-from portrait.core.archs import pulid as arch
 from portrait.core.backend import BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
@@ -52,6 +51,13 @@ from portrait.stages import loras
 from portrait.stages.identity_inputs import embed_policy_of
 from portrait.stages.sd import load_sd_pipeline, model_info, prepare_pipeline, to_uint8
 from portrait.stages.seeding import seeded_candidates
+
+if TYPE_CHECKING:  # the table imports this module for `generate --help`: torch loads inside generate
+    from portrait.core.archs import pulid as arch
+
+# PuLID's two modes as its demo (app.py) sets them (zero tokens, orthogonal projection); v1.1's
+# demo exposes both knobs directly, `plain` is its setting with neither.
+MODES = {"fidelity": (8, "v2"), "style": (16, "v1"), "plain": (0, "off")}
 
 class PuLIDOptions(CommonOptions, EmbedOptions):
     """PuLID's options (defaults as in the reference demos)."""
@@ -71,20 +77,24 @@ class PuLIDOptions(CommonOptions, EmbedOptions):
 @dataclass(frozen=True)
 class PuLIDPolicy:
     id_scale: float = 0.8  # the reference demos' default
-    mode: arch.IDMode = arch.MODES["fidelity"]
+    num_zero: int = 8
+    ortho: str = "v2"
     mode_name: str = "fidelity"
     schedule: str = "karras"
 
     @classmethod
     def from_options(cls, options: PuLIDOptions) -> "PuLIDPolicy":
         """From the backend's typed options: the mode's settings, each overridable."""
-        base = arch.MODES[options.pulid_mode]
-        mode = arch.IDMode(num_zero=base.num_zero if options.pulid_num_zero is None else options.pulid_num_zero,
-                           ortho=options.pulid_ortho or base.ortho)
-        return cls(id_scale=options.id_scale, mode=mode, mode_name=options.pulid_mode, schedule=options.pulid_schedule)
+        num_zero, ortho = MODES[options.pulid_mode]
+        return cls(id_scale=options.id_scale, num_zero=num_zero if options.pulid_num_zero is None
+                   else options.pulid_num_zero, ortho=options.pulid_ortho or ortho, mode_name=options.pulid_mode,
+                   schedule=options.pulid_schedule)
 
+    @property
+    def mode(self) -> "arch.IDMode":
+        from portrait.core.archs.pulid import IDMode
 
-# --- models -------------------------------------------------------------------------------------------
+        return IDMode(num_zero=self.num_zero, ortho=self.ortho)
 
 
 @dataclass(frozen=True)
@@ -109,8 +119,10 @@ def load_models(ctx: RunContext) -> PuLIDModels:
 
 
 @contextlib.contextmanager
-def attached_pulid(unet, layers: dict, policy: PuLIDPolicy) -> Iterator[arch.IDState]:
+def attached_pulid(unet, layers: dict, policy: PuLIDPolicy) -> Iterator["arch.IDState"]:
     """PuLID's processors on `unet` for one block (its own processors come back after)."""
+    from portrait.core.archs import pulid as arch
+
     state = arch.IDState()
     state.scale, state.mode = policy.id_scale, policy.mode
     before = unet.attn_processors
@@ -257,7 +269,7 @@ class PuLIDBackend:
         info = {
             "identity_mode": "zero-shot+lora" if identity_lora else "zero-shot",
             "adapter": {"id": models.model_id, "eva_clip": models.eva_id, "id_scale": policy.id_scale,
-                        "mode": policy.mode_name, "num_zero": policy.mode.num_zero, "ortho": policy.mode.ortho,
+                        "mode": policy.mode_name, "num_zero": policy.num_zero, "ortho": policy.ortho,
                         "schedule": policy.schedule,
                         "sampler": "DPM++ 2M Karras (k-diffusion sigmas)" if policy.schedule == "karras"
                         else "DPM++ 2M trailing (SDXL-Lightning)"},

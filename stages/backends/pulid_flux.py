@@ -24,12 +24,11 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import numpy as np
 from pydantic import Field
 
-from portrait.core.archs import pulid as arch
 from portrait.core.backend import BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
@@ -40,6 +39,9 @@ from portrait.stages.identity_inputs import embed_policy_of
 from portrait.stages.pulid_features import pulid_inputs
 from portrait.stages.sd import generator, model_info, to_uint8
 from portrait.stages.seeding import seeded_candidates
+
+if TYPE_CHECKING:  # the table imports this module for `generate --help`: torch loads inside generate
+    from portrait.core.archs import pulid as arch
 
 
 class PuLIDFluxOptions(CommonOptions, EmbedOptions):
@@ -73,8 +75,10 @@ def load_models(ctx: RunContext) -> PuLIDFluxModels:
 
 
 @contextlib.contextmanager
-def attached(transformer, ca, weight: float) -> Iterator[arch.FluxIDState]:
+def attached(transformer, ca, weight: float) -> Iterator["arch.FluxIDState"]:
     """PuLID-FLUX's hooks on `transformer` for one block; the state's tokens switch them on."""
+    from portrait.core.archs import pulid as arch
+
     state = arch.FluxIDState()
     state.weight = weight
     try:
@@ -88,7 +92,7 @@ def attached(transformer, ca, weight: float) -> Iterator[arch.FluxIDState]:
             handle.remove()
 
 
-def denoise(pipe, state: arch.FluxIDState | None, tokens, *, prompt: str, negative: str, width: int, height: int,
+def denoise(pipe, state: "arch.FluxIDState | None", tokens, *, prompt: str, negative: str, width: int, height: int,
             steps: int, guidance: float, seed: int, start_step: int = 0, true_cfg: float = 1.0,
             timestep_to_start_cfg: int = 1, max_sequence_length: int = 512, output_type: str = "np"):
     """PuLID-FLUX sampling on a Flux pipeline's modules; `tokens` = (uncond, cond) ID tokens.

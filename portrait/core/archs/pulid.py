@@ -182,9 +182,6 @@ class IDMode:
             raise ValueError(f"ortho '{self.ortho}' is not off, v1 or v2")
 
 
-# PuLID's two modes as its demo (app.py) sets them; v1.1's demo exposes num_zero/ortho directly.
-MODES = {"fidelity": IDMode(num_zero=8, ortho="v2"), "style": IDMode(num_zero=16, ortho="v1"),
-         "plain": IDMode(num_zero=0, ortho="off")}
 
 
 class IDState:
