@@ -58,6 +58,9 @@ DEMO_STEPS = (
     DemoStep("zero-shot: PhotoMaker (SDXL)", "photomaker", None, "tiny-sdxl",
              prompt="studio portrait of a {class} img, soft light"),
     DemoStep("zero-shot: InfiniteYou (FLUX.1-dev)", "infiniteyou", "business", "tiny-flux"),
+    DemoStep("zero-shot: PuLID v1.1 (SDXL)", "pulid", "business", "tiny-sdxl"),
+    DemoStep("zero-shot: PuLID-FLUX v0.9.1 (FLUX)", "pulid-flux", None, "tiny-flux",
+             prompt="studio portrait of a {class}, soft light"),
 )
 
 NOISE_NOTE = "ran end to end; tiny stand-ins draw noise, so there is no face to measure (real presets: README)"

@@ -6,6 +6,7 @@ Each adapter was trained on one embedding space, and only that space works:
     FaceID             insightface buffalo_l (w600k_r50), `normed_embedding`
     FaceID-Plus(V2)    buffalo_l `normed_embedding` + CLIP ViT-H hidden_states[-2] of a 224 norm_crop face
     PhotoMaker v2      buffalo_l raw `embedding` (+ CLIP on the whole photo, done by the backend)
+    PuLID (SDXL)       insightface antelopev2 raw `embedding` (+ EVA-CLIP of the aligned face, by the backend)
 
 Faces are located, then each pack's own ArcFace model embeds the arcface-aligned crop,
 exactly as insightface's `FaceAnalysis.get` does (norm_crop on the 5 keypoints, then the
@@ -55,6 +56,7 @@ SPACES: dict[str, AdapterSpace] = {
     "faceid": AdapterSpace("faceid", "buffalo_l", "w600k_r50.onnx", normalized=True),
     "faceid_plus": AdapterSpace("faceid_plus", "buffalo_l", "w600k_r50.onnx", normalized=True),
     "photomaker_v2": AdapterSpace("photomaker_v2", "buffalo_l", "w600k_r50.onnx", normalized=False),
+    "pulid": AdapterSpace("pulid", "antelopev2", "glintr100.onnx", normalized=False),
     # InfiniteYou detects with antelopev2 and embeds with facexlib's ArcFace (normalized); the
     # closest space we ship is antelopev2's own ArcFace (glintr100), normalized.
     "infiniteyou": AdapterSpace("infiniteyou", "antelopev2", "glintr100.onnx", normalized=True),

@@ -202,7 +202,11 @@ def rank(candidates: Sequence[Candidate], scores: Sequence[CandidateScore], poli
 # --- which spaces score -----------------------------------------------------------------------
 
 # The embedding space each generation backend is conditioned with (docs/ARCHITECTURE.md#adapter-formats).
-CONDITIONING = {"instantid": "insightface:antelopev2", "faceid": "insightface:buffalo_l"}
+# PuLID (SDXL and FLUX) embeds with antelopev2; our InfiniteYou uses antelopev2's ArcFace too
+# (its own recognizer, facexlib's IR-SE50, is not in the registry yet).
+CONDITIONING = {"instantid": "insightface:antelopev2", "faceid": "insightface:buffalo_l",
+                "pulid": "insightface:antelopev2", "pulid-flux": "insightface:antelopev2",
+                "infiniteyou": "insightface:antelopev2"}
 # Independent spaces, preferred first; dlib is the offline fallback (its models ship in a package).
 INDEPENDENT = ("auraface", "insightface:buffalo_l", "insightface:antelopev2", "dlib")
 

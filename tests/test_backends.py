@@ -39,7 +39,8 @@ def home(tmp_path_factory):
 
 
 def test_the_table_lists_the_shipped_backends_with_their_declarations():
-    assert BACKENDS.names() == ("lora", "template", "instantid", "faceid", "photomaker", "flux", "infiniteyou")
+    assert BACKENDS.names() == ("lora", "template", "instantid", "faceid", "photomaker", "pulid", "flux",
+                                "infiniteyou", "pulid-flux")
     for spec in BACKENDS.specs():
         assert spec.help and spec.families and set(spec.families) <= {"sd15", "sdxl", "flux"}
         assert spec.options.model_config.get("extra") == "forbid", spec.name

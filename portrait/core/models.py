@@ -407,6 +407,49 @@ def _components(source: Source, family: str, vae: str | None = None, requested: 
     return build_components(source, family, vae, requested, quantize)
 
 
+@builder("pulid")
+def _pulid(source: Source):
+    """PuLID (SDXL) checkpoint: (IDFormer placed on the device, {processor index: id_to_k/id_to_v weights})."""
+    from .archs import pulid as arch
+
+    state = source.weights()
+    if not arch.detect(state):
+        raise bad_file(source.path, "is not a PuLID SDXL checkpoint (no id_adapter / id_adapter_attn_layers keys)")
+    encoder, layers = arch.split_state(state)
+    try:
+        model = arch.build_idformer(encoder)
+    except (ValueError, RuntimeError) as exc:
+        raise bad_file(source.path, f"cannot be loaded as PuLID's IDFormer ({str(exc).splitlines()[0]})") from None
+    return source.place(model), layers
+
+
+@builder("pulid-flux")
+def _pulid_flux(source: Source):
+    """PuLID-FLUX checkpoint: (IDFormer, ModuleList of the ID cross-attentions), both placed on the device."""
+    from .archs import pulid as arch
+
+    state = source.weights()
+    if not arch.detect_flux(state):
+        raise bad_file(source.path, "is not a PuLID-FLUX checkpoint (no pulid_encoder / pulid_ca keys)")
+    try:
+        encoder, blocks = arch.split_flux_state(state)
+        model, ca = arch.build_idformer(encoder), arch.build_flux_ca(blocks)
+    except (ValueError, RuntimeError) as exc:
+        raise bad_file(source.path, f"cannot be loaded as PuLID-FLUX ({str(exc).splitlines()[0]})") from None
+    return source.place(model), source.place(ca)
+
+
+@builder("eva-clip", place=True)
+def _eva_clip(source: Source):
+    """EVA-CLIP visual tower (EVA02-CLIP-L-14-336 `.pt`) on timm's Eva: embedding + PuLID's five hidden states."""
+    from .archs import pulid as arch
+
+    try:
+        return arch.build_eva_visual(source.weights())
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise bad_file(source.path, f"cannot be loaded as EVA02-CLIP ({str(exc).splitlines()[0]})") from None
+
+
 @builder("face-parser")
 def _face_parser(source: Source):
     """BiSeNet face parsing (CelebAMask-HQ labels), portrait.core.parsing's network."""

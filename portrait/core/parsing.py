@@ -171,6 +171,10 @@ class FaceParser:
             region[crop > 0] = crop[crop > 0]
         return labels
 
+    def parse_crop(self, crop: np.ndarray) -> np.ndarray:
+        """Labels of an image that already is a face crop (e.g. an aligned 512 face)."""
+        return _run(self, crop)
+
 
 def _crop_box(face: FaceObservation, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
     h, w = shape[:2]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from portrait.core.backend import BackendSpec, BackendTable
 
-from . import faceid, flux, infiniteyou, instantid, lora, photomaker, template
+from . import faceid, flux, infiniteyou, instantid, lora, photomaker, pulid, pulid_flux, template
 
 BACKENDS = BackendTable([
     lora.SPEC,
@@ -23,8 +23,10 @@ BACKENDS = BackendTable([
     instantid.SPEC,
     faceid.SPEC,
     photomaker.SPEC,
+    pulid.SPEC,
     flux.SPEC,
     infiniteyou.SPEC,
+    pulid_flux.SPEC,
 ])
 
 
