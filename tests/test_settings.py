@@ -36,6 +36,7 @@ NOT_FROM_A_PRESET = {
     "PhotoMakerPolicy": "request options, declared in portrait.core.options.BackendOptions",
     "TemplatePolicy": "request options, declared in portrait.core.options.BackendOptions",
     "InfiniteYouPolicy": "request options, declared by stages/backends/infiniteyou.py InfiniteYouOptions",
+    "PuLIDPolicy": "request options, declared by stages/backends/pulid.py PuLIDOptions",
 }
 
 

@@ -96,7 +96,7 @@ def tiny_text_dims() -> tuple[int, int]:
 # --- tensors --------------------------------------------------------------------------------------
 
 
-class _Init:
+class SeededInit:
     """Deterministic small random tensors (same seed -> same bytes)."""
 
     def __init__(self, seed: int):
@@ -119,7 +119,7 @@ class _Init:
         return row
 
 
-def perceiver_layers(init: _Init, prefix: str, dim: int, inner: int, depth: int = RESAMPLER_DEPTH,
+def perceiver_layers(init: SeededInit, prefix: str, dim: int, inner: int, depth: int = RESAMPLER_DEPTH,
                      ff_mult: int = 4) -> dict[str, torch.Tensor]:
     """IP-Adapter's PerceiverAttention + FeedForward blocks, in the original key layout."""
     sd: dict[str, torch.Tensor] = {}
@@ -136,7 +136,7 @@ def perceiver_layers(init: _Init, prefix: str, dim: int, inner: int, depth: int 
     return sd
 
 
-def ip_layers(init: _Init, layout: UnetLayout, lora_rank: int | None = None) -> dict[str, torch.Tensor]:
+def ip_layers(init: SeededInit, layout: UnetLayout, lora_rank: int | None = None) -> dict[str, torch.Tensor]:
     """`ip_adapter`: to_k_ip/to_v_ip on cross-attention processors, numbered over all processors
     in attn_processors order (so cross-attention gets the odd numbers); FaceID adds a LoRA on all."""
     sd: dict[str, torch.Tensor] = {}
@@ -173,7 +173,7 @@ def kohya_lora(ip_adapter: dict[str, torch.Tensor], layout: UnetLayout) -> dict[
 
 
 def instantid_state(seed: int, layout: UnetLayout) -> dict[str, dict[str, torch.Tensor]]:
-    init = _Init(seed)
+    init = SeededInit(seed)
     dim, out = RESAMPLER_DIM, layout.cross_attention_dim
     proj = {"latents": init.w(1, INSTANTID_TOKENS, dim, std=dim ** -0.5)}
     proj.update(init.linear("proj_in", dim, ID_DIM))
@@ -184,14 +184,14 @@ def instantid_state(seed: int, layout: UnetLayout) -> dict[str, dict[str, torch.
 
 
 def write_instantid_adapter(root: Path, seed: int) -> None:
-    _save_bin(root / "ip-adapter.bin", instantid_state(seed, unet_layout(tiny_unet_config("sdxl"))))
+    save_bin(root / "ip-adapter.bin", instantid_state(seed, unet_layout(tiny_unet_config("sdxl"))))
 
 
 # --- IP-Adapter FaceID ------------------------------------------------------------------------------
 
 
 def faceid_state(seed: int, layout: UnetLayout, plus: bool) -> dict[str, dict[str, torch.Tensor]]:
-    init = _Init(seed)
+    init = SeededInit(seed)
     cad = layout.cross_attention_dim
     width = cad  # Plus: the perceiver runs at the UNet's width; PlusV2's shortcut adds the two
     inner = 64 * max(1, cad // 64)  # diffusers reads heads as to_q rows // 64
@@ -215,7 +215,7 @@ def _write_faceid(root: Path, seed: int, family: str, plus: bool, stem_tag: str 
     state = faceid_state(seed, layout, plus)
     tag = stem_tag if stem_tag is not None else ("-plusv2" if plus else "")
     stem = f"ip-adapter-faceid{tag}_{family}"
-    _save_bin(root / f"{stem}.bin", state)
+    save_bin(root / f"{stem}.bin", state)
     save_file(kohya_lora(state["ip_adapter"], layout), str(root / f"{stem}_lora.safetensors"))
 
 
@@ -262,7 +262,7 @@ def clip_l_state(seed: int, projection_dim: int) -> dict[str, torch.Tensor]:
 def photomaker_state(seed: int, version: int) -> dict[str, dict[str, torch.Tensor]]:
     te1, te2 = tiny_text_dims()
     dim = te1 + te2  # the fused token lives in the UNet's text space (2048 in SDXL)
-    init = _Init(seed)
+    init = SeededInit(seed)
     enc = clip_l_state(seed, projection_dim=te1)
     hidden = CLIP_L["hidden_size"]
     enc.update(init.linear("visual_projection_2", te2, hidden, bias=False))
@@ -283,14 +283,14 @@ def photomaker_state(seed: int, version: int) -> dict[str, dict[str, torch.Tenso
     return {"id_encoder": enc, "lora_weights": photomaker_lora(init, unet_layout(tiny_unet_config("sdxl")))}
 
 
-def _mlp(init: _Init, prefix: str, inp: int, out: int, hidden: int) -> dict[str, torch.Tensor]:
+def _mlp(init: SeededInit, prefix: str, inp: int, out: int, hidden: int) -> dict[str, torch.Tensor]:
     sd = init.ln(f"{prefix}.layernorm", inp)
     sd.update(init.linear(f"{prefix}.fc1", hidden, inp))
     sd.update(init.linear(f"{prefix}.fc2", out, hidden))
     return sd
 
 
-def photomaker_lora(init: _Init, layout: UnetLayout) -> dict[str, torch.Tensor]:
+def photomaker_lora(init: SeededInit, layout: UnetLayout) -> dict[str, torch.Tensor]:
     """PhotoMaker's LoRA in the old diffusers processor layout (`unet.<proc>.to_q_lora.down.weight`)."""
     sd: dict[str, torch.Tensor] = {}
     cad = layout.cross_attention_dim
@@ -303,17 +303,17 @@ def photomaker_lora(init: _Init, layout: UnetLayout) -> dict[str, torch.Tensor]:
 
 
 def write_photomaker_v1(root: Path, seed: int) -> None:
-    _save_bin(root / "photomaker-v1.bin", photomaker_state(seed, 1))
+    save_bin(root / "photomaker-v1.bin", photomaker_state(seed, 1))
 
 
 def write_photomaker_v2(root: Path, seed: int) -> None:
-    _save_bin(root / "photomaker-v2.bin", photomaker_state(seed, 2))
+    save_bin(root / "photomaker-v2.bin", photomaker_state(seed, 2))
 
 
 # --- files ------------------------------------------------------------------------------------------
 
 
-def _save_bin(path: Path, state: dict) -> None:
+def save_bin(path: Path, state: dict) -> None:
     """torch.save as the originals are; the zip container records no time, so bytes repeat."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import _Init, _save_bin, tiny_unet_config, unet_layout
+from .adapters import SeededInit, save_bin, tiny_unet_config, unet_layout
 from .faces import EMBEDDING_DIM
 
 EVA_TINY = {"width": 64, "depth": 24, "patch": 14, "image": 56, "mlp": 128, "embed": 32}
@@ -41,7 +41,7 @@ def eva_tiny_state(seed: int) -> dict[str, torch.Tensor]:
                 mlp_ratio=c["mlp"] / c["width"], qkv_fused=False, swiglu_mlp=True, scale_mlp=True,
                 scale_attn_inner=True, use_rot_pos_emb=True, ref_feat_shape=(grid, grid), global_pool="token",
                 num_classes=c["embed"])
-    init = _Init(seed)
+    init = SeededInit(seed)
     state = {}
     for name, value in trunk.state_dict().items():
         if "rope" in name:
@@ -59,12 +59,12 @@ def eva_tiny_state(seed: int) -> dict[str, torch.Tensor]:
 
 
 def write_eva_clip(root: Path, seed: int) -> None:
-    _save_bin(root / "EVA02_CLIP_L_336_psz14_s6B.pt", eva_tiny_state(seed))
+    save_bin(root / "EVA02_CLIP_L_336_psz14_s6B.pt", eva_tiny_state(seed))
 
 
 def pulid_tiny_state(seed: int) -> dict[str, torch.Tensor]:
     c = IDFORMER_TINY
-    init = _Init(seed)
+    init = SeededInit(seed)
     layout = unet_layout(tiny_unet_config("sdxl"))
     out = layout.cross_attention_dim
     dim, inner, m = c["dim"], c["inner"], c["map"]
@@ -116,7 +116,7 @@ def pulid_flux_tiny_state(seed: int) -> dict[str, torch.Tensor]:
     from ..archs.pulid import flux_ca_count
     from .flux import TINY_FLUX
 
-    init = _Init(seed)
+    init = SeededInit(seed)
     c, kv = IDFORMER_TINY, CA_TINY["kv_dim"]
     encoder = pulid_tiny_state(seed)  # the IDFormer part, re-drawn at output width kv below
     encoder = {k[len("id_adapter."):]: v for k, v in encoder.items() if k.startswith("id_adapter.")}
