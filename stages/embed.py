@@ -7,10 +7,13 @@ Each adapter was trained on one embedding space, and only that space works:
     FaceID-Plus(V2)    buffalo_l `normed_embedding` + CLIP ViT-H hidden_states[-2] of a 224 norm_crop face
     PhotoMaker v2      buffalo_l raw `embedding` (+ CLIP on the whole photo, done by the backend)
     PuLID (SDXL)       insightface antelopev2 raw `embedding` (+ EVA-CLIP of the aligned face, by the backend)
+    InfiniteYou        antelopev2 finds the face; facexlib's ArcFace IR-SE50 (torch) embeds it, normalized
 
 Faces are located, then each pack's own ArcFace model embeds the arcface-aligned crop,
 exactly as insightface's `FaceAnalysis.get` does (norm_crop on the 5 keypoints, then the
-recognizer). Location and embedding are separate on purpose: any detector's 5 keypoints
+recognizer). InfiniteYou is the exception: its projection was trained on facexlib's IR-SE50
+(another space than glintr100), fed as InfiniteYou's `extract_arcface_bgr_embedding` does:
+the 112 norm_crop of the BGR photo, scaled (x / 255) * 2 - 1, output L2-normalised. Location and embedding are separate on purpose: any detector's 5 keypoints
 give the crop the recognizer expects, so a real preset uses the pack's SCRFD and the tiny
 preset (whose SCRFD is random by design) uses dlib, through the same embedding code.
 
@@ -45,10 +48,17 @@ class AdapterSpace:
     pack: str  # insightface pack (registry id)
     recognizer: str  # the pack's ArcFace ONNX file
     normalized: bool  # normed_embedding (True) or raw embedding (False)
+    arcface: str | None = None  # preset role of a torch recognizer that replaces the pack's ONNX one
 
     @property
     def backend(self) -> str:
+        """The pack that locates faces (and, without `arcface`, embeds them)."""
         return f"insightface:{self.pack}"
+
+    @property
+    def embedder(self) -> str:
+        """The embedding space's name (results.json `embedding.space`)."""
+        return "facexlib:arcface-irse50" if self.arcface else self.backend
 
 
 SPACES: dict[str, AdapterSpace] = {
@@ -57,9 +67,9 @@ SPACES: dict[str, AdapterSpace] = {
     "faceid_plus": AdapterSpace("faceid_plus", "buffalo_l", "w600k_r50.onnx", normalized=True),
     "photomaker_v2": AdapterSpace("photomaker_v2", "buffalo_l", "w600k_r50.onnx", normalized=False),
     "pulid": AdapterSpace("pulid", "antelopev2", "glintr100.onnx", normalized=False),
-    # InfiniteYou detects with antelopev2 and embeds with facexlib's ArcFace (normalized); the
-    # closest space we ship is antelopev2's own ArcFace (glintr100), normalized.
-    "infiniteyou": AdapterSpace("infiniteyou", "antelopev2", "glintr100.onnx", normalized=True),
+    # InfiniteYou detects with antelopev2 and embeds with facexlib's ArcFace IR-SE50 (normalized).
+    "infiniteyou": AdapterSpace("infiniteyou", "antelopev2", "glintr100.onnx", normalized=True,
+                                arcface="arcface_infiniteyou"),
 }
 
 
@@ -108,7 +118,7 @@ class IdEmbedding:
         return int(self.vectors.shape[1])
 
     def info(self) -> dict[str, Any]:
-        return {"space": self.space.backend, "normalized": self.space.normalized, "mode": self.mode,
+        return {"space": self.space.embedder, "normalized": self.space.normalized, "mode": self.mode,
                 "photos": [c.source for c in self.crops]}
 
 
@@ -179,10 +189,34 @@ def insightface_crop(image: np.ndarray, kps: np.ndarray, size: int) -> np.ndarra
         return face_align.norm_crop(image, landmark=np.asarray(kps, dtype=np.float32), image_size=size)
 
 
-def load_recognizer(ctx, space: AdapterSpace) -> Recognizer:
-    """The pack's recognizer an adapter space names, through the model door (kind "recognizer")."""
+class TorchArcFace:
+    """facexlib's ArcFace IR-SE50 fed the way InfiniteYou's `extract_arcface_bgr_embedding` feeds it."""
+
+    def __init__(self, model):
+        self.model = model
+        self.input_size = int(model.input_size)
+
+    def embed(self, image: np.ndarray, kps: np.ndarray) -> np.ndarray:
+        """L2-normalised embedding of the face at `kps` in an RGB image: BGR norm_crop, (x/255)*2-1."""
+        return self.embed_crop(insightface_crop(np.ascontiguousarray(image[:, :, ::-1]), kps, self.input_size))
+
+    def embed_crop(self, bgr_crop: np.ndarray) -> np.ndarray:
+        import torch
+
+        param = next(self.model.parameters())
+        pixels = torch.from_numpy(np.ascontiguousarray(bgr_crop)).unsqueeze(0).permute(0, 3, 1, 2) / 255.0
+        pixels = (2 * pixels - 1).to(device=param.device, dtype=param.dtype).contiguous()
+        with torch.inference_mode():
+            return self.model(pixels)[0].float().cpu().numpy()
+
+
+def load_recognizer(ctx, space: AdapterSpace) -> Recognizer | TorchArcFace:
+    """The recognizer an adapter space names, through the model door (kind "recognizer", or
+    "arcface-irse50" for a space with a torch ArcFace)."""
     from portrait.core.models import load, resolve
 
+    if space.arcface:
+        return TorchArcFace(load(ctx, ctx.preset.model(space.arcface), "arcface-irse50"))
     resolved = resolve(ctx, space.pack)
     if not resolved.file(space.recognizer).is_file():
         raise BadInput(f"{resolved.root}: pack '{space.pack}' has no {space.recognizer}")
@@ -215,7 +249,7 @@ def largest_face(locator, image: np.ndarray) -> FaceObservation | None:
     return max(faces, key=lambda f: f.area) if faces else None
 
 
-def face_crops(sources: Sequence[tuple[str, np.ndarray]], locator, recognizer: Recognizer,
+def face_crops(sources: Sequence[tuple[str, np.ndarray]], locator, recognizer: Recognizer | TorchArcFace,
                space: AdapterSpace) -> list[FaceCrop]:
     """Locate the largest face of each photo and embed it; photos without a face are skipped."""
     crops = []
@@ -225,7 +259,7 @@ def face_crops(sources: Sequence[tuple[str, np.ndarray]], locator, recognizer: R
             continue
         raw = recognizer.embed(image, face.kps)
         observed = FaceObservation(box=face.box, score=face.score, kps=face.kps, embedding=raw,
-                                   backend=space.backend, landmarks=face.landmarks)
+                                   backend=space.embedder, landmarks=face.landmarks)
         crops.append(FaceCrop(source, image, observed, normalize(raw) if space.normalized else raw))
     return crops
 

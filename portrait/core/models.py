@@ -450,6 +450,23 @@ def _eva_clip(source: Source):
         raise bad_file(source.path, f"cannot be loaded as EVA02-CLIP ({str(exc).splitlines()[0]})") from None
 
 
+@builder("arcface-irse50")
+def _arcface_irse50(source: Source):
+    """facexlib's ArcFace IR-SE50 (`recognition_arcface_ir_se50.pth`), InfiniteYou's recognizer: L2-normalised 512-d."""
+    from .archs import arcface_irse as arch
+
+    state = source.weights()
+    if not arch.detect(state.keys()):
+        raise bad_file(source.path, "is not facexlib's ArcFace IR-SE checkpoint (no input_layer / body.*.res_layer.5 "
+                                    "SE / output_layer keys)")
+    try:
+        model = arch.build(state)
+    except (ValueError, RuntimeError) as exc:
+        raise bad_file(source.path, f"cannot be loaded as ArcFace IR-SE ({str(exc).splitlines()[0]})") from None
+    # fp32 on every device, as the reference runs it (a small net; fp16 would move the embedding)
+    return source.place(model, cast=False)
+
+
 @builder("face-parser")
 def _face_parser(source: Source):
     """BiSeNet face parsing (CelebAMask-HQ labels), portrait.core.parsing's network."""

@@ -257,6 +257,6 @@ SPEC = BackendSpec(
     make=InfiniteYouBackend,
     help="InfiniteYou: InfuseNet residuals from the projected ArcFace embedding (FLUX, zero-shot)",
     options=InfiniteYouOptions,
-    models=lambda o: ("base", VARIANTS[o.infiniteyou_variant], "face_pack_instantid"),
+    models=lambda o: ("base", VARIANTS[o.infiniteyou_variant], "face_pack_instantid", "arcface_infiniteyou"),
     license="InfiniteYou weights CC BY-NC 4.0; FLUX.1-dev non-commercial; antelopev2 non-commercial",
 )

@@ -206,3 +206,46 @@ def write_auraface(root: Path, seed: int) -> None:
     model.doc_string = "tiny AuraFace stand-in (portrait make-tiny)"
     onnx.checker.check_model(model)
     onnx.save(model, str(root / "glintr100.onnx"))
+
+
+# facexlib's ArcFace IR-SE layout at a few channels: 4 stride-2 stages (112 px -> 7x7) with one
+# width-keeping unit (MaxPool shortcut, as most real units have), a 512-d output like the real one
+# (InfiniteYou's projection reads 512). 3.3 MB, nearly all of it the 32*7*7 -> 512 Linear.
+TINY_IRSE_UNITS = [(16, 16, 2), (16, 20, 2), (20, 20, 1), (20, 24, 2), (24, 32, 2)]
+
+
+def arcface_irse_state(seed: int) -> dict:
+    """A deterministic state dict in `recognition_arcface_ir_se50.pth`'s key layout, tiny widths."""
+    import torch
+
+    from ..archs.arcface_irse import ArcFaceIRSE
+
+    model = ArcFaceIRSE(TINY_IRSE_UNITS, stem=16, embedding_dim=EMBEDDING_DIM, final_size=7)
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(shape):
+        return torch.randn(shape, generator=gen)
+
+    state = {}
+    for name, value in model.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            state[name] = value.clone()
+        elif name.endswith("running_var"):
+            state[name] = 1.0 + 0.1 * randn(value.shape).abs()
+        elif value.ndim >= 2:  # conv / linear weights, scaled by fan-in so activations stay O(1)
+            state[name] = randn(value.shape) / float(value[0].numel()) ** 0.5
+        elif name == "input_layer.2.weight" or name.endswith("res_layer.2.weight"):  # PReLU slopes
+            state[name] = torch.full(value.shape, 0.25)
+        elif name.endswith("weight"):  # BN scales
+            state[name] = 1.0 + 0.1 * randn(value.shape)
+        else:  # BN shifts, running means, the Linear bias
+            state[name] = 0.1 * randn(value.shape)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def write_arcface_irse50(root: Path, seed: int) -> None:
+    """tiny-arcface-irse50: `recognition_arcface_ir_se50.pth`, a plain state dict like facexlib's release."""
+    import torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    torch.save(arcface_irse_state(seed), root / "recognition_arcface_ir_se50.pth")

@@ -1,0 +1,182 @@
+"""facexlib's ArcFace IR-SE50 (InfiniteYou's recognizer) and InfiniteYou's embedding recipe.
+
+Oracles, read at test time from the fetched repositories (bare git mirrors, never vendored):
+facexlib's `facexlib/recognition/arcface_arch.py` (imports only torch; PORTRAIT_FACEXLIB_REPO
+or /work/.mirror/xinntao+facexlib/repo) and InfiniteYou's `extract_arcface_bgr_embedding`
+(its function alone, cut out of `pipelines/pipeline_infu_flux.py` with `ast`: that module
+imports facexlib, optimum-quanto and huggingface_hub at the top, which the lock does not have).
+The reference moves its tensor with `.cuda()`; the test makes that a no-op on CPU, nothing else.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from portrait.core.archs import arcface_irse as arch
+from portrait.core.context import RunContext
+from portrait.core.errors import PortraitError
+from portrait.core.models import load
+from portrait.stages import embed as emb
+
+FACEXLIB = Path(os.environ.get("PORTRAIT_FACEXLIB_REPO", "/work/.mirror/xinntao+facexlib/repo"))
+INFINITEYOU = Path(os.environ.get("PORTRAIT_INFINITEYOU_REPO", "/work/.mirror/bytedance+InfiniteYou/repo"))
+
+
+def git_show(repo: Path, path: str) -> str:
+    if not (repo / "HEAD").exists() and not (repo / ".git").exists():
+        pytest.skip(f"reference repository is not fetched ({repo})")
+    git_dir = repo if (repo / "HEAD").exists() else repo / ".git"
+    return subprocess.run(["git", f"--git-dir={git_dir}", "show", f"HEAD:{path}"], capture_output=True, text=True,
+                          check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_home):
+    return RunContext.create(tiny_home, preset="tiny-flux")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(ctx):
+    return load(ctx, ctx.preset.model("arcface_infiniteyou"), "arcface-irse50")
+
+
+def randomized(module: torch.nn.Module, seed: int = 0) -> dict:
+    """Every tensor of a state dict random (BN statistics too), so a swapped key shows."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, value in module.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            state[name] = value
+        elif name.endswith("running_var"):
+            state[name] = 0.5 + torch.rand(value.shape, generator=gen)
+        else:
+            state[name] = torch.randn(value.shape, generator=gen) / max(1, value[0].numel() if value.ndim else 1) ** 0.5
+    return state
+
+
+def test_release_layout_has_the_release_size():
+    """IR-SE50 built from facexlib's unit table: its fp32 tensors are the release file's bytes
+    (175,367,323 in the registry) less pickle framing, which fails on any missing or extra unit."""
+    state = arch.ArcFaceIRSE(arch.facexlib_units(50)).state_dict()
+    data = sum(v.numel() * v.element_size() for v in state.values())
+    assert arch.detect(state) and len(state) == 397
+    assert 0 < 175_367_323 - data < 200_000, data
+
+
+def test_loads_facexlib_backbone_and_matches_its_forward(tmp_path):
+    """facexlib's own Backbone(50, 0.6, 'ir_se'): same keys, strict load, same embedding."""
+    source = git_show(FACEXLIB, "facexlib/recognition/arcface_arch.py")
+    path = tmp_path / "arcface_arch.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("facexlib_arcface_arch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    theirs = module.Backbone(num_layers=50, drop_ratio=0.6, mode="ir_se")
+    state = randomized(theirs)
+    theirs.load_state_dict(state, strict=True)
+    theirs.eval()
+    assert arch.detect(state.keys())
+    ours = arch.build(state)
+    assert set(ours.state_dict()) == set(state) and ours.input_size == 112
+    x = torch.rand(1, 3, 112, 112, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        a, b = ours(x), theirs(x)
+    diff = float((a - b).abs().max())
+    print(f"IR-SE50 vs facexlib Backbone: max |embedding diff| {diff:.2e}")
+    assert diff <= 1e-5 and abs(float(a.norm()) - 1.0) < 1e-5
+    # facexlib's plain `ir` layout (no SE) is another network: refused
+    plain = module.Backbone(num_layers=50, drop_ratio=0.6, mode="ir").state_dict()
+    assert not arch.detect(plain.keys())
+
+
+def test_detect_refuses_other_layouts(tiny_model):
+    good = tiny_model.state_dict()
+    assert arch.detect(good.keys())
+    no_se = {k: v for k, v in good.items() if ".res_layer.5." not in k}  # facexlib mode='ir'
+    no_head = {k: v for k, v in good.items() if not k.startswith("output_layer.3")}
+    iresnet = ["conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer1.0.prelu.weight", "fc.weight",
+               "features.weight"]  # insightface's iresnet (glintr100 / w600k_r50 in torch)
+    prefixed = {f"module.{k}": v for k, v in good.items()}  # a DataParallel dump is not the release
+    for keys in (no_se.keys(), no_head.keys(), iresnet, prefixed.keys(), []):
+        assert not arch.detect(keys)
+    with pytest.raises(ValueError):
+        arch.build(no_se)
+
+
+def test_door_names_a_wrong_file(ctx, tmp_path):
+    bad = tmp_path / "not_arcface.pth"
+    torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3), "fc.weight": torch.zeros(512, 4)}, bad)
+    with pytest.raises(PortraitError, match="not_arcface.pth.*ArcFace IR-SE"):
+        load(ctx, "arcface-irse50", "arcface-irse50", path=bad)
+
+
+def test_tiny_stand_in_has_the_release_key_layout(tiny_model):
+    import re
+
+    def forms(keys):  # key names with the unit index left out
+        return {re.sub(r"^body\.\d+\.", "body.*.", k) for k in keys}
+
+    keys = set(tiny_model.state_dict())
+    release = set(arch.ArcFaceIRSE(arch.facexlib_units(50)).state_dict())
+    assert forms(keys) == forms(release)  # every key form the release has, no other
+    # both unit kinds: width-changing (conv shortcut) and width-keeping (MaxPool shortcut, no keys)
+    assert "body.1.shortcut_layer.0.weight" in keys and "body.2.shortcut_layer.0.weight" not in keys
+    assert tiny_model.input_size == 112 and tiny_model.output_layer[3].out_features == 512
+
+
+def reference_extract():
+    """InfiniteYou's `extract_arcface_bgr_embedding`, exec'd from its own source."""
+    from insightface.utils import face_align
+
+    source = git_show(INFINITEYOU, "pipelines/pipeline_infu_flux.py")
+    tree = ast.parse(source)
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "extract_arcface_bgr_embedding")
+    namespace = {"np": np, "torch": torch, "face_align": face_align}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "pipeline_infu_flux.py", "exec"), namespace)
+    return namespace["extract_arcface_bgr_embedding"]
+
+
+def test_embedding_matches_infiniteyou_reference(ctx, tiny_model, hopper, astronaut, monkeypatch):
+    """Our RGB-in recognizer vs the reference fed as its pipeline feeds it (cv2 RGB2BGR photo,
+    antelopev2-style 5 keypoints): the same vector."""
+    extract = reference_extract()
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    ours = emb.TorchArcFace(tiny_model)
+    space = emb.space_for("infiniteyou")
+    locator = emb.make_locator(ctx, space, emb.EmbedPolicy())
+    vectors = []
+    for photo in (hopper, astronaut):
+        face = emb.largest_face(locator, photo)
+        assert face is not None
+        with torch.no_grad():
+            theirs = extract(cv2.cvtColor(photo, cv2.COLOR_RGB2BGR), face.kps, tiny_model).numpy()
+        mine = ours.embed(photo, face.kps)
+        diff = float(np.abs(mine - theirs).max())
+        print(f"InfiniteYou ArcFace embedding vs reference: max |diff| {diff:.2e}")
+        assert mine.shape == (512,) and diff <= 1e-6
+        # channel order is part of the recipe: the RGB crop gives another vector
+        rgb = ours.embed_crop(emb.insightface_crop(photo, face.kps, 112))
+        assert float(np.abs(rgb - mine).max()) > 1e-3
+        vectors.append(mine)
+    assert float(np.abs(vectors[0] - vectors[1]).max()) > 1e-3
+
+
+def test_infiniteyou_space_embeds_with_irse50(ctx, tiny_model, hopper):
+    found = emb.embed_images(ctx, [("hopper", hopper)], "infiniteyou", emb.EmbedPolicy(mode="best"))
+    assert found.info()["space"] == "facexlib:arcface-irse50" and found.info()["normalized"] is True
+    face = found.crops[0].face
+    expected = emb.TorchArcFace(tiny_model).embed(hopper, face.kps)
+    assert np.allclose(found.vectors[0], expected, rtol=0, atol=1e-6) and abs(float(np.linalg.norm(expected)) - 1) < 1e-5
+    # the other spaces are unchanged: PuLID still embeds with antelopev2's glintr100
+    pulid = emb.embed_images(ctx, [("hopper", hopper)], "pulid", emb.EmbedPolicy(mode="best"))
+    assert pulid.info()["space"] == "insightface:antelopev2" and pulid.dim == 512
+    assert not np.allclose(emb.normalize(pulid.vectors[0]), found.vectors[0], atol=1e-2)
