@@ -201,27 +201,8 @@ def rank(candidates: Sequence[Candidate], scores: Sequence[CandidateScore], poli
 
 # --- which spaces score -----------------------------------------------------------------------
 
-# The embedding space each generation backend is conditioned with (docs/ARCHITECTURE.md#adapter-formats).
-# PuLID (SDXL and FLUX) embeds with antelopev2; our InfiniteYou uses antelopev2's ArcFace too
-# (its own recognizer, facexlib's IR-SE50, is not in the registry yet).
-CONDITIONING = {"instantid": "insightface:antelopev2", "faceid": "insightface:buffalo_l",
-                "pulid": "insightface:antelopev2", "pulid-flux": "insightface:antelopev2",
-                "infiniteyou": "insightface:antelopev2"}
 # Independent spaces, preferred first; dlib is the offline fallback (its models ship in a package).
 INDEPENDENT = ("auraface", "insightface:buffalo_l", "insightface:antelopev2", "dlib")
-
-
-def conditioning_space(backend: str, options: Mapping[str, Any], selection_space: str | None) -> str | None:
-    """The space that shaped the output. For the LoRA backends it is the space whose similarity
-    picked the LoRA's checkpoints (`selection_space`, the bundle's face backend)."""
-    if backend in CONDITIONING:
-        return CONDITIONING[backend]
-    if backend == "photomaker":
-        version = str(options.get("photomaker_version", "2")).lstrip("v")
-        return "insightface:buffalo_l" if version == "2" else None
-    if backend == "template" and options.get("identity_adapter") == "faceid":
-        return CONDITIONING["faceid"]
-    return selection_space
 
 
 # --- copy-paste ------------------------------------------------------------------------------

@@ -162,3 +162,29 @@ def test_the_service_lists_the_table_with_each_options_schema(toy, home):
     assert rows["faceid"]["options"]["properties"]["ip_adapter_scale"]["default"] == 0.6
     assert rows["instantid"]["options"]["properties"]["ip_adapter_scale"]["default"] == 0.8
     assert client.get("/v1/backends").status_code == 401  # a tenant's token, as every catalogue call
+
+
+def test_each_backend_declares_the_space_it_is_conditioned_with():
+    """The finish's scoring reads the conditioning space from the backend table (no per-backend
+    map in the score stage): a new backend declares it in its own module."""
+    import dataclasses
+
+    from portrait.flows.finish import conditioning_space
+    from portrait.stages.backends import BACKENDS, register, unregister
+
+    picked = "dlib"  # the space whose similarity picked the LoRA's checkpoints
+    assert conditioning_space("lora", {}, picked) == "dlib"
+    assert conditioning_space("template", {}, picked) == "dlib"
+    assert conditioning_space("template", {"identity_adapter": "faceid"}, picked) == "insightface:buffalo_l"
+    assert conditioning_space("faceid", {}, picked) == "insightface:buffalo_l"
+    assert conditioning_space("photomaker", {}, picked) == "insightface:buffalo_l"
+    assert conditioning_space("photomaker", {"photomaker_version": "v1"}, picked) is None
+    assert conditioning_space("flux", {}, picked) is None
+    for name in ("instantid", "pulid", "pulid-flux", "infiniteyou"):
+        assert conditioning_space(name, {}, picked) == "insightface:antelopev2", name
+    toy = dataclasses.replace(BACKENDS.get("lora"), name="toy-conditioned", conditioning="auraface")
+    register(toy)
+    try:
+        assert conditioning_space("toy-conditioned", {}, picked) == "auraface"
+    finally:
+        unregister("toy-conditioned")

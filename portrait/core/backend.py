@@ -30,6 +30,9 @@ from .context import RunContext
 from .types import Candidate, GenerationRequest
 
 
+LORA_SELECTION = "lora-selection"  # conditioning: the space that selected the LoRA's checkpoints
+NO_FACE_SPACE = ""  # conditioning: no face embedding drives the output (plain text to image)
+
 class Backend(Protocol):
     def generate(self, request: GenerationRequest, ctx: RunContext) -> Iterator[Candidate]:
         """Yield request.n candidates, seeds request.seed, request.seed + 1, ..."""
@@ -59,6 +62,11 @@ class BackendSpec:
     photo_template: bool = False  # takes a photo template (not a style template or a prompt)
     license: str = ""  # a note on the license of what it loads, when it is not the preset's
     finish: Mapping[str, bool] = field(default_factory=dict)  # finish switches it changes by default
+    # The face-embedding space its output was conditioned with (scoring ranks in another one:
+    # stages/score.py). A space name ("insightface:antelopev2"), NO_FACE_SPACE when no face
+    # embedding drives it, LORA_SELECTION when it is the space that picked the identity LoRA's
+    # checkpoints; or a function of its typed options returning one of those.
+    conditioning: str | Callable[[Any], str] = LORA_SELECTION
     extra: Mapping[str, Any] = field(default_factory=dict)  # room for a plugin's own facts
 
     def read(self, request_or_options: GenerationRequest | Mapping[str, Any]) -> Any:
@@ -73,6 +81,13 @@ class BackendSpec:
         if callable(self.models):
             return tuple(self.models(self.read(request)))
         return tuple(self.models)
+
+    def conditioning_space(self, options: Mapping[str, Any], selection_space: str | None) -> str | None:
+        """The space that shaped this backend's output for these (request) options."""
+        space = self.conditioning(self.read(options)) if callable(self.conditioning) else self.conditioning
+        if space == LORA_SELECTION:
+            return selection_space
+        return space or None
 
     def option_names(self) -> tuple[str, ...]:
         return tuple(self.options.model_fields)
@@ -123,4 +138,4 @@ class BackendTable:
         return ", ".join(self._specs)
 
 
-__all__ = ["Backend", "BackendSpec", "BackendTable", "NoOptions"]
+__all__ = ["LORA_SELECTION", "NO_FACE_SPACE", "Backend", "BackendSpec", "BackendTable", "NoOptions"]

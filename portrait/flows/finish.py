@@ -185,6 +185,15 @@ def independent_space(ctx, conditioning: str | None) -> str:
     return "dlib"
 
 
+def conditioning_space(backend: str, options: Mapping[str, Any], selection_space: str | None) -> str | None:
+    """The embedding space that shaped a run of `backend`, as its BackendSpec declares it (the
+    LoRA backends: `selection_space`, the space whose similarity picked the LoRA's checkpoints)."""
+    from portrait.stages.backends import BACKENDS
+
+    spec = BACKENDS.get(backend)
+    return spec.conditioning_space(options, selection_space) if spec is not None else selection_space
+
+
 def scoring_for(ctx, identity: Identity, backend: str, options: Mapping[str, Any], policy: FinishPolicy,
                 analyzer: FaceAnalyzer | None = None, who: IdentityFaces | None = None) -> Scoring:
     """The spaces that score a run of `backend` (see `Scoring`), built once per run.
@@ -193,7 +202,7 @@ def scoring_for(ctx, identity: Identity, backend: str, options: Mapping[str, Any
     space; otherwise `score.rank_space` picks the independent space (default) or the
     conditioning one.
     """
-    conditioning = score_stage.conditioning_space(backend, options, identity.manifest.get("face_backend"))
+    conditioning = conditioning_space(backend, options, identity.manifest.get("face_backend"))
     if analyzer is not None:
         ranking = analyzer.backend
     elif policy.face_backend != "auto":

@@ -186,4 +186,5 @@ SPEC = BackendSpec(
     options=FaceIDOptions,
     models=_models,
     group=True,
+    conditioning="insightface:buffalo_l",  # IP-Adapter FaceID embeds with buffalo_l
 )

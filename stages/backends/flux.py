@@ -15,7 +15,7 @@ from typing import ClassVar, Iterator
 
 from pydantic import Field
 
-from portrait.core.backend import BackendSpec
+from portrait.core.backend import NO_FACE_SPACE, BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.options import CommonOptions
 from portrait.core.types import Candidate, GenerationRequest
@@ -52,4 +52,5 @@ SPEC = BackendSpec(
     options=FluxOptions,
     models=("base",),
     license="FLUX.1-dev weights: non-commercial license",
+    conditioning=NO_FACE_SPACE,  # plain text to image: the likeness comes from fusion
 )

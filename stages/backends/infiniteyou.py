@@ -259,4 +259,8 @@ SPEC = BackendSpec(
     options=InfiniteYouOptions,
     models=lambda o: ("base", VARIANTS[o.infiniteyou_variant], "face_pack_instantid", "arcface_infiniteyou"),
     license="InfiniteYou weights CC BY-NC 4.0; FLUX.1-dev non-commercial; antelopev2 non-commercial",
+    # Faces found and aligned by antelopev2, embedded by facexlib's IR-SE50 (stages/embed.py), a
+    # space no analyzer scores in: antelopev2's ArcFace is the nearest one we score with, so it is
+    # the one kept out of the independent ranking.
+    conditioning="insightface:antelopev2",
 )

@@ -246,4 +246,5 @@ SPEC = BackendSpec(
     help="InstantID: face tokens + IdentityNet keypoints (SDXL, zero-shot)",
     options=InstantIDOptions,
     models=("instantid_controlnet", "instantid_adapter", "face_pack_instantid"),
+    conditioning="insightface:antelopev2",
 )

@@ -407,6 +407,11 @@ class PhotoMakerBackend:
             pipe.disable_lora()
 
 
+def _conditioning(options: PhotoMakerOptions) -> str:
+    """v2 adds a buffalo_l embedding to its ID encoder; v1 reads CLIP image features only."""
+    return "" if options.version == 1 else "insightface:buffalo_l"
+
+
 SPEC = BackendSpec(
     name="photomaker",
     families=("sdxl",),
@@ -414,4 +419,5 @@ SPEC = BackendSpec(
     help="PhotoMaker v1/v2 stacked ID embedding (SDXL, zero-shot; the prompt needs `CLASS img`)",
     options=PhotoMakerOptions,
     models=_models,
+    conditioning=_conditioning,
 )

@@ -303,4 +303,5 @@ SPEC = BackendSpec(
     options=PuLIDOptions,
     models=("pulid", "eva_clip", "face_pack_instantid", "face_parser"),
     license="PuLID weights Apache-2.0, conditioned on insightface antelopev2 (non-commercial); EVA-CLIP MIT",
+    conditioning="insightface:antelopev2",
 )

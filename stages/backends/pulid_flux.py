@@ -184,4 +184,5 @@ SPEC = BackendSpec(
     options=PuLIDFluxOptions,
     models=("base", "pulid_flux", "eva_clip", "face_pack_instantid", "face_parser"),
     license="PuLID-FLUX weights Apache-2.0, conditioned on antelopev2 (non-commercial); FLUX.1-dev non-commercial",
+    conditioning="insightface:antelopev2",
 )

@@ -30,7 +30,7 @@ import numpy as np
 
 from pydantic import Field
 
-from portrait.core.backend import BackendSpec
+from portrait.core.backend import LORA_SELECTION, BackendSpec
 from portrait.core.bundle import load_identity
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
@@ -430,6 +430,11 @@ def _controls(ctx: RunContext, strengths: dict[str, float], image: np.ndarray,
             for name, strength in strengths.items() if strength > 0]
 
 
+def _conditioning(options: TemplateOptions) -> str:
+    """With FaceID in its passes the buffalo_l space shapes the face too; else the LoRA does."""
+    return "insightface:buffalo_l" if options.identity_adapter == "faceid" else LORA_SELECTION
+
+
 SPEC = BackendSpec(
     name="template",
     families=("sd15", "sdxl"),
@@ -441,4 +446,5 @@ SPEC = BackendSpec(
     group=True,
     photo_template=True,
     finish={"fuse": False},  # it fuses inside its own passes
+    conditioning=_conditioning,
 )
