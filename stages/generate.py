@@ -162,10 +162,9 @@ def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Tem
 
 def _size(t: Template, policy: GeneratePolicy, overrides: Mapping[str, Any]) -> tuple[int, int]:
     if t.kind == "photo" and t.size is None and t.image is not None:
-        from PIL import Image
+        from portrait.core.formats.images import image_size
 
-        with Image.open(t.image) as im:
-            base = im.size
+        base = image_size(t.image)  # upright, as fusion reads the template photo
         # A photo template keeps its aspect; its longer side is scaled to the base size.
         longest = max(base)
         size = (base[0] * 512 / longest, base[1] * 512 / longest)

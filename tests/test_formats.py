@@ -246,3 +246,19 @@ def test_upload_body_parses_as_multipart(tmp_path):
                                         "on_header_value": on_header_value, "on_part_end": on_part_end})
     parser.write(body)
     assert parts == {"name": b"ann", "files": b"\xff\xd8abc\r\n--x"}
+
+
+def test_image_size_is_the_upright_size_the_reader_returns(tmp_path):
+    from PIL import Image
+
+    from portrait.core.formats.images import image_size, read_rgb
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter: upright it is taller than wide
+    path = tmp_path / "sideways.jpg"
+    Image.new("RGB", (300, 200), (10, 20, 30)).save(path, exif=exif)
+    assert image_size(path) == (200, 300)
+    assert read_rgb(path).shape[:2] == (300, 200)  # rows = height
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (300, 200)).save(plain)
+    assert image_size(plain) == (300, 200)

@@ -19,7 +19,7 @@ import numpy as np
 from portrait.core.errors import bad_file
 from portrait.core.io import write_image
 
-__all__ = ["read_image", "read_rgb", "write_image", "thumbnail_bytes"]
+__all__ = ["image_size", "read_image", "read_rgb", "write_image", "thumbnail_bytes"]
 
 
 def read_image(path: Path | str):
@@ -36,6 +36,24 @@ def read_image(path: Path | str):
         raise bad_file(path, "is a folder, not an image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise bad_file(path, f"unreadable image ({exc.__class__.__name__})") from None
+
+
+def image_size(path: Path | str) -> tuple[int, int]:
+    """(width, height) as the reader returns the image (upright), read from the header only."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            # EXIF Orientation 5-8 store the picture turned a quarter: exif_transpose swaps the sides.
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):
+                width, height = height, width
+    except FileNotFoundError:
+        raise bad_file(path, "no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise bad_file(path, f"unreadable image ({exc.__class__.__name__})") from None
+    return width, height
 
 
 def read_rgb(path: Path | str) -> np.ndarray:
