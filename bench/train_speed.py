@@ -67,8 +67,10 @@ def sample_images(folder: Path, resolution: int) -> list[Path]:
     return paths
 
 
-def loader(settings, preset: str, model_dir: str | None):
-    """(ctx, load()) where load() returns a fresh pipeline: the shipped loader, or the folder."""
+def loader(settings, preset: str, model_dir: str | None, ours: bool = False, dtypes=None):
+    """(ctx, load()) where load() returns a fresh pipeline. Ours: the shipped loader, as
+    `portrait train` calls it (the folder as `--base`, the parts in `dtypes`); the baseline:
+    diffusers' from_pretrained on the folder, as the script loads it."""
     import dataclasses
 
     from portrait.core.cache import ModelCache
@@ -76,12 +78,13 @@ def loader(settings, preset: str, model_dir: str | None):
     from portrait.core.loaders import load_pipeline
 
     ctx = RunContext.create(settings, preset=preset)
-    if model_dir:
+    if model_dir and not ours:
         from diffusers import StableDiffusionPipeline
 
         return ctx, lambda: StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None,
                                                                     requires_safety_checker=False)
-    return ctx, lambda: load_pipeline(dataclasses.replace(ctx, cache=ModelCache()))
+    where = {"base_path": model_dir, "family": "sd15", "vae": None} if model_dir else {}
+    return ctx, lambda: load_pipeline(dataclasses.replace(ctx, cache=ModelCache()), dtypes=dtypes, **where)
 
 
 def write_sd15_architecture(root: Path) -> Path:
@@ -107,13 +110,13 @@ def write_sd15_architecture(root: Path) -> Path:
     return target
 
 
-def policy_for(ctx, steps: int, resolution: int, rank: int | None):
+def policy_for(ctx, steps: int, resolution: int, rank: int | None, precision: str = "auto"):
     from portrait.stages.train import TrainPolicy
 
     return TrainPolicy.from_section(ctx.preset.section("train"), steps=steps, resolution=resolution, rank=rank,
                                     train_text_encoder=False, gradient_checkpointing=False, snr_gamma=0.0, flip=False,
                                     validation_seeds=[], checkpoint_every=10**9, optimizer="adamw",
-                                    mixed_precision="no")
+                                    mixed_precision=precision)
 
 
 class StepClock:
@@ -130,18 +133,22 @@ class StepClock:
         return {"timed_steps": len(self.marks) - 1, "loop_s": w1 - w0, "loop_cpu_s": c1 - c0}
 
 
-def run_ours(settings, preset, images, steps, resolution, rank, model_dir, out: Path) -> dict:
+def run_ours(settings, preset, images, steps, resolution, rank, model_dir, out: Path, precision: str) -> dict:
+    from portrait.core.context import RunContext
     from portrait.core.formats.images import read_rgb
-    from portrait.stages.train import TrainData, TrainModels, save_diffusers_lora, train_lora
+    from portrait.stages.train import TrainData, TrainModels, load_dtypes, save_diffusers_lora, train_lora
 
-    ctx, load = loader(settings, preset, model_dir)
+    ctx = RunContext.create(settings, preset=preset)
+    policy = policy_for(ctx, steps, resolution, rank, precision)
+    # As the train flow: the parts that train in bf16 on this CPU are loaded as bf16.
+    ctx, load = loader(settings, preset, model_dir, ours=True,
+                       dtypes=load_dtypes(policy, ctx.placement.device, ctx.placement.dtype_name))
     pipe = load()
 
     def reload(names):
         fresh = load()
         return {name: getattr(fresh, name) for name in names}
 
-    policy = policy_for(ctx, steps, resolution, rank)
     # The trainer's input: RGB arrays (portrait train reads its prepared crops the same way).
     arrays = tuple(read_rgb(p) for p in images)
     data = TrainData(arrays, (PROMPT,) * len(arrays), "sks", "person")
@@ -150,11 +157,14 @@ def run_ours(settings, preset, images, steps, resolution, rank, model_dir, out: 
                         device=ctx.placement.device, dtype_name=ctx.placement.dtype_name, restore_pipeline=False,
                         on_event=lambda e: clock.mark() if e.phase == "step" else None)
     save_diffusers_lora(out / "lora.safetensors", ctx.preset.family, result.lora, result.rank, result.alpha)
-    return clock.figures()
+    return {**clock.figures(), "trained_in": "bf16" if load_dtypes(policy, ctx.placement.device, "float32") else "fp32"}
 
 
-def run_baseline(settings, preset, images, steps, resolution, rank, model_dir, out: Path) -> dict:
-    """diffusers' train_dreambooth_lora.py loop, on the same model (no caching)."""
+def run_baseline(settings, preset, images, steps, resolution, rank, model_dir, out: Path, precision: str) -> dict:
+    """diffusers' train_dreambooth_lora.py loop, on the same model (no caching). `precision`:
+    the script's --mixed_precision (its default, no, is fp32); under bf16 it casts the loaded
+    UNet, VAE and text encoder to bf16, keeps the LoRA in fp32, and runs the UNet under autocast
+    (accelerate wraps the prepared UNet's forward so)."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -170,11 +180,13 @@ def run_baseline(settings, preset, images, steps, resolution, rank, model_dir, o
     if ctx.preset.family != "sd15":
         raise SystemExit("the baseline mirrors the SD1.5 script; use an sd15-family preset")
     pipe = load()
-    policy = policy_for(ctx, steps, resolution, rank)
+    policy = policy_for(ctx, steps, resolution, rank, "no")
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     device = ctx.placement.device
+    weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
+        module.to(device, dtype=weight_dtype)
     torch.manual_seed(policy.seed)
     unet.add_adapter(LoraConfig(r=policy.rank, lora_alpha=policy.alpha, init_lora_weights="gaussian",
                                 target_modules=list(policy.unet_targets)))
@@ -196,7 +208,7 @@ def run_baseline(settings, preset, images, steps, resolution, rank, model_dir, o
         image = exif_transpose(Image.open(images[step % len(images)]))
         if image.mode != "RGB":
             image = image.convert("RGB")
-        pixel_values = image_transforms(image).unsqueeze(0).to(device)
+        pixel_values = image_transforms(image).unsqueeze(0).to(device, dtype=weight_dtype)
         input_ids = tokenizer(PROMPT, truncation=True, padding="max_length", max_length=tokenizer.model_max_length,
                               return_tensors="pt").input_ids.to(device)
         # the training step
@@ -205,7 +217,8 @@ def run_baseline(settings, preset, images, steps, resolution, rank, model_dir, o
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (model_input.shape[0],), device=device)
         noisy = noise_scheduler.add_noise(model_input, noise, timesteps)
         encoder_hidden_states = text_encoder(input_ids)[0]
-        model_pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+        with torch.autocast("cpu" if device == "cpu" else "cuda", dtype=weight_dtype, enabled=precision == "bf16"):
+            model_pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
         loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, policy.max_grad_norm)
@@ -215,7 +228,7 @@ def run_baseline(settings, preset, images, steps, resolution, rank, model_dir, o
         float(loss.detach().item())  # the script logs the loss every step
         clock.mark()
     StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=get_peft_model_state_dict(unet))
-    return clock.figures()
+    return {**clock.figures(), "trained_in": "bf16" if precision == "bf16" else "fp32"}
 
 
 def process_age_s() -> float:
@@ -244,9 +257,11 @@ def child(args) -> None:
     settings = Settings(home=Path(args.home), preset=args.preset, device=args.device)
     images = sample_images(Path(args.home) / "bench-images", args.resolution)
     fn = run_ours if args.variant == "ours" else run_baseline
+    precision = args.ours_precision if args.variant == "ours" else args.baseline_precision
     with tempfile.TemporaryDirectory() as out:
-        result = fn(settings, args.preset, images, args.steps[0], args.resolution, args.rank, args.model_dir, Path(out))
-    result.update(variant=args.variant, steps=args.steps[0], peak_mb=peak_memory_mb(settings.device),
+        result = fn(settings, args.preset, images, args.steps[0], args.resolution, args.rank, args.model_dir, Path(out),
+                    precision)
+    result.update(variant=args.variant, steps=args.steps[0], peak_mb=peak_memory_mb(settings.device), precision=precision,
                   arch="sd15" if args.model_dir else "tiny", resolution=args.resolution, rank=args.rank,
                   threads=args.threads, finished=time.time(), load=load_average(), process_s=process_age_s())
     print(json.dumps(result))
@@ -272,7 +287,8 @@ def ensure_tiny(home: Path, preset: str) -> None:
 def run_child(args, variant: str, steps: int, home: Path, model_args: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--variant", variant, "--steps", str(steps), "--resolution", str(args.resolution),
            "--preset", args.preset, "--device", args.device, "--home", str(home), "--threads", str(args.threads),
-           "--rank", str(args.rank), *model_args]
+           "--rank", str(args.rank), "--ours-precision", args.ours_precision,
+           "--baseline-precision", args.baseline_precision, *model_args]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -302,6 +318,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved (baseline, ours) pairs per step count")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per process (1 keeps a shared machine's load from skewing the ratio)")
+    parser.add_argument("--ours-precision", choices=("auto", "no", "bf16"), default="auto",
+                        help="portrait train --mixed-precision (auto: bf16 on CPUs with bf16 instructions, else fp32)")
+    parser.add_argument("--baseline-precision", choices=("no", "bf16"), default="no",
+                        help="the script's --mixed_precision (its default: no, fp32)")
     parser.add_argument("--from-results", default=None,
                         help="print the table from a train-bench.jsonl (pairs in order) instead of running")
     parser.add_argument("--variant", choices=("ours", "baseline"), help=argparse.SUPPRESS)
@@ -361,7 +381,11 @@ def report(args, runs: dict[int, list[tuple[dict, dict]]], loads: list[str]) -> 
     def speed(row, key="loop_cpu_s"):
         return row["timed_steps"] / row[key]
 
-    title = f"{args.arch} architecture, {args.resolution} px, batch 1, rank {args.rank}"
+    def trained(side: int) -> str:
+        return "/".join(sorted({pair[side].get("trained_in", "fp32") for pair in pairs}))
+
+    title = (f"{args.arch} architecture, {args.resolution} px, batch 1, rank {args.rank}; "
+             f"script {trained(0)}, portrait {trained(1)}")
     print(f"{title}; {args.threads} torch thread(s) per process; median of {args.repeats} interleaved pairs "
           f"per step count ({len(pairs)} pairs for the per-step figures); load average seen: {', '.join(loads)}")
     print()

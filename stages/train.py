@@ -45,6 +45,7 @@ from typing import Annotated, Any, Callable, ClassVar, Iterable, Literal, Mappin
 import numpy as np
 from pydantic import Field
 
+from portrait.core.device import cpu_bf16_native
 from portrait.core.declare import policy_from
 from portrait.core.errors import BadInput, PortraitError
 from portrait.core.formats.lora import (TEXT_COMPONENTS, TEXT_TARGETS, UNET_TARGETS, kohya_state, read_lora_file,
@@ -95,7 +96,7 @@ class TrainPolicy:
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     gradient_checkpointing: Literal[True, False, "auto"] = _option("--gradient-checkpointing", "auto")  # auto: on CUDA with < 16 GB; never on CPU (it costs a forward)
     optimizer: Optimizer = _option("--optimizer", "adamw")  # adamw (fused) | adamw8bit (bitsandbytes) | prodigy (prodigyopt; learning-rate free, use lr 1.0)
-    mixed_precision: MixedPrecision = _option("--mixed-precision", "auto")  # auto (fp16/bf16 per runtime.precision on CUDA, fp32 on CPU) | no | fp16 | bf16
+    mixed_precision: MixedPrecision = _option("--mixed-precision", "auto")  # auto (fp16/bf16 per runtime.precision on CUDA; on CPU bf16 where it has bf16 instructions, else fp32) | no | fp16 | bf16
     seed: int = 0
     unet_targets: tuple[str, ...] = UNET_TARGETS  # UNet modules that get a LoRA
     text_targets: tuple[str, ...] = TEXT_TARGETS  # text-encoder modules that get a LoRA
@@ -232,16 +233,36 @@ def add_adapters(models: TrainModels, configs: Mapping[str, Any], seed: int) -> 
         getattr(models.pipeline, name).add_adapter(config)
 
 
-def mixed_precision_for(policy: TrainPolicy, device: str, dtype_name: str) -> str:
+def mixed_precision_for(policy: TrainPolicy, device: str, dtype_name: str, unet_dtype: Any = None) -> str:
+    """fp16/bf16 per the placement on CUDA; on CPU, `auto` is bf16 where the CPU does bf16 in
+    hardware (a step in half the time, the frozen weights in half the memory: see
+    core.device.cpu_bf16_native) and fp32 elsewhere. fp16 matmuls on CPU are slow or unsupported.
+    The LoRA weights and their optimizer state stay fp32 in every mode (diffusers does the same).
+
+    `unet_dtype`: the dtype of a UNet already loaded. On CPU `auto` then follows it: the train
+    flow loads the UNet as bf16 when it will train in bf16 (load_dtypes), while an fp32 pipeline
+    a caller hands in is not rounded to bf16 in place under `auto` (only an explicit bf16 does that).
+    """
     if not device.startswith("cuda"):
-        # CPU trains in fp32 unless bf16 is asked for (fast only where the CPU has bf16
-        # instructions); fp16 matmuls on CPU are slow or unsupported.
         if policy.mixed_precision == "fp16":
             raise BadInput("--mixed-precision fp16: needs a CUDA device; on CPU use bf16 or no")
-        return "bf16" if policy.mixed_precision == "bf16" else "no"
+        if policy.mixed_precision == "auto":
+            if unet_dtype is not None:
+                return "bf16" if str(unet_dtype) == "torch.bfloat16" else "no"
+            return "bf16" if cpu_bf16_native() else "no"
+        return policy.mixed_precision
     if policy.mixed_precision != "auto":
         return policy.mixed_precision
     return {"float16": "fp16", "bfloat16": "bf16"}.get(dtype_name, "no")
+
+
+def load_dtypes(policy: TrainPolicy, device: str, dtype_name: str) -> dict[str, str]:
+    """The parts the trainer wants loaded in a dtype other than the placement's: on CPU under
+    bf16 the UNet and text encoders come off disk as bf16 (never held in fp32 first); the VAE
+    encodes in fp32. On CUDA the pipeline already loads in the placement's fp16/bf16."""
+    if device.startswith("cuda") or mixed_precision_for(policy, device, dtype_name) != "bf16":
+        return {}
+    return {"unet": "bfloat16", "text_encoder": "bfloat16", "text_encoder_2": "bfloat16"}
 
 
 def gradient_checkpointing_for(policy: TrainPolicy, device: str) -> bool:
@@ -470,8 +491,6 @@ class Residency:
                 module.to(self.device, dtype=self.dtypes[name])
 
     def release(self, names: Iterable[str]) -> None:
-        import gc
-
         import torch
 
         names = [n for n in names if n in self.dtypes and n not in self.dropped | self.parked]
@@ -479,14 +498,17 @@ class Residency:
             return
         for name in names:
             if self.models.reload is not None:
+                # Moving the weights to the meta device frees them now, whoever still holds the
+                # module object; dropping the module and waiting for gc.collect() (it holds
+                # reference cycles) cost 0.36 s a call with torch, diffusers and transformers
+                # imported (cProfile, tiny model).
+                getattr(self.models.pipeline, name).to("meta")
                 setattr(self.models.pipeline, name, None)
                 self.dropped.add(name)
             else:
                 if str(self.device).startswith("cuda"):
                     getattr(self.models.pipeline, name).to("cpu")
                 self.parked.add(name)
-        if self.dropped:
-            gc.collect()  # modules hold reference cycles (hooks); free their weights now, once
         if str(self.device).startswith("cuda"):
             torch.cuda.empty_cache()
 
@@ -613,6 +635,30 @@ def load_lora_state(models: TrainModels, state: Mapping[str, Mapping[str, Any]])
 # --- the loop -------------------------------------------------------------------------
 
 
+class Precision:
+    """Where and in what precision the steps run: the device, autocast, and fp16's loss scaler.
+
+    Why not accelerate's `Accelerator`: its state is one per process, and a second trainer in
+    the same process (the service, a batch runner, the test suite) with another mixed precision
+    gets "AcceleratorState has already been initialized and cannot be changed". Single-device
+    training needs only what it wrapped: torch.autocast and torch.amp.GradScaler.
+    """
+
+    def __init__(self, device: str, mixed: str):
+        import torch
+
+        self.device = torch.device(device)
+        self.mixed = mixed
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(self.device.type) if mixed == "fp16" else None
+
+    def autocast(self):
+        import torch
+
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.mixed != "no")
+
+
 @dataclass
 class TrainingRun:
     """Everything the loop needs once setup is done: the models with their adapters, the caches,
@@ -620,7 +666,7 @@ class TrainingRun:
 
     models: TrainModels
     policy: TrainPolicy
-    accelerator: Any
+    precision: Precision
     weight_dtype: Any
     noise_scheduler: Any
     configs: dict[str, Any]
@@ -636,13 +682,16 @@ class TrainingRun:
     latent_shape: tuple[int, int, int]
     residency: Residency
     trained_params: list[Any] = field(default_factory=list)
+    # The dtypes the caller's modules came in: restored after training (restore_pipeline), so a
+    # pipeline handed in as fp32 renders as fp32 again after a bf16 run on CPU.
+    given_dtypes: dict[str, Any] = field(default_factory=dict)
     # What the steps still to run will draw and is not cached yet; None until planned.
     pending_latents: set[tuple[str, int, bool]] | None = None
     pending_prompts: set[int] | None = None
 
     @property
     def device(self):
-        return self.accelerator.device
+        return self.precision.device
 
     @property
     def n_images(self) -> int:
@@ -722,21 +771,22 @@ def setup_training(models: TrainModels, data: TrainData, policy: TrainPolicy, to
     Nothing is encoded here: the first step encodes what it draws (see TrainingRun.fill).
     """
     import torch
-    from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
 
-    mixed = mixed_precision_for(policy, device, dtype_name)
+    mixed = mixed_precision_for(policy, device, dtype_name, unet_dtype=models.unet.dtype)
     optimizer_available(policy.optimizer)  # refuse a missing package before any work
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not device.startswith("cuda"))
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
+    precision = Precision(device, mixed)
+    weight_dtype = precision.dtype
     # The VAE encodes in fp32 (once per image; the SDXL VAE overflows in fp16).
     dtypes = {"vae": torch.float32, **{name: weight_dtype for name, _t, _e in models.text_encoders()}}
+    given = {"unet": models.unet.dtype, **{name: enc.dtype for name, _t, enc in models.text_encoders()}}
     for module in (models.unet, models.vae, *[enc for _n, _t, enc in models.text_encoders()]):
         module.requires_grad_(False)
-    models.unet.to(accelerator.device, dtype=weight_dtype)
-    residency = Residency(models, accelerator.device, dtypes)
+    if models.unet.device != precision.device or models.unet.dtype != weight_dtype:
+        models.unet.to(precision.device, dtype=weight_dtype)
+    residency = Residency(models, precision.device, dtypes)
     residency.need(dtypes)
 
     configs = lora_configs(policy, models)
@@ -747,7 +797,7 @@ def setup_training(models: TrainModels, data: TrainData, policy: TrainPolicy, to
             p.requires_grad_("lora_" in name)
     # LoRA weights train in fp32 even when the frozen base runs in fp16 (diffusers does the same).
     cast_training_params(list(trainables.values()), dtype=torch.float32)
-    if gradient_checkpointing_for(policy, str(accelerator.device)):
+    if gradient_checkpointing_for(policy, str(precision.device)):
         models.unet.enable_gradient_checkpointing()
         for name in TEXT_COMPONENTS:
             if name in trainables:
@@ -773,14 +823,13 @@ def setup_training(models: TrainModels, data: TrainData, policy: TrainPolicy, to
     optimizer = make_optimizer(groups, policy, device)
     lr_scheduler = get_scheduler(policy.lr_scheduler, optimizer=optimizer, num_warmup_steps=policy.lr_warmup_steps,
                                  num_training_steps=total)
-    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     return TrainingRun(
-        models=models, policy=policy, accelerator=accelerator, weight_dtype=weight_dtype,
+        models=models, policy=policy, precision=precision, weight_dtype=weight_dtype,
         noise_scheduler=DDPMScheduler.from_config(models.pipeline.scheduler.config), configs=configs,
         param_groups=groups, optimizer=optimizer, lr_scheduler=lr_scheduler, prompts=prompts, instances=instances,
         priors=priors, total=total, scaling=float(vae_config.scaling_factor),
         shift=float(vae_config.get("shift_factor") or 0.0), latent_shape=latent_shape, residency=residency,
-        trained_params=[p for g in groups for p in g["params"]],
+        trained_params=[p for g in groups for p in g["params"]], given_dtypes=given,
     )
 
 
@@ -798,7 +847,7 @@ def step_loss(run: TrainingRun, step: int):
     if run.priors is not None:
         plat = run.priors.sample(draws.prior_picks, draws.prior_eps, run.scaling, run.shift)
         latents, prior_count = torch.cat([latents, plat]), len(draws.prior_picks)
-    with run.accelerator.autocast():
+    with run.precision.autocast():
         if run.frozen_text:
             cond, pooled = run.prompts.cond(prompt_idx)
         else:
@@ -811,17 +860,19 @@ def step_loss(run: TrainingRun, step: int):
 def optimize(run: TrainingRun, loss) -> None:
     import torch
 
-    if run.accelerator.scaler is None:
-        # No fp16 loss scaling and no accumulation: accelerate's wrappers would only add
-        # per-step Python (its DTensor-aware clip costs ~3 ms a step on the tiny model).
+    scaler = run.precision.scaler
+    if scaler is None:
         loss.backward()
         if run.policy.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(run.trained_params, run.policy.max_grad_norm, foreach=True)
-    else:
-        run.accelerator.backward(loss)
-        if run.accelerator.sync_gradients and run.policy.max_grad_norm:
-            run.accelerator.clip_grad_norm_(run.trained_params, run.policy.max_grad_norm)
-    run.optimizer.step()
+        run.optimizer.step()
+    else:  # fp16: scale the loss, unscale before clipping, skip a step whose gradients overflowed
+        scaler.scale(loss).backward()
+        scaler.unscale_(run.optimizer)
+        if run.policy.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(run.trained_params, run.policy.max_grad_norm, foreach=True)
+        scaler.step(run.optimizer)
+        scaler.update()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
 
@@ -894,6 +945,10 @@ def train_lora(models: TrainModels, data: TrainData, policy: TrainPolicy, workdi
     models.unet.eval()
     if restore_pipeline:
         run.residency.need(run.idle_names())
+        for name, dtype in run.given_dtypes.items():
+            module = getattr(models.pipeline, name)
+            if module.dtype != dtype:
+                module.to(dtype=dtype)
     emit(TrainEvent("select", total, total, message=f"{how}: steps {', '.join(str(r.step) for r in chosen)}"))
     timings["select"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
@@ -923,7 +978,7 @@ def validate_checkpoint(run: TrainingRun, prompts, scorer, emit, step) -> tuple[
     models.unet.eval()
     run.residency.need(run.idle_names())
     try:
-        with torch.no_grad(), run.accelerator.autocast():
+        with torch.no_grad(), run.precision.autocast():
             images = render_validation(models, prompts, policy, run.device)
     finally:
         run.release_done()

@@ -399,12 +399,12 @@ def _controlnet(source: Source):
 
 @builder("components")
 def _components(source: Source, family: str, vae: str | None = None, requested: str | None = None,
-                quantize: str = "none"):
+                quantize: str = "none", dtypes: Mapping[str, str] | None = None):
     """A Stable Diffusion / FLUX base's modules (unet or transformer, vae, text encoders,
     tokenizers, scheduler); the pipelines loaders.load_pipeline composes around them live with them."""
     from .loaders import build_components
 
-    return build_components(source, family, vae, requested, quantize)
+    return build_components(source, family, vae, requested, quantize, dtypes)
 
 
 @builder("pulid")

@@ -47,6 +47,7 @@ from portrait.stages.train import (
     check_runtime,
     class_images,
     discard_checkpoints,
+    load_dtypes,
     result_summary,
     train_lora,
     validation_summary,
@@ -210,13 +211,15 @@ def train_identity(ctx: RunContext, tset: TrainingSet, face_backend: str, policy
     # Training needs every module resident: no CPU offload hooks.
     train_ctx = dataclasses.replace(ctx, cache=ModelCache(max_items=4),
                                     placement=dataclasses.replace(ctx.placement, offload=False))
-    pipe = load_pipeline(train_ctx, base_id)
+    # On CPU under bf16 the UNet and text encoders load as bf16 straight from disk.
+    dtypes = load_dtypes(policy, ctx.placement.device, ctx.placement.dtype_name)
+    pipe = load_pipeline(train_ctx, base_id, dtypes=dtypes)
     # The pipeline is the only holder of its modules from here, so the trainer can free the VAE
     # and frozen text encoders once their outputs are cached, and reload them for validation.
     train_ctx.cache.clear()
 
     def reload(names: Sequence[str]) -> dict[str, Any]:
-        fresh = load_pipeline(dataclasses.replace(train_ctx, cache=ModelCache(max_items=4)), base_id)
+        fresh = load_pipeline(dataclasses.replace(train_ctx, cache=ModelCache(max_items=4)), base_id, dtypes=dtypes)
         return {name: getattr(fresh, name) for name in names}
 
     models = TrainModels(ctx.preset.family, pipe, reload=reload)
