@@ -67,7 +67,7 @@ def sample_images(folder: Path, resolution: int) -> list[Path]:
     return paths
 
 
-def loader(settings, preset: str, model_dir: str | None, ours: bool = False, dtypes=None):
+def loader(settings, preset: str, model_dir: str | None, ours: bool = False, dtypes=None, ctx=None):
     """(ctx, load()) where load() returns a fresh pipeline. Ours: the shipped loader, as
     `portrait train` calls it (the folder as `--base`, the parts in `dtypes`); the baseline:
     diffusers' from_pretrained on the folder, as the script loads it."""
@@ -77,7 +77,7 @@ def loader(settings, preset: str, model_dir: str | None, ours: bool = False, dty
     from portrait.core.context import RunContext
     from portrait.core.loaders import load_pipeline
 
-    ctx = RunContext.create(settings, preset=preset)
+    ctx = ctx or RunContext.create(settings, preset=preset)
     if model_dir and not ours:
         from diffusers import StableDiffusionPipeline
 
@@ -110,13 +110,14 @@ def write_sd15_architecture(root: Path) -> Path:
     return target
 
 
-def policy_for(ctx, steps: int, resolution: int, rank: int | None, precision: str = "auto"):
+def policy_for(ctx, steps: int, resolution: int, rank: int | None, precision: str | None = None):
+    """The preset's train section with the bench's fixed knobs; `precision` None keeps the preset's."""
     from portrait.stages.train import TrainPolicy
 
+    extra = {"mixed_precision": precision} if precision else {}
     return TrainPolicy.from_section(ctx.preset.section("train"), steps=steps, resolution=resolution, rank=rank,
                                     train_text_encoder=False, gradient_checkpointing=False, snr_gamma=0.0, flip=False,
-                                    validation_seeds=[], checkpoint_every=10**9, optimizer="adamw",
-                                    mixed_precision=precision)
+                                    validation_seeds=[], checkpoint_every=10**9, optimizer="adamw", **extra)
 
 
 class StepClock:
@@ -141,7 +142,7 @@ def run_ours(settings, preset, images, steps, resolution, rank, model_dir, out: 
     ctx = RunContext.create(settings, preset=preset)
     policy = policy_for(ctx, steps, resolution, rank, precision)
     # As the train flow: the parts that train in bf16 on this CPU are loaded as bf16.
-    ctx, load = loader(settings, preset, model_dir, ours=True,
+    ctx, load = loader(settings, preset, model_dir, ours=True, ctx=ctx,
                        dtypes=load_dtypes(policy, ctx.placement.device, ctx.placement.dtype_name))
     pipe = load()
 
@@ -258,6 +259,7 @@ def child(args) -> None:
     images = sample_images(Path(args.home) / "bench-images", args.resolution)
     fn = run_ours if args.variant == "ours" else run_baseline
     precision = args.ours_precision if args.variant == "ours" else args.baseline_precision
+    precision = None if precision == "preset" else precision
     with tempfile.TemporaryDirectory() as out:
         result = fn(settings, args.preset, images, args.steps[0], args.resolution, args.rank, args.model_dir, Path(out),
                     precision)
@@ -318,8 +320,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved (baseline, ours) pairs per step count")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per process (1 keeps a shared machine's load from skewing the ratio)")
-    parser.add_argument("--ours-precision", choices=("auto", "no", "bf16"), default="auto",
-                        help="portrait train --mixed-precision (auto: bf16 on CPUs with bf16 instructions, else fp32)")
+    parser.add_argument("--ours-precision", choices=("preset", "auto", "no", "bf16"), default="preset",
+                        help="portrait train --mixed-precision (preset: the preset's, auto unless it sets one; "
+                             "auto: bf16 on CPUs with bf16 instructions, else fp32; the tiny preset sets no)")
     parser.add_argument("--baseline-precision", choices=("no", "bf16"), default="no",
                         help="the script's --mixed_precision (its default: no, fp32)")
     parser.add_argument("--from-results", default=None,

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw | adamw8bit (needs bitsandbytes) | prodigy (default: preset, adamw)."),
         gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
                                                              help="Trade a second forward for memory (default: on for CUDA under 16 GB, off on CPU)."),
-        mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="auto | no | fp16 | bf16 (default: auto: fp16/bf16 on CUDA, fp32 on CPU)."),
+        mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="auto | no | fp16 | bf16 (default: auto: fp16/bf16 on CUDA; on CPU bf16 where it has bf16 instructions, else fp32)."),
     ) -> None:
         """Find the person, train a LoRA, validate checkpoints by face similarity, write the bundle."""
         from rich.console import Console

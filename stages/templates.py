@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from portrait.core.config import templates_root
+from portrait.core.config import load_yaml, templates_root
 from portrait.core.declare import describe, refuse_unknown
 from portrait.core.errors import BadInput
 from portrait.core.loaders import SCHEDULERS
@@ -123,7 +123,7 @@ def _kind_from_yaml(path: Path) -> str:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise bad_template(path, f"unreadable YAML ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):

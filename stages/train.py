@@ -907,6 +907,9 @@ def train_lora(models: TrainModels, data: TrainData, policy: TrainPolicy, workdi
     started = time.perf_counter()
     total = policy.total_steps(len(data.images))
     params = run_params(policy, data, total, base_model)
+    # The precision `auto` resolved to on this machine: a resume elsewhere (another CPU, a GPU)
+    # that would train in another precision is refused rather than silently mixed.
+    params["precision"] = mixed_precision_for(policy, device, dtype_name, unet_dtype=models.unet.dtype)
     previous = prepare_workdir(Path(workdir), params, resume)
 
     t0 = time.perf_counter()

@@ -37,6 +37,17 @@ def ctx(tiny_home):
     return RunContext.create(tiny_home, preset="tiny")
 
 
+@pytest.fixture()
+def own_home(tmp_path, tiny_home):
+    """A home of its own (identities are per test) sharing the session's tiny models."""
+    from portrait.core.config import Settings
+
+    root = tmp_path / "home"
+    root.mkdir()
+    (root / "models").symlink_to(tiny_home.models_dir, target_is_directory=True)
+    return Settings(home=root, preset="tiny", device="cpu")
+
+
 @pytest.fixture(scope="module")
 def finish_ctx(tiny_home):
     """A RunContext on the tiny preset shared by a module's tests (warm finishing models)."""

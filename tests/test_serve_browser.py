@@ -63,16 +63,25 @@ def test_whole_flow_in_a_real_browser(tiny_home, tmp_path):
             page.screenshot(path=str(shots / "01-report.png"), full_page=True)
 
             # Train: the bar moves while the job runs, and the identity becomes ready.
-            page.fill("#train-steps", "4")
+            # 40 steps: the page polls the job every 0.4 s and tiny steps take ~25 ms each (4 of
+            # them could start and end between two polls). Every text and width the page shows
+            # is recorded as it changes (a MutationObserver), not sampled.
+            page.fill("#train-steps", "40")
+            page.evaluate("""() => {
+                window.seenTexts = []; window.seenWidths = [];
+                const status = document.querySelector('#train-status'), bar = document.querySelector('#train-bar');
+                new MutationObserver(() => window.seenTexts.push(status.innerText))
+                    .observe(status, {childList: true, characterData: true, subtree: true});
+                new MutationObserver(() => window.seenWidths.push(bar.style.width))
+                    .observe(bar, {attributes: true, attributeFilter: ['style']});
+            }""")
             page.click("#train-button")
-            widths, texts = set(), set()
             while (state := page.locator("#identity-state").inner_text()) != "ready":
                 assert state in ("training", "prepared"), page.locator("#train-status").inner_text()
-                widths.add(page.eval_on_selector("#train-bar", "el => el.style.width"))
-                texts.add(page.locator("#train-status").inner_text())
                 time.sleep(0.1)
+            widths, texts = set(page.evaluate("window.seenWidths")), set(page.evaluate("window.seenTexts"))
             assert any(w not in ("", "0%", "100%") for w in widths), widths  # a live bar, not only start and end
-            assert any("step" in t and "/4" in t for t in texts), texts
+            assert any("step" in t and "/40" in t for t in texts), texts
             expect(page.locator("#train-status")).to_contain_text("trained: LoRA")
             page.screenshot(path=str(shots / "02-trained.png"), full_page=True)
 

@@ -21,6 +21,7 @@ from portrait.core.cache import ModelCache
 from portrait.core.config import Settings, load_preset
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
+from portrait.core.formats.lora import read_safetensors
 from portrait.stages.train import (
     CheckpointRecord,
     TrainData,
@@ -45,12 +46,8 @@ from portrait.stages.train import (
 
 
 @pytest.fixture()
-def home(tmp_path, tiny_home) -> Settings:
-    """A home of its own (identities are per test) sharing the session's tiny models."""
-    root = tmp_path / "home"
-    root.mkdir()
-    (root / "models").symlink_to(tiny_home.models_dir, target_is_directory=True)
-    return Settings(home=root, preset="tiny", device="cpu")
+def home(own_home) -> Settings:
+    return own_home
 
 
 @pytest.fixture(scope="session")
@@ -161,9 +158,7 @@ def test_saved_lora_loads_in_diffusers_and_kohya_file_gives_the_same_output(home
     kohya.load_lora_weights(str(kohya_file))
     np.testing.assert_allclose(render(kohya), trained, atol=1e-5)
 
-    from safetensors.torch import load_file
-
-    keys = load_file(str(kohya_file))
+    keys = read_safetensors(kohya_file)
     alphas = {float(v) for k, v in keys.items() if k.endswith(".alpha")}
     assert alphas == {2.0} and result.rank == 4  # the real lora_alpha, not the rank
     te = "lora_te1_text_model_encoder_layers_" if family == "sdxl" else "lora_te_text_model_encoder_layers_"
@@ -196,9 +191,7 @@ def cli(settings: Settings, *args: str, timeout: float = 600) -> subprocess.Comp
 
 
 def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
+    return read_safetensors(path)
 
 
 @pytest.mark.slow

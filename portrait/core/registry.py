@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import Settings, presets_root
+from .config import Settings, load_yaml, presets_root
 from .errors import BadInput, ModelMissing, PortraitError
 from .io import atomic_path, sha256_file
 
@@ -101,7 +100,7 @@ class Registry:
     @classmethod
     def load(cls, path: Path | None = None, licenses: Path | None = None) -> "Registry":
         text = path.read_text() if path else (presets_root() / "models.yaml").read_text()
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
         terms = _license_rows(licenses)
         try:
             return cls([ModelSpec(**{**row, **terms.get(row.get("id"), {})}) for row in data.get("models", [])])
@@ -192,7 +191,7 @@ class Registry:
 def _license_rows(path: Path | None) -> dict[str, dict[str, Any]]:
     """presets/licenses.yaml as id -> ModelSpec fields (license_class, license_source, alternative)."""
     text = path.read_text() if path else (presets_root() / "licenses.yaml").read_text()
-    rows = (yaml.safe_load(text) or {}).get("licenses", {}) or {}
+    rows = (load_yaml(text) or {}).get("licenses", {}) or {}
     out = {}
     for model_id, row in rows.items():
         row = dict(row or {})
