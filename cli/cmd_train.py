@@ -117,6 +117,9 @@ def summary_table(identity):
     if train:
         table.add_row("steps", f"{train['steps']}" + (f" (resumed at {train['resumed_from']})" if train.get("resumed_from") else ""))
         table.add_row("loss", f"{train.get('first_loss')} -> {train.get('final_loss')}")
+        precision = (train.get("params") or {}).get("precision")
+        if precision:  # what --mixed-precision auto resolved to on this machine
+            table.add_row("precision", "fp32" if precision == "no" else f"{precision} (LoRA weights in fp32)")
         table.add_row("selection", f"{train['selection']} of steps {', '.join(map(str, train['selected_steps']))}")
     for row in manifest.get("validation", []):
         mark = " *" if row.get("selected") else ""

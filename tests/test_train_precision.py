@@ -215,7 +215,9 @@ def test_cli_trains_in_bf16_end_to_end(home, tmp_path, capsys):
     write_sample_photos(photos)
     code = run(["--home", str(home.home), "--preset", "tiny", "--device", "cpu", "train", str(photos), "--name", "bea",
                 "--mixed-precision", "bf16", "--steps", "4"])
-    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "bf16 (LoRA weights in fp32)" in out.out  # the summary says what the run trained in
     identity = load_identity(home, "bea")
     lora = identity.lora_for("sd15")
     assert lora is not None and lora.path.is_file()
