@@ -349,3 +349,86 @@ def test_no_comment_cites_the_absent_design_file():
     found = sorted(p.relative_to(REPO).as_posix() for p in _cited_files()
                    if p.suffix == ".py" and old.search(p.read_text()))
     assert found == [], found
+
+
+# --- import cycles ------------------------------------------------------------------------
+
+
+def eager_imports(importer: str, source: str, is_package: bool = False) -> list[Import]:
+    """The portrait imports that run when `importer` is imported: module and class bodies
+    (through if/try/with blocks), not function bodies and not `if TYPE_CHECKING:` blocks."""
+    found: list[Import] = []
+
+    def visit(statements):
+        for node in statements:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.orelse)
+                continue
+            if isinstance(node, ast.Import):
+                found.extend(Import(importer, a.name, node.lineno, "import") for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(importer, is_package, node.level, node.module)
+                found.append(Import(importer, base, node.lineno, "from", tuple(a.name for a in node.names)))
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                visit(getattr(node, field, []) or [])
+
+    visit(ast.parse(source).body)
+    return [i for i in found if i.target == ROOT_PACKAGE or i.target.startswith(ROOT_PACKAGE + ".")]
+
+
+def import_cycles(modules: dict[str, tuple[str, bool]]) -> list[list[str]]:
+    """Groups of modules that import each other at import time (strongly connected, > 1)."""
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    for name, (source, is_package) in modules.items():
+        for imp in eager_imports(name, source, is_package):
+            targets = {imp.target} | {f"{imp.target}.{n}" for n in imp.names}
+            edges[name] |= {t for t in targets if t in modules and t != name}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def connect(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(edges[v]):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for v in sorted(modules):
+        if v not in index:
+            connect(v)
+    return cycles
+
+
+def test_no_import_cycle_at_import_time(modules):
+    """A cycle among import-time imports makes a module's importability depend on which of
+    them is imported first (a partially initialised module); lazy imports inside functions
+    and TYPE_CHECKING blocks do not run at import time and are not cycles."""
+    eager = {i.target for i in eager_imports("portrait.stages.train", *modules["portrait.stages.train"])}
+    assert "portrait.core.formats.lora" in eager and "portrait.stages.train_prior" in eager  # the walk sees them
+    lazy = {i.target for i in eager_imports("portrait.stages.train_prior", *modules["portrait.stages.train_prior"])}
+    assert "portrait.stages.train" not in lazy  # its back-reference is under TYPE_CHECKING
+    assert import_cycles(modules) == []
+
+
+def test_cycle_check_fails_on_a_cycle():
+    fake = {"portrait.core.a": ("from portrait.core import b\n", False),
+            "portrait.core.b": ("import portrait.core.a\n", False),
+            "portrait.core.c": ("def f():\n    import portrait.core.a\n", False),
+            "portrait.core.d": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import portrait.core.c\n", False)}
+    assert import_cycles(fake) == [["portrait.core.a", "portrait.core.b"]]
