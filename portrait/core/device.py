@@ -6,6 +6,7 @@ the card supports it and the preset asks for it. Offload is decided from free VR
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .errors import BadInput
@@ -60,6 +61,7 @@ def placement(requested: str = "auto", precision: str = "auto", min_vram_gb: flo
     return Placement(device, dtype, offload=min_vram_gb > 0 and free / 2**30 < min_vram_gb)
 
 
+@functools.lru_cache(maxsize=8)  # read once per process: the trainer asks at load, setup and resume
 def cpu_bf16_native(cpuinfo: str | None = None) -> bool:
     """Whether this CPU does bf16 arithmetic in hardware: x86 AVX512-BF16 or AMX-BF16 (Zen 4,
     Cooper Lake, Sapphire Rapids and later), or Arm's BF16 extension. Without them torch

@@ -254,15 +254,15 @@ def _diffusers_part(cls, folder: Path, dtype, variant: str | None):
     from .formats import weights
 
     files = weights.folder_weight_files(folder, variant)
+    headers = [weights.safetensors_header(path)[0] for path in files or ()]
     wanted = str(dtype).removeprefix("torch.")
-    if files is None or weights.stored_dtypes(files) <= {wanted} or getattr(cls, "_keep_in_fp32_modules", None):
+    if not files or weights.stored_dtypes(headers) <= {wanted} or getattr(cls, "_keep_in_fp32_modules", None):
         return cls.from_pretrained(folder, torch_dtype=dtype, variant=variant)
     from accelerate import init_empty_weights
 
     with init_empty_weights():  # parameters on the meta device; buffers real
         model = cls.from_config(cls.load_config(folder))
-    stored = {name for path in files for name in weights.safetensors_header(path)[0]}
-    if stored != set(model.state_dict()):
+    if {name for header in headers for name in header} != set(model.state_dict()):
         return cls.from_pretrained(folder, torch_dtype=dtype, variant=variant)
     state: dict[str, Any] = {}
     for path in files:

@@ -15,40 +15,14 @@ tiny stand-in is 64 wide); the math is checked against the reference file in the
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
+from .perceiver import PerceiverAttention, feed_forward
+
 PREFIX_KEYS = ("latents", "proj_in.weight", "proj_out.weight", "norm_out.weight", "layers.0.0.to_kv.weight")
-
-
-class PerceiverAttention(nn.Module):
-    def __init__(self, dim: int, dim_head: int, heads: int):
-        super().__init__()
-        self.dim_head, self.heads = dim_head, heads
-        inner = dim_head * heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.heads, self.dim_head).transpose(1, 2)
-
-    def forward(self, features: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        features, latents = self.norm1(features), self.norm2(latents)
-        b, n, _ = latents.shape
-        q = self._heads(self.to_q(latents))
-        k, v = (self._heads(t) for t in self.to_kv(torch.cat([features, latents], dim=1)).chunk(2, dim=-1))
-        # The reference scales q and k by dim_head ** -0.25 each before the product (fp16 range)
-        # and takes the softmax in fp32; the same here so bf16 runs agree with it.
-        s = 1.0 / math.sqrt(math.sqrt(self.dim_head))
-        weights = torch.softmax(((q * s) @ (k * s).transpose(-2, -1)).float(), dim=-1).to(q.dtype)
-        return self.to_out((weights @ v).transpose(1, 2).reshape(b, n, -1))
 
 
 class IdProjection(nn.Module):
@@ -63,9 +37,8 @@ class IdProjection(nn.Module):
         self.norm_out = nn.LayerNorm(output_dim)
         self.layers = nn.ModuleList(
             nn.ModuleList([
-                PerceiverAttention(dim, dim_head, heads),
-                nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * ff_mult, bias=False), nn.GELU(),
-                              nn.Linear(dim * ff_mult, dim, bias=False)),
+                PerceiverAttention(dim, dim_head=dim_head, heads=heads),
+                feed_forward(dim, ff_mult),
             ]) for _ in range(depth))
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:

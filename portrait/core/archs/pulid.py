@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .perceiver import PerceiverAttention, feed_forward, split_scale_attention
+
 ID_PREFIX = "id_adapter."
 ATTN_PREFIX = "id_adapter_attn_layers."
 HEAD_DIM = 64  # the reference's dim_head; heads = inner width // 64 (1 for narrower stand-ins)
@@ -64,37 +66,6 @@ def _mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
     """Linear-LN-LeakyReLU twice, then Linear (indices 0,1,3,4,6 carry weights)."""
     return nn.Sequential(nn.Linear(inp, hidden), nn.LayerNorm(hidden), nn.LeakyReLU(),
                          nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.LeakyReLU(), nn.Linear(hidden, out))
-
-
-class PerceiverAttention(nn.Module):
-    """Latents attend to [context ++ latents] (IP-Adapter's resampler attention)."""
-
-    def __init__(self, dim: int, heads: int, dim_head: int):
-        super().__init__()
-        inner = heads * dim_head
-        self.heads, self.dim_head = heads, dim_head
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
-
-    def forward(self, context: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        context, latents = self.norm1(context), self.norm2(latents)
-        b, n, _ = latents.shape
-        q = self.to_q(latents)
-        k, v = self.to_kv(torch.cat([context, latents], dim=1)).chunk(2, dim=-1)
-        q, k, v = (t.view(b, t.shape[1], self.heads, self.dim_head).transpose(1, 2) for t in (q, k, v))
-        # The scale is split between q and k (as the reference does, for fp16 range), softmax in fp32.
-        s = self.dim_head ** -0.25
-        weights = torch.softmax(((q * s) @ (k * s).transpose(-2, -1)).float(), dim=-1).to(q.dtype)
-        out = (weights @ v).transpose(1, 2).reshape(b, n, -1)
-        return self.to_out(out)
-
-
-def _feed_forward(dim: int, mult: int) -> nn.Sequential:
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
-                         nn.Linear(dim * mult, dim, bias=False))
 
 
 @dataclass(frozen=True)
@@ -139,8 +110,8 @@ class IDFormer(nn.Module):
         self.config = c
         self.latents = nn.Parameter(torch.zeros(1, c.num_queries, c.dim))
         self.proj_out = nn.Parameter(torch.zeros(c.dim, c.output_dim))
-        self.layers = nn.ModuleList(nn.ModuleList([PerceiverAttention(c.dim, c.heads, c.dim_head),
-                                                   _feed_forward(c.dim, c.ff_mult)]) for _ in range(c.depth))
+        self.layers = nn.ModuleList(nn.ModuleList([PerceiverAttention(c.dim, dim_head=c.dim_head, heads=c.heads),
+                                                   feed_forward(c.dim, c.ff_mult)]) for _ in range(c.depth))
         for i in range(5):
             setattr(self, f"mapping_{i}", _mlp(c.vit_dim, c.map_dim, c.dim))
         self.id_embedding_mapping = _mlp(c.id_dim, c.map_dim, c.dim * c.num_id_token)
@@ -393,28 +364,13 @@ def split_flux_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     return encoder, [blocks[i] for i in range(len(blocks))]
 
 
-class PerceiverAttentionCA(nn.Module):
+class PerceiverAttentionCA(PerceiverAttention):
     """Image tokens (queries) attend to the ID tokens only; no residual inside (the caller adds)."""
-
-    def __init__(self, dim: int, kv_dim: int, heads: int, dim_head: int):
-        super().__init__()
-        inner = heads * dim_head
-        self.heads, self.dim_head = heads, dim_head
-        self.norm1 = nn.LayerNorm(kv_dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(kv_dim, inner * 2, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
 
     def forward(self, id_tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         id_tokens, image = self.norm1(id_tokens), self.norm2(image)
-        b, n, _ = image.shape
-        q = self.to_q(image)
         k, v = self.to_kv(id_tokens).chunk(2, dim=-1)
-        q, k, v = (t.view(b, t.shape[1], self.heads, self.dim_head).transpose(1, 2) for t in (q, k, v))
-        s = self.dim_head ** -0.25  # split between q and k, softmax in fp32, as in PerceiverAttention
-        weights = torch.softmax(((q * s) @ (k * s).transpose(-2, -1)).float(), dim=-1).to(q.dtype)
-        return self.to_out((weights @ v).transpose(1, 2).reshape(b, n, -1))
+        return self.to_out(split_scale_attention(self.to_q(image), k, v, self.heads, self.dim_head))
 
 
 def build_flux_ca(blocks: Sequence[dict[str, torch.Tensor]]) -> nn.ModuleList:
@@ -426,7 +382,7 @@ def build_flux_ca(blocks: Sequence[dict[str, torch.Tensor]]) -> nn.ModuleList:
         except KeyError as exc:
             raise ValueError(f"pulid_ca.{i} has no {exc}") from None
         heads = max(1, inner // CA_HEAD_DIM)
-        module = PerceiverAttentionCA(dim, kv_dim, heads, inner // heads)
+        module = PerceiverAttentionCA(dim, dim_head=inner // heads, heads=heads, kv_dim=kv_dim)
         module.load_state_dict(w, strict=True)
         modules.append(module)
     return nn.ModuleList(modules).eval()

@@ -47,14 +47,10 @@ def safetensors_header(path: Path | str) -> tuple[dict[str, Any], int]:
     return header, 8 + size
 
 
-def stored_dtypes(paths: list[Path]) -> set[str]:
-    """The torch dtype names the floating-point tensors of these files are stored in."""
-    found = set()
-    for path in paths:
-        header, _ = safetensors_header(path)
-        found.update(DTYPES.get(entry["dtype"], entry["dtype"]) for entry in header.values()
-                     if entry["dtype"] in ("F64", "F32", "F16", "BF16"))
-    return found
+def stored_dtypes(headers: list[dict[str, Any]]) -> set[str]:
+    """The torch dtype names the floating-point tensors of these headers are stored in."""
+    return {DTYPES[entry["dtype"]] for header in headers for entry in header.values()
+            if entry["dtype"] in ("F64", "F32", "F16", "BF16")}
 
 
 def iter_safetensors(path: Path | str, dtype: Any = None) -> Iterator[tuple[str, Any]]:
