@@ -16,7 +16,7 @@ from hostile_helpers import cli, error_line
 from portrait.core.errors import BadInput
 from portrait.stages.backends import BACKENDS, register, unregister
 
-STAGES = Path(__file__).resolve().parents[1] / "stages"
+STAGES = Path(__file__).resolve().parents[1] / "portrait" / "stages"
 
 
 @pytest.fixture()

@@ -1,7 +1,7 @@
 """The layering rules, checked on the import graph (docs/ARCHITECTURE.md#layers).
 
-    core (portrait/core) -> stages (stages/, installed as portrait.stages)
-        -> flows / studio / service (portrait/flows, portrait/studio, portrait/service) -> cli (cli/)
+    core (portrait/core) -> stages (portrait/stages)
+        -> flows / studio / service (portrait/flows, portrait/studio, portrait/service) -> cli (portrait/cli)
 
 A module may import its own layer and the layers before it, never a later one. Every import
 counts, wherever it is written: at the top, inside a function (the lazy heavy imports), under
@@ -29,12 +29,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # source folder -> the package name it is installed as (pyproject.toml's package-dir)
-ROOTS = {"portrait": "portrait", "stages": "portrait.stages", "cli": "portrait.cli"}
+ROOTS = {"portrait": "portrait"}
 
 LAYERS = {"core": 0, "stages": 1, "flows": 2, "cli": 3}
 # package prefix -> layer; the longest matching prefix wins
 PREFIXES = {
     "portrait.core": "core",
+    # data packages (YAML, configs, template photos) read through importlib.resources
+    "portrait.presets": "core",
+    "portrait.templates": "core",
     "portrait.stages": "stages",
     "portrait.flows": "flows",
     "portrait.studio": "flows",
@@ -196,7 +199,7 @@ def registry_makers() -> list[Import]:
     """The tiny-model makers presets/models.yaml names: imported by portrait.core.tiny."""
     import yaml
 
-    data = yaml.safe_load((REPO / "presets" / "models.yaml").read_text())
+    data = yaml.safe_load((REPO / "portrait" / "presets" / "models.yaml").read_text())
     found = []
 
     def walk(value):
@@ -331,7 +334,7 @@ CITATION = re.compile(r"docs/ARCHITECTURE\.md#([a-z0-9-]+)")
 
 
 def _cited_files() -> list[Path]:
-    return [p for folder in ("portrait", "stages", "cli", "bench", "tests", "presets", "templates", "scripts")
+    return [p for folder in ("portrait", "bench", "tests", "scripts")
             for p in sorted((REPO / folder).rglob("*")) if p.suffix in (".py", ".yaml", ".md") and p.is_file()]
 
 

@@ -204,7 +204,7 @@ FORBIDDEN = {"from_pretrained", "from_single_file", "torch.load", "InferenceSess
 ALLOWED_FILES = ("portrait/core/models.py", "portrait/core/loaders.py", "portrait/core/archs/", "portrait/core/tiny/")
 # Not registry models: the training run's own checkpoint state (RNG, optimizer), and the LoRA
 # file reader (portrait.core.formats.lora) for the checkpoints and bundles the project writes.
-OWN_FILES = {("stages/train.py", "torch.load"), ("portrait/core/formats/lora.py", "load_file")}
+OWN_FILES = {("portrait/stages/train.py", "torch.load"), ("portrait/core/formats/lora.py", "load_file")}
 
 
 def _call_name(node: ast.Call) -> str | None:
@@ -258,7 +258,7 @@ def test_the_scan_finds_a_forbidden_call_and_spares_builders():
 
 def test_every_model_loads_through_the_door():
     offenders = []
-    files = [p for top in ("portrait", "stages", "cli") for p in sorted((ROOT / top).rglob("*.py"))]
+    files = [p for top in ("portrait",) for p in sorted((ROOT / top).rglob("*.py"))]
     assert len(files) > 50
     for path in files:
         rel = path.relative_to(ROOT).as_posix()

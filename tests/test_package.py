@@ -110,7 +110,7 @@ def _imported_modules() -> dict[str, list[str]]:
     import ast
 
     found: dict[str, list[str]] = {}
-    for folder in ("portrait", "stages", "cli"):
+    for folder in ("portrait",):
         for path in sorted((ROOT / folder).rglob("*.py")):
             tree = ast.parse(path.read_text(), str(path))
             for node in ast.walk(tree):
@@ -128,7 +128,7 @@ def _imported_modules() -> dict[str, list[str]]:
 
 
 def test_the_runtime_imports_no_dev_only_package():
-    """`pip install portrait` without extras must run: nothing under portrait/, stages/ or cli/
+    """`pip install portrait` without extras must run: nothing under portrait/
     imports a package only the dev extra installs (matplotlib once was, for a sample photo).
     Optional extras (serve, ray, heic, gpu) may be imported lazily behind their feature."""
     import tomllib

@@ -41,8 +41,9 @@ NOT_FROM_A_PRESET = {
 
 
 def _packages() -> list[str]:
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())
-    return [p for p in config["tool"]["setuptools"]["packages"] if p not in ("portrait.presets", "portrait.templates")]
+    """Every code package of the tree (the folder tree is the package: a folder with an __init__)."""
+    return sorted(".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "portrait").rglob("__init__.py")
+                  if p.parent.name not in ("presets", "templates"))
 
 
 def discover_policies() -> list[type]:
@@ -181,7 +182,7 @@ def test_shipped_presets_state_only_what_differs_from_the_declarations():
 
     repeated = []
     for name in available_presets():
-        data = yaml.safe_load((REPO / "presets" / f"{name}.yaml").read_text())
+        data = yaml.safe_load((REPO / "portrait" / "presets" / f"{name}.yaml").read_text())
         parent = load_preset(data["extends"]) if data.get("extends") else None
         for section in PRESET_SECTIONS:
             for where, key, value in walk(data.get(section) or {}, section):
