@@ -6,6 +6,9 @@ The Python API mirrors the CLI:
     report = portrait.prepare(["photos/"], out="prepared/")
     identity = portrait.train(["photos/"], name="alice")
     results = portrait.generate("alice", template="business", n=4, out="out/")
+    kept = portrait.generate("alice", template="business", keep=4, out="out/")  # 4 that pass every check
+    shoot = portrait.shoot("alice", "corporate", backdrops=["grey"], keep=2, out="shoot/")  # a studio package
+    history = portrait.History(); history.page("alice")                       # every portrait made of alice
     report = portrait.evaluate(["out/"], out="out/eval")   # HTML + JSON comparison of runs
     studio = portrait.Studio("jobs.db"); studio.run("spec.yaml")
 
@@ -23,6 +26,8 @@ _EXPORTS = {
     "prepare": "portrait.flows.prepare:prepare",
     "train": "portrait.flows.train:train",
     "generate": "portrait.flows.generate:generate",
+    "shoot": "portrait.flows.shoot:shoot",
+    "History": "portrait.flows.history:History",
     "evaluate": "portrait.flows.evaluate:evaluate",
     "Studio": "portrait.studio.api:Studio",
     "Settings": "portrait.core.config:Settings",

@@ -68,6 +68,10 @@ def register(app: typer.Typer) -> None:
         no_fuse: bool = typer.Option(False, "--no-fuse", help="Skip the final face fusion."),
         no_retouch: bool = typer.Option(False, "--no-retouch", help="Skip skin retouch."),
         no_upscale: bool = typer.Option(False, "--no-upscale", help="Skip super-resolution."),
+        restore: Optional[bool] = typer.Option(None, "--restore/--no-restore", help="Face restoration (GFPGAN; off in the shipped presets). When the restorer cannot run, one line says why."),
+        upscale_factor: Optional[float] = typer.Option(None, "--upscale-factor", help="Final upscale factor (preset key finish.upscale.outscale)."),
+        keep: Optional[int] = typer.Option(None, "--keep", min=1, help="Make K portraits that pass every check (a face, alike in the independent space, no copy of a photo, sharp, well exposed), generating more until K are kept or the attempt budget is spent; instead of --n."),
+        attempts: Optional[int] = typer.Option(None, "--attempts", min=1, help="With --keep: the most candidates to try (default K x the preset's score.keep_attempts)."),
         also: list[str] = typer.Option([], "--with-identity", help="Another identity in the picture (repeatable): a group photo template assigns faces left to right; the faceid backend gives each identity its own region (IP-Adapter masks)."),
         option: list[str] = typer.Option([], "--option", help="A backend option KEY=VALUE (repeatable), e.g. ip_adapter_scale=0.6, faceid_variant=plusv2, photomaker_version=v1, identity_adapter=faceid; the value is read as YAML."),
     ) -> None:
@@ -85,8 +89,8 @@ def register(app: typer.Typer) -> None:
             options["identities"] = list(also)
         if options:
             overrides["options"] = options
-        finish = False if no_finish else {"fuse": False if no_fuse else None, "retouch": False if no_retouch else None,
-                                          "upscale": False if no_upscale else None}
+        finish = finish_switches(no_finish, no_fuse=no_fuse, no_retouch=no_retouch, no_upscale=no_upscale,
+                                 restore=restore)
         if fast:
             overrides.update(fast="lcm", scheduler=scheduler or "lcm", steps=steps or 6, guidance=guidance or 1.5)
         console = Console(stderr=True)
@@ -98,12 +102,34 @@ def register(app: typer.Typer) -> None:
                 bar.update(task, description=what, completed=done, total=total)
 
             result = generate(identity, template=template, prompt=prompt, backend=backend, n=n, seed=seed, out=out,
-                              settings=ctx.obj, progress=progress, finish=finish, **overrides)
-        for r in result.results:
-            sim = "" if r.score.similarity is None else f"  similarity {r.score.similarity:.3f}"
-            gate = "" if r.passed_gate else "  (below gate)"
-            print(f"{r.rank:>3}  {r.path}  seed {r.candidate.seed}{sim}{gate}")
-        print(f"wrote {len(result.results)} image(s) and {result.out / 'results.json'}")
+                              settings=ctx.obj, progress=progress, finish=finish, keep=keep, attempts=attempts,
+                              upscale_factor=upscale_factor, **overrides)
+        print_result(result)
+
+
+def finish_switches(no_finish: bool, *, no_fuse: bool = False, no_retouch: bool = False, no_upscale: bool = False,
+                    restore: bool | None = None) -> bool | dict:
+    """The finish switches the flags ask for (None: the preset's and template's choice)."""
+    if no_finish:
+        return False
+    return {"fuse": False if no_fuse else None, "retouch": False if no_retouch else None,
+            "upscale": False if no_upscale else None, "restore": restore}
+
+
+def print_result(result, indent: str = "") -> None:
+    """The ranked files, the keep report and the warnings of one generate result."""
+    import sys
+
+    for r in result.results:
+        sim = "" if r.score.similarity is None else f"  similarity {r.score.similarity:.3f}"
+        gate = "" if r.passed_gate else "  (below gate)"
+        print(f"{indent}{r.rank:>3}  {r.path}  seed {r.candidate.seed}{sim}{gate}")
+    keep = result.info.get("keep")
+    if keep:
+        print(f"{indent}{keep['summary']}")
+    for warning in result.info.get("warnings") or ():
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{indent}wrote {len(result.results)} image(s) and {result.out / 'results.json'}")
 
 
 def _options(pairs: list[str]) -> dict:

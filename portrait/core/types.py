@@ -265,6 +265,7 @@ class CandidateScore:
     spaces: dict[str, dict[str, Any]] = field(default_factory=dict)
     copy_paste: str | None = None  # why the output looks like a copy of one of the identity's own photos
     per_face: tuple[FaceScore, ...] = ()  # a group picture: every assigned face, in assignment order
+    quality: dict[str, float] = field(default_factory=dict)  # the subject's face crop: {"sharpness", "exposure"} in [0, 1]
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from portrait.core.formats.images import read_rgb
 from portrait.core.formats.sheet import FaceBox, Tile, write_contact_sheet
 from portrait.core.parsing import load_face_parser
 from portrait.core.types import Candidate, CandidateScore, FaceObservation, Identity, RankedResult
+from portrait.stages import analyze as analyze_stage
 from portrait.stages import fuse as fuse_stage
 from portrait.stages import retouch as retouch_stage
 from portrait.stages import score as score_stage
@@ -507,7 +509,7 @@ def _score_all(finished: list[Candidate], switches: FinishSwitches, kit: _Finish
 def score_image(image: np.ndarray, scoring: Scoring, policy: score_stage.ScorePolicy,
                 clip: float | None = None) -> CandidateScore:
     """One image's score in every space of `scoring` (the first ranks), with the copy-paste check."""
-    base, spaces, embeddings, signature = None, {}, {}, None
+    base, spaces, embeddings, signature, quality = None, {}, {}, None, {}
     for role, analyzer, who in scoring.spaces:
         faces = analyzer.detect(image)
         score = score_stage.score_faces(faces, image.shape, who.consensus, who.reference_embedding, who.space, clip)
@@ -518,10 +520,12 @@ def score_image(image: np.ndarray, scoring: Scoring, policy: score_stage.ScorePo
             embeddings[who.space] = face.embedding
             if base is None:
                 signature = score_stage.face_signature(image, face)
+                measured = analyze_stage.face_quality(image, face)  # as prepare judges an uploaded photo
+                quality = {"sharpness": round(measured.sharpness, 4), "exposure": round(measured.exposure, 4)}
         if base is None:
             base = score
     reason = score_stage.copy_paste_reason(embeddings, signature, scoring.own, scoring.spreads, policy)
-    return dataclasses.replace(base, space=scoring.who.space, spaces=spaces, copy_paste=reason)
+    return dataclasses.replace(base, space=scoring.who.space, spaces=spaces, copy_paste=reason, quality=quality)
 
 
 # --- the gate -----------------------------------------------------------------------------------
@@ -594,6 +598,117 @@ def gate(ctx, identity: Identity, candidates: Sequence[Candidate], switches: Fin
         return GateOutcome(first[:want], len(first), 0, (), True)
     outcome = run_gate(first, generate_more, evaluate, want, policy.score.budget, policy.score.rounds)
     return dataclasses.replace(outcome, scoring=scoring.as_dict() if scoring else {})
+
+
+# --- keep: a promised number of good portraits ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeepOutcome:
+    results: list[RankedResult]  # the kept portraits, best first, ranked 1..k (k <= wanted)
+    report: dict[str, Any]  # the keep report of results.json (see keep_gate)
+    scoring: dict[str, Any] = field(default_factory=dict)
+
+
+def keep_budget(policy: FinishPolicy, keep: int, attempts: int | None = None) -> int:
+    """How many candidates `--keep K` may try in all: `attempts` when given, else K x
+    score.keep_attempts; never more than score.keep_max_attempts nor fewer than K."""
+    limit = policy.score.keep_max_attempts
+    if keep < 1:
+        raise BadInput(f"--keep {keep}: keep at least 1")
+    if keep > limit:
+        raise BadInput(f"--keep {keep}: at most {limit} (preset key score.keep_max_attempts)")
+    if attempts is not None:
+        if not keep <= attempts <= limit:
+            raise BadInput(f"--attempts {attempts}: from --keep ({keep}) to {limit} (preset key "
+                           f"score.keep_max_attempts)")
+        return attempts
+    return min(keep * policy.score.keep_attempts, limit)
+
+
+def keep_gate(ctx, identity: Identity, candidates: Sequence[Candidate], switches: FinishSwitches,
+              generate_more: GenerateMore, keep: int, policy: FinishPolicy | None = None,
+              attempts: int | None = None) -> KeepOutcome:
+    """Generate until `keep` outputs are portraits to keep, within the attempt budget.
+
+    An output is kept when score.keep_reasons finds nothing wrong: one face of a judgeable
+    size, at or above the similarity gate in the *independent* space (ranking moves there
+    whatever the preset's rank_space says: a backend cannot vouch for its own likeness), not
+    a copy of one of the identity's photos, and a face crop sharp and well exposed enough.
+    Each round asks for the missing number scaled by the pass rate seen so far (so a backend
+    that keeps one in three is asked for three per missing portrait), with new seeds after the
+    largest tried, until enough are kept or the budget is spent. The report says how many were
+    tried and kept and why each other one was dropped.
+    """
+    policy = policy or FinishPolicy.from_preset(ctx.preset)
+    if not switches.score:
+        raise BadInput("--keep needs scoring to judge the portraits: leave finishing on (no --no-finish)")
+    if not candidates:
+        raise BadInput("--keep: the backend made no candidate")
+    budget = keep_budget(policy, keep, attempts)
+    policy = dataclasses.replace(policy, score=dataclasses.replace(policy.score, rank_space="independent"))
+    request = candidates[0].request
+    scoring = scoring_for(ctx, identity, request.backend, request.options, policy)
+    judge = next(((a, w) for role, a, w in scoring.spaces if role == "independent"), None)
+    notes = []
+    if judge is None:  # the preset fixed a face backend that is the conditioning space
+        judge = (scoring.analyzer, scoring.who)
+        notes.append(f"no independent space could score this backend; kept by {scoring.analyzer.backend}")
+    space = judge[1].space
+    threshold = policy.score.threshold_for(request.backend, judge[0].scale.threshold)
+    kept: list[RankedResult] = []
+    dropped: list[dict[str, Any]] = []
+    tried, rounds = 0, 0
+    batch = list(candidates)[:budget]
+    seeds: list[int] = []
+    while batch:
+        tried += len(batch)
+        seeds += [c.seed for c in batch]
+        for result in finish(ctx, identity, batch, switches, policy, scoring=scoring):
+            reasons = score_stage.keep_reasons(result.score, policy.score, threshold, space)
+            if reasons:
+                dropped.append({"seed": result.candidate.seed, "reasons": reasons,
+                                "similarity": result.score.similarity})
+            else:
+                kept.append(result)
+        missing = keep - len(kept)
+        if missing <= 0 or tried >= budget:
+            break
+        # the pass rate so far decides how many to ask for (at least the missing number,
+        # at most four per missing one, never past the budget)
+        per_kept = tried / len(kept) if kept else 4.0
+        ask = min(budget - tried, max(missing, min(4 * missing, math.ceil(missing * per_kept))))
+        start = max(seeds) + 1
+        batch = list(generate_more(list(range(start, start + ask))))[: budget - tried]
+        rounds += 1
+    best = sorted(kept, key=lambda r: (-score_stage.rank_key(r.score, policy.score), r.candidate.seed))
+    results = [dataclasses.replace(r, rank=i + 1) for i, r in enumerate(best[:keep])]
+    counts: dict[str, int] = {}
+    for row in dropped:
+        for reason in row["reasons"]:
+            counts[reason] = counts.get(reason, 0) + 1
+    report = {
+        "wanted": keep, "kept": len(results), "tried": tried, "budget": budget, "rounds": rounds,
+        "complete": len(results) >= keep, "surplus": max(0, len(kept) - keep),
+        "checks": {"space": space, "threshold": round(float(threshold), 4), "faces": policy.score.expected_faces,
+                   "min_sharpness": policy.score.keep_min_sharpness, "min_exposure": policy.score.keep_min_exposure,
+                   "copy_paste": True},
+        "reasons": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "dropped": dropped, "notes": notes,
+    }
+    report["summary"] = keep_summary(report)
+    return KeepOutcome(results, report, scoring.as_dict())
+
+
+def keep_summary(report: Mapping[str, Any]) -> str:
+    """The keep report in one line a person reads: `kept 2 of 2 (tried 5); dropped: no face in
+    the picture (2), did not look enough like the person (1)`."""
+    head = f"kept {report['kept']} of {report['wanted']} (tried {report['tried']}"
+    head += ")" if report.get("complete") else f", all the budget allows)"
+    reasons = report.get("reasons") or {}
+    if not reasons:
+        return head
+    return f"{head}; dropped: " + ", ".join(f"{score_stage.KEEP_REASONS.get(k, k)} ({n})" for k, n in reasons.items())
 
 
 # --- reporting -----------------------------------------------------------------------------------

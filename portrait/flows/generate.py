@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from portrait.core.bundle import load_identity
 from portrait.core.cache import CacheKey
@@ -32,6 +32,7 @@ from portrait.core.io import (as_published, check_replaceable, discard_dir, make
                               staging_for, write_image, write_json)
 from portrait.core.types import Candidate, CandidateScore, GenerationRequest, Identity, RankedResult
 from portrait.core.versions import versions
+from portrait.flows.history import new_run_id
 from portrait.stages import generate as gen
 from portrait.stages import metadata, seeding, templates
 from portrait.stages.backends import BACKENDS
@@ -57,30 +58,56 @@ class GenerationResult:
                                 self.info)
 
 
-def generate(identity: str | Identity, *, template: str | None = None, prompt: str | None = None,
-             backend: str | None = None, n: int | None = 4, seed: int | None = None, out: str | Path,
+def generate(identity: str | Identity, *, template: str | templates.Template | None = None, prompt: str | None = None,
+             backend: str | None = None, n: int | None = None, seed: int | None = None, out: str | Path,
              settings: Settings | None = None, preset: str | None = None, ctx: RunContext | None = None,
              progress: Progress | None = None, finish: bool | dict[str, bool] = True,
-             with_identity: Sequence[str] = (), **overrides: Any) -> GenerationResult:
+             with_identity: Sequence[str] = (), keep: int | None = None, attempts: int | None = None,
+             upscale_factor: float | None = None, job: str | None = None, cell: Mapping[str, Any] | None = None,
+             record: bool = True, **overrides: Any) -> GenerationResult:
     """Generate `n` portraits of an identity into `out` and return them ranked.
 
+    `n`: how many (default: the preset's generate.n). `keep=K` instead: generate until K are
+    portraits to keep (a face, alike in the independent space, no copy of a photo, sharp and
+    well exposed), within `attempts` candidates (default K x score.keep_attempts); only
+    the kept are written, and results.json's `keep` says what was tried and why the others
+    were dropped (portrait.flows.finish.keep_gate).
     `with_identity`: more people in the same picture (a group photo template assigns them
     faces left to right after `identity`; `backend="faceid"` gives each a region).
+    `finish`: a dict of finish switches (`{"restore": True}` asks for face restoration; when
+    the restorer cannot run, `warnings` in the result says so); `upscale_factor` sets the
+    final upscale (finish.upscale.outscale). `job` names the run in the results history
+    (portrait.flows.history; a new id when omitted), `cell` the shoot cell it renders;
+    `record=False` leaves the history alone (a caller that moves the files records them).
     """
     if with_identity:
         overrides["options"] = {**(overrides.get("options") or {}), "identities": list(with_identity)}
+    if keep is not None:
+        if n is not None:
+            raise BadInput("--n and --keep: give one (--keep K makes K portraits that pass every check)")
+        if finish is False:
+            raise BadInput("--keep needs scoring to judge the portraits: leave finishing on (no --no-finish)")
+        n = keep
+    elif attempts is not None:
+        raise BadInput("--attempts bounds --keep: give --keep too")
     ctx = ctx or RunContext.create(settings, preset=preset, progress=progress)
     report = progress or ctx.progress
     person = identity if isinstance(identity, Identity) else load_identity(ctx.settings, identity)
     policy = gen.GeneratePolicy.from_preset(ctx.preset)
-    chosen = _template(template, prompt, backend, policy)
+    chosen = template if isinstance(template, templates.Template) else _template(template, prompt, backend, policy)
     if backend is None and chosen is not None and chosen.kind == "photo":
         backend = _photo_backend()
     request = gen.resolve_request(person, policy, template=chosen, prompt=prompt, backend=backend, n=n, seed=seed,
                                   overrides=overrides)
     out = Path(out).expanduser()
     _preflight(ctx, request)
+    finish_policy = _finish_policy(ctx, upscale_factor)
+    if keep is not None:
+        from portrait.flows.finish import keep_budget
+
+        keep_budget(finish_policy, keep, attempts)  # refused before any model loads
     _check_out(out)
+    job = job or new_run_id()
 
     def run(req: GenerationRequest) -> list[Candidate]:
         found = []
@@ -95,14 +122,14 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
     try:
         with ctx.registry.recording() as used:
             candidates = run(request)
-            ranked, notes = _finish(ctx, person, request, candidates, run, finish)
+            ranked, notes = _finish(ctx, person, request, candidates, run, finish, finish_policy, keep, attempts)
             written = _write(ctx, staging, person, ranked)
         # what made these images, for reproducing them: versions and the bill of materials
-        notes = {**notes, "versions": versions(ctx.placement), "license_policy": ctx.settings.license,
-                 "bom": bill_of_materials(ctx, used)}
+        notes = {"run": job, **({"cell": dict(cell)} if cell else {}), **notes, "versions": versions(ctx.placement),
+                 "license_policy": ctx.settings.license, "bom": bill_of_materials(ctx, used)}
         staged = GenerationResult(person.name, request.backend, request.template, out, request, tuple(written), notes)
         write_json(staging / "results.json", staged.as_json())
-        if notes.get("gate") and written:  # finishing ran (notes always carry versions and the BOM)
+        if ("gate" in notes or "keep" in notes) and written:  # finishing ran (notes always carry versions and the BOM)
             from portrait.flows.finish import write_results_sheet
 
             write_results_sheet(staging / "contact_sheet.png", written)
@@ -114,7 +141,26 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
     finally:
         discard_dir(staging)
     final = tuple(dataclasses.replace(r, path=out / r.path.name) for r in written)
-    return GenerationResult(person.name, request.backend, request.template, out, request, final, notes)
+    result = GenerationResult(person.name, request.backend, request.template, out, request, final, notes)
+    if record:
+        from portrait.flows.history import record_generation
+
+        record_generation(ctx.settings, result, job=job, cell=(cell or {}).get("key"))
+    return result
+
+
+def _finish_policy(ctx: RunContext, upscale_factor: float | None):
+    """The preset's finish policy, with the final upscale factor a request gave (declared bounds)."""
+    from portrait.core.declare import policy_from
+    from portrait.flows.finish import FinishPolicy
+    from portrait.stages.upscale import UpscalePolicy
+
+    policy = FinishPolicy.from_preset(ctx.preset)
+    if upscale_factor is None:
+        return policy
+    upscale = policy_from(UpscalePolicy, None, "--upscale-factor",
+                          overrides={**dataclasses.asdict(policy.upscale), "outscale": upscale_factor})
+    return dataclasses.replace(policy, upscale=upscale)
 
 
 def _template(name: str | None, prompt: str | None, backend: str | None, policy: gen.GeneratePolicy):
@@ -170,9 +216,10 @@ def _check_out(out: Path) -> None:
 
 
 def _finish(ctx: RunContext, identity: Identity, request: GenerationRequest, candidates: list[Candidate],
-            run: Callable[[GenerationRequest], list[Candidate]],
-            switches: bool | dict[str, bool]) -> tuple[list[RankedResult], dict[str, Any]]:
-    """Fusion, retouch, upscale and scoring, then the similarity gate (portrait.flows.finish).
+            run: Callable[[GenerationRequest], list[Candidate]], switches: bool | dict[str, bool], policy,
+            keep: int | None = None, attempts: int | None = None) -> tuple[list[RankedResult], dict[str, Any]]:
+    """Fusion, retouch, upscale and scoring, then the similarity gate, or the keep loop when
+    `keep` is given (portrait.flows.finish).
 
     `switches`: True = the preset's and template's defaults, False = none (generation order),
     or a dict of stage -> bool overriding them. The template backend fuses inside its own
@@ -183,11 +230,11 @@ def _finish(ctx: RunContext, identity: Identity, request: GenerationRequest, can
                              rank=i + 1, passed_gate=True) for i, c in enumerate(candidates)], {}
     from portrait.flows import finish as finish_flow
 
-    policy = finish_flow.FinishPolicy.from_preset(ctx.preset)
     backend_default = dict(gen.backend_spec(request.backend).finish)
     chosen = finish_flow.FinishSwitches.from_options(policy.switches, backend_default,
                                                      gen.backend_spec(request.backend).read(request).finish or {},
                                                      switches if isinstance(switches, dict) else {})
+    warnings = finish_warnings(ctx, chosen)
 
     def generate_more(seeds: Sequence[int]) -> list[Candidate]:
         # One request per run of consecutive seeds (the gate asks for consecutive ones), so a
@@ -197,11 +244,35 @@ def _finish(ctx: RunContext, identity: Identity, request: GenerationRequest, can
             more += run(seeding.with_seed(request, start, count))
         return more
 
+    if keep is not None:
+        kept = finish_flow.keep_gate(ctx, identity, candidates, chosen, generate_more, keep, policy, attempts)
+        notes = {"finish": chosen.as_dict(), "keep": kept.report, "scoring": kept.scoring}
+        if warnings:
+            notes["warnings"] = warnings
+        return kept.results, notes
     outcome = finish_flow.gate(ctx, identity, candidates, chosen, generate_more, want=request.n, policy=policy)
     notes = {"finish": chosen.as_dict(), "gate": {"rounds": outcome.rounds, "evaluated": outcome.evaluated,
                                                   "extra_seeds": list(outcome.extra_seeds), "passed": outcome.passed},
              "scoring": outcome.scoring}
+    if warnings:
+        notes["warnings"] = warnings
     return outcome.results, notes
+
+
+def finish_warnings(ctx: RunContext, switches) -> list[str]:
+    """What was asked of finishing and cannot run here, one line each (printed by the CLI, shown
+    by the service, kept in results.json): today a face restorer that is missing."""
+    from portrait.stages import upscale as upscale_stage
+
+    warnings = []
+    if switches.restore:
+        try:
+            restorer, reason = upscale_stage.try_load_restorer(ctx, ctx.preset.model("face_restorer"))
+        except BadInput as exc:  # the preset names no restorer
+            restorer, reason = None, str(exc)
+        if restorer is None:
+            warnings.append(f"face restoration was asked for and skipped: {reason}")
+    return warnings
 
 
 def consecutive_runs(seeds: Sequence[int]) -> list[tuple[int, int]]:

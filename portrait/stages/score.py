@@ -65,6 +65,11 @@ class ScorePolicy:
     copy_min_photos: Annotated[int, Field(ge=0)] = 3  # fewer photos than this give no spread: the similarity test is off
     copy_kps_tolerance: Annotated[float, Field(ge=0.0)] = 0.015  # copy-paste: mean keypoint distance (fraction of image side) ...
     copy_crop_correlation: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.9  # ... and aligned-crop correlation at or above this
+    # --keep K: generate until K outputs are portraits to keep (keep_reasons), within a budget.
+    keep_attempts: Annotated[int, Field(ge=1, le=100)] = 5  # --keep K tries at most K x this many candidates (the first K included) ...
+    keep_max_attempts: Annotated[int, Field(ge=1)] = 200  # ... and never more than this for one request
+    keep_min_sharpness: Annotated[float, Field(ge=0.0, le=1.0)] = 0.15  # a kept face crop is at least this sharp (prepare's measure, stages/analyze.py) ...
+    keep_min_exposure: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2  # ... and at least this well exposed
 
     def threshold_for(self, backend: str, default: float) -> float:
         """The gate threshold for a generation backend (a per-backend value wins)."""
@@ -176,6 +181,60 @@ def passes(score: CandidateScore, policy: ScorePolicy, threshold: float) -> bool
     if score.per_face:  # a group passes only when every assigned face does
         return is_sane(score, policy) and all(f.similarity >= threshold for f in score.per_face)
     return is_sane(score, policy) and score.similarity >= threshold
+
+
+# Why an output is not a portrait to keep (`--keep`), in checking order: stable words for
+# results.json, and what they mean in words a customer reads.
+KEEP_REASONS = {
+    "no_face": "no face in the picture",
+    "extra_faces": "more faces than the portrait should show",
+    "face_too_small": "the face is too small to judge",
+    "face_too_large": "the face is cropped too close",
+    "below_gate": "did not look enough like the person",
+    "copy_paste": "copies one of the uploaded photos instead of making a new one",
+    "blurry": "the face is blurry",
+    "bad_exposure": "the face is too dark or too bright",
+}
+
+
+def keep_reasons(score: CandidateScore, policy: ScorePolicy, threshold: float, space: str | None = None) -> list[str]:
+    """Why a scored output is not a portrait to keep (none: keep it): it must show the
+    expected face(s) at a judgeable size, pass the similarity gate in `space` (the
+    independent space; default the score's own), not be a copy of one of the identity's
+    photos, and have a face crop sharp and well exposed enough (`score.quality`)."""
+    if score.per_face:  # a group picture: every assigned face must be found, sized and alike
+        if any(f.box is None for f in score.per_face):
+            return ["no_face"]
+        reasons = []
+        if any(f.face_size < policy.min_face_fraction for f in score.per_face):
+            reasons.append("face_too_small")
+        if any(f.face_size > policy.max_face_fraction for f in score.per_face):
+            reasons.append("face_too_large")
+        if any(f.similarity < threshold for f in score.per_face):
+            reasons.append("below_gate")
+        return reasons
+    if score.faces == 0:
+        return ["no_face"]
+    reasons = []
+    if score.faces > policy.expected_faces:
+        reasons.append("extra_faces")
+    if score.face_size < policy.min_face_fraction:
+        reasons.append("face_too_small")
+    elif score.face_size > policy.max_face_fraction:
+        reasons.append("face_too_large")
+    similarity = score.similarity
+    if space is not None and space != score.space:
+        similarity = (score.spaces.get(space) or {}).get("similarity")
+    if similarity is None or similarity < threshold:
+        reasons.append("below_gate")
+    if score.copy_paste:
+        reasons.append("copy_paste")
+    if score.quality:
+        if score.quality.get("sharpness", 1.0) < policy.keep_min_sharpness:
+            reasons.append("blurry")
+        if score.quality.get("exposure", 1.0) < policy.keep_min_exposure:
+            reasons.append("bad_exposure")
+    return reasons
 
 
 def rank_key(score: CandidateScore, policy: ScorePolicy) -> float:

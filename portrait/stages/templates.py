@@ -117,11 +117,11 @@ def bad_template(where: object, reason: str) -> BadInput:
 
 
 def _kind_from_yaml(path: Path) -> str:
-    data = _read_yaml(path)
+    data = read_yaml(path)
     return "photo" if data.get("image") else "style"
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = load_yaml(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -131,7 +131,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-class _ControlFile(BaseModel):
+class ControlFile(BaseModel):
     """One `controls:` entry in a template file: a strength, or this mapping."""
 
     model_config = ConfigDict(extra="forbid")
@@ -169,7 +169,7 @@ class TemplateFile(BaseModel):
     composition: Literal["merge", "switch", "composite"] = "merge"
     fast: Literal["lcm"] | None = None
     style_lora: str | _StyleLoraFile | None = None
-    controls: dict[str, float | _ControlFile] = Field(default_factory=dict)
+    controls: dict[str, float | ControlFile] = Field(default_factory=dict)
     image: str | None = Field(None, min_length=1)
     faces: int | None = Field(None, ge=1, le=64)
     options: dict[str, Any] = Field(default_factory=dict)
@@ -182,7 +182,7 @@ class TemplateFile(BaseModel):
 
 def load_template_file(path: Path, kind: str) -> Template:
     path = Path(path).resolve()
-    data = _read_yaml(path)
+    data = read_yaml(path)
     root = path.parent
     refuse_unknown(data, f"template {path}", TemplateFile)
     try:
@@ -208,15 +208,15 @@ def load_template_file(path: Path, kind: str) -> Template:
         composition=spec.composition,
         fast=spec.fast,
         style_lora=_style_lora(spec.style_lora, root, path),
-        controls=tuple(_control(name, c, root) for name, c in spec.controls.items()),
-        image=_inside(root, spec.image) if spec.image else None,
+        controls=tuple(control_spec(name, c, root) for name, c in spec.controls.items()),
+        image=inside(root, spec.image) if spec.image else None,
         faces=spec.faces,
         options=options,
     )
     return _checked(template, path)
 
 
-def _inside(root: Path, value: str) -> Path:
+def inside(root: Path, value: str) -> Path:
     """A path written in a template: relative to the template's own folder, never the cwd."""
     given = Path(value).expanduser()
     return given if given.is_absolute() else root / given
@@ -227,7 +227,7 @@ def _style_lora(value: Any, root: Path, path: Path) -> StyleLora | None:
         return None
     model, weight = (value, 0.6) if isinstance(value, str) else (value.model, value.weight)
     if model.endswith(".safetensors") or "/" in model:
-        file = _inside(root, model)
+        file = inside(root, model)
         _check_lora_file(file, path)
         model = str(file)
     return StyleLora(model, float(weight))
@@ -249,19 +249,19 @@ def _check_lora_file(file: Path, template: Path) -> None:
         raise bad_template(template, f"style LoRA {file} is not a safetensors LoRA file")
 
 
-def _control(name: str, spec: float | _ControlFile, root: Path) -> ControlSpec:
-    spec = _ControlFile(strength=spec) if isinstance(spec, (int, float)) else spec
+def control_spec(name: str, spec: float | ControlFile, root: Path) -> ControlSpec:
+    spec = ControlFile(strength=spec) if isinstance(spec, (int, float)) else spec
     return ControlSpec(
         name=name,
         strength=float(spec.strength),
-        image=_inside(root, spec.image) if spec.image else None,
+        image=inside(root, spec.image) if spec.image else None,
         preprocessed=spec.preprocessed,
         start=spec.start,
         end=spec.end,
     )
 
 
-def _check_image(file: Path, template: Path, what: str) -> None:
+def check_template_image(file: Path, template: Path, what: str) -> None:
     """An image a template names must open as an image (checked before any model loads)."""
     from PIL import Image, UnidentifiedImageError
 
@@ -288,11 +288,11 @@ def _checked(t: Template, path: Path) -> Template:
         if c.name not in CONTROL_NAMES:
             raise bad_template(path, f"control '{c.name}' is not one of {', '.join(CONTROL_NAMES)}")
         if c.image is not None:
-            _check_image(c.image, path, "control image")
+            check_template_image(c.image, path, "control image")
     if t.kind == "photo":
         if t.image is None:
             raise bad_template(path, "a photo template needs `image:`")
-        _check_image(t.image, path, "photo template image")
+        check_template_image(t.image, path, "photo template image")
     if t.kind == "style" and not t.prompt:
         raise bad_template(path, "a style template needs a prompt")
     if t.fast not in (None, "lcm"):

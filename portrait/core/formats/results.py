@@ -51,6 +51,8 @@ def results_row(result: RankedResult) -> dict[str, Any]:
         "similarity_space": s.space,
         "scores": {space: dict(v) for space, v in s.spaces.items()},
         "copy_paste": s.copy_paste,
+        # the subject's face crop as prepare judges photos (sharpness, exposure); --keep checks it
+        "face_quality": {k: _round(v) for k, v in s.quality.items()} or None,
     }
 
 

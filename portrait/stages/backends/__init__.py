@@ -8,12 +8,19 @@ BACKENDS. A backend never imports another backend or the generate stage. The mod
 light (torch, diffusers and the networks load inside `generate`), so reading the table costs
 no model library.
 
-Tests and plugins add a backend at run time with `register(spec)`.
+Tests and plugins add a backend at run time with `register(spec)`; a process started by
+someone else (a `portrait serve` worker, a batch worker) loads the plugins named in
+`PORTRAIT_BACKENDS` (`module:ATTR`, comma-separated; ATTR defaults to SPEC) when the table
+is first imported.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+
 from portrait.core.backend import BackendSpec, BackendTable
+from portrait.core.errors import BadInput
 
 from . import faceid, flux, infiniteyou, instantid, lora, photomaker, pulid, pulid_flux, template
 
@@ -39,4 +46,24 @@ def unregister(name: str) -> None:
     BACKENDS.unregister(name)
 
 
-__all__ = ["BACKENDS", "BackendSpec", "register", "unregister"]
+def load_plugins(value: str | None = None) -> list[str]:
+    """Register the backends `PORTRAIT_BACKENDS` names (`module:ATTR,...`); their names."""
+    names = []
+    for ref in (os.environ.get("PORTRAIT_BACKENDS", "") if value is None else value).split(","):
+        module, _, attr = ref.strip().partition(":")
+        if not module:
+            continue
+        try:
+            spec = getattr(importlib.import_module(module), attr or "SPEC")
+        except (ImportError, AttributeError) as exc:
+            raise BadInput(f"PORTRAIT_BACKENDS: cannot load '{ref.strip()}' ({exc.__class__.__name__}: {exc})") from None
+        if not isinstance(spec, BackendSpec):
+            raise BadInput(f"PORTRAIT_BACKENDS: '{ref.strip()}' is not a BackendSpec")
+        register(spec, replace=True)
+        names.append(spec.name)
+    return names
+
+
+load_plugins()
+
+__all__ = ["BACKENDS", "BackendSpec", "load_plugins", "register", "unregister"]
