@@ -111,9 +111,10 @@ def test_checkpoints_are_fsynced_before_and_after_the_rename(tmp_path, monkeypat
 
 # --- results.json -----------------------------------------------------------------------------
 
-# The fields of a results.json row as `portrait generate` writes them: unchanged by issue 14.
+# The fields of a results.json row as `portrait generate` writes them: unchanged by issue 14
+# (issue 30 added face_quality, the subject face crop's sharpness and exposure --keep checks).
 ROW_FIELDS = ["path", "seed", "rank", "similarity", "passed_gate", "timings", "reference_similarity", "clip_t",
-              "faces", "face_scores", "info", "similarity_space", "scores", "copy_paste"]
+              "faces", "face_scores", "info", "similarity_space", "scores", "copy_paste", "face_quality"]
 
 
 def _ranked(tmp_path: Path) -> RankedResult:

@@ -36,7 +36,7 @@ class _GenerateCommand(TyperCommand):
         return super().format_help(ctx, formatter)
 
 
-def _size(value: Optional[str]) -> tuple[int | None, int | None]:
+def parse_size(value: Optional[str]) -> tuple[int | None, int | None]:
     if not value:
         return None, None
     try:
@@ -81,10 +81,10 @@ def register(app: typer.Typer) -> None:
 
         from portrait.flows.generate import generate
 
-        width, height = _size(size)
+        width, height = parse_size(size)
         overrides = {"width": width, "height": height, "steps": steps, "guidance": guidance, "scheduler": scheduler,
                      "lora_weight": lora_weight, "composition": composition}
-        options = _options(option)
+        options = parse_options(option)
         if also:
             options["identities"] = list(also)
         if options:
@@ -132,7 +132,7 @@ def print_result(result, indent: str = "") -> None:
     print(f"{indent}wrote {len(result.results)} image(s) and {result.out / 'results.json'}")
 
 
-def _options(pairs: list[str]) -> dict:
+def parse_options(pairs: list[str]) -> dict:
     """--option KEY=VALUE pairs; values are YAML so numbers and booleans arrive typed."""
     import yaml
 

@@ -51,11 +51,11 @@ def register(app: typer.Typer) -> None:
 
         from portrait.flows.shoot import shoot
 
-        from .cmd_generate import _options, _size, finish_switches, print_result
+        from .cmd_generate import finish_switches, parse_options, parse_size, print_result
 
-        width, height = _size(size)
+        width, height = parse_size(size)
         overrides = {"width": width, "height": height, "steps": steps, "guidance": guidance}
-        options = _options(option)
+        options = parse_options(option)
         if options:
             overrides["options"] = options
         finish = finish_switches(no_finish, no_fuse=no_fuse, no_retouch=no_retouch, no_upscale=no_upscale,

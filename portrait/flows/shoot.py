@@ -173,9 +173,10 @@ def write_shoot_sheet(target: Path, cells: Sequence[CellResult], thumb: int = 25
         row = []
         for r in cell.result.results:
             colour = (60, 190, 90) if r.passed_gate else (220, 70, 60)
+            scored = "" if r.score.similarity is None else f"  id {r.score.similarity:.3f}"
             row.append(Tile(r.candidate.image, ((cell.cell.title[:40], (235, 235, 235)),
-                                                (f"#{r.rank}  seed {r.candidate.seed}  id {r.score.similarity:.3f}",
-                                                 colour)), frame=colour))
+                                                (f"#{r.rank}  seed {r.candidate.seed}{scored}", colour)),
+                            frame=colour))
         while len(row) < max(want, 1):
             row.append(Tile(None, ((cell.cell.title[:40], (235, 235, 235)), ("not kept", (220, 70, 60)))))
         tiles += row

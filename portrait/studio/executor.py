@@ -51,9 +51,16 @@ class Outcome:
     seconds: float = 0.0
 
 
+class NothingKept(PortraitError):
+    """A `keep` item kept no portrait within its attempt budget: the same seeds would give the
+    same images, so retrying cannot help (the message is the keep report's summary)."""
+
+
 def classify(exc: BaseException) -> tuple[str, bool, str]:
     """(kind, permanent, message). User errors never heal by retrying; anything else may
     (out of memory, a busy disk, a flaky network mount), so it is retried with backoff."""
+    if isinstance(exc, NothingKept):
+        return "not_kept", True, str(exc)
     if isinstance(exc, ModelMissing):
         return "model_missing", True, str(exc)
     if isinstance(exc, BadInput):
@@ -72,13 +79,15 @@ def staging_dir(item: Item) -> Path:
 
 
 def final_names(item: Item, staged: tuple[Path, ...]) -> list[tuple[Path, Path]]:
-    """Fixed names per item, so a re-run after a crash overwrites instead of adding."""
+    """Fixed names per item, so a re-run after a crash overwrites instead of adding: the images
+    as `<stem>.png` (or `<stem>-<i>.png` in rank order), a staged results.json as
+    `<stem>.results.json`."""
     dest = Path(item.payload["dest"])
     stem = item.payload["stem"]
-    ordered = list(staged)
-    if len(ordered) == 1:
-        return [(ordered[0], dest / f"{stem}{ordered[0].suffix.lower()}")]
-    return [(src, dest / f"{stem}-{i}{src.suffix.lower()}") for i, src in enumerate(ordered)]
+    images = [p for p in staged if p.suffix.lower() != ".json"]
+    names = [(images[0], dest / f"{stem}{images[0].suffix.lower()}")] if len(images) == 1 else [
+        (src, dest / f"{stem}-{i}{src.suffix.lower()}") for i, src in enumerate(images)]
+    return names + [(p, dest / f"{stem}.{p.name}") for p in staged if p.suffix.lower() == ".json"]
 
 
 def drop_stale_outputs(item: Item, keep: set[Path]) -> None:
@@ -120,6 +129,9 @@ def perform(executor: Executor, item: Item) -> Outcome:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 src.replace(target)  # same folder tree, so an atomic rename
                 placed.append(str(target))
+            on_placed = getattr(executor, "placed", None)  # e.g. the results history (FlowExecutor)
+            if on_placed is not None:
+                on_placed(item, [target for _, target in names], result.meta)
         placed += [str(p) for p in result.in_place]
         return Outcome(ok=True, outputs=tuple(placed), meta=result.meta, seconds=time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the item
@@ -195,16 +207,47 @@ class FlowExecutor:
         return ItemResult(in_place=(Path(identity.root),), meta=meta)
 
     def _generate(self, item: Item, staging: Path) -> ItemResult:
+        from portrait.core.io import write_json
         from portrait.flows.generate import generate
 
         p = item.payload
-        result = generate(p["identity"], template=p["template"], prompt=p["prompt"], backend=p["backend"], n=1,
-                          seed=p["seed"], out=staging, ctx=self.context(p["preset"]), finish=p["finish"],
-                          progress=self._reporter(item), **p["overrides"])
+        template, cell = p["template"], None
+        if p.get("shoot"):  # a studio package's cell (portrait.stages.shoots)
+            from portrait.stages import shoots
+
+            found = shoots.find_cell(shoots.find_package(p["shoot"]["package"]), p["shoot"]["cell"])
+            template, cell = shoots.cell_template(found), found.as_dict()
+        keep = p.get("keep")
+        result = generate(p["identity"], template=template, prompt=p["prompt"], backend=p["backend"],
+                          n=None if keep else 1, keep=keep, attempts=p.get("attempts"), seed=p["seed"], out=staging,
+                          ctx=self.context(p["preset"]), finish=p["finish"], progress=self._reporter(item),
+                          job=p.get("run"), cell=cell, record=False, **p["overrides"])
         report = result.as_json()
         rows = [{k: v for k, v in row.items() if k != "path"} for row in report["results"]]
         meta = {"backend": report["backend"], "template": report["template"], "results": rows}
-        if "notes" in report:
-            meta["notes"] = report["notes"]
+        for key in ("notes", "keep", "warnings", "cell"):
+            if key in report:
+                meta[key] = report[key]
+        images = tuple(Path(path) for path in result.paths)
+        if keep is not None:
+            if not images:
+                raise NothingKept(f"{item.label}: {report['keep']['summary']}")
+            # The keep report beside the images, naming them as they will be placed.
+            placed = dict(final_names(item, images))
+            report["results"] = [{**row, "path": placed[image].name} for row, image in zip(report["results"], images)]
+            images += (write_json(staging / "results.json", report),)
         # Rank order, so `<stem>.png` (or `<stem>-0.png`) is always the best candidate.
-        return ItemResult(staged=tuple(Path(path) for path in result.paths), meta=meta)
+        return ItemResult(staged=images, meta=meta)
+
+    def placed(self, item: Item, targets: list[Path], meta: dict[str, Any]) -> None:
+        """Index the item's placed images in the results history (portrait.flows.history)."""
+        from portrait.flows.history import History
+
+        p = item.payload
+        images = [t for t in targets if t.suffix.lower() != ".json"]
+        report = {key: meta[key] for key in ("keep", "warnings") if key in meta}
+        History(self.settings).record(identity=p["identity"], job=p.get("run") or item.id,
+                                      folder=Path(p["dest"]), rows=meta.get("results") or [],
+                                      files=[t.name for t in images], backend=meta.get("backend"),
+                                      template=meta.get("template"), cell=(meta.get("cell") or {}).get("key"),
+                                      report=report or None)

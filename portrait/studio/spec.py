@@ -77,6 +77,24 @@ class IdentitySpec(BaseModel):
         return value
 
 
+class ShootSpec(BaseModel):
+    """A studio package's cells as the spec's styles (portrait.stages.shoots): every cell, the
+    product of chosen backdrops/outfits/poses, or named cells."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    package: str = Field(min_length=1)  # a shipped package's name, or a package .yaml (relative to the spec)
+    cells: list[str] | None = None  # backdrop/outfit[/pose]
+    backdrops: list[str] | None = None
+    outfits: list[str] | None = None
+    poses: list[str] | None = None
+
+    @field_validator("cells", "backdrops", "outfits", "poses", mode="before")
+    @classmethod
+    def _one_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
 class JobSpec(BaseModel):
     """The batch spec (see examples/studio.yaml)."""
 
@@ -98,9 +116,17 @@ class JobSpec(BaseModel):
     size: tuple[int, int] | None = None  # width, height
     # Any other generate override (composition, controls, fast, options), as on the API.
     generate: dict[str, Any] = Field(default_factory=dict)
-    # Post-processing switches for the finish flow (fuse, retouch, upscale, gate, ...);
+    # Post-processing switches for the finish flow (fuse, retouch, upscale, restore, ...);
     # `finish: false` turns finishing off.
     finish: bool | dict[str, bool] = True
+    # A studio package's cells, rendered like templates (results grouped by cell).
+    shoot: ShootSpec | None = None
+    # Per identity x style x backend: generate until `keep` portraits pass every check (one item
+    # making them, instead of `count` items of one image), within `attempts` candidates.
+    keep: int | None = Field(default=None, ge=1, le=64)
+    attempts: int | None = Field(default=None, ge=1)
+    # The job name the results history records these images under (default: the job's id).
+    run: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
 
     @field_validator("identities", mode="before")
     @classmethod
@@ -150,8 +176,16 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _something_to_make(self) -> "JobSpec":
-        if not self.templates and not self.prompts:
-            raise ValueError("give at least one of `templates` or `prompts`")
+        if not self.templates and not self.prompts and self.shoot is None:
+            raise ValueError("give at least one of `templates`, `prompts` or `shoot`")
+        if self.keep is not None and "count" in self.model_fields_set and self.count != 1:
+            raise ValueError("`count` and `keep`: give one (keep K makes K portraits that pass every check)")
+        if self.attempts is not None and self.keep is None:
+            raise ValueError("`attempts` bounds `keep`: give `keep` too")
+        if self.keep is not None and self.attempts is not None and self.attempts < self.keep:
+            raise ValueError(f"attempts {self.attempts}: at least keep ({self.keep})")
+        if self.keep is not None and self.finish is False:
+            raise ValueError("`keep` needs scoring to judge the portraits: leave `finish` on")
         names = [i.name for i in self.identities]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
@@ -275,6 +309,24 @@ def train_item(name: str, photos: list[str], *, zero_shot: bool, preset: str, st
                 label=f"{name} / train{' (zero-shot)' if zero_shot else ''}", payload=payload)
 
 
+def package_ref(base: Path, value: str) -> str:
+    """A package as the executor loads it: a shipped name, or a .yaml resolved against the spec's folder."""
+    return _resolve(base, value) if value.lower().endswith((".yaml", ".yml")) or "/" in value else value
+
+
+def shoot_cells(shoot: ShootSpec, base: Path, source: str) -> tuple[str, list]:
+    """(package reference, chosen cells) of a spec's `shoot`, each problem one line naming the spec."""
+    from portrait.stages import shoots
+
+    ref = package_ref(base, shoot.package)
+    try:
+        package = shoots.find_package(ref)
+        return ref, shoots.select_cells(package, shoot.cells, backdrops=shoot.backdrops, outfits=shoot.outfits,
+                                        poses=shoot.poses)
+    except BadInput as exc:
+        raise bad_file(source, f"shoot: {exc}") from None
+
+
 def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exists, source: str = "spec") -> Job:
     """Expand a spec into items. `identity_exists(name) -> bool` decides which need training."""
     preset = spec.preset or default_preset
@@ -284,6 +336,11 @@ def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exist
     finish = dict(sorted(spec.finish.items())) if isinstance(spec.finish, dict) else spec.finish
     styles = [("template", *template_ref(base_dir, t)) for t in spec.templates] + [
         ("prompt", p, f"prompt-{slug(p)}") for p in spec.prompts]
+    if spec.shoot is not None:
+        ref, cells = shoot_cells(spec.shoot, base_dir, source)
+        styles += [("cell", {"package": ref, "cell": c.key}, f"{slug(c.package.name)}/{c.folder}") for c in cells]
+    resolved = _resolved_spec(spec, base_dir, output, preset)
+    job_id = content_id(resolved, 12)
     items: list[Item] = []
     order = 0
     for ident in spec.identities:
@@ -297,7 +354,7 @@ def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exist
             order += 1
         for backend in spec.backends:
             for style_kind, style, folder in styles:
-                for index in range(spec.count):
+                for index in range(1 if spec.keep else spec.count):
                     seed = spec.seed + index
                     payload = {
                         "identity": ident.name,
@@ -309,22 +366,43 @@ def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exist
                         "overrides": overrides,
                         "finish": finish,
                         "dest": str(Path(output) / ident.name / folder),
-                        "stem": f"{backend}-s{seed}",
+                        "stem": f"{backend}-s{seed}" + (f"-keep{spec.keep}" if spec.keep else ""),
                     }
-                    # depends_on is left out of the id: the same image is the same item
-                    # whether its identity was trained by this job or existed already.
+                    # Keys a newer spec adds are in the payload only when used, so the ids of
+                    # specs without them stay as they were.
+                    if style_kind == "cell":
+                        payload["shoot"] = style
+                    if spec.keep:
+                        payload.update(keep=spec.keep, attempts=spec.attempts)
+                    # depends_on and the history's job name (`run`) are left out of the id: the
+                    # same image is the same item whether its identity was trained by this job
+                    # or existed already, and whichever job asked for it first.
+                    item_id = content_id({"kind": "generate", **payload})
+                    payload["run"] = spec.run or job_id
+                    what = f"keep {spec.keep}" if spec.keep else f"#{index + 1}"
                     items.append(Item(
-                        id=content_id({"kind": "generate", **payload}), kind="generate",
+                        id=item_id, kind="generate",
                         group=f"{preset}/{backend}/{ident.name}", order=order,
-                        label=f"{ident.name} / {folder} / {backend} #{index + 1}", payload=payload,
+                        label=f"{ident.name} / {folder} / {backend} {what}", payload=payload,
                         depends_on=train_id,
                     ))
                     order += 1
-    resolved = spec.model_dump(mode="json")
+    unique = tuple({item.id: item for item in items}.values())
+    return Job(id=job_id, source=source, spec=resolved, items=unique)
+
+
+def _resolved_spec(spec: JobSpec, base_dir: Path, output: str, preset: str) -> dict[str, Any]:
+    """The spec as run (paths absolute, the preset named); its hash is the job's id."""
+    resolved = spec.model_dump(mode="json", exclude_none=False)
+    for key in ("shoot", "keep", "attempts", "run"):  # absent when unused: older specs keep their job ids
+        if resolved.get(key) is None:
+            resolved.pop(key, None)
+    if spec.shoot is not None:
+        resolved["shoot"] = {**{k: v for k, v in resolved["shoot"].items() if v is not None},
+                             "package": package_ref(base_dir, spec.shoot.package)}
     resolved.update(output=output, preset=preset, templates=[template_ref(base_dir, t)[0] for t in spec.templates])
     resolved["identities"] = [
         {**i, "photos": _photo_paths(base_dir, i["photos"]) if i.get("photos") is not None else None}
         for i in resolved["identities"]
     ]
-    unique = tuple({item.id: item for item in items}.values())
-    return Job(id=content_id(resolved, 12), source=source, spec=resolved, items=unique)
+    return resolved
