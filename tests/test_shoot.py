@@ -490,3 +490,14 @@ def test_a_shoot_naming_an_unknown_cell_fails_at_expansion_naming_the_spec(tmp_p
     with pytest.raises(BadInput, match=r"^spec\.yaml: shoot: --cells 'x/y'"):
         expand(spec, base_dir=tmp_path, default_preset="tiny", identity_exists=lambda name: True, source="spec.yaml")
 
+
+
+def test_the_shoot_example_spec_expands():
+    from portrait.studio.spec import expand, load_spec
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "shoot.yaml"
+    job = expand(load_spec(path), base_dir=path.parent, default_preset="tiny", identity_exists=lambda name: True,
+                 source=str(path))
+    cells = [i.payload["shoot"]["cell"] for i in job.items]
+    assert cells == ["grey/navy-suit/front", "grey/blazer/front", "white/navy-suit/front", "white/blazer/front"]
+    assert all(i.payload["keep"] == 2 and i.payload["attempts"] == 10 for i in job.items)

@@ -638,7 +638,7 @@ def keep_gate(ctx, identity: Identity, candidates: Sequence[Candidate], switches
     Each round asks for the missing number scaled by the pass rate seen so far (so a backend
     that keeps one in three is asked for three per missing portrait), with new seeds after the
     largest tried, until enough are kept or the budget is spent. The report says how many were
-    tried and kept and why each other one was dropped.
+    tried and kept and why each other one was dropped (docs/ARCHITECTURE.md#keep-report).
     """
     policy = policy or FinishPolicy.from_preset(ctx.preset)
     if not switches.score:

@@ -17,7 +17,7 @@ identity is unknown (`UnknownResult`), which is what lets the service expose it 
 The generate flow, the shoot flow and the batch executor record what they publish
 (`record`); a run also stores its report (the keep report of `--keep`, warnings) in `runs`.
 Paths are never part of a row's public form (`ResultRow.as_dict`); the service serves files
-by id.
+by id (docs/ARCHITECTURE.md#results-history).
 """
 
 from __future__ import annotations

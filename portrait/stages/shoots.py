@@ -19,7 +19,7 @@ chosen subset (`select_cells`). Each cell resolves to an ordinary style template
 negatives and controls added. So a cell runs through exactly the generate path a template
 does, with every backend that takes a style prompt. The package file is declared once
 (`PackageFile`, unknown keys refused with the known ones listed) and every path it names is
-relative to its own folder, checked when it is read.
+relative to its own folder, checked when it is read (docs/ARCHITECTURE.md#studio-packages).
 """
 
 from __future__ import annotations
