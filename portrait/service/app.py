@@ -438,7 +438,9 @@ def reference_page(spec: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _type(schema: dict[str, Any]) -> str:
+def _type(schema: Any) -> str:
+    if not isinstance(schema, dict):
+        return "any"
     if "$ref" in schema:
         return schema["$ref"].rsplit("/", 1)[-1]
     if "anyOf" in schema:

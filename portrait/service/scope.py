@@ -69,9 +69,11 @@ class Scope:
 
     def resolve(self, tenant: str, kind: str, value: Any, field: str | None = None):
         """The handle of the tenant's `kind` object named `value`, or NotFound naming `field`."""
-        shown = value if isinstance(value, str) else repr(value)
-        missing = NotFound(f"{kind} '{shown[:80]}' not found" + (f" ({field})" if field else ""), field)
-        if not isinstance(value, str) or not _ID.match(value) or value[0] != _PREFIX[kind]:
+        shaped = isinstance(value, str) and bool(_ID.match(value))
+        # Only an id-shaped value is echoed: a path or a name is never repeated back.
+        shown = f"{kind} '{value}'" if shaped else f"{kind} (not an id of yours)"
+        missing = NotFound(f"{shown} not found" + (f" ({field})" if field else ""), field)
+        if not shaped or value[0] != _PREFIX[kind]:
             raise missing
         if kind == "identity":
             row = self.db.identity(tenant, value)
