@@ -175,7 +175,7 @@ class StudioService:
 
         preset = load(settings.preset)  # the whole preset file against the declarations
         self.settings = settings
-        self.preset = load_preset(settings.preset)
+        self.base = load_preset(settings.preset)  # the server's preset (limits, family)
         self.policy = policy or ServicePolicy.from_preset(preset)
         self.studio_policy = studio_policy or StudioPolicy.from_preset(preset)
         self.root = settings.home / "service"
@@ -272,7 +272,7 @@ class StudioService:
         from portrait.flows.prepare import PREPARE_READERS, PrepareFlowPolicy, write_prepare_sheet
 
         rows: dict[str, dict[str, Any]] = {row["path"]: row for row in screened.rejected}
-        minimum = from_preset(PrepareFlowPolicy, self.preset, shared=PREPARE_READERS).min_photos
+        minimum = from_preset(PrepareFlowPolicy, self.base, shared=PREPARE_READERS).min_photos
         if stored:
             # Each identity's photos are checked with a context of the pool: uploads of several
             # tenants run side by side (ServicePolicy.upload_workers), none waits on one lock.
@@ -540,7 +540,7 @@ class StudioService:
         from portrait.stages.templates import find_template, shipped_templates
 
         single = isinstance(body, GenerateRequest)
-        gpolicy = gen.GeneratePolicy.from_preset(self.preset)
+        gpolicy = gen.GeneratePolicy.from_preset(self.base)
         # 1. references, each resolved in the tenant's scope
         named = [("identity", body.identity)] if single else [(f"identities.{i}", v) for i, v in enumerate(body.identities)]
         people = [self.scope.identity(tenant, value, field) for field, value in named]
@@ -582,9 +582,9 @@ class StudioService:
             spec = BACKENDS.get(name)
             if spec is None:
                 raise InvalidField(field, f"unknown backend '{name}' (known: {', '.join(sorted(BACKENDS.names()))})")
-            if self.preset.family not in spec.families:
+            if self.base.family not in spec.families:
                 raise InvalidField(field, f"backend '{name}' runs on {', '.join(spec.families)}; preset "
-                                          f"'{self.preset.name}' is {self.preset.family}")
+                                          f"'{self.base.name}' is {self.base.family}")
             if others and not spec.group:
                 raise InvalidField("with_identity", f"backend '{name}' paints one identity; several people need "
                                                     "a group photo template (backend template) or faceid")
