@@ -276,6 +276,71 @@ def test_attack5_a_flood_is_refused_at_submit_and_a_job_can_be_cancelled(studio,
     client.delete(f"/v1/jobs/{job_id}", headers=a)
 
 
+def _worker(studio):
+    """A service worker (the server's kind: cancellable items, progress written) in a thread."""
+    from portrait.service.workers import ProgressRecorder, ServiceWorker
+    from portrait.studio.executor import FlowExecutor
+    from portrait.studio.store import WorkerId
+
+    service = studio["service"]
+    stop = threading.Event()
+    executor = FlowExecutor(studio["settings"], progress=ProgressRecorder(service.store, 0.01))
+    worker = ServiceWorker(service.store, executor, service.studio_policy, None, stop=stop,
+                           worker=WorkerId.current("test"))
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    return stop, thread
+
+
+def _until(check, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.02)
+    raise TimeoutError(check)
+
+
+def test_attack5_cancel_stops_running_work_at_its_next_step(studio, people):
+    client, a, service = studio["client"], studio["a"], studio["service"]
+    job = client.post("/v1/jobs/generate", json={"identity": people["alice"], "template": "business", "count": 2,
+                                                "steps": 60, "size": [64, 64], "finish": False}, headers=a).json()
+    stop, thread = _worker(studio)
+    try:
+        _until(lambda: (client.get(f"/v1/jobs/{job['id']}", headers=a).json()["progress"]["phase"] == "denoise"))
+        cancelled = client.delete(f"/v1/jobs/{job['id']}", headers=a)
+        assert cancelled.status_code == 200
+        view = _until(lambda: (v := client.get(f"/v1/jobs/{job['id']}", headers=a).json())["state"] == "cancelled"
+                      and v)
+        assert view["progress"]["items"]["cancelled"] == 2 and view["progress"]["items"]["done"] == 0, view
+        outputs = service.job_root(job["id"])
+        assert not outputs.exists() or [p for p in outputs.rglob("*") if p.is_file()] == []  # nothing half-written
+        # Retry runs it again, to the end.
+        assert client.post(f"/v1/jobs/{job['id']}/retry", headers=a).json()["state"] in ("queued", "running")
+        done = _until(lambda: (v := client.get(f"/v1/jobs/{job['id']}", headers=a).json())["state"] == "done" and v,
+                      300)
+        assert done["progress"]["items"]["done"] == 2
+        assert len(client.get(f"/v1/jobs/{job['id']}/results", headers=a).json()["images"]) == 2
+        # A training cancelled mid-steps keeps no checkpoint and can be trained again.
+        from portrait.samples import write_sample_photos
+
+        dora = client.post("/v1/identities", data={"name": "dora"},
+                           files=multipart(write_sample_photos(studio["root"] / "dora", majority="hopper")),
+                           headers=a).json()
+        train = client.post("/v1/jobs/train", json={"identity": dora["id"], "steps": 400}, headers=a).json()
+        _until(lambda: client.get(f"/v1/jobs/{train['id']}", headers=a).json()["progress"]["step"] >= 2)
+        client.delete(f"/v1/jobs/{train['id']}", headers=a)
+        _until(lambda: client.get(f"/v1/jobs/{train['id']}", headers=a).json()["state"] == "cancelled")
+        home = studio["settings"].identities_dir
+        assert not (home / f".{dora['id']}.work").exists() and not (home / dora["id"]).exists()
+        assert client.get(f"/v1/identities/{dora['id']}", headers=a).json()["state"] == "prepared"
+        client.delete(f"/v1/identities/{dora['id']}", headers=a)
+    finally:
+        stop.set()
+        thread.join(60)
+
+
 # -- 6. uploads in parallel, /healthz ---------------------------------------------------------------
 
 
