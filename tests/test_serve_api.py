@@ -357,3 +357,40 @@ def test_without_tokens_one_local_tenant_needs_no_header(tiny_home, tmp_path):
     client = TestClient(create_app(StudioService(service_home(tiny_home, tmp_path / "home")), auth="none"))
     assert client.get("/v1/me").json() == {"tenant": "local", "auth": False}
     assert client.get("/v1/identities").json() == []
+
+
+def test_retention_erases_photos_then_results_with_receipts_in_the_audit_log(studio):
+    """photos_days: the identity's photos and all cut from them go, its results stay; outputs_days:
+    the results go. Each erasure leaves a receipt in the tenant's audit log (ids and counts)."""
+    client, a, service = studio["client"], studio["a"], studio["service"]
+    response = client.post("/v1/identities", data={"name": "kept"}, files=multipart(studio["photos"]), headers=a)
+    identity = response.json()
+    client.post("/v1/jobs/train", json={"identity": identity["id"], "steps": 2}, headers=a)
+    studio["drain"]()
+    job = client.post("/v1/jobs/generate", json={"identity": identity["id"], "template": "business", "steps": 2,
+                                                "finish": False}, headers=a).json()
+    studio["drain"]()
+    tenant = service.db.tenant_for_token(a["Authorization"][7:]).id
+    service.db.set_tenant_settings("acme", {"photos_days": 7, "outputs_days": 30})
+    created = service.db.identity(tenant, identity["id"]).created
+    assert [r for r in service.sweep(now=created + 6 * 86400) if r["deleted"] == identity["id"]] == []
+    receipts = service.sweep(now=created + 8 * 86400)
+    mine = [r for r in receipts if r["deleted"] == identity["id"]]
+    assert len(mine) == 1 and mine[0]["action"] == "retention_photos" and mine[0]["removed"]["files"] > 5
+    shown = client.get(f"/v1/identities/{identity['id']}", headers=a).json()
+    assert shown["state"] == "expired" and shown["report"]["photos"] == []
+    assert not service.identity_root(identity["id"]).exists() and not service.bundle_root(identity["id"]).exists()
+    assert client.post("/v1/jobs/generate", json={"identity": identity["id"], "template": "business"},
+                       headers=a).status_code == 409
+    results = client.get(f"/v1/jobs/{job['id']}/results", headers=a).json()["images"]
+    assert len(results) == 1 and client.get(results[0]["url"], headers=a).status_code == 200  # results outlive photos
+    receipts = service.sweep(now=created + 31 * 86400)
+    assert any(r["deleted"] == job["id"] and r["action"] == "retention_outputs" for r in receipts)
+    assert client.get(f"/v1/jobs/{job['id']}", headers=a).status_code == 404
+    assert not service.job_root(job["id"]).exists()
+    audit = client.get("/v1/audit", headers=a).json()["entries"]
+    assert {(e["action"], e["subject"]) for e in audit} >= {("retention_photos", identity["id"]),
+                                                           ("retention_outputs", job["id"])}
+    assert "kept" not in json.dumps(audit)
+    service.db.set_tenant_settings("acme", {"photos_days": None, "outputs_days": None})
+    assert client.delete(f"/v1/identities/{identity['id']}", headers=a).status_code == 200

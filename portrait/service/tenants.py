@@ -1,10 +1,14 @@
-"""The service database (SQLite, WAL, beside the studio store): tenants, their access tokens,
-and which identity and job belongs to whom.
+"""The service database (SQLite, WAL, beside the studio store): tenants (with their quota and
+retention overrides), their access tokens, and which identity, job and asset belongs to whom;
+which identities each job uses (`job_identities`: erasure finds a group picture's second
+person too); images submitted per day; and the audit log of erasures.
 
 Tokens are 256-bit random strings shown once; only their SHA-256 is stored. (A slow password
 hash buys nothing for a token with 256 bits of entropy, and a lookup by hash keeps every
-request one indexed read.) Ids of identities and jobs are random too, so one tenant cannot
-guess another's; every query here takes the tenant, so none can reach across.
+request one indexed read.) Ids of identities, jobs and assets are random too, so one tenant
+cannot guess another's; every lookup here takes the tenant, so none can reach across. The one
+deliberate exception is erasure: `jobs_using` / `delete_identity` find every job that used
+an identity, whichever tenant made it (rows written before tenant scope was enforced).
 """
 
 from __future__ import annotations
