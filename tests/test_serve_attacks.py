@@ -180,6 +180,17 @@ def test_attack2_no_option_names_a_server_file(studio, people):
                           headers=studio["a"])
     assert foreign.status_code == 404 and "template_photo" in foreign.json()["detail"], foreign.text
     assert client.delete(f"/v1/assets/{asset_id}", headers=studio["a"]).status_code == 404
+    # B's own photo as a photo template: resolved to B's stored file, painted with B's identity.
+    own = client.post("/v1/jobs/generate", json={"identity": people["bob"], "template_photo": asset_id,
+                                                 "backend": "template", "options": {"passes": 0}, "finish": False},
+                      headers=b)
+    assert own.status_code == 202, own.text
+    assert own.json()["params"]["template_photo"] == asset_id  # the id, never the server's path
+    busy = client.delete(f"/v1/assets/{asset_id}", headers=b)
+    assert busy.status_code == 409 and own.json()["id"] in busy.json()["detail"]
+    studio["drain"]()
+    made = client.get(f"/v1/jobs/{own.json()['id']}/results", headers=b).json()
+    assert made["job"]["state"] == "done" and len(made["images"]) == 1, made["job"]
     assert client.delete(f"/v1/assets/{asset_id}", headers=b).status_code == 200
     assert client.get(f"/v1/assets/{asset_id}", headers=b).status_code == 404
 
@@ -481,7 +492,17 @@ def test_a_foreign_id_in_any_field_of_any_request_is_refused(studio, people):
             assert response.json()["field"].split(".")[0] == field, response.text
             checked += 1
         for field in api.free_fields(model):
-            assert field not in api.reference_fields(model)
+            # A value field holding the foreign id, in each shape a field can take: refused,
+            # or taken as a value (text) that no job resolves to anyone.
+            for value in (foreign, [foreign], {foreign: foreign}, [foreign, foreign]):
+                response = client.post(routes[name], json={**base[name], field: value}, headers=b)
+                if response.status_code < 300:
+                    job = response.json()
+                    assert foreign not in job["identities"], (name, field, value)
+                    client.delete(f"/v1/jobs/{job['id']}", headers=b)
+                else:
+                    assert response.status_code in (400, 404, 409, 422), (name, field, response.text)
+                checked += 1
     options = api.tenant_option_fields()
     for key, kind in options.items():
         if kind != "asset":
@@ -490,5 +511,7 @@ def test_a_foreign_id_in_any_field_of_any_request_is_refused(studio, people):
                                headers=b)
         assert response.status_code == 404 and response.json()["field"] == f"options.{key}", response.text
         checked += 1
-    assert checked >= 6
-    assert not any(foreign in json.dumps(j) for j in _jobs(studio, b))
+    assert checked >= 100
+    # No job of B uses A's identity (text fields may hold the id as text: a prompt is text).
+    leaked = [j["id"] for j in _jobs(studio, b) if foreign in j["identities"]]
+    assert leaked == [], leaked
