@@ -34,8 +34,8 @@ class TenantPolicy:
     max_running_items: Positive | None = None  # workers one tenant may hold at once (none: as many as are free)
     max_images_per_day: Positive = 2000  # images submitted per UTC day (retries count again)
     max_stored_bytes: Positive = 20_000_000_000  # uploads, identities, assets and results together
-    photos_days: Days | None = None  # erase uploaded photos and all cut from them (crops, embeddings, LoRA) after
-    outputs_days: Days | None = None  # erase results (images, their jobs) this many days after they were made
+    photos_days: Days | None = None  # days after upload to erase the photos and all cut from them (crops, embeddings, LoRA)
+    outputs_days: Days | None = None  # days after they were made to erase results (images, their jobs)
 
     def with_overrides(self, values: Mapping[str, Any], where: str) -> "TenantPolicy":
         """These defaults with one tenant's stored overrides (checked against the declaration)."""
@@ -52,9 +52,8 @@ class ServicePolicy:
 
     SECTION: ClassVar[str] = "service"
 
-    # tokens: every request names its tenant with a token (none yet: nobody gets in);
-    # none: one local tenant, no tokens, loopback addresses only. `portrait serve --auth` wins.
-    auth: Literal["tokens", "none"] = "tokens"
+    # `portrait serve --auth` wins over this key.
+    auth: Literal["tokens", "none"] = "tokens"  # tokens: each request's token names its tenant (no tokens: nobody gets in); none: one local tenant, loopback only
     max_file_bytes: Positive = 25_000_000  # one photo (or one zip member), as stored
     max_files: Positive = 60  # photos per identity, after zips are expanded
     max_pixels: Positive = 50_000_000  # per photo, read from the header before decoding

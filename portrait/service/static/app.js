@@ -248,7 +248,9 @@ async function jobAction(jobId, action) {
     const job = action === "cancel"
       ? await api(`/v1/jobs/${jobId}`, { method: "DELETE" })
       : await api(`/v1/jobs/${jobId}/retry`, { method: "POST" });
-    say(`job ${jobId}: ${action === "cancel" ? "cancelled" : "queued again"} (${job.state})`, true);
+    const what = action === "retry" ? "queued again"
+      : job.state === "running" ? "cancelled; the running image stops at its next step" : "cancelled";
+    say(`job ${jobId}: ${what}`, true);
     if (action === "retry" && ui.genJob === jobId) watch(jobId, "#generate-bar", "#generate-status", (done) => showResults(done.id));
   } catch (err) { say(err.message); }
   await loadQueue();
