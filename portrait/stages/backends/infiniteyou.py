@@ -33,7 +33,6 @@ from pydantic import Field
 from portrait.core.backend import BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
-from portrait.core.models import builder
 from portrait.core.models import load as load_model
 from portrait.core.options import CommonOptions, EmbedOptions
 from portrait.core.types import Candidate, GenerationRequest
@@ -83,19 +82,6 @@ class InfiniteYouModels:
     model_id: str
     infusenet: Any  # FluxControlNetModel
     projection: Any  # portrait.core.archs.infiniteyou.IdProjection
-
-
-@builder("infiniteyou-projection", place=True)
-def _projection(source):
-    """InfiniteYou's identity projection (image_proj_model.bin's "image_proj" Resampler), hash-checked
-    and read weights-only; sizes from the tensors (portrait/core/archs/infiniteyou.py)."""
-    from portrait.core.archs import infiniteyou as arch
-
-    state = source.weights()
-    proj = state.get("image_proj") if isinstance(state, dict) else None
-    if proj is None or not arch.detect(proj.keys()):
-        raise BadInput(f"{source.path}: not an InfiniteYou image_proj_model.bin (no Resampler 'image_proj')")
-    return arch.build(proj)
 
 
 def load_models(ctx: RunContext, policy: InfiniteYouPolicy) -> InfiniteYouModels:
