@@ -347,6 +347,26 @@ def test_every_cited_anchor_exists():
     assert missing == [], missing
 
 
+def test_adding_a_backend_says_how_many_files_and_they_are_the_real_ones():
+    """docs/ARCHITECTURE.md#adding-a-backend gives a count and a numbered list of files; the count
+    is the list's length, and for the last backend added (InfiniteYou, with its own network) each
+    listed file exists and names it."""
+    doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    section = doc[doc.index('<a id="adding-a-backend"></a>'):doc.index('<a id="reference-fixtures"></a>')]
+    count = int(re.search(r"takes \*\*(\d+) files\*\*", section).group(1))
+    items = re.findall(r"^(\d+)\. `([^`]+)`", section, re.M)
+    assert [int(n) for n, _ in items] == list(range(1, count + 1)), items
+    example = {"<name>": "infiniteyou", "<family>": "flux", "<preset>": "flux"}
+    for _, pattern in items:
+        path = pattern
+        for key, value in example.items():
+            path = path.replace(key, value)
+        assert (REPO / path).is_file() and "infiniteyou" in (REPO / path).read_text().lower(), path
+    # the backend and kind tables name it once each, as the list says
+    assert "infiniteyou.SPEC" in (REPO / "portrait/stages/backends/__init__.py").read_text()
+    assert "portrait.core.archs.infiniteyou:" in (REPO / "portrait/core/archs/__init__.py").read_text()
+
+
 def test_no_comment_cites_the_absent_design_file():
     old = re.compile(r"DESIGN section \d")
     found = sorted(p.relative_to(REPO).as_posix() for p in _cited_files()

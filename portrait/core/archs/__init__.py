@@ -56,6 +56,11 @@ def register(kind: Kind) -> Kind:
     return kind
 
 
+def unregister(name: str) -> None:
+    with _lock:
+        _REGISTERED.pop(name, None)
+
+
 def kind(name: str) -> Kind:
     """The `Kind` for `name`: registered at run time, else the table's (imported now)."""
     found = _REGISTERED.get(name)
