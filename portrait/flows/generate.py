@@ -133,14 +133,16 @@ def _photo_backend() -> str:
 def _preflight(ctx: RunContext, request: GenerationRequest) -> None:
     """The preset roles the backend declares it loads (BackendSpec.models), checked against the
     license policy before the base model is loaded (the backend resolves them again)."""
-    from portrait.core.licenses import preflight
+    from portrait.core.licenses import LicenseRefused, backend_refused, preflight
     from portrait.flows.finish import FinishPolicy
 
     roles = list(gen.backend_spec(request.backend).model_roles(request))
-    ids = [ctx.preset.models.get(role) for role in roles]
+    try:  # the backend's own models: a refusal names the commercial backends instead
+        preflight(ctx.registry, [ctx.preset.models.get(role) for role in roles], ctx.settings.license)
+    except LicenseRefused as exc:
+        raise backend_refused(ctx.registry, exc, request.backend) from None
     if FinishPolicy.from_preset(ctx.preset).fuse.method == "inswapper":
-        ids.append("inswapper-128")
-    preflight(ctx.registry, ids, ctx.settings.license)
+        preflight(ctx.registry, ["inswapper-128"], ctx.settings.license)
 
 
 def bill_of_materials(ctx: RunContext, used: dict) -> list[dict[str, Any]]:
