@@ -42,7 +42,7 @@ def home(tmp_path_factory):
 
 def test_the_table_lists_the_shipped_backends_with_their_declarations():
     assert BACKENDS.names() == ("lora", "template", "instantid", "faceid", "photomaker", "pulid", "flux",
-                                "infiniteyou", "pulid-flux", "klein-ref", "qwen-edit", "zimage")
+                                "infiniteyou", "pulid-flux", "klein-ref", "qwen-edit", "zimage", "kontext")
     for spec in BACKENDS.specs():
         assert spec.help and spec.families and set(spec.families) <= set(BASE_FAMILIES)
         assert spec.options.model_config.get("extra") == "forbid", spec.name

@@ -33,15 +33,18 @@ SAME_PHOTO = 8.0
 class ReferencePicture:
     """One picture a reference-conditioned backend is shown."""
 
-    identity: str
-    source: Path  # the bundle file it was cut from
-    image: np.ndarray  # size x size RGB uint8, face aligned
+    identity: str  # whose face it shows ("" for a user's reference of an outfit or backdrop)
+    source: Path  # the bundle file it was cut from, or the user's file
+    image: np.ndarray  # RGB uint8 (identity crops: size x size, face aligned)
     sha256: str  # of the source file
+    role: str = "identity"  # identity | edit-source | reference
 
     def info(self) -> dict[str, Any]:
-        return {"identity": self.identity, "file": str(self.source.relative_to(self.source.parent.parent))
-                if self.source.parent.name == "photos" else self.source.name, "sha256": self.sha256,
-                "size": int(self.image.shape[0])}
+        in_bundle = self.role == "identity"
+        name = (str(self.source.relative_to(self.source.parent.parent)) if self.source.parent.name == "photos"
+                else self.source.name) if in_bundle else str(self.source)
+        return {"role": self.role, "identity": self.identity, "file": name, "sha256": self.sha256,
+                "size": [int(self.image.shape[1]), int(self.image.shape[0])]}
 
     def pil(self):
         from PIL import Image
@@ -120,6 +123,54 @@ def group_references(ctx, identities: Sequence[Identity], count: int, size: int,
 def reference_size(request_width: int, request_height: int, asked: int, multiple: int = 16) -> int:
     """The side of the reference crops: `asked`, or (0) the output's shorter side, capped at 1024
     px (klein and Qwen-Image-Edit scale larger inputs down to about 1024 x 1024), in multiples
-    of the model's patch grid."""
+    of the model's patch grid, and at least MIN_SIDE (FLUX.2 refuses smaller pictures)."""
     side = asked or min(request_width, request_height, 1024)
-    return max(multiple, side // multiple * multiple)
+    return max(MIN_SIDE, side // multiple * multiple)
+
+
+def edit_pictures(edit: dict[str, Any], width: int, height: int, identity: str) -> list[ReferencePicture]:
+    """An edit's pictures: the image being edited (at the output's size) first, then the user's
+    references (outfit, backdrop), their longer side at most the output's longer side."""
+    from PIL import Image
+
+    from portrait.core.formats.images import read_rgb
+
+    source = Path(edit["source"])
+    pixels = np.asarray(Image.fromarray(read_rgb(source)).resize((width, height), Image.LANCZOS))
+    pictures = [ReferencePicture(identity, source, _at_least(pixels), str(edit["source_sha256"]), "edit-source")]
+    longest = max(width, height, 256)
+    for row in edit.get("references") or ():
+        image = read_rgb(row["file"])
+        h, w = image.shape[:2]
+        if max(h, w) > longest:
+            scale = longest / max(h, w)
+            image = np.asarray(Image.fromarray(image).resize((max(16, round(w * scale)), max(16, round(h * scale))),
+                                                             Image.LANCZOS))
+        pictures.append(ReferencePicture("", Path(row["file"]), _at_least(image), str(row["sha256"]), "reference"))
+    return pictures
+
+
+# FLUX.2's image processor refuses a picture with a side under 64 px (Qwen-Image-Edit's VL
+# processor needs 28 px): smaller ones are scaled up, keeping their aspect.
+MIN_SIDE = 64
+
+
+def _at_least(image: np.ndarray, side: int = MIN_SIDE) -> np.ndarray:
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if min(h, w) >= side:
+        return image
+    scale = side / min(h, w)
+    return np.asarray(Image.fromarray(image).resize((max(side, round(w * scale)), max(side, round(h * scale))),
+                                                    Image.LANCZOS))
+
+
+def edit_prompt(prompt: str, identity_images: Sequence[int]) -> str:
+    """An edit's prompt: the user's instruction, then what must not change (image 1's person,
+    the same as in the identity's pictures when they are shown too)."""
+    also = ""
+    if identity_images:
+        numbers = ", ".join(str(i) for i in identity_images)
+        also = f" (the same person as in image{'s' if len(identity_images) > 1 else ''} {numbers})"
+    return f"{prompt.rstrip(' .')}. Keep the face and identity of the person in image 1{also} exactly."

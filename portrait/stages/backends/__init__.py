@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from portrait.core.backend import BackendSpec, BackendTable
 
-from . import faceid, flux, infiniteyou, instantid, klein_ref, lora, photomaker, pulid, pulid_flux, qwen_edit, template, zimage
+from . import faceid, flux, infiniteyou, instantid, klein_ref, kontext, lora, photomaker, pulid, pulid_flux, qwen_edit, template, zimage
 
 BACKENDS = BackendTable([
     lora.SPEC,
@@ -30,6 +30,7 @@ BACKENDS = BackendTable([
     klein_ref.SPEC,
     qwen_edit.SPEC,
     zimage.SPEC,
+    kontext.SPEC,
 ])
 
 

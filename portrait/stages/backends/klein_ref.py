@@ -48,6 +48,8 @@ class KleinRefOptions(CommonOptions, GroupOptions):
     reference_size: int = Field(0, ge=0, le=1024, description="px of each reference crop (0: the output's shorter side)")
     reference_instruction: str = Field(INSTRUCTION, max_length=400,
                                        description="appended to the prompt ({images}, {person} filled in; empty: none)")
+    identity_references: int = Field(1, ge=0, le=3, description="portrait edit: the identity's aligned crops shown "
+                                                                "after the image and the user's references")
 
 
 def people_of(ctx: RunContext, request: GenerationRequest, identities: list[str] | None) -> list:
@@ -98,7 +100,20 @@ class KleinRefBackend:
         people = people_of(ctx, request, options.identities)
         size = references.reference_size(request.width, request.height, options.reference_size)
         face_backend = resolved(request).face_backend
-        if len(people) == 1:
+        edit = resolved(request).edit
+        if edit:  # portrait edit: the result first, the user's references, then the identity's crops
+            pictures = references.edit_pictures(edit, request.width, request.height, request.identity.name)
+            room = MAX_REFERENCES + 1 - len(pictures)
+            if room < 0:
+                raise BadInput(f"--reference: klein-ref edits with at most {MAX_REFERENCES} references "
+                               f"({len(pictures) - 1} given)")
+            count = min(options.identity_references, room)
+            if count:
+                pictures += list(references.identity_references(ctx, request.identity, count, size, face_backend))
+            first = len(pictures) - count + 1
+            prompt = references.edit_prompt(request.prompt, list(range(first, len(pictures) + 1)) if count else [])
+            per_person = [(request.identity.name, first, count)]
+        elif len(people) == 1:
             pictures = references.identity_references(ctx, request.identity, options.references, size, face_backend)
             prompt = frontier.reference_prompt(request.prompt, options.reference_instruction, len(pictures))
             per_person = [(request.identity.name, 1, len(pictures))]
@@ -119,7 +134,7 @@ class KleinRefBackend:
         stack = [lora] if lora is not None else []
         loras.attach(pipe, stack)
         info: dict[str, Any] = {
-            "identity_mode": "reference+lora" if stack else "reference",
+            "identity_mode": ("edit" if edit else "reference") + ("+lora" if stack else ""),
             "model": model_info(ctx),
             "references": [p.info() for p in pictures],
             "prompt_sent": prompt,
@@ -129,7 +144,9 @@ class KleinRefBackend:
         }
         if not stack:
             info["note"] = f"no {ctx.preset.family} LoRA in the bundle: the likeness comes from the reference photos"
-        if len(people) > 1:
+        if edit:
+            info["edit"] = {"source": edit["source"], "source_sha256": edit["source_sha256"]}
+        if len(people) > 1 and not edit:
             boxes = strips(len(people), request.width, request.height)
             info["faces"] = [{"identity": name, "face": k, "box": box}
                              for k, ((name, _, _), box) in enumerate(zip(per_person, boxes))]

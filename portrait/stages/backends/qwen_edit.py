@@ -49,6 +49,8 @@ class QwenEditOptions(CommonOptions, GroupOptions):
     true_cfg: float = Field(4.0, ge=1.0, le=20.0, description="Qwen-Image-Edit's CFG scale (1 = one pass a step)")
     f2p: bool = Field(False, description="apply DiffSynth-Studio's Qwen-Image-Edit-F2P LoRA (face crop -> portrait)")
     f2p_weight: float = Field(1.0, ge=0.0, le=2.0, description="the F2P LoRA's weight")
+    identity_references: int = Field(1, ge=0, le=3, description="portrait edit: the identity's aligned crops shown "
+                                                                "after the image and the user's references")
 
 
 def _models(options: QwenEditOptions) -> tuple[str, ...]:
@@ -96,7 +98,19 @@ class QwenEditBackend:
                            f"pictures at most")
         size = references.reference_size(request.width, request.height, options.reference_size)
         face_backend = resolved(request).face_backend
-        if len(people) == 1:
+        edit = resolved(request).edit
+        if edit:  # portrait edit: the result first, the user's references, then the identity's crops
+            pictures = references.edit_pictures(edit, request.width, request.height, request.identity.name)
+            if len(pictures) > MAX_PICTURES:
+                raise BadInput(f"--reference: Qwen-Image-Edit takes {MAX_PICTURES} pictures, the image being "
+                               f"edited and at most {MAX_PICTURES - 1} references ({len(pictures) - 1} given)")
+            count = min(options.identity_references, MAX_PICTURES - len(pictures))
+            if count:
+                pictures += list(references.identity_references(ctx, request.identity, count, size, face_backend))
+            first = len(pictures) - count + 1
+            prompt = references.edit_prompt(request.prompt, list(range(first, len(pictures) + 1)) if count else [])
+            per_person = [(request.identity.name, first, count)]
+        elif len(people) == 1:
             pictures = list(references.identity_references(ctx, request.identity, options.references, size,
                                                            face_backend))
             prompt = frontier.reference_prompt(request.prompt, options.reference_instruction, len(pictures))
@@ -121,14 +135,16 @@ class QwenEditBackend:
             stack.append(f2p_use(ctx, options.f2p_weight))
         loras.attach(pipe, stack)
         info: dict[str, Any] = {
-            "identity_mode": "reference+lora" if lora is not None else "reference",
+            "identity_mode": ("edit" if edit else "reference") + ("+lora" if lora is not None else ""),
             "model": model_info(ctx),
             "references": [p.info() for p in pictures],
             "prompt_sent": prompt,
             "true_cfg": options.true_cfg,
             "loras": [u.as_info() for u in stack],
         }
-        if len(people) > 1:
+        if edit:
+            info["edit"] = {"source": edit["source"], "source_sha256": edit["source_sha256"]}
+        if len(people) > 1 and not edit:
             width = request.width / len(people)
             info["faces"] = [{"identity": name, "face": k,
                               "box": [round(k * width, 1), 0.0, round((k + 1) * width, 1), float(request.height)]}
