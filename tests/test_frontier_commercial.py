@@ -75,3 +75,27 @@ def test_doctor_lists_the_commercial_path_as_available(home, capsys):
         assert rows[key]["status"] == "allowed" and "portrait models download" in rows[key]["detail"]
     for key in (("infiniteyou", "flux"), ("instantid", "sdxl"), ("faceid", "tiny")):
         assert rows[key]["status"] == "refused" and "klein-ref" in rows[key]["detail"]
+
+
+def test_the_demo_commercial_step_says_what_tiny_models_can_and_cannot_show(tiny_home, tmp_path, monkeypatch):
+    """`portrait demo`'s commercial step alone (the other steps are the demo's own tests): it runs
+    klein-ref under --license commercial, edits the best result, and says honestly that the
+    stand-ins prove the path, not the likeness."""
+    from portrait import demo
+
+    step = next(s for s in demo.DEMO_STEPS if s.license == "commercial")
+    monkeypatch.setattr(demo, "DEMO_STEPS", (step,))
+    root = tmp_path / "home"
+    root.mkdir()
+    (root / "models").symlink_to(tiny_home.models_dir, target_is_directory=True)
+    lines = list(demo.run_demo(Settings(home=root, preset="tiny", device="cpu"), tmp_path / "demo"))
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    (row,) = summary["steps"]
+    assert row["backend"] == "klein-ref" and row["preset"] == "tiny-flux2-klein"
+    assert any(name.startswith("edit/") for name in row["images"]) and len(row["images"]) == 2
+    note = row["note"]
+    assert "--license commercial" in note and "license class commercial" in note
+    assert "cannot show: whether klein keeps a face" in note and "--preset klein-4b" in note
+    doc = json.loads((tmp_path / "demo" / row["folder"] / "results.json").read_text())
+    assert doc["license_policy"] == "commercial" and {r["license_class"] for r in doc["bom"]} == {"commercial"}
+    assert any("commercial path" in line for line in lines)
