@@ -9,6 +9,7 @@ The Python API mirrors the CLI:
     kept = portrait.generate("alice", template="business", keep=4, out="out/")  # 4 that pass every check
     shoot = portrait.shoot("alice", "corporate", backdrops=["grey"], keep=2, out="shoot/")  # a studio package
     history = portrait.History(); history.page("alice")                       # every portrait made of alice
+    edited = portrait.edit(results.paths[0], prompt="a sunny beach behind her", out="out/beach")
     report = portrait.evaluate(["out/"], out="out/eval")   # HTML + JSON comparison of runs
     studio = portrait.Studio("jobs.db"); studio.run("spec.yaml")
 
@@ -28,6 +29,7 @@ _EXPORTS = {
     "generate": "portrait.flows.generate:generate",
     "shoot": "portrait.flows.shoot:shoot",
     "History": "portrait.flows.history:History",
+    "edit": "portrait.flows.edit:edit",
     "evaluate": "portrait.flows.evaluate:evaluate",
     "Studio": "portrait.studio.api:Studio",
     "Settings": "portrait.core.config:Settings",
