@@ -30,6 +30,7 @@ from portrait.core.formats.results import results_document
 from portrait.core.interrupt import signal_of
 from portrait.core.io import (as_published, check_replaceable, discard_dir, make_dirs, publish_dir, safetensors_data_sha256, sha256_file,
                               staging_for, write_image, write_json)
+from portrait.core.steps import reporting_steps
 from portrait.core.types import Candidate, CandidateScore, GenerationRequest, Identity, RankedResult
 from portrait.core.versions import versions
 from portrait.flows.history import new_run_id
@@ -62,7 +63,7 @@ def generate(identity: str | Identity, *, template: str | templates.Template | N
              backend: str | None = None, n: int | None = None, seed: int | None = None, out: str | Path,
              settings: Settings | None = None, preset: str | None = None, ctx: RunContext | None = None,
              progress: Progress | None = None, finish: bool | dict[str, bool] = True,
-             with_identity: Sequence[str] = (), keep: int | None = None, attempts: int | None = None,
+             with_identity: Sequence[str | Identity] = (), keep: int | None = None, attempts: int | None = None,
              upscale_factor: float | None = None, job: str | None = None, cell: Mapping[str, Any] | None = None,
              record: bool = True, **overrides: Any) -> GenerationResult:
     """Generate `n` portraits of an identity into `out` and return them ranked.
@@ -73,15 +74,16 @@ def generate(identity: str | Identity, *, template: str | templates.Template | N
     the kept are written, and results.json's `keep` says what was tried and why the others
     were dropped (portrait.flows.finish.keep_gate).
     `with_identity`: more people in the same picture (a group photo template assigns them
-    faces left to right after `identity`; `backend="faceid"` gives each a region).
+    faces left to right after `identity`; `backend="faceid"` gives each a region). A name is
+    a bundle of this home (the CLI's); an Identity is used as given (the service hands over
+    the bundles it resolved in the tenant's own scope, never a name from a request).
+    The option `identities` (names) is the same as `with_identity`.
     `finish`: a dict of finish switches (`{"restore": True}` asks for face restoration; when
     the restorer cannot run, `warnings` in the result says so); `upscale_factor` sets the
     final upscale (finish.upscale.outscale). `job` names the run in the results history
     (portrait.flows.history; a new id when omitted), `cell` the shoot cell it renders;
     `record=False` leaves the history alone (a caller that moves the files records them).
     """
-    if with_identity:
-        overrides["options"] = {**(overrides.get("options") or {}), "identities": list(with_identity)}
     if keep is not None:
         if n is not None:
             raise BadInput("--n and --keep: give one (--keep K makes K portraits that pass every check)")
@@ -93,12 +95,17 @@ def generate(identity: str | Identity, *, template: str | templates.Template | N
     ctx = ctx or RunContext.create(settings, preset=preset, progress=progress)
     report = progress or ctx.progress
     person = identity if isinstance(identity, Identity) else load_identity(ctx.settings, identity)
+    options = dict(overrides.get("options") or {})
+    named = [*with_identity, *(options.pop("identities", None) or [])]
+    people = [p if isinstance(p, Identity) else load_identity(ctx.settings, p) for p in named]
+    if "options" in overrides:
+        overrides["options"] = options
     policy = gen.GeneratePolicy.from_preset(ctx.preset)
     chosen = template if isinstance(template, templates.Template) else _template(template, prompt, backend, policy)
     if backend is None and chosen is not None and chosen.kind == "photo":
         backend = _photo_backend()
     request = gen.resolve_request(person, policy, template=chosen, prompt=prompt, backend=backend, n=n, seed=seed,
-                                  overrides=overrides)
+                                  overrides=overrides, people=people)
     out = Path(out).expanduser()
     _preflight(ctx, request)
     finish_policy = _finish_policy(ctx, upscale_factor)
@@ -111,9 +118,12 @@ def generate(identity: str | Identity, *, template: str | templates.Template | N
 
     def run(req: GenerationRequest) -> list[Candidate]:
         found = []
-        for cand in gen.generate_candidates(req, ctx):
-            found.append(cand)
-            report("generate", len(found), req.n)
+        # Each denoising step is reported (phase "denoise", step / steps; a hook that
+        # raises stops the pipeline there: the service cancels a running item so).
+        with reporting_steps(lambda done, total: report("denoise", done, total)):
+            for cand in gen.generate_candidates(req, ctx):
+                found.append(cand)
+                report("generate", len(found), req.n)
         return found
 
     # Everything goes to a staging folder beside OUT, swapped in whole at the end: an

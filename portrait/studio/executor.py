@@ -207,10 +207,15 @@ class FlowExecutor:
         return ItemResult(in_place=(Path(identity.root),), meta=meta)
 
     def _generate(self, item: Item, staging: Path) -> ItemResult:
+        from portrait.core.bundle import load_bundle
         from portrait.core.io import write_json
         from portrait.flows.generate import generate
 
         p = item.payload
+        # A service item names its bundles by the folders the service resolved in the tenant's
+        # scope (`bundle`, `with_identity`); a batch item by the identity's name in this home.
+        identity = load_bundle(Path(p["bundle"])) if p.get("bundle") else p["identity"]
+        people = [load_bundle(Path(b)) for b in p.get("with_identity") or ()]
         template, cell = p["template"], None
         if p.get("shoot"):  # a studio package's cell (portrait.stages.shoots)
             from portrait.stages import shoots
@@ -218,10 +223,10 @@ class FlowExecutor:
             found = shoots.find_cell(shoots.find_package(p["shoot"]["package"]), p["shoot"]["cell"])
             template, cell = shoots.cell_template(found), found.as_dict()
         keep = p.get("keep")
-        result = generate(p["identity"], template=template, prompt=p["prompt"], backend=p["backend"],
+        result = generate(identity, template=template, prompt=p["prompt"], backend=p["backend"],
                           n=None if keep else 1, keep=keep, attempts=p.get("attempts"), seed=p["seed"], out=staging,
                           ctx=self.context(p["preset"]), finish=p["finish"], progress=self._reporter(item),
-                          job=p.get("run"), cell=cell, record=False, **p["overrides"])
+                          with_identity=people, job=p.get("run"), cell=cell, record=False, **p["overrides"])
         report = result.as_json()
         rows = [{k: v for k, v in row.items() if k != "path"} for row in report["results"]]
         meta = {"backend": report["backend"], "template": report["template"], "results": rows}
