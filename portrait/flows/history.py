@@ -321,6 +321,17 @@ class History:
             con.execute("COMMIT")
         return {"deleted": [r.id for r in rows], "files_removed": removed, "time": time.time()}
 
+    def forget_job(self, job: str) -> int:
+        """Drop every row of a job (its files were erased by the caller)."""
+        if not self.path.is_file():
+            return 0
+        with self._db() as con:
+            con.execute("BEGIN IMMEDIATE")
+            gone = con.execute("DELETE FROM results WHERE job = ?", (job,)).rowcount
+            con.execute("DELETE FROM runs WHERE job = ?", (job,))
+            con.execute("COMMIT")
+        return int(gone)
+
     def forget(self, identity: str) -> int:
         """Drop every row of an identity (its erasure: the caller removes the files it owns)."""
         if not self.path.is_file():
