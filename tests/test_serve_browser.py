@@ -9,25 +9,15 @@ instead, because `.ci/run` installs it."""
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from serve_helpers import ARTIFACTS, Server, free_port, sample_files, service_home
+from serve_helpers import ARTIFACTS, Server, chromium, free_port, sample_files, service_home
 
 pytest.importorskip("playwright")
-
-
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail("chromium is not installed; .ci/run installs Debian's `chromium` package")
-    pytest.skip("chromium is not installed (apt-get install chromium)")
 
 
 @pytest.mark.slow
