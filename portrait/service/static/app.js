@@ -407,7 +407,7 @@ function usableBackends(identity, photo = false) {
 
 function fillBackends() {
   const select = $("#backend");
-  const keep = select.value;
+  const keep = select.dataset.chosen;  // what the operator picked, if anything; else the server's default
   const usable = usableBackends(ui.identity);
   select.replaceChildren(...usable.map((b) => el("option", { value: b.name, title: b.help }, b.name)));
   const preferred = usable.find((b) => b.name === keep) || usable.find((b) => ui.me && b.name === ui.me.default_backend) || usable[0];
@@ -557,7 +557,7 @@ function pickTemplate(name) {
   for (const card of document.querySelectorAll(".template")) card.classList.toggle("selected", card.dataset.name === name);
 }
 
-$("#backend").addEventListener("change", renderOptions);
+$("#backend").addEventListener("change", () => { $("#backend").dataset.chosen = $("#backend").value; renderOptions(); });
 
 $("#generate-button").addEventListener("click", async () => {
   let who;
