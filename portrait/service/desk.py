@@ -2,8 +2,8 @@
 of an identity (list, star, download a selection, delete), the packages catalogue, and the
 words a tenant reads (`public_text`: no server path, no command line).
 
-A mixin of `StudioService` (service/service.py), kept in its own module so the tenant scope,
-quotas and queues stay readable there. Every verb takes the tenant and resolves the identity
+A mixin of `StudioService` (service/service.py; docs/ARCHITECTURE.md#service-desk), kept in
+its own module so the tenant scope, quotas and queues stay readable there. Every verb takes the tenant and resolves the identity
 through the service's one resolver (`Scope.resolve`): the history (portrait.flows.history) is
 then asked only about that identity's rows, so a result id of another identity, or of
 another tenant, is the same 404 as one that never existed.

@@ -255,9 +255,10 @@ $("#upload").addEventListener("submit", (event) => {
       setBar("#upload-bar", 0.5 + 0.5 * event.done / Math.max(event.total, 1) * (event.phase === "preparing images" ? 1 : 0.8), "");
     } else if (event.event === "created" || event.event === "rejected") {
       const report = event.event === "created" ? event.identity.report : event.report;
+      const usable = event.event === "created" ? "used" : "usable";  // a refused upload used nothing
       for (const row of report.photos) {
         const entry = byName[row.path] || byName[row.path.split("::").pop()];
-        if (entry) setPhoto(entry, row.status, row.status === "kept" ? "used" : "not used", row.status === "kept" ? "" : photoWords(row));
+        if (entry) setPhoto(entry, row.status, row.status === "kept" ? usable : "not used", row.status === "kept" ? "" : photoWords(row));
       }
       setBar("#upload-bar", 1, event.event === "created" ? "done" : "failed");
       if (event.event === "created") uploaded(event.identity);
@@ -644,13 +645,23 @@ async function loadResults() {
     if (cellKey !== lastCell) {
       const keep = reports[`${row.job}/${row.cell || ""}`];
       cellBox = el("div", { class: "gallery" });
-      jobBox.append(el("div", { class: "cell", "data-cell": cellKey }, el("h5", {}, cellKey,
+      jobBox.append(el("div", { class: "cell", "data-cell": cellKey }, el("h5", { title: cellKey }, cellTitle(row),
         keep ? el("span", { class: "muted" }, ` · ${keepWords(keep)}`) : null), cellBox));
       lastCell = cellKey;
     }
     cellBox.append(resultFigure(who, row));
   }
   updateSelection();
+}
+
+// A shoot cell's name as the package titles it ("Grey studio · Navy suit"); else the template.
+function cellTitle(row) {
+  if (!row.cell) return row.template || "prompt";
+  const pack = ui.packages.find((p) => p.name === row.template);
+  if (!pack) return row.cell;
+  const [b, o, p] = row.cell.split("/");
+  const title = (list, name) => ((list || []).find((e) => e.name === name) || {}).title || name;
+  return [title(pack.backdrops, b), title(pack.outfits, o)].concat(p ? [title(pack.poses, p)] : []).join(" · ");
 }
 
 function resultFigure(who, row) {
