@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,6 +49,19 @@ def zip_bytes(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED
     return buffer.getvalue()
 
 
+def chromium() -> str:
+    """Debian's chromium for Playwright. Outside CI a machine without it skips the browser tests;
+    in CI (CI=true) that is a failure, because `.ci/run` installs it."""
+    import pytest
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail("chromium is not installed; .ci/run installs Debian's `chromium` package")
+    pytest.skip("chromium is not installed (apt-get install chromium)")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,15 +71,17 @@ def free_port() -> int:
 class Server:
     """`portrait serve` as a child process (its own process group, so a test can SIGKILL it)."""
 
-    def __init__(self, home: Path, port: int, workers: int = 1, log: Path | None = None, auth: str | None = "none"):
+    def __init__(self, home: Path, port: int, workers: int = 1, log: Path | None = None, auth: str | None = "none",
+                 env: dict[str, str] | None = None):
         self.home, self.port, self.workers, self.auth = home, port, workers, auth
+        self.extra_env = dict(env or {})  # e.g. PORTRAIT_BACKENDS: a plugin backend in the server and its workers
         self.url = f"http://127.0.0.1:{port}"
         self.log = log or home / f"serve-{port}.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180.0) -> "Server":
         env = {**os.environ, "PORTRAIT_HOME": str(self.home), "PORTRAIT_PRESET": "tiny", "PORTRAIT_DEVICE": "cpu",
-               "HF_HUB_OFFLINE": "1"}
+               "HF_HUB_OFFLINE": "1", **self.extra_env}
         self._log = open(self.log, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "portrait.cli.main", "serve", "--port", str(self.port),
                                       "--workers", str(self.workers), "--threads", "1",

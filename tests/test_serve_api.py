@@ -158,6 +158,8 @@ def test_another_tenant_gets_404_for_everything_and_sees_nothing(studio, alice, 
     results = client.get(f"/v1/jobs/{generated['id']}/results", headers=studio["a"]).json()
     image = results["images"][0]["url"]
     gid, iid, tid = generated["id"], alice["id"], trained["id"]
+    history = [r["id"] for r in client.get(f"/v1/identities/{iid}/results", headers=studio["a"]).json()["results"]]
+    assert history  # the generate job's images, in alice's history
     for method, path, body in [
         ("GET", f"/v1/identities/{iid}", None), ("GET", f"/v1/identities/{iid}/contact-sheet", None),
         ("DELETE", f"/v1/identities/{iid}", None), ("POST", "/v1/jobs/train", {"identity": iid}),
@@ -165,14 +167,23 @@ def test_another_tenant_gets_404_for_everything_and_sees_nothing(studio, alice, 
         ("POST", "/v1/jobs/batch", {"identities": [iid], "templates": ["business"]}),
         ("GET", f"/v1/jobs/{gid}", None), ("GET", f"/v1/jobs/{tid}", None), ("GET", f"/v1/jobs/{gid}/events", None),
         ("GET", f"/v1/jobs/{gid}/results", None), ("GET", image, None), ("GET", f"/v1/jobs/{gid}/zip", None),
+        # issue 30: the identity's results history, its photos, a shoot
+        ("GET", f"/v1/identities/{iid}/results", None), ("GET", f"/v1/identities/{iid}/photos/0", None),
+        ("GET", f"/v1/identities/{iid}/results/{history[0]}/image", None),
+        ("POST", f"/v1/identities/{iid}/results/star", {"ids": history}),
+        ("POST", f"/v1/identities/{iid}/results/zip", {"ids": history}),
+        ("POST", f"/v1/identities/{iid}/results/delete", {"ids": history}),
+        ("POST", "/v1/jobs/shoot", {"identity": iid, "package": "corporate", "backdrops": ["grey"]}),
     ]:
         response = client.request(method, path, json=body, headers=b)
         assert response.status_code == 404 and response.json()["reason"] == "not_found", (method, path, response.text)
     assert client.get("/v1/identities", headers=b).json() == []
     assert client.get("/v1/jobs", headers=b).json() == {"jobs": [], "next": None}
-    assert client.get("/v1/me", headers=b).json() == {"tenant": "globex", "auth": True}
+    me = client.get("/v1/me", headers=b).json()
+    assert {k: me[k] for k in ("tenant", "auth")} == {"tenant": "globex", "auth": True}
     # A still has everything.
     assert client.get(f"/v1/identities/{iid}", headers=studio["a"]).status_code == 200
+    assert client.get(f"/v1/identities/{iid}/results", headers=studio["a"]).json()["total"] == len(history)
     for headers in ({}, {"Authorization": "Bearer pt_not-a-real-token"}, {"Authorization": "Basic abc"}):
         response = client.get("/v1/identities", headers=headers)
         assert response.status_code == 401 and "portrait serve token create" in response.json()["detail"]
@@ -355,7 +366,8 @@ def test_without_tokens_one_local_tenant_needs_no_header(tiny_home, tmp_path):
     from portrait.service.service import StudioService
 
     client = TestClient(create_app(StudioService(service_home(tiny_home, tmp_path / "home")), auth="none"))
-    assert client.get("/v1/me").json() == {"tenant": "local", "auth": False}
+    me = client.get("/v1/me").json()
+    assert {k: me[k] for k in ("tenant", "auth")} == {"tenant": "local", "auth": False}
     assert client.get("/v1/identities").json() == []
 
 

@@ -478,9 +478,11 @@ def test_a_foreign_id_in_any_field_of_any_request_is_refused(studio, people):
     foreign = people["alice"]
     base = {"TrainRequest": {"identity": people["bob"]},
             "GenerateRequest": {"identity": people["bob"], "template": "business", "steps": 2},
-            "BatchRequest": {"identities": [people["bob"]], "templates": ["business"], "steps": 2}}
+            "BatchRequest": {"identities": [people["bob"]], "templates": ["business"], "steps": 2},
+            "ShootRequest": {"identity": people["bob"], "package": "corporate", "backdrops": ["grey"],
+                             "outfits": ["navy-suit"], "poses": ["front"], "steps": 2}}
     routes = {"TrainRequest": "/v1/jobs/train", "GenerateRequest": "/v1/jobs/generate",
-              "BatchRequest": "/v1/jobs/batch"}
+              "BatchRequest": "/v1/jobs/batch", "ShootRequest": "/v1/jobs/shoot"}
     assert set(api.REQUEST_MODELS) == set(routes), "a new request model needs its route here"
     checked = 0
     for name, model in api.REQUEST_MODELS.items():

@@ -10,25 +10,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from serve_helpers import ARTIFACTS, Server, free_port, sample_files, service_home
+from serve_helpers import ARTIFACTS, Server, chromium, free_port, sample_files, service_home
 
 pytest.importorskip("playwright")
-
-
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail("chromium is not installed; .ci/run installs Debian's `chromium` package")
-    pytest.skip("chromium is not installed (apt-get install chromium)")
 
 
 @pytest.mark.slow
@@ -55,11 +45,15 @@ def test_whole_flow_in_a_real_browser(tiny_home, tmp_path):
             page.set_input_files("#photos", [str(p) for p in photos])
             page.click("#upload-button")
             expect(page.locator("#identity-title")).to_have_text("dana")
+            page.click("#report-summary")
             rows = page.locator("#report tbody tr")
             expect(rows).to_have_count(len(photos))
-            expect(page.locator("#report tbody tr", has_text="hopper.jpg")).to_contain_text("other_person")
-            expect(page.locator("#report tbody tr", has_text="IMG_broken.jpg")).to_contain_text("unreadable")
-            expect(page.locator("#report-summary")).to_have_text("Photo check: 6 kept, 2 rejected")
+            # each reason in the page's words (the report's codes stay on the rows as data)
+            expect(page.locator("#report tbody tr[data-reason=other_person]")).to_contain_text("hopper.jpg")
+            expect(page.locator("#report tbody tr", has_text="hopper.jpg")).to_contain_text("someone else")
+            expect(page.locator("#report tbody tr", has_text="IMG_broken.jpg")).to_contain_text(
+                "We could not open this file as a photo.")
+            expect(page.locator("#report-summary")).to_have_text("Photo check: 6 used, 2 not used")
             page.wait_for_function("document.querySelector('#contact-sheet').naturalWidth > 0")
             page.screenshot(path=str(shots / "01-report.png"), full_page=True)
 
@@ -92,6 +86,7 @@ def test_whole_flow_in_a_real_browser(tiny_home, tmp_path):
             page.wait_for_function("[...document.querySelectorAll('.template img')].every(i => i.naturalWidth > 0)")
             page.click(".template[data-name=film]")
             expect(page.locator(".template.selected")).to_have_attribute("data-name", "film")
+            page.click("#advanced summary")  # count and seed are operator settings
             page.fill("#count", "2")
             page.fill("#seed", "7")
             page.click("#generate-button")
@@ -100,7 +95,8 @@ def test_whole_flow_in_a_real_browser(tiny_home, tmp_path):
             expect(shots_in_gallery.nth(0)).to_contain_text("#1")
             expect(shots_in_gallery.nth(1)).to_contain_text("#2")
             for i in range(2):
-                expect(shots_in_gallery.nth(i)).to_contain_text("gate")
+                # tiny models draw noise: the caption says the likeness check found no face
+                expect(shots_in_gallery.nth(i)).to_contain_text(re.compile("likeness check|no face found"))
                 expect(shots_in_gallery.nth(i)).to_contain_text("film")
             page.wait_for_function("[...document.querySelectorAll('#gallery img')].every(i => i.naturalWidth > 0)")
             expect(page.locator("#generate-bar")).to_have_class("bar done")
@@ -126,20 +122,23 @@ def test_whole_flow_in_a_real_browser(tiny_home, tmp_path):
             # again and runs; cancel it once more. Each button is there only in the state it fits.
             page.fill("#count", "40")
             page.fill("#seed", "21")
+            earlier = page.evaluate("ui.genJob")
             page.click("#generate-button")
-            page.wait_for_function("ui.genJob && document.querySelector(`#queue tr[data-job='${ui.genJob}'] button.cancel`)")
+            page.wait_for_function("(earlier) => ui.genJob && ui.genJob !== earlier && "
+                                   "document.querySelector(`#queue tr[data-job='${ui.genJob}'] button.cancel`)",
+                                   arg=earlier)
             job_id = page.evaluate("ui.genJob")
             row = page.locator(f"#queue tr[data-job='{job_id}']")
             row.locator("button.cancel").click()
             expect(page.locator("#message")).to_contain_text(f"job {job_id}: cancelled")
             expect(row.locator(".badge")).to_have_text("cancelled")  # the running image stopped at its next step
-            expect(page.locator("#generate-status")).to_have_text("cancelled")
+            expect(page.locator("#generate-status")).to_have_text("Cancelled.")
             assert row.locator("button.cancel").count() == 0
             page.screenshot(path=str(shots / "04-cancelled.png"), full_page=True)
             row.locator("button.retry").click()
             expect(page.locator("#message")).to_contain_text(f"job {job_id}: queued again")
             expect(row.locator(".badge")).to_have_text(re.compile("^(queued|running)$"))
-            expect(page.locator("#generate-status")).not_to_have_text("cancelled")
+            expect(page.locator("#generate-status")).not_to_have_text("Cancelled.")
             row.locator("button.cancel").click()
             expect(row.locator(".badge")).to_have_text("cancelled")
             expect(page.locator("#queue tbody tr .state-done")).to_have_count(2)

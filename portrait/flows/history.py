@@ -216,7 +216,7 @@ class History:
 
     def page(self, identity: str, *, page: int = 1, per_page: int = 24, job: str | None = None,
              starred: bool | None = None) -> ResultsPage:
-        """One page of an identity's results, newest run first, best rank first within a run."""
+        """One page of an identity's results: newest job first, by cell and best rank within a job."""
         if page < 1:
             raise BadInput(f"page {page}: pages start at 1")
         if not 1 <= per_page <= MAX_PAGE:
@@ -231,8 +231,10 @@ class History:
         clause = " AND ".join(where)
         with self._db() as con:
             total = con.execute(f"SELECT COUNT(*) FROM results WHERE {clause}", args).fetchone()[0]
-            rows = con.execute(f"SELECT * FROM results WHERE {clause} ORDER BY created DESC, job, cell, rank, file "
-                               f"LIMIT ? OFFSET ?", (*args, per_page, (page - 1) * per_page)).fetchall()
+            # a job's rows together (newest job first), then by cell and rank within it
+            rows = con.execute(f"SELECT results.*, MAX(created) OVER (PARTITION BY job) AS job_time FROM results "
+                               f"WHERE {clause} ORDER BY job_time DESC, job, cell, rank, file LIMIT ? OFFSET ?",
+                               (*args, per_page, (page - 1) * per_page)).fetchall()
         return ResultsPage(tuple(_result(r) for r in rows), int(total), page, per_page)
 
     def get(self, identity: str, ids: Iterable[str]) -> list[ResultRow]:
@@ -320,6 +322,17 @@ class History:
             con.executemany("DELETE FROM results WHERE id = ? AND identity = ?", [(r.id, identity) for r in rows])
             con.execute("COMMIT")
         return {"deleted": [r.id for r in rows], "files_removed": removed, "time": time.time()}
+
+    def forget_job(self, job: str) -> int:
+        """Drop every row of a job (its files were erased by the caller)."""
+        if not self.path.is_file():
+            return 0
+        with self._db() as con:
+            con.execute("BEGIN IMMEDIATE")
+            gone = con.execute("DELETE FROM results WHERE job = ?", (job,)).rowcount
+            con.execute("DELETE FROM runs WHERE job = ?", (job,))
+            con.execute("COMMIT")
+        return int(gone)
 
     def forget(self, identity: str) -> int:
         """Drop every row of an identity (its erasure: the caller removes the files it owns)."""

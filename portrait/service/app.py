@@ -33,7 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from portrait.core.errors import BadInput, ModelMissing, PortraitError
 
-from .requests import BatchRequest, GenerateRequest, TrainRequest
+from .desk import public_text
+from .requests import BatchRequest, GenerateRequest, ResultSelection, ShootRequest, StarRequest, TrainRequest
 from .service import SETTLED, Busy, InvalidField, NotFound, QuotaExceeded, RejectedUpload, StudioService
 from .tenants import LOCAL_TENANT
 from .uploads import Upload
@@ -47,9 +48,10 @@ UNAUTHORIZED = ("missing or unknown access token: send `Authorization: Bearer TO
 
 
 def error(status: int, detail: str, **extra: Any) -> JSONResponse:
+    """The error body; its detail in a tenant's words (no server path: service/desk.public_text)."""
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse({"reason": _REASONS.get(status, "error"), "detail": detail, **extra}, status_code=status,
-                        headers=headers)
+    return JSONResponse({"reason": _REASONS.get(status, "error"), "detail": public_text(detail), **extra},
+                        status_code=status, headers=headers)
 
 
 def create_app(service: StudioService, workers: Any = None, auth: str | None = None) -> FastAPI:
@@ -144,8 +146,10 @@ def create_app(service: StudioService, workers: Any = None, auth: str | None = N
 
     @app.get("/v1/me", tags=["service"])
     def me(request: Request) -> dict[str, Any]:
+        """Who you are, and what this server runs: its preset (and family: /v1/backends says
+        which backends run on it) and how many usable photos a new identity needs."""
         t = tenant(request)
-        return {"tenant": service.db.tenant_name(t), "auth": mode == "tokens"}
+        return {"tenant": service.db.tenant_name(t), "auth": mode == "tokens", **service.server_facts()}
 
     @app.get("/v1/usage", tags=["service"])
     def usage(request: Request) -> dict[str, Any]:
@@ -165,13 +169,61 @@ def create_app(service: StudioService, workers: Any = None, auth: str | None = N
 
     @app.post("/v1/identities", tags=["identities"], status_code=201)
     async def create_identity(request: Request,
-                              name: str = Form(..., description="A display name (letters, digits, _ - .)."),
-                              files: list[UploadFile] = File(..., description="Photos of one person, or zips of them.")
-                              ) -> dict[str, Any]:
-        """Screen and prepare the photos; the report says which were kept and why the rest were not."""
+                              name: str = Form(..., description="A display name (letters, digits, _ - .), not "
+                                                                "one of your identities' names already."),
+                              files: list[UploadFile] = File(..., description="Photos of one person, or zips of them."),
+                              stream: bool = Query(False, description="Answer with NDJSON events while the photos "
+                                                                      "are checked (see below) instead of one reply.")
+                              ) -> Any:
+        """Screen and prepare the photos; the report says which were kept and why the rest were not.
+        A rejected upload creates nothing. With `stream=true` the answer is one JSON object per
+        line as the check goes: `screened` (each upload received or refused), `checking` (phase,
+        photos done, total: counted over the received ones, in order), then `created` (the identity) or `rejected` (detail, report) or
+        `error` (status, reason, detail)."""
         parts = [Upload(f.filename or "", f.file) for f in files]
-        return await asyncio.get_running_loop().run_in_executor(
-            uploads, service.create_identity, tenant(request), name, parts)
+        who = tenant(request)
+        if not stream:
+            return await asyncio.get_running_loop().run_in_executor(uploads, service.create_identity, who, name, parts)
+        service.check_new_name(who, name)  # refused before the stream starts (a plain 4xx)
+        return StreamingResponse(_upload_events(service, uploads, who, name, parts),
+                                 media_type="application/x-ndjson", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/identities/{identity_id}/photos/{index}", tags=["identities"])
+    def identity_photo(identity_id: str, index: int, request: Request) -> Response:
+        """A thumbnail of one stored upload (the photo report's `thumbnail`)."""
+        return Response(service.photo_thumbnail(tenant(request), identity_id, index), media_type="image/jpeg")
+
+    @app.get("/v1/identities/{identity_id}/results", tags=["results"])
+    def identity_results(identity_id: str, request: Request, page: int = Query(1, ge=1),
+                         per_page: int = Query(24, ge=1, le=100),
+                         job: Optional[str] = Query(None, description="Only this job's results."),
+                         starred: Optional[bool] = Query(None, description="Only starred (true) or unstarred.")
+                         ) -> dict[str, Any]:
+        """Every portrait made of the identity, in every job, newest first: job, backend,
+        template, shoot cell, scores, star; `jobs` and `runs` (keep reports) for the jobs shown."""
+        return service.identity_results(tenant(request), identity_id, page=page, per_page=per_page, job=job,
+                                        starred=starred)
+
+    @app.get("/v1/identities/{identity_id}/results/{result_id}/image", tags=["results"],
+             response_class=FileResponse)
+    def identity_result_image(identity_id: str, result_id: str, request: Request) -> FileResponse:
+        return FileResponse(service.result_file(tenant(request), identity_id, result_id), media_type="image/png")
+
+    @app.post("/v1/identities/{identity_id}/results/star", tags=["results"])
+    def star_results(identity_id: str, body: StarRequest, request: Request) -> dict[str, Any]:
+        return service.star_results(tenant(request), identity_id, body.ids, body.starred)
+
+    @app.post("/v1/identities/{identity_id}/results/zip", tags=["results"])
+    def zip_results(identity_id: str, body: ResultSelection, request: Request) -> Response:
+        """The chosen images and a results.json describing them, as one zip."""
+        data = service.zip_results(tenant(request), identity_id, body.ids)
+        return Response(data, media_type="application/zip",
+                        headers={"Content-Disposition": f'attachment; filename="portrait-{identity_id}.zip"'})
+
+    @app.post("/v1/identities/{identity_id}/results/delete", tags=["results"])
+    def delete_results(identity_id: str, body: ResultSelection, request: Request) -> dict[str, Any]:
+        """Erase the chosen images (files and history rows); the receipt is also in /v1/audit."""
+        return service.delete_results(tenant(request), identity_id, body.ids)
 
     @app.get("/v1/identities/{identity_id}", tags=["identities"])
     def show_identity(identity_id: str, request: Request) -> dict[str, Any]:
@@ -225,6 +277,12 @@ def create_app(service: StudioService, workers: Any = None, auth: str | None = N
 
     @app.post("/v1/jobs/batch", tags=["jobs"], status_code=202)
     def batch(body: BatchRequest, request: Request) -> dict[str, Any]:
+        return service.submit_generate(tenant(request), body)
+
+    @app.post("/v1/jobs/shoot", tags=["jobs"], status_code=202)
+    def shoot(body: ShootRequest, request: Request) -> dict[str, Any]:
+        """A studio package's cells (backdrop x outfit x pose, /v1/packages) for one identity:
+        `count` images per cell, or with `keep` that many portraits that pass every check."""
         return service.submit_generate(tenant(request), body)
 
     @app.get("/v1/jobs", tags=["jobs"])
@@ -303,6 +361,11 @@ def create_app(service: StudioService, workers: Any = None, auth: str | None = N
         data, media = service.template_preview(name)
         return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600"})
 
+    @app.get("/v1/packages", tags=["catalogue"])
+    def packages() -> list[dict[str, Any]]:
+        """The studio packages: backdrops, outfits, poses (a shoot renders their combinations)."""
+        return service.packages()
+
     @app.get("/v1/presets", tags=["catalogue"])
     def presets() -> list[dict[str, Any]]:
         return service.presets()
@@ -323,6 +386,47 @@ def create_app(service: StudioService, workers: Any = None, auth: str | None = N
         return service.models()
 
     return app
+
+
+async def _upload_events(service: StudioService, pool: Any, tenant: str, name: str, parts: list):
+    """NDJSON lines while an upload is checked (POST /v1/identities?stream=true)."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def progress(event: dict[str, Any]) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    def work() -> dict[str, Any]:
+        try:
+            return {"event": "created", "identity": service.create_identity(tenant, name, parts, progress)}
+        except RejectedUpload as exc:
+            return {"event": "rejected", "detail": public_text(str(exc)), "report": exc.report}
+        except Busy as exc:
+            return {"event": "error", "status": 409, "reason": "busy", "detail": public_text(str(exc))}
+        except QuotaExceeded as exc:
+            return {"event": "error", "status": 429, "reason": "quota", "detail": public_text(str(exc))}
+        except BadInput as exc:
+            return {"event": "error", "status": 400, "reason": "bad_input", "detail": public_text(str(exc))}
+        except PortraitError as exc:
+            return {"event": "error", "status": 500, "reason": "error", "detail": public_text(str(exc))}
+
+    future = loop.run_in_executor(pool, work)
+    last = None
+    while True:
+        getter = asyncio.ensure_future(events.get())
+        done, _ = await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            event = getter.result()
+            line = json.dumps(event)
+            if line != last:  # prepare repeats a phase's figures; send each change once
+                last = line
+                yield line + "\n"
+            continue
+        getter.cancel()
+        while not events.empty():
+            yield json.dumps(events.get_nowait()) + "\n"
+        yield json.dumps(future.result()) + "\n"
+        return
 
 
 def _json_error(first: dict, body: Any) -> str:

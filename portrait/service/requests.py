@@ -81,6 +81,13 @@ class GenerateOptions(RequestModel):
     size: Optional[tuple[int, int]] = Field(None, description="width, height (multiples of the preset's "
                                                               "generate.size_multiple, within generate.max_side)")
     negative_prompt: Optional[str] = Field(None, max_length=2000)
+    keep: Optional[int] = Field(None, ge=1, le=64, description="Make this many portraits that pass every check (a "
+                                "face, alike in the independent space, no copy of a photo, sharp, well exposed) "
+                                "per identity x template (or cell) x backend, instead of `count`.")
+    attempts: Optional[int] = Field(None, ge=1, le=1000, description="With `keep`: the most candidates to try for "
+                                    "each (default keep x the preset's score.keep_attempts).")
+    upscale_factor: Optional[float] = Field(None, gt=0, le=8, description="The final upscale factor (the preset's "
+                                            "finish.upscale.outscale otherwise).")
 
 
 class GenerateRequest(GenerateOptions):
@@ -103,7 +110,38 @@ class BatchRequest(GenerateOptions):
     backends: list[str] = Field(default_factory=lambda: ["lora"], min_length=1, max_length=20)
 
 
-REQUEST_MODELS: dict[str, type[RequestModel]] = {m.__name__: m for m in (TrainRequest, GenerateRequest, BatchRequest)}
+_NAMES = Field(None, max_length=64, description="names from /v1/packages")
+
+
+class ShootRequest(GenerateOptions):
+    """A studio package's cells (backdrop x outfit x pose) for one identity; results grouped by cell."""
+
+    identity: IdentityRef
+    package: str = Field(max_length=64, description="A package name from /v1/packages.")
+    cells: Optional[list[Annotated[str, Field(max_length=200)]]] = Field(
+        None, max_length=500, description="Cells as backdrop/outfit[/pose]; or choose backdrops, outfits, poses.")
+    backdrops: Optional[list[Annotated[str, Field(max_length=64)]]] = _NAMES
+    outfits: Optional[list[Annotated[str, Field(max_length=64)]]] = _NAMES
+    poses: Optional[list[Annotated[str, Field(max_length=64)]]] = _NAMES
+    backend: Optional[str] = Field(None, max_length=64, description="A backend that takes a prompt (default: the "
+                                                                    "preset's).")
+
+
+ResultId = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$", description="a result id (GET .../results)")]
+
+
+class ResultSelection(RequestModel):
+    """Results of the identity in the path, by id."""
+
+    ids: list[ResultId] = Field(min_length=1, max_length=500)
+
+
+class StarRequest(ResultSelection):
+    starred: bool = True
+
+
+REQUEST_MODELS: dict[str, type[RequestModel]] = {m.__name__: m for m in (TrainRequest, GenerateRequest, BatchRequest,
+                                                                          ShootRequest)}
 
 
 def _ref_kind(info: Any) -> str | None:

@@ -53,7 +53,8 @@ from portrait.studio.spec import Job, content_id, expand, parse_spec, train_item
 from portrait.studio.store import ItemRow, Store
 
 from .policy import ServicePolicy, TenantPolicy
-from .requests import BatchRequest, GenerateRequest
+from .requests import BatchRequest, GenerateRequest, ShootRequest
+from .desk import StudioDesk, public_text
 from .scope import AssetHandle, IdentityHandle, JobHandle, NotFound, Scope
 from .tenants import AssetRow, IdentityRow, JobRow, TenantDB, new_id
 from .uploads import Screened, Upload, screen, sniff
@@ -168,7 +169,7 @@ class ContextPool:
             self._free.put(ctx)
 
 
-class StudioService:
+class StudioService(StudioDesk):
     def __init__(self, settings: Settings, policy: ServicePolicy | None = None,
                  studio_policy: StudioPolicy | None = None, wake: Callable[[], None] | None = None):
         from portrait.preset_schema import load
@@ -247,26 +248,45 @@ class StudioService:
 
     # -- identities -----------------------------------------------------------------------
 
-    def create_identity(self, tenant: str, name: str, uploads: Iterable[Upload]) -> dict[str, Any]:
-        """Screen the uploads, run prepare on what passed, keep the identity if enough photos are usable."""
+    def check_new_name(self, tenant: str, name: str) -> str:
+        """A new identity's name: valid, and not one the tenant already uses (any case), so
+        every action the page names by it means one identity."""
         check_name(name)
+        taken = {row.name.casefold() for row in self.db.identities(tenant)}
+        if name.casefold() in taken:
+            raise Busy(f"an identity named '{name}' exists already; choose another name")
+        return name
+
+    def create_identity(self, tenant: str, name: str, uploads: Iterable[Upload],
+                        progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Screen the uploads, run prepare on what passed, keep the identity if enough photos are
+        usable. `progress` receives events as the photos are checked: `screened` (each upload
+        received or refused), `checking` (prepare's phase, photos done, total)."""
+        self.check_new_name(tenant, name)
         policy = self.tenant_policy(tenant)
         self._check_storage(tenant, policy)
         screened = screen(uploads, self.policy)
+        if progress is not None:
+            refused = {row["path"]: row for row in screened.rejected}
+            progress({"event": "screened", "photos": [
+                {"name": label, "status": "rejected", "reason": refused[label]["reason"]} if label in refused
+                else {"name": label, "status": "received"} for label in screened.order]})
         self._check_storage(tenant, policy, sum(len(data) for _, data, _ in screened.accepted))
         identity_id = new_id("i")
         folder = self.identity_root(identity_id)
         try:
             stored = screened.write(folder / "uploads")
-            report = self._prepare(identity_id, folder, screened, stored)
+            report = self._prepare(identity_id, folder, screened, stored, progress)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
+        self.check_new_name(tenant, name)  # another upload of the same name may have finished meanwhile
         self.db.add_identity(tenant, identity_id, name, report)
         self._bytes.pop(tenant, None)
         return self.identity_view(self.scope.identity(tenant, identity_id))
 
-    def _prepare(self, identity_id: str, folder: Path, screened: Screened, stored: dict[str, str]) -> dict[str, Any]:
+    def _prepare(self, identity_id: str, folder: Path, screened: Screened, stored: dict[str, str],
+                 progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         from portrait.core.declare import from_preset
         from portrait.flows import prepare as prepare_flow
         from portrait.flows.prepare import PREPARE_READERS, PrepareFlowPolicy, write_prepare_sheet
@@ -277,8 +297,12 @@ class StudioService:
             # Each identity's photos are checked with a context of the pool: uploads of several
             # tenants run side by side (ServicePolicy.upload_workers), none waits on one lock.
             with self._contexts.context() as ctx:
+                def report_phase(phase: str, done: float, total: float) -> None:
+                    if progress is not None:
+                        progress({"event": "checking", "phase": phase, "done": int(done), "total": int(total)})
+
                 try:
-                    result = prepare_flow.prepare(list(stored), folder / "prepare", ctx=ctx)
+                    result = prepare_flow.prepare(list(stored), folder / "prepare", ctx=ctx, progress=report_phase)
                     failure = None
                 except BadInput as exc:
                     result, failure = None, exc
@@ -286,6 +310,8 @@ class StudioService:
                 if (folder / "prepare" / "report.json").is_file() else {"photos": []}
             for row in prepared["photos"]:
                 row["path"] = stored.get(row["path"], Path(row["path"]).name)
+                # a detail may name another stored photo ("same picture as .../003.jpg"): its label
+                row["detail"] = public_text(row.get("detail"), stored)
                 rows[row["path"]] = row
             if result is not None:
                 # The contact sheet again, under the names the customer gave (prepare saw NNN.jpg).
@@ -304,6 +330,9 @@ class StudioService:
                     counts[r["reason"]] = counts.get(r["reason"], 0) + 1
             reasons = ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "none rejected"
             raise RejectedUpload(f"only {kept} usable photo(s) of {len(photos)}, need {minimum} ({reasons})", report)
+        for index, label in enumerate(stored.values()):  # the stored NNN.<ext>, in upload order
+            if label in rows:
+                rows[label]["thumbnail"] = f"/v1/identities/{identity_id}/photos/{index}"
         return report
 
     def identity_state(self, row: IdentityRow) -> str:
@@ -340,6 +369,17 @@ class StudioService:
     def show_identity(self, tenant: str, identity_id: str) -> dict[str, Any]:
         return self.identity_view(self.scope.identity(tenant, identity_id))
 
+    def photo_thumbnail(self, tenant: str, identity_id: str, index: int, side: int = 256) -> bytes:
+        """A small JPEG of the identity's stored upload number `index` (the report's thumbnail)."""
+        from portrait.core.formats.images import thumbnail_bytes
+
+        handle = self.scope.identity(tenant, identity_id)
+        folder = handle.folder / "uploads"
+        photos = sorted(folder.iterdir()) if folder.is_dir() else []
+        if not 0 <= index < len(photos):
+            raise NotFound(f"identity '{identity_id}' has no photo {index}")
+        return thumbnail_bytes(photos[index], side, "JPEG", quality=85)
+
     def contact_sheet(self, tenant: str, identity_id: str) -> Path:
         handle = self.scope.identity(tenant, identity_id)
         path = handle.folder / "prepare" / "contact_sheet.png"
@@ -356,7 +396,7 @@ class StudioService:
         jobs = self.db.jobs_using(identity_id)
         removed = self._erase_jobs(jobs)
         gone, rows = self.db.delete_identity(tenant, identity_id)
-        removed["rows"] += rows
+        removed["rows"] += rows + self._history().forget(identity_id)
         idir = self.settings.identities_dir
         folders = [handle.folder, handle.bundle, *(idir / f".{identity_id}.{suffix}" for suffix in ("work", "staging", "old"))]
         with identity_lock(idir, identity_id):  # no trainer may be writing while it is erased
@@ -389,8 +429,10 @@ class StudioService:
                 removed["images"] += len(r.outputs)
         removed["items"] = self.store.forget(store_jobs)
         removed["rows"] += removed["items"]
+        history = self._history()
         for job in jobs:
             self._remove(self.job_root(job.id), removed)
+            removed["rows"] += history.forget_job(job.id)
         for tenant in {j.tenant for j in jobs}:
             self._bytes.pop(tenant, None)
         return removed
@@ -517,32 +559,36 @@ class StudioService:
         self.wake()
         return self.job_view(tenant, job_id)
 
-    def submit_generate(self, tenant: str, body: GenerateRequest | BatchRequest) -> dict[str, Any]:
-        """A generation (one identity, one template or prompt) or a batch (identities x
-        templates x prompts x backends), checked whole before anything is queued."""
+    def submit_generate(self, tenant: str, body: GenerateRequest | BatchRequest | ShootRequest) -> dict[str, Any]:
+        """A generation (one identity, one template or prompt), a batch (identities x
+        templates x prompts x backends) or a shoot (one identity x a package's cells), checked
+        whole before anything is queued. With `keep`, each item makes `keep` portraits."""
         now = time.time()
         plan = self._plan(tenant, body)
         items = plan["items"]
-        self._admit(tenant, len(items), len(items), now)
+        images = len(items) * (body.keep or 1)
+        self._admit(tenant, len(items), images, now)
         job = plan["job"]
         self._submit(job, tenant)
-        self.db.count_images(tenant, len(items), now)
-        kind = "generate" if isinstance(body, GenerateRequest) else "batch"
+        self.db.count_images(tenant, images, now)
+        kind = "generate" if isinstance(body, GenerateRequest) else "shoot" if isinstance(body, ShootRequest) else "batch"
         params = body.model_dump(mode="json", exclude={"identity", "identities", "with_identity"})
         self.db.add_job(JobRow(plan["job_id"], tenant, kind, job.id, tuple(plan["identities"]), params, now),
                         tuple(plan["assets"]))
         self.wake()
         return self.job_view(tenant, plan["job_id"])
 
-    def _plan(self, tenant: str, body: GenerateRequest | BatchRequest) -> dict[str, Any]:
+    def _plan(self, tenant: str, body: GenerateRequest | BatchRequest | ShootRequest) -> dict[str, Any]:
         from portrait.stages import generate as gen
         from portrait.stages.backends import BACKENDS
         from portrait.stages.templates import find_template, shipped_templates
 
+        shooting = isinstance(body, ShootRequest)
         single = isinstance(body, GenerateRequest)
         gpolicy = gen.GeneratePolicy.from_preset(self.base)
         # 1. references, each resolved in the tenant's scope
-        named = [("identity", body.identity)] if single else [(f"identities.{i}", v) for i, v in enumerate(body.identities)]
+        named = [("identity", body.identity)] if single or shooting else [
+            (f"identities.{i}", v) for i, v in enumerate(body.identities)]
         people = [self.scope.identity(tenant, value, field) for field, value in named]
         others = [self.scope.identity(tenant, v, f"with_identity.{i}")
                   for i, v in enumerate(body.with_identity)] if single else []
@@ -553,7 +599,12 @@ class StudioService:
             assets.append(photo.id)
         # 2. what to make: templates (shipped names, or the tenant's photo), prompts, backends
         shipped = {t.name: t for t in shipped_templates()}
-        if single:
+        cells: list = []
+        if shooting:
+            templates, prompts = [], []
+            cells = self._shoot_cells(body)
+            backends = [("backend", body.backend or gpolicy.backend)]
+        elif single:
             if photo is not None and body.template:
                 raise InvalidField("template", "give `template` or `template_photo`, not both")
             if not body.template and not body.prompt and photo is None:
@@ -588,8 +639,12 @@ class StudioService:
             if others and not spec.group:
                 raise InvalidField("with_identity", f"backend '{name}' paints one identity; several people need "
                                                     "a group photo template (backend template) or faceid")
+            if cells and spec.photo_template:
+                raise InvalidField(field, f"backend '{name}' paints into photo templates; a package's cells are "
+                                          "style prompts (choose a backend that takes a prompt)")
             specs.append(spec)
         self._check_options(options, specs)
+        self._check_keep(body)
         # 3. numbers against the server's and the preset's limits
         if not 1 <= body.count <= self.policy.max_count:
             raise InvalidField("count", f"{body.count}; use 1-{self.policy.max_count} (preset key service.max_count)")
@@ -614,11 +669,16 @@ class StudioService:
         for handle in others:
             if self.identity_state(handle.row) != "ready":
                 raise Busy(f"identity '{handle.id}' (with_identity) is not trained yet; train it first")
+        self._check_trained_for(people, specs, train_items, [f for f, _ in backends])
         # 5. a dry run of the generate stage's own resolver for each (backend, template or prompt)
         overrides = {"options": options or None, "steps": body.steps, "guidance": body.guidance,
                      "negative_prompt": body.negative_prompt,
                      "width": body.size[0] if body.size else None, "height": body.size[1] if body.size else None}
         styles = [(f, find_template(t)) for f, t in templates] + [(f, None) for f, _ in prompts]
+        if cells:
+            from portrait.stages.shoots import cell_template
+
+            styles += [(f"cells.{i}", cell_template(c)) for i, c in enumerate(cells)]
         if photo is not None:
             styles.append(("template_photo", self._photo_template(photo)))
         for _, backend in backends:
@@ -636,7 +696,15 @@ class StudioService:
                 "prompts": [p for _, p in prompts], "backends": [b for _, b in backends], "count": body.count,
                 "seed": body.seed, "generate": {"options": options} if options else {}, "finish": body.finish,
                 "steps": body.steps, "guidance": body.guidance, "size": list(body.size) if body.size else None,
-                "negative_prompt": body.negative_prompt}
+                "negative_prompt": body.negative_prompt, "keep": body.keep, "attempts": body.attempts,
+                # the results history names these images by this job (portrait.flows.history)
+                "run": job_id}
+        if body.keep is not None:
+            spec.pop("count")
+        if cells:
+            spec["shoot"] = {"package": cells[0].package.name, "cells": [c.key for c in cells]}
+        if body.upscale_factor is not None:
+            spec["upscale_factor"] = body.upscale_factor
         parsed = parse_spec({k: v for k, v in spec.items() if v is not None}, source="request")
         job = expand(parsed, base_dir=self.root, default_preset=self.settings.preset,
                      source=f"service:{tenant}:{job_id}", identity_exists=lambda name: True)
@@ -784,7 +852,7 @@ class StudioService:
             "params": row.params,
             "progress": {"fraction": round(fraction, 4), "step": step, "total": total, "phase": phase,
                          "eta_seconds": eta, "items": {**counts, "total": len(items)}},
-            "error": failed[0].error if failed else None,
+            "error": public_text(failed[0].error) if failed else None,
             "error_kind": failed[0].error_kind if failed else None,
             "results": f"/v1/jobs/{row.id}/results",
         }
@@ -804,7 +872,18 @@ class StudioService:
             if summary:
                 summary = {k: v for k, v in summary.items() if k not in ("params",)}
             return {"job": view, "identity": row.identities[0], "train": summary, "images": []}
-        return {"job": view, "images": self._images(row)}
+        return {"job": view, "images": self._images(row), "reports": self._keep_reports(row)}
+
+    def _keep_reports(self, row: JobRow) -> list[dict[str, Any]]:
+        """The keep report of each item that had one (per template or shoot cell)."""
+        out = []
+        for r in self.store.status([row.store_job]).items:
+            keep = r.meta.get("keep")
+            if r.item.kind == "generate" and keep:
+                out.append({"cell": (r.meta.get("cell") or {}).get("key"), "template": r.meta.get("template"),
+                            "backend": r.meta.get("backend"), **{k: keep[k] for k in (
+                                "wanted", "kept", "tried", "budget", "complete", "reasons", "summary")}})
+        return out
 
     def _images(self, row: JobRow) -> list[dict[str, Any]]:
         from portrait.core.io import read_png_text
@@ -814,22 +893,26 @@ class StudioService:
             if r.state != "done" or r.item.kind != "generate" or not r.outputs:
                 continue
             p = r.item.payload
-            for index, output in enumerate(r.outputs):
+            outputs = [o for o in r.outputs if not o.endswith(".json")]  # a keep item's report beside its images
+            for index, output in enumerate(outputs):
                 meta_rows = r.meta.get("results") or [{}]
                 m = meta_rows[min(index, len(meta_rows) - 1)]
                 path = Path(output)
+                if not path.is_file():  # deleted from the results history
+                    continue
                 try:
                     parameters = read_png_text(path).get("parameters")
                 except OSError:
                     parameters = None
                 images.append({
-                    "id": r.item.id if len(r.outputs) == 1 else f"{r.item.id}-{index}",
+                    "id": r.item.id if len(outputs) == 1 else f"{r.item.id}-{index}",
+                    "cell": (r.meta.get("cell") or {}).get("key"),
                     "identity": p["identity"], "template": p["template"], "prompt": p["prompt"],
                     "backend": r.meta.get("backend", p["backend"]), "seed": m.get("seed", p["seed"]),
                     "similarity": m.get("similarity"), "passed_gate": m.get("passed_gate"),
                     "reference_similarity": m.get("reference_similarity"), "clip_t": m.get("clip_t"),
                     "faces": m.get("faces"), "timings": m.get("timings"), "parameters": parameters,
-                    "url": f"/v1/jobs/{row.id}/images/{r.item.id if len(r.outputs) == 1 else f'{r.item.id}-{index}'}",
+                    "url": f"/v1/jobs/{row.id}/images/{r.item.id if len(outputs) == 1 else f'{r.item.id}-{index}'}",
                     "_path": str(path),
                 })
         images.sort(key=lambda im: (im["similarity"] is None, -(im["similarity"] or 0.0), im["seed"]))
@@ -921,6 +1004,8 @@ class StudioService:
 
         return [{"name": s.name, "families": list(s.families), "help": s.help, "needs_lora": s.needs_lora,
                  "group": s.group, "photo_template": s.photo_template, "license": s.license or None,
+                 # whether this server's preset can run it (the web page offers only those)
+                 "runs_here": self.base.family in s.families,
                  "options": s.options.model_json_schema()} for s in BACKENDS.specs()]
 
     def template_preview(self, name: str) -> tuple[bytes, str]:

@@ -226,7 +226,8 @@ class FlowExecutor:
         result = generate(identity, template=template, prompt=p["prompt"], backend=p["backend"],
                           n=None if keep else 1, keep=keep, attempts=p.get("attempts"), seed=p["seed"], out=staging,
                           ctx=self.context(p["preset"]), finish=p["finish"], progress=self._reporter(item),
-                          with_identity=people, job=p.get("run"), cell=cell, record=False, **p["overrides"])
+                          with_identity=people, job=p.get("run"), cell=cell, record=False,
+                          upscale_factor=p.get("upscale_factor"), **p["overrides"])
         report = result.as_json()
         rows = [{k: v for k, v in row.items() if k != "path"} for row in report["results"]]
         meta = {"backend": report["backend"], "template": report["template"], "results": rows}

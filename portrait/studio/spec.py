@@ -125,6 +125,8 @@ class JobSpec(BaseModel):
     # making them, instead of `count` items of one image), within `attempts` candidates.
     keep: int | None = Field(default=None, ge=1, le=64)
     attempts: int | None = Field(default=None, ge=1)
+    # The final upscale factor (the preset's finish.upscale.outscale otherwise).
+    upscale_factor: float | None = Field(default=None, gt=0, le=8)
     # The job name the results history records these images under (default: the job's id).
     run: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
 
@@ -374,6 +376,8 @@ def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exist
                         payload["shoot"] = style
                     if spec.keep:
                         payload.update(keep=spec.keep, attempts=spec.attempts)
+                    if spec.upscale_factor is not None:
+                        payload["upscale_factor"] = spec.upscale_factor
                     # depends_on and the history's job name (`run`) are left out of the id: the
                     # same image is the same item whether its identity was trained by this job
                     # or existed already, and whichever job asked for it first.
@@ -394,7 +398,7 @@ def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exist
 def _resolved_spec(spec: JobSpec, base_dir: Path, output: str, preset: str) -> dict[str, Any]:
     """The spec as run (paths absolute, the preset named); its hash is the job's id."""
     resolved = spec.model_dump(mode="json", exclude_none=False)
-    for key in ("shoot", "keep", "attempts", "run"):  # absent when unused: older specs keep their job ids
+    for key in ("shoot", "keep", "attempts", "run", "upscale_factor"):  # absent when unused: older specs keep their job ids
         if resolved.get(key) is None:
             resolved.pop(key, None)
     if spec.shoot is not None:
