@@ -17,6 +17,14 @@ from typing import Any, Mapping, Sequence
 
 from portrait.core.errors import BadInput
 
+class InvalidField(BadInput):
+    """A request value refused at submit (HTTP 422), naming the field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message if message.startswith(field) else f"{field}: {message}")
+        self.field = field
+
+
 _ABSOLUTE = re.compile(r"(?<![\w.])/(?:[^\s/'\"`,;:()]+/)+([^\s/'\"`,;:()]+)")
 _DOWNLOAD = re.compile(r"run `?portrait models download ([\w.:-]+)`?")
 _DEBUG = re.compile(r"\s*\(rerun with --debug[^)]*\)")
@@ -44,8 +52,6 @@ class StudioDesk:
         """The cells a ShootRequest names, from a shipped package only (a name, never a path)."""
         from portrait.stages import shoots
 
-        from .service import InvalidField
-
         packages = {p.name: p for p in shoots.shipped_packages()}
         package = packages.get(body.package)
         if package is None:
@@ -62,8 +68,6 @@ class StudioDesk:
     def _check_keep(self, body) -> None:
         """keep / attempts against the preset's budget, before anything is queued."""
         from portrait.flows.finish import FinishPolicy, keep_budget
-
-        from .service import InvalidField
 
         if body.keep is None:
             if body.attempts is not None:
@@ -87,8 +91,6 @@ class StudioDesk:
         import json
 
         from portrait.stages.backends import BACKENDS
-
-        from .service import InvalidField
 
         family = self.base.family
         for spec, field in zip(specs, fields):

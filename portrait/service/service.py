@@ -54,7 +54,7 @@ from portrait.studio.store import ItemRow, Store
 
 from .policy import ServicePolicy, TenantPolicy
 from .requests import BatchRequest, GenerateRequest, ShootRequest
-from .desk import StudioDesk, public_text
+from .desk import InvalidField, StudioDesk, public_text
 from .scope import AssetHandle, IdentityHandle, JobHandle, NotFound, Scope
 from .tenants import AssetRow, IdentityRow, JobRow, TenantDB, new_id
 from .uploads import Screened, Upload, screen, sniff
@@ -68,14 +68,6 @@ class Busy(PortraitError):
 
 class QuotaExceeded(PortraitError):
     """The tenant's limit (TenantPolicy) would be passed (HTTP 429); the detail names the key."""
-
-
-class InvalidField(BadInput):
-    """A request value refused at submit (HTTP 422), naming the field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message if message.startswith(field) else f"{field}: {message}")
-        self.field = field
 
 
 class RejectedUpload(BadInput):
@@ -872,7 +864,16 @@ class StudioService(StudioDesk):
             if summary:
                 summary = {k: v for k, v in summary.items() if k not in ("params",)}
             return {"job": view, "identity": row.identities[0], "train": summary, "images": []}
-        return {"job": view, "images": self._images(row), "reports": self._keep_reports(row)}
+        return {"job": view, "images": self._images(row), "reports": self._keep_reports(row),
+                "warnings": self._warnings(row)}
+
+    def _warnings(self, row: JobRow) -> list[str]:
+        """What was asked of the job's items and could not run (a missing face restorer), once each."""
+        seen: dict[str, None] = {}
+        for r in self.store.status([row.store_job]).items:
+            for warning in r.meta.get("warnings") or ():
+                seen[public_text(warning)] = None
+        return list(seen)
 
     def _keep_reports(self, row: JobRow) -> list[dict[str, Any]]:
         """The keep report of each item that had one (per template or shoot cell)."""

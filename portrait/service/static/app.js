@@ -53,6 +53,21 @@ function jobErrorWords(job) {
   }
 }
 
+// What a job was asked to do and could not (the server's warnings), in the page's words.
+function warningWords(warning) {
+  if (warning.startsWith("face restoration was asked for and skipped"))
+    return "Face restoration was asked for, but this server cannot run it; the portraits were made without it.";
+  return warning;
+}
+
+async function showWarnings(jobId, what) {
+  try {
+    const results = await api(`/v1/jobs/${jobId}/results`);
+    const words = (results.warnings || []).map(warningWords);
+    if (words.length) $(`#${what}-status`).textContent += " · " + words.join(" ");
+  } catch (_) { /* the job's own status already says what went wrong */ }
+}
+
 function keepWords(report) {
   const dropped = Object.entries(report.reasons || {}).map(([k, n]) => `${KEEP_WORDS[k] || k} (${n})`).join(", ");
   const head = `${report.kept} of ${report.wanted} kept, ${report.tried} tried`;
@@ -535,7 +550,7 @@ $("#shoot-button").addEventListener("click", async () => {
   try {
     const job = await post("/v1/jobs/shoot", body);
     say(""); loadQueue();
-    watch(job.id, who.id, "shoot", (done, mine) => { if (mine) showJob(done.id); });
+    watch(job.id, who.id, "shoot", (done, mine) => { if (mine) { showJob(done.id); showWarnings(done.id, "shoot"); } });
   } catch (err) { say(err.message); }
 });
 
@@ -575,7 +590,9 @@ $("#generate-button").addEventListener("click", async () => {
   try {
     const job = await post("/v1/jobs/generate", body);
     ui.genJob = job.id; say(""); $("#gallery").replaceChildren(); $("#download").disabled = true;
-    watch(job.id, who.id, "generate", (done, mine) => { if (mine) { showGallery(done.id); loadResults(); } });
+    watch(job.id, who.id, "generate", (done, mine) => {
+      if (mine) { showGallery(done.id); loadResults(); showWarnings(done.id, "generate"); }
+    });
     loadQueue();
   } catch (err) { say(err.message); }
 });
