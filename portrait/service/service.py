@@ -52,9 +52,9 @@ from portrait.studio.runner import StudioPolicy
 from portrait.studio.spec import Job, content_id, expand, parse_spec, train_item
 from portrait.studio.store import ItemRow, Store
 
+from .desk import InvalidField, StudioDesk, public_text
 from .policy import ServicePolicy, TenantPolicy
 from .requests import BatchRequest, GenerateRequest, ShootRequest
-from .desk import InvalidField, StudioDesk, public_text
 from .scope import AssetHandle, IdentityHandle, JobHandle, NotFound, Scope
 from .tenants import AssetRow, IdentityRow, JobRow, TenantDB, new_id
 from .uploads import Screened, Upload, screen, sniff
