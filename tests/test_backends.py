@@ -222,8 +222,6 @@ def test_a_backend_from_one_file_reaches_every_door(capsys, home):
     assert "toy" not in BACKENDS.names() and "toy-card" not in kinds()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 27 item 4: the web page's backend list is hard-coded until it reads "
-                                       "/v1/backends (the studio change); strict: this fails once it does, drop the mark")
 def test_the_web_page_lists_backends_from_the_catalogue(home):
     """The page the service serves builds its backend list from GET /v1/backends, so a backend
     registered from one file (above) reaches the web UI too."""

@@ -31,7 +31,8 @@ def test_wheel_layout(wheel):
     assert {t for t in top if not t.endswith(".dist-info")} == {"portrait"}
     for required in ("portrait/stages/__init__.py", "portrait/cli/main.py", "portrait/presets/models.yaml",
                      "portrait/presets/tiny.yaml", "portrait/presets/configs/sd15/model_index.json",
-                     "portrait/service/app.py", "portrait/service/static/index.html", "portrait/service/static/app.js"):
+                     "portrait/service/app.py", "portrait/service/static/index.html", "portrait/service/static/app.js",
+                     "portrait/templates/packages/corporate.yaml", "portrait/templates/packages/casual.yaml"):
         assert required in names, required
     assert any(n.startswith("portrait/templates/styles/") and n.endswith(".yaml") for n in names)
 

@@ -229,11 +229,15 @@ class Store:
             with self._connect() as con:
                 con.execute("PRAGMA journal_mode=WAL")
                 con.executescript(_SCHEMA)
+                # One process at a time looks and adds: two workers opening a new store at once
+                # both saw `cancel` missing and the second ALTER failed ("duplicate column name").
+                con.execute("BEGIN IMMEDIATE")
                 have = {r["name"] for r in con.execute("PRAGMA table_info(items)")}
                 for column, decl in _COLUMNS.items():
                     if column not in have:
                         con.execute(f"ALTER TABLE items ADD COLUMN {column} {decl}")
                 con.execute("CREATE INDEX IF NOT EXISTS items_owner ON items (owner, state)")
+                con.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise BadInput(f"{self.path}: not a studio store ({exc})") from None
         except OSError as exc:

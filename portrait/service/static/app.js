@@ -126,9 +126,10 @@ function showLogin(text) {
 async function loadIdentities() {
   ui.identities = await api("/v1/identities");
   const list = $("#identities");
-  const current = panelIdentity();
+  const current = ui.identity;  // the one last opened: it stays marked while an upload has the screen
   list.replaceChildren(...ui.identities.map((i) => el("li",
-    { class: current && current.id === i.id ? "selected" : "", "data-id": i.id, onclick: () => select(i.id) },
+    { class: current && current.id === i.id ? "selected" : "", "data-id": i.id,
+      onclick: () => select(i.id).catch((err) => say(err.message)) },
     el("span", {}, i.name), el("span", { class: "badge " + i.state }, i.state))));
   if (!ui.identities.length) list.append(el("li", { class: "muted" }, "none yet"));
 }
