@@ -15,8 +15,10 @@ All three go through the model door (portrait.core.models: resolve, verify, cach
 this module holds the door's "components", "vae" and "controlnet" builders (`build_*`), i.e. the
 diffusers-specific part of turning files into modules.
 
-Placement comes from `ctx.placement`: fp32 on CPU, fp16/bf16 on CUDA (with the fp16-fix
-VAE the sdxl preset names), `enable_model_cpu_offload` when placement.offload.
+Placement comes from `ctx.placement` under the request's memory plan (portrait.core.memplan):
+fp32 on CPU, fp16/bf16 on CUDA (with the fp16-fix VAE the sdxl preset names); resident parts go
+to the device as they load, and under an offload strategy they stay on the CPU until the
+pipeline is built and `portrait.core.offload.apply` hooks them (model / group / sequential).
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ FAMILIES = tuple(_PARTS)
 # 8-bit weight formats for the FLUX transformer and T5 (preset runtime.quantize), through
 # optimum-quanto (extra `flux`): qint8 is what InfiniteYou's own pipeline uses; both halve
 # the bf16 weights (FLUX.1-dev transformer 23.8 GB -> ~12 GB, T5-XXL 9.5 GB -> ~4.8 GB).
-QUANTIZE = {"none": None, "int8": "qint8", "fp8": "qfloat8"}
+# qint4 (4-bit weights, group scales) is the plan's last step before refusing; NF4 would need
+# bitsandbytes, which the lock does not carry.
+QUANTIZE = {"none": None, "int8": "qint8", "fp8": "qfloat8", "int4": "qint4"}
 
 
 @dataclass(frozen=True)
@@ -385,18 +389,31 @@ def load_components(ctx, model_id: str | None = None, *, family: str | None = No
     resolved = models.resolve(ctx, model_id, explicit)
     fam = _family(ctx, resolved, family)
     vae_id = _default_vae_id(ctx, fam) if vae == "auto" else vae
-    quantize = str(ctx.preset.section("runtime").get("quantize", "none")) if fam == "flux" else "none"
-    extra: dict[str, Any] = {"quantize": quantize} if quantize != "none" else {}
+    quantize = quantize_parts(ctx, fam)
+    extra: dict[str, Any] = {"quantize": tuple(sorted(quantize.items()))} if quantize else {}
     if dtypes:
         extra["dtypes"] = dict(dtypes)
     return models.load(ctx, model_id, "components", path=explicit, family=fam, vae=vae_id, requested=model_id, **extra)
 
 
+def quantize_parts(ctx, family: str) -> dict[str, str]:
+    """Part -> optimum-quanto scheme for a base: the memory plan's choice when the run has one
+    (portrait.core.memplan: runtime.quantize, or the largest part quantized to fit), else the
+    preset's runtime.quantize on the FLUX transformer and T5 (InfiniteYou's --quantize_8bit)."""
+    plan = getattr(ctx, "plan", None)
+    if plan is not None:
+        return {k: v for k, v in plan.quantize.items() if k in _PARTS.get(family, ())}
+    scheme = str(ctx.preset.section("runtime").get("quantize", "none")) if family == "flux" else "none"
+    return {name: scheme for name in ("transformer", "text_encoder_2")} if scheme != "none" else {}
+
+
 def build_components(source: models.Source, family: str, vae_id: str | None, requested: str | None = None,
-                     quantize: str = "none", dtypes: Mapping[str, str] | None = None) -> Components:
-    """The door's "components" builder: a single file or a diffusers folder, placed and in eval
-    (FLUX: the transformer and T5 quantized first when runtime.quantize asks). `dtypes` maps
-    parts to a dtype name of their own (default: the placement's)."""
+                     quantize: Any = (), dtypes: Mapping[str, str] | None = None) -> Components:
+    """The door's "components" builder: a single file or a diffusers folder, placed and in eval.
+    `quantize` maps parts to an optimum-quanto scheme (the memory plan's; quantized before any
+    placement). Parts go to the device only when the plan keeps them resident; under an offload
+    strategy they stay on the CPU for the pipeline's hooks. `dtypes` maps parts to a dtype name
+    of their own (default: the placement's)."""
     ctx, resolved = source.ctx, source.resolved
     file = _weights_file(resolved)
     if file is not None:
@@ -413,8 +430,11 @@ def build_components(source: models.Source, family: str, vae_id: str | None, req
         modules = _folder_components(resolved, family, source.dtype, parts=parts, dtypes=dtypes)
     if vae_id:
         modules["vae"] = load_vae(ctx, vae_id)
-    if family == "flux":
-        quantize_flux(modules, quantize)
+    if isinstance(quantize, str):  # the old single-scheme form: FLUX's transformer and T5
+        quantize = {name: quantize for name in ("transformer", "text_encoder_2")} if quantize != "none" else {}
+    for name, scheme in dict(quantize).items():
+        if name in modules:
+            quantize_module(modules[name], scheme)
     for name, module in modules.items():
         if not name.startswith(("tokenizer", "scheduler")):
             modules[name] = models.place(ctx, module, cast=False, offloaded=True)
@@ -468,7 +488,9 @@ def load_pipeline(ctx, model_id: str | None = None, kind: str = "txt2img", contr
             extra["controlnet"] = nets[0] if len(nets) == 1 else nets
         pipe = _build(cls, components, extra)
         if ctx.placement.offload:
-            pipe.enable_model_cpu_offload(device=ctx.placement.device)
+            from .offload import apply
+
+            apply(pipe, ctx.placement)  # the memory plan's strategy (model / group / sequential offload)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -258,6 +258,8 @@ def load(ctx, model_id: str, kind: str, *, path: Path | str | None = None, file:
     explicit = Path(path).expanduser() if path is not None else None
     source = Source(ctx, resolved, file, explicit)
     key = cache_key(ctx, resolved.spec.id, kind, file, _stamp(explicit), _freeze(args))
+    if entry.offloaded or kind == "components":  # placed per the plan's strategy: one copy per strategy
+        key = CacheKey(key.model_id, key.device, key.dtype, (*key.variant, getattr(ctx.placement, "strategy", "resident")))
 
     def factory():
         built = entry.build(source, **args)

@@ -56,7 +56,10 @@ class ModelSpec(BaseModel):
     license: str = "unknown"
     commercial: bool = True
     size: int | None = None  # bytes, all files
+    sizes: dict[str, int] = Field(default_factory=dict)  # file -> exact bytes (the memory plan sizes absent files by them)
     sha256: dict[str, str] = Field(default_factory=dict)  # file -> hash where known
+    dtype: str | None = None  # what the weight files store (bf16 | fp16 | fp32; `.fp16.` names say fp16 themselves)
+    gated: bool = False  # the hub asks the user to accept a license and log in before downloading
     pickle: bool = False  # needs torch.load(weights_only=True) after the hash check
     tiny: str | None = None  # id of the make-tiny stand-in
     config: str | None = None  # shipped config folder (presets/configs/...) for single-file bases
@@ -175,6 +178,15 @@ class Registry:
             if cached is not None:
                 return ResolvedModel(spec, cached, "hf-cache", tuple(spec.files))
         raise ModelMissing(spec.id)
+
+    def locate(self, model_id: str, settings: Settings, *, tiny: bool = False,
+               write_tiny: bool = True) -> ResolvedModel | None:
+        """Where the id's files are, or None when absent: no license check and nothing recorded
+        (the memory plan sizes what a request would load, before anything loads or downloads)."""
+        try:
+            return self._resolve(model_id, settings, tiny=tiny, write_tiny=write_tiny)
+        except ModelMissing:
+            return None
 
     def is_present(self, model_id: str, settings: Settings, *, tiny: bool = False) -> bool:
         """Whether the id would resolve (policy included); a look, so nothing is recorded as used."""

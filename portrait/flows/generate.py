@@ -34,6 +34,7 @@ from portrait.core.types import Candidate, CandidateScore, GenerationRequest, Id
 from portrait.core.versions import versions
 from portrait.stages import generate as gen
 from portrait.stages import metadata, seeding, templates
+from portrait.stages.planning import planned
 from portrait.stages.backends import BACKENDS
 
 
@@ -81,6 +82,8 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
     out = Path(out).expanduser()
     _preflight(ctx, request)
     _check_out(out)
+    # The memory plan before any model loads (printed under --debug, recorded in results.json).
+    ctx = planned(ctx, request)
 
     def run(req: GenerationRequest) -> list[Candidate]:
         found = []
@@ -99,7 +102,7 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
             written = _write(ctx, staging, person, ranked)
         # what made these images, for reproducing them: versions and the bill of materials
         notes = {**notes, "versions": versions(ctx.placement), "license_policy": ctx.settings.license,
-                 "bom": bill_of_materials(ctx, used)}
+                 "bom": bill_of_materials(ctx, used), "memory_plan": ctx.plan.as_dict() if ctx.plan else None}
         staged = GenerationResult(person.name, request.backend, request.template, out, request, tuple(written), notes)
         write_json(staging / "results.json", staged.as_json())
         if notes.get("gate") and written:  # finishing ran (notes always carry versions and the BOM)

@@ -242,4 +242,8 @@ def generate_candidates(request: GenerationRequest, ctx) -> Iterable[Candidate]:
         raise BadInput(f"--with-identity: backend '{request.backend}' paints one identity; several people in one "
                        f"picture need a group photo template (backend template) or --backend "
                        f"{'|'.join(g for g in groups if g != 'template') or 'faceid'}")
-    return spec.make().generate(request, ctx)
+    from portrait.stages.planning import planned
+
+    # The memory plan comes before anything loads: the backend runs under the context that
+    # follows it (dtype, offload strategy, quantization); refused in one line when it fits nowhere.
+    return spec.make().generate(request, planned(ctx, request))
