@@ -275,7 +275,9 @@ def test_faceid_sdxl_with_a_controlnet(ctx_xl, person):
     assert out.image.shape == (SIZE, SIZE, 3)
 
 
-def test_faceid_uncond_is_zeros_and_pipeline_is_restored(ctx15, person):
+def test_faceid_uncond_is_zeros_and_adapter_attached_once_per_pipeline(ctx15, person, monkeypatch):
+    """The adapter is attached once per loaded pipeline and kept while it is cached: a second
+    request attaches nothing; a backend without an adapter gets the UNet back without it."""
     from portrait.stages.sd import load_sd_pipeline
 
     policy = zs.FaceIDPolicy(variant="faceid")
@@ -284,10 +286,23 @@ def test_faceid_uncond_is_zeros_and_pipeline_is_restored(ctx15, person):
     assert inputs.id_embeds.shape == (2, 1, 512)
     assert not inputs.id_embeds[0].any() and torch.allclose(inputs.id_embeds[1].norm(dim=-1), torch.ones(1))
     pipe = load_sd_pipeline(ctx15, "txt2img")
+    loads = []
+    original = type(pipe).load_ip_adapter
+    monkeypatch.setattr(type(pipe), "load_ip_adapter", lambda self, *a, **k: (loads.append(1), original(self, *a, **k)))
+    for _ in range(2):  # two requests on the cached pipeline
+        pipe = load_sd_pipeline(ctx15, "txt2img", keep_adapter=True)
+        with zs.attached_faceid(pipe, af, inputs, policy):
+            assert zs.FACEID_LORA_ADAPTER in pipe.unet.peft_config
+        assert pipe.unet.encoder_hid_proj is not None  # kept between requests
+    assert len(loads) == 1
+    plain = load_sd_pipeline(ctx15, "txt2img")  # a backend that runs without an adapter
+    assert plain.unet is pipe.unet and plain.unet.encoder_hid_proj is None
+    assert zs.FACEID_LORA_ADAPTER not in (getattr(plain.unet, "peft_config", {}) or {})
+    pipe = load_sd_pipeline(ctx15, "txt2img", keep_adapter=True)
     with zs.attached_faceid(pipe, af, inputs, policy):
-        assert zs.FACEID_LORA_ADAPTER in pipe.unet.peft_config
-    assert pipe.unet.encoder_hid_proj is None
-    assert zs.FACEID_LORA_ADAPTER not in (getattr(pipe.unet, "peft_config", {}) or {})
+        pass
+    assert len(loads) == 2  # attached again after it was taken off
+    load_sd_pipeline(ctx15, "txt2img")  # leave the shared pipeline clean for the other tests
 
 
 def test_wrong_adapter_file_is_refused(ctx15, tiny_home):
@@ -431,6 +446,8 @@ def test_faceid_on_an_inpainting_pass(ctx15, person, hopper):
     with zs.faceid_for_request(ctx15, pipe, req, person) as faceid:
         painted = call_pipeline(pipe, req, req.seed, **args, **faceid.kwargs)
         assert faceid.info["embedding"]["space"] == "insightface:buffalo_l"
+    # the adapter stays on the cached pipeline; a pass without one gets the UNet back as it was
+    pipe = load_sd_pipeline(ctx15, "inpaint", role="inpaint")
     after = call_pipeline(pipe, req, req.seed, **args)
     assert maxdiff(painted, before) > 0
     assert maxdiff(after, before) == 0  # the shared pipeline is exactly as it was
