@@ -76,13 +76,15 @@ def _build_segmenter(source) -> Segmenter:
     """A U2-Net-style ONNX (one RGB input, a foreground map first) on `onnx_providers(ctx)`."""
     import onnxruntime
 
-    from portrait.core.models import onnx_providers
+    from portrait.core.models import check_session, onnx_providers
 
     path = source.verified()
+    providers = onnx_providers(source.ctx)
     try:
-        session = onnxruntime.InferenceSession(str(path), providers=onnx_providers(source.ctx))
+        session = onnxruntime.InferenceSession(str(path), providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for a bad file
         raise bad_file(path, f"is not a loadable ONNX segmenter ({exc.__class__.__name__})") from None
+    check_session(session, providers, path.name)
     return Segmenter(session, source.model_id, source.resolved.spec.license)
 
 
