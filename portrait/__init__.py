@@ -6,6 +6,7 @@ The Python API mirrors the CLI:
     report = portrait.prepare(["photos/"], out="prepared/")
     identity = portrait.train(["photos/"], name="alice")
     results = portrait.generate("alice", template="business", n=4, out="out/")
+    report = portrait.plan(preset="flux", backend="infiniteyou", size="1024x1024", vram=24)
     report = portrait.evaluate(["out/"], out="out/eval")   # HTML + JSON comparison of runs
     studio = portrait.Studio("jobs.db"); studio.run("spec.yaml")
 
@@ -23,6 +24,7 @@ _EXPORTS = {
     "prepare": "portrait.flows.prepare:prepare",
     "train": "portrait.flows.train:train",
     "generate": "portrait.flows.generate:generate",
+    "plan": "portrait.flows.plan:plan",
     "evaluate": "portrait.flows.evaluate:evaluate",
     "Studio": "portrait.studio.api:Studio",
     "Settings": "portrait.core.config:Settings",

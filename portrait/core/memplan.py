@@ -580,30 +580,31 @@ def folder_count(folder: Path) -> Count | None:
 
 @functools.lru_cache(maxsize=64)
 def config_count(config_path: str) -> Count | None:
-    """Parameters of a part from its config.json, built on the meta device (no memory)."""
+    """Parameters of a part from its config.json, built on the meta device (no memory, no init)."""
     path = Path(config_path)
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    from accelerate import init_empty_weights
-
     cls = _config_class(config)
     if cls is None:
         return None
     import warnings
 
-    with warnings.catch_warnings(), init_empty_weights():
+    import torch
+
+    # torch's meta device: no memory and no initialisation (accelerate's init_empty_weights
+    # counted T5's tied embedding twice)
+    with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         if hasattr(cls, "from_config") and "_class_name" in config:
             model = cls.from_config(config)
         else:
             import transformers
 
-            conf = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"}) \
-                if "model_type" in config else None
-            if conf is None:
+            if "model_type" not in config:
                 return None
+            conf = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})
             model = cls(conf)
     params = [p.numel() for p in model.parameters()]
     return Count(sum(params), max(params, default=0), "", "config")

@@ -303,15 +303,124 @@ def download(spec: ModelSpec, settings: Settings, progress=None) -> Path:
     return root
 
 
+class GatedModel(ModelMissing):
+    """A gated hub repository without the user's accepted license and login (exit 3, one line)."""
+
+    def __init__(self, spec: ModelSpec, why: str = "no Hugging Face token found"):
+        self.model_id = spec.id
+        self.command = f"portrait models download {spec.id}"
+        PortraitError.__init__(self, f"model '{spec.id}' is gated ({why}): accept its license on "
+                                     f"https://huggingface.co/{spec.repo} and log in (`hf auth login`, or set "
+                                     f"HF_TOKEN), then run `{self.command}`")
+
+
+def hf_token() -> str | None:
+    """The user's Hugging Face token: HF_TOKEN, else huggingface_hub's cached login."""
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        return token
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # an unreadable token file is no token
+        return None
+
+
 def _download_hf(spec: ModelSpec, root: Path) -> None:
     from huggingface_hub import hf_hub_download, snapshot_download
 
-    folders = [f for f in spec.files if f.endswith("/")]
-    if folders:
-        snapshot_download(spec.repo, revision=spec.revision, allow_patterns=[f + "*" for f in folders], local_dir=root)
+    token = hf_token()
+    if spec.gated and not token:
+        raise GatedModel(spec)
+    try:
+        folders = [f for f in spec.files if f.endswith("/")]
+        if folders:
+            snapshot_download(spec.repo, revision=spec.revision, allow_patterns=[f + "*" for f in folders],
+                              local_dir=root, token=token)
+        for name in spec.files:
+            if not name.endswith("/"):
+                hf_hub_download(spec.repo, name, revision=spec.revision, local_dir=root, token=token)
+    except Exception as exc:  # huggingface_hub's GatedRepoError / 401 / 403: the license is not accepted
+        name = exc.__class__.__name__
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if name == "GatedRepoError" or status in (401, 403):
+            raise GatedModel(spec, "the hub refused this token") from None
+        raise
+
+
+# --- pins: every real entry names a revision and, per weight file, its size and sha256 -------------
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".zip", ".dat")
+# The entries that cannot meet the rule, each with its reason, in this one place. A package's
+# files are pinned by the package version and its wheel hash in locks/; a GitHub release asset
+# is pinned by the release tag in its URL. "not found" means the public facts (revision, exact
+# bytes, sha256 from the official file page) could not be read from here: `portrait models verify`
+# records what was downloaded, and the entry stays listed until someone records them.
+PIN_EXCEPTIONS: dict[str, str] = {
+    'realistic-vision-v51': "not found from here: the commit, the folder's file list, exact bytes, sha256",
+    'realistic-vision-v60': 'not found from here: the commit, exact bytes, sha256',
+    'sd-vae-ft-mse': 'not found from here: the commit',
+    'sdxl': "not found from here: the folder's file list, exact bytes, sha256",
+    'sdxl-vae-fp16-fix': 'not found from here: exact bytes, sha256',
+    'realvisxl-v4': 'not found from here: the commit',
+    'yamermix-v8': "not found from here: the commit, the folder's file list",
+    'flux': "not found from here: the commit, the folder's file list, exact bytes, sha256",
+    'flux-single': 'not found from here: the commit',
+    'flux-encoders': "not found from here: the commit, the folder's file list, exact bytes, sha256",
+    'infiniteyou-aes': "not found from here: the commit, the folder's file list, exact bytes, sha256",
+    'infiniteyou-sim': "not found from here: the commit, the folder's file list, exact bytes, sha256",
+    'controlnet-openpose-sd15': 'not found from here: the commit, exact bytes',
+    'controlnet-canny-sd15': 'not found from here: the commit, exact bytes, sha256',
+    'controlnet-tile-sd15': 'not found from here: the commit, exact bytes, sha256',
+    'controlnet-depth-sd15': 'not found from here: the commit, exact bytes, sha256',
+    'controlnet-inpaint-sd15': 'not found from here: the commit, exact bytes, sha256',
+    'controlnet-openpose-sdxl': 'not found from here: the commit, exact bytes, sha256',
+    'controlnet-depth-sdxl': 'not found from here: the commit, exact bytes, sha256',
+    'controlnet-tile-sdxl': 'not found from here: the commit, exact bytes, sha256',
+    'instantid-controlnet': 'not found from here: the commit',
+    'instantid-adapter': 'not found from here: the commit',
+    'pulid-v1.1': 'not found from here: the commit',
+    'pulid-flux-v0.9.1': 'not found from here: the commit, exact bytes',
+    'eva02-clip-l-14-336': 'not found from here: the commit',
+    'ip-adapter-faceid-sd15': 'not found from here: the commit, exact bytes',
+    'ip-adapter-faceid-plusv2-sd15': 'not found from here: the commit',
+    'ip-adapter-faceid-plus-sd15': 'not found from here: the commit, exact bytes, sha256',
+    'ip-adapter-faceid-sdxl': 'not found from here: the commit, exact bytes',
+    'ip-adapter-faceid-plusv2-sdxl': 'not found from here: the commit',
+    'photomaker-v1': 'not found from here: the commit, exact bytes',
+    'photomaker-v2': 'not found from here: the commit, exact bytes',
+    'lcm-lora-sd15': 'not found from here: the commit',
+    'dlib-face-recognition': 'ships in the face-recognition-models wheel: pinned by its version and wheel sha256 in locks/',
+    'dlib-landmarks-5': 'ships in the face-recognition-models wheel: pinned by its version and wheel sha256 in locks/',
+    'dlib-landmarks-68': 'ships in the face-recognition-models wheel: pinned by its version and wheel sha256 in locks/',
+    'dlib-cnn-detector': 'ships in the face-recognition-models wheel: pinned by its version and wheel sha256 in locks/',
+    'auraface': 'not found from here: exact bytes, sha256',
+    'annotator-openpose': 'not found from here: the commit',
+    'annotator-midas': 'not found from here: the commit',
+    'clip-vit-large-patch14': 'not found from here: the commit',
+}
+
+
+def pin_problems(spec: ModelSpec) -> list[str]:
+    """What a real entry lacks: a 40-hex revision (hub entries), and each weight file's exact size
+    and sha256 (a folder entry `x/` hides its files, so it is a problem too)."""
+    problems = []
+    if spec.source == "hf" and not (spec.revision and len(spec.revision) == 40 and
+                                    all(c in "0123456789abcdef" for c in spec.revision)):
+        problems.append("no 40-hex revision pin")
+    weights = [spec.archive] if spec.archive else []
     for name in spec.files:
-        if not name.endswith("/"):
-            hf_hub_download(spec.repo, name, revision=spec.revision, local_dir=root)
+        if name.endswith("/"):
+            problems.append(f"{name} is a folder (list its files)")
+        elif name.endswith(WEIGHT_SUFFIXES) and not spec.archive:
+            weights.append(name)
+    for name in weights:
+        if not spec.sizes.get(name):
+            problems.append(f"{name}: no size")
+        if len(spec.sha256.get(name) or "") != 64:
+            problems.append(f"{name}: no sha256")
+    return problems
 
 
 def _download_url(spec: ModelSpec, root: Path) -> None:
