@@ -100,7 +100,8 @@ def test_nothing_is_placed_on_cuda_before_the_plan(monkeypatch, home, tmp_path):
     monkeypatch.setattr(torch.Tensor, "to", to_guard(torch.Tensor.to))
     ctx = cuda_ctx(home, "tiny")
     with pytest.raises(Reached):
-        generate(identity, prompt="a portrait of {trigger}", n=1, seed=1, out=tmp_path / "out", ctx=ctx, finish=False)
+        generate(identity, prompt="a portrait of {trigger}", backend="faceid", n=1, seed=1, out=tmp_path / "out",
+                 ctx=ctx, finish=False)
     assert events[0] == "plan" and "cuda" in events
 
 
@@ -130,13 +131,13 @@ def test_sdxl_instantid_on_12gb_offloads_the_right_modules(monkeypatch, home):
 
 def test_bf16_only_family_on_a_card_without_bf16_is_refused_in_one_line(monkeypatch, home):
     simulate_cuda(monkeypatch, 16, bf16=False, name="Tesla T4", major=7)
-    monkeypatch.setattr(mp, "host_ram_bytes", lambda: 32.0 * GIB)
+    monkeypatch.setattr(mp, "host_ram_bytes", lambda: 2.0 * GIB)  # no room to offload fp32 weights
     ctx = cuda_ctx(home, "flux")
     assert ctx.placement.dtype_name == "float32"  # never fp16 for FLUX
     plan = planning.plan_request_for(ctx, "flux", 1024, 1024)
     assert not plan.fits and plan.dtype == "float32"
     line = plan.refusal
-    assert "\n" not in line and "fp32" in line and "smallest card" in line or "fits no single card" in line
+    assert "\n" not in line and "fp32" in line and ("smallest card" in line or "fits no single card" in line)
     # an explicit fp16 for FLUX is refused before any plan
     with pytest.raises(BadInput, match="runs in bf16 or fp32 only") as caught:
         RunContext.create(dataclasses.replace(home, device="cuda"),

@@ -160,10 +160,13 @@ def model_parts(ctx, role: str, model_id: str, family: str) -> list[mp.Part]:
         for name, files, part_role, quant in ((f"infusenet:{spec.id}", net_files, "side", quantizable),
                                               (f"projection:{spec.id}", proj, "aux", False)):
             under = files[0].rsplit("/", 1)[0] + "/" if files and "/" in files[0] else ""
+            recorded = _weight_files(spec, under) if name.startswith("infusenet") else \
+                {f: spec.sizes[f] for f in proj if f in spec.sizes}
+            if not recorded and spec.size and spec.sizes:  # the projection: the total less the shards
+                recorded = {"rest.bin": spec.size - sum(spec.sizes.values())}
             c = (_count_present(resolved.root, files, under) if resolved else None) or \
-                (mp.registry_count(_weight_files(spec, under) if name.startswith("infusenet")
-                                   else {f: spec.sizes[f] for f in proj if f in spec.sizes}, spec.dtype or "bf16")
-                 if spec.sizes else None) or mp.Count(0, 0, "", "unknown")
+                (mp.registry_count(recorded, "fp32" if not name.startswith("infusenet") else spec.dtype or "bf16")
+                 if recorded else None) or mp.Count(0, 0, "", "unknown")
             out.append(mp.Part(name, spec.id, part_role, c.params, c.source, quant, c.largest, c.dtype))
         return out
     part_role = KIND_ROLES.get(spec.kind, "aux")
