@@ -410,9 +410,13 @@ def make_plan(parts: Sequence[Part], req: Request, budget: Budget) -> MemoryPlan
         act = activation_bytes(req, dtype)
         placed = tuple(Placed(p, "cpu", p.keep_dtype or dtype, None, p.weight_bytes(dtype)) for p in parts)
         total = sum(p.bytes for p in placed)
-        return MemoryPlan(req.family, req.backend, req.width, req.height, req.batch, budget.device, dtype, "cpu", {},
-                          placed, total + act, total, act, budget.host_ram, True, max_batch=req.batch,
-                          card=budget.name)
+        # A forced offload runs its hooks on the CPU too (nothing moves; `gpu_check --dry-run`
+        # exercises the offload code paths this way).
+        forced = {"model": "model_offload", "group": "group_offload", "sequential": "sequential_offload"}.get(req.force)
+        quant = {p.name: req.quantize for p in parts if p.quantizable} if req.quantize not in ("none", "", None) else {}
+        return MemoryPlan(req.family, req.backend, req.width, req.height, req.batch, budget.device, dtype,
+                          forced or "cpu", quant, placed, total + act, total, act, budget.host_ram, True,
+                          max_batch=req.batch, card=budget.name)
     dtype, notes = choose_dtype(req.family, req.precision, budget)
     base_quant: dict[str, str] = {}
     if req.quantize not in ("none", "", None):
