@@ -8,9 +8,9 @@ would fit were offloaded anyway (docs/ARCHITECTURE.md#memory-plan).
 A plan is computed from what is known without loading a weight:
 
 - parameter counts: the safetensors header of a file that is present (8 bytes + JSON, never the
-  tensors), else the shipped config of the family's part built on the meta device (diffusers /
-  transformers `from_config` under accelerate's `init_empty_weights`: no memory), else the
-  registry's recorded file sizes divided by the bytes of the stored dtype;
+  tensors), else the shipped config of the family's part built on torch's meta device
+  (diffusers / transformers `from_config`: no memory, no init), else the registry's recorded
+  file sizes divided by the bytes of the stored dtype;
 - bytes per weight under the run's precision and quantization (optimum-quanto int8 / fp8 one
   byte per weight plus a scale per output row, int4 half a byte plus group scales);
 - an activation estimate per resolution and batch (per family, at its native size; scaled by
