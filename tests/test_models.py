@@ -248,7 +248,9 @@ FORBIDDEN = {"from_pretrained", "from_single_file", "torch.load", "InferenceSess
 ALLOWED_FILES = ("portrait/core/models.py", "portrait/core/loaders.py", "portrait/core/archs/", "portrait/core/tiny/")
 # Not registry models: the training run's own checkpoint state (RNG, optimizer), and the LoRA
 # file reader (portrait.core.formats.lora) for the checkpoints and bundles the project writes.
-OWN_FILES = {("portrait/stages/train.py", "torch.load"), ("portrait/core/formats/lora.py", "load_file")}
+# `portrait doctor`'s one-node test graph (built in memory) checks the CUDA provider, not a model.
+OWN_FILES = {("portrait/stages/train.py", "torch.load"), ("portrait/core/formats/lora.py", "load_file"),
+             ("portrait/doctor.py", "InferenceSession")}
 
 
 def _call_name(node: ast.Call) -> str | None:

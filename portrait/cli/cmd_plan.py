@@ -32,11 +32,11 @@ def register(app: typer.Typer) -> None:
         def mp_names(dtype: str) -> str:
             return NAMES.get(dtype, dtype)
 
-        from .cmd_generate import _options
+        from .cmd_generate import parse_options
         from .tables import show
 
         report = plan(backend=backend, size=size, vram=vram, batch=batch, bf16=not no_bf16, host_ram_gb=ram,
-                      options=_options(option), settings=ctx.obj)
+                      options=parse_options(option), settings=ctx.obj)
         if json_out:
             import json
 

@@ -69,6 +69,11 @@ _PARTS = {
     "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
 }
 FAMILIES = tuple(_PARTS)
+
+
+def family_parts(family: str) -> tuple[str, ...] | None:
+    """The pipeline parts of a family a base folder holds (None for a family loaders do not know)."""
+    return _PARTS.get(family)
 # 8-bit weight formats for the FLUX transformer and T5 (preset runtime.quantize), through
 # optimum-quanto (extra `flux`): qint8 is what InfiniteYou's own pipeline uses; both halve
 # the bf16 weights (FLUX.1-dev transformer 23.8 GB -> ~12 GB, T5-XXL 9.5 GB -> ~4.8 GB).

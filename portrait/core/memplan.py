@@ -533,8 +533,10 @@ def pickle_count(path: Path) -> Count:
     """Parameters of a weights-only torch pickle, memory-mapped (the tensors are not read)."""
     import torch
 
+    from .models import mapped_pickle
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = mapped_pickle(path)
     except Exception:  # an old (non-zip) pickle cannot be mapped: size it by its bytes
         size = path.stat().st_size
         return Count(size // 2, 0, "fp16", "file-size")

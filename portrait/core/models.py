@@ -183,6 +183,14 @@ def read_weights_file(path: Path) -> dict:
         raise bad_file(path, f"cannot be read as a weights-only torch checkpoint ({exc.__class__.__name__})") from exc
 
 
+def mapped_pickle(path: Path):
+    """A weights-only torch pickle memory-mapped: its tensors' shapes and dtypes without reading
+    their bytes (the memory plan counts parameters this way; nothing is built from it)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 def place(ctx, module, *, cast: bool = True, offloaded: bool = False):
     """Move a module (anything with `.to`) to ctx's device; on CUDA also to ctx's dtype.
 

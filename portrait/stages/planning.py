@@ -49,9 +49,9 @@ NOT_ON_DEVICE = ("dlib-recognizer", "dlib-landmarks", "dlib-detector")  # dlib r
 
 
 def _parts_of_family(family: str) -> tuple[str, ...]:
-    from portrait.core.loaders import _PARTS
+    from portrait.core.loaders import family_parts
 
-    return tuple(p for p in _PARTS.get(family, ("transformer", "text_encoder", "vae"))
+    return tuple(p for p in (family_parts(family) or ("transformer", "text_encoder", "vae"))
                  if not p.startswith(("tokenizer", "scheduler")))
 
 
