@@ -295,9 +295,9 @@ def one_real_size(check: Check, work: Path, family: str) -> dict[str, Any]:
     for how in ("portrait", "diffusers"):
         check._reset_peak()
         if how == "portrait":  # the loaders' own part reader (tensor by tensor into the meta-built model)
-            from portrait.core.loaders import _diffusers_part
+            from portrait.core.archs.diffusers import diffusers_part
 
-            model = _diffusers_part(cls, folder, dtype, None).to(check.device).eval()
+            model = diffusers_part(cls, folder, dtype, None).to(check.device).eval()
         else:
             model = cls.from_pretrained(folder, torch_dtype=dtype).to(check.device).eval()
         measured = sum(p.numel() * p.element_size() for p in model.parameters())

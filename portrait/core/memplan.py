@@ -533,7 +533,7 @@ def pickle_count(path: Path) -> Count:
     """Parameters of a weights-only torch pickle, memory-mapped (the tensors are not read)."""
     import torch
 
-    from .models import mapped_pickle
+    from .modelfiles import mapped_pickle
 
     try:
         state = mapped_pickle(path)

@@ -226,10 +226,7 @@ def check_limits(n: int, steps: int, policy: GeneratePolicy) -> None:
 
 def backend_spec(name: str) -> BackendSpec:
     """The table's entry for a backend name (one line, exit 2, with the known names)."""
-    spec = BACKENDS.get(name)
-    if spec is None:
-        raise BadInput(f"unknown backend '{name}' (known: {', '.join(sorted(BACKENDS.names()))})")
-    return spec
+    return BACKENDS.spec(name)
 
 
 def generate_candidates(request: GenerationRequest, ctx) -> Iterable[Candidate]:

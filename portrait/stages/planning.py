@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 from portrait.core import memplan as mp
 from portrait.core.config import RuntimePolicy, presets_root
 from portrait.core.errors import BadInput
-from portrait.core.registry import ModelSpec, ResolvedModel
+from portrait.core.modelspec import ModelSpec, ResolvedModel
 
 # The parts of a base, by family, and what each is (the loaders' _PARTS less tokenizers and
 # schedulers). A family this table does not know is read from its model_index.json / registry
@@ -187,9 +187,9 @@ def part_role_name(role: str) -> str:
 
 def request_parts(ctx, backend: str, options: Mapping[str, Any] | None = None) -> list[mp.Part]:
     """Every module `backend` loads for a request with `options` on ctx's preset."""
-    from portrait.stages.generate import backend_spec
+    from portrait.stages.backends import BACKENDS
 
-    spec = backend_spec(backend)
+    spec = BACKENDS.spec(backend)
     family = ctx.preset.family
     typed = spec.read(dict(options or {}))
     roles = list(spec.models(typed)) if callable(spec.models) else list(spec.models)
