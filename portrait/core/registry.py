@@ -291,53 +291,31 @@ def _download_hf(spec: ModelSpec, root: Path) -> None:
 # --- pins: every real entry names a revision and, per weight file, its size and sha256 -------------
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".zip", ".dat")
-# The entries that cannot meet the rule, each with its reason, in this one place. A package's
-# files are pinned by the package version and its wheel hash in locks/; a GitHub release asset
-# is pinned by the release tag in its URL. "not found" means the public facts (revision, exact
-# bytes, sha256 from the official file page) could not be read from here: `portrait models verify`
-# records what was downloaded, and the entry stays listed until someone records them.
+# The entries that cannot meet the rule, each with its reason, in this one place (a GitHub
+# release asset is pinned by the release tag in its URL, so url entries need only sizes and
+# hashes). "not found" means the public facts could not be read from here: `portrait models
+# verify` records what was downloaded, and the entry stays listed until someone records them
+# (the registry test fails on a listed entry that meets the rule, so this list only shrinks).
 PIN_EXCEPTIONS: dict[str, str] = {
-    'realistic-vision-v51': "not found from here: the commit, the folder's file list, exact bytes, sha256",
-    'realistic-vision-v60': 'not found from here: the commit, exact bytes, sha256',
-    'sd-vae-ft-mse': 'not found from here: the commit',
-    'sdxl': "not found from here: the folder's file list, exact bytes, sha256",
-    'sdxl-vae-fp16-fix': 'not found from here: exact bytes, sha256',
-    'realvisxl-v4': 'not found from here: the commit',
-    'yamermix-v8': "not found from here: the commit, the folder's file list",
-    'flux': "not found from here: the commit, the folder's file list, exact bytes, sha256",
-    'flux-single': 'not found from here: the commit',
-    'flux-encoders': "not found from here: the commit, the folder's file list, exact bytes, sha256",
-    'infiniteyou-aes': "not found from here: the commit, the folder's file list, exact bytes, sha256",
-    'infiniteyou-sim': "not found from here: the commit, the folder's file list, exact bytes, sha256",
-    'controlnet-openpose-sd15': 'not found from here: the commit, exact bytes',
-    'controlnet-canny-sd15': 'not found from here: the commit, exact bytes, sha256',
-    'controlnet-tile-sd15': 'not found from here: the commit, exact bytes, sha256',
-    'controlnet-depth-sd15': 'not found from here: the commit, exact bytes, sha256',
-    'controlnet-inpaint-sd15': 'not found from here: the commit, exact bytes, sha256',
-    'controlnet-openpose-sdxl': 'not found from here: the commit, exact bytes, sha256',
-    'controlnet-depth-sdxl': 'not found from here: the commit, exact bytes, sha256',
-    'controlnet-tile-sdxl': 'not found from here: the commit, exact bytes, sha256',
-    'instantid-controlnet': 'not found from here: the commit',
-    'instantid-adapter': 'not found from here: the commit',
-    'pulid-v1.1': 'not found from here: the commit',
-    'pulid-flux-v0.9.1': 'not found from here: the commit, exact bytes',
-    'eva02-clip-l-14-336': 'not found from here: the commit',
-    'ip-adapter-faceid-sd15': 'not found from here: the commit, exact bytes',
-    'ip-adapter-faceid-plusv2-sd15': 'not found from here: the commit',
-    'ip-adapter-faceid-plus-sd15': 'not found from here: the commit, exact bytes, sha256',
-    'ip-adapter-faceid-sdxl': 'not found from here: the commit, exact bytes',
-    'ip-adapter-faceid-plusv2-sdxl': 'not found from here: the commit',
-    'photomaker-v1': 'not found from here: the commit, exact bytes',
-    'photomaker-v2': 'not found from here: the commit, exact bytes',
-    'lcm-lora-sd15': 'not found from here: the commit',
+    # A package's files are pinned by the package: version and wheel sha256 in locks/*.lock.
     'dlib-face-recognition': 'ships in the face-recognition-models wheel: pinned by its version and wheel sha256 in locks/',
     'dlib-landmarks-5': 'ships in the face-recognition-models wheel: pinned by its version and wheel sha256 in locks/',
     'dlib-landmarks-68': 'ships in the face-recognition-models wheel: pinned by its version and wheel sha256 in locks/',
     'dlib-cnn-detector': 'ships in the face-recognition-models wheel: pinned by its version and wheel sha256 in locks/',
-    'auraface': 'not found from here: exact bytes, sha256',
-    'annotator-openpose': 'not found from here: the commit',
-    'annotator-midas': 'not found from here: the commit',
-    'clip-vit-large-patch14': 'not found from here: the commit',
+    # Gated: the official file pages need a login, so only mirrors' hashes are readable, and a
+    # mirror's copy is no proof of BFL's bytes (flux-single's file is pinned: BFL's README lists it).
+    'flux': "gated repo: the transformer/T5 shard list, bytes and sha256 on BFL's file pages are behind the login",
+    'flux-encoders': "gated repo: the T5 shard list, CLIP-L/VAE bytes and sha256 on BFL's file pages are behind the login",
+    # Not found from here (searched 2026-12: HF tree, blob and commit pages, pinned manifests).
+    'sdxl-vae-fp16-fix': "exact bytes of the file at 207b116 not found (its sha256 1b909373… is from one pinned manifest; "
+                         "the 2023-07 upload it replaced was 334,643,238 bytes)",
+    'infiniteyou-aes': "InfuseNetModel/ shard list, bytes and sha256 and the repo's full commit not found on ByteDance's pages "
+                       "(only a third party's local manifest of sim_stage1)",
+    'infiniteyou-sim': "InfuseNetModel/ shard list, bytes and sha256 and the repo's full commit not found on ByteDance's pages "
+                       "(only a third party's local manifest of its shards)",
+    'realistic-vision-v51': "the diffusers folders' weight bytes and sha256 not found (file pages list rounded sizes only)",
+    'realistic-vision-v60': 'the single file was re-uploaded at 2699b16; that commit and its bytes and sha256 not found',
+    'yamermix-v8': "the folder's file list, bytes and sha256 and a full commit not found",
 }
 
 
