@@ -199,7 +199,7 @@ def backends(check: Check, home: Path) -> None:
                 out = home / "out" / f"{spec.name}-{mode}"
                 prompt = "portrait photo of a man img" if spec.name == "photomaker" else "a studio portrait of {trigger}"
                 result = generate(identity, prompt=prompt, backend=spec.name, n=1, seed=3, out=out, ctx=ctx,
-                                  finish=False, steps=2)
+                                  finish=False, steps=1 if check.dry_run else 2)
                 from PIL import Image
 
                 stats = check_image(Image.open(result.paths[0]).convert("RGB"))
@@ -381,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         from portrait.samples import write_sample_photos
 
         photos = write_sample_photos(Path(tmp) / "photos", bad_file=False)
+        # three shots of one person make an identity (the face analysis per photo is the step's cost)
         check.run("prepare zero-shot identity", lambda: {"identity": train(
-            photos, name="gpu-zero", settings=Settings(home=home, device=device, preset="tiny"), preset="tiny",
+            photos[:3], name="gpu-zero", settings=Settings(home=home, device=device, preset="tiny"), preset="tiny",
             zero_shot=True, overwrite=True).name})
         training(check, home, photos)
         backends(check, home)

@@ -468,6 +468,9 @@ def test_cli_generate_with_finish_writes_ranked_results(tiny_home, identity, tmp
     assert {"generate", "score"} <= set(row["timings"])
     assert (tmp_path / row["path"]).is_file() and (tmp_path / "contact_sheet.png").is_file()
     assert "Steps: 3" in read_png_text(tmp_path / row["path"])["parameters"]
+    # the memory plan was made with the finishing models in it (before any of them loaded)
+    planned = {p["name"]: p for p in data["memory_plan"]["parts"]}
+    assert planned["finish:realesrgan-x2plus"]["role"] == "finish"
 
 
 def test_cli_bad_inputs_exit_2_with_one_line(tiny_home, identity, tmp_path, capsys):

@@ -263,3 +263,61 @@ def test_plan_cli(home, capsys):
     assert code == 2 and "--size" in err and len(err.strip().splitlines()) == 1
     code = run(["--home", str(home.home), "--preset", "sd15", "plan", "--backend", "infiniteyou"])
     assert code == 2 and "runs on flux" in capsys.readouterr().err
+
+
+# --- finishing models in the plan --------------------------------------------------------------------
+
+
+def test_finishing_models_are_in_the_plan_and_on_the_card(monkeypatch, home):
+    """What finishing loads after generation (face analysis, parser, upscaler, restorer, scoring
+    CLIP) shares the card with the generation the gate reruns: it is in the plan, on the device
+    under every strategy, counted once when the backend already loads it (InstantID's antelopev2)."""
+    from portrait.flows.finish import FinishPolicy, FinishSwitches, finishing_plan
+
+    simulate_cuda(monkeypatch, 12)
+    ctx = cuda_ctx(home, "sdxl")
+    policy = FinishPolicy.from_preset(ctx.preset)
+    switches = FinishSwitches(restore=True)
+    finishing = finishing_plan(ctx, switches, policy)
+    # the preset's roles, as _prepare loads them (x2 upscaler for the default 2x outscale)
+    assert {"face-parsing-bisenet", "realesrgan-x2plus", "gfpgan-v1.4", "clip-vit-large-patch14"} <= set(finishing.models)
+    bare = planning.plan_request_for(ctx, "instantid", 1024, 1024)
+    plan = planning.plan_request_for(ctx, "instantid", 1024, 1024, finishing=finishing)
+    placed = {p.part.name: p for p in plan.parts}
+    for name in ("finish:realesrgan-x2plus", "finish:gfpgan-v1.4", "finish:clip-vit-large-patch14"):
+        assert placed[name].where == "cuda" and placed[name].part.role == "finish", name
+    assert placed["finish:gfpgan-v1.4"].dtype == "float32"  # spandrel runs GFPGAN in fp32
+    assert plan.weights > bare.weights and plan.peak > bare.peak
+    # the InstantID face pack is the backend's already: one part, whoever else asks for it
+    again = planning.plan_request_for(ctx, "instantid", 1024, 1024,
+                                      finishing=dataclasses.replace(finishing, models=("antelopev2",) + finishing.models))
+    assert [p.part.name for p in again.parts].count("onnx:antelopev2") == 1
+
+
+def test_untiled_upscaling_is_planned_by_its_activations(monkeypatch, home):
+    """Upscaling a 1024 px image in one pass holds 64-channel maps at 4096 px: the plan counts it
+    (and a tiled run's few hundred MB), so turning tiling off can move a request to offload."""
+    simulate_cuda(monkeypatch, 24)
+    ctx = cuda_ctx(home, "sdxl")
+    tiled = planning.Finishing(("realesrgan-x4plus",), upscale_scale=4, tile=256, overlap=16)
+    whole = dataclasses.replace(tiled, tile=0)
+    assert tiled.activation(1024, 1024) < 1 * GIB < 4 * GIB < whole.activation(1024, 1024)
+    a = planning.plan_request_for(ctx, "instantid", 1024, 1024, finishing=tiled)
+    b = planning.plan_request_for(ctx, "instantid", 1024, 1024, finishing=whole)
+    assert b.peak > a.peak
+    cpu = mp.make_plan([], mp.Request("sdxl", "x", 1024, 1024, finish_activation=whole.activation(1024, 1024)),
+                       mp.Budget("cpu", 64 * GIB, 64 * GIB))
+    assert cpu.peak >= whole.activation(1024, 1024) * 2  # fp32 on the CPU
+
+
+def test_generate_plans_its_finishing_and_no_finish_does_not(home):
+    """The generate flow hands its finishing to the plan (results.json records it); --no-finish
+    plans generation alone; `portrait plan --no-finish` likewise."""
+    from portrait.flows.plan import plan
+
+    with_finish = plan(preset="sdxl", backend="instantid", settings=home, vram=12, host_ram_gb=64)
+    without = plan(preset="sdxl", backend="instantid", settings=home, vram=12, host_ram_gb=64, finish=False)
+    names = {p.part.name for p in with_finish.plans[0].parts}
+    assert "finish:clip-vit-large-patch14" in names and "finish:realesrgan-x2plus" in names
+    assert not any(p.part.role == "finish" for p in without.plans[0].parts)
+    assert with_finish.plans[0].peak > without.plans[0].peak

@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
         ram: Optional[float] = typer.Option(None, "--ram", help="Host RAM in GB that offloaded weights may use (default: this machine's available RAM)."),
         no_bf16: bool = typer.Option(False, "--no-bf16", help="Plan for a card without bf16 (T4, V100, GTX 10xx/16xx)."),
         option: list[str] = typer.Option([], "--option", help="A backend option KEY=VALUE that picks models (e.g. infiniteyou_variant=sim_stage1)."),
+        no_finish: bool = typer.Option(False, "--no-finish", help="Plan generation alone, without the finishing models (as generate --no-finish)."),
         json_out: bool = typer.Option(False, "--json", help="Print the plans as JSON."),
     ) -> None:
         """Predicted peak GPU memory and the placement chosen (resident / offload / quantized) on each card."""
@@ -36,7 +37,7 @@ def register(app: typer.Typer) -> None:
         from .tables import show
 
         report = plan(backend=backend, size=size, vram=vram, batch=batch, bf16=not no_bf16, host_ram_gb=ram,
-                      options=parse_options(option), settings=ctx.obj)
+                      options=parse_options(option), settings=ctx.obj, finish=not no_finish)
         if json_out:
             import json
 

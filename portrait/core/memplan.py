@@ -124,7 +124,12 @@ def bf16_only(family: str) -> bool:
 #   aux      a torch encoder run once per identity, kept on the device (CLIP, EVA, PuLID's
 #            IDFormer, ArcFace IR-SE, PhotoMaker's ID encoder)
 #   onnx     a face model on onnxruntime's CUDA provider (its own arena on the same card)
-ROLES = ("text", "denoiser", "side", "adapter", "vae", "aux", "onnx")
+#   finish   a finishing model (upscaler, face restorer, scoring CLIP, face parser): placed on the
+#            device when finishing runs and kept there in the run's cache, so it shares the card
+#            with the next generation (the similarity gate regenerates after finishing started)
+ROLES = ("text", "denoiser", "side", "adapter", "vae", "aux", "onnx", "finish")
+# The roles that stay on the device under every strategy (loaded once, cached placed).
+ALWAYS = ("aux", "onnx", "finish")
 
 
 @dataclass(frozen=True)
@@ -290,6 +295,12 @@ class Request:
     quantize: str = "none"  # the preset's runtime.quantize (applied before any strategy)
     force: str = "auto"  # generate.memory.offload: auto | resident | model | group | sequential
     denoiser_params: int = 0  # for the activation scale (0: the family's reference)
+    finish_activation: float = 0.0  # bytes of the finishing stage's own activations at 16-bit (upscaler tiles)
+
+
+def finish_act(req: Request, dtype: str) -> float:
+    """The finishing activations at the plan's dtype (recorded at 16-bit, as the denoiser's)."""
+    return req.finish_activation * DTYPE_BYTES[dtype] / 2
 
 
 def activation_bytes(req: Request, dtype: str, batch: int | None = None) -> float:
@@ -300,6 +311,32 @@ def activation_bytes(req: Request, dtype: str, batch: int | None = None) -> floa
         scale = min(1.0, math.sqrt(req.denoiser_params / runtime.reference_params))
     per = DTYPE_BYTES[dtype] / 2  # the published figures are 16-bit
     return runtime.activation_gb * GIB * pixels * (batch or req.batch) * scale * per
+
+
+# Finishing's activations (estimates from the networks' shapes, not measured on a GPU; gpu_check
+# measures the real peak against the plan). Real-ESRGAN's RRDBNet keeps 64-channel feature maps;
+# its head upsamples them twice by 2, so the largest live set is ~3 maps of 64 channels at the
+# output size of the tile (or of the whole image when tiling is off). GFPGAN (spandrel runs it
+# in fp32) on its 512 px face crop and CLIP on 224 px take a few hundred MB at most: a fixed allowance.
+UPSCALER_CHANNELS = 64
+UPSCALER_LIVE_MAPS = 3
+RESTORER_ALLOWANCE_GB = 0.25
+CLIP_ALLOWANCE_GB = 0.05
+
+
+def finish_activation_bytes(width: int, height: int, *, upscale_scale: int = 0, tile: int = 0, overlap: int = 0,
+                            restore: bool = False, clip: bool = False) -> float:
+    """The finishing stage's own activation peak (16-bit) for one image of `width` x `height`
+    (the stages run one after another, so the largest counts; the restorer's fp32 is in its allowance)."""
+    peaks = [0.0]
+    if upscale_scale:
+        area = (tile + 2 * overlap) ** 2 if tile else width * height
+        peaks.append(UPSCALER_LIVE_MAPS * UPSCALER_CHANNELS * area * upscale_scale**2 * 2)
+    if restore:
+        peaks.append(RESTORER_ALLOWANCE_GB * GIB)
+    if clip:
+        peaks.append(CLIP_ALLOWANCE_GB * GIB)
+    return max(peaks)
 
 
 def choose_dtype(family: str, precision: str, budget: Budget) -> tuple[str, list[str]]:
@@ -331,7 +368,7 @@ def _place(parts: Sequence[Part], strategy: str, dtype: str, quant: Mapping[str,
     for part in parts:
         q = quant.get(part.name)
         size = part.weight_bytes(dtype, q)
-        on_device = strategy == "resident" or part.role in ("aux", "onnx")
+        on_device = strategy == "resident" or part.role in ALWAYS
         out.append(Placed(part, "cuda" if on_device else "offload", part.keep_dtype or dtype, q, size))
     return tuple(out)
 
@@ -347,17 +384,19 @@ def _stream_bytes(part: Part, dtype: str, quant: str | None, fraction: float, st
 
 
 def peak_bytes(parts: Sequence[Part], strategy: str, dtype: str, quant: Mapping[str, str], act: float,
-               family: str) -> float:
-    """The predicted device peak of one strategy: the largest stage (text, denoise, decode)."""
+               family: str, finish_bytes: float = 0.0) -> float:
+    """The predicted device peak of one strategy: the largest stage (text, denoise, decode, finish).
+    Finishing runs after the pipeline call, when an offloading strategy has moved the pipeline's
+    models back to the CPU (diffusers' hooks free them at the end of the call); resident, they stay."""
     frac = family_runtime(family).block_fraction
     w = {p.name: p.weight_bytes(dtype, quant.get(p.name)) for p in parts}
-    always = sum(w[p.name] for p in parts if p.role in ("aux", "onnx"))
+    always = sum(w[p.name] for p in parts if p.role in ALWAYS)
     by_role: dict[str, list[Part]] = {}
     for p in parts:
         by_role.setdefault(p.role, []).append(p)
     text, den, side, adapter, vae = (by_role.get(r, []) for r in ("text", "denoiser", "side", "adapter", "vae"))
     if strategy in ("resident", "cpu"):
-        return sum(w.values()) + act
+        return sum(w.values()) + max(act, finish_bytes)
     if strategy == "model_offload":
         # diffusers' chain moves one model in at a time (text encoders, then the denoiser, then
         # the VAE); ControlNets are hooked outside the chain and stay once called, so they sit
@@ -365,14 +404,15 @@ def peak_bytes(parts: Sequence[Part], strategy: str, dtype: str, quant: Mapping[
         text_stage = max((w[p.name] for p in text), default=0.0)
         den_stage = sum(w[p.name] for p in den + adapter + side) + act
         vae_stage = sum(w[p.name] for p in vae + side) + act * 0.5
-        return always + max(text_stage, den_stage, vae_stage)
+        finish_stage = sum(w[p.name] for p in side) + finish_bytes  # the ControlNets are still there
+        return always + max(text_stage, den_stage, vae_stage, finish_stage)
     stream = {p.name: _stream_bytes(p, dtype, quant.get(p.name),
                                     0.35 if p.role in ("side", "vae") and frac > 0.1 else
                                     (frac if p.role in ("denoiser", "side") else 0.1), strategy) for p in parts}
     text_stage = max((stream[p.name] for p in text), default=0.0)
     den_stage = sum(stream[p.name] for p in den + adapter + side) + act
     vae_stage = max((stream[p.name] for p in vae), default=0.0) + act * 0.5
-    return always + max(text_stage, den_stage, vae_stage)
+    return always + max(text_stage, den_stage, vae_stage, finish_bytes)
 
 
 def host_bytes(parts: Sequence[Part], strategy: str, dtype: str, quant: Mapping[str, str]) -> float:
@@ -380,7 +420,7 @@ def host_bytes(parts: Sequence[Part], strategy: str, dtype: str, quant: Mapping[
     diffusers pins in place)."""
     if strategy in ("resident", "cpu"):
         return 0.0
-    return sum(p.weight_bytes(dtype, quant.get(p.name)) for p in parts if p.role not in ("aux", "onnx"))
+    return sum(p.weight_bytes(dtype, quant.get(p.name)) for p in parts if p.role not in ALWAYS)
 
 
 def _strategies(force: str) -> tuple[str, ...]:
@@ -415,7 +455,8 @@ def make_plan(parts: Sequence[Part], req: Request, budget: Budget) -> MemoryPlan
         forced = {"model": "model_offload", "group": "group_offload", "sequential": "sequential_offload"}.get(req.force)
         quant = {p.name: req.quantize for p in parts if p.quantizable} if req.quantize not in ("none", "", None) else {}
         return MemoryPlan(req.family, req.backend, req.width, req.height, req.batch, budget.device, dtype,
-                          forced or "cpu", quant, placed, total + act, total, act, budget.host_ram, True,
+                          forced or "cpu", quant, placed, total + max(act, finish_act(req, dtype)), total, act,
+                          budget.host_ram, True,
                           max_batch=req.batch, card=budget.name)
     dtype, notes = choose_dtype(req.family, req.precision, budget)
     base_quant: dict[str, str] = {}
@@ -429,7 +470,7 @@ def make_plan(parts: Sequence[Part], req: Request, budget: Budget) -> MemoryPlan
     tries = [base_quant] + _quant_steps(parts, req.family, base_quant)
     for quant in tries:
         for strategy in _strategies(req.force):
-            peak = peak_bytes(parts, strategy, dtype, quant, act, req.family)
+            peak = peak_bytes(parts, strategy, dtype, quant, act, req.family, finish_act(req, dtype))
             if peak <= usable and host_bytes(parts, strategy, dtype, quant) <= budget.host_ram * 0.9:
                 placed = _place(parts, strategy, dtype, quant)
                 weights = sum(p.bytes for p in placed)
@@ -439,7 +480,8 @@ def make_plan(parts: Sequence[Part], req: Request, budget: Budget) -> MemoryPlan
                                   card=budget.name)
     # nothing fits: the smallest card that would take it, with this host's RAM
     smallest = smallest_card(parts, req, dtype, tries, budget.host_ram)
-    least = min((peak_bytes(parts, s, dtype, q, act, req.family) for q in tries for s in _strategies(req.force)))
+    least = min((peak_bytes(parts, s, dtype, q, act, req.family, finish_act(req, dtype))
+                 for q in tries for s in _strategies(req.force)))
     where = f"the smallest card it fits is {smallest} GB" if smallest else \
         "it fits no single card with this host's RAM (more RAM lets offload work)"
     refusal = (f"backend {req.backend} on {req.family} at {req.width}x{req.height} needs at least "
@@ -455,7 +497,7 @@ def _max_batch(parts, req: Request, strategy: str, dtype: str, quant, usable: fl
     best = 1
     for batch in range(1, limit + 1):
         act = activation_bytes(req, dtype, batch)
-        if peak_bytes(parts, strategy, dtype, quant, act, req.family) <= usable:
+        if peak_bytes(parts, strategy, dtype, quant, act, req.family, finish_act(req, dtype)) <= usable:
             best = batch
         else:
             break
@@ -468,7 +510,7 @@ def smallest_card(parts, req: Request, dtype: str, tries, host_ram: float) -> in
         for quant in tries:
             for strategy in _strategies(req.force):
                 act = activation_bytes(req, dtype)
-                if peak_bytes(parts, strategy, dtype, quant, act, req.family) <= usable and \
+                if peak_bytes(parts, strategy, dtype, quant, act, req.family, finish_act(req, dtype)) <= usable and \
                         host_bytes(parts, strategy, dtype, quant) <= host_ram * 0.9:
                     return card
     return None

@@ -82,8 +82,10 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
     out = Path(out).expanduser()
     _preflight(ctx, request)
     _check_out(out)
-    # The memory plan before any model loads (printed under --debug, recorded in results.json).
-    ctx = planned(ctx, request)
+    # The memory plan before any model loads (printed under --debug, recorded in results.json),
+    # the finishing models included: they share the card with the generation the gate reruns.
+    chosen_finish = _switches(ctx, request, finish)
+    ctx = planned(ctx, request, None if chosen_finish is None else _finishing_plan(ctx, chosen_finish))
 
     def run(req: GenerationRequest) -> list[Candidate]:
         found = []
@@ -187,10 +189,7 @@ def _finish(ctx: RunContext, identity: Identity, request: GenerationRequest, can
     from portrait.flows import finish as finish_flow
 
     policy = finish_flow.FinishPolicy.from_preset(ctx.preset)
-    backend_default = dict(gen.backend_spec(request.backend).finish)
-    chosen = finish_flow.FinishSwitches.from_options(policy.switches, backend_default,
-                                                     gen.backend_spec(request.backend).read(request).finish or {},
-                                                     switches if isinstance(switches, dict) else {})
+    chosen = _switches(ctx, request, switches)
 
     def generate_more(seeds: Sequence[int]) -> list[Candidate]:
         # One request per run of consecutive seeds (the gate asks for consecutive ones), so a
@@ -205,6 +204,25 @@ def _finish(ctx: RunContext, identity: Identity, request: GenerationRequest, can
                                                   "extra_seeds": list(outcome.extra_seeds), "passed": outcome.passed},
              "scoring": outcome.scoring}
     return outcome.results, notes
+
+
+def _switches(ctx: RunContext, request: GenerationRequest, switches: bool | dict[str, bool]):
+    """The finishing stages that run: the preset's, the backend's and the template's defaults,
+    then `switches` (False: none, so None)."""
+    if switches is False:
+        return None
+    from portrait.flows import finish as finish_flow
+
+    policy = finish_flow.FinishPolicy.from_preset(ctx.preset)
+    spec = gen.backend_spec(request.backend)
+    return finish_flow.FinishSwitches.from_options(policy.switches, dict(spec.finish), spec.read(request).finish or {},
+                                                   switches if isinstance(switches, dict) else {})
+
+
+def _finishing_plan(ctx: RunContext, chosen):
+    from portrait.flows import finish as finish_flow
+
+    return finish_flow.finishing_plan(ctx, chosen, finish_flow.FinishPolicy.from_preset(ctx.preset))
 
 
 def consecutive_runs(seeds: Sequence[int]) -> list[tuple[int, int]]:

@@ -67,11 +67,13 @@ def parse_size(value: str | Sequence[int] | None, default: int) -> tuple[int, in
 def plan(preset: str | None = None, backend: str | None = None, size: str | Sequence[int] | None = None, *,
          vram: float | Sequence[float] | None = None, batch: int = 1, bf16: bool = True,
          host_ram_gb: float | None = None, options: Mapping[str, Any] | None = None,
-         settings: Settings | None = None) -> PlanReport:
+         settings: Settings | None = None, finish: bool = True) -> PlanReport:
     """The memory plan of a request on each card (default 8/12/16/24/48/80 GB): no download, no load.
 
     `host_ram_gb`: the host RAM offloaded weights may take (default: this machine's available
-    RAM). `bf16=False` plans for a card without bf16 (T4, V100)."""
+    RAM). `bf16=False` plans for a card without bf16 (T4, V100). `finish`: count the finishing
+    models the preset's and backend's switches run (face analysis, upscaler, restorer, CLIP), as
+    `generate` does; False plans generation alone (`generate --no-finish`)."""
     from portrait.stages.generate import GeneratePolicy, backend_spec
     from portrait.stages.planning import offload_setting, plan_request_for
 
@@ -96,6 +98,15 @@ def plan(preset: str | None = None, backend: str | None = None, size: str | Sequ
     if ram is not None and ram <= 0:
         raise BadInput(f"--ram {ram}: give the host's RAM in GB")
     force = offload_setting(dict(policy.memory).get("offload", "auto"))
+    finishing = None
+    if finish:
+        from portrait.flows.finish import FinishPolicy, FinishSwitches, finishing_plan
+
+        finish_policy = FinishPolicy.from_preset(ctx.preset)
+        switches = FinishSwitches.from_options(finish_policy.switches, dict(spec.finish),
+                                               spec.read(dict(options or {})).finish or {})
+        finishing = finishing_plan(ctx, switches, finish_policy)
     plans = tuple(plan_request_for(ctx, backend, width, height, options=options, batch=batch, force=force,
-                                   budget=mp.Budget.card(float(c), bf16=bf16, host_ram_gb=ram)) for c in cards)
+                                   budget=mp.Budget.card(float(c), bf16=bf16, host_ram_gb=ram), finishing=finishing)
+                  for c in cards)
     return PlanReport(ctx.preset.name, backend, width, height, batch, ram, bf16, plans)

@@ -1,8 +1,10 @@
 """Which modules a request loads, sized before anything loads, and the memory plan over them.
 
 The arithmetic is portrait/core/memplan.py; this stage knows what a backend loads: the preset's
-base (its parts by family), the VAE role, and every role the backend declares (BackendSpec.models:
-ControlNets, IdentityNet, InfuseNet, adapters, PuLID/EVA encoders, face packs). Each model is
+base (its parts by family), the VAE role, every role the backend declares (BackendSpec.models:
+ControlNets, IdentityNet, InfuseNet, adapters, PuLID/EVA encoders, face packs), and the models
+finishing puts on the device after generation (face analysis, parser, upscaler, face restorer,
+scoring CLIP: `Finishing`, which the finish flow fills in). Each model is
 sized from its files when present (safetensors headers, never the tensors), else from the
 family's shipped config built on the meta device, else from the registry's recorded sizes.
 
@@ -185,8 +187,51 @@ def part_role_name(role: str) -> str:
     return {"side": "controlnet"}.get(role, role)
 
 
-def request_parts(ctx, backend: str, options: Mapping[str, Any] | None = None) -> list[mp.Part]:
-    """Every module `backend` loads for a request with `options` on ctx's preset."""
+@dataclasses.dataclass(frozen=True)
+class Finishing:
+    """What the finishing stages put on the device after generation, for the plan: the registry
+    ids they load (face analysis pack, face parser, swapper, upscaler, face restorer, scoring
+    CLIP; the finish flow says which stages run, portrait.flows.finish.finishing_plan) and the
+    upscaler's tiling, which sets its activations."""
+
+    models: tuple[str, ...] = ()
+    upscale_scale: int = 0  # the upscaler's native scale (0: no upscaling)
+    tile: int = 0  # input tile side in px (0: the whole image at once)
+    overlap: int = 0
+    restore: bool = False
+    clip: bool = False
+
+    def activation(self, width: int, height: int) -> float:
+        return mp.finish_activation_bytes(width, height, upscale_scale=self.upscale_scale, tile=self.tile,
+                                          overlap=self.overlap, restore=self.restore, clip=self.clip)
+
+
+# spandrel runs an architecture without fp16/bf16 support in fp32 on CUDA (GFPGAN)
+FINISH_KEEP_DTYPE = {"face-restore": "float32"}
+
+
+def finish_parts(ctx, finishing: Finishing, family: str, seen: set[str]) -> list[mp.Part]:
+    """The finishing models as plan parts (role "finish"; face packs stay "onnx"); a model the
+    backend already loads (InstantID's antelopev2) is counted once."""
+    out: list[mp.Part] = []
+    for model_id in finishing.models:
+        if model_id in seen:
+            continue
+        seen.add(model_id)
+        spec = ctx.registry.stand_in(model_id, ctx.preset.tiny)
+        for part in model_parts(ctx, "finish", model_id, family):
+            if part.role == "onnx":
+                out.append(part)
+            else:
+                out.append(dataclasses.replace(part, name=f"finish:{model_id}", role="finish",
+                                               keep_dtype=FINISH_KEEP_DTYPE.get(spec.kind, part.keep_dtype)))
+    return out
+
+
+def request_parts(ctx, backend: str, options: Mapping[str, Any] | None = None,
+                  finishing: Finishing | None = None) -> list[mp.Part]:
+    """Every module `backend` loads for a request with `options` on ctx's preset, and the
+    finishing models when `finishing` names them."""
     from portrait.stages.backends import BACKENDS
 
     spec = BACKENDS.spec(backend)
@@ -204,17 +249,22 @@ def request_parts(ctx, backend: str, options: Mapping[str, Any] | None = None) -
             continue
         seen.add(model_id)
         parts += model_parts(ctx, role, model_id, family)
+    if finishing is not None:
+        parts += finish_parts(ctx, finishing, family, seen)
     return parts
 
 
 def plan_request_for(ctx, backend: str, width: int, height: int, *, options: Mapping[str, Any] | None = None,
-                     batch: int = 1, budget: mp.Budget | None = None, force: str = "auto") -> mp.MemoryPlan:
-    """The plan of one request on `budget` (default: ctx's device as it is now)."""
-    parts = request_parts(ctx, backend, options)
+                     batch: int = 1, budget: mp.Budget | None = None, force: str = "auto",
+                     finishing: Finishing | None = None) -> mp.MemoryPlan:
+    """The plan of one request on `budget` (default: ctx's device as it is now), finishing
+    included when `finishing` is given."""
+    parts = request_parts(ctx, backend, options, finishing)
     runtime = RuntimePolicy.from_preset(ctx.preset)
     denoiser = sum(p.params for p in parts if p.role == "denoiser")
     req = mp.Request(ctx.preset.family, backend, int(width), int(height), batch, precision=runtime.precision,
-                     quantize=runtime.quantize, force=force, denoiser_params=denoiser)
+                     quantize=runtime.quantize, force=force, denoiser_params=denoiser,
+                     finish_activation=finishing.activation(int(width), int(height)) if finishing else 0.0)
     if budget is None:
         device = ctx.placement.device
         budget = mp.device_budget(device) if device.startswith("cuda") else \
@@ -233,19 +283,22 @@ def offload_setting(value: Any) -> str:
     raise BadInput(f"generate.memory.offload '{value}': use auto, true (model offload), group, sequential or false")
 
 
-def planned(ctx, request):
-    """The context a backend runs under for `request`: the plan made, refused in one line when
-    nothing fits, printed under --debug (the same plan is reused for the same request shape)."""
+def planned(ctx, request, finishing: Finishing | None = None):
+    """The context a backend runs under for `request`: the plan made (with the finishing models
+    `finishing` names), refused in one line when nothing fits, printed under --debug (the same
+    plan is reused for the same request shape)."""
     from portrait.core.options import resolved
 
     memory = resolved(request).memory
     force = offload_setting(memory.get("offload", "auto"))
     key = (request.backend, request.width, request.height, force, ctx.placement.device,
-           tuple(sorted((k, str(v)) for k, v in request.options.items() if k in _MODEL_OPTIONS)))
-    if ctx.plan is not None and getattr(ctx.plan, "key", None) == key:
+           tuple(sorted((k, str(v)) for k, v in request.options.items() if k in _MODEL_OPTIONS)), finishing)
+    made = getattr(ctx.plan, "key", None) if ctx.plan is not None else None
+    # the flow plans with its finishing; the backend's own call (no finishing) reuses that plan
+    if made == key or (finishing is None and made and made[:-1] == key[:-1]):
         return ctx
     plan = plan_request_for(ctx, request.backend, request.width, request.height, options=request.options,
-                            force=force)
+                            force=force, finishing=finishing)
     plan = dataclasses.replace(plan, key=key)
     if ctx.settings.debug:
         print("\n".join(plan.lines()), file=sys.stderr)
