@@ -30,12 +30,14 @@ from typing import Any, Iterable, Mapping
 
 from . import models
 from .errors import BadInput
-from .archs.diffusers import (FAMILIES, PARTS, PICKLE_SUFFIXES, QUANTIZE, WEIGHT_SUFFIXES,  # noqa: F401
+from .archs.diffusers import (FAMILIES, PARTS, PICKLE_SUFFIXES, QUANTIZABLE, QUANTIZE, WEIGHT_SUFFIXES,  # noqa: F401
                              Components, build_components, build_controlnet, build_vae, family_parts,
                              quantize_flux, quantize_module, single_file_config, variant, weights_file)
 from .modelspec import ResolvedModel
 
-KINDS = ("txt2img", "img2img", "inpaint")
+# `edit`: a picture from reference images and a prompt (FLUX.2 [klein]'s multi-reference
+# conditioning, Qwen-Image-Edit-2511, FLUX.1 Kontext), the frontier backends' kind.
+KINDS = ("txt2img", "img2img", "inpaint", "edit")
 
 # diffusers pipeline class per (family, kind, with ControlNet)
 _PIPELINES = {
@@ -57,6 +59,15 @@ _PIPELINES = {
     ("flux", "txt2img", True): "FluxControlNetPipeline",
     ("flux", "img2img", True): "FluxControlNetImg2ImgPipeline",
     ("flux", "inpaint", True): "FluxControlNetInpaintPipeline",
+    ("flux", "edit", False): "FluxKontextPipeline",  # FLUX.1 Kontext [dev] weights (same transformer layout)
+    # FLUX.2 [klein]: one pipeline for text to image and single/multi-reference editing.
+    ("flux2-klein", "txt2img", False): "Flux2KleinPipeline",
+    ("flux2-klein", "edit", False): "Flux2KleinPipeline",
+    ("flux2-klein", "inpaint", False): "Flux2KleinInpaintPipeline",
+    ("zimage", "txt2img", False): "ZImagePipeline",
+    ("zimage", "img2img", False): "ZImageImg2ImgPipeline",
+    ("zimage", "inpaint", False): "ZImageInpaintPipeline",
+    ("qwen-image-edit", "edit", False): "QwenImageEditPlusPipeline",  # 2509/2511: up to 3 references
 }
 
 
@@ -160,12 +171,14 @@ def load_components(ctx, model_id: str | None = None, *, family: str | None = No
 def quantize_parts(ctx, family: str) -> dict[str, str]:
     """Part -> optimum-quanto scheme for a base: the memory plan's choice when the run has one
     (portrait.core.memplan: runtime.quantize, or the largest part quantized to fit), else the
-    preset's runtime.quantize on the FLUX transformer and T5 (InfiniteYou's --quantize_8bit)."""
+    preset's runtime.quantize on the DiT and its big text encoder (FLUX.1: T5, as InfiniteYou's
+    --quantize_8bit; the frontier bases: their Qwen encoder)."""
     plan = getattr(ctx, "plan", None)
     if plan is not None:
         return {k: v for k, v in plan.quantize.items() if k in PARTS.get(family, ())}
-    scheme = str(ctx.preset.section("runtime").get("quantize", "none")) if family == "flux" else "none"
-    return {name: scheme for name in ("transformer", "text_encoder_2")} if scheme != "none" else {}
+    scheme = str(ctx.preset.section("runtime").get("quantize", "none")) if family in QUANTIZABLE else "none"
+    encoder = "text_encoder_2" if "text_encoder_2" in PARTS.get(family, ()) else "text_encoder"
+    return {name: scheme for name in ("transformer", encoder)} if scheme != "none" else {}
 
 
 
@@ -181,6 +194,7 @@ def _build(cls, components: Components, extra: Mapping[str, Any]):
     for name, value in defaults.items():
         if name in accepted and name not in kwargs:
             kwargs[name] = value
+    kwargs.update({k: v for k, v in components.config.items() if k in accepted})
     kwargs.update({k: v for k, v in extra.items() if k in accepted})
     return cls(**kwargs)
 
@@ -203,7 +217,11 @@ def load_pipeline(ctx, model_id: str | None = None, kind: str = "txt2img", contr
     controlnets = tuple(controlnets)
     components = load_components(ctx, model_id, family=family, base_path=base_path, vae=vae, dtypes=dtypes)
     model_id = components.model_id
-    cls = getattr(diffusers, _PIPELINES[(components.family, kind, bool(controlnets))])
+    key = (components.family, kind, bool(controlnets))
+    if key not in _PIPELINES:
+        what = f"{kind} with ControlNets" if controlnets else kind
+        raise BadInput(f"base '{components.model_id}' ({components.family}) has no {what} pipeline")
+    cls = getattr(diffusers, _PIPELINES[key])
 
     def factory():
         extra: dict[str, Any] = {}
@@ -273,7 +291,8 @@ SCHEDULERS: dict[str, SchedulerChoice] = {
                                            "DPM++ 2M SDE", "Karras"),
     "lcm": SchedulerChoice("LCMScheduler", {}, "LCM"),
     # FLUX's flow-matching Euler (its only sampler in diffusers); Forge labels it Euler / Simple.
-    "flow_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler", {}, "Euler", "Simple", ("flux",)),
+    "flow_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler", {}, "Euler", "Simple",
+                                  ("flux", "flux2-klein", "zimage", "qwen-image-edit")),
 }
 
 

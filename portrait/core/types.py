@@ -194,6 +194,17 @@ class GenerationRequest:
     lora_weight: float = 1.0
     controls: dict[str, float] = field(default_factory=dict)  # control name -> strength
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific, from the template
+    # More people in the same picture (a group template, regional FaceID), loaded by the flow:
+    # a backend takes them from here and never opens a bundle by a name it was handed.
+    # options["identities"] records their names for the metadata.
+    people: tuple[Identity, ...] = ()
+
+    def person(self, name: str) -> Identity:
+        """The request's identity or one of its people, by name (an unknown name is an error of ours)."""
+        for who in (self.identity, *self.people):
+            if who.name == name:
+                return who
+        raise KeyError(f"identity '{name}' is not one of this request's people")
 
     def resolved(self) -> dict[str, Any]:
         """The values recorded in every output's metadata."""
@@ -237,13 +248,18 @@ class FaceScore:
     similarity: float  # to this identity's consensus embedding
     reference_similarity: float
     face_size: float  # face box area / image area
-    passed: bool = False  # found, of a judgeable size, and at or above the gate threshold
+    passed: bool = False  # found, of a judgeable size, at or above the gate threshold, and not confused
+    # identity confusion: this face's similarity to each OTHER identity in the picture, and how much
+    # more it is like its own (own - the highest other); a blended face has a margin near 0
+    confusion: dict[str, float] = field(default_factory=dict)
+    margin: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"identity": self.identity, "face": self.face,
                 "box": None if self.box is None else [round(float(v), 1) for v in self.box],
                 "similarity": self.similarity, "reference_similarity": self.reference_similarity,
-                "face_size": self.face_size, "passed": self.passed}
+                "face_size": self.face_size, "passed": self.passed, "confusion": dict(self.confusion),
+                "margin": self.margin}
 
 
 @dataclass(frozen=True)
