@@ -233,7 +233,7 @@ def test_header_counts_read_no_tensor(tmp_path):
 # --- `portrait plan` ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["sd15", "sdxl", "flux", "commercial"])
+@pytest.mark.parametrize("preset", ["sd15", "sdxl", "flux", "commercial", "klein-4b", "zimage", "qwen-edit"])
 def test_plan_answers_for_every_backend_without_weights(home, preset):
     from portrait.flows.plan import plan
     from portrait.stages.backends import BACKENDS
@@ -248,6 +248,9 @@ def test_plan_answers_for_every_backend_without_weights(home, preset):
         assert report.plans[-1].fits, (preset, spec.name)  # every backend fits an 80 GB card
         assert all(p.part.params > 0 for p in report.plans[-1].parts), \
             [p.part.name for p in report.plans[-1].parts if p.part.params == 0]
+        # a backend that brings its own base is planned with it (kontext: FLUX.1 Kontext, not FLUX.1-dev)
+        if spec.name == "kontext":
+            assert {p.part.model_id for p in report.plans[-1].parts if p.part.role == "denoiser"} == {"flux-kontext"}
 
 
 def test_plan_cli(home, capsys):

@@ -94,6 +94,12 @@ FAMILY_RUNTIME: dict[str, FamilyRuntime] = {
     "sd15": FamilyRuntime(("fp16", "bf16", "fp32"), (), 0.7, 512, 859_520_964, 0.35),
     "sdxl": FamilyRuntime(("fp16", "bf16", "fp32"), (), 2.5, 1024, 2_567_463_684, 0.35),
     "flux": FamilyRuntime(("bf16", "fp32"), ("int8", "fp8", "int4"), 3.0, 1024, 11_901_408_320, 0.03),
+    # The frontier bases (issue 29) run in bf16 as their cards do; their denoisers' sizes from
+    # the bf16 file sizes on their pages (klein 4B 7.75 GB, Z-Image 12.3 GB, Qwen-Image-Edit-2511
+    # 40.9 GB); no published activation figure: FLUX's at 1024 px.
+    "flux2-klein": FamilyRuntime(("bf16", "fp32"), ("int8", "fp8", "int4"), 3.0, 1024, 3_875_000_000, 0.03),
+    "zimage": FamilyRuntime(("bf16", "fp32"), ("int8", "fp8", "int4"), 3.0, 1024, 6_150_000_000, 0.03),
+    "qwen-image-edit": FamilyRuntime(("bf16", "fp32"), ("int8", "fp8", "int4"), 3.0, 1024, 20_450_000_000, 0.03),
 }
 # A family this table does not name (a newer one added with its registry rows) is planned as a
 # bf16 DiT that takes int8: sizes come from its registry rows and configs, not from here.

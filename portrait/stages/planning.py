@@ -48,13 +48,14 @@ KIND_ROLES = {
     "onnx-swapper": "onnx", "segmenter": "onnx",
 }
 NOT_ON_DEVICE = ("dlib-recognizer", "dlib-landmarks", "dlib-detector")  # dlib runs on the CPU
+BASE_KINDS = ("sd-pipeline", "sd-single-file")  # a whole base: sized part by part
 
 
 def _parts_of_family(family: str) -> tuple[str, ...]:
     from portrait.core.loaders import family_parts
 
     return tuple(p for p in (family_parts(family) or ("transformer", "text_encoder", "vae"))
-                 if not p.startswith(("tokenizer", "scheduler")))
+                 if not p.startswith(("tokenizer", "scheduler", "processor")))
 
 
 def _locate(ctx, model_id: str) -> tuple[ModelSpec, ResolvedModel | None]:
@@ -125,11 +126,24 @@ def base_parts(ctx, model_id: str, family: str, vae_id: str | None) -> list[mp.P
         config = _shipped_config(family, part, spec.config) if not ctx.preset.tiny else None
         c = mp.config_count(str(config)) if config else None
         counts[part] = c or _registry_part(spec, part) or mp.Count(0, 0, "", "unknown")
+    unknown = [p for p in names if counts[p].source == "unknown"]
+    if unknown and spec.size and not ctx.preset.tiny:
+        # No header, shipped config or per-file size for these parts (a frontier base whose row
+        # records only its total): the bytes not accounted for go to the largest unknown part
+        # (the denoiser first), so the plan's total is right even where its split is not.
+        known = sum(c.params * mp.DTYPE_BYTES.get(c.dtype or "bf16", 2) for c in counts.values() if c.source != "unknown")
+        rest = max(0, spec.size - known)
+        target = next((p for p in unknown if BASE_ROLES.get(p) == "denoiser"), unknown[0])
+        per = mp.DTYPE_BYTES.get(spec.dtype or "bf16", 2)
+        counts[target] = mp.Count(int(rest / per), 0, spec.dtype or "bf16", "registry-total")
+        names = [p for p in names if p == target or p not in unknown]  # their bytes are in the target's
     parts = []
     for part in names:
         c = counts[part]
         role = BASE_ROLES.get(part, "denoiser" if part == max(counts, key=lambda k: counts[k].params) else "text")
-        quant = bool(runtime.quantize) and (part in QUANTIZABLE or role == "denoiser")
+        # the DiT and its big text encoder (FLUX.1's T5; a frontier base's only, Qwen, encoder)
+        big_text = "text_encoder_2" if "text_encoder_2" in names else "text_encoder"
+        quant = bool(runtime.quantize) and (part in (*QUANTIZABLE, big_text) or role == "denoiser")
         parts.append(mp.Part(part, spec.id, role, c.params, c.source, quant, c.largest, c.dtype))
     if vae_id:
         vspec, vres = _locate(ctx, vae_id)
@@ -241,8 +255,14 @@ def request_parts(ctx, backend: str, options: Mapping[str, Any] | None = None,
     vae_id = ctx.preset.models.get("vae")
     if vae_id and (ctx.registry.get(vae_id).family or family) != family:
         vae_id = None
-    parts = base_parts(ctx, ctx.preset.model("base"), family, vae_id)
-    seen = {ctx.preset.model("base")} | ({vae_id} if vae_id else set())
+    # a backend that brings its own base (kontext's FLUX.1 Kontext) loads it instead of the preset's
+    base_id = ctx.preset.model("base")
+    for role in roles:
+        model_id = ctx.preset.models.get(role)
+        if role != "base" and model_id and ctx.registry.stand_in(model_id, ctx.preset.tiny).kind in BASE_KINDS:
+            base_id = model_id
+    parts = base_parts(ctx, base_id, family, vae_id)
+    seen = {base_id} | ({vae_id} if vae_id else set())
     for role in roles:
         model_id = ctx.preset.models.get(role)
         if not model_id or model_id in seen or role in ("base", "vae"):
