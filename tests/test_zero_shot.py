@@ -45,12 +45,14 @@ def person(tiny_home, hopper, astronaut):
     return make_identity(tiny_home, "zs-person", [hopper, astronaut], reference=hopper)
 
 
-def request_for(ctx, identity, backend, prompt=None, seed=3, n=1, controls=None, lora_weight=None, **options):
+def request_for(ctx, identity, backend, prompt=None, seed=3, n=1, controls=None, lora_weight=None, people=(),
+                **options):
+    """`people`: the other identities in the picture (resolve_request takes the bundles themselves)."""
     policy = GeneratePolicy.from_preset(ctx.preset)
     overrides = {"width": SIZE, "height": SIZE, "steps": STEPS, "scheduler": "euler", "guidance": 5.0,
                  "options": options, "controls": controls, "lora_weight": lora_weight}
     return resolve_request(identity, policy, template=None, prompt=prompt, backend=backend, n=n, seed=seed,
-                           overrides=overrides)
+                           overrides=overrides, people=list(people))
 
 
 def run(ctx, request):
@@ -498,7 +500,7 @@ def test_regional_faceid_masks_confine_each_identity_to_its_region(ctx15, person
     other = make_identity(tiny_home, "zs-other", [astronaut, np.ascontiguousarray(astronaut[:, ::-1])],
                           reference=astronaut)
     third = make_identity(tiny_home, "zs-third", [hopper], reference=hopper)
-    req = request_for(ctx15, person, "faceid", identities=[other.name])
+    req = request_for(ctx15, person, "faceid", people=[other])
     (cand,) = run(ctx15, req)  # the backend end to end: regional FaceID, faces listed for scoring
     assert [(f["identity"], f["face"]) for f in cand.info["faces"]] == [(person.name, 0), (other.name, 1)]
     assert cand.info["adapter"]["variant"] == "faceid" and cand.info["regions"] == [[0, 0, 0.5, 1], [0.5, 0, 1, 1]]
@@ -525,6 +527,6 @@ def test_regional_faceid_masks_confine_each_identity_to_its_region(ctx15, person
         # convolutions and self-attention after that layer spread the change over the whole
         # latent (measured: mean |diff| 0.0162 in A's half vs 0.0138 in B's).
     with pytest.raises(BadInput, match="option regions"):
-        run(ctx15, request_for(ctx15, person, "faceid", identities=[third.name], regions=[[0, 0, 1, 1]]))
+        run(ctx15, request_for(ctx15, person, "faceid", people=[third], regions=[[0, 0, 1, 1]]))
     with pytest.raises(BadInput, match="faceid_variant=faceid"):
-        run(ctx15, request_for(ctx15, person, "faceid", identities=[third.name], faceid_variant="plusv2"))
+        run(ctx15, request_for(ctx15, person, "faceid", people=[third], faceid_variant="plusv2"))
