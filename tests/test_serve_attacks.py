@@ -517,3 +517,14 @@ def test_a_foreign_id_in_any_field_of_any_request_is_refused(studio, people):
     # No job of B uses A's identity (text fields may hold the id as text: a prompt is text).
     leaked = [j["id"] for j in _jobs(studio, b) if foreign in j["identities"]]
     assert leaked == [], leaked
+
+
+def test_no_stage_opens_an_identity_by_name():
+    """Backends get group members as loaded Identity values (GenerationRequest.people) from the
+    flow, which the service feeds from tenant-scoped handles: a stage that called load_identity
+    with a name from the request's options would reopen finding 1 (klein-ref and qwen-edit did,
+    before this test)."""
+    from pathlib import Path
+    stages = Path(__file__).resolve().parents[1] / "portrait" / "stages"
+    offenders = sorted(str(p.relative_to(stages)) for p in stages.rglob("*.py") if "load_identity" in p.read_text())
+    assert offenders == []

@@ -148,3 +148,6 @@ def parse_options(pairs: list[str]) -> dict:
         except yaml.YAMLError:
             raise BadInput(f"--option '{pair}': the value is not valid YAML") from None
     return options
+
+
+_options = parse_options  # the old name (other commands read --option pairs the same way)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequenc
 from pydantic import BaseModel, ConfigDict
 
 from .context import RunContext
+from .errors import BadInput
 from .types import Candidate, GenerationRequest
 
 
@@ -118,6 +119,13 @@ class BackendTable:
 
     def get(self, name: str) -> BackendSpec | None:
         return self._specs.get(name)
+
+    def spec(self, name: str) -> BackendSpec:
+        """The entry for a backend name, else one line (exit 2) with the known names."""
+        found = self._specs.get(name)
+        if found is None:
+            raise BadInput(f"unknown backend '{name}' (known: {', '.join(sorted(self._specs))})")
+        return found
 
     def names(self) -> tuple[str, ...]:
         return tuple(self._specs)

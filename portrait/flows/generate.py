@@ -36,6 +36,7 @@ from portrait.core.versions import versions
 from portrait.flows.history import new_run_id
 from portrait.stages import generate as gen
 from portrait.stages import metadata, seeding, templates
+from portrait.stages.planning import planned
 from portrait.stages.backends import BACKENDS
 
 
@@ -134,6 +135,10 @@ def run_request(ctx: RunContext, person: Identity, request: GenerationRequest, o
     report = progress or ctx.progress
     finish_policy = finish_policy or _finish_policy(ctx, None)
     job = job or new_run_id()
+    # The memory plan before any model loads (printed under --debug, recorded in results.json),
+    # the finishing models included: they share the card with the generation the gate reruns.
+    chosen_finish = _switches(ctx, request, finish, finish_policy)
+    ctx = planned(ctx, request, None if chosen_finish is None else _finishing_plan(ctx, chosen_finish, finish_policy))
 
     def run(req: GenerationRequest) -> list[Candidate]:
         found = []
@@ -155,7 +160,8 @@ def run_request(ctx: RunContext, person: Identity, request: GenerationRequest, o
             written = _write(ctx, staging, person, ranked)
         # what made these images, for reproducing them: versions and the bill of materials
         notes = {"run": job, **({"cell": dict(cell)} if cell else {}), **notes, "versions": versions(ctx.placement),
-                 "license_policy": ctx.settings.license, "bom": bill_of_materials(ctx, used)}
+                 "license_policy": ctx.settings.license, "bom": bill_of_materials(ctx, used),
+                 "memory_plan": ctx.plan.as_dict() if ctx.plan else None}
         staged = GenerationResult(person.name, request.backend, request.template, out, request, tuple(written), notes)
         write_json(staging / "results.json", staged.as_json())
         if ("gate" in notes or "keep" in notes) and written:  # finishing ran (notes always carry versions and the BOM)
@@ -257,10 +263,7 @@ def _finish(ctx: RunContext, identity: Identity, request: GenerationRequest, can
                              rank=i + 1, passed_gate=True) for i, c in enumerate(candidates)], {}
     from portrait.flows import finish as finish_flow
 
-    backend_default = dict(gen.backend_spec(request.backend).finish)
-    chosen = finish_flow.FinishSwitches.from_options(policy.switches, backend_default,
-                                                     gen.backend_spec(request.backend).read(request).finish or {},
-                                                     switches if isinstance(switches, dict) else {})
+    chosen = _switches(ctx, request, switches, policy)
     warnings = finish_warnings(ctx, chosen)
 
     def generate_more(seeds: Sequence[int]) -> list[Candidate]:
@@ -300,6 +303,25 @@ def finish_warnings(ctx: RunContext, switches) -> list[str]:
         if restorer is None:
             warnings.append(f"face restoration was asked for and skipped: {reason}")
     return warnings
+
+
+def _switches(ctx: RunContext, request: GenerationRequest, switches: bool | dict[str, bool], policy=None):
+    """The finishing stages that run: the preset's, the backend's and the template's defaults,
+    then `switches` (False: none, so None)."""
+    if switches is False:
+        return None
+    from portrait.flows import finish as finish_flow
+
+    policy = policy or finish_flow.FinishPolicy.from_preset(ctx.preset)
+    spec = gen.backend_spec(request.backend)
+    return finish_flow.FinishSwitches.from_options(policy.switches, dict(spec.finish), spec.read(request).finish or {},
+                                                   switches if isinstance(switches, dict) else {})
+
+
+def _finishing_plan(ctx: RunContext, chosen, policy=None):
+    from portrait.flows import finish as finish_flow
+
+    return finish_flow.finishing_plan(ctx, chosen, policy or finish_flow.FinishPolicy.from_preset(ctx.preset))
 
 
 def consecutive_runs(seeds: Sequence[int]) -> list[tuple[int, int]]:
