@@ -6,13 +6,10 @@ The Python API mirrors the CLI:
     report = portrait.prepare(["photos/"], out="prepared/")
     identity = portrait.train(["photos/"], name="alice")
     results = portrait.generate("alice", template="business", n=4, out="out/")
-<<<<<<< HEAD
     kept = portrait.generate("alice", template="business", keep=4, out="out/")  # 4 that pass every check
     shoot = portrait.shoot("alice", "corporate", backdrops=["grey"], keep=2, out="shoot/")  # a studio package
     history = portrait.History(); history.page("alice")                       # every portrait made of alice
-=======
     report = portrait.plan(preset="flux", backend="infiniteyou", size="1024x1024", vram=24)
->>>>>>> main
     edited = portrait.edit(results.paths[0], prompt="a sunny beach behind her", out="out/beach")
     report = portrait.evaluate(["out/"], out="out/eval")   # HTML + JSON comparison of runs
     studio = portrait.Studio("jobs.db"); studio.run("spec.yaml")
@@ -31,12 +28,9 @@ _EXPORTS = {
     "prepare": "portrait.flows.prepare:prepare",
     "train": "portrait.flows.train:train",
     "generate": "portrait.flows.generate:generate",
-<<<<<<< HEAD
     "shoot": "portrait.flows.shoot:shoot",
     "History": "portrait.flows.history:History",
-=======
     "plan": "portrait.flows.plan:plan",
->>>>>>> main
     "edit": "portrait.flows.edit:edit",
     "evaluate": "portrait.flows.evaluate:evaluate",
     "Studio": "portrait.studio.api:Studio",

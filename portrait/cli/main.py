@@ -18,14 +18,8 @@ import typer
 from portrait.core.config import Settings
 from portrait.core.errors import ENVIRONMENT_ERRNOS, Interrupted, OutputFailed, PortraitError, output_failed
 
-<<<<<<< HEAD
-from . import (cmd_batch, cmd_demo, cmd_doctor, cmd_edit, cmd_eval, cmd_generate, cmd_models, cmd_prepare, cmd_presets,
-               cmd_results, cmd_serve, cmd_shoot, cmd_templates, cmd_train)
-=======
 from . import (cmd_batch, cmd_demo, cmd_doctor, cmd_edit, cmd_eval, cmd_generate, cmd_models, cmd_plan, cmd_prepare,
-               cmd_presets, cmd_serve, cmd_templates, cmd_train)
-
->>>>>>> main
+               cmd_presets, cmd_results, cmd_serve, cmd_shoot, cmd_templates, cmd_train)
 
 app = typer.Typer(
     name="portrait",
@@ -60,19 +54,11 @@ def main(
 
 
 # The commands that run with the --preset: its file is checked whole before they start.
-<<<<<<< HEAD
-PRESET_COMMANDS = ("prepare", "train", "generate", "shoot", "eval")  # batch run and serve check it as they start
+PRESET_COMMANDS = ("prepare", "train", "generate", "shoot", "eval", "plan")  # batch run and serve check it as they start
 
 
-for module in (cmd_prepare, cmd_train, cmd_generate, cmd_shoot, cmd_edit, cmd_results, cmd_templates, cmd_presets,
-               cmd_batch, cmd_models, cmd_demo, cmd_doctor, cmd_eval, cmd_serve):
-=======
-PRESET_COMMANDS = ("prepare", "train", "generate", "eval", "plan")  # batch run and serve check it as they start
-
-
-for module in (cmd_prepare, cmd_train, cmd_generate, cmd_edit, cmd_plan, cmd_templates, cmd_presets, cmd_batch,
-               cmd_models, cmd_demo, cmd_doctor, cmd_eval, cmd_serve):
->>>>>>> main
+for module in (cmd_prepare, cmd_train, cmd_generate, cmd_shoot, cmd_edit, cmd_plan, cmd_results, cmd_templates,
+               cmd_presets, cmd_batch, cmd_models, cmd_demo, cmd_doctor, cmd_eval, cmd_serve):
     module.register(app)
 
 
