@@ -374,13 +374,24 @@ def finishing_plan(ctx, switches: FinishSwitches, policy: FinishPolicy):
             models.append(upscaler)
         else:
             scale = 0
-    if switches.restore and role("face_restorer"):
+    # A restorer that cannot run here (no tiny stand-in under a tiny preset) is skipped by
+    # `_prepare` with a warning, so it is not planned either (planning it refused the run).
+    restore = switches.restore and bool(role("face_restorer")) and _runs_here(ctx, role("face_restorer"))
+    if restore:
         models.append(role("face_restorer"))
     clip = switches.clip and switches.score and bool(role("clip"))
     if clip:
         models.append(role("clip"))
-    return Finishing(tuple(models), scale, policy.upscale.tile, policy.upscale.overlap,
-                     restore=switches.restore and bool(role("face_restorer")), clip=clip)
+    return Finishing(tuple(models), scale, policy.upscale.tile, policy.upscale.overlap, restore=restore, clip=clip)
+
+
+def _runs_here(ctx, model_id: str) -> bool:
+    """Whether the preset can load `model_id` at all (a tiny preset needs its stand-in)."""
+    try:
+        ctx.registry.stand_in(model_id, ctx.preset.tiny)
+    except BadInput:
+        return False
+    return True
 
 
 def _prepare(ctx, identity: Identity, switches: FinishSwitches, policy: FinishPolicy,
