@@ -384,6 +384,13 @@ def test_template_fusion_only_keeps_the_face_and_loads_no_pipeline(identity, ctx
     assert loaded and not any("sd15" in m or "controlnet" in m for m in loaded), loaded  # no diffusion model
     info = result.results[0].candidate.info
     assert info["identity_mode"] == "fusion-only" and info["passes"]["count"] == 0
+    # the A1111 chunk says what ran: fusion and its source, no sampler, steps, CFG, LoRA or ControlNet
+    text = read_png_text(result.paths[0])["parameters"]
+    for claim in ("Steps:", "Sampler:", "Schedule type:", "CFG scale:", "Lora hashes:", "<lora:", "ControlNet",
+                  "Denoising strength:", "Model hash:"):
+        assert claim not in text, (claim, text)
+    assert "Fusion: reference face" in text and f"Fusion source: {NAME}/reference.png" in text, text
+    assert info["loras"] == [] and "Seed: 6" in text
     dlib = make_analyzer(ctx, "dlib")
     (face,) = dlib.detect(_pixels(result.paths[0]))
     astro, grace = dlib.detect(astronaut)[0].embedding, dlib.detect(hopper)[0].embedding

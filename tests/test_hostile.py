@@ -299,6 +299,43 @@ def test_second_trainer_of_a_name_is_refused_naming_the_holder(home, capsys, pho
     assert not (home.identities_dir / ".busy-eve.work").exists()
 
 
+def test_a_refused_train_leaves_no_lock_file(home, capsys, photos):
+    """A second `train` of a name in use used to leave identities/.NAME.lock behind."""
+    from portrait.core.lock import identity_lock
+
+    lock = home.identities_dir / ".busy-bob.lock"
+    with identity_lock(home.identities_dir, "busy-bob"):
+        code, _, err = cli(capsys, home.home, "train", str(photos), "--name", "busy-bob")
+        assert code == 2, err
+    assert not lock.exists()  # the holder took it away, and the refused one left none
+    # a name whose bundle exists (no --overwrite): refused inside the lock, which goes too
+    code, _, err = cli(capsys, home.home, "train", str(photos), "--name", IDENTITY)
+    assert code == 2
+    error_line(err, IDENTITY, "--overwrite")
+    assert not (home.identities_dir / f".{IDENTITY}.lock").exists()
+    assert leftovers(home.identities_dir) == []
+
+
+def test_a_damaged_bundle_lora_is_bad_input_naming_the_file(home, capsys, tmp_path):
+    """A truncated lora.safetensors used to end generate with `internal error: OSError` (exit 1)."""
+    damaged = home.identities_dir / "hostile-damaged"
+    shutil.copytree(home.identities_dir / IDENTITY, damaged)
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    manifest["name"] = "hostile-damaged"
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    lora = damaged / "lora.safetensors"
+    data = lora.read_bytes()
+    lora.write_bytes(data[: len(data) - len(data) // 3])
+    before = hashes(damaged)
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, home.home, "generate", "--identity", "hostile-damaged", "--template", "business",
+                       "--n", "1", "--seed", "1", "--out", str(out))
+    assert code == 2, err
+    error_line(err, str(lora), "truncated")
+    assert not out.exists() and leftovers(tmp_path) == []
+    check_untouched(before, damaged)
+
+
 def test_train_home_under_a_file(home, capsys, tmp_path, photos):
     blocker = tmp_path / "file"
     blocker.write_text("x")
