@@ -316,6 +316,39 @@ def test_a_refused_train_leaves_no_lock_file(home, capsys, photos):
     assert leftovers(home.identities_dir) == []
 
 
+def test_a_waiting_taker_locks_the_file_the_path_names(tmp_path):
+    """The holder removes the lock file as it lets go; a taker that waited on the removed file
+    must take the path's new one, or a third taker would lock a fresh file beside it."""
+    import threading
+    import time
+
+    from portrait.core.errors import BadInput
+    from portrait.core.lock import held
+
+    path = tmp_path / ".x.lock"
+    holding, release = threading.Event(), threading.Event()
+
+    def waiter():
+        with held(path, "identity 'x'", wait=True):
+            holding.set()
+            release.wait(30)
+
+    with held(path, "identity 'x'"):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.3)  # the waiter has opened the file and blocks in flock
+        assert not holding.is_set()
+    assert holding.wait(30)
+    try:
+        with pytest.raises(BadInput, match="in use by process"):
+            with held(path, "identity 'x'"):
+                pass
+    finally:
+        release.set()
+        thread.join(30)
+    assert not path.exists()
+
+
 def test_a_damaged_bundle_lora_is_bad_input_naming_the_file(home, capsys, tmp_path):
     """A truncated lora.safetensors used to end generate with `internal error: OSError` (exit 1)."""
     damaged = home.identities_dir / "hostile-damaged"

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from portrait.core.errors import BadInput, bad_file
+from portrait.core.formats.weights import check_complete
 
 MAX_LOADED_ADAPTERS = 6  # beyond this the oldest unused adapters are deleted (long batch runs)
 
@@ -71,12 +72,19 @@ def attach(pipe, uses: Sequence[AdapterUse]) -> None:
             continue
         if not use.path.is_file():
             raise bad_file(use.path, f"{use.role} LoRA file is missing")
+        if use.path.suffix == ".safetensors":
+            check_complete(use.path)  # a truncated file: one line naming it, not the loader's OSError
         try:
             with _quiet_diffusers():
                 pipe.load_lora_weights(str(use.path), adapter_name=use.adapter)
         except (ValueError, KeyError, RuntimeError) as exc:
             raise bad_file(use.path, f"not a LoRA for this base model ({exc.__class__.__name__}: "
                                      f"{str(exc).splitlines()[0][:160]})") from None
+        except OSError as exc:
+            if exc.errno is not None:  # the machine refused a read (EIO, EACCES): not the file's fault
+                raise
+            raise bad_file(use.path, f"{use.role} LoRA file cannot be loaded ({str(exc).splitlines()[0][:160]})") \
+                from None
 
 
 @contextlib.contextmanager
