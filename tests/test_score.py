@@ -70,7 +70,7 @@ def test_score_faces_on_real_photos(analyzer, astronaut, hopper, t1_group):
     assert same.similarity > 0.95 and same.faces == 1 and sc.is_sane(same, policy)
     assert other.similarity < 0.2 and sc.is_sane(other, policy)
     assert group.faces >= 5 and not sc.is_sane(group, policy)
-    assert empty == CandidateScore(0.0, 0.0, 0, 0.0, None)
+    assert empty == CandidateScore(None, None, 0, 0.0, None)  # no face: not measured, not 0.0
     threshold = policy.threshold_for("faceid", analyzer.scale.threshold)
     assert sc.passes(same, policy, threshold) and not sc.passes(other, policy, threshold)
     assert sc.ScorePolicy(thresholds={"instantid": 0.7}).threshold_for("instantid", 0.5) == 0.7

@@ -241,8 +241,8 @@ class FaceScore:
     identity: str
     face: int  # the template face index (left to right)
     box: tuple[float, float, float, float] | None  # the detected face in the finished image (None: not found)
-    similarity: float  # to this identity's consensus embedding
-    reference_similarity: float
+    similarity: float | None  # to this identity's consensus embedding; None: the face was not found (not measured)
+    reference_similarity: float | None
     face_size: float  # face box area / image area
     passed: bool = False  # found, of a judgeable size, and at or above the gate threshold
 
@@ -255,8 +255,11 @@ class FaceScore:
 
 @dataclass(frozen=True)
 class CandidateScore:
-    similarity: float  # to the identity's consensus embedding, in the ranking space (`space`); a group: the lowest assigned face's
-    reference_similarity: float
+    # to the identity's consensus embedding, in the ranking space (`space`); a group: the lowest
+    # assigned face's. None when no face was found: not measured, so never ranked or averaged as a
+    # number (a faceless output used to score 0.0 and sit among the measured ones).
+    similarity: float | None
+    reference_similarity: float | None
     faces: int
     face_size: float
     clip_t: float | None = None

@@ -98,7 +98,8 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
             ranked, notes = _finish(ctx, person, request, candidates, run, finish)
             written = _write(ctx, staging, person, ranked)
         # what made these images, for reproducing them: versions and the bill of materials
-        notes = {**notes, "versions": versions(ctx.placement), "license_policy": ctx.settings.license,
+        notes = {"preset": ctx.preset.name, **notes, "versions": versions(ctx.placement),
+                 "license_policy": ctx.settings.license,
                  "bom": bill_of_materials(ctx, used)}
         staged = GenerationResult(person.name, request.backend, request.template, out, request, tuple(written), notes)
         write_json(staging / "results.json", staged.as_json())
