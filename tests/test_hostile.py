@@ -413,19 +413,25 @@ def gen_args(out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.parametrize("extra,needles", [
-    (("--option", "ip_adapter_scale=abc"), ("--option ip_adapter_scale", "valid number", "'abc'")),
+    (("-b", "faceid", "--option", "ip_adapter_scale=abc"), ("--option ip_adapter_scale", "valid number", "'abc'")),
     (("--option", "frobnicate=7"), ("--option frobnicate", "unknown option", "ip_adapter_scale")),
     (("--option", "ip_adapter_scale"), ("--option 'ip_adapter_scale'", "KEY=VALUE")),
-    (("--option", "id_mode=median"), ("--option id_mode", "'mean'")),
-    (("--option", "pass2=[1, 2]"), ("--option pass2", "dictionary")),
-    (("--option", "denoise=1.5"), ("--option denoise", "less than or equal to 1")),
-    (("--size", "40000x40000"), ("--size 40000x40000", "generate.max_side")),
+    (("-b", "faceid", "--option", "id_mode=median"), ("--option id_mode", "'mean'")),
+    (("-t", "hopper", "--option", "pass2=[1, 2]"), ("--option pass2", "Pass2")),
+    (("-t", "hopper", "--option", "denoise=1.5"), ("--option denoise", "less than or equal to 1")),
+    # an option of another backend: refused, naming the backends that take it (it used to be ignored)
+    (("--option", "denoise=0.5"), ("--option denoise", "backend 'lora' does not take it", "template")),
+    (("--size", "40000x40000"), ("--size 40000x40000", "width", "8192")),
+    (("--size", "4096x4096"), ("--size 4096x4096", "generate.max_side")),
     (("--size", "big"), ("--size 'big'", "WIDTHxHEIGHT")),
     (("--size", "65x64"), ("--size 65x64", "multiples of 8")),
-    (("--steps", "100000"), ("--steps 100000", "generate.max_steps")),
+    (("--steps", "100000"), ("--steps", "less than or equal to 1000")),
+    (("--steps", "500"), ("--steps 500", "generate.max_steps")),
     (("--n", "5000"), ("--n 5000", "generate.max_n")),
-    (("--scheduler", "warp"), ("scheduler 'warp'",)),
-    (("--composition", "blend"), ("--composition 'blend'",)),
+    (("--scheduler", "warp"), ("--scheduler", "'warp'")),
+    (("--composition", "blend"), ("--composition", "'blend'")),
+    (("--control", "sketch=0.5"), ("controls.sketch", "'canny'")),
+    (("--fast", "-b", "pulid"), ("--fast", "'pulid'", "faceid")),
     (("--backend", "dalle"), ("backend 'dalle'",)),
 ])
 def test_generate_bad_values_stop_before_any_work(home, capsys, tmp_path, extra, needles):
@@ -474,7 +480,7 @@ def write_template(folder: Path, text: str, name: str = "mine.yaml") -> Path:
     ("prompt: x\nsize: [512]\n", ("mine.yaml", "size")),
     ("prompt: x\noptions: {denoise: high}\n", ("mine.yaml", "options.denoise")),
     ("prompt: x\noptions: {frobnicate: 1}\n", ("mine.yaml", "unknown key 'frobnicate'")),
-    ("prompt: x\ncontrols: {sketch: 0.5}\n", ("mine.yaml", "control 'sketch'")),
+    ("prompt: x\ncontrols: {sketch: 0.5}\n", ("mine.yaml", "controls.sketch", "'canny'")),
     ("prompt: [unclosed\n", ("mine.yaml", "YAML")),
     ("- a\n- list\n", ("mine.yaml", "not a mapping")),
     ("prompt: x\nstyle_lora: not-a-lora.safetensors\n", ("mine.yaml", "not a safetensors LoRA")),

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
+from pydantic import BaseModel
+
+from .options import NoOptions, Resolved, given_options
 
 # Stable words for report.json (docs/ARCHITECTURE.md#report-json). Tests and users rely on them.
 RejectReason = Literal[
@@ -184,7 +187,9 @@ class Identity:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Everything one generate call needs, fully resolved (template + preset + overrides)."""
+    """Everything one generate call needs, fully resolved (template + preset + overrides) and
+    typed: `options` is the backend's own options model (BackendSpec.options, checked once at
+    resolution, defaults filled in), `resolved` what the resolver decided besides them."""
 
     identity: Identity
     backend: str
@@ -200,10 +205,12 @@ class GenerationRequest:
     n: int
     lora_weight: float = 1.0
     controls: dict[str, float] = field(default_factory=dict)  # control name -> strength
-    options: dict[str, Any] = field(default_factory=dict)  # backend-specific, from the template
+    options: BaseModel = field(default_factory=NoOptions)  # the backend's typed options
+    resolved: Resolved = field(default_factory=Resolved)  # composition, fast mode, style LoRA, template image, ...
 
-    def resolved(self) -> dict[str, Any]:
-        """The values recorded in every output's metadata."""
+    def record(self) -> dict[str, Any]:
+        """The values recorded in every output's metadata and results.json: `options` holds the
+        resolver's values and the options that were given (not every default)."""
         return {
             "identity": self.identity.name,
             "backend": self.backend,
@@ -219,7 +226,7 @@ class GenerationRequest:
             "n": self.n,
             "lora_weight": self.lora_weight,
             "controls": dict(self.controls),
-            "options": dict(self.options),
+            "options": {**self.resolved.model_dump(mode="json"), **given_options(self.options)},
         }
 
 

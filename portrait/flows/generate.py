@@ -53,7 +53,7 @@ class GenerationResult:
 
     def as_json(self) -> dict[str, Any]:
         """results.json (docs/ARCHITECTURE.md#results-json), plus the resolved request for reproducibility."""
-        return results_document(self.identity, self.backend, self.template, self.results, self.request.resolved(),
+        return results_document(self.identity, self.backend, self.template, self.results, self.request.record(),
                                 self.info)
 
 
@@ -229,7 +229,7 @@ def _write(ctx: RunContext, out: Path, identity: Identity, ranked: list[RankedRe
         cand = r.candidate
         started = time.perf_counter()
         name = f"{_slug(identity.name)}_{_slug(cand.request.template or 'prompt')}_{cand.seed}.png"
-        model = cand.info.get("model", {})
+        model = cand.info.get("model") or {}
         loras = [metadata.LoraUse(u["name"], float(u["weight"]), _lora_hash12(ctx, Path(u["path"])))
                  for u in cand.info.get("loras", []) if u.get("path")]
         model_file = model.get("file")

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from portrait.core.errors import BadInput, ModelMissing, PortraitError
+from portrait.core.request import door_model, door_names
 
 from .service import Busy, NotFound, RejectedUpload, StudioService
 from .tenants import LOCAL_TENANT
@@ -46,29 +47,47 @@ class TrainRequest(BaseModel):
 
 
 class _GenerateOptions(BaseModel):
+    """What every generate request takes besides the declared settings (size, steps, guidance,
+    scheduler, fast, options, ...), which the models below get from their declaration
+    (portrait.core.request): the bounds are written there once."""
+
     model_config = ConfigDict(extra="forbid")
     count: int = Field(1, ge=1, description="Images to make (one item each in the store).")
     seed: int = Field(0, ge=0)
-    options: dict[str, Any] = Field(default_factory=dict, description="Backend options, as --option KEY=VALUE (each backend's schema: /v1/backends).")
     finish: bool | dict[str, bool] = Field(True, description="Finishing stages (fuse, retouch, upscale, ...).")
-    steps: Optional[int] = Field(None, ge=1, le=1000)
-    guidance: Optional[float] = Field(None, ge=0, le=50)
-    size: Optional[tuple[int, int]] = Field(None, description="width, height")
-    negative_prompt: Optional[str] = Field(None, max_length=2000)
 
 
-class GenerateRequest(_GenerateOptions):
+class _GenerateFields(_GenerateOptions):
     identity: str
     template: Optional[str] = Field(None, description="A template name from /v1/templates.")
     prompt: Optional[str] = Field(None, description="A prompt with {trigger} and {class}, instead of a template.")
     backend: Optional[str] = Field(None, description="A backend name from /v1/backends; default from the template.")
 
 
-class BatchRequest(_GenerateOptions):
+class _BatchFields(_GenerateOptions):
     identities: list[str] = Field(min_length=1)
     templates: list[str] = Field(default_factory=list)
     prompts: list[str] = Field(default_factory=list)
     backends: list[str] = Field(default_factory=lambda: ["lora"])
+
+
+# A declared field marked `tenant: False` (a file or model override) is the server's to set: the
+# request models leave it out, so a tenant cannot send it.
+TENANT_ONLY = ("tenant",)
+
+
+def generate_request_model() -> type[BaseModel]:
+    """POST /v1/jobs/generate's body: its own fields and the declared generate settings."""
+    return door_model("GenerateRequest", base=_GenerateFields, drop_marked=TENANT_ONLY)
+
+
+def batch_request_model() -> type[BaseModel]:
+    """POST /v1/jobs/batch's body: its own fields and the declared generate settings."""
+    return door_model("BatchRequest", base=_BatchFields, drop_marked=TENANT_ONLY)
+
+
+GenerateRequest = generate_request_model()  # as the declaration stands at import (create_app builds its own)
+BatchRequest = batch_request_model()
 
 
 def create_app(service: StudioService, workers: Any = None) -> FastAPI:
@@ -182,8 +201,7 @@ def create_app(service: StudioService, workers: Any = None) -> FastAPI:
     def train(body: TrainRequest, t: str = Depends(tenant)) -> dict[str, Any]:
         return service.submit_train(t, body.identity, zero_shot=body.zero_shot, steps=body.steps)
 
-    @app.post("/v1/jobs/generate", tags=["jobs"], status_code=202)
-    def generate(body: GenerateRequest, t: str = Depends(tenant)) -> dict[str, Any]:
+    def generate(body, t: str = Depends(tenant)) -> dict[str, Any]:
         if not body.template and not body.prompt:
             raise BadInput("give `template` or `prompt`")
         backend = body.backend
@@ -195,10 +213,16 @@ def create_app(service: StudioService, workers: Any = None) -> FastAPI:
             prompts=[body.prompt] if body.prompt and not body.template else [], backends=[backend],
             **_options(body))
 
-    @app.post("/v1/jobs/batch", tags=["jobs"], status_code=202)
-    def batch(body: BatchRequest, t: str = Depends(tenant)) -> dict[str, Any]:
+    def batch(body, t: str = Depends(tenant)) -> dict[str, Any]:
         return service.submit_generate(t, body.identities, templates=body.templates, prompts=body.prompts,
                                        backends=body.backends, kind="batch", **_options(body))
+
+    # The bodies' models are generated from the declaration now (the annotations are set here,
+    # not written: FastAPI reads them, and a model built in this function has no global name).
+    generate.__annotations__["body"] = generate_request_model()
+    batch.__annotations__["body"] = batch_request_model()
+    app.post("/v1/jobs/generate", tags=["jobs"], status_code=202)(generate)
+    app.post("/v1/jobs/batch", tags=["jobs"], status_code=202)(batch)
 
     @app.get("/v1/jobs", tags=["jobs"])
     def list_jobs(t: str = Depends(tenant)) -> list[dict[str, Any]]:
@@ -302,6 +326,8 @@ class BodyLimit:
         await self.app(scope, receive, send)
 
 
-def _options(body: _GenerateOptions) -> dict[str, Any]:
-    return {"count": body.count, "seed": body.seed, "options": body.options or None, "finish": body.finish,
-            "steps": body.steps, "guidance": body.guidance, "size": body.size, "negative_prompt": body.negative_prompt}
+def _options(body: BaseModel) -> dict[str, Any]:
+    """count, seed, finish and every declared setting the body gave (by its door name: `size`)."""
+    declared = {name: getattr(body, name) for name in door_names(drop_marked=TENANT_ONLY)
+                if getattr(body, name, None) is not None}
+    return {"count": body.count, "seed": body.seed, "finish": body.finish, **declared}

@@ -268,9 +268,10 @@ class StudioService:
 
     def submit_generate(self, tenant: str, identities: list[str], *, templates: list[str] | None = None,
                         prompts: list[str] | None = None, backends: list[str] | None = None, count: int = 1,
-                        seed: int = 0, options: dict[str, Any] | None = None, finish: bool | dict[str, bool] = True,
-                        steps: int | None = None, guidance: float | None = None, size: tuple[int, int] | None = None,
-                        negative_prompt: str | None = None, kind: str = "generate") -> dict[str, Any]:
+                        seed: int = 0, finish: bool | dict[str, bool] = True, kind: str = "generate",
+                        **settings: Any) -> dict[str, Any]:
+        """`settings`: the declared generate settings (portrait.core.request) by their door names
+        (size, steps, guidance, scheduler, fast, options, ...), checked as the batch spec's."""
         from portrait.stages.templates import shipped_templates
 
         templates, prompts = list(templates or []), list(prompts or [])
@@ -295,12 +296,10 @@ class StudioService:
         if not 1 <= count <= self.policy.max_count:
             raise BadInput(f"count: {count}; use 1-{self.policy.max_count}")
         job_id = new_id("j")
-        generate_overrides = {"options": options} if options else {}
         spec: dict[str, Any] = {"output": str(self.job_root(job_id)), "identities": list(identities),
                                 "templates": templates, "prompts": prompts, "backends": backends or ["lora"],
-                                "count": count, "seed": seed, "generate": generate_overrides, "finish": finish,
-                                "steps": steps, "guidance": guidance, "size": list(size) if size else None,
-                                "negative_prompt": negative_prompt}
+                                "count": count, "seed": seed, "finish": finish,
+                                **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
         parsed = parse_spec({k: v for k, v in spec.items() if v is not None}, source="request")
         job = expand(parsed, base_dir=self.root, default_preset=self.settings.preset, source=f"service:{tenant}:{job_id}",
                      identity_exists=lambda name: True)
@@ -458,6 +457,7 @@ class StudioService:
 
         return [{"name": s.name, "families": list(s.families), "help": s.help, "needs_lora": s.needs_lora,
                  "group": s.group, "photo_template": s.photo_template, "license": s.license or None,
+                 "fast": {mode: dataclasses.asdict(how) for mode, how in s.fast.items()},
                  "options": s.options.model_json_schema()} for s in BACKENDS.specs()]
 
     def template_preview(self, name: str) -> tuple[bytes, str]:

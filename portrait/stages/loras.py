@@ -26,6 +26,7 @@ from typing import Any, Iterator, Sequence
 
 from portrait.core.errors import BadInput, bad_file
 from portrait.core.formats.weights import check_complete
+from portrait.core.request import FAST_MODES
 
 MAX_LOADED_ADAPTERS = 6  # beyond this the oldest unused adapters are deleted (long batch runs)
 
@@ -37,7 +38,7 @@ class AdapterUse:
     adapter: str
     path: Path
     weight: float
-    role: str  # identity | style | lcm
+    role: str  # identity | style | a fast mode (lcm)
     label: str  # the name shown in `<lora:NAME:W>` and `Lora hashes`
 
     def as_info(self) -> dict[str, Any]:
@@ -114,8 +115,8 @@ def composed(pipe, uses: Sequence[AdapterUse], mode: str) -> Iterator[dict[str, 
 
     On exit every LoRA is switched off, so the next user of a cached pipeline starts clean.
     """
-    always = [u for u in uses if u.role == "lcm"]
-    turns = [u for u in uses if u.role != "lcm"]
+    always = [u for u in uses if u.role in FAST_MODES]  # a fast mode's LoRA stays on at every step
+    turns = [u for u in uses if u.role not in FAST_MODES]
     try:
         if mode == "merge" or len(turns) < 2:
             _activate(pipe, list(uses))
@@ -200,7 +201,11 @@ def style_use(ctx, spec: dict[str, Any] | None) -> AdapterUse | None:
     return AdapterUse(adapter_name("style", label, path), path, float(spec.get("weight", 0.6)), "style", label)
 
 
-def lcm_use(ctx) -> AdapterUse:
-    resolved = ctx.resolve_role("lcm_lora")
-    label = ctx.preset.model("lcm_lora")
-    return AdapterUse(adapter_name("lcm", label, resolved.path), resolved.path, 1.0, "lcm", label)
+def fast_use(ctx, resolved) -> AdapterUse | None:
+    """The request's fast-mode LoRA (the preset role its backend declares for the mode, e.g. the
+    LCM-LoRA; request.resolved.fast / fast_lora), or None when no fast mode was asked for."""
+    if resolved.fast is None or resolved.fast_lora is None:
+        return None
+    found = ctx.resolve_role(resolved.fast_lora)
+    label = ctx.preset.model(resolved.fast_lora)
+    return AdapterUse(adapter_name(resolved.fast, label, found.path), found.path, 1.0, resolved.fast, label)
