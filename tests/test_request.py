@@ -265,3 +265,20 @@ def test_the_doors_name_the_same_settings():
     flags = {opt for p in command.params for opt in p.opts}
     assert {"--size", "--steps", "--guidance", "--scheduler", "--lora-weight", "--composition", "--fast", "--option",
             "--control", "--negative-prompt"} <= flags
+
+
+@pytest.mark.parametrize("backend,prompt", [("instantid", "a photo of a woman"),
+                                            ("photomaker", "a photo of a woman img")])
+def test_the_sdxl_zero_shot_backends_attach_the_lcm_lora_when_fast(home, backend, prompt):
+    from portrait.core.bundle import load_identity
+    from portrait.core.context import RunContext
+    from portrait.stages import generate as gen
+
+    ctx = RunContext.create(home, preset="tiny-sdxl")
+    request = gen.resolve_request(load_identity(home, ZS_NAME), gen.GeneratePolicy.from_preset(ctx.preset),
+                                  template=None, prompt=prompt, backend=backend, n=1, seed=2,
+                                  overrides={"fast": "lcm", "width": 64, "height": 64, "steps": 2})
+    assert (request.scheduler, request.guidance, request.steps) == ("lcm", 1.5, 2)
+    (candidate,) = gen.generate_candidates(request, ctx)
+    assert [u["role"] for u in candidate.info["loras"]] == ["lcm"], candidate.info["loras"]
+    assert candidate.info["loras"][0]["name"] == "lcm-lora-sdxl"

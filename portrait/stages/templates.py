@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -24,7 +24,7 @@ from portrait.core.config import load_yaml, templates_root
 from portrait.core.declare import describe, refuse_unknown
 from portrait.core.errors import BadInput
 from portrait.core.options import validate_options
-from portrait.core.request import COMPOSITIONS, CONTROL_NAMES, Strength, door_model
+from portrait.core.request import COMPOSITIONS, CONTROL_NAMES, Strength, door_model  # noqa: F401 (re-exported)
 
 # The generate settings a template file may set (their declaration: portrait.core.request).
 TEMPLATE_SETTINGS = ("width", "height", "steps", "guidance", "scheduler", "lora_weight", "composition", "fast")

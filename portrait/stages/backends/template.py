@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
@@ -108,7 +108,7 @@ class TemplateBackend:
 
     def render(self, request: GenerationRequest, ctx: RunContext, seed: int) -> tuple[np.ndarray, list[FacePaint], dict]:
         """The finished template image for one seed, with each face's intermediate steps."""
-        options: TemplateOptions = SPEC.read(request)
+        options: TemplateOptions = request.options  # typed and checked once, at resolution
         r = request.resolved
         if not r.template_image:
             raise BadInput(f"the template backend needs a photo template (got {request.template or 'a prompt'})")
@@ -327,7 +327,7 @@ def _inpaint(ctx, request, image, mask, denoise, controls: list[ctl.ControlImage
                              mask_image=_pil_mask(mask), strength=float(denoise), width=size, height=size,
                              **control_kwargs(controls, key="control_image"), **extra)
 
-    if person is not None and SPEC.read(request).identity_adapter == "faceid":
+    if person is not None and request.options.identity_adapter == "faceid":
         with zs.faceid_for_request(ctx, pipe, request, person, [(u.adapter, u.weight) for u in stack]) as faceid:
             return run(**faceid.kwargs), steps
     with loras.composed(pipe, stack, "merge"):
@@ -359,8 +359,8 @@ def paint_face(ctx: RunContext, request: GenerationRequest, options: TemplateOpt
         none = np.zeros_like(mask1)
         out = _paste(canvas, (x0, y0, x1, y1), only, mask1, size)
         return out, FacePaint(who, index, (x0, y0, x1, y1), crop, fused, mask1, only, none, only, (0, 0))
-    pass1_controls = _controls(ctx, pass1_controls(request), fused, local)
-    painted, steps1 = _inpaint(ctx, request, fused, mask1, options.denoise, pass1_controls, stack, seed, person)
+    controls1 = _controls(ctx, pass1_controls(request), fused, local)
+    painted, steps1 = _inpaint(ctx, request, fused, mask1, options.denoise, controls1, stack, seed, person)
     pass1 = composite(crop, painted, soft1)
 
     recolored = pass1
