@@ -276,7 +276,7 @@ def child(args) -> None:
 def ensure_tiny(home: Path, preset: str) -> None:
     from portrait.core.config import Settings, load_preset
     from portrait.core.registry import Registry
-    from portrait.core.tiny import make_tiny
+    from portrait.core.registry import make_tiny
 
     if not load_preset(preset).tiny:
         return

@@ -23,16 +23,21 @@ as `Resolved` (GenerationRequest.resolved).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .declare import describe
 from .errors import BadInput
 from .request import CONTROL_NAMES, FAST_MODES, Strength
 
-if TYPE_CHECKING:
-    from .backend import BackendSpec
+
+class Declares(Protocol):
+    """What these checks read of a backend (a portrait.core.backend.BackendSpec): its name and its
+    options model. A protocol, not an import: the backend contract imports this module."""
+
+    name: str
+    options: type[BaseModel]
 
 
 class NoOptions(BaseModel):
@@ -115,11 +120,11 @@ class Resolved(BaseModel):
     face_backend: str = "dlib"
 
 
-def known_options(specs: Iterable["BackendSpec"]) -> tuple[str, ...]:
+def known_options(specs: Iterable[Declares]) -> tuple[str, ...]:
     return tuple(sorted({name for spec in specs for name in spec.options.model_fields}))
 
 
-def validate_options(values: Mapping[str, Any] | None, where: str, specs: Iterable["BackendSpec"]) -> dict[str, Any]:
+def validate_options(values: Mapping[str, Any] | None, where: str, specs: Iterable[Declares]) -> dict[str, Any]:
     """Check user options against the backends that declare them; returns them typed (only
     the keys given). A key no backend declares is refused with the known ones listed.
 
@@ -153,12 +158,12 @@ def validate_options(values: Mapping[str, Any] | None, where: str, specs: Iterab
     return {k: typed[k] for k in values}
 
 
-def takers(key: str, specs: Iterable["BackendSpec"]) -> list[str]:
+def takers(key: str, specs: Iterable[Declares]) -> list[str]:
     """The backends (of `specs`) that declare option `key`."""
     return [s.name for s in specs if key in s.options.model_fields]
 
 
-def refuse_foreign(keys: Iterable[str], chosen: Iterable["BackendSpec"], specs: Iterable["BackendSpec"],
+def refuse_foreign(keys: Iterable[str], chosen: Iterable[Declares], specs: Iterable[Declares],
                    where: str = "--option") -> None:
     """An option none of the `chosen` backends takes (but another backend does) is refused with
     one line naming the backends that take it; an option no backend declares is unknown."""
@@ -183,7 +188,7 @@ def refuse_foreign(keys: Iterable[str], chosen: Iterable["BackendSpec"], specs: 
                    f"(taken by {taken})")
 
 
-def backend_options(spec: "BackendSpec", values: Mapping[str, Any] | None, specs: Iterable["BackendSpec"],
+def backend_options(spec: Declares, values: Mapping[str, Any] | None, specs: Iterable[Declares],
                     where: str = "--option") -> BaseModel:
     """The backend's typed options object from the given values (every field typed, defaults
     filled; `model_fields_set` holds what was given). A key of another backend is refused."""

@@ -35,7 +35,7 @@ from pydantic.fields import FieldInfo
 
 from .declare import describe
 from .errors import BadInput
-from .loaders import SCHEDULERS
+from .schedulers import SCHEDULERS
 
 COMPOSITIONS = ("merge", "switch", "composite")
 CONTROL_NAMES = ("canny", "openpose", "depth", "tile", "color")  # color feeds the tile ControlNet a mosaic

@@ -78,13 +78,6 @@ class FaceObservation:
     age: float | None = None
 
     @property
-    def normed_embedding(self) -> np.ndarray | None:
-        if self.embedding is None:
-            return None
-        norm = float(np.linalg.norm(self.embedding))
-        return self.embedding / norm if norm > 0 else self.embedding
-
-    @property
     def width(self) -> float:
         return self.box[2] - self.box[0]
 

@@ -39,7 +39,7 @@ import numpy as np
 from pydantic import Field
 
 from portrait.core.faces import similarity
-from portrait.core.models import builder
+from portrait.core.archs.clip import ClipModel
 from portrait.core.types import Candidate, CandidateScore, FaceObservation, FaceScore, RankedResult
 
 _LORA_TAG = re.compile(r"<lora:[^>]*>")
@@ -305,28 +305,11 @@ def copy_paste_reason(embeddings: Mapping[str, np.ndarray], signature: FaceSigna
 # --- CLIP-T ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ClipModel:
-    model: Any  # transformers CLIPModel
-    processor: Any  # transformers CLIPProcessor
-    device: str
-
-
 def load_clip(ctx, model_id: str) -> ClipModel:
     """The registry CLIP (tiny stand-in offline), through the model door (kind "clip-score"); fp16 on CUDA."""
     from portrait.core.models import load
 
     return load(ctx, model_id, "clip-score")
-
-
-@builder("clip-score")
-def _build_clip(source) -> ClipModel:
-    """transformers CLIPModel + CLIPProcessor from a folder, for CLIP-T prompt scores."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    folder = source.folder
-    model = CLIPModel.from_pretrained(folder, torch_dtype=source.dtype if source.ctx.placement.is_cuda else None)
-    return ClipModel(source.place(model).eval(), CLIPProcessor.from_pretrained(folder), source.device)
 
 
 def clean_prompt(prompt: str) -> str:
