@@ -167,3 +167,4 @@ def test_eval_groups_by_run_and_preset_and_shows_two_presets_side_by_side(tmp_pa
     page = report.html.read_text()
     assert 'data-compare="presets"' in page and "<th>sd15</th>" in page and "<th>sdxl</th>" in page
     assert all(r["image"] is None or "b_1" not in r["image"] for r in report.data["best"])  # no face is not "best"
+    assert "b_1" in report.data["worst"][0]["image"]  # ranked last: the first of the worst

@@ -215,8 +215,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     spaces = sorted({s for row in rows for s in row["scores"]})
     table = [{"run": run, "preset": preset, "backend": backend, "template": template, **_figures(members, spaces)}
              for (run, preset, backend, template), members in sorted(groups.items())]
-    ranked = sorted((r for r in rows if r["similarity"] is not None and r["image"]),
-                    key=lambda r: (r["copy_paste"] is not None, -float(r["similarity"])))
+    measured = sorted((r for r in rows if r["similarity"] is not None and r["image"]),
+                      key=lambda r: (r["copy_paste"] is not None, -float(r["similarity"])))
+    ranked = measured + [r for r in rows if r["similarity"] is None and r["image"]]  # no face: last
     return {
         "rows": rows,
         "spaces": spaces,
@@ -226,8 +227,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                     "copy_paste": sum(1 for r in rows if r["copy_paste"]),
                     "no_face": sum(1 for r in rows if r["similarity"] is None),
                     "unlisted": sum(1 for r in rows if not r["listed"])},
-        "best": ranked[:EXTREMES],
-        "worst": [r for r in reversed(ranked) if r not in ranked[:EXTREMES]][:EXTREMES],
+        "best": measured[:EXTREMES],
+        "worst": [r for r in reversed(ranked) if r not in measured[:EXTREMES]][:EXTREMES],
     }
 
 
@@ -274,6 +275,13 @@ def _esc(text: Any) -> str:
 
 def _seed(row: dict[str, Any]) -> str:
     return f"seed {row['seed']}" if row.get("seed") is not None else _esc(Path(str(row["image"])).name)
+
+
+def _measured(row: dict[str, Any]) -> str:
+    """A row's similarity in its space, or "no face" (not measured)."""
+    if row["similarity"] is None:
+        return "no face"
+    return f"{_esc(row['similarity_space'])} {_num(row['similarity'])}"
 
 
 def _num(value: Any, spec: str = ".3f") -> str:
@@ -406,7 +414,7 @@ def render_html(data: dict[str, Any], thumbs: dict[str, str]) -> str:
             name_ = _esc(Path(r["image"]).name)
             cells.append(f'<figure class="thumb{flag}"><img alt="{name_}" src="{src}">'
                          f'<figcaption>{_esc(r["backend"])}/{_esc(r["template"])} {_seed(r)}<br>'
-                         f'{_esc(r["similarity_space"])} {_num(r["similarity"])}{mark}</figcaption></figure>')
+                         f'{_measured(r)}{mark}</figcaption></figure>')
         return f'<div class="gallery" data-gallery="{name}">{"".join(cells) or "<p>none</p>"}</div>'
 
     overall = data["overall"]
