@@ -432,6 +432,8 @@ def gen_args(out: Path, *extra: str) -> list[str]:
     (("--composition", "blend"), ("--composition", "'blend'")),
     (("--control", "sketch=0.5"), ("controls.sketch", "'canny'")),
     (("--fast", "-b", "pulid"), ("--fast", "'pulid'", "faceid")),
+    (("-b", "faceid", "--composition", "switch"), ("--composition switch", "'faceid'", "merge only", "lora")),
+    (("-b", "photomaker", "--control", "canny=0.5"), ("--control canny", "'photomaker'", "no ControlNets")),
     (("--backend", "dalle"), ("backend 'dalle'",)),
 ])
 def test_generate_bad_values_stop_before_any_work(home, capsys, tmp_path, extra, needles):

@@ -133,6 +133,23 @@ def test_the_sd_backends_declare_lcm_with_the_lcm_lora():
         assert (mode.lora, mode.scheduler, mode.steps, mode.guidance) == ("lcm_lora", "lcm", 6, 1.5), name
 
 
+def test_a_mode_the_backend_does_not_do_is_refused_and_a_templates_is_left_out(tmp_path):
+    """Composition and ControlNets are declared per backend too (BackendSpec.compositions, .controls)."""
+    with pytest.raises(BadInput, match=r"--composition switch: backend 'faceid' combines LoRAs by merge only "
+                                       r"\(switch: lora\)"):
+        _resolve(tmp_path, "faceid", composition="switch")
+    with pytest.raises(BadInput, match=r"--control canny: backend 'photomaker' takes no ControlNets \(backends "
+                                       r"that do: lora, template, instantid, faceid\)"):
+        _resolve(tmp_path, "photomaker", controls={"canny": 0.5})
+    # a template's own modes are its tuning for the backends that have them
+    assert _resolve(tmp_path, "lora", template="cyberpunk").resolved.composition == "composite"
+    assert _resolve(tmp_path, "faceid", template="cyberpunk").resolved.composition == "merge"
+    lora = _resolve(tmp_path, "lora", template="astronaut")
+    assert "openpose" in lora.controls and "openpose" in lora.resolved.control_images
+    photomaker = _resolve(tmp_path, "photomaker", template="astronaut")
+    assert photomaker.controls == {} and photomaker.resolved.control_images == {}
+
+
 def test_a_batch_specs_fast_mode_gets_the_modes_steps_not_the_templates(tmp_path):
     """`fast: lcm` in a spec used to keep the template's 30 steps and DPM++."""
     from portrait.studio.spec import expand, parse_spec

@@ -22,7 +22,10 @@ results.json).
 Modes: `fast` declares, per mode (`lcm`), how the backend renders in few steps: the preset model
 role of the distillation LoRA it attaches, the sampler, the steps and the CFG scale. The resolver
 applies these once for every door (`--fast`, a template's or a spec's `fast: lcm`, the service);
-a backend that declares no mode refuses it in one line naming the backends that have one.
+a backend that declares no mode refuses it in one line naming the backends that have one. So
+do `compositions` (how it combines LoRAs) and `controls` (whether it feeds ControlNets): what a
+user asks for explicitly and the backend does not do is refused, what a template carries for
+other backends is left out of the request (and so out of its metadata).
 """
 
 from __future__ import annotations
@@ -91,6 +94,12 @@ class BackendSpec:
     conditioning: str | Callable[[Any], str] = LORA_SELECTION
     # The few-step modes it does, by name ({"lcm": LCM}); `--fast` on a backend without one is refused.
     fast: Mapping[str, FastMode] = field(default_factory=dict)
+    # How it combines the identity LoRA with a template's style LoRA (merge, switch, composite);
+    # an explicit `--composition` it does not do is refused, a template's falls back to merge.
+    compositions: tuple[str, ...] = ("merge",)
+    # It feeds the request's ControlNets (a template's `controls:`, `--control`): an explicit
+    # `--control` on a backend that does not is refused; a template's are left out of its request.
+    controls: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)  # room for a plugin's own facts
 
     def read(self, request_or_options: GenerationRequest | BaseModel | Mapping[str, Any]) -> Any:

@@ -130,7 +130,14 @@ def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Tem
     scheduler = str(pick("scheduler", t.scheduler, policy.scheduler))
     if scheduler not in SCHEDULERS:
         raise BadInput(f"unknown scheduler '{scheduler}' (known: {', '.join(SCHEDULERS)})")
-    controls = {c.name: c.strength for c in t.controls}
+    composition = _composition(spec, given.get("composition"), t.composition)
+    if given.get("controls") and not spec.controls:
+        able = [s.name for s in BACKENDS.specs() if s.controls]
+        raise BadInput(f"--control {', '.join(given['controls'])}: backend '{backend}' takes no ControlNets "
+                       f"(backends that do: {', '.join(able)})")
+    # A template's ControlNets are for the backends that feed them; the others' requests leave them out.
+    template_controls = list(t.controls) if spec.controls else []
+    controls = {c.name: c.strength for c in template_controls}
     controls.update(given.get("controls") or {})
     user_options = dict(given.get("options") or {})
     if user_options.get("identities") and not spec.group:
@@ -143,13 +150,13 @@ def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Tem
     from_template = {k: v for k, v in t.options.items() if k in spec.options.model_fields}
     options = backend_options(spec, {**from_template, **user_options}, BACKENDS.specs())
     resolved = Resolved(
-        composition=given.get("composition", t.composition),
+        composition=composition,
         fast=mode_name,
         fast_lora=mode.lora if mode is not None else None,
         style_lora={"model": t.style_lora.model, "weight": t.style_lora.weight} if t.style_lora else None,
-        control_images={c.name: str(c.image) for c in t.controls if c.image},
-        control_preprocessed=[c.name for c in t.controls if c.preprocessed],
-        control_range={c.name: (c.start, c.end) for c in t.controls},
+        control_images={c.name: str(c.image) for c in template_controls if c.image},
+        control_preprocessed=[c.name for c in template_controls if c.preprocessed],
+        control_range={c.name: (c.start, c.end) for c in template_controls},
         template_image=str(t.image) if t.image else None,
         template_faces=t.faces,
         memory=dict(policy.memory),
@@ -189,6 +196,18 @@ def _fast_mode(spec: BackendSpec, asked: str | None, from_template: str | None,
         raise BadInput(f"{where}: backend '{spec.name}' has no {name} mode (backends with one: "
                        f"{', '.join(able) or 'none'})")
     return name, mode
+
+
+def _composition(spec: BackendSpec, asked: str | None, from_template: str) -> str:
+    """How the backend combines the identity LoRA with a style LoRA: the one asked for, refused
+    when the backend does not do it; a template's where the backend does it, else merge."""
+    if asked is not None:
+        if asked not in spec.compositions:
+            able = [s.name for s in BACKENDS.specs() if asked in s.compositions]
+            raise BadInput(f"--composition {asked}: backend '{spec.name}' combines LoRAs by "
+                           f"{', '.join(spec.compositions)} only ({asked}: {', '.join(able) or 'none'})")
+        return asked
+    return from_template if from_template in spec.compositions else spec.compositions[0]
 
 
 def _size(t: Template, policy: GeneratePolicy, given: Mapping[str, Any]) -> tuple[int, int]:

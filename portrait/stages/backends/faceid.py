@@ -189,4 +189,5 @@ SPEC = BackendSpec(
     group=True,
     conditioning="insightface:buffalo_l",  # IP-Adapter FaceID embeds with buffalo_l
     fast={"lcm": LCM},
+    controls=True,
 )

@@ -249,4 +249,5 @@ SPEC = BackendSpec(
     models=("instantid_controlnet", "instantid_adapter", "face_pack_instantid"),
     conditioning="insightface:antelopev2",
     fast={"lcm": LCM},
+    controls=True,
 )

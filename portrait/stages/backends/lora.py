@@ -14,6 +14,7 @@ from portrait.core.backend import LCM, BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.options import CommonOptions
+from portrait.core.request import COMPOSITIONS
 from portrait.core.types import Candidate, GenerationRequest
 from portrait.stages import loras
 from portrait.stages.identity_inputs import analyzer_face_finder, request_controls
@@ -79,4 +80,6 @@ SPEC = BackendSpec(
     options=LoraOptions,
     needs_lora=True,
     fast={"lcm": LCM},
+    compositions=COMPOSITIONS,  # with a template's style LoRA (stages/loras.py composed)
+    controls=True,
 )

@@ -426,5 +426,6 @@ SPEC = BackendSpec(
     photo_template=True,
     finish={"fuse": False},  # it fuses inside its own passes
     conditioning=_conditioning,
-    fast={"lcm": LCM},  # the LCM-LoRA beside the identity LoRA in both inpainting passes
+    fast={"lcm": LCM},
+    controls=True,  # the LCM-LoRA beside the identity LoRA in both inpainting passes
 )
