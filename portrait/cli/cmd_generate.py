@@ -22,7 +22,7 @@ def backend_help() -> tuple[str, str]:
 
     names = ", ".join(BACKENDS.names())
     lines = "\n\n".join(f"{s.name} ({', '.join(s.families)}{'; --fast: ' + ', '.join(s.fast) if s.fast else ''}): "
-                        f"{s.help}" for s in BACKENDS.specs())
+                        f"{s.help}. Options: {', '.join(s.option_names()) or 'none'}" for s in BACKENDS.specs())
     return f"One of {names} (default: the preset's; see Backends below).", f"Backends:\n\n{lines}"
 
 
