@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from portrait.core.config import BASE_FAMILIES
 from PIL import Image
 
 import toy_backend
@@ -40,12 +42,12 @@ def home(tmp_path_factory):
 
 def test_the_table_lists_the_shipped_backends_with_their_declarations():
     assert BACKENDS.names() == ("lora", "template", "instantid", "faceid", "photomaker", "pulid", "flux",
-                                "infiniteyou", "pulid-flux")
+                                "infiniteyou", "pulid-flux", "klein-ref", "qwen-edit", "zimage", "kontext")
     for spec in BACKENDS.specs():
-        assert spec.help and spec.families and set(spec.families) <= {"sd15", "sdxl", "flux"}
+        assert spec.help and spec.families and set(spec.families) <= set(BASE_FAMILIES)
         assert spec.options.model_config.get("extra") == "forbid", spec.name
     assert [s.name for s in BACKENDS.specs() if s.needs_lora] == ["lora", "template"]
-    assert [s.name for s in BACKENDS.specs() if s.group] == ["template", "faceid"]
+    assert [s.name for s in BACKENDS.specs() if s.group] == ["template", "faceid", "klein-ref", "qwen-edit"]
     # one key, per-backend defaults (the reference code's): FaceID 0.6, InstantID 0.8
     assert BACKENDS.get("faceid").read({}).ip_adapter_scale == 0.6
     assert BACKENDS.get("instantid").read({"ip_adapter_scale": 0.5}).ip_adapter_scale == 0.5

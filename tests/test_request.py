@@ -241,7 +241,7 @@ def test_one_bound_changed_in_the_declaration_moves_all_four_doors(home, monkeyp
     assert "1<=x<=40" in capsys.readouterr().out
 
     # the service's request models
-    client = TestClient(create_app(StudioService(service_home(home, tmp_path / "svc"))))
+    client = TestClient(create_app(StudioService(service_home(home, tmp_path / "svc")), auth="none"))
     schema = client.get("/openapi.json").json()["components"]["schemas"]
     for model in ("GenerateRequest", "BatchRequest"):
         steps = schema[model]["properties"]["steps"]
@@ -266,7 +266,7 @@ def test_the_doors_name_the_same_settings():
     """Every declared setting reaches every door (the template file writes the size as `size`)."""
     from portrait.cli.main import build_app
     from portrait.core.request import GenerateSettings, door_names
-    from portrait.service.app import generate_request_model
+    from portrait.service.requests import generate_request_model
     from portrait.stages.templates import template_file_model
     from portrait.studio.spec import job_spec_model
 

@@ -78,20 +78,24 @@ def _option(name: str, annotation: Any, info, pairs: Mapping[str, tuple[str, ...
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
 
 
-def declared_options(func: Callable, exclude: tuple[str, ...] = ()) -> Callable:
-    """`func` (which takes **declared) with the declared settings added to its typer signature."""
+def declared_options(func: Callable | None = None, *, include: tuple[str, ...] | None = None,
+                     exclude: tuple[str, ...] = ()) -> Callable:
+    """`func` (which takes **declared) with the declared settings added to its typer signature
+    (all of them, or those `include` names); usable bare or as `@declared_options(include=...)`."""
+    if func is None:
+        return lambda f: declared_options(f, include=include, exclude=exclude)
     signature = inspect.signature(func, eval_str=True)
     own = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     pairs = pair_members(GenerateSettings)
     added = [_option(name, annotation, info, pairs)
-             for name, (annotation, info) in door_fields(GenerateSettings, exclude=exclude).items()]
+             for name, (annotation, info) in door_fields(GenerateSettings, include=include, exclude=exclude).items()]
     func.__signature__ = signature.replace(parameters=own + added)  # type: ignore[attr-defined]
     return func
 
 
 def collect(values: Mapping[str, Any]) -> dict[str, Any]:
     """The declared settings given on the command line, by declared name (not given: left out)."""
-    declared = door_fields(GenerateSettings)
+    declared = {k: v for k, v in door_fields(GenerateSettings).items() if k in values}
     pairs = pair_members(GenerateSettings)
     out: dict[str, Any] = {}
     for name, (annotation, info) in declared.items():

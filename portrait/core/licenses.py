@@ -97,6 +97,23 @@ def check(registry: Registry, model_id: str, policy: str) -> None:
                              via=spec.id if terms is not spec else None)
 
 
+# What a business runs instead of a refused identity backend: the Apache-2.0 frontier bases
+# (issue 29), each scored by AuraFace under the commercial policy.
+FRONTIER_ALTERNATIVE = "--preset klein-4b --backend klein-ref or --preset qwen-edit --backend qwen-edit (Apache-2.0)"
+
+
+def backend_refused(registry: Registry, refused: LicenseRefused, backend: str) -> LicenseRefused:
+    """A backend's refusal names the commercial backends to use instead: a refused model whose
+    own alternative replaces only the model (auraface for an insightface pack) is not what a
+    user of the backend can switch to."""
+    if "klein-ref" in (refused.alternative or ""):
+        return refused
+    spec = registry.get(refused.model_id)
+    own = f"; the model's own substitute: {refused.alternative}" if refused.alternative else ""
+    return LicenseRefused(refused.model_id, refused.policy, spec.license, spec.license_class,
+                          f"{FRONTIER_ALTERNATIVE} (backend {backend} loads this model{own})")
+
+
 def allowed(registry: Registry, model_id: str, policy: str) -> bool:
     try:
         check(registry, model_id, policy)

@@ -28,12 +28,14 @@ from typing import Any, Iterable, Mapping
 
 from . import models
 from .errors import BadInput
-from .archs.diffusers import (FAMILIES, PARTS, PICKLE_SUFFIXES, QUANTIZE, WEIGHT_SUFFIXES,  # noqa: F401
+from .archs.diffusers import (FAMILIES, PARTS, PICKLE_SUFFIXES, QUANTIZABLE, QUANTIZE, WEIGHT_SUFFIXES,  # noqa: F401
                              Components, build_components, build_controlnet, build_vae, quantize_flux,
                              quantize_module, single_file_config, variant, weights_file)
 from .modelspec import ResolvedModel
 
-KINDS = ("txt2img", "img2img", "inpaint")
+# `edit`: a picture from reference images and a prompt (FLUX.2 [klein]'s multi-reference
+# conditioning, Qwen-Image-Edit-2511, FLUX.1 Kontext), the frontier backends' kind.
+KINDS = ("txt2img", "img2img", "inpaint", "edit")
 
 # diffusers pipeline class per (family, kind, with ControlNet)
 _PIPELINES = {
@@ -55,6 +57,15 @@ _PIPELINES = {
     ("flux", "txt2img", True): "FluxControlNetPipeline",
     ("flux", "img2img", True): "FluxControlNetImg2ImgPipeline",
     ("flux", "inpaint", True): "FluxControlNetInpaintPipeline",
+    ("flux", "edit", False): "FluxKontextPipeline",  # FLUX.1 Kontext [dev] weights (same transformer layout)
+    # FLUX.2 [klein]: one pipeline for text to image and single/multi-reference editing.
+    ("flux2-klein", "txt2img", False): "Flux2KleinPipeline",
+    ("flux2-klein", "edit", False): "Flux2KleinPipeline",
+    ("flux2-klein", "inpaint", False): "Flux2KleinInpaintPipeline",
+    ("zimage", "txt2img", False): "ZImagePipeline",
+    ("zimage", "img2img", False): "ZImageImg2ImgPipeline",
+    ("zimage", "inpaint", False): "ZImageInpaintPipeline",
+    ("qwen-image-edit", "edit", False): "QwenImageEditPlusPipeline",  # 2509/2511: up to 3 references
 }
 
 
@@ -148,7 +159,7 @@ def load_components(ctx, model_id: str | None = None, *, family: str | None = No
     resolved = models.resolve(ctx, model_id, explicit)
     fam = _family(ctx, resolved, family)
     vae_id = _default_vae_id(ctx, fam) if vae == "auto" else vae
-    quantize = str(ctx.preset.section("runtime").get("quantize", "none")) if fam == "flux" else "none"
+    quantize = str(ctx.preset.section("runtime").get("quantize", "none")) if fam in QUANTIZABLE else "none"
     extra: dict[str, Any] = {"quantize": quantize} if quantize != "none" else {}
     if dtypes:
         extra["dtypes"] = dict(dtypes)
@@ -168,6 +179,7 @@ def _build(cls, components: Components, extra: Mapping[str, Any]):
     for name, value in defaults.items():
         if name in accepted and name not in kwargs:
             kwargs[name] = value
+    kwargs.update({k: v for k, v in components.config.items() if k in accepted})
     kwargs.update({k: v for k, v in extra.items() if k in accepted})
     return cls(**kwargs)
 
@@ -190,7 +202,11 @@ def load_pipeline(ctx, model_id: str | None = None, kind: str = "txt2img", contr
     controlnets = tuple(controlnets)
     components = load_components(ctx, model_id, family=family, base_path=base_path, vae=vae, dtypes=dtypes)
     model_id = components.model_id
-    cls = getattr(diffusers, _PIPELINES[(components.family, kind, bool(controlnets))])
+    key = (components.family, kind, bool(controlnets))
+    if key not in _PIPELINES:
+        what = f"{kind} with ControlNets" if controlnets else kind
+        raise BadInput(f"base '{components.model_id}' ({components.family}) has no {what} pipeline")
+    cls = getattr(diffusers, _PIPELINES[key])
 
     def factory():
         extra: dict[str, Any] = {}

@@ -34,5 +34,6 @@ SCHEDULERS: dict[str, SchedulerChoice] = {
                                            "DPM++ 2M SDE", "Karras"),
     "lcm": SchedulerChoice("LCMScheduler", {}, "LCM"),
     # FLUX's flow-matching Euler (its only sampler in diffusers); Forge labels it Euler / Simple.
-    "flow_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler", {}, "Euler", "Simple", ("flux",)),
+    "flow_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler", {}, "Euler", "Simple",
+                                  ("flux", "flux2-klein", "zimage", "qwen-image-edit")),
 }

@@ -200,6 +200,17 @@ class GenerationRequest:
     controls: dict[str, float] = field(default_factory=dict)  # control name -> strength
     options: BaseModel = field(default_factory=NoOptions)  # the backend's typed options
     resolved: Resolved = field(default_factory=Resolved)  # composition, fast mode, style LoRA, template image, ...
+    # More people in the same picture (a group template, regional FaceID), loaded by the flow:
+    # a backend takes them from here and never opens a bundle by a name it was handed.
+    # options.identities (GroupOptions) records their names for the metadata.
+    people: tuple[Identity, ...] = ()
+
+    def person(self, name: str) -> Identity:
+        """The request's identity or one of its people, by name (an unknown name is an error of ours)."""
+        for who in (self.identity, *self.people):
+            if who.name == name:
+                return who
+        raise KeyError(f"identity '{name}' is not one of this request's people")
 
     def record(self) -> dict[str, Any]:
         """The values recorded in every output's metadata and results.json: `options` holds the
@@ -244,13 +255,18 @@ class FaceScore:
     similarity: float | None  # to this identity's consensus embedding; None: the face was not found (not measured)
     reference_similarity: float | None
     face_size: float  # face box area / image area
-    passed: bool = False  # found, of a judgeable size, and at or above the gate threshold
+    passed: bool = False  # found, of a judgeable size, at or above the gate threshold, and not confused
+    # identity confusion: this face's similarity to each OTHER identity in the picture, and how much
+    # more it is like its own (own - the highest other); a blended face has a margin near 0
+    confusion: dict[str, float] = field(default_factory=dict)
+    margin: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"identity": self.identity, "face": self.face,
                 "box": None if self.box is None else [round(float(v), 1) for v in self.box],
                 "similarity": self.similarity, "reference_similarity": self.reference_similarity,
-                "face_size": self.face_size, "passed": self.passed}
+                "face_size": self.face_size, "passed": self.passed, "confusion": dict(self.confusion),
+                "margin": self.margin}
 
 
 @dataclass(frozen=True)

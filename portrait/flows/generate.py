@@ -8,7 +8,7 @@ when it is available, then write each image atomically with its metadata chunks 
 ranked results.json (docs/ARCHITECTURE.md#results-json).
 
 Under a license policy the models the request needs are checked before any work
-(`_preflight`), and results.json carries the run's bill of materials: every model resolved
+(`preflight`), and results.json carries the run's bill of materials: every model resolved
 while it ran, with its files' sha256, license class and source (portrait.core.licenses).
 """
 
@@ -30,6 +30,7 @@ from portrait.core.formats.results import results_document
 from portrait.core.interrupt import signal_of
 from portrait.core.io import (as_published, check_replaceable, discard_dir, make_dirs, publish_dir, safetensors_data_sha256, sha256_file,
                               staging_for, write_image, write_json)
+from portrait.core.steps import reporting_steps
 from portrait.core.types import Candidate, CandidateScore, GenerationRequest, Identity, RankedResult
 from portrait.core.versions import versions
 from portrait.stages import generate as gen
@@ -61,32 +62,50 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
              backend: str | None = None, n: int | None = 4, seed: int | None = None, out: str | Path,
              settings: Settings | None = None, preset: str | None = None, ctx: RunContext | None = None,
              progress: Progress | None = None, finish: bool | dict[str, bool] = True,
-             with_identity: Sequence[str] = (), **overrides: Any) -> GenerationResult:
+             with_identity: Sequence[str | Identity] = (), **overrides: Any) -> GenerationResult:
     """Generate `n` portraits of an identity into `out` and return them ranked.
 
     `with_identity`: more people in the same picture (a group photo template assigns them
-    faces left to right after `identity`; `backend="faceid"` gives each a region).
+    faces left to right after `identity`; `backend="faceid"` gives each a region). A name is
+    a bundle of this home (the CLI's); an Identity is used as given (the service hands over
+    the bundles it resolved in the tenant's own scope, never a name from a request).
+    The option `identities` (names) is the same as `with_identity`.
     """
-    if with_identity:
-        overrides["options"] = {**(overrides.get("options") or {}), "identities": list(with_identity)}
     ctx = ctx or RunContext.create(settings, preset=preset, progress=progress)
     report = progress or ctx.progress
     person = identity if isinstance(identity, Identity) else load_identity(ctx.settings, identity)
+    options = dict(overrides.get("options") or {})
+    named = [*with_identity, *(options.pop("identities", None) or [])]
+    people = [p if isinstance(p, Identity) else load_identity(ctx.settings, p) for p in named]
+    if "options" in overrides:
+        overrides["options"] = options
     policy = gen.GeneratePolicy.from_preset(ctx.preset)
     chosen = _template(template, prompt, backend, policy)
     if backend is None and chosen is not None and chosen.kind == "photo":
         backend = _photo_backend()
     request = gen.resolve_request(person, policy, template=chosen, prompt=prompt, backend=backend, n=n, seed=seed,
-                                  overrides=overrides)
+                                  overrides=overrides, people=people)
     out = Path(out).expanduser()
-    _preflight(ctx, request)
-    _check_out(out)
+    preflight(ctx, request)
+    check_out(out)
+    return run_request(ctx, person, request, out, finish=finish, progress=report)
+
+
+def run_request(ctx: RunContext, person: Identity, request: GenerationRequest, out: Path, *,
+                finish: bool | dict[str, bool] = True, progress: Progress | None = None) -> GenerationResult:
+    """Run a resolved request to ranked files in `out` (checked by the caller): the backend's
+    candidates, the finish and gate, the images with their metadata and results.json, written in
+    a staging folder published whole. `generate` and `edit` (flows/edit.py) share it."""
+    report = progress or ctx.progress
 
     def run(req: GenerationRequest) -> list[Candidate]:
         found = []
-        for cand in gen.generate_candidates(req, ctx):
-            found.append(cand)
-            report("generate", len(found), req.n)
+        # Each denoising step is reported (phase "denoise", step / steps; a hook that
+        # raises stops the pipeline there: the service cancels a running item so).
+        with reporting_steps(lambda done, total: report("denoise", done, total)):
+            for cand in gen.generate_candidates(req, ctx):
+                found.append(cand)
+                report("generate", len(found), req.n)
         return found
 
     # Everything goes to a staging folder beside OUT, swapped in whole at the end: an
@@ -111,7 +130,8 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
     except OutputFailed as exc:
         raise as_published(exc, staging, out) from None
     except KeyboardInterrupt as exc:
-        raise Interrupted(f"generate stopped; nothing written to {out}", signal_of(exc)) from None
+        raise Interrupted(f"{'edit' if request.resolved.edit else 'generate'} stopped; nothing written to "
+                          f"{out}", signal_of(exc)) from None
     finally:
         discard_dir(staging)
     final = tuple(dataclasses.replace(r, path=out / r.path.name) for r in written)
@@ -131,17 +151,19 @@ def _photo_backend() -> str:
     return next(spec.name for spec in BACKENDS.specs() if spec.photo_template)
 
 
-def _preflight(ctx: RunContext, request: GenerationRequest) -> None:
+def preflight(ctx: RunContext, request: GenerationRequest) -> None:
     """The preset roles the backend declares it loads (BackendSpec.models), checked against the
     license policy before the base model is loaded (the backend resolves them again)."""
-    from portrait.core.licenses import preflight
+    from portrait.core import licenses
     from portrait.flows.finish import FinishPolicy
 
     roles = list(gen.backend_spec(request.backend).model_roles(request))
-    ids = [ctx.preset.models.get(role) for role in roles]
+    try:  # the backend's own models: a refusal names the commercial backends instead
+        licenses.preflight(ctx.registry, [ctx.preset.models.get(role) for role in roles], ctx.settings.license)
+    except licenses.LicenseRefused as exc:
+        raise licenses.backend_refused(ctx.registry, exc, request.backend) from None
     if FinishPolicy.from_preset(ctx.preset).fuse.method == "inswapper":
-        ids.append("inswapper-128")
-    preflight(ctx.registry, ids, ctx.settings.license)
+        licenses.preflight(ctx.registry, ["inswapper-128"], ctx.settings.license)
 
 
 def bill_of_materials(ctx: RunContext, used: dict) -> list[dict[str, Any]]:
@@ -155,7 +177,7 @@ def bill_of_materials(ctx: RunContext, used: dict) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["id"])
 
 
-def _check_out(out: Path) -> None:
+def check_out(out: Path) -> None:
     """OUT is replaced as a unit: it must be new, empty, or an earlier generate result (never a
     folder of the user's other files, such as a template or photo folder)."""
     if out.exists() and not out.is_dir():
@@ -228,7 +250,8 @@ def _write(ctx: RunContext, out: Path, identity: Identity, ranked: list[RankedRe
     for r in ranked:
         cand = r.candidate
         started = time.perf_counter()
-        name = f"{_slug(identity.name)}_{_slug(cand.request.template or 'prompt')}_{cand.seed}.png"
+        kind = cand.request.template or ("edit" if cand.request.resolved.edit else "prompt")
+        name = f"{_slug(identity.name)}_{_slug(kind)}_{cand.seed}.png"
         model = cand.info.get("model") or {}
         loras = [metadata.LoraUse(u["name"], float(u["weight"]), _lora_hash12(ctx, Path(u["path"])))
                  for u in cand.info.get("loras", []) if u.get("path")]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Iterable, Literal, Mapping
+from typing import Annotated, Any, ClassVar, Iterable, Literal, Mapping, Sequence
 
 from pydantic import Field
 
@@ -86,7 +86,7 @@ def fill_prompt(text: str, identity: Identity) -> str:
 
 def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Template | None, prompt: str | None,
                     backend: str | None, n: int | None, seed: int | None,
-                    overrides: Mapping[str, Any] | None = None) -> GenerationRequest:
+                    overrides: Mapping[str, Any] | None = None, people: Sequence[Identity] = ()) -> GenerationRequest:
     """The one resolution every door goes through (CLI, Python API, batch items, the service):
     the overrides checked against their declaration (portrait.core.request), the backend's
     options typed and checked against that backend alone, the fast mode applied from what the
@@ -94,7 +94,10 @@ def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Tem
 
     Order, lowest first: preset < template < explicit override. A fast mode sits just above
     where it was asked for: a template's `fast: lcm` gives way to that template's own steps,
-    sampler and CFG; `--fast` (or a spec's / request's `fast`) to explicit values only."""
+    sampler and CFG; `--fast` (or a spec's / request's `fast`) to explicit values only.
+
+    `people`: more identities in the picture, already loaded (the flow resolves names; the
+    service resolves a tenant's own ids), recorded by name in the options' `identities`."""
     given = given_settings(overrides)
     backend = backend or policy.backend
     spec = backend_spec(backend)
@@ -140,6 +143,12 @@ def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Tem
     controls = {c.name: c.strength for c in template_controls}
     controls.update(given.get("controls") or {})
     user_options = dict(given.get("options") or {})
+    others = tuple(p for p in people if p.name != identity.name)
+    if user_options.get("identities") and [p.name for p in others] != [n for n in user_options["identities"]
+                                                                       if n != identity.name]:
+        raise BadInput("option identities: give the identities themselves (people=), not only their names")
+    if others:
+        user_options["identities"] = [p.name for p in others]
     if user_options.get("identities") and not spec.group:
         groups = [s.name for s in BACKENDS.specs() if s.group]
         raise BadInput(f"--with-identity: backend '{backend}' paints one identity; several people in one "
@@ -179,6 +188,7 @@ def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Tem
         controls=controls,
         options=options,
         resolved=resolved,
+        people=others,
     )
 
 

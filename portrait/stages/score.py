@@ -65,6 +65,7 @@ class ScorePolicy:
     copy_min_photos: Annotated[int, Field(ge=0)] = 3  # fewer photos than this give no spread: the similarity test is off
     copy_kps_tolerance: Annotated[float, Field(ge=0.0)] = 0.015  # copy-paste: mean keypoint distance (fraction of image side) ...
     copy_crop_correlation: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.9  # ... and aligned-crop correlation at or above this
+    group_margin: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05  # a group face passes only when it is this much more like its own identity than like any other in the picture (a blended face fails)
 
     def threshold_for(self, backend: str, default: float) -> float:
         """The gate threshold for a generation backend (a per-backend value wins)."""
@@ -146,6 +147,7 @@ def score_group(found: Sequence[FaceObservation], image_shape: tuple[int, ...], 
     """Each assigned face against its own identity; the candidate's similarity is the lowest."""
     h, w = image_shape[:2]
     per_face = []
+    others_of = {a.identity: [b.identity for b in assigned if b.identity != a.identity] for a in assigned}
     for want, face in zip(assigned, match_faces(found, assigned)):
         if face is None or face.embedding is None:
             per_face.append(FaceScore(want.identity, want.face, None if face is None else face.box, None, None,
@@ -155,9 +157,14 @@ def score_group(found: Sequence[FaceObservation], image_shape: tuple[int, ...], 
         sim = float(similarity(face.embedding, who.consensus, space))
         ref = float(similarity(face.embedding, who.reference, space)) if who.reference is not None else sim
         size = round(face.area / float(h * w), 4)
-        ok = policy.min_face_fraction <= size <= policy.max_face_fraction and sim >= threshold
+        # identity confusion: the same face against every other identity painted in the picture
+        confusion = {name: round(float(similarity(face.embedding, people[name].consensus, space)), 4)
+                     for name in others_of[want.identity] if name in people}
+        margin = round(sim - max(confusion.values()), 4) if confusion else None
+        ok = policy.min_face_fraction <= size <= policy.max_face_fraction and sim >= threshold and \
+            (margin is None or margin >= policy.group_margin)
         per_face.append(FaceScore(want.identity, want.face, tuple(float(v) for v in face.box), round(sim, 4),
-                                  round(ref, 4), size, bool(ok)))
+                                  round(ref, 4), size, bool(ok), confusion, margin))
     measured = [f for f in per_face if f.similarity is not None]  # a face not found is not a 0
     return CandidateScore(similarity=min(f.similarity for f in measured) if measured else None,
                           reference_similarity=min(f.reference_similarity for f in measured) if measured else None,
@@ -176,9 +183,10 @@ def is_sane(score: CandidateScore, policy: ScorePolicy) -> bool:
 
 
 def passes(score: CandidateScore, policy: ScorePolicy, threshold: float) -> bool:
-    if score.per_face:  # a group passes only when every assigned face does
-        return is_sane(score, policy) and all(f.similarity is not None and f.similarity >= threshold
-                                              for f in score.per_face)
+    if score.per_face:  # a group passes only when every assigned face does, each unconfused with the others
+        return is_sane(score, policy) and all(
+            f.similarity is not None and f.similarity >= threshold and (f.margin is None or f.margin >= policy.group_margin)
+            for f in score.per_face)
     return is_sane(score, policy) and score.similarity is not None and score.similarity >= threshold
 
 
