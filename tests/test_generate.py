@@ -478,6 +478,9 @@ def test_cli_generate_with_finish_writes_ranked_results(tiny_home, identity, tmp
     assert {"generate", "score"} <= set(row["timings"])
     assert (tmp_path / row["path"]).is_file() and (tmp_path / "contact_sheet.png").is_file()
     assert "Steps: 3" in read_png_text(tmp_path / row["path"])["parameters"]
+    # the memory plan was made with the finishing models in it (before any of them loaded)
+    planned = {p["name"]: p for p in data["memory_plan"]["parts"]}
+    assert planned["finish:realesrgan-x2plus"]["role"] == "finish"
 
 
 def test_cli_bad_inputs_exit_2_with_one_line(tiny_home, identity, tmp_path, capsys):
@@ -510,10 +513,14 @@ def test_cli_missing_real_model_exits_3_naming_the_download(tiny_home, identity,
     assert code == 3 and "portrait models download sd15" in err
 
 
-def test_memory_options_decided_from_free_vram():
-    from portrait.stages.sd import offload_needed
+def test_memory_offload_option_forces_the_plans_strategy():
+    """generate.memory.offload is read by the memory plan (auto lets it choose; tests/test_memplan.py)."""
+    from portrait.core.errors import BadInput
+    from portrait.stages.planning import offload_setting
 
-    assert offload_needed("auto", free_gb=3.0, need_gb=5.0) is True
-    assert offload_needed("auto", free_gb=12.0, need_gb=5.0) is False
-    assert offload_needed(False, free_gb=1.0, need_gb=5.0) is False
-    assert offload_needed("true", free_gb=40.0, need_gb=5.0) is True
+    assert offload_setting("auto") == "auto"
+    assert offload_setting(True) == offload_setting("true") == "model"
+    assert offload_setting(False) == "resident"
+    assert offload_setting("group") == "group" and offload_setting("sequential") == "sequential"
+    with pytest.raises(BadInput, match="generate.memory.offload"):
+        offload_setting("sometimes")

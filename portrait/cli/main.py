@@ -18,8 +18,9 @@ import typer
 from portrait.core.config import Settings
 from portrait.core.errors import ENVIRONMENT_ERRNOS, Interrupted, OutputFailed, PortraitError, output_failed
 
-from . import (cmd_batch, cmd_demo, cmd_doctor, cmd_edit, cmd_eval, cmd_generate, cmd_models, cmd_prepare, cmd_presets,
-               cmd_serve, cmd_templates, cmd_train)
+from . import (cmd_batch, cmd_demo, cmd_doctor, cmd_edit, cmd_eval, cmd_generate, cmd_models, cmd_plan, cmd_prepare,
+               cmd_presets, cmd_serve, cmd_templates, cmd_train)
+
 
 
 def main(
@@ -45,7 +46,7 @@ def main(
 
 
 # The commands that run with the --preset: its file is checked whole before they start.
-PRESET_COMMANDS = ("prepare", "train", "generate", "eval")  # batch run and serve check it as they start
+PRESET_COMMANDS = ("prepare", "train", "generate", "eval", "plan")  # batch run and serve check it as they start
 
 
 class _Stopped(Exception):
@@ -86,8 +87,8 @@ def build_app() -> typer.Typer:
         pretty_exceptions_enable=False,
     )
     built.callback()(main)
-    for module in (cmd_prepare, cmd_train, cmd_generate, cmd_edit, cmd_templates, cmd_presets, cmd_batch, cmd_models,
-                   cmd_demo, cmd_doctor, cmd_eval, cmd_serve):
+    for module in (cmd_prepare, cmd_train, cmd_generate, cmd_edit, cmd_plan, cmd_templates, cmd_presets, cmd_batch,
+                   cmd_models, cmd_demo, cmd_doctor, cmd_eval, cmd_serve):
         module.register(built)
     _guard_commands(built)
     return built

@@ -37,6 +37,7 @@ from pydantic import BaseModel
 
 from .context import RunContext
 from .options import NoOptions
+from .errors import BadInput
 from .types import Candidate, GenerationRequest
 
 
@@ -156,6 +157,13 @@ class BackendTable:
 
     def get(self, name: str) -> BackendSpec | None:
         return self._specs.get(name)
+
+    def spec(self, name: str) -> BackendSpec:
+        """The entry for a backend name, else one line (exit 2) with the known names."""
+        found = self._specs.get(name)
+        if found is None:
+            raise BadInput(f"unknown backend '{name}' (known: {', '.join(sorted(self._specs))})")
+        return found
 
     def names(self) -> tuple[str, ...]:
         return tuple(self._specs)

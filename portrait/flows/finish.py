@@ -342,6 +342,45 @@ def finish(ctx, identity: Identity, candidates: Sequence[Candidate], switches: F
     return score_stage.rank(finished, scores, policy.score, threshold)
 
 
+def finishing_plan(ctx, switches: FinishSwitches, policy: FinishPolicy):
+    """What `_prepare` will put on the device for these switches, for the memory plan
+    (portrait.stages.planning.Finishing): the face analysis pack (insightface or AuraFace; dlib
+    runs on the CPU), the face parser, the swapper, the upscaler, the face restorer, the scoring
+    CLIP; the preset roles that name none are left out, as `_prepare` skips them."""
+    from portrait.core.faces import COMMERCIAL_BACKEND
+    from portrait.stages.planning import Finishing
+
+    models: list[str] = []
+    try:
+        face = pick_backend(policy.face_backend, ctx.registry, ctx.settings)
+    except BadInput:
+        face = "dlib"
+    if face.startswith("insightface:"):
+        models.append(face.split(":", 1)[1])
+    elif face == COMMERCIAL_BACKEND:
+        models.append("auraface")
+    role = ctx.preset.models.get
+    if policy.face_parsing and (switches.fuse or switches.retouch) and role("face_parser"):
+        models.append(role("face_parser"))
+    if switches.fuse and policy.fuse.method == "inswapper":
+        models.append(SWAPPER)
+    scale = 0
+    if switches.upscale:
+        scale = upscale_stage.native_scale_needed(policy.upscale.outscale)
+        upscaler = role("upscaler_x2" if scale == 2 else "upscaler")
+        if upscaler:
+            models.append(upscaler)
+        else:
+            scale = 0
+    if switches.restore and role("face_restorer"):
+        models.append(role("face_restorer"))
+    clip = switches.clip and switches.score and bool(role("clip"))
+    if clip:
+        models.append(role("clip"))
+    return Finishing(tuple(models), scale, policy.upscale.tile, policy.upscale.overlap,
+                     restore=switches.restore and bool(role("face_restorer")), clip=clip)
+
+
 def _prepare(ctx, identity: Identity, switches: FinishSwitches, policy: FinishPolicy,
              analyzer: FaceAnalyzer | None, who: IdentityFaces | None) -> _Finishers:
     analyzer = analyzer or make_analyzer(ctx, policy.face_backend)

@@ -35,6 +35,7 @@ from portrait.core.types import Candidate, CandidateScore, GenerationRequest, Id
 from portrait.core.versions import versions
 from portrait.stages import generate as gen
 from portrait.stages import metadata, seeding, templates
+from portrait.stages.planning import planned
 from portrait.stages.backends import BACKENDS
 
 
@@ -97,6 +98,10 @@ def run_request(ctx: RunContext, person: Identity, request: GenerationRequest, o
     candidates, the finish and gate, the images with their metadata and results.json, written in
     a staging folder published whole. `generate` and `edit` (flows/edit.py) share it."""
     report = progress or ctx.progress
+    # The memory plan before any model loads (printed under --debug, recorded in results.json),
+    # the finishing models included: they share the card with the generation the gate reruns.
+    chosen_finish = _switches(ctx, request, finish)
+    ctx = planned(ctx, request, None if chosen_finish is None else _finishing_plan(ctx, chosen_finish))
 
     def run(req: GenerationRequest) -> list[Candidate]:
         found = []
@@ -118,8 +123,8 @@ def run_request(ctx: RunContext, person: Identity, request: GenerationRequest, o
             written = _write(ctx, staging, person, ranked)
         # what made these images, for reproducing them: versions and the bill of materials
         notes = {"preset": ctx.preset.name, **notes, "versions": versions(ctx.placement),
-                 "license_policy": ctx.settings.license,
-                 "bom": bill_of_materials(ctx, used)}
+                 "license_policy": ctx.settings.license, "bom": bill_of_materials(ctx, used),
+                 "memory_plan": ctx.plan.as_dict() if ctx.plan else None}
         staged = GenerationResult(person.name, request.backend, request.template, out, request, tuple(written), notes)
         write_json(staging / "results.json", staged.as_json())
         if notes.get("gate") and written:  # finishing ran (notes always carry versions and the BOM)
@@ -207,10 +212,7 @@ def _finish(ctx: RunContext, identity: Identity, request: GenerationRequest, can
     from portrait.flows import finish as finish_flow
 
     policy = finish_flow.FinishPolicy.from_preset(ctx.preset)
-    backend_default = dict(gen.backend_spec(request.backend).finish)
-    chosen = finish_flow.FinishSwitches.from_options(policy.switches, backend_default,
-                                                     gen.backend_spec(request.backend).read(request).finish or {},
-                                                     switches if isinstance(switches, dict) else {})
+    chosen = _switches(ctx, request, switches)
 
     def generate_more(seeds: Sequence[int]) -> list[Candidate]:
         # One request per run of consecutive seeds (the gate asks for consecutive ones), so a
@@ -225,6 +227,25 @@ def _finish(ctx: RunContext, identity: Identity, request: GenerationRequest, can
                                                   "extra_seeds": list(outcome.extra_seeds), "passed": outcome.passed},
              "scoring": outcome.scoring}
     return outcome.results, notes
+
+
+def _switches(ctx: RunContext, request: GenerationRequest, switches: bool | dict[str, bool]):
+    """The finishing stages that run: the preset's, the backend's and the template's defaults,
+    then `switches` (False: none, so None)."""
+    if switches is False:
+        return None
+    from portrait.flows import finish as finish_flow
+
+    policy = finish_flow.FinishPolicy.from_preset(ctx.preset)
+    spec = gen.backend_spec(request.backend)
+    return finish_flow.FinishSwitches.from_options(policy.switches, dict(spec.finish), spec.read(request).finish or {},
+                                                   switches if isinstance(switches, dict) else {})
+
+
+def _finishing_plan(ctx: RunContext, chosen):
+    from portrait.flows import finish as finish_flow
+
+    return finish_flow.finishing_plan(ctx, chosen, finish_flow.FinishPolicy.from_preset(ctx.preset))
 
 
 def consecutive_runs(seeds: Sequence[int]) -> list[tuple[int, int]]:

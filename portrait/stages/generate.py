@@ -266,10 +266,7 @@ def check_limits(n: int, steps: int, policy: GeneratePolicy) -> None:
 
 def backend_spec(name: str) -> BackendSpec:
     """The table's entry for a backend name (one line, exit 2, with the known names)."""
-    spec = BACKENDS.get(name)
-    if spec is None:
-        raise BadInput(f"unknown backend '{name}' (known: {', '.join(sorted(BACKENDS.names()))})")
-    return spec
+    return BACKENDS.spec(name)
 
 
 def generate_candidates(request: GenerationRequest, ctx) -> Iterable[Candidate]:
@@ -277,4 +274,8 @@ def generate_candidates(request: GenerationRequest, ctx) -> Iterable[Candidate]:
     if ctx.preset.family not in spec.families:
         raise BadInput(f"backend '{request.backend}' runs on {', '.join(spec.families)}; "
                        f"preset '{ctx.preset.name}' is {ctx.preset.family}")
-    return spec.make().generate(request, ctx)
+    from portrait.stages.planning import planned
+
+    # The memory plan comes before anything loads: the backend runs under the context that
+    # follows it (dtype, offload strategy, quantization); refused in one line when it fits nowhere.
+    return spec.make().generate(request, planned(ctx, request))

@@ -135,7 +135,7 @@ class FaceIDBackend:
         else:
             inputs = zs.faceid_inputs(ctx, request.identity, policy, af, embed_policy)
         controls = self._controls(request, ctx, embed_policy)
-        pipe = load_sd_pipeline(ctx, "txt2img", controlnet_ids(ctx, [c.name for c in controls]))
+        pipe = load_sd_pipeline(ctx, "txt2img", controlnet_ids(ctx, [c.name for c in controls]), keep_adapter=True)
         identity_lora = loras.identity_use(request.identity, ctx.preset.family, request.lora_weight)
         fast = loras.fast_use(ctx, request.resolved)  # --fast: the LCM-LoRA, active beside the FaceID LoRA
         stack = [u for u in (identity_lora, fast) if u is not None]

@@ -141,13 +141,19 @@ def instantid_inputs(ctx, identity: Identity, af: zs.AdapterFile, embed_policy: 
 
 
 def face_tokens(pipe, id_embeds) -> Any:
-    """The 16 projected face tokens (uncond first), by the UNet's own projection module."""
+    """The 16 projected face tokens (uncond first), by the UNet's own projection module.
+
+    The Resampler is `unet.encoder_hid_proj`, called here directly, so no offload hook fires:
+    under model / group offload it would run wherever the UNet's weights sit (the CPU). It runs
+    on the pipeline's execution device instead (portrait.core.offload.on_execution_device)."""
     import torch
 
-    projection = pipe.unet.encoder_hid_proj
-    where = next(projection.parameters())  # under CPU offload the UNet may sit on the CPU now
-    with torch.no_grad():
-        return projection([id_embeds.to(device=where.device, dtype=where.dtype)])[0].flatten(1, 2)  # [2, 16, D]
+    from portrait.core.offload import on_execution_device
+
+    device = pipe._execution_device
+    with on_execution_device(pipe.unet.encoder_hid_proj, device) as projection, torch.no_grad():
+        dtype = next(projection.parameters()).dtype
+        return projection([id_embeds.to(device=device, dtype=dtype)])[0].flatten(1, 2)  # [2, 16, D]
 
 
 @contextlib.contextmanager
@@ -213,7 +219,8 @@ class InstantIDBackend:
                                           fallback=(pose.image, pose.source))
         identitynet_id = ctx.preset.model("instantid_controlnet")
         pipe = load_sd_pipeline(ctx, "txt2img",
-                                (identitynet_id, *controlnet_ids(ctx, [c.name for c in extra_controls])))
+                                (identitynet_id, *controlnet_ids(ctx, [c.name for c in extra_controls])),
+                                keep_adapter=True)
         identitynet = pipe.controlnet.nets[0] if hasattr(pipe.controlnet, "nets") else pipe.controlnet
         identity_lora = loras.identity_use(request.identity, "sdxl", request.lora_weight)
         fast = loras.fast_use(ctx, request.resolved)  # --fast: the LCM-LoRA, merged with the identity LoRA

@@ -312,7 +312,8 @@ def _inpaint(ctx, request, image, mask, denoise, controls: list[ctl.ControlImage
     person known) the pass also carries IP-Adapter FaceID, its LoRA active beside `stack`."""
     from PIL import Image
 
-    pipe = load_sd_pipeline(ctx, "inpaint", controlnet_ids(ctx, [c.name for c in controls]))
+    faceid = person is not None and request.options.identity_adapter == "faceid"
+    pipe = load_sd_pipeline(ctx, "inpaint", controlnet_ids(ctx, [c.name for c in controls]), keep_adapter=faceid)
     loras.attach(pipe, stack)
     prepare_pipeline(pipe, request, ctx)
     size = image.shape[0]
@@ -323,9 +324,9 @@ def _inpaint(ctx, request, image, mask, denoise, controls: list[ctl.ControlImage
                              mask_image=_pil_mask(mask), strength=float(denoise), width=size, height=size,
                              **control_kwargs(controls, key="control_image"), **extra)
 
-    if person is not None and request.options.identity_adapter == "faceid":
-        with zs.faceid_for_request(ctx, pipe, request, person, [(u.adapter, u.weight) for u in stack]) as faceid:
-            return run(**faceid.kwargs), steps
+    if faceid:
+        with zs.faceid_for_request(ctx, pipe, request, person, [(u.adapter, u.weight) for u in stack]) as use:
+            return run(**use.kwargs), steps
     with loras.composed(pipe, stack, "merge"):
         return run(), steps
 
