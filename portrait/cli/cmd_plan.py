@@ -33,11 +33,11 @@ def register(app: typer.Typer) -> None:
         def mp_names(dtype: str) -> str:
             return NAMES.get(dtype, dtype)
 
-        from .cmd_generate import parse_options
+        from .declared import key_values
         from .tables import show
 
         report = plan(backend=backend, size=size, vram=vram, batch=batch, bf16=not no_bf16, host_ram_gb=ram,
-                      options=parse_options(option), settings=ctx.obj, finish=not no_finish)
+                      options=key_values(option, "--option"), settings=ctx.obj, finish=not no_finish)
         if json_out:
             import json
 

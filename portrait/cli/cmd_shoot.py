@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from .declared import collect, declared_options
+
 
 def _names(value: Optional[str]) -> list[str] | None:
     """`grey,white` -> ["grey", "white"]; None when the option was not given."""
@@ -20,12 +22,13 @@ def _names(value: Optional[str]) -> list[str] | None:
 
 def register(app: typer.Typer) -> None:
     @app.command("shoot")
+    @declared_options(exclude=("composition",))
     def shoot_cmd(
         ctx: typer.Context,
         identity: str = typer.Option(..., "--identity", "-i", help="Identity name (HOME/identities/NAME)."),
         package: str = typer.Option(..., "--package", help="A studio package (see `portrait packages`), or a package .yaml file."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder: one subfolder per cell, shoot.json, contact_sheet.png."),
-        cells: Optional[str] = typer.Option(None, "--cells", help="Cells to render, comma-separated: backdrop/outfit[/pose], e.g. grey/navy-suit,white/blazer."),
+        cells: Optional[str] = typer.Option(None, "--cells", help="Cells to render, comma-separated: backdrop/outfit (or backdrop/outfit/pose), e.g. grey/navy-suit,white/blazer."),
         backdrops: Optional[str] = typer.Option(None, "--backdrops", help="Only these backdrops (comma-separated); with --outfits/--poses, their product."),
         outfits: Optional[str] = typer.Option(None, "--outfits", help="Only these outfits (comma-separated)."),
         poses: Optional[str] = typer.Option(None, "--poses", help="Only these poses (comma-separated)."),
@@ -34,16 +37,13 @@ def register(app: typer.Typer) -> None:
         attempts: Optional[int] = typer.Option(None, "--attempts", min=1, help="With --keep: the most candidates to try per cell (default K x the preset's score.keep_attempts)."),
         backend: Optional[str] = typer.Option(None, "--backend", "-b", help="Generation backend (default: the preset's); one that takes a prompt."),
         seed: Optional[int] = typer.Option(None, "--seed", help="First seed of every cell. Random when omitted (recorded)."),
-        size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT, overriding the package's template."),
-        steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps."),
-        guidance: Optional[float] = typer.Option(None, "--guidance", help="CFG scale."),
         no_finish: bool = typer.Option(False, "--no-finish", help="Skip fusion / retouch / upscale / scoring and the gate."),
         no_fuse: bool = typer.Option(False, "--no-fuse", help="Skip the final face fusion."),
         no_retouch: bool = typer.Option(False, "--no-retouch", help="Skip skin retouch."),
         no_upscale: bool = typer.Option(False, "--no-upscale", help="Skip super-resolution."),
         restore: Optional[bool] = typer.Option(None, "--restore/--no-restore", help="Face restoration (GFPGAN). When the restorer cannot run, one line says why."),
         upscale_factor: Optional[float] = typer.Option(None, "--upscale-factor", help="Final upscale factor (preset key finish.upscale.outscale)."),
-        option: list[str] = typer.Option([], "--option", help="A backend option KEY=VALUE (repeatable), as for `portrait generate`."),
+        **declared,  # --size, --steps, --guidance, --option, ...: generated from portrait.core.request (cli/declared.py)
     ) -> None:
         """Render a studio package's cells (backdrop x outfit x pose) for IDENTITY into OUT, grouped by cell."""
         from rich.console import Console
@@ -51,13 +51,9 @@ def register(app: typer.Typer) -> None:
 
         from portrait.flows.shoot import shoot
 
-        from .cmd_generate import finish_switches, parse_options, parse_size, print_result
+        from .cmd_generate import finish_switches, print_result
 
-        width, height = parse_size(size)
-        overrides = {"width": width, "height": height, "steps": steps, "guidance": guidance}
-        options = parse_options(option)
-        if options:
-            overrides["options"] = options
+        overrides = collect(declared)
         finish = finish_switches(no_finish, no_fuse=no_fuse, no_retouch=no_retouch, no_upscale=no_upscale,
                                  restore=restore)
         console = Console(stderr=True)

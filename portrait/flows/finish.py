@@ -626,8 +626,9 @@ def _count_passed(pool: Sequence[RankedResult]) -> int:
 
 
 def _order_key(result: RankedResult) -> tuple:
-    # ranks from different rounds are not comparable; similarity is
-    return (-result.score.similarity, -result.score.reference_similarity, result.candidate.seed)
+    # ranks from different rounds are not comparable; similarity is (not measured: after every measured one)
+    s = result.score
+    return (s.similarity is None, -(s.similarity or 0.0), -(s.reference_similarity or 0.0), result.candidate.seed)
 
 
 def gate(ctx, identity: Identity, candidates: Sequence[Candidate], switches: FinishSwitches | None,
@@ -774,12 +775,19 @@ def result_tiles(results: Sequence[RankedResult]) -> list[Tile]:
         colour = (60, 190, 90) if result.passed_gate else (220, 70, 60)
         clip = f"  clip {s.clip_t:.3f}" if s.clip_t is not None else ""
         boxes = tuple(FaceBox(tuple(face.box), (60, 190, 90) if face.passed else (220, 70, 60),
-                              f"{face.identity} {face.similarity:.2f}") for face in s.per_face if face.box is not None)
+                              f"{face.identity} {_num(face.similarity, '.2f')}") for face in s.per_face
+                      if face.box is not None)
+        measured = (f"id {_num(s.similarity)}  ref {_num(s.reference_similarity)}" if s.similarity is not None
+                    else "no face")
         lines = ((f"#{result.rank}  seed {result.candidate.seed}  faces {s.faces}", (235, 235, 235)),
-                 (f"id {s.similarity:.3f}  ref {s.reference_similarity:.3f}{clip}", colour),
+                 (f"{measured}{clip}", colour),
                  ("passed" if result.passed_gate else "below gate", colour))
         tiles.append(Tile(result.candidate.image, lines, frame=colour, boxes=boxes))
     return tiles
+
+
+def _num(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(float(value), spec)
 
 
 def write_results_sheet(target: Path, results: Sequence[RankedResult], thumb: int = 256, columns: int = 4) -> Path:

@@ -56,7 +56,7 @@ class GenerationResult:
 
     def as_json(self) -> dict[str, Any]:
         """results.json (docs/ARCHITECTURE.md#results-json), plus the resolved request for reproducibility."""
-        return results_document(self.identity, self.backend, self.template, self.results, self.request.resolved(),
+        return results_document(self.identity, self.backend, self.template, self.results, self.request.record(),
                                 self.info)
 
 
@@ -159,7 +159,8 @@ def run_request(ctx: RunContext, person: Identity, request: GenerationRequest, o
             ranked, notes = _finish(ctx, person, request, candidates, run, finish, finish_policy, keep, attempts)
             written = _write(ctx, staging, person, ranked)
         # what made these images, for reproducing them: versions and the bill of materials
-        notes = {"run": job, **({"cell": dict(cell)} if cell else {}), **notes, "versions": versions(ctx.placement),
+        notes = {"preset": ctx.preset.name, "run": job, **({"cell": dict(cell)} if cell else {}), **notes,
+                 "versions": versions(ctx.placement),
                  "license_policy": ctx.settings.license, "bom": bill_of_materials(ctx, used),
                  "memory_plan": ctx.plan.as_dict() if ctx.plan else None}
         staged = GenerationResult(person.name, request.backend, request.template, out, request, tuple(written), notes)
@@ -172,7 +173,7 @@ def run_request(ctx: RunContext, person: Identity, request: GenerationRequest, o
     except OutputFailed as exc:
         raise as_published(exc, staging, out) from None
     except KeyboardInterrupt as exc:
-        raise Interrupted(f"{'edit' if request.options.get('edit') else 'generate'} stopped; nothing written to "
+        raise Interrupted(f"{'edit' if request.resolved.edit else 'generate'} stopped; nothing written to "
                           f"{out}", signal_of(exc)) from None
     finally:
         discard_dir(staging)
@@ -347,9 +348,9 @@ def _write(ctx: RunContext, out: Path, identity: Identity, ranked: list[RankedRe
     for r in ranked:
         cand = r.candidate
         started = time.perf_counter()
-        kind = cand.request.template or ("edit" if cand.request.options.get("edit") else "prompt")
+        kind = cand.request.template or ("edit" if cand.request.resolved.edit else "prompt")
         name = f"{_slug(identity.name)}_{_slug(kind)}_{cand.seed}.png"
-        model = cand.info.get("model", {})
+        model = cand.info.get("model") or {}
         loras = [metadata.LoraUse(u["name"], float(u["weight"]), _lora_hash12(ctx, Path(u["path"])))
                  for u in cand.info.get("loras", []) if u.get("path")]
         model_file = model.get("file")

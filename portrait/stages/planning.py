@@ -307,17 +307,18 @@ def planned(ctx, request, finishing: Finishing | None = None):
     """The context a backend runs under for `request`: the plan made (with the finishing models
     `finishing` names), refused in one line when nothing fits, printed under --debug (the same
     plan is reused for the same request shape)."""
-    from portrait.core.options import resolved
+    from portrait.core.options import given_options
 
-    memory = resolved(request).memory
+    memory = request.resolved.memory
     force = offload_setting(memory.get("offload", "auto"))
+    options = given_options(request.options)  # the typed options, as given (the backend types them again)
     key = (request.backend, request.width, request.height, force, ctx.placement.device,
-           tuple(sorted((k, str(v)) for k, v in request.options.items() if k in _MODEL_OPTIONS)), finishing)
+           tuple(sorted((k, str(v)) for k, v in options.items() if k in _MODEL_OPTIONS)), finishing)
     made = getattr(ctx.plan, "key", None) if ctx.plan is not None else None
     # the flow plans with its finishing; the backend's own call (no finishing) reuses that plan
     if made == key or (finishing is None and made and made[:-1] == key[:-1]):
         return ctx
-    plan = plan_request_for(ctx, request.backend, request.width, request.height, options=request.options,
+    plan = plan_request_for(ctx, request.backend, request.width, request.height, options=options,
                             force=force, finishing=finishing)
     plan = dataclasses.replace(plan, key=key)
     if ctx.settings.debug:

@@ -14,7 +14,6 @@ import numpy as np
 
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
-from portrait.core.options import resolved
 from portrait.core.steps import step_callback
 from portrait.core.types import GenerationRequest
 
@@ -78,7 +77,7 @@ def prepare_pipeline(pipe, request: GenerationRequest, ctx: RunContext) -> None:
         raise BadInput(f"--scheduler {request.scheduler}: a sampler for {', '.join(choice.families)}, not "
                        f"{ctx.preset.family} (preset '{ctx.preset.name}')")
     pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler.config)
-    memory = resolved(request).memory
+    memory = request.resolved.memory
     big = request.width * request.height >= TILING_PIXELS
     _toggle(pipe.vae, "tiling", _decide(memory.get("vae_tiling", "auto"), ctx.placement.is_cuda and big))
     _toggle(pipe.vae, "slicing", _decide(memory.get("vae_slicing", "auto"), ctx.placement.is_cuda and big))
@@ -182,7 +181,7 @@ def candidate_batch_size(ctx: RunContext, request: GenerationRequest) -> int:
     `generate.memory.batch` in the preset (or options) forces a number; `auto` (the default)
     reads free VRAM on CUDA and available RAM on CPU. Offloaded pipelines render one at a time.
     """
-    setting = resolved(request).memory.get("batch", "auto")
+    setting = request.resolved.memory.get("batch", "auto")
     if setting != "auto":
         if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
             raise BadInput(f"generate.memory.batch '{setting}': use auto or a whole number of at least 1")

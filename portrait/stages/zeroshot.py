@@ -69,8 +69,13 @@ class FaceIDPolicy:
         return self.variant in ("plus", "plusv2")
 
 
-def _typed(model: type[BaseModel], options: Mapping[str, Any]) -> Any:
-    """The keys of `options` that `model` declares, validated (a bad value is one BadInput line)."""
+def _typed(model: type[BaseModel], options: BaseModel | Mapping[str, Any]) -> Any:
+    """`options` as `model`: a request's typed options that include it as they are, else the keys
+    of a mapping that `model` declares, validated (a bad value is one BadInput line)."""
+    if isinstance(options, model):
+        return options
+    if isinstance(options, BaseModel):
+        options = options.model_dump(exclude_unset=True)
     try:
         return model.model_validate({k: v for k, v in options.items() if k in model.model_fields})
     except ValidationError as exc:
