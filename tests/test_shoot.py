@@ -150,7 +150,7 @@ def _score(**values) -> CandidateScore:
 def test_keep_reasons_name_every_failed_check():
     policy = sc.ScorePolicy()
     assert sc.keep_reasons(_score(), policy, 0.5) == []
-    assert sc.keep_reasons(_score(faces=0, similarity=0.0), policy, 0.5) == ["no_face"]
+    assert sc.keep_reasons(_score(faces=0, similarity=None), policy, 0.5) == ["no_face"]
     assert sc.keep_reasons(_score(faces=3), policy, 0.5) == ["extra_faces"]
     assert sc.keep_reasons(_score(face_size=0.001), policy, 0.5) == ["face_too_small"]
     assert sc.keep_reasons(_score(similarity=0.2), policy, 0.5) == ["below_gate"]
@@ -337,7 +337,7 @@ def test_cli_shoot_and_generate_keep(home, facecard, tmp_path, capsys):
     assert code == 0, err
     assert "kept 2 of 2 (tried 4); dropped: no face in the picture (1)" in out  # seed 5's blur is fused away
     keep = json.loads((tmp_path / "gen" / "results.json").read_text())["keep"]
-    assert keep["dropped"] == [{"seed": 4, "reasons": ["no_face"], "similarity": 0.0}]
+    assert keep["dropped"] == [{"seed": 4, "reasons": ["no_face"], "similarity": None}]  # no face: no similarity
     code, out, _ = cli(capsys, home.home, "packages")
     assert code == 0 and "corporate" in out and "casual" in out
 
