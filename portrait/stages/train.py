@@ -1,21 +1,24 @@
-"""Identity LoRA training: DreamBooth-style LoRA on the UNet (and optionally the text encoders).
+"""Identity LoRA training: DreamBooth-style LoRA on the denoiser (and optionally the text encoders).
 
 Inputs: the base pipeline's components (`TrainModels`), the prepared images and captions
 (`TrainData`), a `TrainPolicy` from the preset's `train` section, and a work folder.
 Output: a `TrainResult` holding the selected LoRA weights, every checkpoint's validation
-scores, the loss curve and timings.
+scores (the likeness curve), the loss curve and timings.
+
+The family decides the loop (`LOOPS`): SD1.5 and SDXL train a UNet LoRA with the DDPM loss here;
+FLUX.1 [dev], FLUX.2 [klein] and Z-Image train a transformer LoRA with the flow-matching loss of
+diffusers' reference scripts (stages/train_flow.py). Everything around the step is shared.
 
 Why it is fast: the VAE latents and, when the text encoders are frozen, the text embeddings
-are computed once each, on first use: the first step starts as soon as the models are loaded
-(no up-front pass over every photo), a mirror is encoded only if a flip ever draws it, and a
-step that finds everything cached costs only the UNet forward and backward. diffusers'
+are computed once each, all before step 1 (`TrainingRun.prefill`); a mirror is encoded only if
+a flip ever draws it, and a step costs only the denoiser's forward and backward. diffusers'
 train_dreambooth_lora.py runs the VAE and text encoder on every step instead
 (bench/train_speed.py measures the difference).
 
 Why it is small: the draws of every step are a pure function of (seed, step), so the run
 knows in advance which latents and prompts it will ever need; once they are cached the VAE
 and the frozen text encoders leave the device, and leave RAM when the caller can reload them
-(`TrainModels.reload`) for validation renders. A training step holds the UNet alone.
+(`TrainModels.reload`) for validation renders. A training step holds the denoiser alone.
 
 Why it is resumable: every `checkpoint_every` steps the LoRA, the optimizer, the LR
 schedule and the RNG states are written atomically (a temp folder renamed into place), and
@@ -23,15 +26,17 @@ all randomness of step k comes from a generator seeded by (seed, k), so a run ki
 point and resumed from its last checkpoint reproduces the uninterrupted run on CPU.
 
 Validation and selection follow EasyPhoto: each checkpoint renders a few images from fixed
-seeds, a face scorer rates their identity similarity, and the final LoRA is the average of
-the checkpoints behind the best images (or the best single checkpoint, per preset).
+seeds, a face scorer rates their likeness (held-out photos, an independent space) and CLIP-T
+their prompt adherence; the run stops when likeness stops improving (`--steps` is the ceiling),
+and the final LoRA is the average of the checkpoints behind the best images (or the best
+single checkpoint, per preset) among those that kept the prompt.
 
 This module is the loop (values, setup, caches, one step, the run). Around it:
-stages/train_state.py (work folder, checkpoints, RNG states), stages/train_select.py
-(validation renders, scoring, checkpoint choice, the manifest's training record),
-stages/train_prior.py (prior-preservation class images) and portrait/core/formats/lora.py
-(the LoRA files). Their public names are re-exported here, so `portrait.stages.train` stays
-the one import for the train flow.
+stages/train_flow.py (the flow-matching step), stages/train_state.py (work folder,
+checkpoints, RNG states), stages/train_select.py (validation renders, scoring, stopping,
+checkpoint choice, the manifest's training record), stages/train_prior.py (prior-preservation
+class images) and portrait/core/formats/lora.py (the LoRA files). Their public names are
+re-exported here, so `portrait.stages.train` stays the one import for the train flow.
 """
 
 from __future__ import annotations
@@ -51,10 +56,12 @@ from portrait.core.errors import BadInput, PortraitError
 from portrait.core.formats.lora import (TEXT_COMPONENTS, TEXT_TARGETS, UNET_TARGETS, kohya_state, read_lora_file,
                                         save_diffusers_lora, save_kohya_lora)
 from portrait.stages.train_prior import class_images
-from portrait.stages.train_select import (FaceScorer, average_states, choose_checkpoints, render_validation,
-                                          result_summary, score_images, validation_prompts, validation_summary)
-from portrait.stages.train_state import (CheckpointRecord, TrainEvent, completed_checkpoints, discard_checkpoints,
-                                         prepare_workdir, read_checkpoint_meta, restore_rng, run_params, save_checkpoint)
+from portrait.stages.train_select import (FaceScorer, PromptScorer, average_states, choose_checkpoints,
+                                          render_validation, result_summary, score_images, stop_reason,
+                                          validation_prompts, validation_summary)
+from portrait.stages.train_state import (Baseline, CheckpointRecord, TrainEvent, completed_checkpoints,
+                                         discard_checkpoints, prepare_workdir, read_baseline, read_checkpoint_meta,
+                                         restore_rng, run_params, save_baseline, save_checkpoint)
 
 
 Optimizer = Literal["adamw", "adamw8bit", "prodigy"]
@@ -100,7 +107,7 @@ class TrainPolicy:
     seed: int = 0
     unet_targets: tuple[str, ...] = UNET_TARGETS  # UNet modules that get a LoRA
     text_targets: tuple[str, ...] = TEXT_TARGETS  # text-encoder modules that get a LoRA
-    checkpoint_every: Annotated[int, Field(ge=1)] = 100  # LoRA + optimizer + RNG, atomically; --resume continues from the last one
+    checkpoint_every: Annotated[int, Field(ge=1)] = 100  # the validation interval N: every N steps the LoRA + optimizer + RNG are saved atomically (--resume continues from the last one) and validated
     validation_prompts: tuple[str, ...] = ("a close-up photo of {trigger} {class}, looking at the camera",)  # rendered at each checkpoint with fixed seeds, scored by face similarity
     validation_negative: str = "blurry, lowres, deformed"
     validation_seeds: tuple[int, ...] = (1, 2)
@@ -114,6 +121,23 @@ class TrainPolicy:
     class_prompt: str = "a photo of a {class}"
     class_steps: Annotated[int, Field(ge=1)] = 25
     keep_checkpoints: bool = False  # keep HOME/identities/.NAME.work after a successful run
+    # --- stopped by likeness (every family) ---
+    early_stop: bool = True  # stop when the held-out likeness stops improving (--steps stays the ceiling)
+    patience: Annotated[int, Field(ge=1)] = 2  # validations without a gain of min_delta before stopping
+    min_delta: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.005  # the smallest likeness gain that counts as one
+    max_drop: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.05  # a fall of more than this below the best stops at once
+    clip_t_tolerance: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = 0.02  # a checkpoint whose CLIP-T falls more than this below the base model's is not selected (it copies the photos); null = off
+    holdout: Annotated[int, Field(ge=0)] = 1  # photos kept out of training to score likeness on (only when holdout_min_train photos remain to train)
+    holdout_min_train: Annotated[int, Field(ge=1)] = 4
+    # --- flow-matching families (flux, flux2-klein, zimage), as diffusers' scripts name them ---
+    transformer_targets: tuple[str, ...] | None = None  # transformer modules with a LoRA; null = the family's reference script's default
+    weighting_scheme: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] = "none"  # timestep density / loss weighting (the scripts' --weighting_scheme)
+    logit_mean: Annotated[float, Field(allow_inf_nan=False)] = 0.0  # logit_normal's mean
+    logit_std: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0  # logit_normal's std
+    mode_scale: Annotated[float, Field(allow_inf_nan=False)] = 1.29  # the `mode` density's scale
+    guidance_scale: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 3.5  # the distilled guidance a transformer with a guidance embedding trains at (FLUX.1-dev; the scripts' --guidance_scale)
+    max_sequence_length: Annotated[int, Field(ge=1, le=4096)] = 512  # text tokens (T5 / Qwen3), in training and validation renders
+    text_encoder_out_layers: tuple[int, ...] | None = None  # FLUX.2 [klein]: the Qwen3 hidden layers stacked into the text embedding; null = the pipeline's (9, 18, 27)
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any], where: str = "preset train", **overrides: Any) -> "TrainPolicy":
@@ -130,20 +154,56 @@ class TrainPolicy:
         return steps if steps and steps[-1] == total else steps + [total]
 
 
+# Which loop trains each family, the module that carries its LoRA, and its text encoders (the
+# component names of its diffusers pipeline). A family missing here cannot train a LoRA:
+# `check_trainable` says so in one line before any work.
+UNET_LOOP, FLOW_LOOP = "unet", "flow-matching"
+LOOPS: dict[str, str] = {"sd15": UNET_LOOP, "sdxl": UNET_LOOP, "flux": FLOW_LOOP, "flux2-klein": FLOW_LOOP,
+                         "zimage": FLOW_LOOP}
+TEXT_ENCODERS: dict[str, tuple[str, ...]] = {
+    "sd15": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2"),
+    "flux": ("text_encoder", "text_encoder_2"),  # CLIP-L (pooled) + T5 (sequence)
+    "flux2-klein": ("text_encoder",), "zimage": ("text_encoder",),  # Qwen3
+}
+
+
+def check_trainable(family: str, preset: str = "") -> str:
+    """The loop that trains `family`; a family without one is refused in one line (exit 2)."""
+    loop = LOOPS.get(family)
+    if loop is None:
+        where = f"preset '{preset}' is family {family}" if preset else f"family {family}"
+        raise BadInput(f"{where}, which portrait cannot train a LoRA for (trainable: {', '.join(LOOPS)}); "
+                       "use a zero-shot backend, or train on a preset of a trainable family")
+    return loop
+
+
 @dataclass(frozen=True)
 class TrainModels:
     """The base model's components, taken from a loaded diffusers pipeline.
 
-    The trainer adds a LoRA adapter to `pipeline.unet` (and text encoders), so pass a
-    pipeline of its own, not one shared through the ModelCache with other work.
+    The trainer adds a LoRA adapter to the denoiser (`pipeline.unet` for SD, `pipeline.transformer`
+    for the flow-matching families) and optionally the text encoders, so pass a pipeline of its
+    own, not one shared through the ModelCache with other work.
     """
 
-    family: str  # sd15 | sdxl
+    family: str  # a key of LOOPS
     pipeline: Any
     # Loads fresh copies of the named components (vae, text_encoder, ...) of the same base.
     # With it, the trainer drops modules whose outputs are cached and reloads them for
     # validation renders; without it they stay in RAM (parked off the GPU on CUDA).
     reload: Callable[[Sequence[str]], Mapping[str, Any]] | None = None
+
+    @property
+    def loop(self) -> str:
+        return check_trainable(self.family)
+
+    @property
+    def denoiser_name(self) -> str:
+        return "unet" if self.loop == UNET_LOOP else "transformer"
+
+    @property
+    def denoiser(self):
+        return getattr(self.pipeline, self.denoiser_name)
 
     @property
     def unet(self):
@@ -153,12 +213,13 @@ class TrainModels:
     def vae(self):
         return self.pipeline.vae
 
+    def encoder_names(self) -> tuple[str, ...]:
+        return TEXT_ENCODERS[self.family]
+
     def text_encoders(self) -> list[tuple[str, Any, Any]]:
         """(component name, tokenizer, encoder) for each text encoder the family uses."""
-        pairs = [("text_encoder", self.pipeline.tokenizer, self.pipeline.text_encoder)]
-        if self.family == "sdxl":
-            pairs.append(("text_encoder_2", self.pipeline.tokenizer_2, self.pipeline.text_encoder_2))
-        return pairs
+        return [(name, getattr(self.pipeline, name.replace("text_encoder", "tokenizer"), None),
+                 getattr(self.pipeline, name)) for name in self.encoder_names()]
 
 
 @dataclass(frozen=True)
@@ -190,7 +251,7 @@ class TrainResult:
     lora: dict[str, dict[str, Any]]  # component -> peft state dict (torch tensors, fp32, CPU)
     rank: int
     alpha: float
-    steps: int
+    steps: int  # the steps trained (fewer than max_steps when likeness stopped the run)
     losses: tuple[float, ...]
     checkpoints: tuple[CheckpointRecord, ...]
     selected: tuple[int, ...]  # the checkpoint steps merged into `lora`
@@ -198,9 +259,25 @@ class TrainResult:
     timings: dict[str, float]
     resumed_from: int = 0
     params: dict[str, Any] = field(default_factory=dict)
+    max_steps: int = 0  # the ceiling (--steps, or the preset's rule by photo count)
+    stop_reason: str = ""  # why likeness stopped the run early; empty when it ran to max_steps
+    baseline: Baseline | None = None  # the base model's validation figures, before any training
+    targets: tuple[str, ...] = ()  # the denoiser modules that carry the LoRA
 
 
 # --- setup ----------------------------------------------------------------------------
+
+
+def denoiser_targets(policy: TrainPolicy, family: str) -> tuple[str, ...]:
+    """The denoiser modules that get a LoRA: the UNet's from the policy, a transformer's from the
+    policy or else the family's reference script's default."""
+    if check_trainable(family) == UNET_LOOP:
+        return tuple(policy.unet_targets)
+    if policy.transformer_targets:
+        return tuple(policy.transformer_targets)
+    from portrait.core.formats.lora import TRANSFORMER_TARGETS
+
+    return TRANSFORMER_TARGETS[family]
 
 
 def lora_configs(policy: TrainPolicy, models: TrainModels) -> dict[str, Any]:
@@ -208,8 +285,8 @@ def lora_configs(policy: TrainPolicy, models: TrainModels) -> dict[str, Any]:
     from peft import LoraConfig
 
     configs = {
-        "unet": LoraConfig(r=policy.rank, lora_alpha=policy.alpha, init_lora_weights="gaussian",
-                           target_modules=list(policy.unet_targets))
+        models.denoiser_name: LoraConfig(r=policy.rank, lora_alpha=policy.alpha, init_lora_weights="gaussian",
+                                         target_modules=list(denoiser_targets(policy, models.family)))
     }
     if policy.train_text_encoder:
         for name, _tok, _enc in models.text_encoders():
@@ -225,8 +302,9 @@ def trained_modules(models: TrainModels, names: Iterable[str]) -> dict[str, Any]
 def add_adapters(models: TrainModels, configs: Mapping[str, Any], seed: int) -> None:
     import torch
 
-    if getattr(models.unet, "peft_config", None):
-        raise PortraitError("the base UNet already carries a LoRA adapter; give the trainer a fresh pipeline")
+    if getattr(models.denoiser, "peft_config", None):
+        raise PortraitError(f"the base {models.denoiser_name} already carries a LoRA adapter; give the trainer a fresh "
+                            "pipeline")
     # peft draws the initial LoRA A matrices from the global RNG; seed it so runs repeat.
     torch.manual_seed(seed)
     for name, config in configs.items():
@@ -262,7 +340,7 @@ def load_dtypes(policy: TrainPolicy, device: str, dtype_name: str) -> dict[str, 
     encodes in fp32. On CUDA the pipeline already loads in the placement's fp16/bf16."""
     if device.startswith("cuda") or mixed_precision_for(policy, device, dtype_name) != "bf16":
         return {}
-    return {"unet": "bfloat16", "text_encoder": "bfloat16", "text_encoder_2": "bfloat16"}
+    return {"unet": "bfloat16", "transformer": "bfloat16", "text_encoder": "bfloat16", "text_encoder_2": "bfloat16"}
 
 
 def gradient_checkpointing_for(policy: TrainPolicy, device: str) -> bool:
@@ -297,9 +375,14 @@ def optimizer_available(name: str) -> None:
             raise BadInput("--optimizer prodigy: needs the prodigyopt package (pip install prodigyopt)") from None
 
 
-def check_runtime(policy: TrainPolicy, device: str, dtype_name: str) -> None:
-    """What the policy asks of this machine (the optimizer's package, the precision on this
-    device): checked before any work so a bad option costs nothing (exit 2)."""
+def check_runtime(policy: TrainPolicy, device: str, dtype_name: str, family: str = "sd15", preset: str = "") -> None:
+    """What the policy asks of this family and machine (a loop for the family, the optimizer's
+    package, the precision on this device): checked before any work so a bad option costs
+    nothing (exit 2)."""
+    loop = check_trainable(family, preset)
+    if loop == FLOW_LOOP and policy.train_text_encoder:
+        raise BadInput(f"--train-text-encoder: the {family} trainer trains the transformer only (as diffusers' "
+                       "scripts for FLUX.2 [klein] and Z-Image do; the text encoder is cached and freed)")
     optimizer_available(policy.optimizer)
     mixed_precision_for(policy, device, dtype_name)
 
@@ -733,7 +816,7 @@ class TrainingRun:
         """What a step never touches once everything it draws is cached."""
         names = ["vae"]
         if self.frozen_text:
-            names += [name for name, _tok, _enc in self.models.text_encoders()]
+            names += list(self.models.encoder_names())
         return names
 
     def fill(self, draws: StepDraws) -> None:
@@ -748,19 +831,40 @@ class TrainingRun:
                 self.priors.fill(self.models.vae, draws.prior_picks, self.device)
         prompts = self.prompt_indices(draws)
         if self.frozen_text and self.prompts.missing(prompts):
-            texts = [name for name, _tok, _enc in self.models.text_encoders()]
+            texts = list(self.models.encoder_names())
             self.residency.need(texts)
             self.prompts.fill(self.models, prompts, self.device)
         self.pending_latents.difference_update(wanted)
         self.pending_prompts.difference_update(prompts)  # type: ignore[union-attr]
         self.release_done()
 
+    def prefill(self, start: int) -> None:
+        """Encode, before the first step, every latent and prompt the steps start..total will
+        draw, then free the VAE and the frozen text encoders: the loop runs the denoiser alone.
+        (Encoding on first use made steps 2-3 of a run twice as slow as the later ones.)"""
+        self.plan(start)
+        latents = sorted(self.pending_latents or ())
+        if latents:
+            self.residency.need(["vae"])
+            for name in ("instance", "prior"):
+                picks = [(index, mirrored) for cache, index, mirrored in latents if cache == name]
+                if picks:
+                    self.cache(name).fill(self.models.vae, picks, self.device)
+        prompts = sorted(self.pending_prompts or ())
+        if self.frozen_text and prompts:
+            self.residency.need(self.models.encoder_names())
+            self.prompts.fill(self.models, prompts, self.device)
+        self.pending_latents, self.pending_prompts = set(), set()
+        self.release_done()
+
     def release_done(self) -> None:
+        if self.pending_latents is None:  # not planned yet: whatever is there is still needed
+            return
         done = []
         if not self.pending_latents:
             done.append("vae")
         if self.frozen_text and not self.pending_prompts:
-            done += [name for name, _tok, _enc in self.models.text_encoders()]
+            done += list(self.models.encoder_names())
         self.residency.release(done)
 
 
@@ -889,19 +993,25 @@ def restore_checkpoint(run: TrainingRun, record: CheckpointRecord) -> tuple[int,
 
 
 def train_lora(models: TrainModels, data: TrainData, policy: TrainPolicy, workdir: Path, *, device: str = "cpu",
-               dtype_name: str = "float32", scorer: FaceScorer | None = None, resume: bool = False,
-               base_model: str = "", on_event: Callable[[TrainEvent], None] | None = None,
+               dtype_name: str = "float32", scorer: FaceScorer | None = None, prompt_scorer: PromptScorer | None = None,
+               resume: bool = False, base_model: str = "", on_event: Callable[[TrainEvent], None] | None = None,
                restore_pipeline: bool = True) -> TrainResult:
-    """Train, checkpoint, validate and select. The models come in loaded; `workdir` holds the run.
+    """Train, checkpoint, validate, stop when likeness stops improving, and select. The models
+    come in loaded; `workdir` holds the run. The family picks the loop: the UNet loop of this
+    module for SD1.5/SDXL, stages/train_flow.py for the flow-matching transformers.
 
-    Prior-preservation images (`data.class_images`) must come from the base model before any
-    LoRA is added: make them with `class_images` first. `restore_pipeline=False` leaves the
-    modules the trainer dropped (see Residency) dropped: for callers done with the pipeline.
+    `scorer` rates a validation image's likeness (held-out photos, an independent space: the
+    train flow builds it), `prompt_scorer` its prompt adherence (CLIP-T). Prior-preservation
+    images (`data.class_images`) must come from the base model before any LoRA is added: make
+    them with `class_images` first. `restore_pipeline=False` leaves the modules the trainer
+    dropped (see Residency) dropped: for callers done with the pipeline.
     """
     if not data.images:
         raise BadInput("no usable training photos")
     if len(data.images) != len(data.captions):
         raise PortraitError("training data: one caption per image is required")
+    loop = check_trainable(models.family)
+    check_runtime(policy, device, dtype_name, models.family)
     emit = on_event or (lambda event: None)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -909,89 +1019,132 @@ def train_lora(models: TrainModels, data: TrainData, policy: TrainPolicy, workdi
     params = run_params(policy, data, total, base_model)
     # The precision `auto` resolved to on this machine: a resume elsewhere (another CPU, a GPU)
     # that would train in another precision is refused rather than silently mixed.
-    params["precision"] = mixed_precision_for(policy, device, dtype_name, unet_dtype=models.unet.dtype)
+    params["precision"] = mixed_precision_for(policy, device, dtype_name, unet_dtype=models.denoiser.dtype)
     previous = prepare_workdir(Path(workdir), params, resume)
 
     t0 = time.perf_counter()
-    run = setup_training(models, data, policy, total, device=device, dtype_name=dtype_name, emit=emit)
+    if loop == UNET_LOOP:
+        run, one_step = setup_training(models, data, policy, total, device=device, dtype_name=dtype_name), step_loss
+    else:
+        from portrait.stages.train_flow import flow_step_loss, setup_flow_training
+
+        run = setup_flow_training(models, data, policy, total, device=device, dtype_name=dtype_name)
+        one_step = flow_step_loss
     timings["setup"] = time.perf_counter() - t0
+    val_prompts = validation_prompts(policy, data.trigger, data.class_word)
+    # The base model's figures (step 0 of the curve), before any training: the new LoRA's
+    # B matrices are zero, so this render is the base model's own.
+    baseline = read_baseline(workdir)
+    if baseline is None and scorer is not None and val_prompts and policy.validation_seeds:
+        scores, clips = validate_checkpoint(run, val_prompts, scorer, prompt_scorer, emit, 0)
+        baseline = Baseline(scores, clips)
+        save_baseline(workdir, baseline)
     losses: list[float] = []
     start_step = 0
     if previous:
         start_step, losses = restore_checkpoint(run, max(previous, key=lambda r: r.step))
         emit(TrainEvent("resume", start_step, total, message=f"resuming at step {start_step}"))
-    run.plan(start_step)
+    # Every latent and prompt embedding the remaining steps will draw, encoded before step 1;
+    # then the VAE and frozen text encoders leave (a step holds the denoiser alone).
+    t0 = time.perf_counter()
+    emit(TrainEvent("cache", start_step, total, message="encoding photos and prompts"))
+    run.prefill(start_step)
+    timings["cache"] = time.perf_counter() - t0
     records = list(previous)
     checkpoints = set(policy.checkpoint_steps(total))
-    val_prompts = validation_prompts(policy, data.trigger, data.class_word)
+    stopped = stop_reason(records, policy, baseline)  # a resumed run that had already decided to stop
 
     t0 = time.perf_counter()
-    models.unet.train()
+    models.denoiser.train()
     for step in range(start_step, total):
-        loss = step_loss(run, step)
+        if stopped:
+            break
+        loss = one_step(run, step)
         optimize(run, loss)
         losses.append(float(loss.detach().item()))
         done = step + 1
         emit(TrainEvent("step", done, total, loss=losses[-1]))
         if done in checkpoints:
-            scores = validate_checkpoint(run, val_prompts, scorer, emit, done)
+            scores, clips = validate_checkpoint(run, val_prompts, scorer, prompt_scorer, emit, done)
             path = save_checkpoint(workdir, done, lora_state(models, run.configs), run.optimizer, run.lr_scheduler,
-                                   losses, scores)
+                                   losses, scores, clips)
             records.append(read_checkpoint_meta(path))
+            if scores:
+                emit(TrainEvent("scores", done, total, message=curve_line(records[-1])))
+            stopped = stop_reason(records, policy, baseline)
+            if stopped:
+                emit(TrainEvent("stop", done, total, message=stopped))
     timings["train"] = time.perf_counter() - t0
+    steps_run = max(r.step for r in records) if stopped else total
 
     t0 = time.perf_counter()
-    how, chosen = choose_checkpoints(records, policy)
+    how, chosen = choose_checkpoints(records, policy, baseline)
     states = [read_lora_file(r.path / "lora.safetensors") for r in chosen]
     final = average_states(states) if len(states) > 1 else states[0]
     load_lora_state(models, final)
-    models.unet.eval()
+    models.denoiser.eval()
     if restore_pipeline:
         run.residency.need(run.idle_names())
         for name, dtype in run.given_dtypes.items():
             module = getattr(models.pipeline, name)
             if module.dtype != dtype:
                 module.to(dtype=dtype)
-    emit(TrainEvent("select", total, total, message=f"{how}: steps {', '.join(str(r.step) for r in chosen)}"))
+    emit(TrainEvent("select", steps_run, total, message=f"{how}: steps {', '.join(str(r.step) for r in chosen)}"))
     timings["select"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     return TrainResult(
         lora=final,
         rank=policy.rank,
         alpha=float(policy.alpha),
-        steps=total,
-        losses=tuple(losses),
+        steps=steps_run,
+        losses=tuple(losses[:steps_run]),
         checkpoints=tuple(sorted(records, key=lambda r: r.step)),
         selected=tuple(r.step for r in chosen),
         selection=how,
         timings={k: round(v, 3) for k, v in timings.items()},
         resumed_from=start_step,
         params=params,
+        max_steps=total,
+        stop_reason=stopped,
+        baseline=baseline,
+        targets=denoiser_targets(policy, models.family),
     )
 
 
-def validate_checkpoint(run: TrainingRun, prompts, scorer, emit, step) -> tuple[float, ...]:
-    """Render the fixed-seed validation images: the dropped modules come back for it and go again."""
+def curve_line(record: CheckpointRecord) -> str:
+    clip = f", CLIP-T {record.prompt_score:.3f}" if record.prompt_score is not None else ""
+    return f"step {record.step}: likeness {record.score:.3f}{clip}"
+
+
+def validate_checkpoint(run: TrainingRun, prompts, scorer, prompt_scorer, emit, step) -> tuple[tuple[float, ...],
+                                                                                                tuple[float, ...]]:
+    """Render the fixed-seed validation images and score them: (likeness, CLIP-T) per image.
+    The dropped modules come back for the render and go again."""
     import torch
 
     policy, models = run.policy, run.models
     if scorer is None or not prompts or not policy.validation_seeds:
-        return ()
+        return (), ()
     emit(TrainEvent("validate", step, run.total, message="rendering validation images"))
-    models.unet.eval()
+    models.denoiser.eval()
     run.residency.need(run.idle_names())
     try:
         with torch.no_grad(), run.precision.autocast():
             images = render_validation(models, prompts, policy, run.device)
     finally:
         run.release_done()
-        models.unet.train()
-    return score_images(images, scorer)
+        models.denoiser.train()
+    clips: tuple[float, ...] = ()
+    if prompt_scorer is not None:
+        per_image = [p for p in prompts for _seed in policy.validation_seeds]
+        clips = tuple(float(c) for c in prompt_scorer(images, per_image))
+    return score_images(images, scorer), clips
 
 
 __all__ = [
     "TrainPolicy", "TrainModels", "TrainData", "TrainEvent", "TrainResult", "CheckpointRecord", "FaceScorer",
-    "TrainingRun", "setup_training", "step_loss", "optimize", "check_runtime",
+    "PromptScorer", "Baseline", "TrainingRun", "setup_training", "step_loss", "optimize", "check_runtime",
+    "check_trainable", "LOOPS", "denoiser_targets", "stop_reason",
     "train_lora", "class_images", "save_diffusers_lora", "save_kohya_lora", "kohya_state", "average_states",
     "result_summary", "validation_summary", "discard_checkpoints", "completed_checkpoints", "choose_checkpoints",
     "score_images", "read_lora_file",
