@@ -33,6 +33,9 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 (a safe loader)
 
 DEFAULT_PRESET = "tiny"
+# The base families a preset may name (portrait.core.loaders loads each; a test keeps the two
+# lists equal). flux2-klein, zimage and qwen-image-edit are the frontier bases of issue 29.
+BASE_FAMILIES = ("sd15", "sdxl", "flux", "flux2-klein", "zimage", "qwen-image-edit")
 
 
 def _env_path(name: str, default: Path) -> Path:
@@ -72,7 +75,7 @@ class Preset:
     """A resolved preset: its name, base family, model roles and per-stage sections."""
 
     name: str
-    family: str  # sd15 | sdxl | flux
+    family: str  # one of BASE_FAMILIES
     tiny: bool  # resolve every model to its make-tiny stand-in
     models: dict[str, str]  # role -> registry id (base, vae, controlnet_canny, ...)
     sections: dict[str, dict[str, Any]]
@@ -167,8 +170,8 @@ def load_preset(name: str) -> Preset:
     data = _read_preset_yaml(name)
     reserved = {"name", "family", "tiny", "models", "description", "license"}
     family = str(data.get("family", "sd15"))
-    if family not in ("sd15", "sdxl", "flux"):
-        raise BadInput(f"preset '{name}': family '{family}' is not sd15, sdxl or flux")
+    if family not in BASE_FAMILIES:
+        raise BadInput(f"preset '{name}': family '{family}' is not one of {', '.join(BASE_FAMILIES)}")
     return Preset(
         name=Path(name).stem if name.endswith((".yaml", ".yml")) else name,
         family=family,

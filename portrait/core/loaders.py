@@ -34,7 +34,9 @@ from .io import atomic_dir
 from .registry import ResolvedModel
 from .tokenizers import EOS, write_clip_tokenizer
 
-KINDS = ("txt2img", "img2img", "inpaint")
+# `edit`: a picture from reference images and a prompt (FLUX.2 [klein]'s multi-reference
+# conditioning, Qwen-Image-Edit-2511, FLUX.1 Kontext), the frontier backends' kind.
+KINDS = ("txt2img", "img2img", "inpaint", "edit")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -58,6 +60,15 @@ _PIPELINES = {
     ("flux", "txt2img", True): "FluxControlNetPipeline",
     ("flux", "img2img", True): "FluxControlNetImg2ImgPipeline",
     ("flux", "inpaint", True): "FluxControlNetInpaintPipeline",
+    ("flux", "edit", False): "FluxKontextPipeline",  # FLUX.1 Kontext [dev] weights (same transformer layout)
+    # FLUX.2 [klein]: one pipeline for text to image and single/multi-reference editing.
+    ("flux2-klein", "txt2img", False): "Flux2KleinPipeline",
+    ("flux2-klein", "edit", False): "Flux2KleinPipeline",
+    ("flux2-klein", "inpaint", False): "Flux2KleinInpaintPipeline",
+    ("zimage", "txt2img", False): "ZImagePipeline",
+    ("zimage", "img2img", False): "ZImageImg2ImgPipeline",
+    ("zimage", "inpaint", False): "ZImageInpaintPipeline",
+    ("qwen-image-edit", "edit", False): "QwenImageEditPlusPipeline",  # 2509/2511: up to 3 references
 }
 
 _PARTS = {
@@ -65,8 +76,31 @@ _PARTS = {
     "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
     # FLUX.1: a transformer instead of a UNet, CLIP-L (pooled) + T5 (sequence) text encoders.
     "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+    # The frontier bases (issue 29): one Qwen text encoder each; Qwen-Image-Edit adds the
+    # Qwen2.5-VL processor that reads the reference pictures.
+    "flux2-klein": ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "zimage": ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "qwen-image-edit": ("transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler"),
 }
-FAMILIES = tuple(_PARTS)
+FAMILIES = tuple(_PARTS)  # = config.BASE_FAMILIES, which presets are checked against (tests/test_loaders.py)
+# The class of each part of a frontier folder, as its model_index.json names it: (library, class).
+_CLASSES = {
+    "flux2-klein": {"transformer": ("diffusers", "Flux2Transformer2DModel"), "vae": ("diffusers", "AutoencoderKLFlux2"),
+                    "text_encoder": ("transformers", "Qwen3ForCausalLM"),
+                    "tokenizer": ("transformers", "Qwen2TokenizerFast")},
+    "zimage": {"transformer": ("diffusers", "ZImageTransformer2DModel"), "vae": ("diffusers", "AutoencoderKL"),
+               "text_encoder": ("transformers", "Qwen3Model"), "tokenizer": ("transformers", "Qwen2Tokenizer")},
+    "qwen-image-edit": {"transformer": ("diffusers", "QwenImageTransformer2DModel"),
+                        "vae": ("diffusers", "AutoencoderKLQwenImage"),
+                        "text_encoder": ("transformers", "Qwen2_5_VLForConditionalGeneration"),
+                        "tokenizer": ("transformers", "Qwen2Tokenizer"),
+                        "processor": ("transformers", "Qwen2VLProcessor")},
+}
+# Families whose transformer and text encoder runtime.quantize turns to 8-bit weights.
+QUANTIZABLE = ("flux", "flux2-klein", "zimage", "qwen-image-edit")
+# Pipeline settings a folder's model_index.json carries beside its parts (klein: whether the
+# checkpoint is step-distilled, which switches CFG off).
+_PIPELINE_CONFIG = ("is_distilled",)
 # 8-bit weight formats for the FLUX transformer and T5 (preset runtime.quantize), through
 # optimum-quanto (extra `flux`): qint8 is what InfiniteYou's own pipeline uses; both halve
 # the bf16 weights (FLUX.1-dev transformer 23.8 GB -> ~12 GB, T5-XXL 9.5 GB -> ~4.8 GB).
@@ -86,6 +120,7 @@ class Components:
     family: str
     modules: Mapping[str, Any]
     source: Path  # the folder or file the weights came from
+    config: Mapping[str, Any] = field(default_factory=dict)  # pipeline settings from model_index.json (is_distilled)
     pipelines: dict = field(default_factory=dict, compare=False, repr=False)
     lock: Any = field(default_factory=threading.RLock, compare=False, repr=False)
 
@@ -288,7 +323,9 @@ def _folder_components(resolved: ResolvedModel, family: str, dtype, parts: Itera
         folder = root / part
         if not folder.is_dir():
             raise ModelMissing(resolved.spec.id, detail=f"{folder} is absent")
-        if part.startswith("tokenizer"):
+        if family in _CLASSES and part in _CLASSES[family]:
+            modules[part] = _frontier_part(family, part, folder, dtype)
+        elif part.startswith("tokenizer"):
             t5 = family == "flux" and part == "tokenizer_2"
             modules[part] = (transformers.T5TokenizerFast if t5 else transformers.CLIPTokenizer).from_pretrained(folder)
         elif part == "scheduler":
@@ -306,6 +343,40 @@ def _folder_components(resolved: ResolvedModel, family: str, dtype, parts: Itera
             cls = diffusers.UNet2DConditionModel if part == "unet" else diffusers.AutoencoderKL
             modules[part] = _diffusers_part(cls, folder, dtype, _variant(folder))
     return modules
+
+
+def _frontier_part(family: str, part: str, folder: Path, dtype):
+    """One part of a FLUX.2 [klein] / Z-Image / Qwen-Image-Edit folder by the class its
+    model_index.json names (checked against _CLASSES, so a folder of another family is one line)."""
+    import diffusers
+    import transformers
+
+    library, name = _CLASSES[family][part]
+    index = folder.parent / "model_index.json"
+    if index.is_file():
+        import json
+
+        named = (json.loads(index.read_text()).get(part) or [None, None])[1]
+        # transformers 5 names one Qwen2 tokenizer class under both spellings.
+        same = {"Qwen2TokenizerFast": "Qwen2Tokenizer"}
+        if named and same.get(named, named) != same.get(name, name):
+            raise BadInput(f"{index}: {part} is {named}; a {family} base has {name}")
+    if library == "diffusers":
+        return _diffusers_part(getattr(diffusers, name), folder, dtype, _variant(folder))
+    cls = getattr(transformers, name)
+    if part in ("tokenizer", "processor"):
+        return cls.from_pretrained(folder)
+    return cls.from_pretrained(folder, dtype=dtype, variant=_variant(folder))
+
+
+def _pipeline_config(resolved: ResolvedModel) -> dict[str, Any]:
+    import json
+
+    index = resolved.root / "model_index.json"
+    if not resolved.root.is_dir() or not index.is_file():
+        return {}
+    data = json.loads(index.read_text())
+    return {k: data[k] for k in _PIPELINE_CONFIG if k in data}
 
 
 def _flux_single_file_components(ctx, resolved: ResolvedModel, file: Path, dtype) -> dict[str, Any]:
@@ -343,10 +414,14 @@ def quantize_module(module, scheme: str | None) -> bool:
 
 
 def quantize_flux(modules: dict[str, Any], scheme: str | None) -> None:
-    """8-bit weights for the transformer and T5 in place (optimum-quanto), as InfiniteYou's
-    pipeline does with --quantize_8bit; activations stay in the placement dtype."""
-    for name in ("transformer", "text_encoder_2"):
-        quantize_module(modules[name], scheme)
+    """8-bit weights for the transformer and the big text encoder in place (optimum-quanto), as
+    InfiniteYou's pipeline does with --quantize_8bit; activations stay in the placement dtype.
+    FLUX.1: the transformer and T5 (text_encoder_2); the frontier bases: the transformer and
+    their Qwen encoder (text_encoder, the only one they have)."""
+    names = ("transformer", "text_encoder_2") if "text_encoder_2" in modules else ("transformer", "text_encoder")
+    for name in names:
+        if name in modules:
+            quantize_module(modules[name], scheme)
 
 
 def _single_file_components(ctx, resolved: ResolvedModel, file: Path, family: str, dtype) -> dict[str, Any]:
@@ -385,7 +460,7 @@ def load_components(ctx, model_id: str | None = None, *, family: str | None = No
     resolved = models.resolve(ctx, model_id, explicit)
     fam = _family(ctx, resolved, family)
     vae_id = _default_vae_id(ctx, fam) if vae == "auto" else vae
-    quantize = str(ctx.preset.section("runtime").get("quantize", "none")) if fam == "flux" else "none"
+    quantize = str(ctx.preset.section("runtime").get("quantize", "none")) if fam in QUANTIZABLE else "none"
     extra: dict[str, Any] = {"quantize": quantize} if quantize != "none" else {}
     if dtypes:
         extra["dtypes"] = dict(dtypes)
@@ -413,15 +488,16 @@ def build_components(source: models.Source, family: str, vae_id: str | None, req
         modules = _folder_components(resolved, family, source.dtype, parts=parts, dtypes=dtypes)
     if vae_id:
         modules["vae"] = load_vae(ctx, vae_id)
-    if family == "flux":
+    if family in QUANTIZABLE:
         quantize_flux(modules, quantize)
     for name, module in modules.items():
-        if not name.startswith(("tokenizer", "scheduler")):
+        if not name.startswith(("tokenizer", "scheduler", "processor")):
             modules[name] = models.place(ctx, module, cast=False, offloaded=True)
     for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2"):
         if name in modules:
             modules[name].eval()
-    return Components(requested or source.model_id, family, modules, file or resolved.root)
+    config = _pipeline_config(resolved) if file is None else {}
+    return Components(requested or source.model_id, family, modules, file or resolved.root, config)
 
 
 def _build(cls, components: Components, extra: Mapping[str, Any]):
@@ -435,6 +511,7 @@ def _build(cls, components: Components, extra: Mapping[str, Any]):
     for name, value in defaults.items():
         if name in accepted and name not in kwargs:
             kwargs[name] = value
+    kwargs.update({k: v for k, v in components.config.items() if k in accepted})
     kwargs.update({k: v for k, v in extra.items() if k in accepted})
     return cls(**kwargs)
 
@@ -457,7 +534,11 @@ def load_pipeline(ctx, model_id: str | None = None, kind: str = "txt2img", contr
     controlnets = tuple(controlnets)
     components = load_components(ctx, model_id, family=family, base_path=base_path, vae=vae, dtypes=dtypes)
     model_id = components.model_id
-    cls = getattr(diffusers, _PIPELINES[(components.family, kind, bool(controlnets))])
+    key = (components.family, kind, bool(controlnets))
+    if key not in _PIPELINES:
+        what = f"{kind} with ControlNets" if controlnets else kind
+        raise BadInput(f"base '{components.model_id}' ({components.family}) has no {what} pipeline")
+    cls = getattr(diffusers, _PIPELINES[key])
 
     def factory():
         extra: dict[str, Any] = {}
@@ -525,7 +606,8 @@ SCHEDULERS: dict[str, SchedulerChoice] = {
                                            "DPM++ 2M SDE", "Karras"),
     "lcm": SchedulerChoice("LCMScheduler", {}, "LCM"),
     # FLUX's flow-matching Euler (its only sampler in diffusers); Forge labels it Euler / Simple.
-    "flow_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler", {}, "Euler", "Simple", ("flux",)),
+    "flow_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler", {}, "Euler", "Simple",
+                                  ("flux", "flux2-klein", "zimage", "qwen-image-edit")),
 }
 
 

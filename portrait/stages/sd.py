@@ -26,7 +26,10 @@ TILING_PIXELS = 1536 * 1536
 # this much free VRAM, `offload: auto` moves idle modules to the CPU between uses.
 # FLUX.1-dev in bf16: transformer 23.8 GB + T5-XXL 9.5 GB + CLIP-L + VAE (int8 roughly halves
 # the first two); InfiniteYou reports a 43 GB bf16 peak with its InfuseNet.
-RESIDENT_GB = {"sd15": 5.0, "sdxl": 11.0, "flux": 34.0}
+# The frontier bases in bf16 (their pages' file sizes): klein 4B transformer 7.75 GB + Qwen3-4B
+# 8.05 GB; Z-Image-Turbo 12.3 GB + Qwen3-4B 8 GB; Qwen-Image-Edit-2511 40.9 GB + Qwen2.5-VL-7B
+# 16.6 GB (+ the VAEs).
+RESIDENT_GB = {"sd15": 5.0, "sdxl": 11.0, "flux": 34.0, "flux2-klein": 16.0, "zimage": 20.5, "qwen-image-edit": 58.0}
 
 
 def controlnet_ids(ctx: RunContext, names: Sequence[str]) -> tuple[str, ...]:
