@@ -136,7 +136,7 @@ def _train_locked(ctx: RunContext, photos, name: str, *, overrides: dict[str, An
     from portrait.flows.prepare import prepare
 
     if not zero_shot:  # a license policy refuses the base before any work
-        preflight(ctx.registry, [ctx.preset.models.get("base")], settings.license)
+        preflight(ctx.registry, [train_base(ctx)], settings.license)
     with ctx.registry.recording() as used:
         t0 = time.perf_counter()
         emit(TrainEvent("prepare", 0, 0, message="analysing photos"))
@@ -211,7 +211,7 @@ def train_identity(ctx: RunContext, tset: TrainingSet, face_backend: str, policy
     (with `validation`: how likeness was measured)."""
     from portrait.core.loaders import load_pipeline
 
-    base_id = ctx.preset.model("base")
+    base_id = train_base(ctx)
     # The trainer adds an adapter to the UNet: give it a pipeline of its own, never one shared
     # through the ModelCache with generation.
     # Training needs every module resident: no CPU offload hooks.
@@ -244,6 +244,13 @@ def train_identity(ctx: RunContext, tset: TrainingSet, face_backend: str, policy
                         scorer=scorer, prompt_scorer=prompts, resume=resume, base_model=base_id, on_event=emit,
                         restore_pipeline=False)
     return result, {**base_model_record(ctx, base_id), "validation": validation}
+
+
+def train_base(ctx: RunContext) -> str:
+    """The base a LoRA trains on: the preset's `train_base` role where it has one (the
+    undistilled FLUX.2 [klein] base 4B for the 4-step klein; Z-Image for Z-Image-Turbo: a LoRA
+    trained on the base serves the distilled model), else its `base`."""
+    return ctx.preset.models.get("train_base") or ctx.preset.model("base")
 
 
 def training_data(tset: TrainingSet, indices: Sequence[int] | None = None) -> TrainData:

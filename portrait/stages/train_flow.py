@@ -11,8 +11,9 @@ fixtures those scripts produced on the tiny stand-ins (scripts/train_reference_s
 - noise ~ N(0, I) of the model input's shape; u from the family's timestep density
   (`compute_density_for_timestep_sampling`: uniform, logit-normal or mode, the policy's
   `weighting_scheme`); the timestep is the training scheduler's `timesteps[int(u * 1000)]` and
-  sigma its `sigmas[...]` (FLUX.1-dev's scheduler shifts dynamically at inference only, so its
-  training sigmas are unshifted; Z-Image's and klein's configs shift statically, so theirs are);
+  sigma its `sigmas[...]` (FLUX.1-dev's and klein's schedulers shift dynamically, at inference
+  only, so their training sigmas are unshifted; Z-Image's config shifts statically by 3, so
+  its training sigmas lean towards noise);
 - x_t = (1 - sigma) x_0 + sigma noise; target = noise - x_0; loss = mean of
   `compute_loss_weighting_for_sd3(sigma) * (pred - target)^2` per example, then over the batch
   (+ the prior term);
