@@ -140,8 +140,8 @@ def test_cpu_bf16_flags_and_the_auto_rule(monkeypatch):
     auto = TrainPolicy(mixed_precision="auto")
     monkeypatch.setattr(train_stage, "cpu_bf16_native", lambda: True)
     assert mixed_precision_for(auto, "cpu", "float32") == "bf16"
-    assert load_dtypes(auto, "cpu", "float32") == {"unet": "bfloat16", "text_encoder": "bfloat16",
-                                                   "text_encoder_2": "bfloat16"}
+    assert load_dtypes(auto, "cpu", "float32") == {"unet": "bfloat16", "transformer": "bfloat16",
+                                                   "text_encoder": "bfloat16", "text_encoder_2": "bfloat16"}
     # A UNet handed in already loaded: auto follows it, never rounding an fp32 pipeline in place.
     assert mixed_precision_for(auto, "cpu", "float32", unet_dtype=torch.float32) == "no"
     assert mixed_precision_for(auto, "cpu", "float32", unet_dtype=torch.bfloat16) == "bf16"
