@@ -42,7 +42,7 @@ def test_the_table_lists_the_shipped_backends_with_their_declarations():
     assert BACKENDS.names() == ("lora", "template", "instantid", "faceid", "photomaker", "pulid", "flux",
                                 "infiniteyou", "pulid-flux")
     for spec in BACKENDS.specs():
-        assert spec.help and spec.families and set(spec.families) <= {"sd15", "sdxl", "flux"}
+        assert spec.help and spec.families and set(spec.families) <= {"sd15", "sdxl", "flux", "flux2-klein", "zimage"}
         assert spec.options.model_config.get("extra") == "forbid", spec.name
     assert [s.name for s in BACKENDS.specs() if s.needs_lora] == ["lora", "template"]
     assert [s.name for s in BACKENDS.specs() if s.group] == ["template", "faceid"]
