@@ -19,7 +19,7 @@ from PIL import Image
 from portrait.core.config import Settings
 from portrait.core.faces import make_analyzer
 from portrait.core.registry import Registry
-from portrait.core.tiny import make_tiny
+from portrait.core.registry import make_tiny
 from portrait.samples import astronaut_photo, hopper_photo
 
 N_PHOTOS = 20

@@ -34,7 +34,7 @@ SEED = 7
 def prepare_home(home: Path) -> None:
     """Tiny models (made once) and an identity bundle written the way the trainer writes one."""
     from portrait.core.config import Settings
-    from portrait.core.tiny import make_tiny
+    from portrait.core.registry import make_tiny
 
     settings = Settings(home=home, preset="tiny", device="cpu")
     make_tiny(settings)

@@ -79,7 +79,7 @@ def main() -> None:
     import torch
 
     from portrait.core.config import Settings
-    from portrait.core.tiny import make_tiny
+    from portrait.core.registry import make_tiny
 
     torch.set_num_threads(args.threads)
     home = Path(tempfile.mkdtemp(prefix="portrait-bench-"))

@@ -103,7 +103,7 @@ def main() -> int:
     home = args.home or work / "home"
     settings = Settings(home=home, preset="tiny", device="cpu")
     if not (home / "models").is_dir():
-        from portrait.core.tiny import make_tiny
+        from portrait.core.registry import make_tiny
 
         print("making tiny models ...", file=sys.stderr)
         make_tiny(settings)

@@ -302,7 +302,7 @@ def prepare_inputs(args, home: Path) -> dict:
     from portrait.core.config import Settings
     from portrait.core.context import RunContext
     from portrait.core.registry import Registry
-    from portrait.core.tiny import make_tiny
+    from portrait.core.registry import make_tiny
     from portrait.flows.train import train_base
 
     preset, family, _ = ARCHES[args.arch]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import html
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,6 +39,8 @@ class DemoStep:
     size: tuple[int, int] | None = None  # None: the preset's size (64 px on tiny)
     options: dict[str, Any] = field(default_factory=dict)
     folder: str | None = None
+    license: str | None = None  # run under this license policy (the commercial path)
+    edit: str | None = None  # then edit the best result with this prompt (portrait edit)
 
     @property
     def out_name(self) -> str:
@@ -61,9 +63,26 @@ DEMO_STEPS = (
     DemoStep("zero-shot: PuLID v1.1 (SDXL)", "pulid", "business", "tiny-sdxl"),
     DemoStep("zero-shot: PuLID-FLUX v0.9.1 (FLUX)", "pulid-flux", None, "tiny-flux",
              prompt="studio portrait of a {class}, soft light"),
+    # The commercial path (issue 29): only Apache-2.0 / commercial-class models, AuraFace or dlib
+    # scoring, then an identity-locked edit of the best result.
+    DemoStep("commercial path: FLUX.2 [klein] 4B from the reference photos, then an edit (--license commercial)",
+             "klein-ref", "business", "tiny-flux2-klein", n=1, options={"references": 2}, license="commercial",
+             edit="a sunny beach behind them", folder="commercial-klein"),
 )
 
 NOISE_NOTE = "ran end to end; tiny stand-ins draw noise, so there is no face to measure (real presets: README)"
+
+
+def commercial_note(bom: list[dict[str, Any]], passed: int, evaluated: int, edit_passed: int | None) -> str:
+    """What the commercial step can and cannot show, from its own results.json."""
+    classes = sorted({str(row.get("license_class")) for row in bom})
+    edit = "" if edit_passed is None else f", and the edit of the best one ({edit_passed} passed)"
+    return (f"ran under --license commercial loading only {len(bom)} model(s) of license class "
+            f"{' / '.join(classes)} (bill of materials in results.json); every candidate was re-scored against "
+            f"the identity and gated ({passed} of {evaluated} passed{edit}). What this shows: the Apache-2.0 path runs "
+            f"end to end, refuses nothing it needs, and its gate rejects faces that are not the person. What it "
+            f"cannot show: whether klein keeps a face. The tiny stand-in paints noise, so failing the gate is the "
+            f"right answer here; likeness needs `--preset klein-4b` (about 16 GB of weights; README, for businesses).")
 
 
 @dataclass(frozen=True)
@@ -113,7 +132,9 @@ def run_demo(settings: Settings, out: Path, n: int | None = None) -> Iterator[st
     contexts = {"tiny": ctx}
     rows: list[DemoRow] = []
     for step in DEMO_STEPS:
-        step_ctx = contexts.setdefault(step.preset, RunContext.create(settings, preset=step.preset, cache=ctx.cache))
+        key = f"{step.preset}:{step.license or 'any'}"
+        step_settings = settings.with_(license=step.license) if step.license else settings
+        step_ctx = contexts.setdefault(key, RunContext.create(step_settings, preset=step.preset, cache=ctx.cache))
         target = out / step.out_name
         overrides: dict[str, Any] = {"options": dict(step.options)} if step.options else {}
         if step.size:
@@ -125,6 +146,19 @@ def run_demo(settings: Settings, out: Path, n: int | None = None) -> Iterator[st
         images = [p.name for p in result.paths]
         row = DemoRow(step.label, step.backend, step.template, step.preset, step.out_name, images, round(seconds, 1),
                       note=NOISE_NOTE)
+        if step.license:
+            edit_passed = None
+            if step.edit and result.paths:
+                from .flows.edit import edit
+
+                edited = edit(result.paths[0], prompt=step.edit, n=1, seed=7, out=target / "edit", ctx=step_ctx)
+                images += [f"edit/{p.name}" for p in edited.paths]
+                edit_passed = sum(r.passed_gate for r in edited.results)
+                seconds = time.perf_counter() - started
+            gate = result.info.get("gate") or {}
+            row = replace(row, images=images, seconds=round(seconds, 1),
+                          note=commercial_note(result.info.get("bom") or [], sum(r.passed_gate for r in result.results),
+                                               int(gate.get("evaluated", len(result.results))), edit_passed))
         if step.measured:
             row = _measured(row, step_ctx, identity, result)
         rows.append(row)
@@ -140,8 +174,6 @@ def run_demo(settings: Settings, out: Path, n: int | None = None) -> Iterator[st
 def _measured(row: DemoRow, ctx: RunContext, identity, result) -> DemoRow:
     """The best output's similarity (the pipeline's own dlib score) beside the untouched
     template face's similarity to the same identity, in the same space."""
-    from dataclasses import replace
-
     from .core.faces import make_analyzer, similarity, similarity_scale
     from .core.formats.images import read_rgb
     from .stages.templates import find_template

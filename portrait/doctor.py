@@ -95,3 +95,50 @@ def bill_of_materials(settings: Settings) -> dict[str, Any]:
     if face in ("dlib", "auraface"):
         rows.append({"role": "face_detector", "status": "present", **BUILTIN["dlib-hog-detector"]})
     return {"license_policy": ctx.settings.license, "preset": ctx.preset.name, "face_backend": face, "models": rows}
+
+
+def backend_paths(settings: Settings) -> list[dict[str, Any]]:
+    """Each identity backend on the shipped presets that run it, under the license policy in
+    force: `available` (every model it loads is allowed and present), `allowed` (allowed, some
+    not downloaded yet: the command that fetches them), or `refused` (the one line a generate
+    call would print, naming what to use instead). Tiny presets answer for their stand-ins."""
+    from .core.config import available_presets, load_preset
+    from .core.errors import BadInput, ModelMissing
+    from .core.licenses import LicenseRefused, backend_refused, check
+    from .stages.backends import BACKENDS
+
+    registry = Registry.load()
+    presets = [load_preset(name) for name in available_presets()]
+    rows = []
+    for spec in BACKENDS.specs():
+        models = spec.models(spec.read({})) if callable(spec.models) else spec.models
+        for preset in presets:
+            if preset.family not in spec.families or preset.license:
+                continue
+            default = str(preset.section("generate").get("backend", "lora"))
+            if default != spec.name and not (preset.name in ("sd15", "sdxl", "flux", "tiny", "tiny-sdxl", "tiny-flux")):
+                continue  # a frontier preset lists its own backend; the SD/FLUX presets list every backend of their family
+            # every backend loads the preset's base (lora and template name no other role)
+            ids = list(dict.fromkeys(preset.models[role] for role in ("base", *models) if role in preset.models))
+            row = {"backend": spec.name, "preset": preset.name, "tiny": preset.tiny, "models": ids}
+            try:
+                for model_id in ids:
+                    check(registry, model_id, settings.license)
+            except LicenseRefused as exc:
+                rows.append({**row, "status": "refused", "detail": str(backend_refused(registry, exc, spec.name))})
+                continue
+            missing = []
+            for model_id in ids:
+                try:
+                    registry.stand_in(model_id, preset.tiny)
+                    if not preset.tiny and not registry.is_present(model_id, settings):
+                        missing.append(model_id)
+                except (BadInput, ModelMissing):
+                    missing.append(model_id)
+            if missing:
+                rows.append({**row, "status": "allowed", "detail": "not downloaded: " + "; ".join(
+                    f"portrait models download {m}" for m in missing)})
+            else:
+                rows.append({**row, "status": "available",
+                             "detail": "make-tiny stand-ins (written on first use)" if preset.tiny else "present"})
+    return rows

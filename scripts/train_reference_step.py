@@ -147,7 +147,7 @@ def main() -> None:
 
     from portrait.core.config import Settings
     from portrait.core.registry import Registry
-    from portrait.core.tiny import make_tiny
+    from portrait.core.registry import make_tiny
 
     torch.set_num_threads(1)
     out = Path(args.out)

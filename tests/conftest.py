@@ -18,7 +18,7 @@ def tiny_home(tmp_path_factory):
     import torch
 
     from portrait.core.config import Settings
-    from portrait.core.tiny import make_tiny
+    from portrait.core.registry import make_tiny
 
     # Tiny models run fastest on one thread; with the cores shared, more threads made a
     # 2-step 64 px run ~10x slower (thread oversubscription), measured here.

@@ -1,6 +1,8 @@
 """Import ToTheBeginning/PuLID's own code for the PuLID tests (never vendored).
 
-The mirror is fetched with the project's `fetch` tool; the tests skip when it is absent. Its
+Only `scripts/reference_fixtures.py` (recording the stored fixtures, tests/reference_fixtures.py)
+imports it: the mirror is fetched with the project's `fetch` tool, and recording without it is an
+error. Its
 modules import preprocessing packages that are not installed here and that the compared code
 never calls (basicsr, facexlib, torchsde): empty stand-ins take those names for the import
 only, and everything is removed again afterwards.
@@ -16,9 +18,8 @@ import sys
 import types
 from pathlib import Path
 
-import pytest
+from reference_fixtures import mirror
 
-REFERENCE = Path("/work/.mirror/ToTheBeginning+PuLID/repo")
 STUBS = {
     "basicsr": {}, "basicsr.utils": {"img2tensor": None, "tensor2img": None},
     "facexlib": {}, "facexlib.parsing": {"init_parsing_model": None},
@@ -29,9 +30,7 @@ STUBS = {
 
 def checkout(target: Path) -> Path:
     """A work tree of the reference's code folders (the mirror is a bare git directory)."""
-    if not (REFERENCE / "HEAD").exists():
-        pytest.skip(f"reference repository not present at {REFERENCE}")
-    archive = subprocess.run(["git", "--git-dir", str(REFERENCE), "archive", "HEAD", "pulid", "eva_clip", "flux"],
+    archive = subprocess.run(["git", "--git-dir", str(mirror("ToTheBeginning+PuLID")), "archive", "HEAD", "pulid", "eva_clip", "flux"],
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
     return target

@@ -1,18 +1,17 @@
 """facexlib's ArcFace IR-SE50 (InfiniteYou's recognizer) and InfiniteYou's embedding recipe.
 
-Oracles, read at test time from the fetched repositories (bare git mirrors, never vendored):
-facexlib's `facexlib/recognition/arcface_arch.py` (imports only torch; PORTRAIT_FACEXLIB_REPO
-or /work/.mirror/xinntao+facexlib/repo) and InfiniteYou's `extract_arcface_bgr_embedding`
-(its function alone, cut out of `pipelines/pipeline_infu_flux.py` with `ast`: that module
-imports facexlib, optimum-quanto and huggingface_hub at the top, which the lock does not have).
-The reference moves its tensor with `.cuda()`; the test makes that a no-op on CPU, nothing else.
+Oracles: facexlib's `facexlib/recognition/arcface_arch.py` (imports only torch) and InfiniteYou's
+`extract_arcface_bgr_embedding` (its function alone, cut out of `pipelines/pipeline_infu_flux.py`
+with `ast`: that module imports facexlib, optimum-quanto and huggingface_hub at the top, which the
+lock does not have). Their outputs on our seeded weights and inputs are stored fixtures
+(tests/reference_fixtures.py); `scripts/reference_fixtures.py` re-runs them from the fetched
+mirrors. The reference moves its tensor with `.cuda()`; recording makes that a no-op on CPU.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
-import os
 import subprocess
 from pathlib import Path
 
@@ -27,15 +26,12 @@ from portrait.core.errors import PortraitError
 from portrait.core.models import load
 from portrait.stages import embed as emb
 
-FACEXLIB = Path(os.environ.get("PORTRAIT_FACEXLIB_REPO", "/work/.mirror/xinntao+facexlib/repo"))
-INFINITEYOU = Path(os.environ.get("PORTRAIT_INFINITEYOU_REPO", "/work/.mirror/bytedance+InfiniteYou/repo"))
+from reference_fixtures import max_diff, mirror, reference, seeded_state
 
 
-def git_show(repo: Path, path: str) -> str:
-    if not (repo / "HEAD").exists() and not (repo / ".git").exists():
-        pytest.skip(f"reference repository is not fetched ({repo})")
-    git_dir = repo if (repo / "HEAD").exists() else repo / ".git"
-    return subprocess.run(["git", f"--git-dir={git_dir}", "show", f"HEAD:{path}"], capture_output=True, text=True,
+def git_show(repo: str, path: str) -> str:
+    """One file of a fetched mirror (recording only)."""
+    return subprocess.run(["git", f"--git-dir={mirror(repo)}", "show", f"HEAD:{path}"], capture_output=True, text=True,
                           check=True).stdout
 
 
@@ -49,20 +45,6 @@ def tiny_model(ctx):
     return load(ctx, ctx.preset.model("arcface_infiniteyou"), "arcface-irse50")
 
 
-def randomized(module: torch.nn.Module, seed: int = 0) -> dict:
-    """Every tensor of a state dict random (BN statistics too), so a swapped key shows."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, value in module.state_dict().items():
-        if name.endswith("num_batches_tracked"):
-            state[name] = value
-        elif name.endswith("running_var"):
-            state[name] = 0.5 + torch.rand(value.shape, generator=gen)
-        else:
-            state[name] = torch.randn(value.shape, generator=gen) / max(1, value[0].numel() if value.ndim else 1) ** 0.5
-    return state
-
-
 def test_release_layout_has_the_release_size():
     """IR-SE50 built from facexlib's unit table: its fp32 tensors are the release file's bytes
     (175,367,323 in the registry) less pickle framing, which fails on any missing or extra unit."""
@@ -72,30 +54,42 @@ def test_release_layout_has_the_release_size():
     assert 0 < 175_367_323 - data < 200_000, data
 
 
-def test_loads_facexlib_backbone_and_matches_its_forward(tmp_path):
-    """facexlib's own Backbone(50, 0.6, 'ir_se'): same keys, strict load, same embedding."""
-    source = git_show(FACEXLIB, "facexlib/recognition/arcface_arch.py")
+def facexlib_module(tmp_path: Path):
+    source = git_show("xinntao+facexlib", "facexlib/recognition/arcface_arch.py")
     path = tmp_path / "arcface_arch.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("facexlib_arcface_arch", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    theirs = module.Backbone(num_layers=50, drop_ratio=0.6, mode="ir_se")
-    state = randomized(theirs)
-    theirs.load_state_dict(state, strict=True)
-    theirs.eval()
+    return module
+
+
+def test_loads_facexlib_backbone_and_matches_its_forward(tmp_path):
+    """facexlib's own Backbone(50, 0.6, 'ir_se'): same keys, strict load, same embedding; its
+    plain `ir` layout (no SE) is another network and is refused."""
+    ours = arch.ArcFaceIRSE(arch.facexlib_units(50))
+    state = seeded_state(ours, 0)
     assert arch.detect(state.keys())
     ours = arch.build(state)
     assert set(ours.state_dict()) == set(state) and ours.input_size == 112
     x = torch.rand(1, 3, 112, 112, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+    def facexlib():
+        module = facexlib_module(tmp_path)
+        theirs = module.Backbone(num_layers=50, drop_ratio=0.6, mode="ir_se")
+        theirs.load_state_dict(state, strict=True)
+        plain = module.Backbone(num_layers=50, drop_ratio=0.6, mode="ir").state_dict()
+        with torch.no_grad():
+            return {"embedding": theirs.eval()(x), "plain_has_se": float(arch.detect(plain.keys())),
+                    "keys": float(len(theirs.state_dict()))}
+
+    theirs = reference("irse50_backbone", facexlib)
     with torch.no_grad():
-        a, b = ours(x), theirs(x)
-    diff = float((a - b).abs().max())
+        a = ours(x)
+    diff = max_diff(a, theirs["embedding"])
     print(f"IR-SE50 vs facexlib Backbone: max |embedding diff| {diff:.2e}")
     assert diff <= 1e-5 and abs(float(a.norm()) - 1.0) < 1e-5
-    # facexlib's plain `ir` layout (no SE) is another network: refused
-    plain = module.Backbone(num_layers=50, drop_ratio=0.6, mode="ir").state_dict()
-    assert not arch.detect(plain.keys())
+    assert int(theirs["keys"]) == len(state) and theirs["plain_has_se"] == 0.0
 
 
 def test_detect_refuses_other_layouts(tiny_model):
@@ -134,10 +128,10 @@ def test_tiny_stand_in_has_the_release_key_layout(tiny_model):
 
 
 def reference_extract():
-    """InfiniteYou's `extract_arcface_bgr_embedding`, exec'd from its own source."""
+    """InfiniteYou's `extract_arcface_bgr_embedding`, exec'd from its own source (recording only)."""
     from insightface.utils import face_align
 
-    source = git_show(INFINITEYOU, "pipelines/pipeline_infu_flux.py")
+    source = git_show("bytedance+InfiniteYou", "pipelines/pipeline_infu_flux.py")
     tree = ast.parse(source)
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "extract_arcface_bgr_embedding")
     namespace = {"np": np, "torch": torch, "face_align": face_align}
@@ -148,24 +142,32 @@ def reference_extract():
 def test_embedding_matches_infiniteyou_reference(ctx, tiny_model, hopper, astronaut, monkeypatch):
     """Our RGB-in recognizer vs the reference fed as its pipeline feeds it (cv2 RGB2BGR photo,
     antelopev2-style 5 keypoints): the same vector."""
-    extract = reference_extract()
-    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
     ours = emb.TorchArcFace(tiny_model)
     space = emb.space_for("infiniteyou")
     locator = emb.make_locator(ctx, space, emb.EmbedPolicy())
-    vectors = []
-    for photo in (hopper, astronaut):
-        face = emb.largest_face(locator, photo)
-        assert face is not None
+    faces = [emb.largest_face(locator, photo) for photo in (hopper, astronaut)]
+    assert all(face is not None for face in faces)
+
+    def infiniteyou():
+        extract = reference_extract()
+        monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
         with torch.no_grad():
-            theirs = extract(cv2.cvtColor(photo, cv2.COLOR_RGB2BGR), face.kps, tiny_model).numpy()
-        mine = ours.embed(photo, face.kps)
-        diff = float(np.abs(mine - theirs).max())
+            found = {f"photo{i}": extract(cv2.cvtColor(photo, cv2.COLOR_RGB2BGR), face.kps, tiny_model)
+                     for i, (photo, face) in enumerate(zip((hopper, astronaut), faces))}
+        return found | {f"kps{i}": face.kps for i, face in enumerate(faces)}  # the points both sides read
+
+    theirs = reference("infiniteyou_arcface_embedding", infiniteyou)
+    vectors = []
+    for i, (photo, face) in enumerate(zip((hopper, astronaut), faces)):
+        assert np.abs(face.kps - theirs[f"kps{i}"]).max() < 0.5  # the locator still finds the recorded face
+        kps = theirs[f"kps{i}"]
+        mine = ours.embed(photo, kps)
+        diff = max_diff(mine, theirs[f"photo{i}"])
         print(f"InfiniteYou ArcFace embedding vs reference: max |diff| {diff:.2e}")
-        assert mine.shape == (512,) and diff <= 1e-6
+        assert mine.shape == (512,) and diff <= 1e-5
         # channel order is part of the recipe: the RGB crop gives another vector
-        rgb = ours.embed_crop(emb.insightface_crop(photo, face.kps, 112))
-        assert float(np.abs(rgb - mine).max()) > 1e-3
+        rgb = ours.embed_crop(emb.insightface_crop(photo, kps, 112))
+        assert float(np.abs(rgb - theirs[f"photo{i}"]).max()) > 1e-3
         vectors.append(mine)
     assert float(np.abs(vectors[0] - vectors[1]).max()) > 1e-3
 

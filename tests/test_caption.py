@@ -35,7 +35,7 @@ def test_majority_vote_and_the_presets_word_without_attributes():
 @pytest.fixture(scope="module")
 def attr_home(tmp_path_factory):
     from portrait.core.config import Settings
-    from portrait.core.tiny import make_tiny
+    from portrait.core.registry import make_tiny
 
     settings = Settings(home=tmp_path_factory.mktemp("caption-home"), preset="tiny", device="cpu")
     make_tiny(settings, only=["tiny-buffalo_l"])

@@ -11,7 +11,7 @@ from portrait.core.errors import BadInput
 from portrait.core.faces import (ARCFACE_TEMPLATE, DlibAnalyzer, InsightfaceAnalyzer, face_similarity, head_pose,
                                  make_analyzer, pick_backend, similarity)
 from portrait.core.registry import Registry
-from portrait.core.tiny import make_tiny
+from portrait.core.registry import make_tiny
 
 PACKS = ["tiny-antelopev2", "tiny-buffalo_l"]
 

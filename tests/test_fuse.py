@@ -128,7 +128,7 @@ def test_bad_inputs(dlib_analyzer, faces, astronaut):
 def swapper(tmp_path_factory):
     from portrait.core.config import Settings
     from portrait.core.context import RunContext
-    from portrait.core.tiny import make_tiny
+    from portrait.core.registry import make_tiny
     from portrait.stages.fuse import load_swapper
 
     settings = Settings(home=tmp_path_factory.mktemp("swap-home"), preset="tiny", device="cpu")
@@ -158,7 +158,7 @@ def test_a_model_that_is_not_a_swapper_is_refused(tmp_path):
 
     from portrait.core.config import Settings
     from portrait.core.context import RunContext
-    from portrait.core.tiny import make_tiny
+    from portrait.core.registry import make_tiny
     from portrait.stages.fuse import load_swapper
 
     settings = Settings(home=tmp_path, preset="tiny", device="cpu")

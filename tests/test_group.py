@@ -191,3 +191,75 @@ def test_two_people_style_template_with_regional_faceid_from_the_cli(people, tin
     code = run([*args, "--backend", "lora", "--out", str(tmp_path / "lora")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "backend 'lora' paints one identity" in err and len(err.splitlines()) == 1
+
+
+def test_identity_confusion_fails_a_blended_face():
+    """Each face is also scored against the OTHER identities of the picture: a face as like the
+    other person as its own (a blend) fails the gate even above the threshold."""
+    from portrait.core.types import FaceObservation
+    from portrait.stages import score
+
+    def face(x: float, emb: list[float]) -> FaceObservation:
+        return FaceObservation(box=(x, 10.0, x + 40, 50.0), score=1.0, kps=np.zeros((5, 2), np.float32),
+                               embedding=np.asarray(emb, np.float32), backend="insightface:buffalo_l")
+
+    a, b = np.asarray([1.0, 0.0], np.float32), np.asarray([0.0, 1.0], np.float32)
+    people = {"a": score.IdentityEmbeddings(a, None), "b": score.IdentityEmbeddings(b, None)}
+    assigned = [score.AssignedFace("a", 0, (12.0, 12.0, 50.0, 50.0)), score.AssignedFace("b", 1, (150.0, 8, 188, 48))]
+    policy = score.ScorePolicy()
+    clean = score.score_group([face(10, [1.0, 0.1]), face(150, [0.1, 1.0])], (100, 200, 3), assigned, people,
+                              "insightface:buffalo_l", policy, 0.5)
+    assert [f.confusion for f in clean.per_face] == [{"b": pytest.approx(0.0995, abs=1e-3)},
+                                                     {"a": pytest.approx(0.0995, abs=1e-3)}]
+    assert all(f.margin > 0.8 and f.passed for f in clean.per_face) and score.passes(clean, policy, 0.5)
+    blended = score.score_group([face(10, [1.0, 0.1]), face(150, [1.0, 1.0])], (100, 200, 3), assigned, people,
+                                "insightface:buffalo_l", policy, 0.5)
+    right = blended.per_face[1]
+    assert right.similarity == pytest.approx(0.7071, abs=1e-3) and right.similarity >= 0.5  # above the threshold...
+    assert right.margin == pytest.approx(0.0, abs=1e-3) and not right.passed  # ...but as like a as like b
+    assert not score.passes(blended, policy, 0.5)
+    row = right.as_dict()
+    assert row["confusion"] == {"a": pytest.approx(0.7071, abs=1e-3)} and row["margin"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_duo_faces_report_their_own_and_confusion_scores_in_results_and_eval(people, tiny_home, tmp_path, group_ctx):
+    """Real faces (fusion alone, measurable offline): each face's own similarity beside its
+    similarity to the other identity, in results.json and in `portrait eval`."""
+    from portrait.flows.evaluate import evaluate
+
+    generate(B, template="duo", n=1, seed=1, out=tmp_path / "duo", ctx=group_ctx, width=1024, height=512,
+             with_identity=[A], options={"passes": 0}, finish={"fuse": True, "upscale": False})
+    (row,) = json.loads((tmp_path / "duo" / "results.json").read_text())["results"]
+    scores = {s["identity"]: s for s in row["face_scores"]}
+    assert set(scores[B]["confusion"]) == {A} and set(scores[A]["confusion"]) == {B}
+    for name, other in ((A, B), (B, A)):
+        assert scores[name]["similarity"] > scores[name]["confusion"][other]
+        assert scores[name]["margin"] == pytest.approx(scores[name]["similarity"] - scores[name]["confusion"][other],
+                                                       abs=1e-3)
+    report = evaluate([tmp_path / "duo"], out=tmp_path / "eval", settings=tiny_home)
+    (group,) = report.data["groups"]
+    assert group["group_own"] == pytest.approx(min(s["similarity"] for s in scores.values()), abs=1e-3)
+    assert group["group_confusion"] == pytest.approx(max(s["confusion"][o] for s, o in
+                                                         ((scores[A], B), (scores[B], A))), abs=1e-3)
+    page = (tmp_path / "eval" / "index.html").read_text()
+    assert 'data-plot="confusion"' in page and 'data-series="other identity (highest)"' in page
+
+
+def test_two_identities_in_one_klein_picture(people, tiny_home, tmp_path):
+    """klein-ref with --with-identity: both people's reference crops, in order, a prompt that
+    places them left to right, each assigned its strip; both faces listed with their own and
+    confusion scores (the tiny stand-ins paint noise: no face is found, so the gate fails)."""
+    from portrait.core.context import RunContext
+
+    ctx = RunContext.create(tiny_home, preset="tiny-flux2-klein")
+    generate(A, prompt="two colleagues, office", backend="klein-ref", n=1, seed=2, out=tmp_path / "k", ctx=ctx,
+             with_identity=[B], steps=2, width=128, height=64, options={"references": 2},
+             finish={"upscale": False})
+    (row,) = json.loads((tmp_path / "k" / "results.json").read_text())["results"]
+    info = row["info"]
+    assert [r["identity"] for r in info["references"]] == [A, B]
+    assert "person 1 from reference image 1, person 2 from reference image 2" in info["prompt_sent"]
+    assert [f["box"] for f in info["faces"]] == [[0.0, 0.0, 64.0, 64.0], [64.0, 0.0, 128.0, 64.0]]
+    assert [(s["identity"], s["face"]) for s in row["face_scores"]] == [(A, 0), (B, 1)]
+    assert all("confusion" in s and "margin" in s for s in row["face_scores"])
+    assert row["passed_gate"] is False

@@ -553,7 +553,7 @@ def test_spec_paths_resolve_against_the_spec_and_outputs_stay_out_of_template_fo
 def model_home(tmp_path_factory):
     """A home of its own with two small stand-ins (tests here change their bytes)."""
     from portrait.core.config import Settings
-    from portrait.core.tiny import make_tiny
+    from portrait.core.registry import make_tiny
 
     settings = Settings(home=tmp_path_factory.mktemp("model-home"), preset="tiny", device="cpu")
     make_tiny(settings, only=["tiny-esrgan-x2", "tiny-antelopev2"])

@@ -347,6 +347,26 @@ def test_every_cited_anchor_exists():
     assert missing == [], missing
 
 
+def test_adding_a_backend_says_how_many_files_and_they_are_the_real_ones():
+    """docs/ARCHITECTURE.md#adding-a-backend gives a count and a numbered list of files; the count
+    is the list's length, and for the last backend added (InfiniteYou, with its own network) each
+    listed file exists and names it."""
+    doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    section = doc[doc.index('<a id="adding-a-backend"></a>'):doc.index('<a id="reference-fixtures"></a>')]
+    count = int(re.search(r"takes \*\*(\d+) files\*\*", section).group(1))
+    items = re.findall(r"^(\d+)\. `([^`]+)`", section, re.M)
+    assert [int(n) for n, _ in items] == list(range(1, count + 1)), items
+    example = {"<name>": "infiniteyou", "<family>": "flux", "<preset>": "flux"}
+    for _, pattern in items:
+        path = pattern
+        for key, value in example.items():
+            path = path.replace(key, value)
+        assert (REPO / path).is_file() and "infiniteyou" in (REPO / path).read_text().lower(), path
+    # the backend and kind tables name it once each, as the list says
+    assert "infiniteyou.SPEC" in (REPO / "portrait/stages/backends/__init__.py").read_text()
+    assert "portrait.core.archs.infiniteyou:" in (REPO / "portrait/core/archs/__init__.py").read_text()
+
+
 def test_no_comment_cites_the_absent_design_file():
     old = re.compile(r"DESIGN section \d")
     found = sorted(p.relative_to(REPO).as_posix() for p in _cited_files()
@@ -381,41 +401,73 @@ def eager_imports(importer: str, source: str, is_package: bool = False) -> list[
     return [i for i in found if i.target == ROOT_PACKAGE or i.target.startswith(ROOT_PACKAGE + ".")]
 
 
-def import_cycles(modules: dict[str, tuple[str, bool]]) -> list[list[str]]:
-    """Groups of modules that import each other at import time (strongly connected, > 1)."""
+def _edges(modules: dict[str, tuple[str, bool]], imports: list[Import]) -> dict[str, set[str]]:
     edges: dict[str, set[str]] = {m: set() for m in modules}
-    for name, (source, is_package) in modules.items():
-        for imp in eager_imports(name, source, is_package):
-            targets = {imp.target} | {f"{imp.target}.{n}" for n in imp.names}
-            edges[name] |= {t for t in targets if t in modules and t != name}
+    for imp in imports:
+        if imp.importer not in edges or _version_only(imp):
+            continue
+        # `from pkg import sub` depends on the submodule; `from pkg import name` on the package
+        subs = {f"{imp.target}.{n}" for n in imp.names if f"{imp.target}.{n}" in modules}
+        targets = subs | ({imp.target} if len(subs) < len(imp.names) or not imp.names else set())
+        edges[imp.importer] |= {t for t in targets if t in modules and t != imp.importer}
+    return edges
+
+
+def _version_only(imp: Import) -> bool:
+    """`import portrait` / `from portrait import __version__`: runs only the package's __init__
+    (a version string and a lazy export table), so it reaches none of the table's targets."""
+    return imp.target == ROOT_PACKAGE and imp.how in ("import", "from") and not set(imp.names) - {"__version__"}
+
+
+def strongly_connected(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Groups of modules that reach each other (Tarjan's algorithm; groups larger than one)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
+    on_stack: set[str] = set()
     cycles: list[list[str]] = []
 
-    def connect(v: str) -> None:  # Tarjan's algorithm
+    def connect(v: str) -> None:
         index[v] = low[v] = len(index)
         stack.append(v)
+        on_stack.add(v)
         for w in sorted(edges[v]):
             if w not in index:
                 connect(w)
                 low[v] = min(low[v], low[w])
-            elif w in stack:
+            elif w in on_stack:
                 low[v] = min(low[v], index[w])
         if low[v] == index[v]:
             group = []
             while True:
                 w = stack.pop()
+                on_stack.discard(w)
                 group.append(w)
                 if w == v:
                     break
             if len(group) > 1:
                 cycles.append(sorted(group))
 
-    for v in sorted(modules):
+    for v in sorted(edges):
         if v not in index:
             connect(v)
     return cycles
+
+
+def import_cycles(modules: dict[str, tuple[str, bool]]) -> list[list[str]]:
+    """Groups of modules that import each other at import time (strongly connected, > 1)."""
+    imports = [i for name, (source, is_package) in modules.items() for i in eager_imports(name, source, is_package)]
+    return strongly_connected(_edges(modules, imports))
+
+
+def dependency_cycles(modules: dict[str, tuple[str, bool]], extra: list[Import] = ()) -> list[list[str]]:
+    """Groups of modules that depend on each other through ANY import: module level, inside a
+    function, under TYPE_CHECKING, `import_module` literals and dispatch-table strings. A lazy
+    import hides a cycle from the interpreter, not from a reader: two modules that need each
+    other are one module split in two, and the type or helper both need belongs below them."""
+    imports = list(extra) + [i for name, (source, is_package) in modules.items()
+                             for i in imports_of(name, source, is_package)]
+    return strongly_connected(_edges(modules, imports))
 
 
 def test_no_import_cycle_at_import_time(modules):
@@ -435,3 +487,30 @@ def test_cycle_check_fails_on_a_cycle():
             "portrait.core.c": ("def f():\n    import portrait.core.a\n", False),
             "portrait.core.d": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import portrait.core.c\n", False)}
     assert import_cycles(fake) == [["portrait.core.a", "portrait.core.b"]]
+
+
+def test_no_import_cycle_through_any_import(modules):
+    """Not even through the lazy imports: the registry, the license policy and the stand-in
+    writers, the model door and its builders, the trainer and its helpers, the zero-shot
+    plumbing and its backends each used to need each other behind a function-level import."""
+    door = imports_of("portrait.core.models", *modules["portrait.core.models"])
+    assert any("archs" in i.names for i in door)  # the walk sees the door read the kind table...
+    table = imports_of("portrait.core.archs", *modules["portrait.core.archs"])
+    assert {i.target for i in table if i.how == "table"} >= {"portrait.core.archs.pulid"}  # ...and the table's rows
+    assert dependency_cycles(modules, registry_makers()) == []
+
+
+def test_dependency_cycle_check_fails_on_a_lazy_cycle():
+    fake = {"portrait.core.a": ("from portrait.core import b\n", False),
+            "portrait.core.b": ("def f():\n    import portrait.core.a\n", False),
+            "portrait.core.c": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import portrait.core.d\n", False),
+            "portrait.core.d": ("TABLE = {'c': 'portrait.core.c:Thing'}\n", False),
+            "portrait.core.e": ("import portrait\n", False),
+            "portrait": ("TABLE = {'e': 'portrait.core.e:Thing'}\n", True)}
+    assert import_cycles(fake) == []  # nothing runs at import time that closes a loop
+    assert dependency_cycles(fake) == [["portrait.core.a", "portrait.core.b"], ["portrait.core.c", "portrait.core.d"]]
+    # the real tree with one lazy back-reference added fails, naming both modules
+    real = source_modules()
+    src, is_package = real["portrait.core.io"]
+    real["portrait.core.io"] = (src + "\n\ndef _late():\n    from portrait.core import registry\n", is_package)
+    assert any({"portrait.core.io", "portrait.core.registry"} <= set(group) for group in dependency_cycles(real))

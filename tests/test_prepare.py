@@ -176,7 +176,7 @@ def test_cli_exit_codes(tmp_path, home, astronaut):
 
 
 def test_insightface_path_runs_on_the_tiny_pack(tmp_path, home):
-    from portrait.core.tiny import make_tiny
+    from portrait.core.registry import make_tiny
 
     make_tiny(home, only=["tiny-antelopev2", "tiny-buffalo_l"])
     write_sample_photos(tmp_path / "in")

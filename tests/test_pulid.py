@@ -33,6 +33,7 @@ from portrait.core.tiny import pulid as tiny_pulid
 from portrait.stages.generate import GeneratePolicy, generate_candidates, resolve_request
 
 from pulid_reference import reference_modules
+from reference_fixtures import max_diff, recording, reference, seeded_state
 from test_embed import make_identity
 
 SIZE = 64
@@ -42,6 +43,10 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
+    """The reference's modules when recording fixtures (tests/reference_fixtures.py), else None."""
+    if not recording():
+        yield None
+        return
     with reference_modules(tmp_path_factory.mktemp("pulid-reference"), "pulid.pipeline_v1_1",
                            "pulid.attention_processor", "pulid.encoders_transformer", "pulid.utils",
                            "eva_clip.eva_vit_model") as m:
@@ -88,21 +93,27 @@ def request_for(ctx, identity, seed=3, n=1, guidance=2.0, **options):
 
 
 def test_idformer_matches_reference(ref):
-    torch.manual_seed(0)
-    theirs = ref.encoders.IDFormer(dim=64, depth=5, dim_head=64, heads=2, num_id_token=5, num_queries=8,
-                                   output_dim=96).eval()
-    ours = arch.build_idformer(dict(theirs.state_dict()))
+    config = arch.IDFormerConfig(dim=64, depth=5, dim_head=64, heads=2, num_id_token=5, num_queries=8, output_dim=96)
+    state = seeded_state(arch.IDFormer(config), 0)
+    ours = arch.build_idformer(state)
     assert ours.config.heads == 2 and ours.config.vit_dim == 1024 and ours.config.id_dim == 1280
-    id_vectors = torch.randn(1, 3, 1280)  # three photos of one identity
-    hidden = [torch.randn(1, 3 * 17, 1024) for _ in range(5)]
+    gen = torch.Generator().manual_seed(1)
+    id_vectors = torch.randn(1, 3, 1280, generator=gen)  # three photos of one identity
+    hidden = [torch.randn(1, 3 * 17, 1024, generator=gen) for _ in range(5)]
+    single = (id_vectors[:, 0], [h[:, :17] for h in hidden])
+
+    def pulid():
+        theirs = ref.encoders.IDFormer(dim=64, depth=5, dim_head=64, heads=2, num_id_token=5, num_queries=8,
+                                       output_dim=96).eval()
+        theirs.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            return {"three": theirs(id_vectors, hidden), "one": theirs(*single)}
+
+    theirs = reference("pulid_idformer", pulid)
     with torch.no_grad():
-        a, b = theirs(id_vectors, hidden), ours(id_vectors, hidden)
-        single_a, single_b = theirs(id_vectors[:, 0], [h[:, :17] for h in hidden]), ours(id_vectors[:, 0],
-                                                                                          [h[:, :17] for h in hidden])
-    diff = float((a - b).abs().max())
-    print(f"IDFormer max|diff| {diff:.2e} (3 photos), {float((single_a - single_b).abs().max()):.2e} (1 photo)")
-    assert a.shape == (1, 8, 96) and diff <= 1e-5
-    assert float((single_a - single_b).abs().max()) <= 1e-5
+        diff, one = max_diff(ours(id_vectors, hidden), theirs["three"]), max_diff(ours(*single), theirs["one"])
+    print(f"IDFormer max|diff| {diff:.2e} (3 photos), {one:.2e} (1 photo)")
+    assert theirs["three"].shape == (1, 8, 96) and diff <= 1e-5 and one <= 1e-5
 
 
 def test_eva_visual_matches_reference(ref):
@@ -110,23 +121,30 @@ def test_eva_visual_matches_reference(ref):
 
     c = tiny_pulid.EVA_TINY
     state = tiny_pulid.eva_tiny_state(7)
-    grid = c["image"] // c["patch"]
-    theirs = ref.eva_vit.EVAVisionTransformer(
-        img_size=c["image"], patch_size=c["patch"], num_classes=c["embed"], use_mean_pooling=False, init_values=None,
-        embed_dim=c["width"], depth=c["depth"], num_heads=1, mlp_ratio=c["mlp"] / c["width"], qkv_bias=True,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), xattn=False, rope=True, pt_hw_seq_len=grid,
-        intp_freq=True, naiveswiglu=True, subln=True).eval()
-    visual = {k[len("visual."):]: v for k, v in state.items()}
-    missing, unexpected = theirs.load_state_dict(visual, strict=False)
-    assert not unexpected and all("rope" in k for k in missing), (missing, unexpected)
     ours = arch.build_eva_visual(state)
-    pixels = torch.randn(2, 3, c["image"], c["image"])
+    pixels = torch.randn(2, 3, c["image"], c["image"], generator=torch.Generator().manual_seed(3))
+
+    def eva():
+        grid = c["image"] // c["patch"]
+        theirs = ref.eva_vit.EVAVisionTransformer(
+            img_size=c["image"], patch_size=c["patch"], num_classes=c["embed"], use_mean_pooling=False,
+            init_values=None, embed_dim=c["width"], depth=c["depth"], num_heads=1, mlp_ratio=c["mlp"] / c["width"],
+            qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), xattn=False, rope=True,
+            pt_hw_seq_len=grid, intp_freq=True, naiveswiglu=True, subln=True).eval()
+        visual = {k[len("visual."):]: v for k, v in state.items()}
+        missing, unexpected = theirs.load_state_dict(visual, strict=False)
+        assert not unexpected and all("rope" in k for k in missing), (missing, unexpected)
+        with torch.no_grad():
+            embed, hidden = theirs(pixels, return_all_features=False, return_hidden=True, shuffle=False)
+        return {"embed": embed} | {f"hidden{i}": h for i, h in enumerate(hidden)}
+
+    theirs = reference("pulid_eva_visual", eva)
     with torch.no_grad():
-        embed_a, hidden_a = theirs(pixels, return_all_features=False, return_hidden=True, shuffle=False)
-        embed_b, hidden_b = ours(pixels)
-    diffs = [float((embed_a - embed_b).abs().max())] + [float((x - y).abs().max()) for x, y in zip(hidden_a, hidden_b)]
+        embed, hidden = ours(pixels)
+    assert len(hidden) == 5 == len(theirs) - 1
+    diffs = [max_diff(embed, theirs["embed"])] + [max_diff(h, theirs[f"hidden{i}"]) for i, h in enumerate(hidden)]
     print("EVA max|diff| embed, hidden 0-4:", " ".join(f"{d:.2e}" for d in diffs))
-    assert len(hidden_a) == len(hidden_b) == 5 and max(diffs) <= 1e-4
+    assert max(diffs) <= 1e-4
 
 
 # --- the sampler and the ID attention against the reference ------------------------------------------------
@@ -178,15 +196,22 @@ def our_latents(parts, policy, guidance, seed, tokens=None):
 @pytest.mark.parametrize("mode", ["fidelity", "style", "plain"])
 def test_karras_render_matches_reference_pipeline(ref, parts, mode, monkeypatch):
     policy = policy_of(parts, {"pulid_mode": mode, "id_scale": 0.8})
-    tokens = (parts.inputs.uncond, parts.inputs.cond)
-    theirs = reference_latents(ref, parts.pipe, parts.models.layers, tokens, policy.mode, 0.8, 2.0, 11, monkeypatch)
-    ours = our_latents(parts, policy, 2.0, 11)
-    diff = float((theirs - ours).abs().max())
+
+    def pulid():
+        tokens = (parts.inputs.uncond, parts.inputs.cond)
+        latents = reference_latents(ref, parts.pipe, parts.models.layers, tokens, policy.mode, 0.8, 2.0, 11, monkeypatch)
+        return {"latents": latents, "uncond": tokens[0], "cond": tokens[1]}
+
+    theirs = reference(f"pulid_karras_{mode}", pulid)
+    uncond, cond = (torch.from_numpy(theirs[k]) for k in ("uncond", "cond"))  # the ID tokens the reference read
+    assert max_diff(parts.inputs.cond, cond) <= 1e-4  # our encoders still make them
+    ours = our_latents(parts, policy, 2.0, 11, tokens=(uncond, cond))
+    diff = max_diff(ours, theirs["latents"])
     # The same comparison with the CFG halves' ID tokens swapped must fail: the check can see the order.
-    swapped = our_latents(parts, policy, 2.0, 11, tokens=(parts.inputs.cond, parts.inputs.uncond))
-    swap_diff = float((theirs - swapped).abs().max())
+    swapped = our_latents(parts, policy, 2.0, 11, tokens=(cond, uncond))
+    swap_diff = max_diff(swapped, theirs["latents"])
     print(f"{mode}: max|latent diff| vs reference {diff:.2e}; with the CFG halves swapped {swap_diff:.2e} "
-          f"(latent scale {float(theirs.abs().max()):.2f})")
+          f"(latent scale {float(np.abs(theirs['latents']).max()):.2f})")
     assert diff <= TOL
     assert swap_diff > 100 * TOL
 

@@ -92,7 +92,7 @@ def test_bad_inputs(hopper_face):
 def parser_ctx(tmp_path_factory):
     from portrait.core.config import Settings
     from portrait.core.context import RunContext
-    from portrait.core.tiny import make_tiny
+    from portrait.core.registry import make_tiny
 
     settings = Settings(home=tmp_path_factory.mktemp("parser-home"), preset="tiny", device="cpu")
     make_tiny(settings, only=("tiny-face-parser", "tiny-esrgan-x4"))

@@ -13,7 +13,8 @@ import torch
 
 from portrait.core import loaders
 from portrait.core.config import Settings
-from portrait.core.tiny import diffusion, make_tiny
+from portrait.core.registry import make_tiny
+from portrait.core.tiny import diffusion
 from portrait.core.tokenizers import write_clip_tokenizer
 
 PIPELINES = ["tiny-sd15", "tiny-sd15-inpaint", "tiny-sd15-single", "tiny-sdxl", "tiny-sdxl-single"]

@@ -136,8 +136,10 @@ def test_train_resumes_after_kill_and_the_lora_renders_through_our_backend_as_in
     assert manifest["train"]["losses"] == bob.manifest["train"]["losses"]
     assert [r["clip_t"] for r in manifest["validation"]] == [r["clip_t"] for r in bob.manifest["validation"]]
 
-    # The LoRA through our backend, and through diffusers' own pipeline with the same call.
-    result = generate(identity, prompt=PROMPT, backend="flux", n=1, seed=7, out=tmp_path / "out", settings=settings,
+    # The LoRA through our backend (flux: FLUX.1 and klein text to image; zimage: Z-Image's), and
+    # through diffusers' own pipeline with the same call.
+    backend = "zimage" if family == "zimage" else "flux"
+    result = generate(identity, prompt=PROMPT, backend=backend, n=1, seed=7, out=tmp_path / "out", settings=settings,
                       preset=preset, finish=False)
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     request, row = doc["request"], doc["results"][0]

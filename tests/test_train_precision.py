@@ -17,6 +17,7 @@ from portrait.core.config import Settings, load_preset
 from portrait.core.context import RunContext
 from portrait.core.device import cpu_bf16_native
 from portrait.core.errors import BadInput
+from portrait.core.archs.diffusers import diffusers_part
 from portrait.core.formats import weights
 from portrait.stages import train as train_stage
 from portrait.stages.train import TrainData, TrainModels, TrainPolicy, load_dtypes, mixed_precision_for, train_lora
@@ -108,7 +109,7 @@ def test_unet_loaded_as_bf16_tensor_by_tensor_equals_from_pretrained(tiny_home, 
     reads = []
     real = weights.iter_safetensors
     monkeypatch.setattr(weights, "iter_safetensors", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
-    streamed = loaders._diffusers_part(UNet2DConditionModel, folder, torch.bfloat16, None)
+    streamed = diffusers_part(UNet2DConditionModel, folder, torch.bfloat16, None)
     assert reads, "the fp32 file was not read tensor by tensor"
     reference = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.bfloat16)
     a, b = streamed.state_dict(), reference.state_dict()
@@ -123,7 +124,7 @@ def test_unet_loaded_as_bf16_tensor_by_tensor_equals_from_pretrained(tiny_home, 
         assert torch.equal(streamed(sample, 10, cond).sample, reference(sample, 10, cond).sample)
     # Same dtype as stored: diffusers' own from_pretrained, untouched.
     reads.clear()
-    loaders._diffusers_part(UNet2DConditionModel, folder, torch.float32, None)
+    diffusers_part(UNet2DConditionModel, folder, torch.float32, None)
     assert not reads
 
 

@@ -54,7 +54,7 @@ def test_every_finishing_maker_is_byte_deterministic(tmp_path):
     import hashlib
 
     from portrait.core.config import Settings
-    from portrait.core.tiny import make_tiny
+    from portrait.core.registry import make_tiny
 
     def hashes(home):
         settings = Settings(home=home, preset="tiny", device="cpu")

@@ -20,6 +20,8 @@ from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.stages import embed as emb
 from portrait.stages import zeroshot as zs
+from portrait.stages.backends import faceid as fid
+from portrait.stages.backends import instantid as iid
 from portrait.stages.generate import GeneratePolicy, generate_candidates, resolve_request
 
 from test_embed import make_identity
@@ -73,13 +75,13 @@ def maxdiff(a, b) -> int:
 
 def test_draw_kps_follows_instantid():
     kps = np.array([[20, 30], [44, 30], [32, 40], [24, 52], [40, 52]], dtype=np.float32)
-    image = zs.draw_kps(64, 64, kps)
+    image = iid.draw_kps(64, 64, kps)
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8
-    for (x, y), color in zip(kps.astype(int), zs.KPS_COLORS):
+    for (x, y), color in zip(kps.astype(int), iid.KPS_COLORS):
         assert tuple(image[y, x]) == color  # full-strength circles on top
     assert tuple(image[0, 0]) == (0, 0, 0)  # black canvas
     # the limb from the left eye to the nose, away from both circles: red dimmed by 0.6
-    far = zs.draw_kps(256, 256, kps * 4)
+    far = iid.draw_kps(256, 256, kps * 4)
     mid = ((kps[0] + kps[2]) / 2 * 4).astype(int)
     assert tuple(far[mid[1], mid[0]]) == (153, 0, 0)
 
@@ -87,7 +89,7 @@ def test_draw_kps_follows_instantid():
 def test_fit_points_matches_controls_fit():
     points = np.array([[100.0, 50.0]])
     # 200x100 -> 64x64: center crop to 100x100 (x0=50), then scale 0.64
-    assert np.allclose(zs.fit_points(points, (200, 100), 64, 64), [[32.0, 32.0]])
+    assert np.allclose(iid.fit_points(points, (200, 100), 64, 64), [[32.0, 32.0]])
 
 
 # --- InstantID ------------------------------------------------------------------------------------
@@ -103,11 +105,11 @@ def test_instantid_scale_zero_equals_plain_pipeline(ctx_xl, person):
 
 
 def test_instantid_tokens_numbering_and_identitynet_input(ctx_xl, person):
-    from portrait.stages.backends.photomaker import PerceiverResampler
+    from portrait.core.archs.photomaker import PerceiverResampler
     from portrait.stages.sd import load_sd_pipeline
 
-    af = zs.instantid_adapter(ctx_xl)
-    inputs = zs.instantid_inputs(ctx_xl, person, af, emb.EmbedPolicy())
+    af = iid.instantid_adapter(ctx_xl)
+    inputs = iid.instantid_inputs(ctx_xl, person, af, emb.EmbedPolicy())
     assert inputs.id_embeds.shape == (2, 1, 1, 512) and not inputs.id_embeds[0].any()
     pipe = load_sd_pipeline(ctx_xl, "txt2img")
     with zs.attached_ip_adapter(pipe, af):
@@ -124,7 +126,7 @@ def test_instantid_tokens_numbering_and_identitynet_input(ctx_xl, person):
                 assert torch.equal(proc.to_v_ip[0].weight, af.state["ip_adapter"][f"{i}.to_v_ip.weight"])
             else:
                 assert not hasattr(proc, "to_k_ip")
-        tokens = zs.face_tokens(pipe, inputs.id_embeds)
+        tokens = iid.face_tokens(pipe, inputs.id_embeds)
     # an independent Resampler written from InstantID's published layout, same weights
     proj = af.state["image_proj"]
     dim, out = proj["proj_in.weight"].shape[0], proj["proj_out.weight"].shape[0]
@@ -370,7 +372,7 @@ def test_photomaker_v1_matches_tencentarc_reference(ctx_xl, person, monkeypatch)
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from portrait.core.loaders import load_components
-    from portrait.stages.backends.photomaker import encoder_shape
+    from portrait.core.archs.photomaker import encoder_shape
 
     resolved = ctx_xl.resolve("photomaker-v1")
     state = torch.load(resolved.path, map_location="cpu", weights_only=True)
@@ -488,9 +490,9 @@ def test_regional_faceid_masks_confine_each_identity_to_its_region(ctx15, person
     embed = emb.EmbedPolicy()
 
     def inputs(a, b):
-        return zs.regional_faceid_inputs(ctx15, [a, b], policy, af, embed)[0]
+        return fid.regional_faceid_inputs(ctx15, [a, b], policy, af, embed)[0]
 
-    masks = zs.region_masks(zs.default_regions(2), SIZE, SIZE)
+    masks = fid.region_masks(fid.default_regions(2), SIZE, SIZE)
     attn_ab, eps_ab = _first_step(ctx15, req, inputs(person, other), masks)
     attn_cb, eps_cb = _first_step(ctx15, req, inputs(third, other), masks)  # A's slot changed
     attn_ac, eps_ac = _first_step(ctx15, req, inputs(person, third), masks)  # B's slot changed

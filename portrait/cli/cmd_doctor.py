@@ -11,9 +11,10 @@ def register(app: typer.Typer) -> None:
     def doctor(ctx: typer.Context,
                as_json: bool = typer.Option(False, "--json", help="Print everything as one JSON document.")) -> None:
         """Show versions, devices, models present and their licenses, and the preset's bill of materials."""
+        from rich.markup import escape
         from rich.table import Table
 
-        from portrait.doctor import bill_of_materials, environment_report, model_rows
+        from portrait.doctor import backend_paths, bill_of_materials, environment_report, model_rows
 
         from .tables import show
 
@@ -23,7 +24,7 @@ def register(app: typer.Typer) -> None:
             import json
 
             print(json.dumps({"environment": environment_report(), "models": model_rows(settings),
-                              "bill_of_materials": bom}, indent=2, default=str))
+                              "bill_of_materials": bom, "backends": backend_paths(settings)}, indent=2, default=str))
             return
         env = Table(title="environment", show_header=False)
         for key, value in environment_report().items():
@@ -36,6 +37,13 @@ def register(app: typer.Typer) -> None:
             style = "yellow" if row["license_class"] != "commercial" else None
             models.add_row(row["id"], row["kind"], row["present"], row["license"], row["license_class"], style=style)
         show(models)
+        paths = Table(title=f"identity backends under --license {settings.license}")
+        for column in ("backend", "preset", "status", "detail"):
+            paths.add_column(column, overflow="fold")
+        for row in backend_paths(settings):
+            style = {"available": "green", "allowed": None, "refused": "yellow"}[row["status"]]
+            paths.add_row(row["backend"], row["preset"], row["status"], escape(row["detail"]), style=style)
+        show(paths)
         if bom.get("error"):
             print(f"bill of materials: not available ({bom['error']})")
             return

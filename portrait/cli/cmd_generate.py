@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
         width, height = _size(size)
         overrides = {"width": width, "height": height, "steps": steps, "guidance": guidance, "scheduler": scheduler,
                      "lora_weight": lora_weight, "composition": composition}
-        options = _options(option)
+        options = parse_options(option)
         if also:
             options["identities"] = list(also)
         if options:
@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
         print(f"wrote {len(result.results)} image(s) and {result.out / 'results.json'}")
 
 
-def _options(pairs: list[str]) -> dict:
+def parse_options(pairs: list[str]) -> dict:
     """--option KEY=VALUE pairs; values are YAML so numbers and booleans arrive typed."""
     import yaml
 

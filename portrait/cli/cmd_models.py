@@ -92,7 +92,7 @@ def model_path(ctx: typer.Context, model_id: str = typer.Argument(...),
 def make_tiny_models(ctx: typer.Context, seed: int = typer.Option(0, help="Seed; the same seed writes identical files."),
                      force: bool = typer.Option(False, "--force", help="Rewrite models already present.")) -> None:
     """Write deterministic tiny stand-ins of every model (offline; used by the tiny preset)."""
-    from portrait.core.tiny import make_tiny
+    from portrait.core.registry import make_tiny
 
     written = make_tiny(ctx.obj, seed=seed, force=force, on_model=lambda mid: print(f"making {mid}"))
     print(f"{len(written)} tiny model(s) written to {ctx.obj.models_dir}")

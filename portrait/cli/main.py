@@ -18,7 +18,7 @@ import typer
 from portrait.core.config import Settings
 from portrait.core.errors import ENVIRONMENT_ERRNOS, Interrupted, OutputFailed, PortraitError, output_failed
 
-from . import (cmd_batch, cmd_demo, cmd_doctor, cmd_eval, cmd_generate, cmd_models, cmd_prepare, cmd_presets,
+from . import (cmd_batch, cmd_demo, cmd_doctor, cmd_edit, cmd_eval, cmd_generate, cmd_models, cmd_prepare, cmd_presets,
                cmd_serve, cmd_templates, cmd_train)
 
 app = typer.Typer(
@@ -57,7 +57,7 @@ def main(
 PRESET_COMMANDS = ("prepare", "train", "generate", "eval")  # batch run and serve check it as they start
 
 
-for module in (cmd_prepare, cmd_train, cmd_generate, cmd_templates, cmd_presets, cmd_batch, cmd_models, cmd_demo,
+for module in (cmd_prepare, cmd_train, cmd_generate, cmd_edit, cmd_templates, cmd_presets, cmd_batch, cmd_models, cmd_demo,
                cmd_doctor, cmd_eval, cmd_serve):
     module.register(app)
 

@@ -62,10 +62,6 @@ class Settings:
     def identities_dir(self) -> Path:
         return self.home / "identities"
 
-    @property
-    def jobs_dir(self) -> Path:
-        return self.home / "jobs"
-
     def with_(self, **changes: Any) -> "Settings":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 

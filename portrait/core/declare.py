@@ -57,11 +57,6 @@ def section_keys(cls: type) -> dict[str, str]:
     return {name: name for name in getattr(cls, "model_fields", {})}
 
 
-def field_names(cls: type) -> tuple[str, ...]:
-    """The declared keys of a policy dataclass or a pydantic model."""
-    return tuple(section_keys(cls))
-
-
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, include_extras=True)
 

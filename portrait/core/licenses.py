@@ -17,12 +17,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from .errors import BadInput, ModelMissing
+from .modelspec import ModelSpec, ResolvedModel
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .registry import ModelSpec, Registry, ResolvedModel
+
+class Registry(Protocol):
+    """What the policy reads of a registry (portrait.core.registry.Registry, which imports this
+    module to refuse before it resolves)."""
+
+    specs: Mapping[str, ModelSpec]
+
+    def get(self, model_id: str) -> ModelSpec: ...
 
 LICENSE_CLASSES = ("commercial", "non-commercial", "research", "unknown")
 POLICIES: dict[str, frozenset[str]] = {
@@ -67,7 +74,7 @@ class LicenseRefused(ModelMissing):
                                  f"{license_label} [{license_class}]{instead}")
 
 
-def effective(registry: "Registry", spec: "ModelSpec") -> "ModelSpec":
+def effective(registry: Registry, spec: ModelSpec) -> ModelSpec:
     """The spec whose terms apply. A tiny stand-in of only refused models answers for them; one
     that also stands in for an allowed model (tiny-sdxl: sdxl and yamermix-v8) is usable as that."""
     if spec.source != "tiny":
@@ -78,7 +85,7 @@ def effective(registry: "Registry", spec: "ModelSpec") -> "ModelSpec":
     return masters[0]
 
 
-def check(registry: "Registry", model_id: str, policy: str) -> None:
+def check(registry: Registry, model_id: str, policy: str) -> None:
     """Raise LicenseRefused when `policy` does not allow `model_id` (or what it stands in for)."""
     allowed = POLICIES[check_policy(policy)]
     if allowed == POLICIES["any"]:
@@ -90,7 +97,24 @@ def check(registry: "Registry", model_id: str, policy: str) -> None:
                              via=spec.id if terms is not spec else None)
 
 
-def allowed(registry: "Registry", model_id: str, policy: str) -> bool:
+# What a business runs instead of a refused identity backend: the Apache-2.0 frontier bases
+# (issue 29), each scored by AuraFace under the commercial policy.
+FRONTIER_ALTERNATIVE = "--preset klein-4b --backend klein-ref or --preset qwen-edit --backend qwen-edit (Apache-2.0)"
+
+
+def backend_refused(registry: Registry, refused: LicenseRefused, backend: str) -> LicenseRefused:
+    """A backend's refusal names the commercial backends to use instead: a refused model whose
+    own alternative replaces only the model (auraface for an insightface pack) is not what a
+    user of the backend can switch to."""
+    if "klein-ref" in (refused.alternative or ""):
+        return refused
+    spec = registry.get(refused.model_id)
+    own = f"; the model's own substitute: {refused.alternative}" if refused.alternative else ""
+    return LicenseRefused(refused.model_id, refused.policy, spec.license, spec.license_class,
+                          f"{FRONTIER_ALTERNATIVE} (backend {backend} loads this model{own})")
+
+
+def allowed(registry: Registry, model_id: str, policy: str) -> bool:
     try:
         check(registry, model_id, policy)
         return True
@@ -98,7 +122,7 @@ def allowed(registry: "Registry", model_id: str, policy: str) -> bool:
         return False
 
 
-def preflight(registry: "Registry", model_ids: Iterable[str], policy: str) -> None:
+def preflight(registry: Registry, model_ids: Iterable[str], policy: str) -> None:
     """Refuse the run before any work when one of the models it needs is outside the policy."""
     for model_id in model_ids:
         if model_id:
@@ -115,7 +139,7 @@ class BomFile:
     size: int | None
 
 
-def bom_row(registry: "Registry", resolved: "ResolvedModel", hasher: Callable[[Path], str]) -> dict[str, Any]:
+def bom_row(registry: Registry, resolved: ResolvedModel, hasher: Callable[[Path], str]) -> dict[str, Any]:
     """One model of a run: id, license (class and source), where it came from, each file's sha256.
 
     A hash the registry records (checked on download by `portrait models verify`) is used as
@@ -146,14 +170,14 @@ def bom_row(registry: "Registry", resolved: "ResolvedModel", hasher: Callable[[P
     }
 
 
-def _bom_file(spec: "ModelSpec", path: Path, name: str, hasher: Callable[[Path], str]) -> BomFile:
+def _bom_file(spec: ModelSpec, path: Path, name: str, hasher: Callable[[Path], str]) -> BomFile:
     if not path.is_file():
         return BomFile(name, None, None)
     known = spec.sha256.get(name)
     return BomFile(name, known or hasher(path), path.stat().st_size)
 
 
-def _origin(spec: "ModelSpec") -> str:
+def _origin(spec: ModelSpec) -> str:
     if spec.source == "hf":
         return f"hf:{spec.repo}" + (f"@{spec.revision}" if spec.revision else "")
     if spec.source == "url":

@@ -97,6 +97,9 @@ class Resolved(BaseModel):
     template_faces: int | None = None
     memory: dict[str, Any] = Field(default_factory=dict)
     face_backend: str = "dlib"
+    # `portrait edit` (flows/edit.py): {"source": path, "source_sha256", "references": [{"file",
+    # "sha256"}], "chain": the edits that made the source}; set by the edit flow, never a user option
+    edit: dict[str, Any] | None = None
 
 
 RESOLVED_KEYS = tuple(Resolved.model_fields)

@@ -24,70 +24,18 @@ import os
 import shutil
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from .config import Settings, load_yaml, presets_root
 from .errors import BadInput, ModelMissing, PortraitError
 from .io import atomic_path, sha256_file
-
-NON_COMMERCIAL = "non-commercial"
-
-
-class ModelSpec(BaseModel):
-    """One registry entry. `files` are paths relative to the repo (or archive, or package)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    id: str
-    kind: str
-    family: str | None = None
-    source: str = "hf"  # hf | url | package | tiny
-    repo: str | None = None
-    revision: str | None = None
-    files: list[str] = Field(default_factory=list)
-    url: str | None = None  # for source=url: the base URL the files (or the archive) come from
-    archive: str | None = None  # for source=url: a zip whose members are `files`
-    strip: str | None = None  # folder inside the archive to strip when extracting
-    package: str | None = None  # for source=package: the import name that ships `files`
-    license: str = "unknown"
-    commercial: bool = True
-    size: int | None = None  # bytes, all files
-    sha256: dict[str, str] = Field(default_factory=dict)  # file -> hash where known
-    pickle: bool = False  # needs torch.load(weights_only=True) after the hash check
-    tiny: str | None = None  # id of the make-tiny stand-in
-    config: str | None = None  # shipped config folder (presets/configs/...) for single-file bases
-    maker: str | None = None  # for source=tiny: "module:function" that writes it (make-tiny)
-    notes: str = ""
-    # from presets/licenses.yaml (portrait.core.licenses)
-    license_class: str = "unknown"  # commercial | non-commercial | research | unknown
-    license_source: str = ""
-    alternative: str | None = None  # what to use instead when a policy refuses it
-
-    @property
-    def license_label(self) -> str:
-        return self.license if self.commercial else f"{self.license} ({NON_COMMERCIAL})"
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    spec: ModelSpec
-    root: Path  # folder holding `spec.files` at their relative paths
-    origin: str  # explicit | home | hf-cache | package | tiny
-    files: tuple[str, ...] = field(default=())
-
-    @property
-    def path(self) -> Path:
-        """The model's main path: its only file, or its folder."""
-        if len(self.files) == 1 and not self.files[0].endswith("/"):
-            return self.root / self.files[0]
-        return self.root
-
-    def file(self, name: str) -> Path:
-        return self.root / name
+from .licenses import LicenseRefused, check
+from .modelspec import NON_COMMERCIAL, ModelSpec, ResolvedModel  # noqa: F401  (re-exported)
+from .tiny import is_current, tiny_specs, write_stand_in, write_tiny
 
 
 class Registry:
@@ -139,8 +87,6 @@ class Registry:
         a one-line notice: they are deterministic and take about a second each, so "run make-tiny"
         was only a command we could run ourselves. Real models stop with exit 3 and the download
         command."""
-        from .licenses import check
-
         check(self, model_id, getattr(settings, "license", "any"))
         resolved = self._resolve(model_id, settings, tiny=tiny, explicit=explicit, write_tiny=write_tiny)
         for used in self._recorders:
@@ -153,8 +99,6 @@ class Registry:
         if explicit is not None:
             return _resolve_explicit(spec, Path(explicit))
         if spec.source == "tiny":
-            from .tiny import is_current, write_stand_in
-
             root = settings.models_dir / spec.id
             if _has_files(root, spec.files) and is_current(root):
                 return ResolvedModel(spec, root, "tiny", tuple(spec.files))
@@ -178,8 +122,6 @@ class Registry:
 
     def is_present(self, model_id: str, settings: Settings, *, tiny: bool = False) -> bool:
         """Whether the id would resolve (policy included); a look, so nothing is recorded as used."""
-        from .licenses import check
-
         try:
             check(self, model_id, getattr(settings, "license", "any"))
             self._resolve(model_id, settings, tiny=tiny, write_tiny=False)
@@ -375,8 +317,6 @@ def model_table(registry: Registry, settings: Settings) -> list[dict[str, Any]]:
     """One row per model for `models list` and `doctor`."""
     rows = []
     for spec in registry.specs.values():
-        from .licenses import LicenseRefused
-
         try:
             where = registry.resolve(spec.id, settings).origin
         except LicenseRefused:
@@ -396,3 +336,22 @@ def model_table(registry: Registry, settings: Settings) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def make_tiny(settings: Settings, registry: Registry | None = None, seed: int = 0, only: Iterable[str] | None = None,
+              force: bool = False, on_model: Callable[[str], None] | None = None) -> list[Path]:
+    """Write the registry's make-tiny stand-ins (portrait/core/tiny/) that are missing, stale or
+    (`force`) all of them; `only` limits it to those ids."""
+    registry = registry or Registry.load()
+    wanted = set(only) if only else None
+    written = []
+    for spec in tiny_specs(registry.specs.values()):
+        if wanted is not None and spec.id not in wanted:
+            continue
+        target = settings.models_dir / spec.id
+        if not force and is_current(target) and registry.is_present(spec.id, settings):
+            continue
+        if on_model:
+            on_model(spec.id)
+        written.append(write_tiny(spec, target, seed))
+    return written

@@ -75,13 +75,6 @@ class FaceObservation:
     age: float | None = None
 
     @property
-    def normed_embedding(self) -> np.ndarray | None:
-        if self.embedding is None:
-            return None
-        norm = float(np.linalg.norm(self.embedding))
-        return self.embedding / norm if norm > 0 else self.embedding
-
-    @property
     def width(self) -> float:
         return self.box[2] - self.box[0]
 
@@ -244,13 +237,18 @@ class FaceScore:
     similarity: float  # to this identity's consensus embedding
     reference_similarity: float
     face_size: float  # face box area / image area
-    passed: bool = False  # found, of a judgeable size, and at or above the gate threshold
+    passed: bool = False  # found, of a judgeable size, at or above the gate threshold, and not confused
+    # identity confusion: this face's similarity to each OTHER identity in the picture, and how much
+    # more it is like its own (own - the highest other); a blended face has a margin near 0
+    confusion: dict[str, float] = field(default_factory=dict)
+    margin: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"identity": self.identity, "face": self.face,
                 "box": None if self.box is None else [round(float(v), 1) for v in self.box],
                 "similarity": self.similarity, "reference_similarity": self.reference_similarity,
-                "face_size": self.face_size, "passed": self.passed}
+                "face_size": self.face_size, "passed": self.passed, "confusion": dict(self.confusion),
+                "margin": self.margin}
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,21 @@ def _row(run: dict[str, Any], r: dict[str, Any], image: Path | None, origin: str
         "copy_paste": r.get("copy_paste"),
         "faces": r.get("faces"),
         "listed": True,
+        **_confusion(r.get("face_scores") or []),
     }
+
+
+def _confusion(face_scores: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A group picture's identity-confusion figures: the lowest own similarity of its faces, the
+    highest similarity of any face to another identity in the picture, and the smallest margin
+    between the two (a blended picture has a margin near 0). Nothing for a single portrait."""
+    others = [v for f in face_scores for v in (f.get("confusion") or {}).values()]
+    if not others:
+        return {}
+    margins = [f["margin"] for f in face_scores if f.get("margin") is not None]
+    return {"group_own": min(float(f.get("similarity") or 0.0) for f in face_scores),
+            "group_confusion": max(float(v) for v in others),
+            "group_margin": min(margins) if margins else None}
 
 
 def _run_rows(path: Path, settings: Settings, rescore: bool, skip: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -200,6 +214,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "clip_t": _mean([m["clip_t"] for m in members]),
             "pass_rate": round(sum(m["passed_gate"] for m in members) / len(members), 4),
             "copy_paste": sum(1 for m in members if m["copy_paste"]),
+            # group pictures: own similarity beside the similarity to the other people (confusion)
+            "group_own": _mean([m.get("group_own") for m in members]),
+            "group_confusion": _mean([m.get("group_confusion") for m in members]),
+            "group_margin": _mean([m.get("group_margin") for m in members]),
         })
     ranked = sorted((r for r in rows if r["similarity"] is not None and r["image"]),
                     key=lambda r: (r["copy_paste"] is not None, -float(r["similarity"])))
@@ -314,6 +332,15 @@ def render_html(data: dict[str, Any], thumbs: dict[str, str]) -> str:
     spaces = data["spaces"]
     sim_series = {f"{s} ({next((g['roles'][s] for g in groups if g['roles'].get(s)), '?')})":
                   [g["similarity"].get(s) for g in groups] for s in spaces}
+    confusion_groups = [g for g in groups if g.get("group_confusion") is not None]
+    confusion_html = ""
+    if confusion_groups:
+        confusion_html = ("<h2>Group pictures: each face's own identity against the other people (identity "
+                          "confusion)</h2>" + bar_chart(
+                              "confusion", "own similarity against the most similar other identity",
+                              [f"{g['backend']}/{g['template']}" for g in confusion_groups],
+                              {"own (lowest face)": [g["group_own"] for g in confusion_groups],
+                               "other identity (highest)": [g["group_confusion"] for g in confusion_groups]}))
     gate_series = {"gate pass rate": [g["pass_rate"] for g in groups],
                    "copy-paste share": [g["copy_paste"] / g["n"] if g["n"] else None for g in groups]}
     points = [(float(r["similarity"]), float(r["clip_t"]), f"{r['backend']}/{r['template']} seed {r['seed']}",
@@ -367,6 +394,7 @@ both spaces are shown.</p>
 {bar_chart("similarity", "mean identity similarity per space", labels, sim_series)}
 <h2>Prompt adherence (CLIP-T) against identity similarity</h2>
 {scatter("clip-vs-similarity", "CLIP-T against similarity", points, "identity similarity (ranking space)", "CLIP-T")}
+{confusion_html}
 <h2>Gate pass rate and copy-paste flags</h2>
 {bar_chart("gate", "gate pass rate and copy-paste share", labels, gate_series)}
 <h3>Flagged copy-paste</h3><ul class="flags">{flagged}</ul>

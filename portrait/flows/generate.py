@@ -8,7 +8,7 @@ when it is available, then write each image atomically with its metadata chunks 
 ranked results.json (docs/ARCHITECTURE.md#results-json).
 
 Under a license policy the models the request needs are checked before any work
-(`_preflight`), and results.json carries the run's bill of materials: every model resolved
+(`preflight`), and results.json carries the run's bill of materials: every model resolved
 while it ran, with its files' sha256, license class and source (portrait.core.licenses).
 """
 
@@ -79,8 +79,17 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
     request = gen.resolve_request(person, policy, template=chosen, prompt=prompt, backend=backend, n=n, seed=seed,
                                   overrides=overrides)
     out = Path(out).expanduser()
-    _preflight(ctx, request)
-    _check_out(out)
+    preflight(ctx, request)
+    check_out(out)
+    return run_request(ctx, person, request, out, finish=finish, progress=report)
+
+
+def run_request(ctx: RunContext, person: Identity, request: GenerationRequest, out: Path, *,
+                finish: bool | dict[str, bool] = True, progress: Progress | None = None) -> GenerationResult:
+    """Run a resolved request to ranked files in `out` (checked by the caller): the backend's
+    candidates, the finish and gate, the images with their metadata and results.json, written in
+    a staging folder published whole. `generate` and `edit` (flows/edit.py) share it."""
+    report = progress or ctx.progress
 
     def run(req: GenerationRequest) -> list[Candidate]:
         found = []
@@ -110,7 +119,8 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
     except OutputFailed as exc:
         raise as_published(exc, staging, out) from None
     except KeyboardInterrupt as exc:
-        raise Interrupted(f"generate stopped; nothing written to {out}", signal_of(exc)) from None
+        raise Interrupted(f"{'edit' if request.options.get('edit') else 'generate'} stopped; nothing written to "
+                          f"{out}", signal_of(exc)) from None
     finally:
         discard_dir(staging)
     final = tuple(dataclasses.replace(r, path=out / r.path.name) for r in written)
@@ -130,17 +140,19 @@ def _photo_backend() -> str:
     return next(spec.name for spec in BACKENDS.specs() if spec.photo_template)
 
 
-def _preflight(ctx: RunContext, request: GenerationRequest) -> None:
+def preflight(ctx: RunContext, request: GenerationRequest) -> None:
     """The preset roles the backend declares it loads (BackendSpec.models), checked against the
     license policy before the base model is loaded (the backend resolves them again)."""
-    from portrait.core.licenses import preflight
+    from portrait.core import licenses
     from portrait.flows.finish import FinishPolicy
 
     roles = list(gen.backend_spec(request.backend).model_roles(request))
-    ids = [ctx.preset.models.get(role) for role in roles]
+    try:  # the backend's own models: a refusal names the commercial backends instead
+        licenses.preflight(ctx.registry, [ctx.preset.models.get(role) for role in roles], ctx.settings.license)
+    except licenses.LicenseRefused as exc:
+        raise licenses.backend_refused(ctx.registry, exc, request.backend) from None
     if FinishPolicy.from_preset(ctx.preset).fuse.method == "inswapper":
-        ids.append("inswapper-128")
-    preflight(ctx.registry, ids, ctx.settings.license)
+        licenses.preflight(ctx.registry, ["inswapper-128"], ctx.settings.license)
 
 
 def bill_of_materials(ctx: RunContext, used: dict) -> list[dict[str, Any]]:
@@ -154,7 +166,7 @@ def bill_of_materials(ctx: RunContext, used: dict) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["id"])
 
 
-def _check_out(out: Path) -> None:
+def check_out(out: Path) -> None:
     """OUT is replaced as a unit: it must be new, empty, or an earlier generate result (never a
     folder of the user's other files, such as a template or photo folder)."""
     if out.exists() and not out.is_dir():
@@ -227,7 +239,8 @@ def _write(ctx: RunContext, out: Path, identity: Identity, ranked: list[RankedRe
     for r in ranked:
         cand = r.candidate
         started = time.perf_counter()
-        name = f"{_slug(identity.name)}_{_slug(cand.request.template or 'prompt')}_{cand.seed}.png"
+        kind = cand.request.template or ("edit" if cand.request.options.get("edit") else "prompt")
+        name = f"{_slug(identity.name)}_{_slug(kind)}_{cand.seed}.png"
         model = cand.info.get("model", {})
         loras = [metadata.LoraUse(u["name"], float(u["weight"]), _lora_hash12(ctx, Path(u["path"])))
                  for u in cand.info.get("loras", []) if u.get("path")]

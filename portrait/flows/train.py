@@ -450,12 +450,6 @@ def _add_bom(staging: Path, ctx: RunContext, used: dict) -> None:
     update_manifest(staging, bom=bill_of_materials(ctx, used))
 
 
-def swap_into_place(staging: Path, target: Path) -> None:
-    """Replace `target` with the finished `staging` folder by renames (kept for callers; see
-    portrait.core.io.publish_dir)."""
-    publish_dir(staging, target)
-
-
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -20,13 +20,10 @@ import numpy as np
 from pydantic import Field, StrictBool
 
 from portrait.core.declare import policy_from
-from portrait.core.errors import bad_file
-from portrait.core.models import builder
+from portrait.core.archs.segmenter import MEAN, SIZE, STD, Segmenter  # noqa: F401
 
-SIZE = 320  # U^2-Net's input side
 Level = Annotated[int, Field(ge=0, le=255)]
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+
 
 
 @dataclass(frozen=True)
@@ -43,47 +40,12 @@ class BackgroundPolicy:
         return policy_from(cls, section, where, shared=shared)
 
 
-@dataclass
-class Segmenter:
-    session: Any  # onnxruntime.InferenceSession
-    model_id: str
-    license: str
-
-    def mask(self, image: np.ndarray) -> np.ndarray:
-        """Foreground probability, float32 HxW in [0, 1], for an RGB uint8 image."""
-        import cv2
-
-        h, w = image.shape[:2]
-        x = cv2.resize(image, (SIZE, SIZE), interpolation=cv2.INTER_LANCZOS4).astype(np.float32)
-        x = (x / max(float(x.max()), 1e-6) - MEAN) / STD
-        feed = {self.session.get_inputs()[0].name: x.transpose(2, 0, 1)[None].astype(np.float32)}
-        pred = self.session.run(None, feed)[0][0, 0]
-        lo, hi = float(pred.min()), float(pred.max())
-        pred = (pred - lo) / (hi - lo) if hi > lo else np.clip(pred, 0.0, 1.0)
-        return np.clip(cv2.resize(pred.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
-
-
 def load_segmenter(ctx, model_id: str) -> Segmenter:
     """The registry's background segmenter (tiny stand-in under a tiny preset), through the
     model door (kind "segmenter"), cached."""
     from portrait.core.models import load
 
     return load(ctx, model_id, "segmenter")
-
-
-@builder("segmenter")
-def _build_segmenter(source) -> Segmenter:
-    """A U2-Net-style ONNX (one RGB input, a foreground map first) on `onnx_providers(ctx)`."""
-    import onnxruntime
-
-    from portrait.core.models import onnx_providers
-
-    path = source.verified()
-    try:
-        session = onnxruntime.InferenceSession(str(path), providers=onnx_providers(source.ctx))
-    except Exception as exc:  # onnxruntime raises its own exception types for a bad file
-        raise bad_file(path, f"is not a loadable ONNX segmenter ({exc.__class__.__name__})") from None
-    return Segmenter(session, source.model_id, source.resolved.spec.license)
 
 
 def whiten(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:

@@ -15,10 +15,7 @@ source except a depth map shipped with the template (`preprocessed: true`).
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import cv2
@@ -26,7 +23,7 @@ import numpy as np
 
 from portrait.core.errors import BadInput
 from portrait.core.formats.images import read_rgb  # noqa: F401  (backends call <stage>.read_rgb)
-from portrait.core.models import builder
+from portrait.core.archs.annotators import quiet_import
 from portrait.core.types import FaceObservation
 
 
@@ -84,15 +81,6 @@ def tile(image: np.ndarray, blur: int = 0) -> np.ndarray:
 # --- openpose ------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _quiet_import():
-    """controlnet-aux imports every annotator (timm, mediapipe, SAM) and warns about each;
-    none of that concerns a user asking for a pose map."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
 def _body_from_face(face: FaceObservation, width: int, height: int) -> list:
     """OpenPose's 18 body keypoints (COCO order) that a face determines, normalized to [0, 1].
 
@@ -101,7 +89,7 @@ def _body_from_face(face: FaceObservation, width: int, height: int) -> list:
     shoulders ~1.4 face widths either side of the neck), enough for a head-and-shoulders
     ControlNet to keep the pose.
     """
-    with _quiet_import():
+    with quiet_import():
         from controlnet_aux.open_pose.body import Keypoint
 
     kps = np.asarray(face.kps, dtype=np.float32)
@@ -130,7 +118,7 @@ def _body_from_face(face: FaceObservation, width: int, height: int) -> list:
 
 
 def _face_points(face: FaceObservation, width: int, height: int) -> list:
-    with _quiet_import():
+    with quiet_import():
         from controlnet_aux.open_pose.body import Keypoint
 
     pts = face.landmarks if face.landmarks is not None else face.kps
@@ -140,7 +128,7 @@ def _face_points(face: FaceObservation, width: int, height: int) -> list:
 def openpose_from_faces(faces: Sequence[FaceObservation], width: int, height: int,
                         source_size: tuple[int, int] | None = None) -> np.ndarray:
     """An OpenPose-style map (body + face dots) drawn from detected faces, no annotator weights."""
-    with _quiet_import():
+    with quiet_import():
         from controlnet_aux.open_pose import util
 
     src_w, src_h = source_size or (width, height)
@@ -164,25 +152,6 @@ def load_depth_annotator(ctx):
     from portrait.core.models import load
 
     return load(ctx, "annotator-midas", "midas")
-
-
-@builder("openpose")
-def _build_openpose(source):
-    """controlnet-aux OpenposeDetector from a local lllyasviel/Annotators folder."""
-    with _quiet_import():
-        from controlnet_aux import OpenposeDetector
-
-    # controlnet-aux's detectors take a device only (`.to(device)`); they stay fp32 on CUDA
-    return source.place(OpenposeDetector.from_pretrained(str(source.folder)), cast=False)
-
-
-@builder("midas")
-def _build_midas(source):
-    """controlnet-aux MidasDetector (DPT hybrid) from a local lllyasviel/Annotators folder."""
-    with _quiet_import():
-        from controlnet_aux import MidasDetector
-
-    return source.place(MidasDetector.from_pretrained(str(source.folder)), cast=False)
 
 
 def _annotate(detector, image: np.ndarray, width: int, height: int, **kwargs) -> np.ndarray:

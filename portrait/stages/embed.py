@@ -33,7 +33,7 @@ import numpy as np
 
 from portrait.core.errors import BadInput
 from portrait.core.formats.images import read_rgb  # noqa: F401  (backends call <stage>.read_rgb)
-from portrait.core.models import builder
+from portrait.core.archs.recognizer import Recognizer, insightface_crop
 from portrait.core.types import FaceObservation, Identity
 
 Mode = Literal["mean", "all", "best"]
@@ -161,34 +161,6 @@ def identity_photos(identity: Identity, limit: int) -> list[Path]:
     raise BadInput(f"identity '{identity.name}': no photos/ and no reference.png in {identity.root}")
 
 
-class Recognizer:
-    """One pack's ArcFace model, loaded by insightface's router from the pack folder."""
-
-    def __init__(self, onnx_path: Path, device: str = "cpu"):
-        from portrait.core.models import insightface_model
-
-        self.model = insightface_model(onnx_path, device)
-        if not hasattr(self.model, "get_feat"):
-            raise BadInput(f"{onnx_path}: not an insightface recognition model")
-        self.input_size = int(self.model.input_size[0])
-
-    def embed(self, image: np.ndarray, kps: np.ndarray) -> np.ndarray:
-        """Raw embedding of the face at `kps` in an RGB image (insightface's own recipe)."""
-        bgr = np.ascontiguousarray(insightface_crop(image, kps, self.input_size)[:, :, ::-1])
-        return np.asarray(self.model.get_feat(bgr), dtype=np.float32).ravel()
-
-
-def insightface_crop(image: np.ndarray, kps: np.ndarray, size: int) -> np.ndarray:
-    """insightface's own `norm_crop`: the adapters were trained on exactly these pixels."""
-    import warnings
-
-    from insightface.utils import face_align
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # its skimage call is deprecated, not wrong
-        return face_align.norm_crop(image, landmark=np.asarray(kps, dtype=np.float32), image_size=size)
-
-
 class TorchArcFace:
     """facexlib's ArcFace IR-SE50 fed the way InfiniteYou's `extract_arcface_bgr_embedding` feeds it."""
 
@@ -221,12 +193,6 @@ def load_recognizer(ctx, space: AdapterSpace) -> Recognizer | TorchArcFace:
     if not resolved.file(space.recognizer).is_file():
         raise BadInput(f"{resolved.root}: pack '{space.pack}' has no {space.recognizer}")
     return load(ctx, space.pack, "recognizer", file=space.recognizer)
-
-
-@builder("recognizer")
-def _build_recognizer(source) -> Recognizer:
-    """An insightface pack's ArcFace ONNX (glintr100, w600k_r50) as a Recognizer, on `onnx_providers(ctx)`."""
-    return Recognizer(source.verified(), source.device)
 
 
 def locator_backend(ctx, space: AdapterSpace, policy: EmbedPolicy) -> str:

@@ -19,9 +19,10 @@ from portrait.core.types import GenerationRequest
 from portrait.stages.sd import generator, prepare_pipeline, to_uint8
 
 SAMPLER = "flow_euler"
-# The flow-matching text-to-image bases the `flux` backend renders (with the identity's LoRA
-# for that base when the bundle has one); InfiniteYou and PuLID-FLUX need FLUX.1 itself.
-FLOW_FAMILIES = ("flux", "flux2-klein", "zimage")
+# The bases the `flux` backend renders text to image on (with the identity's LoRA for that base
+# when the bundle has one): FLUX.1 and FLUX.2 [klein]; InfiniteYou and PuLID-FLUX need FLUX.1
+# itself, Z-Image has its own backend (`zimage`).
+FLOW_FAMILIES = ("flux", "flux2-klein")
 
 
 def check_request(request: GenerationRequest, ctx: RunContext, families: tuple[str, ...] = ("flux",)) -> None:
@@ -60,17 +61,13 @@ def true_cfg(request: GenerationRequest) -> float:
 
 
 def call_args(request: GenerationRequest, ctx: RunContext, seed: int) -> dict[str, Any]:
-    """The keyword arguments of one FluxPipeline call for this request and seed (Z-Image takes a
-    negative prompt for its CFG; FLUX.2 [klein] has none)."""
+    """The keyword arguments of one FluxPipeline call for this request and seed (a FLUX.2 [klein]
+    pipeline takes no negative prompt: the distilled one has no CFG, the base's runs on an empty one)."""
     cfg = true_cfg(request)
-    family = ctx.preset.family
-    if family != "flux":
-        args = {"prompt": request.prompt, "num_inference_steps": request.steps, "guidance_scale": request.guidance,
+    if ctx.preset.family != "flux":
+        return {"prompt": request.prompt, "num_inference_steps": request.steps, "guidance_scale": request.guidance,
                 "width": request.width, "height": request.height, "max_sequence_length": max_sequence_length(ctx),
                 "generator": generator(seed)}
-        if family == "zimage":
-            args["negative_prompt"] = request.negative_prompt or None
-        return args
     args: dict[str, Any] = {
         "prompt": request.prompt,
         "num_inference_steps": request.steps,

@@ -39,7 +39,7 @@ import numpy as np
 from pydantic import Field
 
 from portrait.core.faces import similarity
-from portrait.core.models import builder
+from portrait.core.archs.clip import ClipModel
 from portrait.core.types import Candidate, CandidateScore, FaceObservation, FaceScore, RankedResult
 
 _LORA_TAG = re.compile(r"<lora:[^>]*>")
@@ -65,6 +65,7 @@ class ScorePolicy:
     copy_min_photos: Annotated[int, Field(ge=0)] = 3  # fewer photos than this give no spread: the similarity test is off
     copy_kps_tolerance: Annotated[float, Field(ge=0.0)] = 0.015  # copy-paste: mean keypoint distance (fraction of image side) ...
     copy_crop_correlation: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.9  # ... and aligned-crop correlation at or above this
+    group_margin: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05  # a group face passes only when it is this much more like its own identity than like any other in the picture (a blended face fails)
 
     def threshold_for(self, backend: str, default: float) -> float:
         """The gate threshold for a generation backend (a per-backend value wins)."""
@@ -144,6 +145,7 @@ def score_group(found: Sequence[FaceObservation], image_shape: tuple[int, ...], 
     """Each assigned face against its own identity; the candidate's similarity is the lowest."""
     h, w = image_shape[:2]
     per_face = []
+    others_of = {a.identity: [b.identity for b in assigned if b.identity != a.identity] for a in assigned}
     for want, face in zip(assigned, match_faces(found, assigned)):
         if face is None or face.embedding is None:
             per_face.append(FaceScore(want.identity, want.face, None if face is None else face.box, 0.0, 0.0,
@@ -153,9 +155,14 @@ def score_group(found: Sequence[FaceObservation], image_shape: tuple[int, ...], 
         sim = float(similarity(face.embedding, who.consensus, space))
         ref = float(similarity(face.embedding, who.reference, space)) if who.reference is not None else sim
         size = round(face.area / float(h * w), 4)
-        ok = policy.min_face_fraction <= size <= policy.max_face_fraction and sim >= threshold
+        # identity confusion: the same face against every other identity painted in the picture
+        confusion = {name: round(float(similarity(face.embedding, people[name].consensus, space)), 4)
+                     for name in others_of[want.identity] if name in people}
+        margin = round(sim - max(confusion.values()), 4) if confusion else None
+        ok = policy.min_face_fraction <= size <= policy.max_face_fraction and sim >= threshold and \
+            (margin is None or margin >= policy.group_margin)
         per_face.append(FaceScore(want.identity, want.face, tuple(float(v) for v in face.box), round(sim, 4),
-                                  round(ref, 4), size, bool(ok)))
+                                  round(ref, 4), size, bool(ok), confusion, margin))
     return CandidateScore(similarity=min(f.similarity for f in per_face) if per_face else 0.0,
                           reference_similarity=min(f.reference_similarity for f in per_face) if per_face else 0.0,
                           faces=len(found), face_size=min(f.face_size for f in per_face) if per_face else 0.0,
@@ -173,8 +180,9 @@ def is_sane(score: CandidateScore, policy: ScorePolicy) -> bool:
 
 
 def passes(score: CandidateScore, policy: ScorePolicy, threshold: float) -> bool:
-    if score.per_face:  # a group passes only when every assigned face does
-        return is_sane(score, policy) and all(f.similarity >= threshold for f in score.per_face)
+    if score.per_face:  # a group passes only when every assigned face does, each unconfused with the others
+        return is_sane(score, policy) and all(
+            f.similarity >= threshold and (f.margin is None or f.margin >= policy.group_margin) for f in score.per_face)
     return is_sane(score, policy) and score.similarity >= threshold
 
 
@@ -296,28 +304,11 @@ def copy_paste_reason(embeddings: Mapping[str, np.ndarray], signature: FaceSigna
 # --- CLIP-T ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ClipModel:
-    model: Any  # transformers CLIPModel
-    processor: Any  # transformers CLIPProcessor
-    device: str
-
-
 def load_clip(ctx, model_id: str) -> ClipModel:
     """The registry CLIP (tiny stand-in offline), through the model door (kind "clip-score"); fp16 on CUDA."""
     from portrait.core.models import load
 
     return load(ctx, model_id, "clip-score")
-
-
-@builder("clip-score")
-def _build_clip(source) -> ClipModel:
-    """transformers CLIPModel + CLIPProcessor from a folder, for CLIP-T prompt scores."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    folder = source.folder
-    model = CLIPModel.from_pretrained(folder, torch_dtype=source.dtype if source.ctx.placement.is_cuda else None)
-    return ClipModel(source.place(model).eval(), CLIPProcessor.from_pretrained(folder), source.device)
 
 
 def clean_prompt(prompt: str) -> str:

@@ -8,14 +8,13 @@ with the prior-loss weight of the preset.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 
 from portrait.stages.train_state import TrainEvent
 
-if TYPE_CHECKING:  # annotations only (train.py imports this module)
-    from portrait.stages.train import TrainModels, TrainPolicy
+from portrait.stages.train_types import TrainModels, TrainPolicy
 
 
 def class_images(models: TrainModels, prompt: str, policy: TrainPolicy, cache_dir: Path, device: str,

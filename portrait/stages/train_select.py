@@ -18,14 +18,13 @@ counted as an improvement.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from portrait.stages.train_state import Baseline, CheckpointRecord
+from portrait.stages.train_types import Baseline, CheckpointRecord
 
-if TYPE_CHECKING:  # annotations only (train.py imports this module)
-    from portrait.stages.train import TrainModels, TrainPolicy, TrainResult
+from portrait.stages.train_types import TrainModels, TrainPolicy, TrainResult
 
 # A face scorer maps one generated RGB uint8 image to its identity similarity with the
 # consensus, or None when it finds no face (which scores 0, never an error).

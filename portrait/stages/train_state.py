@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -28,8 +28,7 @@ from portrait.core.errors import BadInput
 from portrait.core.formats.lora import write_lora_file
 from portrait.core.io import fsync_dir, sync_tree, write_json
 
-if TYPE_CHECKING:  # the loop's values; imported for annotations only (train.py imports this module)
-    from portrait.stages.train import TrainData, TrainPolicy
+from portrait.stages.train_types import Baseline, CheckpointRecord, TrainData, TrainPolicy
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -44,40 +43,6 @@ class TrainEvent:
     total: int
     loss: float | None = None
     message: str = ""
-
-
-@dataclass(frozen=True)
-class CheckpointRecord:
-    step: int
-    path: Path
-    loss: float  # mean training loss over the steps since the previous checkpoint
-    scores: tuple[float, ...]  # one per validation image (0 where no face was found)
-    clip_t: tuple[float, ...] = ()  # prompt adherence (CLIP-T) per validation image; empty when not measured
-
-    @property
-    def score(self) -> float:
-        return float(np.mean(self.scores)) if self.scores else 0.0
-
-    @property
-    def prompt_score(self) -> float | None:
-        return float(np.mean(self.clip_t)) if self.clip_t else None
-
-
-@dataclass(frozen=True)
-class Baseline:
-    """The base model's validation figures before any training (the curve's step 0): the floor
-    a LoRA's likeness is measured from, and the prompt adherence it must not lose."""
-
-    scores: tuple[float, ...]
-    clip_t: tuple[float, ...] = ()
-
-    @property
-    def score(self) -> float:
-        return float(np.mean(self.scores)) if self.scores else 0.0
-
-    @property
-    def prompt_score(self) -> float | None:
-        return float(np.mean(self.clip_t)) if self.clip_t else None
 
 
 BASELINE_FILE = "baseline.json"

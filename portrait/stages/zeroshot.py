@@ -265,26 +265,3 @@ def activate_with_faceid(pipe, others: Sequence[tuple[str, float]], policy: Face
     if names:
         pipe.enable_lora()
         pipe.set_adapters(names, adapter_weights=weights)
-
-
-# --- names that moved (kept so the reference tests' `zs.NAME` run unchanged) ------------------------
-
-_INSTANTID = ("InstantIDPolicy", "KPS_COLORS", "KPS_LIMBS", "KPS_STICK_WIDTH", "KPS_LIMB_DIM", "KPS_RADIUS", "draw_kps",
-              "fit_points", "PoseReference", "pose_reference", "keypoint_image", "InstantIDInputs", "instantid_adapter",
-              "instantid_inputs", "face_tokens", "identitynet_tokens", "match_batch", "attached_instantid")
-_REGIONAL = ("default_regions", "parse_regions", "region_masks", "regional_faceid_inputs")
-
-
-def __getattr__(name: str):
-    """InstantID's internals live in its backend, regional FaceID in the faceid backend; their old
-    names here resolve there on first use (nothing here imports a backend at import time, and no
-    code of the project uses these names: new code imports the backend module)."""
-    if name in _INSTANTID:
-        from portrait.stages.backends import instantid
-
-        return getattr(instantid, name)
-    if name in _REGIONAL:
-        from portrait.stages.backends import faceid
-
-        return getattr(faceid, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

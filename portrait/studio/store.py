@@ -429,11 +429,6 @@ class Store:
         with self._connect() as con:
             return [r["id"] for r in con.execute("SELECT id FROM jobs ORDER BY created")]
 
-    def job_spec(self, job_id: str) -> dict[str, Any] | None:
-        with self._connect() as con:
-            row = con.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return json.loads(row["spec"]) if row else None
-
     def status(self, jobs: Iterable[str] | None = None) -> StoreStatus:
         job_ids = list(jobs) if jobs is not None else None
         where, args = self._job_filter(job_ids, "items")
@@ -454,14 +449,6 @@ class Store:
         counts = {state: 0 for state in STATES}
         counts.update({r["state"]: r["n"] for r in rows})
         return counts
-
-    def next_wakeup(self, jobs: Iterable[str] | None = None) -> float | None:
-        """When the earliest backed-off pending item becomes runnable (None if none waits)."""
-        where, args = self._job_filter(list(jobs) if jobs is not None else None, "items")
-        with self._connect() as con:
-            row = con.execute("SELECT MIN(not_before) AS t FROM items WHERE state = 'pending'" + where,
-                              args).fetchone()
-        return row["t"] if row and row["t"] is not None else None
 
 
 def _item(row: sqlite3.Row) -> Item:

@@ -29,6 +29,9 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from ..errors import bad_file
+from ..modelfiles import Kind, Source
+
 # Keys every IR-SE checkpoint in facexlib's layout has; the SE module (res_layer.5.fc1) tells
 # ir_se from plain ir, output_layer.3/4 (Linear + BN1d) tell it from insightface's iresnet.
 REQUIRED_KEYS = (
@@ -133,3 +136,20 @@ def facexlib_units(num_layers: int = 50) -> list[tuple[int, int, int]]:
         units += [(width, depth, 2)] + [(depth, depth, 1)] * (n - 1)
         width = depth
     return units
+
+
+def _arcface_irse50(source: Source):
+    """facexlib's ArcFace IR-SE50 (`recognition_arcface_ir_se50.pth`), InfiniteYou's recognizer: L2-normalised 512-d."""
+    state = source.weights()
+    if not detect(state.keys()):
+        raise bad_file(source.path, "is not facexlib's ArcFace IR-SE checkpoint (no input_layer / body.*.res_layer.5 "
+                                    "SE / output_layer keys)")
+    try:
+        model = build(state)
+    except (ValueError, RuntimeError) as exc:
+        raise bad_file(source.path, f"cannot be loaded as ArcFace IR-SE ({str(exc).splitlines()[0]})") from None
+    # fp32 on every device, as the reference runs it (a small net; fp16 would move the embedding)
+    return source.place(model, cast=False)
+
+
+ARCFACE_IRSE50 = Kind("arcface-irse50", _arcface_irse50, detect=detect)

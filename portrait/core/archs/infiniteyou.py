@@ -22,6 +22,9 @@ from torch import nn
 
 from .perceiver import PerceiverAttention, feed_forward
 
+from ..errors import BadInput
+from ..modelfiles import Kind
+
 PREFIX_KEYS = ("latents", "proj_in.weight", "proj_out.weight", "norm_out.weight", "layers.0.0.to_kv.weight")
 
 
@@ -76,3 +79,16 @@ def build(state: Mapping[str, torch.Tensor], dim_head: int | None = None) -> IdP
     model = IdProjection(**sizes(state, dim_head))
     model.load_state_dict(dict(state), strict=True)
     return model.eval()
+
+
+def _projection(source):
+    """InfiniteYou's identity projection (image_proj_model.bin's "image_proj" Resampler), hash-checked
+    and read weights-only; sizes from the tensors (portrait/core/archs/infiniteyou.py)."""
+    state = source.weights()
+    proj = state.get("image_proj") if isinstance(state, dict) else None
+    if proj is None or not detect(proj.keys()):
+        raise BadInput(f"{source.path}: not an InfiniteYou image_proj_model.bin (no Resampler 'image_proj')")
+    return build(proj)
+
+
+PROJECTION = Kind("infiniteyou-projection", _projection, place=True, detect=detect)

@@ -3,7 +3,7 @@ ip-adapter.bin): what a checkpoint is, told from its state-dict keys.
 
 The projections themselves are diffusers' (`load_ip_adapter` builds ImageProjection,
 IPAdapterFaceIDImageProjection, IPAdapterFaceIDPlusImageProjection or the Plus Resampler from
-the same keys, the documented way), so this module holds the detection only: which kind a
+the same keys, the documented way), so this module holds the detection (and the "ip-adapter" kind that reads such a file) only: which kind a
 file is, and the width of the face embedding its projection takes. No pipeline knowledge; the
 backends (stages/backends/faceid.py, instantid.py, and the template backend through
 stages/zeroshot.py) check a file against what they need with it.
@@ -12,6 +12,9 @@ stages/zeroshot.py) check a file against what they need with it.
 from __future__ import annotations
 
 from typing import Iterable, Mapping
+
+from ..errors import bad_file
+from ..modelfiles import Kind, Source, Weights, nested, read_weights, weights_name
 
 IP_ADAPTER_KEYS = ("image_proj", "ip_adapter")  # the two parts of every IP-Adapter-style checkpoint
 
@@ -42,3 +45,17 @@ def id_input_dim(state: Mapping) -> int:
     proj = state["image_proj"]
     weight = proj.get("proj.0.weight", proj.get("proj_in.weight"))
     return int(weight.shape[1])
+
+
+def _ip_adapter(source: Source) -> Weights:
+    """An IP-Adapter-style checkpoint {image_proj, ip_adapter} (FaceID, FaceID-Plus(V2),
+    InstantID's ip-adapter.bin), .bin or .safetensors; kept on the CPU for `load_ip_adapter`."""
+    name = weights_name(source, (".bin", ".safetensors"))
+    state = nested(read_weights(source.ctx, source.resolved, name), ("image_proj", "ip_adapter"))
+    path = source.resolved.file(name) if name else source.resolved.path
+    if not isinstance(state, dict) or not {"image_proj", "ip_adapter"} <= set(state):
+        raise bad_file(path, "not an IP-Adapter checkpoint (needs image_proj and ip_adapter)")
+    return Weights(source.model_id, path, state)
+
+
+IP_ADAPTER = Kind("ip-adapter", _ip_adapter, detect=detect)

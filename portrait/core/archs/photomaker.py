@@ -16,11 +16,15 @@ stand-in build the same classes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import BadInput, bad_file
+from ..modelfiles import Kind, Source, Weights, nested, read_weights, weights_name
 
 PHOTOMAKER_KEYS = ["id_encoder", "lora_weights"]  # a PhotoMaker .bin holds exactly these
 V2_HEAD_DIM = 128
@@ -216,3 +220,57 @@ def build_encoder(shape: EncoderShape):
             return tokens.reshape(-1, self.shape.dim)
 
     return PhotoMakerIDEncoder()
+
+
+# --- the model door's kinds ---------------------------------------------------------------------
+
+
+@dataclass
+class PhotoMakerModel:
+    model_id: str
+    path: Path
+    version: int
+    encoder: Any
+    lora: dict
+    processor: Any
+
+
+def _photomaker_checkpoint(source: Source) -> Weights:
+    """A PhotoMaker v1/v2 checkpoint {id_encoder, lora_weights} (.bin, or flat .safetensors);
+    the backend builds its ID encoder from `state["id_encoder"]`."""
+    name = weights_name(source, (".bin", ".safetensors"))
+    state = nested(read_weights(source.ctx, source.resolved, name), tuple(PHOTOMAKER_KEYS))
+    path = source.resolved.file(name) if name else source.resolved.path
+    if not isinstance(state, dict) or list(state) != PHOTOMAKER_KEYS:
+        raise bad_file(path, "not a PhotoMaker checkpoint (its keys must be exactly id_encoder, lora_weights)")
+    return Weights(source.model_id, path, state)
+
+
+
+def _build_encoder(source: Source, expected: int | None = None) -> PhotoMakerModel:
+    """PhotoMaker's ID encoder (CLIP ViT-L + projections + fuse module, v2's qformer_perceiver)
+    from a PhotoMaker checkpoint, with its CLIP processor and the checkpoint's LoRA."""
+    from transformers import CLIPImageProcessor
+
+    ctx = source.ctx
+    weights = source.load(source.model_id, "photomaker-checkpoint", path=source.explicit)
+    model_id, path, state = weights.model_id, weights.path, weights.state
+    found = detect_version(state["id_encoder"])
+    if expected is not None and found != expected:
+        raise BadInput(f"{path}: is a PhotoMaker v{found} checkpoint "
+                       f"({'has' if found == 2 else 'has no'} qformer_perceiver), but v{expected} was asked "
+                       f"for; use photomaker_version={found} or the photomaker-v{expected} model")
+    encoder = build_encoder(encoder_shape(state["id_encoder"]))
+    try:
+        encoder.load_state_dict(state["id_encoder"], strict=True)
+    except RuntimeError as exc:
+        raise BadInput(f"{path}: id_encoder does not match PhotoMaker v{found} "
+                       f"({str(exc).splitlines()[0][:200]})") from None
+    encoder = encoder.to(device=ctx.placement.device, dtype=ctx.placement.dtype).eval()
+    size = int(encoder.config.image_size)
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return PhotoMakerModel(model_id, path, found, encoder, state["lora_weights"], processor)
+
+
+CHECKPOINT = Kind("photomaker-checkpoint", _photomaker_checkpoint, detect=detect)
+ENCODER = Kind("photomaker", _build_encoder)

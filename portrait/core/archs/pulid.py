@@ -34,6 +34,9 @@ from torch.nn import functional as F
 
 from .perceiver import PerceiverAttention, feed_forward, split_scale_attention
 
+from ..errors import bad_file
+from ..modelfiles import Kind, Source
+
 ID_PREFIX = "id_adapter."
 ATTN_PREFIX = "id_adapter_attn_layers."
 HEAD_DIM = 64  # the reference's dim_head; heads = inner width // 64 (1 for narrower stand-ins)
@@ -422,3 +425,45 @@ def flux_id_hooks(transformer, ca: nn.ModuleList, state: FluxIDState) -> list:
 
         handles.append(block.register_forward_hook(hook))
     return handles
+
+
+# --- the model door's kinds ---------------------------------------------------------------------
+
+
+def _pulid(source: Source):
+    """PuLID (SDXL) checkpoint: (IDFormer placed on the device, {processor index: id_to_k/id_to_v weights})."""
+    state = source.weights()
+    if not detect(state):
+        raise bad_file(source.path, "is not a PuLID SDXL checkpoint (no id_adapter / id_adapter_attn_layers keys)")
+    encoder, layers = split_state(state)
+    try:
+        model = build_idformer(encoder)
+    except (ValueError, RuntimeError) as exc:
+        raise bad_file(source.path, f"cannot be loaded as PuLID's IDFormer ({str(exc).splitlines()[0]})") from None
+    return source.place(model), layers
+
+
+def _pulid_flux(source: Source):
+    """PuLID-FLUX checkpoint: (IDFormer, ModuleList of the ID cross-attentions), both placed on the device."""
+    state = source.weights()
+    if not detect_flux(state):
+        raise bad_file(source.path, "is not a PuLID-FLUX checkpoint (no pulid_encoder / pulid_ca keys)")
+    try:
+        encoder, blocks = split_flux_state(state)
+        model, ca = build_idformer(encoder), build_flux_ca(blocks)
+    except (ValueError, RuntimeError) as exc:
+        raise bad_file(source.path, f"cannot be loaded as PuLID-FLUX ({str(exc).splitlines()[0]})") from None
+    return source.place(model), source.place(ca)
+
+
+def _eva_clip(source: Source):
+    """EVA-CLIP visual tower (EVA02-CLIP-L-14-336 `.pt`) on timm's Eva: embedding + PuLID's five hidden states."""
+    try:
+        return build_eva_visual(source.weights())
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise bad_file(source.path, f"cannot be loaded as EVA02-CLIP ({str(exc).splitlines()[0]})") from None
+
+
+PULID = Kind("pulid", _pulid, detect=detect)
+PULID_FLUX = Kind("pulid-flux", _pulid_flux, detect=detect_flux)
+EVA_CLIP = Kind("eva-clip", _eva_clip, place=True)

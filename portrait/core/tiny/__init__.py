@@ -2,8 +2,10 @@
 
 Each tiny stand-in is a row in presets/models.yaml with `source: tiny` and a `maker`
 ("module:function"). A maker is `write(root: Path, seed: int) -> None` and must write
-byte-identical files for the same seed. `make_tiny` writes each into a temp folder and
-renames it into HOME/models/<id>/, so a crash never leaves a half-made model.
+byte-identical files for the same seed. `write_tiny` writes one into a temp folder and
+renames it into HOME/models/<id>/, so a crash never leaves a half-made model
+(`portrait.core.registry.make_tiny` writes them all; this package names no registry, so the
+registry can write a stand-in on first use without an import cycle).
 
 Each folder carries a `.tiny-version` stamp: when the stand-ins' shapes change (bump
 TINY_VERSION), an existing HOME gets fresh ones instead of loading stale sizes.
@@ -21,7 +23,7 @@ from ..config import Settings
 from ..errors import PortraitError
 from ..integrity import record_hashes
 from ..io import atomic_dir
-from ..registry import ModelSpec, Registry
+from ..modelspec import ModelSpec
 
 TINY_VERSION = "2"  # 2: SD VAEs downsample by 8, as the real ones do
 STAMP = ".tiny-version"
@@ -39,28 +41,13 @@ def seed_for(model_id: str, seed: int) -> int:
     return (zlib.crc32(model_id.encode()) + seed) % (2**31)
 
 
-def tiny_specs(registry: Registry) -> list[ModelSpec]:
-    return [s for s in registry.specs.values() if s.source == "tiny"]
+def tiny_specs(specs: Iterable[ModelSpec]) -> list[ModelSpec]:
+    return [s for s in specs if s.source == "tiny"]
 
 
-def make_tiny(settings: Settings, registry: Registry | None = None, seed: int = 0, only: Iterable[str] | None = None,
-              force: bool = False, on_model: Callable[[str], None] | None = None) -> list[Path]:
-    registry = registry or Registry.load()
-    wanted = set(only) if only else None
-    written = []
-    for spec in tiny_specs(registry):
-        if wanted is not None and spec.id not in wanted:
-            continue
-        target = settings.models_dir / spec.id
-        if not force and is_current(target) and registry.is_present(spec.id, settings):
-            continue
-        if on_model:
-            on_model(spec.id)
-        written.append(_write(spec, target, seed))
-    return written
-
-
-def _write(spec: ModelSpec, target: Path, seed: int = 0) -> Path:
+def write_tiny(spec: ModelSpec, target: Path, seed: int = 0) -> Path:
+    """Write one stand-in into `target` atomically, stamped and with its files' hashes recorded
+    (`portrait.core.registry.make_tiny` writes them all)."""
     with atomic_dir(target) as tmp:
         maker_for(spec)(tmp, seed_for(spec.id, seed))
         (tmp / STAMP).write_text(TINY_VERSION)
@@ -81,7 +68,7 @@ def write_stand_in(spec: ModelSpec, settings: Settings) -> Path:
               file=sys.stderr)
     target = models_dir / spec.id
     try:
-        return _write(spec, target)
+        return write_tiny(spec, target)
     except OSError:
         # Another process (a second batch worker) wrote it at the same moment: its copy is
         # byte-identical, so take it when it is complete.

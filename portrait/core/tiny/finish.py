@@ -119,7 +119,7 @@ def write_face_parser(root: Path, seed: int) -> None:
     """A BiSeNet with the real key names (`cp.resnet.*`, `cp.arm16.*`, `ffm.*`, `conv_out.*`) at 1/8 width."""
     import torch
 
-    from ..parsing import bisenet
+    from ..archs.bisenet import bisenet
 
     torch.manual_seed(seed)
     network = bisenet(w=8, head=16, fused=32, mid=16)

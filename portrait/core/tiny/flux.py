@@ -234,20 +234,6 @@ def write_flux(root: Path, seed: int) -> None:
     write_t5_tokenizer(root / "tokenizer_2")
 
 
-def write_flux_config(root: Path, seed: int = 0) -> None:
-    """The configs + tokenizers of a FLUX folder without weights (for single files)."""
-    root = Path(root)
-    parts = flux_parts(seed)
-    _write_json(root / "model_index.json", model_index())
-    parts["transformer"].save_config(root / "transformer")
-    parts["vae"].save_config(root / "vae")
-    for name in ("text_encoder", "text_encoder_2"):
-        parts[name].config.save_pretrained(root / name)
-    parts["scheduler"].save_config(root / "scheduler")
-    _write_clip_tokenizer(root / "tokenizer")
-    write_t5_tokenizer(root / "tokenizer_2")
-
-
 # --- InfiniteYou (InfuseNet + identity projection) -------------------------------------------
 
 TINY_INFINITEYOU: dict[str, Any] = {

@@ -311,3 +311,31 @@ def write_qwen_edit(root: Path, seed: int) -> None:
     parts["scheduler"].save_pretrained(root / "scheduler")
     write_tokenizer(root / "tokenizer", 1024)
     processor(1024).save_pretrained(str(root / "processor"))
+
+
+def f2p_lora_state(seed: int) -> dict[str, Any]:
+    """A LoRA for the tiny Qwen-Image-Edit transformer in DiffSynth-Studio's layout: PEFT's
+    `default` adapter names on the diffusers module paths (`transformer_blocks.N.attn.to_q.
+    lora_A.default.weight`), which diffusers' Qwen-Image LoRA converter reads. Rank 4 on the
+    image and text attention projections of every block."""
+    import torch
+
+    c = TINY_QWEN_EDIT
+    inner = c["num_attention_heads"] * c["attention_head_dim"]
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for block in range(c["num_layers"]):
+        for proj in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+            key = f"transformer_blocks.{block}.attn.{proj}"
+            state[f"{key}.lora_A.default.weight"] = torch.randn(4, inner, generator=generator) * 0.3
+            state[f"{key}.lora_B.default.weight"] = torch.randn(inner, 4, generator=generator) * 0.3
+    return state
+
+
+def write_qwen_edit_f2p(root: Path, seed: int) -> None:
+    """`model.safetensors`, the file name DiffSynth-Studio/Qwen-Image-Edit-F2P's card loads."""
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in f2p_lora_state(seed).items()}, str(root / "model.safetensors"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from portrait.core.backend import BackendSpec, BackendTable
 
-from . import faceid, flux, infiniteyou, instantid, lora, photomaker, pulid, pulid_flux, template
+from . import faceid, flux, infiniteyou, instantid, klein_ref, kontext, lora, photomaker, pulid, pulid_flux, qwen_edit, template, zimage
 
 BACKENDS = BackendTable([
     lora.SPEC,
@@ -27,6 +27,10 @@ BACKENDS = BackendTable([
     flux.SPEC,
     infiniteyou.SPEC,
     pulid_flux.SPEC,
+    klein_ref.SPEC,
+    qwen_edit.SPEC,
+    zimage.SPEC,
+    kontext.SPEC,
 ])
 
 

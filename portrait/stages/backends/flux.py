@@ -1,8 +1,8 @@
-"""Backend `flux`: text-to-image on a flow-matching base (FLUX.1-dev, FLUX.2 [klein], Z-Image).
+"""Backend `flux`: text-to-image on FLUX.1-dev or FLUX.2 [klein].
 
 The base every FLUX identity backend builds on, and what `portrait generate --preset flux`
 runs by default. When the identity's bundle holds a LoRA for the preset's family (`portrait
-train` on a flux / klein / zimage preset), it is applied at the request's LoRA weight and the
+train` on a flux or klein preset), it is applied at the request's LoRA weight and the
 likeness comes from it; without one there is no identity conditioning, and the likeness comes
 only from the finish (face fusion with the identity's reference face) and the ranking: use
 `--backend infiniteyou` for zero-shot identity on FLUX.1.
@@ -60,10 +60,10 @@ SPEC = BackendSpec(
     name="flux",
     families=flux.FLOW_FAMILIES,
     make=FluxBackend,
-    help="flow-matching text-to-image (FLUX.1-dev, FLUX.2 klein, Z-Image) with the identity's LoRA for that base "
-         "when it has one, else no identity conditioning (the finish fuses the face)",
+    help="FLUX.1-dev / FLUX.2 klein text-to-image with the identity's LoRA for that base when it has one, else no "
+         "identity conditioning (the finish fuses the face)",
     options=FluxOptions,
     models=("base",),
-    license="FLUX.1-dev weights: non-commercial license; FLUX.2 [klein] 4B and Z-Image: Apache-2.0",
+    license="FLUX.1-dev weights: non-commercial license; FLUX.2 [klein] 4B: Apache-2.0",
     conditioning=NO_FACE_SPACE,  # plain text to image: the likeness comes from fusion
 )

@@ -33,7 +33,6 @@ from pydantic import Field
 from portrait.core.backend import BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
-from portrait.core.models import builder
 from portrait.core.models import load as load_model
 from portrait.core.options import CommonOptions, EmbedOptions
 from portrait.core.types import Candidate, GenerationRequest
@@ -41,7 +40,7 @@ from portrait.stages import embed as emb
 from portrait.stages import flux
 from portrait.stages.identity_inputs import embed_policy_of
 from portrait.stages.keypoints import draw_kps
-from portrait.stages.sd import generator, model_info, to_uint8
+from portrait.stages.sd import model_info, to_uint8
 from portrait.stages.seeding import seeded_candidates
 
 VARIANTS = {"aes_stage2": "infiniteyou_aes", "sim_stage1": "infiniteyou_sim"}  # variant -> preset role
@@ -83,19 +82,6 @@ class InfiniteYouModels:
     model_id: str
     infusenet: Any  # FluxControlNetModel
     projection: Any  # portrait.core.archs.infiniteyou.IdProjection
-
-
-@builder("infiniteyou-projection", place=True)
-def _projection(source):
-    """InfiniteYou's identity projection (image_proj_model.bin's "image_proj" Resampler), hash-checked
-    and read weights-only; sizes from the tensors (portrait/core/archs/infiniteyou.py)."""
-    from portrait.core.archs import infiniteyou as arch
-
-    state = source.weights()
-    proj = state.get("image_proj") if isinstance(state, dict) else None
-    if proj is None or not arch.detect(proj.keys()):
-        raise BadInput(f"{source.path}: not an InfiniteYou image_proj_model.bin (no Resampler 'image_proj')")
-    return arch.build(proj)
 
 
 def load_models(ctx: RunContext, policy: InfiniteYouPolicy) -> InfiniteYouModels:
@@ -157,8 +143,12 @@ def denoise(pipe, infusenet, tokens, *, prompt: str, width: int, height: int, st
     """InfiniteYou's sampling loop on the modules of a Flux pipeline `pipe`.
 
     Returns the decoded image (HxWx3 float in [0, 1]) or, with output_type="latent", the
-    packed latents. The control image's VAE latent is drawn from its own generator seeded with
-    `seed` (InfiniteYou seeds the global RNG with it before its pipeline draws that sample).
+    packed latents. Randomness follows InfiniteYou's entry point (`InfUFluxPipeline.__call__`):
+    it seeds the global RNG (`seed_everything`) and calls its pipeline without a generator, so
+    the control image's VAE sample and then the initial noise are drawn in that order from the
+    default generator of the device the pipeline runs on. Here one generator, seeded with
+    `seed` on that device, draws both in the same order: the same seed gives the reference's
+    image on CPU and on CUDA (a CUDA generator reproduces `torch.cuda.manual_seed`'s stream).
     """
     import torch
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
@@ -174,11 +164,12 @@ def denoise(pipe, infusenet, tokens, *, prompt: str, width: int, height: int, st
     # preprocess() returns a channels-last view; the VAE's convolutions on it differ from the
     # contiguous tensor InfiniteYou's prepare_image() makes by up to 4e-3 (tiny VAE, measured).
     image = image.to(device=device, dtype=vae.dtype).contiguous()
-    cond = vae.encode(image).latent_dist.sample(generator(seed))
+    rng = torch.Generator(device=device).manual_seed(int(seed))  # one stream: VAE sample first, then the noise
+    cond = vae.encode(image).latent_dist.sample(rng)
     cond = (cond - vae.config.shift_factor) * vae.config.scaling_factor
     channels = pipe.transformer.config.in_channels // 4
     cond = pipe._pack_latents(cond, 1, channels, cond.shape[2], cond.shape[3])
-    latents, image_ids = pipe.prepare_latents(1, channels, height, width, prompt_embeds.dtype, device, generator(seed))
+    latents, image_ids = pipe.prepare_latents(1, channels, height, width, prompt_embeds.dtype, device, rng)
     sigmas = np.linspace(1.0, 1 / steps, steps)
     config = pipe.scheduler.config
     mu = calculate_shift(latents.shape[1], config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),

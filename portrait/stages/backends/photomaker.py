@@ -30,7 +30,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 from pydantic import Field, field_validator
 
@@ -46,19 +46,10 @@ from portrait.stages.identity_inputs import embed_policy_of
 from portrait.stages.sd import call_pipeline, load_sd_pipeline, model_info, prepare_pipeline
 from portrait.stages.seeding import seeded_candidates
 
+if TYPE_CHECKING:  # the network imports torch; the backend table imports this module
+    from portrait.core.archs.photomaker import PhotoMakerModel
+
 LORA_ADAPTER = "photomaker"
-# The network and its key detection live in portrait/core/archs/photomaker.py (torch is
-# imported only when a PhotoMaker model is built); these names are re-exported lazily.
-_ARCH_NAMES = ("PHOTOMAKER_KEYS", "V2_HEAD_DIM", "MLP", "FuseModule", "PerceiverAttention", "PerceiverResampler",
-               "QFormerPerceiver", "EncoderShape", "detect_version", "encoder_shape", "build_encoder")
-
-
-def __getattr__(name: str):
-    if name in _ARCH_NAMES:
-        from portrait.core.archs import photomaker as arch
-
-        return getattr(arch, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class PhotoMakerOptions(CommonOptions, EmbedOptions):
@@ -91,63 +82,17 @@ def _models(options: PhotoMakerOptions) -> tuple[str, ...]:
 # --- checkpoint ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class PhotoMakerModel:
-    model_id: str
-    path: Path
-    version: int
-    encoder: Any
-    lora: dict
-    processor: Any
-
-
 def _explicit(model_id_or_path: str) -> Path | None:
     path = Path(str(model_id_or_path)).expanduser()
     return path if path.suffix in (".bin", ".safetensors") or "/" in str(model_id_or_path) else None
 
 
-def read_checkpoint(ctx, model_id_or_path: str) -> tuple[str, Path, dict]:
-    """{id_encoder, lora_weights} of a registry id, or of the user's file (described by the
-    photomaker-v1 entry), through the model door (its "photomaker-checkpoint" kind checks the keys)."""
-    explicit = _explicit(model_id_or_path)
-    weights = models.load(ctx, "photomaker-v1" if explicit else model_id_or_path, "photomaker-checkpoint",
-                          path=explicit)
-    return weights.model_id, weights.path, weights.state
-
-
 def load_photomaker(ctx, model_id_or_path: str, expected: int | None = None) -> PhotoMakerModel:
     """The ID encoder of a checkpoint, version-checked, built once per (file, device, dtype)
-    by the model door's "photomaker" kind (registered below)."""
+    by the model door's "photomaker" kind (portrait/core/archs/photomaker.py)."""
     explicit = _explicit(model_id_or_path)
     return models.load(ctx, "photomaker-v1" if explicit else model_id_or_path, "photomaker", path=explicit,
                        expected=expected)
-
-
-@models.builder("photomaker")
-def _build_photomaker(source: models.Source, expected: int | None = None) -> PhotoMakerModel:
-    """PhotoMaker's ID encoder (CLIP ViT-L + projections + fuse module, v2's qformer_perceiver)
-    from a PhotoMaker checkpoint, with its CLIP processor and the checkpoint's LoRA."""
-    from transformers import CLIPImageProcessor
-
-    from portrait.core.archs.photomaker import build_encoder, detect_version, encoder_shape
-
-    ctx = source.ctx
-    model_id, path, state = read_checkpoint(ctx, str(source.explicit) if source.explicit else source.model_id)
-    found = detect_version(state["id_encoder"])
-    if expected is not None and found != expected:
-        raise BadInput(f"{path}: is a PhotoMaker v{found} checkpoint "
-                       f"({'has' if found == 2 else 'has no'} qformer_perceiver), but v{expected} was asked "
-                       f"for; use photomaker_version={found} or the photomaker-v{expected} model")
-    encoder = build_encoder(encoder_shape(state["id_encoder"]))
-    try:
-        encoder.load_state_dict(state["id_encoder"], strict=True)
-    except RuntimeError as exc:
-        raise BadInput(f"{path}: id_encoder does not match PhotoMaker v{found} "
-                       f"({str(exc).splitlines()[0][:200]})") from None
-    encoder = encoder.to(device=ctx.placement.device, dtype=ctx.placement.dtype).eval()
-    size = int(encoder.config.image_size)
-    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    return PhotoMakerModel(model_id, path, found, encoder, state["lora_weights"], processor)
 
 
 # --- prompts ------------------------------------------------------------------------------------------

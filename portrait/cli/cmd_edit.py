@@ -1,0 +1,54 @@
+"""`portrait edit`: change one of your results and keep the face (re-scored and gated).
+
+Only composes the library call (portrait.flows.edit); every decision lives there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("edit")
+    def edit_cmd(
+        ctx: typer.Context,
+        image: Path = typer.Argument(..., help="One of your results (a PNG portrait wrote), or any photo with --identity."),
+        prompt: str = typer.Option(..., "--prompt", "-p", help="What to change: background, outfit, expression, lighting."),
+        reference: list[Path] = typer.Option([], "--reference", "-r", help="A picture to take something from (an outfit, a backdrop); repeatable, at most 3."),
+        backend: Optional[str] = typer.Option(None, "--backend", "-b", help="klein-ref (klein presets), qwen-edit (qwen-edit presets) or kontext (flux preset); default: the preset's."),
+        identity: Optional[str] = typer.Option(None, "--identity", "-i", help="Whose face to keep (default: the one the result's metadata names)."),
+        n: int = typer.Option(1, "--n", "-n", min=1, help="How many edits to keep (regenerated below the gate up to the preset's budget)."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="First seed; edit k uses seed+k. Random when omitted (recorded)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output folder (PNGs + results.json)."),
+        steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the preset's)."),
+        guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance (default: the preset's)."),
+        fuse: bool = typer.Option(False, "--fuse", help="Fuse the identity's reference face into the edit (off by default: it would undo an expression edit)."),
+        no_finish: bool = typer.Option(False, "--no-finish", help="Skip scoring and the gate (and upscaling)."),
+        option: list[str] = typer.Option([], "--option", help="A backend option KEY=VALUE (repeatable), e.g. identity_references=0, true_cfg=4."),
+    ) -> None:
+        """Edit IMAGE by --prompt into OUT, keeping the identity's face (checked by the gate)."""
+        from portrait.flows.edit import edit
+
+        from .cmd_generate import parse_options
+
+        overrides = {"steps": steps, "guidance": guidance}
+        options = parse_options(option)
+        if options:
+            overrides["options"] = options
+        finish = False if no_finish else {"fuse": fuse}
+        result = edit(image, prompt=prompt, references=reference, backend=backend, identity=identity, n=n, seed=seed,
+                      out=out, settings=ctx.obj, finish=finish, **overrides)
+        for r in result.results:
+            sim = "" if r.score.similarity is None else f"  similarity {r.score.similarity:.3f}"
+            gate = "" if r.passed_gate else "  (below gate)"
+            print(f"{r.rank:>3}  {r.path}  seed {r.candidate.seed}{sim}{gate}")
+        gate = result.info.get("gate")
+        if gate:
+            kept = sum(r.passed_gate for r in result.results)
+            print(f"kept {kept} of {len(result.results)} above the gate after {gate['evaluated']} edit(s) "
+                  f"({len(gate['extra_seeds'])} regenerated); the face was re-scored in "
+                  f"{', '.join(result.info.get('scoring', {}).get('spaces', {})) or 'no space'}")
+        print(f"wrote {len(result.results)} image(s) and {result.out / 'results.json'}")
