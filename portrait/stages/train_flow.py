@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from portrait.core.errors import BadInput
-from portrait.stages.train import (LatentCache, Precision, Residency, StepDraws, TrainData, TrainingRun, TrainModels,
-                                   TrainPolicy, add_adapters, gradient_checkpointing_for, lora_configs, make_optimizer,
-                                   mixed_precision_for, optimizer_available, step_generator, trained_modules)
+from portrait.stages.train_run import (LatentCache, Precision, Residency, StepDraws, TrainingRun, add_adapters,
+                                       gradient_checkpointing_for, lora_configs, make_optimizer, mixed_precision_for,
+                                       optimizer_available, step_generator, trained_modules)
+from portrait.stages.train_types import TrainData, TrainModels, TrainPolicy
 
 # latent: how the model input comes from the VAE's latent distribution (the scripts' choice).
 LATENT_DRAW = {"flux": "sample", "flux2-klein": "mode", "zimage": "mode"}

@@ -22,9 +22,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from portrait.stages.train_types import Baseline, CheckpointRecord
+from portrait.stages.train_types import Baseline, CheckpointRecord, TrainModels, TrainPolicy, TrainResult
 
-from portrait.stages.train_types import TrainModels, TrainPolicy, TrainResult
 
 # A face scorer maps one generated RGB uint8 image to its identity similarity with the
 # consensus, or None when it finds no face (which scores 0, never an error).
