@@ -8,7 +8,7 @@ encoder. Their CFG differs: klein's distilled 4B has none (the base runs real CF
 `guidance_scale`), Z-Image-Turbo runs at guidance 0 (Z-Image base uses CFG), and
 Qwen-Image-Edit takes `true_cfg_scale` with a negative prompt. Each call's arguments are built
 by one function per backend from the request and seed (`pipeline_args`), so a test can hand
-the same arguments to diffusers' own pipeline.
+the same arguments to diffusers' own pipeline (facts: docs/ARCHITECTURE.md#frontier-bases).
 """
 
 from __future__ import annotations

@@ -28,10 +28,33 @@ PARTS = {
     "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
     # FLUX.1: a transformer instead of a UNet, CLIP-L (pooled) + T5 (sequence) text encoders.
     "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+    # The frontier bases (issue 29): one Qwen text encoder each; Qwen-Image-Edit adds the
+    # Qwen2.5-VL processor that reads the reference pictures.
+    "flux2-klein": ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "zimage": ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "qwen-image-edit": ("transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler"),
 }
 
 
-FAMILIES = tuple(PARTS)
+FAMILIES = tuple(PARTS)  # = config.BASE_FAMILIES, which presets are checked against (tests/test_frontier_models.py)
+# The class of each part of a frontier folder, as its model_index.json names it: (library, class).
+CLASSES = {
+    "flux2-klein": {"transformer": ("diffusers", "Flux2Transformer2DModel"), "vae": ("diffusers", "AutoencoderKLFlux2"),
+                    "text_encoder": ("transformers", "Qwen3ForCausalLM"),
+                    "tokenizer": ("transformers", "Qwen2TokenizerFast")},
+    "zimage": {"transformer": ("diffusers", "ZImageTransformer2DModel"), "vae": ("diffusers", "AutoencoderKL"),
+               "text_encoder": ("transformers", "Qwen3Model"), "tokenizer": ("transformers", "Qwen2Tokenizer")},
+    "qwen-image-edit": {"transformer": ("diffusers", "QwenImageTransformer2DModel"),
+                        "vae": ("diffusers", "AutoencoderKLQwenImage"),
+                        "text_encoder": ("transformers", "Qwen2_5_VLForConditionalGeneration"),
+                        "tokenizer": ("transformers", "Qwen2Tokenizer"),
+                        "processor": ("transformers", "Qwen2VLProcessor")},
+}
+# Families whose transformer and text encoder runtime.quantize turns to 8-bit weights.
+QUANTIZABLE = ("flux", "flux2-klein", "zimage", "qwen-image-edit")
+# Pipeline settings a folder's model_index.json carries beside its parts (klein: whether the
+# checkpoint is step-distilled, which switches CFG off).
+PIPELINE_CONFIG = ("is_distilled",)
 
 
 # 8-bit weight formats for the FLUX transformer and T5 (preset runtime.quantize), through
@@ -53,6 +76,7 @@ class Components:
     family: str
     modules: Mapping[str, Any]
     source: Path  # the folder or file the weights came from
+    config: Mapping[str, Any] = field(default_factory=dict)  # pipeline settings from model_index.json (is_distilled)
     pipelines: dict = field(default_factory=dict, compare=False, repr=False)
     lock: Any = field(default_factory=threading.RLock, compare=False, repr=False)
 
@@ -216,7 +240,9 @@ def folder_components(resolved: ResolvedModel, family: str, dtype, parts: Iterab
         folder = root / part
         if not folder.is_dir():
             raise ModelMissing(resolved.spec.id, detail=f"{folder} is absent")
-        if part.startswith("tokenizer"):
+        if family in CLASSES and part in CLASSES[family]:
+            modules[part] = frontier_part(family, part, folder, dtype)
+        elif part.startswith("tokenizer"):
             t5 = family == "flux" and part == "tokenizer_2"
             modules[part] = (transformers.T5TokenizerFast if t5 else transformers.CLIPTokenizer).from_pretrained(folder)
         elif part == "scheduler":
@@ -234,6 +260,41 @@ def folder_components(resolved: ResolvedModel, family: str, dtype, parts: Iterab
             cls = diffusers.UNet2DConditionModel if part == "unet" else diffusers.AutoencoderKL
             modules[part] = diffusers_part(cls, folder, dtype, variant(folder))
     return modules
+
+
+def frontier_part(family: str, part: str, folder: Path, dtype):
+    """One part of a FLUX.2 [klein] / Z-Image / Qwen-Image-Edit folder by the class its
+    model_index.json names (checked against CLASSES, so a folder of another family is one line)."""
+    import diffusers
+    import transformers
+
+    library, name = CLASSES[family][part]
+    index = folder.parent / "model_index.json"
+    if index.is_file():
+        import json
+
+        named = (json.loads(index.read_text()).get(part) or [None, None])[1]
+        # transformers 5 names one Qwen2 tokenizer class under both spellings.
+        same = {"Qwen2TokenizerFast": "Qwen2Tokenizer"}
+        if named and same.get(named, named) != same.get(name, name):
+            raise BadInput(f"{index}: {part} is {named}; a {family} base has {name}")
+    if library == "diffusers":
+        return diffusers_part(getattr(diffusers, name), folder, dtype, variant(folder))
+    cls = getattr(transformers, name)
+    if part in ("tokenizer", "processor"):
+        return cls.from_pretrained(folder)
+    return cls.from_pretrained(folder, dtype=dtype, variant=variant(folder))
+
+
+def pipeline_config(resolved: ResolvedModel) -> dict[str, Any]:
+    """The pipeline settings a folder's model_index.json carries (PIPELINE_CONFIG)."""
+    import json
+
+    index = resolved.root / "model_index.json"
+    if not resolved.root.is_dir() or not index.is_file():
+        return {}
+    data = json.loads(index.read_text())
+    return {k: data[k] for k in PIPELINE_CONFIG if k in data}
 
 
 def flux_single_file_components(ctx, resolved: ResolvedModel, file: Path, dtype) -> dict[str, Any]:
@@ -271,10 +332,14 @@ def quantize_module(module, scheme: str | None) -> bool:
 
 
 def quantize_flux(modules: dict[str, Any], scheme: str | None) -> None:
-    """8-bit weights for the transformer and T5 in place (optimum-quanto), as InfiniteYou's
-    pipeline does with --quantize_8bit; activations stay in the placement dtype."""
-    for name in ("transformer", "text_encoder_2"):
-        quantize_module(modules[name], scheme)
+    """8-bit weights for the transformer and the big text encoder in place (optimum-quanto), as
+    InfiniteYou's pipeline does with --quantize_8bit; activations stay in the placement dtype.
+    FLUX.1: the transformer and T5 (text_encoder_2); the frontier bases: the transformer and
+    their Qwen encoder (text_encoder, the only one they have)."""
+    names = ("transformer", "text_encoder_2") if "text_encoder_2" in modules else ("transformer", "text_encoder")
+    for name in names:
+        if name in modules:
+            quantize_module(modules[name], scheme)
 
 
 def single_file_components(ctx, resolved: ResolvedModel, file: Path, family: str, dtype) -> dict[str, Any]:
@@ -313,15 +378,16 @@ def build_components(source: Source, family: str, vae_id: str | None, requested:
         modules = folder_components(resolved, family, source.dtype, parts=parts, dtypes=dtypes)
     if vae_id:
         modules["vae"] = source.load(vae_id, "vae")
-    if family == "flux":
+    if family in QUANTIZABLE:
         quantize_flux(modules, quantize)
     for name, module in modules.items():
-        if not name.startswith(("tokenizer", "scheduler")):
+        if not name.startswith(("tokenizer", "scheduler", "processor")):
             modules[name] = place(ctx, module, cast=False, offloaded=True)
     for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2"):
         if name in modules:
             modules[name].eval()
-    return Components(requested or source.model_id, family, modules, file or resolved.root)
+    config = pipeline_config(resolved) if file is None else {}
+    return Components(requested or source.model_id, family, modules, file or resolved.root, config)
 
 
 VAE = Kind("vae", build_vae, place=True, offloaded=True)

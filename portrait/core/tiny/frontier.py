@@ -17,7 +17,7 @@ text width is TINY_QWEN's hidden size (klein stacks three layers: 3 x 32). Weigh
 initialises to zero (output projections, AdaLN gates) and Z-Image's `torch.empty` pad tokens
 get seeded random values, so every block matters and the files are the same on every run.
 The LoRA trainer (issue 28) trains on the klein base and Z-Image stand-ins; every size lives
-in the TINY_* tables below.
+in the TINY_* tables below. Facts they rely on: docs/ARCHITECTURE.md#frontier-bases.
 """
 
 from __future__ import annotations
@@ -264,7 +264,9 @@ def qwen_edit_transformer(seed: int):
         patch_size=2, in_channels=c["in_channels"], out_channels=c["z_dim"], num_layers=c["num_layers"],
         attention_head_dim=c["attention_head_dim"], num_attention_heads=c["num_attention_heads"],
         joint_attention_dim=c["joint_attention_dim"], guidance_embeds=False, axes_dims_rope=tuple(c["axes_dims_rope"]),
-        zero_cond_t=True,  # 2511: the reference images' tokens get timestep 0 (Qwen-Image-Edit-2511's config)
+        # 2511's reference-image tokens at timestep 0: diffusers added the flag for 2511; whether the
+        # real config sets it was not read here (docs/ARCHITECTURE.md#frontier-bases)
+        zero_cond_t=True,
     )
     return fill_zero_weights(model, seed).eval()
 
