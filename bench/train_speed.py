@@ -195,7 +195,7 @@ def kohya_args(args, model: Path, data: Path, out: Path, steps: int) -> list[str
             "--network_train_unet_only", "--mixed_precision", "bf16" if args.precision == "bf16" else "no",
             "--save_precision", "float", "--save_model_as", "safetensors", "--cache_latents", "--sdpa",
             "--seed", "0", "--max_data_loader_n_workers", "0", "--caption_extension", ".txt",
-            "--lr_scheduler", "constant"]
+            "--lr_scheduler", "constant", "--tokenizer_cache_dir", str(Path(data).parent / "kohya-tokenizers")]
 
 
 # --- running one variant ------------------------------------------------------------------------
@@ -313,6 +313,13 @@ def prepare_inputs(args, home: Path) -> dict:
     (paths["shim"] / "bench_kohya_attention.py").write_text(KOHYA_SHIM)
     if args.arch == "sd15":
         paths["model"] = write_sd15_architecture(home)
+        # kohya loads its CLIP tokenizer by hub id unless a cache folder holds it: the model's own
+        # (the real CLIP vocabulary, built offline) is put where it looks.
+        import shutil
+
+        cached = home / "kohya-tokenizers" / "openai_clip-vit-large-patch14"
+        if not cached.exists():
+            shutil.copytree(paths["model"] / "tokenizer", cached)
     else:
         settings = Settings(home=home, preset=preset, device="cpu")
         ctx = RunContext.create(settings, preset=preset)
