@@ -174,12 +174,11 @@ _KEEP = re.compile(r"_attn[12]_to_(q|k|v|out_0)$")
 
 
 def create_network(*args, **kwargs):
+    # The LoRA modules are registered on the network only by apply_to(), from these lists.
     network = _lora.create_network(*args, **kwargs)
-    dropped = [m for m in network.unet_loras if not _KEEP.search(m.lora_name)] + list(network.text_encoder_loras)
     network.unet_loras = [m for m in network.unet_loras if _KEEP.search(m.lora_name)]
     network.text_encoder_loras = []
-    for module in dropped:
-        delattr(network, module.lora_name)
+    print(f"bench shim: {len(network.unet_loras)} attention LoRA modules")
     return network
 
 
