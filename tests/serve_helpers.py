@@ -57,8 +57,8 @@ def free_port() -> int:
 class Server:
     """`portrait serve` as a child process (its own process group, so a test can SIGKILL it)."""
 
-    def __init__(self, home: Path, port: int, workers: int = 1, log: Path | None = None):
-        self.home, self.port, self.workers = home, port, workers
+    def __init__(self, home: Path, port: int, workers: int = 1, log: Path | None = None, auth: str | None = "none"):
+        self.home, self.port, self.workers, self.auth = home, port, workers, auth
         self.url = f"http://127.0.0.1:{port}"
         self.log = log or home / f"serve-{port}.log"
         self.proc: subprocess.Popen | None = None
@@ -68,20 +68,31 @@ class Server:
                "HF_HUB_OFFLINE": "1"}
         self._log = open(self.log, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "portrait.cli.main", "serve", "--port", str(self.port),
-                                      "--workers", str(self.workers), "--threads", "1"],
+                                      "--workers", str(self.workers), "--threads", "1",
+                                      *(["--auth", self.auth] if self.auth else [])],
                                      env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"portrait serve exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
             try:
-                health = self.get("/healthz")
-                if health.get("workers", 0) >= self.workers:
+                if self.get("/healthz").get("status") == "ok" and self.workers_alive() >= self.workers:
                     return self
             except OSError:
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"portrait serve did not come up: {self.log.read_text()[-2000:]}")
+
+    def workers_alive(self) -> int:
+        """Worker processes started (spawned children; /healthz says only that the server is alive)."""
+        count = 0
+        for pid in self.worker_pids():
+            try:
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    count += 1
+            except OSError:
+                continue
+        return count
 
     def worker_pids(self) -> list[int]:
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")

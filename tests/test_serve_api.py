@@ -137,7 +137,7 @@ def test_generate_results_images_zip_and_events(studio, alice, generated):
     events = [block for block in text.split("\n\n") if block.strip()]
     assert events[0].startswith("event: progress") and json.loads(events[0].split("data: ", 1)[1])["state"] == "done"
     assert events[-1].startswith("event: end")
-    jobs = client.get("/v1/jobs", headers=a).json()
+    jobs = client.get("/v1/jobs", headers=a).json()["jobs"]
     assert {j["id"] for j in jobs} >= {generated["id"]} and all(j["state"] == "done" for j in jobs)
 
 
@@ -169,7 +169,7 @@ def test_another_tenant_gets_404_for_everything_and_sees_nothing(studio, alice, 
         response = client.request(method, path, json=body, headers=b)
         assert response.status_code == 404 and response.json()["reason"] == "not_found", (method, path, response.text)
     assert client.get("/v1/identities", headers=b).json() == []
-    assert client.get("/v1/jobs", headers=b).json() == []
+    assert client.get("/v1/jobs", headers=b).json() == {"jobs": [], "next": None}
     assert client.get("/v1/me", headers=b).json() == {"tenant": "globex", "auth": True}
     # A still has everything.
     assert client.get(f"/v1/identities/{iid}", headers=studio["a"]).status_code == 200
@@ -187,7 +187,8 @@ def test_names_and_templates_cannot_reach_files(studio, alice, trained):
     assert not (studio["root"] / "etc").exists()
     for template in ["../../../etc/passwd", "/etc/passwd", str(photo.parent)]:
         response = client.post("/v1/jobs/generate", json={"identity": alice["id"], "template": template}, headers=a)
-        assert response.status_code == 400 and "unknown template" in response.json()["detail"], template
+        assert response.status_code == 422 and "unknown template" in response.json()["detail"], template
+        assert response.json()["field"] == "template"
     for bad_id in ["..", "..%2F..%2Fetc", "i" + "0" * 16]:
         assert client.get(f"/v1/identities/{bad_id}", headers=a).status_code == 404
     response = client.post("/v1/jobs/generate", json={"identity": alice["id"], "template": "business", "count": 0},
@@ -195,7 +196,7 @@ def test_names_and_templates_cannot_reach_files(studio, alice, trained):
     assert response.status_code == 422 and response.json()["reason"] == "bad_input"
     response = client.post("/v1/jobs/generate", json={"identity": alice["id"], "backend": "nope", "prompt": "x"},
                            headers=a)
-    assert response.status_code == 400 and "unknown backend nope" in response.json()["detail"]
+    assert response.status_code == 422 and "unknown backend 'nope'" in response.json()["detail"]
 
 
 def test_catalogue_health_and_docs(studio):
@@ -219,7 +220,7 @@ def test_catalogue_health_and_docs(studio):
         assert client.get(f"/v1/presets/{name}", headers=a).status_code == 404
     models = {m["id"]: m for m in client.get("/v1/models", headers=a).json()}
     assert models and all({"present", "license", "size_mb"} <= set(m) for m in models.values())
-    assert client.get("/healthz").json()["status"] == "ok"
+    assert client.get("/healthz").json() == {"status": "ok"}  # alive, and nothing about anyone's queue
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/identities", "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/zip", "/v1/models",
@@ -317,15 +318,14 @@ def test_delete_erases_everything_of_the_identity(studio, alice, generated):
     assert service.store.status(store_jobs).items == ()
     assert client.get(f"/v1/identities/{alice['id']}", headers=a).status_code == 404
     assert client.get(f"/v1/jobs/{generated['id']}", headers=a).status_code == 404
-    assert client.get("/v1/identities", headers=a).json() == [] and client.get("/v1/jobs", headers=a).json() == []
+    assert client.get("/v1/identities", headers=a).json() == []
+    assert client.get("/v1/jobs", headers=a).json()["jobs"] == []
+    assert response.json()["removed"]["images"] >= 3  # the generate job's 2 and the batch job's 1
 
 
-def test_cli_refuses_an_open_host_without_tokens_and_stores_tokens_hashed(tmp_path, capsys):
+def test_cli_stores_tokens_hashed_and_tenant_settings_checked(tmp_path, capsys):
     from portrait.cli.main import run
 
-    assert run(["--home", str(tmp_path), "serve", "--host", "0.0.0.0"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "portrait serve token create NAME" in err[0] and "0.0.0.0" in err[0]
     assert run(["--home", str(tmp_path), "serve", "token", "create", "acme"]) == 0
     token = capsys.readouterr().out.strip()
     assert token.startswith("pt_") and len(token) > 40
@@ -335,6 +335,17 @@ def test_cli_refuses_an_open_host_without_tokens_and_stores_tokens_hashed(tmp_pa
     assert run(["--home", str(tmp_path), "serve", "token", "create", "../x"]) == 2
     assert run(["--home", str(tmp_path), "serve", "token", "list"]) == 0
     assert "acme\t1 token(s)" in capsys.readouterr().out
+    assert run(["--home", str(tmp_path), "serve", "tenant", "set", "acme", "max_queued_items=10", "photos_days=7"]) == 0
+    capsys.readouterr()
+    assert run(["--home", str(tmp_path), "serve", "tenant", "show", "acme"]) == 0
+    shown = capsys.readouterr().out
+    assert "max_queued_items\t10\t(tenant)" in shown and "photos_days\t7.0\t(tenant)" in shown
+    assert "max_active_jobs\t20\t(preset)" in shown
+    assert run(["--home", str(tmp_path), "serve", "tenant", "set", "acme", "max_queued_items=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max_queued_items" in err[0] and "greater than or equal to 1" in err[0], err
+    assert run(["--home", str(tmp_path), "serve", "tenant", "set", "acme", "frobnicate=1"]) == 2
+    assert run(["--home", str(tmp_path), "serve", "tenant", "set", "nobody", "photos_days=1"]) == 2
 
 
 def test_without_tokens_one_local_tenant_needs_no_header(tiny_home, tmp_path):
@@ -343,6 +354,43 @@ def test_without_tokens_one_local_tenant_needs_no_header(tiny_home, tmp_path):
     from portrait.service.app import create_app
     from portrait.service.service import StudioService
 
-    client = TestClient(create_app(StudioService(service_home(tiny_home, tmp_path / "home"))))
+    client = TestClient(create_app(StudioService(service_home(tiny_home, tmp_path / "home")), auth="none"))
     assert client.get("/v1/me").json() == {"tenant": "local", "auth": False}
     assert client.get("/v1/identities").json() == []
+
+
+def test_retention_erases_photos_then_results_with_receipts_in_the_audit_log(studio):
+    """photos_days: the identity's photos and all cut from them go, its results stay; outputs_days:
+    the results go. Each erasure leaves a receipt in the tenant's audit log (ids and counts)."""
+    client, a, service = studio["client"], studio["a"], studio["service"]
+    response = client.post("/v1/identities", data={"name": "kept"}, files=multipart(studio["photos"]), headers=a)
+    identity = response.json()
+    client.post("/v1/jobs/train", json={"identity": identity["id"], "steps": 2}, headers=a)
+    studio["drain"]()
+    job = client.post("/v1/jobs/generate", json={"identity": identity["id"], "template": "business", "steps": 2,
+                                                "finish": False}, headers=a).json()
+    studio["drain"]()
+    tenant = service.db.tenant_for_token(a["Authorization"][7:]).id
+    service.db.set_tenant_settings("acme", {"photos_days": 7, "outputs_days": 30})
+    created = service.db.identity(tenant, identity["id"]).created
+    assert [r for r in service.sweep(now=created + 6 * 86400) if r["deleted"] == identity["id"]] == []
+    receipts = service.sweep(now=created + 8 * 86400)
+    mine = [r for r in receipts if r["deleted"] == identity["id"]]
+    assert len(mine) == 1 and mine[0]["action"] == "retention_photos" and mine[0]["removed"]["files"] > 5
+    shown = client.get(f"/v1/identities/{identity['id']}", headers=a).json()
+    assert shown["state"] == "expired" and shown["report"]["photos"] == []
+    assert not service.identity_root(identity["id"]).exists() and not service.bundle_root(identity["id"]).exists()
+    assert client.post("/v1/jobs/generate", json={"identity": identity["id"], "template": "business"},
+                       headers=a).status_code == 409
+    results = client.get(f"/v1/jobs/{job['id']}/results", headers=a).json()["images"]
+    assert len(results) == 1 and client.get(results[0]["url"], headers=a).status_code == 200  # results outlive photos
+    receipts = service.sweep(now=created + 31 * 86400)
+    assert any(r["deleted"] == job["id"] and r["action"] == "retention_outputs" for r in receipts)
+    assert client.get(f"/v1/jobs/{job['id']}", headers=a).status_code == 404
+    assert not service.job_root(job["id"]).exists()
+    audit = client.get("/v1/audit", headers=a).json()["entries"]
+    assert {(e["action"], e["subject"]) for e in audit} >= {("retention_photos", identity["id"]),
+                                                           ("retention_outputs", job["id"])}
+    assert "kept" not in json.dumps(audit)
+    service.db.set_tenant_settings("acme", {"photos_days": None, "outputs_days": None})
+    assert client.delete(f"/v1/identities/{identity['id']}", headers=a).status_code == 200

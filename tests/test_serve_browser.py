@@ -1,6 +1,6 @@
 """The web UI in a real headless Chromium (Debian's `chromium`, driven by Playwright): upload,
 see the report, train with a live progress bar, pick a template, generate, see the ranked
-gallery, download the zip, delete the identity. Screenshots of each step are saved under
+gallery, download the zip, cancel a job and retry it from the queue, delete the identity. Screenshots of each step are saved under
 outputs/test-artifacts/serve/ (set PORTRAIT_DOCS_SCREENSHOT=PATH to also write the README's).
 
 Outside CI the test is skipped when chromium is not installed; in CI (CI=true) it fails
@@ -9,6 +9,7 @@ instead, because `.ci/run` installs it."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 import zipfile
@@ -121,6 +122,28 @@ def test_whole_flow_in_a_real_browser(tiny_home, tmp_path):
             expect(queue).to_have_count(2)
             expect(page.locator("#queue tbody tr .state-done")).to_have_count(2)
 
+            # Cancel a job from the queue (40 images: it is still running), retry it: it is queued
+            # again and runs; cancel it once more. Each button is there only in the state it fits.
+            page.fill("#count", "40")
+            page.fill("#seed", "21")
+            page.click("#generate-button")
+            page.wait_for_function("ui.genJob && document.querySelector(`#queue tr[data-job='${ui.genJob}'] button.cancel`)")
+            job_id = page.evaluate("ui.genJob")
+            row = page.locator(f"#queue tr[data-job='{job_id}']")
+            row.locator("button.cancel").click()
+            expect(page.locator("#message")).to_contain_text(f"job {job_id}: cancelled")
+            expect(row.locator(".badge")).to_have_text("cancelled")  # the running image stopped at its next step
+            expect(page.locator("#generate-status")).to_have_text("cancelled")
+            assert row.locator("button.cancel").count() == 0
+            page.screenshot(path=str(shots / "04-cancelled.png"), full_page=True)
+            row.locator("button.retry").click()
+            expect(page.locator("#message")).to_contain_text(f"job {job_id}: queued again")
+            expect(row.locator(".badge")).to_have_text(re.compile("^(queued|running)$"))
+            expect(page.locator("#generate-status")).not_to_have_text("cancelled")
+            row.locator("button.cancel").click()
+            expect(row.locator(".badge")).to_have_text("cancelled")
+            expect(page.locator("#queue tbody tr .state-done")).to_have_count(2)
+
             # Delete: confirm, and nothing of the identity remains.
             identity_id = page.get_attribute(".identities li.selected", "data-id")
             page.on("dialog", lambda dialog: dialog.accept())
@@ -128,7 +151,7 @@ def test_whole_flow_in_a_real_browser(tiny_home, tmp_path):
             expect(page.locator("#message")).to_contain_text("dana deleted")
             expect(page.locator("#identities")).to_contain_text("none yet")
             expect(queue).to_have_count(0)
-            page.screenshot(path=str(shots / "04-deleted.png"), full_page=True)
+            page.screenshot(path=str(shots / "05-deleted.png"), full_page=True)
             browser.close()
         assert identity_id and [p for p in settings.home.rglob("*") if identity_id in str(p)] == []
     finally:

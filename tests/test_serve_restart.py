@@ -33,7 +33,7 @@ def test_sigkill_during_training_and_generation_then_restart(tiny_home, tmp_path
         assert shown["state"] == "ready" and shown["trained"]["steps"] == 8
         assert shown["trained"]["resumed_from"] >= 4  # continued from the checkpoint, not from step 0
         items = server.get(f"/v1/jobs/{job['id']}")["progress"]["items"]
-        assert items == {"pending": 0, "running": 0, "done": 1, "failed": 0, "total": 1}
+        assert items == {"pending": 0, "running": 0, "done": 1, "failed": 0, "cancelled": 0, "total": 1}
 
         gen = server.post("/v1/jobs/generate", {"identity": identity["id"], "template": "business", "count": 4,
                                                 "seed": 11, "steps": 2})

@@ -71,6 +71,15 @@ def load_identity(settings: Settings, name: str) -> Identity:
     return identity_from_manifest(root, read_manifest(root))
 
 
+def load_bundle(root: Path) -> Identity:
+    """The identity in bundle folder `root` (a caller that resolved the folder itself: the
+    service, from an identity it looked up in the tenant's own scope)."""
+    root = Path(root)
+    if not (root / "manifest.json").is_file():
+        raise BadInput(f"identity '{root.name}' is not trained (no bundle)")
+    return identity_from_manifest(root, read_manifest(root))
+
+
 def read_manifest(root: Path) -> dict[str, Any]:
     """A bundle's manifest.json; an unreadable one is one line naming it (exit 2)."""
     manifest_path = Path(root) / "manifest.json"

@@ -13,6 +13,15 @@ is one line, exit 2, with the list of known keys.
 The resolver (stages.generate.resolve_request) adds its own keys to a request's options
 (`composition`, `style_lora`, `control_images`, ...); those are not user options, are declared
 in `Resolved` and read typed through `resolved(request)`.
+
+Who may set an option is part of its declaration (`tenant_access`): the person at the CLI may
+set every option, but a tenant of the HTTP service only those a request may carry. A field
+that names a file or a model override is `SERVER_ONLY` (a value from the network must never
+become a path the server opens); a field that names an image the request needs is `ASSET`
+(the service takes an id in the tenant's own asset store and puts the stored file's path
+there itself). The service derives the options it accepts from these marks
+(`tenant_options`), so a new backend's options are sorted when they are declared, not in a
+list kept somewhere else.
 """
 
 from __future__ import annotations
@@ -26,6 +35,34 @@ from .errors import BadInput
 
 if TYPE_CHECKING:
     from .backend import BackendSpec
+
+
+# Who may set an option (json_schema_extra of the field, so the mark is also in /v1/backends' schemas).
+SERVER_ONLY: dict[str, Any] = {"tenant": False}  # files, model overrides: the operator's, never a request's
+ASSET: dict[str, Any] = {"tenant": "asset"}  # an image: a tenant names one of its uploaded assets by id
+TenantAccess = Literal["value", "asset", "server"]
+
+
+def tenant_access(model: type[BaseModel], name: str) -> TenantAccess:
+    """How a service tenant may give option `name` of `model`: as a value, as an asset id, or not."""
+    extra = model.model_fields[name].json_schema_extra
+    mark = extra.get("tenant", True) if isinstance(extra, dict) else True
+    if mark is False:
+        return "server"
+    return "asset" if mark == "asset" else "value"
+
+
+def tenant_options(specs: Iterable["BackendSpec"]) -> dict[str, TenantAccess]:
+    """Every option the backends declare, with how a tenant may give it. A key two backends
+    declare differently is as strict as the stricter one."""
+    order = {"value": 0, "asset": 1, "server": 2}
+    found: dict[str, TenantAccess] = {}
+    for spec in specs:
+        for name in spec.options.model_fields:
+            access = tenant_access(spec.options, name)
+            if name not in found or order[access] > order[found[name]]:
+                found[name] = access
+    return dict(sorted(found.items()))
 
 
 class Pass2(BaseModel):
@@ -58,7 +95,8 @@ class EmbedOptions(BaseModel):
     id_mode: Literal["mean", "all", "best"] = "mean"
     id_photos: int = Field(8, ge=1, le=64, description="the bundle's best photos; more add little and cost time")
     face_locator: Literal["auto", "pack", "dlib"] = "auto"
-    face_pack: str | None = Field(None, min_length=1, description="override the adapter's face pack")
+    face_pack: str | None = Field(None, min_length=1, description="override the adapter's face pack",
+                                  json_schema_extra=SERVER_ONLY)
 
 
 class FaceIDAdapterOptions(BaseModel):
@@ -71,7 +109,8 @@ class FaceIDAdapterOptions(BaseModel):
     ip_adapter_scale: float = Field(0.6, ge=0.0, le=5.0, description="IP-Adapter scale (h94's examples: 0.6)")
     s_scale: float = Field(1.0, ge=0.0, le=5.0, description="FaceID PlusV2 shortcut weight")
     faceid_lora_scale: float = Field(1.0, ge=0.0, le=5.0, description="the FaceID LoRA's weight")
-    faceid_model: str | None = Field(None, min_length=1, description="registry id or file overriding the preset's role")
+    faceid_model: str | None = Field(None, min_length=1, description="registry id or file overriding the preset's role",
+                                     json_schema_extra=SERVER_ONLY)
 
 
 class GroupOptions(BaseModel):
@@ -79,7 +118,9 @@ class GroupOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    identities: list[str] | None = None
+    # Names of bundles on this machine: the CLI's. The service resolves a tenant's own ids
+    # (`with_identity`) and hands the flow the identities themselves.
+    identities: list[str] | None = Field(None, json_schema_extra=SERVER_ONLY)
 
 
 class Resolved(BaseModel):

@@ -194,6 +194,17 @@ class GenerationRequest:
     lora_weight: float = 1.0
     controls: dict[str, float] = field(default_factory=dict)  # control name -> strength
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific, from the template
+    # More people in the same picture (a group template, regional FaceID), loaded by the flow:
+    # a backend takes them from here and never opens a bundle by a name it was handed.
+    # options["identities"] records their names for the metadata.
+    people: tuple[Identity, ...] = ()
+
+    def person(self, name: str) -> Identity:
+        """The request's identity or one of its people, by name (an unknown name is an error of ours)."""
+        for who in (self.identity, *self.people):
+            if who.name == name:
+                return who
+        raise KeyError(f"identity '{name}' is not one of this request's people")
 
     def resolved(self) -> dict[str, Any]:
         """The values recorded in every output's metadata."""

@@ -30,7 +30,6 @@ from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
-from portrait.core.bundle import load_identity
 from portrait.core.declare import from_preset
 from portrait.core.errors import BadInput, ModelMissing, bad_file
 from portrait.core.faces import FaceAnalyzer, make_analyzer, pick_backend
@@ -390,10 +389,11 @@ def assigned_faces(candidate: Candidate, image_shape: tuple[int, ...] | None = N
             for f in rows]
 
 
-def _person(kit: _Finishers, name: str) -> IdentityFaces:
-    """A group member's faces in the analyzer's space (loaded once per finish call)."""
+def _person(kit: _Finishers, name: str, candidate: Candidate) -> IdentityFaces:
+    """A group member's faces in the analyzer's space (computed once per finish call). The
+    member is one of the candidate's request's people: never a bundle opened by its name."""
     if name not in kit.people:
-        kit.people[name] = identity_faces(kit.analyzer, load_identity(kit.ctx.settings, name))
+        kit.people[name] = identity_faces(kit.analyzer, candidate.request.person(name))
     return kit.people[name]
 
 
@@ -420,11 +420,11 @@ def _finish_one(candidate: Candidate, switches: FinishSwitches, kit: _Finishers)
                     if group:  # each face with its own identity's reference; one failing face skips only itself
                         for face, owner in zip(faces, owners):
                             try:
-                                image = _fuse(image, face, labels, candidate.seed, kit, owner)
+                                image = _fuse(image, face, labels, candidate, kit, owner)
                             except BadInput as exc:
                                 notes.append(f"fusion of {owner}'s face skipped: {exc}")
                     else:
-                        image = _fuse(image, faces[0], labels, candidate.seed, kit)
+                        image = _fuse(image, faces[0], labels, candidate, kit)
             except BadInput as exc:  # a generated image is not user input: note it, keep the batch going
                 notes.append(f"fusion skipped: {exc}")
         else:
@@ -447,14 +447,15 @@ def _finish_one(candidate: Candidate, switches: FinishSwitches, kit: _Finishers)
     return dataclasses.replace(candidate, image=image, timings=timings, info=info)
 
 
-def _fuse(image: np.ndarray, face: FaceObservation, labels: np.ndarray | None, seed: int, kit: _Finishers,
-          owner: str | None = None) -> np.ndarray:
-    who = kit.who if owner is None else _person(kit, owner)
+def _fuse(image: np.ndarray, face: FaceObservation, labels: np.ndarray | None, candidate: Candidate,
+          kit: _Finishers, owner: str | None = None) -> np.ndarray:
+    seed = candidate.seed
+    who = kit.who if owner is None else _person(kit, owner, candidate)
     if kit.swapper is not None:
         embedding = kit.swap_embedding
         if owner is not None and owner != kit.identity.name:
             if owner not in kit.swap_embeddings:
-                person = load_identity(kit.ctx.settings, owner)
+                person = candidate.request.person(owner)
                 kit.swap_embeddings[owner] = _swap_embedding(kit.ctx, who.reference_image, person)
             embedding = kit.swap_embeddings[owner]
         return fuse_stage.swap_face(kit.swapper, image, face, embedding, target_name=f"seed {seed}")
@@ -500,7 +501,7 @@ def _score_all(finished: list[Candidate], switches: FinishSwitches, kit: _Finish
             # A group picture: each assigned face against its own identity, in the analyzer's space
             # (the independent second space and the copy-paste guard score single portraits only).
             faces = kit.analyzer.detect(candidate.image)
-            people = {g.identity: _person(kit, g.identity) for g in group}
+            people = {g.identity: _person(kit, g.identity, candidate) for g in group}
             embeddings = {name: score_stage.IdentityEmbeddings(p.consensus, p.reference_embedding)
                           for name, p in people.items()}
             scored = score_stage.score_group(faces, candidate.image.shape, group, embeddings, kit.who.space,

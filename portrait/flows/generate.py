@@ -30,6 +30,7 @@ from portrait.core.formats.results import results_document
 from portrait.core.interrupt import signal_of
 from portrait.core.io import (as_published, check_replaceable, discard_dir, make_dirs, publish_dir, safetensors_data_sha256, sha256_file,
                               staging_for, write_image, write_json)
+from portrait.core.steps import reporting_steps
 from portrait.core.types import Candidate, CandidateScore, GenerationRequest, Identity, RankedResult
 from portrait.core.versions import versions
 from portrait.stages import generate as gen
@@ -61,23 +62,29 @@ def generate(identity: str | Identity, *, template: str | None = None, prompt: s
              backend: str | None = None, n: int | None = 4, seed: int | None = None, out: str | Path,
              settings: Settings | None = None, preset: str | None = None, ctx: RunContext | None = None,
              progress: Progress | None = None, finish: bool | dict[str, bool] = True,
-             with_identity: Sequence[str] = (), **overrides: Any) -> GenerationResult:
+             with_identity: Sequence[str | Identity] = (), **overrides: Any) -> GenerationResult:
     """Generate `n` portraits of an identity into `out` and return them ranked.
 
     `with_identity`: more people in the same picture (a group photo template assigns them
-    faces left to right after `identity`; `backend="faceid"` gives each a region).
+    faces left to right after `identity`; `backend="faceid"` gives each a region). A name is
+    a bundle of this home (the CLI's); an Identity is used as given (the service hands over
+    the bundles it resolved in the tenant's own scope, never a name from a request).
+    The option `identities` (names) is the same as `with_identity`.
     """
-    if with_identity:
-        overrides["options"] = {**(overrides.get("options") or {}), "identities": list(with_identity)}
     ctx = ctx or RunContext.create(settings, preset=preset, progress=progress)
     report = progress or ctx.progress
     person = identity if isinstance(identity, Identity) else load_identity(ctx.settings, identity)
+    options = dict(overrides.get("options") or {})
+    named = [*with_identity, *(options.pop("identities", None) or [])]
+    people = [p if isinstance(p, Identity) else load_identity(ctx.settings, p) for p in named]
+    if "options" in overrides:
+        overrides["options"] = options
     policy = gen.GeneratePolicy.from_preset(ctx.preset)
     chosen = _template(template, prompt, backend, policy)
     if backend is None and chosen is not None and chosen.kind == "photo":
         backend = _photo_backend()
     request = gen.resolve_request(person, policy, template=chosen, prompt=prompt, backend=backend, n=n, seed=seed,
-                                  overrides=overrides)
+                                  overrides=overrides, people=people)
     out = Path(out).expanduser()
     preflight(ctx, request)
     check_out(out)
@@ -93,9 +100,12 @@ def run_request(ctx: RunContext, person: Identity, request: GenerationRequest, o
 
     def run(req: GenerationRequest) -> list[Candidate]:
         found = []
-        for cand in gen.generate_candidates(req, ctx):
-            found.append(cand)
-            report("generate", len(found), req.n)
+        # Each denoising step is reported (phase "denoise", step / steps; a hook that
+        # raises stops the pipeline there: the service cancels a running item so).
+        with reporting_steps(lambda done, total: report("denoise", done, total)):
+            for cand in gen.generate_candidates(req, ctx):
+                found.append(cand)
+                report("generate", len(found), req.n)
         return found
 
     # Everything goes to a staging folder beside OUT, swapped in whole at the end: an

@@ -1,96 +1,93 @@
-"""The FastAPI app of `portrait serve`: the /v1 JSON API, OpenAPI at /docs, /healthz, and the
-web UI (static/, a plain page that calls the same /v1 API, so the UI can do nothing the API
-cannot and holds no logic of its own).
+"""The FastAPI app of `portrait serve`: the /v1 JSON API, its reference at /docs, /healthz, and
+the web UI (static/, a plain page that calls the same /v1 API, so the UI can do nothing the
+API cannot and holds no logic of its own).
 
 Errors are JSON `{"reason": WORD, "detail": ONE LINE}` with the CLI's words: `bad_input`
-(400; an upload the prepare step refused also carries its per-photo `report`), `not_found`
-(404: also for another tenant's objects), `busy` (409), `model_missing` (503, the detail
-names `portrait models download ID`), `unauthorized` (401), `too_large` (413), `error` (500).
+(400: an upload the prepare step refused also carries its per-photo `report`; 422: a request
+value refused at submit, with `field` naming it), `not_found` (404: also for another tenant's
+objects, with `field` when a body field named it), `busy` (409), `quota` (429: the detail
+names the tenant limit), `model_missing` (503, the detail names `portrait models download
+ID`), `unauthorized` (401), `too_large` (413), `error` (500).
+
+Who is asking is settled by `Gate`, an ASGI layer in front of everything, from the headers
+alone: in `tokens` mode a /v1 request without a known token is answered 401 before one byte
+of its body is read, and a body whose Content-Length is over the limit 413. In `none` mode
+(loopback only, checked when the server starts) every request is the one local tenant.
 """
 
 from __future__ import annotations
 
 import asyncio
+import html
 import json
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any, Callable, Optional
 
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from portrait.core.errors import BadInput, ModelMissing, PortraitError
 
-from .service import Busy, NotFound, RejectedUpload, StudioService
+from .requests import BatchRequest, GenerateRequest, TrainRequest
+from .service import SETTLED, Busy, InvalidField, NotFound, QuotaExceeded, RejectedUpload, StudioService
 from .tenants import LOCAL_TENANT
 from .uploads import Upload
 
 API_VERSION = "v1"
 _REASONS = {400: "bad_input", 401: "unauthorized", 404: "not_found", 405: "bad_input", 409: "busy", 411: "bad_input",
-            413: "too_large", 422: "bad_input", 503: "model_missing"}
+            413: "too_large", 422: "bad_input", 429: "quota", 503: "model_missing"}
+AUTH_MODES = ("tokens", "none")
+UNAUTHORIZED = ("missing or unknown access token: send `Authorization: Bearer TOKEN` "
+                "(an operator creates one with `portrait serve token create NAME`)")
 
 
 def error(status: int, detail: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"reason": _REASONS.get(status, "error"), "detail": detail, **extra}, status_code=status)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"reason": _REASONS.get(status, "error"), "detail": detail, **extra}, status_code=status,
+                        headers=headers)
 
 
-class TrainRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    identity: str
-    zero_shot: bool = Field(False, description="Prepare only (embeddings, reference) for the zero-shot backends.")
-    steps: Optional[int] = Field(None, ge=1, le=100_000)
-
-
-class _GenerateOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    count: int = Field(1, ge=1, description="Images to make (one item each in the store).")
-    seed: int = Field(0, ge=0)
-    options: dict[str, Any] = Field(default_factory=dict, description="Backend options, as --option KEY=VALUE (each backend's schema: /v1/backends).")
-    finish: bool | dict[str, bool] = Field(True, description="Finishing stages (fuse, retouch, upscale, ...).")
-    steps: Optional[int] = Field(None, ge=1, le=1000)
-    guidance: Optional[float] = Field(None, ge=0, le=50)
-    size: Optional[tuple[int, int]] = Field(None, description="width, height")
-    negative_prompt: Optional[str] = Field(None, max_length=2000)
-
-
-class GenerateRequest(_GenerateOptions):
-    identity: str
-    template: Optional[str] = Field(None, description="A template name from /v1/templates.")
-    prompt: Optional[str] = Field(None, description="A prompt with {trigger} and {class}, instead of a template.")
-    backend: Optional[str] = Field(None, description="A backend name from /v1/backends; default from the template.")
-
-
-class BatchRequest(_GenerateOptions):
-    identities: list[str] = Field(min_length=1)
-    templates: list[str] = Field(default_factory=list)
-    prompts: list[str] = Field(default_factory=list)
-    backends: list[str] = Field(default_factory=lambda: ["lora"])
-
-
-def create_app(service: StudioService, workers: Any = None) -> FastAPI:
-    """The app over `service`; `workers` (a pool with .alive()) only feeds /healthz."""
-    app = FastAPI(title="portrait studio", version=API_VERSION,
+def create_app(service: StudioService, workers: Any = None, auth: str | None = None) -> FastAPI:
+    """The app over `service`. `auth`: tokens | none (default: the preset's service.auth)."""
+    mode = auth or service.policy.auth
+    if mode not in AUTH_MODES:
+        raise BadInput(f"--auth {mode}: use tokens or none")
+    app = FastAPI(title="portrait studio", version=API_VERSION, docs_url=None, redoc_url=None,
                   description="Identity-preserving portraits: upload photos, train, generate, download. "
-                              "Send `Authorization: Bearer TOKEN` when the server has tokens.")
+                              "Send `Authorization: Bearer TOKEN` (unless the server runs with `--auth none`).")
     app.state.service = service
+    app.state.auth = mode
+    # Photo checks run here, not in the server's request threads: a queue of uploads never
+    # holds the threads that answer status calls (ServicePolicy.upload_workers run at once).
+    uploads = ThreadPoolExecutor(max_workers=max(2, 2 * service.policy.upload_workers),
+                                 thread_name_prefix="portrait-upload")
 
     # -- errors ------------------------------------------------------------------------
 
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
-        return error(404, str(exc))
+        return error(404, str(exc), **({"field": exc.field} if exc.field else {}))
 
     @app.exception_handler(Busy)
     async def _busy(request: Request, exc: Busy) -> JSONResponse:
         return error(409, str(exc))
 
+    @app.exception_handler(QuotaExceeded)
+    async def _quota(request: Request, exc: QuotaExceeded) -> JSONResponse:
+        return error(429, str(exc))
+
     @app.exception_handler(RejectedUpload)
     async def _rejected(request: Request, exc: RejectedUpload) -> JSONResponse:
         return error(400, str(exc), report=exc.report)
+
+    @app.exception_handler(InvalidField)
+    async def _invalid_field(request: Request, exc: InvalidField) -> JSONResponse:
+        return error(422, str(exc), field=exc.field)
 
     @app.exception_handler(BadInput)
     async def _bad_input(request: Request, exc: BadInput) -> JSONResponse:
@@ -107,35 +104,31 @@ def create_app(service: StudioService, workers: Any = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request"
-        return error(422, f"{where}: {first.get('msg', 'invalid')}")
+        if first.get("type") == "json_invalid":
+            return error(400, _json_error(first, exc.body))
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        msg = str(first.get("msg", "invalid"))
+        msg = msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+        detail = f"{where}: {msg[0].lower() + msg[1:]}" if where else msg
+        return error(422, detail, **({"field": where} if where else {}))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error(exc.status_code, str(exc.detail))
 
-    # -- request size -------------------------------------------------------------------
+    # -- who is asking, from the headers, before any body ------------------------------------
 
-    app.add_middleware(BodyLimit, limit=service.policy.max_request_bytes)
-
-    # -- who is asking --------------------------------------------------------------------
+    app.add_middleware(Gate, service=service, mode=mode, limit=service.policy.max_request_bytes)
 
     def tenant(request: Request) -> str:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        found = service.db.tenant_for_token(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
-        if found is not None:
-            return found.id
-        if not service.db.has_tokens():
-            return LOCAL_TENANT
-        raise StarletteHTTPException(401, "missing or unknown access token: send `Authorization: Bearer TOKEN` "
-                                          "(an operator creates one with `portrait serve token create NAME`)")
+        return request.scope["state"]["tenant"]
 
     # -- health and the page --------------------------------------------------------------
 
     @app.get("/healthz", tags=["service"])
-    def healthz() -> dict[str, Any]:
-        return {**service.health(), "workers": workers.alive() if workers is not None else 0}
+    async def healthz() -> dict[str, Any]:
+        """That the server is alive: nothing else (no tenant's figures without a token)."""
+        return {"status": "ok"}
 
     static = resources.files("portrait.service") / "static"
 
@@ -145,73 +138,123 @@ def create_app(service: StudioService, workers: Any = None) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
 
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return HTMLResponse(reference_page(app.openapi()))
+
     @app.get("/v1/me", tags=["service"])
-    def me(t: str = Depends(tenant)) -> dict[str, Any]:
-        names = {row["id"]: row["name"] for row in service.db.tenants()}
-        return {"tenant": names.get(t, t), "auth": service.db.has_tokens()}
+    def me(request: Request) -> dict[str, Any]:
+        t = tenant(request)
+        return {"tenant": service.db.tenant_name(t), "auth": mode == "tokens"}
+
+    @app.get("/v1/usage", tags=["service"])
+    def usage(request: Request) -> dict[str, Any]:
+        """Your queue, your limits and what you use of them."""
+        return service.usage(tenant(request))
+
+    @app.get("/v1/audit", tags=["service"])
+    def audit(request: Request, limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
+        """Your audit log: what was erased (by you or by retention), when, how much. Ids and counts only."""
+        return {"entries": service.audit(tenant(request), limit)}
 
     # -- identities -----------------------------------------------------------------------
 
     @app.get("/v1/identities", tags=["identities"])
-    def list_identities(t: str = Depends(tenant)) -> list[dict[str, Any]]:
-        return service.list_identities(t)
+    def list_identities(request: Request) -> list[dict[str, Any]]:
+        return service.list_identities(tenant(request))
 
     @app.post("/v1/identities", tags=["identities"], status_code=201)
-    def create_identity(name: str = Form(..., description="A display name (letters, digits, _ - .)."),
-                        files: list[UploadFile] = File(..., description="Photos of one person, or zips of them."),
-                        t: str = Depends(tenant)) -> dict[str, Any]:
+    async def create_identity(request: Request,
+                              name: str = Form(..., description="A display name (letters, digits, _ - .)."),
+                              files: list[UploadFile] = File(..., description="Photos of one person, or zips of them.")
+                              ) -> dict[str, Any]:
         """Screen and prepare the photos; the report says which were kept and why the rest were not."""
-        return service.create_identity(t, name, [Upload(f.filename or "", f.file) for f in files])
+        parts = [Upload(f.filename or "", f.file) for f in files]
+        return await asyncio.get_running_loop().run_in_executor(
+            uploads, service.create_identity, tenant(request), name, parts)
 
     @app.get("/v1/identities/{identity_id}", tags=["identities"])
-    def show_identity(identity_id: str, t: str = Depends(tenant)) -> dict[str, Any]:
-        return service.show_identity(t, identity_id)
+    def show_identity(identity_id: str, request: Request) -> dict[str, Any]:
+        return service.show_identity(tenant(request), identity_id)
 
     @app.get("/v1/identities/{identity_id}/contact-sheet", tags=["identities"], response_class=FileResponse)
-    def contact_sheet(identity_id: str, t: str = Depends(tenant)) -> FileResponse:
-        return FileResponse(service.contact_sheet(t, identity_id), media_type="image/png")
+    def contact_sheet(identity_id: str, request: Request) -> FileResponse:
+        return FileResponse(service.contact_sheet(tenant(request), identity_id), media_type="image/png")
 
     @app.delete("/v1/identities/{identity_id}", tags=["identities"])
-    def delete_identity(identity_id: str, t: str = Depends(tenant)) -> dict[str, Any]:
-        """Erase photos, crops, embeddings, LoRA, outputs and jobs of the identity."""
-        return service.delete_identity(t, identity_id)
+    def delete_identity(identity_id: str, request: Request) -> dict[str, Any]:
+        """Erase photos, crops, embeddings, LoRA, every output made from it (group pictures too),
+        its jobs and every row naming it. Returns the receipt (also in /v1/audit)."""
+        return service.delete_identity(tenant(request), identity_id)
+
+    # -- assets ---------------------------------------------------------------------------
+
+    @app.post("/v1/assets", tags=["assets"], status_code=201)
+    async def create_asset(request: Request, file: UploadFile = File(..., description="An image: a pose, a control "
+                                                                                       "image or a photo template.")
+                           ) -> dict[str, Any]:
+        """Store an image a request names by its id (options pose_image / control_image, template_photo)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            uploads, service.add_asset, tenant(request), Upload(file.filename or "", file.file))
+
+    @app.get("/v1/assets", tags=["assets"])
+    def list_assets(request: Request) -> list[dict[str, Any]]:
+        return service.list_assets(tenant(request))
+
+    @app.get("/v1/assets/{asset_id}", tags=["assets"])
+    def show_asset(asset_id: str, request: Request) -> dict[str, Any]:
+        return service.show_asset(tenant(request), asset_id)
+
+    @app.get("/v1/assets/{asset_id}/image", tags=["assets"], response_class=FileResponse)
+    def asset_image(asset_id: str, request: Request) -> FileResponse:
+        return FileResponse(service.asset_image(tenant(request), asset_id))
+
+    @app.delete("/v1/assets/{asset_id}", tags=["assets"])
+    def delete_asset(asset_id: str, request: Request) -> dict[str, Any]:
+        return service.delete_asset(tenant(request), asset_id)
 
     # -- jobs ------------------------------------------------------------------------------
 
     @app.post("/v1/jobs/train", tags=["jobs"], status_code=202)
-    def train(body: TrainRequest, t: str = Depends(tenant)) -> dict[str, Any]:
-        return service.submit_train(t, body.identity, zero_shot=body.zero_shot, steps=body.steps)
+    def train(body: TrainRequest, request: Request) -> dict[str, Any]:
+        return service.submit_train(tenant(request), body.identity, zero_shot=body.zero_shot, steps=body.steps)
 
     @app.post("/v1/jobs/generate", tags=["jobs"], status_code=202)
-    def generate(body: GenerateRequest, t: str = Depends(tenant)) -> dict[str, Any]:
-        if not body.template and not body.prompt:
-            raise BadInput("give `template` or `prompt`")
-        backend = body.backend
-        if backend is None:
-            kinds = {row["name"]: row["backend"] for row in service.templates()}
-            backend = kinds.get(body.template or "", "lora")
-        return service.submit_generate(
-            t, [body.identity], templates=[body.template] if body.template else [],
-            prompts=[body.prompt] if body.prompt and not body.template else [], backends=[backend],
-            **_options(body))
+    def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
+        return service.submit_generate(tenant(request), body)
 
     @app.post("/v1/jobs/batch", tags=["jobs"], status_code=202)
-    def batch(body: BatchRequest, t: str = Depends(tenant)) -> dict[str, Any]:
-        return service.submit_generate(t, body.identities, templates=body.templates, prompts=body.prompts,
-                                       backends=body.backends, kind="batch", **_options(body))
+    def batch(body: BatchRequest, request: Request) -> dict[str, Any]:
+        return service.submit_generate(tenant(request), body)
 
     @app.get("/v1/jobs", tags=["jobs"])
-    def list_jobs(t: str = Depends(tenant)) -> list[dict[str, Any]]:
-        return service.list_jobs(t)
+    def list_jobs(request: Request, limit: int = Query(50, ge=1, le=1000, description="Jobs per page."),
+                  after: Optional[str] = Query(None, description="The `next` cursor of the page before (a job id).")
+                  ) -> dict[str, Any]:
+        """Your jobs, newest first, a page at a time: `{"jobs": [...], "next": CURSOR or null}`;
+        pass `after=CURSOR` for the next page (keyset paging: pages do not shift as jobs arrive)."""
+        return service.list_jobs(tenant(request), limit, after)
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"])
-    def show_job(job_id: str, t: str = Depends(tenant)) -> dict[str, Any]:
-        """State, progress (step / total, ETA), the error reason, and where the results are."""
-        return service.job_view(t, job_id)
+    def show_job(job_id: str, request: Request) -> dict[str, Any]:
+        """State (queued, running, done, failed, cancelled), progress (step / total, ETA), the error reason."""
+        return service.job_view(tenant(request), job_id)
+
+    @app.delete("/v1/jobs/{job_id}", tags=["jobs"])
+    def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+        """Cancel: queued items are dropped, running ones stop at their next step (nothing half-written
+        is kept); finished images stay."""
+        return service.cancel_job(tenant(request), job_id)
+
+    @app.post("/v1/jobs/{job_id}/retry", tags=["jobs"])
+    def retry_job(job_id: str, request: Request) -> dict[str, Any]:
+        """Queue the job's failed and cancelled items again."""
+        return service.retry_job(tenant(request), job_id)
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"])
-    async def job_events(job_id: str, request: Request, t: str = Depends(tenant)) -> StreamingResponse:
+    async def job_events(job_id: str, request: Request) -> StreamingResponse:
         """Server-sent events: a `progress` event whenever the job changes, `end` when it settles."""
+        t = tenant(request)
         await run_in_threadpool(service.job_view, t, job_id)  # 404 before the stream starts
 
         async def stream():
@@ -222,7 +265,7 @@ def create_app(service: StudioService, workers: Any = None) -> FastAPI:
                 if text != last:
                     last = text
                     yield f"event: progress\ndata: {text}\n\n"
-                if view["state"] in ("done", "failed"):
+                if view["state"] in SETTLED:
                     yield "event: end\ndata: {}\n\n"
                     return
                 if await request.is_disconnected():
@@ -232,76 +275,181 @@ def create_app(service: StudioService, workers: Any = None) -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/v1/jobs/{job_id}/results", tags=["results"])
-    def job_results(job_id: str, t: str = Depends(tenant)) -> dict[str, Any]:
+    def job_results(job_id: str, request: Request) -> dict[str, Any]:
         """The ranked images (similarity, gate verdict, metadata) or the training summary."""
-        results = service.job_results(t, job_id)
+        results = service.job_results(tenant(request), job_id)
         for image in results["images"]:
             image.pop("_path", None)
         return results
 
     @app.get("/v1/jobs/{job_id}/images/{image_id}", tags=["results"], response_class=FileResponse)
-    def job_image(job_id: str, image_id: str, t: str = Depends(tenant)) -> FileResponse:
-        return FileResponse(service.image_path(t, job_id, image_id), media_type="image/png")
+    def job_image(job_id: str, image_id: str, request: Request) -> FileResponse:
+        return FileResponse(service.image_path(tenant(request), job_id, image_id), media_type="image/png")
 
     @app.get("/v1/jobs/{job_id}/zip", tags=["results"])
-    def job_zip(job_id: str, t: str = Depends(tenant)) -> Response:
-        data = service.job_zip(t, job_id)
+    def job_zip(job_id: str, request: Request) -> Response:
+        data = service.job_zip(tenant(request), job_id)
         return Response(data, media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="portrait-{job_id}.zip"'})
 
     # -- catalogue -------------------------------------------------------------------------
 
     @app.get("/v1/templates", tags=["catalogue"])
-    def templates(t: str = Depends(tenant)) -> list[dict[str, Any]]:
+    def templates() -> list[dict[str, Any]]:
         return service.templates()
 
     @app.get("/v1/templates/{name}/preview", tags=["catalogue"])
-    def template_preview(name: str, t: str = Depends(tenant)) -> Response:
+    def template_preview(name: str) -> Response:
         data, media = service.template_preview(name)
         return Response(data, media_type=media, headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/v1/presets", tags=["catalogue"])
-    def presets(t: str = Depends(tenant)) -> list[dict[str, Any]]:
+    def presets() -> list[dict[str, Any]]:
         return service.presets()
 
     @app.get("/v1/presets/{name}", tags=["catalogue"])
-    def preset(name: str, t: str = Depends(tenant)) -> dict[str, Any]:
+    def preset(name: str) -> dict[str, Any]:
         """Every setting of every section: key, type, default, bounds, help, this preset's value."""
         return service.preset(name)
+
     @app.get("/v1/backends", tags=["catalogue"])
-    def backends(t: str = Depends(tenant)) -> list[dict[str, Any]]:
-        """The generation backends (the backend table), each with its options' JSON schema."""
+    def backends() -> list[dict[str, Any]]:
+        """The generation backends (the backend table), each with its options' JSON schema; an
+        option marked `"tenant": false` is the operator's, `"tenant": "asset"` takes an asset id."""
         return service.backends()
 
     @app.get("/v1/models", tags=["catalogue"])
-    def models(t: str = Depends(tenant)) -> list[dict[str, Any]]:
+    def models() -> list[dict[str, Any]]:
         return service.models()
 
     return app
 
 
-class BodyLimit:
-    """Refuse a body over the limit before anything reads it (413), and a chunked one without a
-    length (411). Plain ASGI: Starlette's BaseHTTPMiddleware costs every request a task hop."""
+def _json_error(first: dict, body: Any) -> str:
+    """`the request body is not valid JSON: Expecting ',' delimiter at line 1 column 34`."""
+    reason = str((first.get("ctx") or {}).get("error") or "unreadable")
+    loc = first.get("loc") or ()
+    pos = loc[-1] if loc and isinstance(loc[-1], int) else None
+    if pos is not None and isinstance(body, (str, bytes)):
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+        line = text.count("\n", 0, pos) + 1
+        column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+        return f"the request body is not valid JSON: {reason} at line {line} column {column}"
+    return f"the request body is not valid JSON: {reason}"
 
-    def __init__(self, app: Any, limit: int):
-        self.app, self.limit = app, limit
+
+class Gate:
+    """Who is asking and how much they send, from the headers, before the app reads a byte of
+    the body: a /v1 request without a known token (tokens mode) is 401; a body over the limit is
+    413 by its Content-Length, a chunked one without a length 411. Plain ASGI: Starlette's
+    BaseHTTPMiddleware costs every request a task hop. The tenant goes into scope["state"]."""
+
+    def __init__(self, app: Any, service: StudioService, mode: str, limit: int):
+        self.app, self.service, self.mode, self.limit = app, service, mode, limit
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        refusal = None
+        if scope["path"].startswith(f"/{API_VERSION}/"):
+            who = LOCAL_TENANT if self.mode == "none" else await run_in_threadpool(self._token_tenant, headers)
+            if who is None:
+                refusal = error(401, UNAUTHORIZED)
+            else:
+                scope.setdefault("state", {})["tenant"] = who
+        if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
             length = headers.get("content-length")
-            refusal = None
             if length is None and "chunked" in headers.get("transfer-encoding", ""):
                 refusal = error(411, "send the upload with a Content-Length")
             elif length is not None and (not length.isdigit() or int(length) > self.limit):
                 refusal = error(413, f"request body of {length} bytes is over the {self.limit:,} byte limit")
-            if refusal is not None:
-                await refusal(scope, receive, send)
-                return
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
+    def _token_tenant(self, headers: dict[str, str]) -> str | None:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        found = self.service.db.tenant_for_token(token.strip())
+        return found.id if found is not None else None
 
-def _options(body: _GenerateOptions) -> dict[str, Any]:
-    return {"count": body.count, "seed": body.seed, "options": body.options or None, "finish": body.finish,
-            "steps": body.steps, "guidance": body.guidance, "size": body.size, "negative_prompt": body.negative_prompt}
+
+def reference_page(spec: dict[str, Any]) -> str:
+    """/docs: the API reference as one plain HTML page rendered from the OpenAPI document.
+
+    Why not Swagger UI or ReDoc: both are JavaScript bundles that FastAPI loads from a CDN, so
+    on a studio machine without internet /docs was blank. Serving a bundle ourselves means
+    shipping (and updating) a megabyte of someone else's JavaScript; this page is rendered
+    from the same document as /openapi.json (which tools that want an interactive client read),
+    needs nothing from anywhere, and cannot drift from the API."""
+    esc = html.escape
+    out = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{esc(spec['info']['title'])} API</title>",
+           "<style>body{font:15px/1.45 system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#222}"
+           "code,pre{font:13px ui-monospace,monospace;background:#f4f4f4;padding:1px 4px}h3{margin:1.4em 0 .3em}"
+           ".m{display:inline-block;min-width:4.5em;font-weight:600}table{border-collapse:collapse;margin:.3em 0}"
+           "td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}</style></head><body>",
+           f"<h1>{esc(spec['info']['title'])} API {esc(spec['info'].get('version', ''))}</h1>",
+           f"<p>{esc(spec['info'].get('description', ''))}</p>",
+           "<p>The machine-readable document: <a href=/openapi.json><code>/openapi.json</code></a>. "
+           "Errors: <code>{\"reason\", \"detail\"}</code> (and <code>field</code> when a request field is refused).</p>"]
+    by_tag: dict[str, list[tuple[str, str, dict]]] = {}
+    for path, methods in spec.get("paths", {}).items():
+        for method, op in methods.items():
+            by_tag.setdefault((op.get("tags") or ["other"])[0], []).append((path, method, op))
+    for tag, ops in by_tag.items():
+        out.append(f"<h2>{esc(tag)}</h2>")
+        for path, method, op in ops:
+            out.append(f"<h3><span class=m>{method.upper()}</span><code>{esc(path)}</code></h3>")
+            text = op.get("description") or op.get("summary") or ""
+            if text:
+                out.append(f"<p>{esc(text)}</p>")
+            params = op.get("parameters") or []
+            if params:
+                out.append("<table><tr><th>parameter</th><th>in</th><th>type</th><th>about</th></tr>")
+                for prm in params:
+                    out.append(f"<tr><td><code>{esc(prm['name'])}</code></td><td>{esc(prm.get('in', ''))}</td>"
+                               f"<td>{esc(_type(prm.get('schema', {})))}</td>"
+                               f"<td>{esc(prm.get('description', ''))}</td></tr>")
+                out.append("</table>")
+            content = (op.get("requestBody") or {}).get("content") or {}
+            for media, body in content.items():
+                out.append(f"<p>body ({esc(media)}): <code>{esc(_type(body.get('schema', {})))}</code></p>")
+            codes = ", ".join(esc(code) for code in (op.get("responses") or {}))
+            out.append(f"<p>answers: {codes}</p>")
+    schemas = spec.get("components", {}).get("schemas", {})
+    if schemas:
+        out.append("<h2>Request and response bodies</h2>")
+    for name, schema in schemas.items():
+        out.append(f"<h3 id='{esc(name)}'>{esc(name)}</h3>")
+        props = schema.get("properties") or {}
+        if props:
+            required = set(schema.get("required") or [])
+            out.append("<table><tr><th>field</th><th>type</th><th>about</th></tr>")
+            for field, prop in props.items():
+                mark = " (required)" if field in required else ""
+                out.append(f"<tr><td><code>{esc(field)}</code>{mark}</td><td>{esc(_type(prop))}</td>"
+                           f"<td>{esc(prop.get('description', ''))}</td></tr>")
+            out.append("</table>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def _type(schema: Any) -> str:
+    if not isinstance(schema, dict):
+        return "any"
+    if "$ref" in schema:
+        return schema["$ref"].rsplit("/", 1)[-1]
+    if "anyOf" in schema:
+        return " | ".join(_type(s) for s in schema["anyOf"])
+    kind = schema.get("type", "any")
+    if kind == "array":
+        items = schema.get("prefixItems") or [schema.get("items", {})]
+        return f"array of {', '.join(_type(i) for i in items)}"
+    if kind == "object" and "additionalProperties" in schema:
+        return f"object of {_type(schema['additionalProperties'] or {})}"
+    bounds = [f"{k} {schema[k]}" for k in ("minimum", "maximum", "maxLength") if k in schema]
+    return kind + (f" ({', '.join(bounds)})" if bounds else "")

@@ -1,34 +1,48 @@
 """`StudioService`: what the HTTP API and the web UI can do, for one tenant at a time.
 
-Every verb takes the tenant first and looks its objects up by (tenant, random id), so a
-request can only see its own tenant's identities, jobs and files; an object of another
-tenant is indistinguishable from one that does not exist (NotFound, HTTP 404).
+Every id a request names goes through one resolver (`Scope.resolve`, service/scope.py) that
+takes the tenant and returns a handle or NotFound (HTTP 404): another tenant's object is
+indistinguishable from one that does not exist. The items put into the store carry paths
+taken from handles (the bundle folder of each person in the picture, an asset's file), so the
+workers never open an identity by a string a request held.
 
 Where things live (ROOT = HOME/service):
 
-    ROOT/service.db                 tenants, hashed tokens, identities and jobs per tenant
+    ROOT/service.db                 tenants, hashed tokens, identities, jobs, assets, usage, audit log
     ROOT/studio.db                  the studio store (the same store `portrait batch` uses)
     ROOT/identities/<id>/uploads/   the screened uploads, stored as NNN.<ext>
     ROOT/identities/<id>/prepare/   prepare's output: report.json, contact_sheet.png, crops
+    ROOT/assets/<id>/               an uploaded image (image.<ext>) and the template.yaml that
+                                    lets it serve as a photo template
     HOME/identities/<id>/           the Identity bundle that training writes (the CLI's place)
     ROOT/jobs/<job>/                a generation job's outputs, placed by the studio executor
 
 Paths are built from random ids only; no name from a request ever becomes part of one.
 Training and generation are items in the store, run by the service's workers with the same
 executor as `portrait batch`, so they survive a crash of the server and run exactly once.
+
+Everything a request says is checked at submit (`_plan`): references, the options a tenant
+may set (their declarations say which: portrait.core.options.tenant_options), sizes, counts
+and steps against the preset's limits, backend and preset family, a dry resolution of each
+(backend, template) pair with the generate stage's own resolver, and the tenant's quotas
+(TenantPolicy: queued items, active jobs, images per day, stored bytes). The worker then has
+nothing left to refuse that a 4xx could have told.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
+import queue
 import shutil
 import threading
 import time
 import zipfile
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from portrait.core.bundle import check_name
 from portrait.core.config import Settings, load_preset
@@ -38,17 +52,29 @@ from portrait.studio.runner import StudioPolicy
 from portrait.studio.spec import Job, content_id, expand, parse_spec, train_item
 from portrait.studio.store import ItemRow, Store
 
-from .policy import ServicePolicy
-from .tenants import IdentityRow, JobRow, TenantDB, new_id
-from .uploads import Screened, Upload, screen
+from .policy import ServicePolicy, TenantPolicy
+from .requests import BatchRequest, GenerateRequest
+from .scope import AssetHandle, IdentityHandle, JobHandle, NotFound, Scope
+from .tenants import AssetRow, IdentityRow, JobRow, TenantDB, new_id
+from .uploads import Screened, Upload, screen, sniff
 
-
-class NotFound(PortraitError):
-    """No such object for this tenant (HTTP 404)."""
+__all__ = ["Busy", "InvalidField", "NotFound", "QuotaExceeded", "RejectedUpload", "StudioService"]
 
 
 class Busy(PortraitError):
     """The object is in a state that does not allow this now (HTTP 409)."""
+
+
+class QuotaExceeded(PortraitError):
+    """The tenant's limit (TenantPolicy) would be passed (HTTP 429); the detail names the key."""
+
+
+class InvalidField(BadInput):
+    """A request value refused at submit (HTTP 422), naming the field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message if message.startswith(field) else f"{field}: {message}")
+        self.field = field
 
 
 class RejectedUpload(BadInput):
@@ -59,14 +85,22 @@ class RejectedUpload(BadInput):
         self.report = report
 
 
-def job_state(counts: dict[str, int]) -> str:
+CANCELLED = "cancelled"
+
+
+def job_state(counts: dict[str, int], cancelled: int = 0) -> str:
     if counts.get("running"):
         return "running"
     if counts.get("pending"):
         return "queued"
-    if counts.get("failed"):
+    if counts.get("failed", 0) > cancelled:
         return "failed"
+    if cancelled:
+        return CANCELLED
     return "done"
+
+
+SETTLED = ("done", "failed", CANCELLED)
 
 
 def item_fraction(row: ItemRow, progress: dict[str, Any] | None) -> float:
@@ -84,6 +118,56 @@ def item_fraction(row: ItemRow, progress: dict[str, Any] | None) -> float:
     return min(0.02 + 0.08 * min(share, 1.0), 0.10)
 
 
+def iso(when: float) -> str:
+    return datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="seconds")
+
+
+def folder_stats(folder: Path) -> tuple[int, int]:
+    """(files, bytes) under a folder (0, 0 when it does not exist)."""
+    files = size = 0
+    if folder.is_dir():
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                files += 1
+                size += path.stat().st_size
+    return files, size
+
+
+class ContextPool:
+    """RunContexts for the photo checks of uploads: up to `size` at once, each used by one
+    upload at a time (its face models are its own, so two checks never share a model object).
+    Uploads of different identities run side by side; more wait for a free context."""
+
+    def __init__(self, factory: Callable[[], Any], size: int):
+        self.factory, self.size = factory, size
+        self._free: queue.LifoQueue = queue.LifoQueue()
+        self._made = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[Any]:
+        try:
+            ctx = self._free.get_nowait()
+        except queue.Empty:
+            with self._lock:
+                make = self._made < self.size
+                if make:
+                    self._made += 1
+            if make:
+                try:
+                    ctx = self.factory()
+                except BaseException:
+                    with self._lock:
+                        self._made -= 1
+                    raise
+            else:
+                ctx = self._free.get()
+        try:
+            yield ctx
+        finally:
+            self._free.put(ctx)
+
+
 class StudioService:
     def __init__(self, settings: Settings, policy: ServicePolicy | None = None,
                  studio_policy: StudioPolicy | None = None, wake: Callable[[], None] | None = None):
@@ -91,16 +175,23 @@ class StudioService:
 
         preset = load(settings.preset)  # the whole preset file against the declarations
         self.settings = settings
+        self.base = load_preset(settings.preset)  # the server's preset (limits, family)
         self.policy = policy or ServicePolicy.from_preset(preset)
         self.studio_policy = studio_policy or StudioPolicy.from_preset(preset)
         self.root = settings.home / "service"
         self.root.mkdir(parents=True, exist_ok=True)
         self.db = TenantDB(self.root / "service.db")
         self.store = Store(self.root / "studio.db", self.studio_policy.retry)
+        self.scope = Scope(self.db, self.root, settings.identities_dir)
         self.wake = wake or (lambda: None)
-        self._ctx = None
-        self._ctx_lock = threading.Lock()
+        self._contexts = ContextPool(self._new_context, self.policy.upload_workers)
         self._cards: dict[str, bytes] = {}
+        self._bytes: dict[str, tuple[float, int]] = {}
+
+    def _new_context(self):
+        from portrait.core.context import RunContext
+
+        return RunContext.create(self.settings, preset=self.settings.preset)
 
     # -- places ---------------------------------------------------------------------------
 
@@ -113,20 +204,56 @@ class StudioService:
     def job_root(self, job_id: str) -> Path:
         return self.root / "jobs" / check_name(job_id)
 
-    def context(self):
-        """One warm RunContext for prepare in the server process (face models stay loaded)."""
-        from portrait.core.context import RunContext
+    def asset_root(self, asset_id: str) -> Path:
+        return self.root / "assets" / check_name(asset_id)
 
-        if self._ctx is None:
-            self._ctx = RunContext.create(self.settings, preset=self.settings.preset)
-        return self._ctx
+    # -- tenants ----------------------------------------------------------------------------
+
+    def tenant_policy(self, tenant: str) -> TenantPolicy:
+        """The defaults (the preset's service.tenant) with the tenant's stored overrides."""
+        return self.policy.tenant.with_overrides(self.db.tenant_settings(tenant),
+                                                 f"tenant '{self.db.tenant_name(tenant)}' settings")
+
+    def stored_bytes(self, tenant: str, fresh: bool = False) -> int:
+        """Bytes the tenant keeps on this server: uploads, identities, assets, results (walked
+        at most every 10 s; the quota check needs the order of magnitude, not the last byte)."""
+        cached = self._bytes.get(tenant)
+        if cached and not fresh and time.monotonic() - cached[0] < 10.0:
+            return cached[1]
+        total = 0
+        for row in self.db.identities(tenant):
+            handle = self.scope.handle_of(row)
+            total += folder_stats(handle.folder)[1] + folder_stats(handle.bundle)[1]
+        for job in self.db.all_jobs(tenant):
+            total += folder_stats(self.job_root(job.id))[1]
+        total += sum(a.bytes for a in self.db.assets(tenant))
+        self._bytes[tenant] = (time.monotonic(), total)
+        return total
+
+    def _check_storage(self, tenant: str, policy: TenantPolicy, adding: int = 0) -> None:
+        used = self.stored_bytes(tenant)
+        if used + adding > policy.max_stored_bytes:
+            raise QuotaExceeded(f"max_stored_bytes: {used + adding:,} bytes would be stored, the limit is "
+                                f"{policy.max_stored_bytes:,}; delete identities, assets or jobs first")
+
+    def usage(self, tenant: str) -> dict[str, Any]:
+        """The tenant's queue, limits and use (what /v1/usage shows it)."""
+        policy = self.tenant_policy(tenant)
+        counts = self.store.owner_counts(tenant)
+        return {"limits": dataclasses.asdict(policy),
+                "queued_items": counts["pending"] + counts["running"], "running_items": counts["running"],
+                "active_jobs": self.store.active_jobs(tenant), "images_today": self.db.images_today(tenant, time.time()),
+                "stored_bytes": self.stored_bytes(tenant, fresh=True)}
 
     # -- identities -----------------------------------------------------------------------
 
     def create_identity(self, tenant: str, name: str, uploads: Iterable[Upload]) -> dict[str, Any]:
         """Screen the uploads, run prepare on what passed, keep the identity if enough photos are usable."""
         check_name(name)
+        policy = self.tenant_policy(tenant)
+        self._check_storage(tenant, policy)
         screened = screen(uploads, self.policy)
+        self._check_storage(tenant, policy, sum(len(data) for _, data, _ in screened.accepted))
         identity_id = new_id("i")
         folder = self.identity_root(identity_id)
         try:
@@ -136,19 +263,22 @@ class StudioService:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         self.db.add_identity(tenant, identity_id, name, report)
-        return self.identity_view(self._identity(tenant, identity_id))
+        self._bytes.pop(tenant, None)
+        return self.identity_view(self.scope.identity(tenant, identity_id))
 
     def _prepare(self, identity_id: str, folder: Path, screened: Screened, stored: dict[str, str]) -> dict[str, Any]:
         from portrait.core.declare import from_preset
-        from portrait.flows.prepare import PREPARE_READERS, PrepareFlowPolicy, prepare, write_prepare_sheet
+        from portrait.flows import prepare as prepare_flow
+        from portrait.flows.prepare import PREPARE_READERS, PrepareFlowPolicy, write_prepare_sheet
 
         rows: dict[str, dict[str, Any]] = {row["path"]: row for row in screened.rejected}
-        minimum = from_preset(PrepareFlowPolicy, load_preset(self.settings.preset), shared=PREPARE_READERS).min_photos
+        minimum = from_preset(PrepareFlowPolicy, self.base, shared=PREPARE_READERS).min_photos
         if stored:
-            with self._ctx_lock:
-                ctx = self.context()
+            # Each identity's photos are checked with a context of the pool: uploads of several
+            # tenants run side by side (ServicePolicy.upload_workers), none waits on one lock.
+            with self._contexts.context() as ctx:
                 try:
-                    result = prepare(list(stored), folder / "prepare", ctx=ctx)
+                    result = prepare_flow.prepare(list(stored), folder / "prepare", ctx=ctx)
                     failure = None
                 except BadInput as exc:
                     result, failure = None, exc
@@ -176,26 +306,24 @@ class StudioService:
             raise RejectedUpload(f"only {kept} usable photo(s) of {len(photos)}, need {minimum} ({reasons})", report)
         return report
 
-    def _identity(self, tenant: str, identity_id: str) -> IdentityRow:
-        row = self.db.identity(tenant, identity_id)
-        if row is None:
-            raise NotFound(f"identity '{identity_id}' not found")
-        return row
-
     def identity_state(self, row: IdentityRow) -> str:
+        if row.expired:
+            return "expired"
         if (self.bundle_root(row.id) / "manifest.json").is_file():
             return "ready"
         if row.train_job:
             job = self.db.job(row.tenant, row.train_job)
             if job is not None:
-                state = job_state(self.store.counts([job.store_job]))
-                return {"running": "training", "queued": "training", "failed": "failed"}.get(state, "ready")
+                state = self._state(job)
+                return {"running": "training", "queued": "training", "failed": "failed",
+                        CANCELLED: "prepared"}.get(state, "ready")
         return "prepared"
 
-    def identity_view(self, row: IdentityRow) -> dict[str, Any]:
+    def identity_view(self, handle: IdentityHandle) -> dict[str, Any]:
+        row = handle.row
         state = self.identity_state(row)
         trained: dict[str, Any] = {}
-        manifest_path = self.bundle_root(row.id) / "manifest.json"
+        manifest_path = handle.bundle / "manifest.json"
         if state == "ready" and manifest_path.is_file():
             manifest = json.loads(manifest_path.read_text())
             trained = {"lora": sorted((manifest.get("loras") or {})), "trigger": manifest.get("trigger"),
@@ -203,114 +331,374 @@ class StudioService:
                        "resumed_from": (manifest.get("train") or {}).get("resumed_from"),
                        "steps": (manifest.get("train") or {}).get("steps")}
         return {"id": row.id, "name": row.name, "created": row.created, "state": state, "trained": trained or None,
-                "train_job": row.train_job, "report": row.report,
+                "train_job": row.train_job, "report": row.report, "expired": row.expired,
                 "contact_sheet": f"/v1/identities/{row.id}/contact-sheet"}
 
     def list_identities(self, tenant: str) -> list[dict[str, Any]]:
-        return [self.identity_view(r) for r in self.db.identities(tenant)]
+        return [self.identity_view(self.scope.handle_of(r)) for r in self.db.identities(tenant)]
 
     def show_identity(self, tenant: str, identity_id: str) -> dict[str, Any]:
-        return self.identity_view(self._identity(tenant, identity_id))
+        return self.identity_view(self.scope.identity(tenant, identity_id))
 
     def contact_sheet(self, tenant: str, identity_id: str) -> Path:
-        self._identity(tenant, identity_id)
-        path = self.identity_root(identity_id) / "prepare" / "contact_sheet.png"
+        handle = self.scope.identity(tenant, identity_id)
+        path = handle.folder / "prepare" / "contact_sheet.png"
         if not path.is_file():
             raise NotFound(f"identity '{identity_id}' has no contact sheet")
         return path
 
-    def delete_identity(self, tenant: str, identity_id: str) -> dict[str, Any]:
-        """Erase the identity: uploads, crops, embeddings, LoRA, every output made from it, and its jobs."""
-        self._identity(tenant, identity_id)
-        jobs = [j for j in self.db.jobs(tenant, limit=1_000_000) if identity_id in j.identities]
-        store_jobs = [j.store_job for j in jobs]
-        if store_jobs:
-            self.store.cancel(store_jobs, "cancelled: the identity was deleted")
-            running = self.store.counts(store_jobs)["running"]
-            if running:
-                raise Busy(f"identity '{identity_id}' has {running} item(s) running; its queued work is cancelled, "
-                           "delete again when they finish")
-        gone = self.db.delete_identity(tenant, identity_id)
-        self.store.forget([j.store_job for j in gone])
+    def delete_identity(self, tenant: str, identity_id: str, action: str = "delete_identity") -> dict[str, Any]:
+        """Erase the identity: uploads, crops, embeddings, LoRA, every output made from it in any
+        job (a group picture it is in too) and every row naming it. Returns the receipt, which
+        the audit log keeps (ids and counts only)."""
+        handle = self.scope.identity(tenant, identity_id)
+        self._stop_jobs(self.db.jobs_using(identity_id), f"identity '{identity_id}'")
+        jobs = self.db.jobs_using(identity_id)
+        removed = self._erase_jobs(jobs)
+        gone, rows = self.db.delete_identity(tenant, identity_id)
+        removed["rows"] += rows
         idir = self.settings.identities_dir
-        folders = [self.identity_root(identity_id), self.bundle_root(identity_id),
-                   *(idir / f".{identity_id}.{suffix}" for suffix in ("work", "staging", "old")),
-                   *(self.job_root(j.id) for j in gone)]
-        removed = 0
+        folders = [handle.folder, handle.bundle, *(idir / f".{identity_id}.{suffix}" for suffix in ("work", "staging", "old"))]
         with identity_lock(idir, identity_id):  # no trainer may be writing while it is erased
             for folder in folders:
-                if folder.exists():
-                    removed += sum(1 for p in folder.rglob("*") if p.is_file())
-                    shutil.rmtree(folder)
+                self._remove(folder, removed)
             # The lock file's name is the identity's id: it goes too (the id is never reused).
             (idir / f".{identity_id}.lock").unlink(missing_ok=True)
-        return {"deleted": identity_id, "jobs_deleted": len(gone), "files_removed": removed}
+        return self._receipt(tenant, action, identity_id, "identity", removed)
 
-    # -- jobs -----------------------------------------------------------------------------
+    def _stop_jobs(self, jobs: list[JobRow], what: str, wait: float = 15.0) -> None:
+        """Cancel the jobs' queued items and stop their running ones (each stops at its next
+        step); wait a little for them, else Busy."""
+        store_jobs = [j.store_job for j in jobs]
+        if not store_jobs:
+            return
+        self.store.cancel(store_jobs, f"cancelled: {what} is being deleted", running=True)
+        deadline = time.monotonic() + wait
+        while (running := self.store.counts(store_jobs)["running"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if running:
+            raise Busy(f"{what} has {running} item(s) still running; they were asked to stop, delete again in a moment")
+
+    def _erase_jobs(self, jobs: list[JobRow]) -> dict[str, int]:
+        removed = {"jobs": len(jobs), "items": 0, "images": 0, "files": 0, "bytes": 0, "rows": 0}
+        if not jobs:
+            return removed
+        store_jobs = [j.store_job for j in jobs]
+        for r in self.store.status(store_jobs).items:
+            if r.item.kind == "generate" and r.state == "done":
+                removed["images"] += len(r.outputs)
+        removed["items"] = self.store.forget(store_jobs)
+        removed["rows"] += removed["items"]
+        for job in jobs:
+            self._remove(self.job_root(job.id), removed)
+        for tenant in {j.tenant for j in jobs}:
+            self._bytes.pop(tenant, None)
+        return removed
+
+    @staticmethod
+    def _remove(folder: Path, removed: dict[str, int]) -> None:
+        if folder.exists():
+            files, size = folder_stats(folder)
+            removed["files"] += files
+            removed["bytes"] += size
+            shutil.rmtree(folder)
+
+    def _receipt(self, tenant: str, action: str, subject: str, kind: str, removed: dict[str, int],
+                 now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        self.db.add_audit(tenant, action, subject, removed, now)
+        self._bytes.pop(tenant, None)
+        return {"deleted": subject, "kind": kind, "action": action, "time": iso(now), "removed": removed,
+                # the fields of the first release, kept for its clients
+                "jobs_deleted": removed.get("jobs", 0), "files_removed": removed.get("files", 0)}
+
+    def audit(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
+        return [{**e, "time": iso(e["time"])} for e in self.db.audit(tenant, limit)]
+
+    # -- assets ---------------------------------------------------------------------------
+
+    def add_asset(self, tenant: str, upload: Upload) -> dict[str, Any]:
+        """An image a request may need (a pose, a control image, a photo template), screened as
+        an uploaded photo is, stored under a random id; it can serve as a photo template."""
+        from portrait.core.formats.images import image_size
+        from portrait.core.io import write_bytes, write_text
+
+        from .uploads import label
+
+        policy = self.tenant_policy(tenant)
+        data = upload.file.read(self.policy.max_file_bytes + 1)
+        if len(data) > self.policy.max_file_bytes:
+            raise BadInput(f"{label(upload.filename)}: over the {self.policy.max_file_bytes:,} byte limit")
+        ext, reason, detail = sniff(data, self.policy)
+        if reason:
+            raise BadInput(f"{label(upload.filename)}: {reason} ({detail})")
+        self._check_storage(tenant, policy, len(data))
+        asset_id = new_id("a")
+        folder = self.asset_root(asset_id)
+        try:
+            path = write_bytes(folder / f"image{ext}", data)
+            width, height = image_size(path)
+            # A photo template of our own words: the image, nothing from the request.
+            write_text(folder / "template.yaml", f"name: {asset_id}\ntitle: uploaded photo\nimage: image{ext}\n")
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        row = AssetRow(asset_id, tenant, "image", label(upload.filename), f"image{ext}", len(data), width, height,
+                       time.time())
+        self.db.add_asset(row)
+        self._bytes.pop(tenant, None)
+        return self.asset_view(self.scope.asset(tenant, asset_id))
+
+    @staticmethod
+    def asset_view(handle: AssetHandle) -> dict[str, Any]:
+        r = handle.row
+        return {"id": r.id, "kind": r.kind, "name": r.label, "bytes": r.bytes, "width": r.width, "height": r.height,
+                "created": r.created, "image": f"/v1/assets/{r.id}/image"}
+
+    def list_assets(self, tenant: str) -> list[dict[str, Any]]:
+        return [self.asset_view(self.scope.asset(tenant, r.id)) for r in self.db.assets(tenant)]
+
+    def show_asset(self, tenant: str, asset_id: str) -> dict[str, Any]:
+        return self.asset_view(self.scope.asset(tenant, asset_id))
+
+    def asset_image(self, tenant: str, asset_id: str) -> Path:
+        return self.scope.asset(tenant, asset_id).path
+
+    def delete_asset(self, tenant: str, asset_id: str) -> dict[str, Any]:
+        handle = self.scope.asset(tenant, asset_id)
+        jobs = [j for j in (self.db.job(tenant, job) for job in self.db.jobs_with_asset(asset_id)) if j is not None]
+        busy = [j.id for j in jobs if self._state(j) in ("queued", "running")]
+        if busy:
+            raise Busy(f"asset '{asset_id}' is used by job(s) {', '.join(busy)} that have not finished; "
+                       "cancel them or wait")
+        removed = {"files": 0, "bytes": 0, "rows": self.db.delete_asset(tenant, asset_id)}
+        self._remove(handle.folder, removed)
+        return self._receipt(tenant, "delete_asset", asset_id, "asset", removed)
+
+    # -- submitting ---------------------------------------------------------------------------
+
+    def _admit(self, tenant: str, items: int, images: int, now: float) -> TenantPolicy:
+        """The tenant's quotas against what a submission adds (429 naming the key)."""
+        policy = self.tenant_policy(tenant)
+        counts = self.store.owner_counts(tenant)
+        queued = counts["pending"] + counts["running"]
+        if queued + items > policy.max_queued_items:
+            raise QuotaExceeded(f"max_queued_items: {queued} item(s) queued and {items} more asked for; the limit is "
+                                f"{policy.max_queued_items} (cancel jobs, or wait for them)")
+        active = self.store.active_jobs(tenant)
+        if active + 1 > policy.max_active_jobs:
+            raise QuotaExceeded(f"max_active_jobs: {active} job(s) queued or running; the limit is "
+                                f"{policy.max_active_jobs}")
+        today = self.db.images_today(tenant, now)
+        if images and today + images > policy.max_images_per_day:
+            raise QuotaExceeded(f"max_images_per_day: {today} image(s) today and {images} more asked for; the limit "
+                                f"is {policy.max_images_per_day} per UTC day")
+        self._check_storage(tenant, policy)
+        self.store.set_owner_limit(tenant, policy.max_running_items)
+        return policy
 
     def submit_train(self, tenant: str, identity_id: str, *, zero_shot: bool = False,
                      steps: int | None = None) -> dict[str, Any]:
-        row = self._identity(tenant, identity_id)
-        state = self.identity_state(row)
-        if state in ("ready", "training"):
-            raise Busy(f"identity '{identity_id}' is already {'trained' if state == 'ready' else 'training'}")
-        photos = sorted(str(p) for p in (self.identity_root(identity_id) / "uploads").iterdir())
+        handle = self.scope.identity(tenant, identity_id, "identity")
+        state = self.identity_state(handle.row)
+        if state in ("ready", "training", "expired"):
+            raise Busy(f"identity '{identity_id}' is {'already trained' if state == 'ready' else state}")
+        now = time.time()
+        self._admit(tenant, 1, 0, now)
+        photos = sorted(str(p) for p in (handle.folder / "uploads").iterdir())
         item = train_item(identity_id, photos, zero_shot=zero_shot, preset=self.settings.preset, steps=steps)
         job_id = new_id("j")
         params = {"zero_shot": zero_shot, "steps": steps}
         store_job = Job(id=content_id({"service_job": job_id}, 12), source=f"service:{tenant}:{job_id}",
                         spec={"service_job": job_id, "kind": "train", **params}, items=(item,))
-        self._submit(store_job)
-        self.db.add_job(JobRow(job_id, tenant, "train", store_job.id, (identity_id,), params, time.time()))
+        self._submit(store_job, tenant)
+        self.db.add_job(JobRow(job_id, tenant, "train", store_job.id, (identity_id,), params, now))
         self.db.set_train_job(tenant, identity_id, job_id)
         self.wake()
         return self.job_view(tenant, job_id)
 
-    def submit_generate(self, tenant: str, identities: list[str], *, templates: list[str] | None = None,
-                        prompts: list[str] | None = None, backends: list[str] | None = None, count: int = 1,
-                        seed: int = 0, options: dict[str, Any] | None = None, finish: bool | dict[str, bool] = True,
-                        steps: int | None = None, guidance: float | None = None, size: tuple[int, int] | None = None,
-                        negative_prompt: str | None = None, kind: str = "generate") -> dict[str, Any]:
-        from portrait.stages.templates import shipped_templates
-
-        templates, prompts = list(templates or []), list(prompts or [])
-        if not identities:
-            raise BadInput("give at least one identity")
-        train_items: dict[str, str] = {}
-        for identity_id in identities:
-            row = self._identity(tenant, identity_id)
-            state = self.identity_state(row)
-            if state == "training":
-                train_items[identity_id] = self._train_item_id(tenant, row)
-            elif state != "ready":
-                raise Busy(f"identity '{identity_id}' is not trained yet (state {state}); POST /v1/jobs/train first")
-        shipped = {t.name for t in shipped_templates()}
-        unknown = [t for t in templates if t not in shipped]
-        if unknown:
-            # Only shipped templates by name: a path from a request must never be opened.
-            raise BadInput(f"unknown template '{unknown[0]}' (known: {', '.join(sorted(shipped))})")
-        for prompt in prompts:
-            if len(prompt) > self.policy.max_prompt_chars:
-                raise BadInput(f"prompt: {len(prompt)} characters; the limit is {self.policy.max_prompt_chars}")
-        if not 1 <= count <= self.policy.max_count:
-            raise BadInput(f"count: {count}; use 1-{self.policy.max_count}")
-        job_id = new_id("j")
-        generate_overrides = {"options": options} if options else {}
-        spec: dict[str, Any] = {"output": str(self.job_root(job_id)), "identities": list(identities),
-                                "templates": templates, "prompts": prompts, "backends": backends or ["lora"],
-                                "count": count, "seed": seed, "generate": generate_overrides, "finish": finish,
-                                "steps": steps, "guidance": guidance, "size": list(size) if size else None,
-                                "negative_prompt": negative_prompt}
-        parsed = parse_spec({k: v for k, v in spec.items() if v is not None}, source="request")
-        job = expand(parsed, base_dir=self.root, default_preset=self.settings.preset, source=f"service:{tenant}:{job_id}",
-                     identity_exists=lambda name: True)
-        items = tuple(dataclasses.replace(i, depends_on=train_items.get(i.payload["identity"])) for i in job.items)
-        job = dataclasses.replace(job, items=items)
-        self._submit(job)
-        params = {k: v for k, v in spec.items() if k not in ("output", "identities")}
-        self.db.add_job(JobRow(job_id, tenant, kind, job.id, tuple(identities), params, time.time()))
+    def submit_generate(self, tenant: str, body: GenerateRequest | BatchRequest) -> dict[str, Any]:
+        """A generation (one identity, one template or prompt) or a batch (identities x
+        templates x prompts x backends), checked whole before anything is queued."""
+        now = time.time()
+        plan = self._plan(tenant, body)
+        items = plan["items"]
+        self._admit(tenant, len(items), len(items), now)
+        job = plan["job"]
+        self._submit(job, tenant)
+        self.db.count_images(tenant, len(items), now)
+        kind = "generate" if isinstance(body, GenerateRequest) else "batch"
+        params = body.model_dump(mode="json", exclude={"identity", "identities", "with_identity"})
+        self.db.add_job(JobRow(plan["job_id"], tenant, kind, job.id, tuple(plan["identities"]), params, now),
+                        tuple(plan["assets"]))
         self.wake()
-        return self.job_view(tenant, job_id)
+        return self.job_view(tenant, plan["job_id"])
+
+    def _plan(self, tenant: str, body: GenerateRequest | BatchRequest) -> dict[str, Any]:
+        from portrait.stages import generate as gen
+        from portrait.stages.backends import BACKENDS
+        from portrait.stages.templates import find_template, shipped_templates
+
+        single = isinstance(body, GenerateRequest)
+        gpolicy = gen.GeneratePolicy.from_preset(self.base)
+        # 1. references, each resolved in the tenant's scope
+        named = [("identity", body.identity)] if single else [(f"identities.{i}", v) for i, v in enumerate(body.identities)]
+        people = [self.scope.identity(tenant, value, field) for field, value in named]
+        others = [self.scope.identity(tenant, v, f"with_identity.{i}")
+                  for i, v in enumerate(body.with_identity)] if single else []
+        photo = self.scope.asset(tenant, body.template_photo, "template_photo") \
+            if single and body.template_photo else None
+        options, assets = self._tenant_options(tenant, body.options)
+        if photo is not None:
+            assets.append(photo.id)
+        # 2. what to make: templates (shipped names, or the tenant's photo), prompts, backends
+        shipped = {t.name: t for t in shipped_templates()}
+        if single:
+            if photo is not None and body.template:
+                raise InvalidField("template", "give `template` or `template_photo`, not both")
+            if not body.template and not body.prompt and photo is None:
+                raise InvalidField("template", "give `template`, `template_photo` or `prompt`")
+            templates = [("template", body.template)] if body.template else []
+            prompts = [("prompt", body.prompt)] if body.prompt and not body.template and photo is None else []
+            backend = body.backend
+            if backend is None:
+                chosen = shipped.get(body.template or "")
+                backend = "template" if photo is not None or (chosen and chosen.kind == "photo") else "lora"
+            backends = [("backend", backend)]
+        else:
+            templates = [(f"templates.{i}", t) for i, t in enumerate(body.templates)]
+            prompts = [(f"prompts.{i}", p) for i, p in enumerate(body.prompts)]
+            backends = [(f"backends.{i}", b) for i, b in enumerate(dict.fromkeys(body.backends))]
+            if not templates and not prompts:
+                raise InvalidField("templates", "give at least one of `templates` or `prompts`")
+        for field, name in templates:
+            if name not in shipped:  # only shipped templates by name: a path from a request is never opened
+                raise InvalidField(field, f"unknown template '{name}' (known: {', '.join(sorted(shipped))})")
+        for field, text in prompts:
+            if len(text) > self.policy.max_prompt_chars:
+                raise InvalidField(field, f"{len(text)} characters; the limit is {self.policy.max_prompt_chars}")
+        specs = []
+        for field, name in backends:
+            spec = BACKENDS.get(name)
+            if spec is None:
+                raise InvalidField(field, f"unknown backend '{name}' (known: {', '.join(sorted(BACKENDS.names()))})")
+            if self.base.family not in spec.families:
+                raise InvalidField(field, f"backend '{name}' runs on {', '.join(spec.families)}; preset "
+                                          f"'{self.base.name}' is {self.base.family}")
+            if others and not spec.group:
+                raise InvalidField("with_identity", f"backend '{name}' paints one identity; several people need "
+                                                    "a group photo template (backend template) or faceid")
+            specs.append(spec)
+        self._check_options(options, specs)
+        # 3. numbers against the server's and the preset's limits
+        if not 1 <= body.count <= self.policy.max_count:
+            raise InvalidField("count", f"{body.count}; use 1-{self.policy.max_count} (preset key service.max_count)")
+        if body.steps is not None and body.steps > gpolicy.max_steps:
+            raise InvalidField("steps", f"{body.steps}; use 1-{gpolicy.max_steps} (preset key generate.max_steps)")
+        if body.size is not None:
+            w, h = body.size
+            m = gpolicy.size_multiple
+            if w <= 0 or h <= 0 or w % m or h % m:
+                raise InvalidField("size", f"{w}x{h}: width and height must be positive multiples of {m}")
+            if max(w, h) > gpolicy.max_side or w * h > gpolicy.max_pixels:
+                raise InvalidField("size", f"{w}x{h}: over the limit of {gpolicy.max_side} px a side and "
+                                           f"{gpolicy.max_pixels:,} pixels (preset keys generate.max_side, max_pixels)")
+        # 4. the people: trained (or training, for the identities the items wait for)
+        train_items: dict[str, str] = {}
+        for handle in people:
+            state = self.identity_state(handle.row)
+            if state == "training":
+                train_items[handle.id] = self._train_item_id(tenant, handle.row)
+            elif state != "ready":
+                raise Busy(f"identity '{handle.id}' is not ready (state {state}); POST /v1/jobs/train first")
+        for handle in others:
+            if self.identity_state(handle.row) != "ready":
+                raise Busy(f"identity '{handle.id}' (with_identity) is not trained yet; train it first")
+        # 5. a dry run of the generate stage's own resolver for each (backend, template or prompt)
+        overrides = {"options": options or None, "steps": body.steps, "guidance": body.guidance,
+                     "negative_prompt": body.negative_prompt,
+                     "width": body.size[0] if body.size else None, "height": body.size[1] if body.size else None}
+        styles = [(f, find_template(t)) for f, t in templates] + [(f, None) for f, _ in prompts]
+        if photo is not None:
+            styles.append(("template_photo", self._photo_template(photo)))
+        for _, backend in backends:
+            for field, template in styles:
+                try:
+                    gen.resolve_request(_stand_in(people[0]), gpolicy, template=template,
+                                        prompt=None if template is not None else "portrait of {trigger} {class}",
+                                        backend=backend, n=1, seed=body.seed, overrides=overrides)
+                except BadInput as exc:
+                    raise InvalidField(field, f"{exc} (backend {backend})") from None
+        # 6. the items: paths from handles only
+        job_id = new_id("j")
+        spec = {"output": str(self.job_root(job_id)), "identities": [h.id for h in people],
+                "templates": [t for _, t in templates] + ([str(photo.folder)] if photo is not None else []),
+                "prompts": [p for _, p in prompts], "backends": [b for _, b in backends], "count": body.count,
+                "seed": body.seed, "generate": {"options": options} if options else {}, "finish": body.finish,
+                "steps": body.steps, "guidance": body.guidance, "size": list(body.size) if body.size else None,
+                "negative_prompt": body.negative_prompt}
+        parsed = parse_spec({k: v for k, v in spec.items() if v is not None}, source="request")
+        job = expand(parsed, base_dir=self.root, default_preset=self.settings.preset,
+                     source=f"service:{tenant}:{job_id}", identity_exists=lambda name: True)
+        bundles = {h.id: str(h.bundle) for h in people}
+        with_bundles = [str(h.bundle) for h in others]
+        items = []
+        for item in job.items:
+            payload = {**item.payload, "bundle": bundles[item.payload["identity"]]}
+            if with_bundles:
+                payload["with_identity"] = with_bundles
+            items.append(dataclasses.replace(item, id=content_id({"kind": "generate", **payload}), payload=payload,
+                                             depends_on=train_items.get(item.payload["identity"])))
+        job = dataclasses.replace(job, items=tuple(items))
+        return {"job": job, "job_id": job_id, "items": items, "assets": assets,
+                "identities": [h.id for h in people] + [h.id for h in others]}
+
+    def _tenant_options(self, tenant: str, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """The backend options a tenant gave, with asset ids replaced by the stored files' paths.
+        A key no backend declares, or one only the operator may set, is refused naming it."""
+        from portrait.core.options import tenant_options
+        from portrait.stages.backends import BACKENDS
+
+        access = tenant_options(BACKENDS.specs())
+        allowed = [k for k, a in access.items() if a != "server"]
+        out, assets = {}, []
+        for key, value in values.items():
+            field = f"options.{key}"
+            if key not in access:
+                raise InvalidField(field, f"unknown option (known: {', '.join(allowed)})")
+            if access[key] == "server":
+                raise InvalidField(field, "set by the server's operator, not by a request")
+            if access[key] == "asset":
+                if value is None:
+                    continue
+                handle = self.scope.asset(tenant, value, field)
+                assets.append(handle.id)
+                value = str(handle.path)
+            out[key] = value
+        return out, assets
+
+    @staticmethod
+    def _check_options(options: dict[str, Any], specs: list) -> None:
+        """Each option against the chosen backends' declarations (types and bounds)."""
+        from pydantic import ValidationError
+
+        from portrait.core.declare import describe
+
+        for key in options:
+            if not any(key in spec.options.model_fields for spec in specs):
+                raise InvalidField(f"options.{key}", f"not an option of backend {', '.join(s.name for s in specs)}")
+        for spec in specs:
+            mine = {k: v for k, v in options.items() if k in spec.options.model_fields}
+            try:
+                spec.options.model_validate(mine)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                raise InvalidField(f"options.{first['loc'][0]}", f"options.{describe(exc)}") from None
+
+    def _photo_template(self, photo: AssetHandle):
+        from portrait.stages.templates import find_template
+
+        return find_template(str(photo.folder), "photo")
 
     def _train_item_id(self, tenant: str, row: IdentityRow) -> str:
         job = self.db.job(tenant, row.train_job or "")
@@ -319,23 +707,52 @@ class StudioService:
             raise Busy(f"identity '{row.id}' has no training job")
         return items[0].item.id
 
-    def _submit(self, job: Job) -> None:
-        self.store.submit(job)
+    def _submit(self, job: Job, tenant: str) -> None:
+        self.store.submit(job, owner=tenant)
         # Content ids: an item a failed earlier job shares (the same training) gets another go.
         if self.store.counts([job.id])["failed"]:
             self.store.retry_failed([job.id])
 
-    def _job(self, tenant: str, job_id: str) -> JobRow:
-        row = self.db.job(tenant, job_id)
-        if row is None:
-            raise NotFound(f"job '{job_id}' not found")
-        return row
+    # -- the queue ---------------------------------------------------------------------------------
 
-    def list_jobs(self, tenant: str) -> list[dict[str, Any]]:
-        return [self._job_view(row) for row in self.db.jobs(tenant)]
+    def cancel_job(self, tenant: str, job_id: str) -> dict[str, Any]:
+        """Cancel the job's queued items and stop its running ones at their next step (their
+        staged files are discarded; nothing half-written is kept). Done items stay."""
+        handle = self.scope.job(tenant, job_id)
+        self.store.cancel([handle.row.store_job], "cancelled", running=True)
+        self.wake()
+        return self._job_view(handle.row)
+
+    def retry_job(self, tenant: str, job_id: str) -> dict[str, Any]:
+        """Queue the job's failed and cancelled items again (the tenant's quotas apply)."""
+        handle = self.scope.job(tenant, job_id)
+        failed = self.store.counts([handle.row.store_job])["failed"]
+        if not failed:
+            raise Busy(f"job '{job_id}' has no failed or cancelled items")
+        now = time.time()
+        images = failed if handle.row.kind != "train" else 0
+        self._admit(tenant, failed, images, now)
+        self.store.retry_failed([handle.row.store_job])
+        if images:
+            self.db.count_images(tenant, images, now)
+        self.wake()
+        return self._job_view(handle.row)
+
+    def list_jobs(self, tenant: str, limit: int = 50, after: str | None = None) -> dict[str, Any]:
+        """A page of the tenant's jobs, newest first; `next` is the cursor of the following page
+        (a job id: pass it as `after`), null on the last page."""
+        cursor = self.scope.job(tenant, after, "after").row if after else None
+        rows = self.db.jobs(tenant, limit=limit + 1, after=cursor)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return {"jobs": [self._job_view(row) for row in rows], "next": rows[-1].id if more and rows else None}
 
     def job_view(self, tenant: str, job_id: str) -> dict[str, Any]:
-        return self._job_view(self._job(tenant, job_id))
+        return self._job_view(self.scope.job(tenant, job_id).row)
+
+    def _state(self, row: JobRow) -> str:
+        status = self.store.status([row.store_job])
+        return job_state(status.counts, sum(1 for r in status.items if r.state == "failed" and r.error_kind == CANCELLED))
 
     def _job_view(self, row: JobRow) -> dict[str, Any]:
         status = self.store.status([row.store_job])
@@ -344,7 +761,8 @@ class StudioService:
         progress = self.store.progress(running)
         fractions = [item_fraction(r, progress.get(r.item.id)) for r in items]
         fraction = sum(fractions) / len(fractions) if fractions else 1.0
-        state = job_state(status.counts)
+        cancelled = [r for r in items if r.state == "failed" and r.error_kind == CANCELLED]
+        state = job_state(status.counts, len(cancelled))
         started = [r.started for r in items if r.started]
         eta = None
         if state in ("running", "queued") and started and fraction > 0.02:
@@ -359,12 +777,13 @@ class StudioService:
         else:
             step, total = status.counts["done"] + status.counts["failed"], len(items)
             phase = next((progress[i].get("phase") for i in running if i in progress), None) or state
-        failed = [r for r in items if r.state == "failed"]
+        failed = [r for r in items if r.state == "failed" and r.error_kind != CANCELLED] or cancelled
+        counts = {**status.counts, "cancelled": len(cancelled), "failed": status.counts["failed"] - len(cancelled)}
         return {
             "id": row.id, "kind": row.kind, "state": state, "created": row.created, "identities": list(row.identities),
             "params": row.params,
             "progress": {"fraction": round(fraction, 4), "step": step, "total": total, "phase": phase,
-                         "eta_seconds": eta, "items": {**status.counts, "total": len(items)}},
+                         "eta_seconds": eta, "items": {**counts, "total": len(items)}},
             "error": failed[0].error if failed else None,
             "error_kind": failed[0].error_kind if failed else None,
             "results": f"/v1/jobs/{row.id}/results",
@@ -378,7 +797,7 @@ class StudioService:
         return {**(data.get("train") or {}), "lora": sorted(data.get("loras") or {}), "trigger": data.get("trigger")}
 
     def job_results(self, tenant: str, job_id: str) -> dict[str, Any]:
-        row = self._job(tenant, job_id)
+        row = self.scope.job(tenant, job_id).row
         view = self._job_view(row)
         if row.kind == "train":
             summary = self._train_summary(row) if view["state"] == "done" else None
@@ -419,7 +838,7 @@ class StudioService:
         return images
 
     def image_path(self, tenant: str, job_id: str, image_id: str) -> Path:
-        row = self._job(tenant, job_id)
+        row = self.scope.job(tenant, job_id).row
         for image in self._images(row):
             if image["id"] == image_id:
                 path = Path(image["_path"])
@@ -428,7 +847,7 @@ class StudioService:
         raise NotFound(f"image '{image_id}' not found in job '{job_id}'")
 
     def job_zip(self, tenant: str, job_id: str) -> bytes:
-        row = self._job(tenant, job_id)
+        row = self.scope.job(tenant, job_id).row
         images = self._images(row)
         if not images:
             raise NotFound(f"job '{job_id}' has no images yet")
@@ -441,6 +860,50 @@ class StudioService:
                 rows.append({**{k: v for k, v in image.items() if k not in ("_path", "url")}, "file": name})
             zf.writestr("results.json", json.dumps({"job": job_id, "results": rows}, indent=2))
         return buffer.getvalue()
+
+    # -- retention -------------------------------------------------------------------------------
+
+    def sweep(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Apply every tenant's retention (TenantPolicy.photos_days, outputs_days) and return
+        the receipts (each also in the audit log). Photos: the identity's uploads, crops and
+        bundle (photos, embeddings, LoRA) are erased and it is marked expired; its results stay
+        until their own retention. Results: a settled job older than outputs_days is erased."""
+        now = time.time() if now is None else now
+        receipts = []
+        for tenant in self.db.tenant_ids():
+            policy = self.tenant_policy(tenant)
+            if policy.photos_days is not None:
+                cutoff = now - policy.photos_days * 86400
+                for row in self.db.identities(tenant):
+                    if row.expired is None and row.created < cutoff:
+                        receipts.append(self._expire_identity(self.scope.handle_of(row), now))
+                for asset in self.db.assets(tenant):
+                    if asset.created < cutoff:
+                        with contextlib.suppress(Busy, NotFound):
+                            receipt = self.delete_asset(tenant, asset.id)
+                            receipts.append(receipt)
+            if policy.outputs_days is not None:
+                cutoff = now - policy.outputs_days * 86400
+                for job in self.db.all_jobs(tenant):
+                    if job.kind != "train" and job.created < cutoff and self._state(job) in SETTLED:
+                        removed = self._erase_jobs([job])
+                        removed["rows"] += self.db.delete_job(tenant, job.id)
+                        receipts.append(self._receipt(tenant, "retention_outputs", job.id, "job", removed, now))
+        return receipts
+
+    def _expire_identity(self, handle: IdentityHandle, now: float) -> dict[str, Any]:
+        removed = {"jobs": 0, "items": 0, "images": 0, "files": 0, "bytes": 0, "rows": 1}
+        idir = self.settings.identities_dir
+        try:
+            self._stop_jobs([j for j in self.db.jobs_using(handle.id) if j.kind == "train"], f"identity '{handle.id}'")
+        except Busy:
+            pass
+        with identity_lock(idir, handle.id):
+            for folder in (handle.folder, handle.bundle,
+                           *(idir / f".{handle.id}.{suffix}" for suffix in ("work", "staging", "old"))):
+                self._remove(folder, removed)
+        self.db.expire_identity(handle.tenant, handle.id, now)
+        return self._receipt(handle.tenant, "retention_photos", handle.id, "identity", removed, now)
 
     # -- catalogue ------------------------------------------------------------------------
 
@@ -494,7 +957,8 @@ class StudioService:
         return model_table(Registry.load(), self.settings)
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "preset": self.settings.preset, "queue": self.store.counts()}
+        """That the server is alive, and nothing else: no tenant's figures without a token."""
+        return {"status": "ok"}
 
 
 def _thumbnail(path: Path, side: int = 320) -> bytes:
@@ -524,3 +988,12 @@ def _card(template, size: tuple[int, int] = (320, 320)) -> bytes:
     out = io.BytesIO()
     card.save(out, "PNG", optimize=True)
     return out.getvalue()
+
+
+def _stand_in(handle: IdentityHandle):
+    """An Identity for the dry resolution at submit: the request's values are checked, no
+    bundle is read (the identity may still be training)."""
+    from portrait.core.types import Identity
+
+    return Identity(name=handle.id, root=handle.bundle, trigger="sks", class_word="person",
+                    reference=handle.bundle / "reference.png", photos=(), consensus={}, loras={}, manifest={})

@@ -3,6 +3,12 @@ the server runs, each keeping its models warm (one FlowExecutor per process, as 
 --workers N`), and write where a running item is (phase, step / total) into the store for
 the progress bars.
 
+Cancelling a running item (DELETE /v1/jobs/{id}) goes through the progress reports: the store
+answers each progress write with the item's cancel flag, and `ProgressRecorder` raises
+`ItemCancelled` (a KeyboardInterrupt) there, at the item's next step. The flows unwind as for
+Ctrl-C (the generate flow discards its staging folder; training keeps nothing here: the worker
+removes its checkpoints), and the worker settles the item as cancelled, not re-queued.
+
 Processes, not threads: training and generation hold the GIL for long stretches of Python,
 and the HTTP server must stay responsive while they run. Each worker dies with the server
 (Linux PR_SET_PDEATHSIG, and a parent check between items elsewhere), so a `kill -9` of the
@@ -17,11 +23,12 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from portrait.core.config import Settings
-from portrait.studio.executor import FlowExecutor
-from portrait.studio.runner import GracefulStop, LocalWorker, StudioPolicy
+from portrait.studio.executor import FlowExecutor, perform
+from portrait.studio.runner import GracefulStop, Heartbeat, LocalWorker, StudioPolicy, settle
 from portrait.studio.spec import Item
 from portrait.studio.store import RetryPolicy, Store, WorkerId
 
@@ -35,6 +42,11 @@ def die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+class ItemCancelled(KeyboardInterrupt):
+    """The running item was cancelled (raised from its progress report, so at its next step).
+    A KeyboardInterrupt, so every flow's interrupt handling cleans up as for Ctrl-C."""
 
 
 class ProgressRecorder:
@@ -56,10 +68,13 @@ class ProgressRecorder:
         self._last[item.id] = (now, phase)
         step, steps = self._steps.get(item.id, (0, 0))
         try:
-            self.store.set_progress(item.id, {"phase": phase, "done": done, "total": total, "step": step,
-                                              "steps": steps})
+            cancelled = self.store.set_progress(item.id, {"phase": phase, "done": done, "total": total, "step": step,
+                                                          "steps": steps})
         except Exception:  # noqa: BLE001 - a busy store must not fail the item; the next report retries
             self._last.pop(item.id, None)
+            return
+        if cancelled:
+            raise ItemCancelled(f"{item.label}: cancelled")
 
 
 class ServiceWorker(LocalWorker):
@@ -87,6 +102,47 @@ class ServiceWorker(LocalWorker):
             last_group = item.group
             self.run_one(item)
         return self.ran
+
+    def run_one(self, item: Item) -> None:
+        """LocalWorker.run_one, and a cancelled item settles as cancelled (not handed back)."""
+        settled = False
+        try:
+            with Heartbeat(self.store, self.worker, self.policy.heartbeat_seconds, self.policy.lease_seconds):
+                outcome = perform(self.executor, item)
+            if outcome.ok and item.kind == "generate" and self.store.cancel_requested(item.id):
+                # It finished as it was cancelled: what was asked is that it leave nothing.
+                for output in outcome.outputs:
+                    Path(output).unlink(missing_ok=True)
+                self.store.settle_cancelled(item.id, self.worker)
+            else:
+                settle(self.store, self.worker, item, outcome)
+            settled = True
+            self.ran += 1
+        except KeyboardInterrupt:
+            if not self.store.cancel_requested(item.id):
+                raise  # a stop of the worker: the item goes back to the queue (finally)
+            discard_cancelled(self.executor.settings, item)
+            settled = self.store.settle_cancelled(item.id, self.worker)
+            self.ran += 1
+        finally:
+            if not settled:
+                self.store.release(item.id, self.worker)
+
+
+def discard_cancelled(settings: Settings, item: Item) -> None:
+    """What a cancelled item leaves: a training's checkpoints and staging (kept to resume after a
+    crash, not after a cancel). A generation's staging went with the flow's own cleanup."""
+    if item.kind != "train":
+        return
+    import shutil
+
+    from portrait.core.lock import identity_lock
+
+    name = item.payload["name"]
+    folder = settings.identities_dir
+    with identity_lock(folder, name, wait=True):
+        for suffix in ("work", "staging"):
+            shutil.rmtree(folder / f".{name}.{suffix}", ignore_errors=True)
 
 
 def worker_main(settings: Settings, store_path: str, retry: RetryPolicy, policy: StudioPolicy, progress_every: float,

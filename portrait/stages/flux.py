@@ -15,6 +15,7 @@ import numpy as np
 
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
+from portrait.core.steps import step_callback
 from portrait.core.types import GenerationRequest
 from portrait.stages.sd import generator, prepare_pipeline, to_uint8
 
@@ -87,6 +88,7 @@ def call_flux(pipe, request: GenerationRequest, ctx: RunContext, seed: int, **kw
     import torch
 
     args = {**call_args(request, ctx, seed), "output_type": "np", **kwargs}
+    args.update(step_callback(pipe, args))  # each step reported to the flow's hook (progress, cancel)
     with torch.inference_mode():
         out = pipe(**args)
     return to_uint8(out.images[0])

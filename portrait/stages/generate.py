@@ -14,7 +14,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Iterable, Literal, Mapping
+from typing import Annotated, Any, ClassVar, Iterable, Literal, Mapping, Sequence
 
 from pydantic import Field
 
@@ -87,7 +87,9 @@ def fill_prompt(text: str, identity: Identity) -> str:
 
 def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Template | None, prompt: str | None,
                     backend: str | None, n: int | None, seed: int | None,
-                    overrides: Mapping[str, Any] | None = None) -> GenerationRequest:
+                    overrides: Mapping[str, Any] | None = None, people: Sequence[Identity] = ()) -> GenerationRequest:
+    """`people`: more identities in the picture, already loaded (the flow resolves names; the
+    service resolves a tenant's own ids), recorded by name in options["identities"]."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
@@ -119,6 +121,12 @@ def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Tem
     controls = {c.name: c.strength for c in t.controls}
     controls.update(_control_overrides(overrides.get("controls") or {}))
     user_options = validate_options(overrides.get("options"), "--option", BACKENDS.specs())
+    others = tuple(p for p in people if p.name != identity.name)
+    if user_options.get("identities") and [p.name for p in others] != [n for n in user_options["identities"]
+                                                                       if n != identity.name]:
+        raise BadInput("option identities: give the identities themselves (people=), not only their names")
+    if others:
+        user_options["identities"] = [p.name for p in others]
     options: dict[str, Any] = {
         "composition": overrides.get("composition", t.composition),
         "fast": fast,
@@ -157,6 +165,7 @@ def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Tem
                             "--lora-weight", -5.0, 5.0),
         controls=controls,
         options=options,
+        people=others,
     )
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.options import resolved
+from portrait.core.steps import step_callback
 from portrait.core.types import GenerationRequest
 
 # control name -> preset model role. The color control is the tile ControlNet fed a mosaic.
@@ -158,6 +159,7 @@ def _call(pipe, request: GenerationRequest, gen: Any, batch: Mapping[str, Any], 
     if "width" not in kwargs and "mask_image" not in kwargs and "strength" not in kwargs:
         args.update(width=request.width, height=request.height)
     args.update(kwargs)
+    args.update(step_callback(pipe, args))  # each step reported to the flow's hook (progress, cancel)
     with torch.inference_mode():
         out = pipe(**args)
     return [to_uint8(image) for image in out.images]

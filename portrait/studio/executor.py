@@ -195,12 +195,17 @@ class FlowExecutor:
         return ItemResult(in_place=(Path(identity.root),), meta=meta)
 
     def _generate(self, item: Item, staging: Path) -> ItemResult:
+        from portrait.core.bundle import load_bundle
         from portrait.flows.generate import generate
 
         p = item.payload
-        result = generate(p["identity"], template=p["template"], prompt=p["prompt"], backend=p["backend"], n=1,
+        # A service item names its bundles by the folders the service resolved in the tenant's
+        # scope (`bundle`, `with_identity`); a batch item by the identity's name in this home.
+        identity = load_bundle(Path(p["bundle"])) if p.get("bundle") else p["identity"]
+        people = [load_bundle(Path(b)) for b in p.get("with_identity") or ()]
+        result = generate(identity, template=p["template"], prompt=p["prompt"], backend=p["backend"], n=1,
                           seed=p["seed"], out=staging, ctx=self.context(p["preset"]), finish=p["finish"],
-                          progress=self._reporter(item), **p["overrides"])
+                          progress=self._reporter(item), with_identity=people, **p["overrides"])
         report = result.as_json()
         rows = [{k: v for k, v in row.items() if k != "path"} for row in report["results"]]
         meta = {"backend": report["backend"], "template": report["template"], "results": rows}

@@ -8,12 +8,16 @@ so two workers, in any processes, never claim the same item):
 
 - `claim` first re-queues the items of dead workers (same host and the process is gone:
   at once; any host: when the lease has expired), fails items whose dependency failed,
-  then hands out one pending item, preferring the worker's current group so its
-  pipelines stay warm.
+  then hands out one pending item: round robin over the items' owners (the owner served
+  longest ago goes first, one below its running limit; docs/ARCHITECTURE.md#fair-queue),
+  and within an owner preferring the worker's current group so its pipelines stay warm.
+  `portrait batch` submits without an owner, so there is one owner and nothing changes.
 - `complete` marks an item done only if this worker still holds it; the caller renames
   the outputs into place before calling it, so `done` always means the files exist.
 - `fail` retries transient errors with exponential backoff up to `max_attempts` and fails
   permanent ones at once, keeping the reason.
+- `cancel` fails pending items at once and flags running ones; the worker running a flagged
+  item learns it from its next progress write (`set_progress` answers it) and stops there.
 
 A worker killed mid-item may have renamed some outputs already; outputs have names fixed
 by the item, so the re-run overwrites them and nothing is written twice.
@@ -82,12 +86,21 @@ CREATE TABLE IF NOT EXISTS job_items (
     PRIMARY KEY (job, item)
 );
 CREATE INDEX IF NOT EXISTS items_state ON items (state, priority, grp, ord);
+CREATE TABLE IF NOT EXISTS owners (
+    owner TEXT PRIMARY KEY,
+    served INTEGER NOT NULL DEFAULT 0,
+    max_running INTEGER
+);
 CREATE TABLE IF NOT EXISTS item_progress (
     item TEXT PRIMARY KEY,
     data TEXT NOT NULL,
     updated REAL NOT NULL
 );
 """
+
+
+# Columns added after the first release (an older store gains them when opened).
+_COLUMNS = {"owner": "TEXT NOT NULL DEFAULT ''", "cancel": "INTEGER NOT NULL DEFAULT 0"}
 
 
 def process_start_token(pid: int) -> str:
@@ -216,6 +229,11 @@ class Store:
             with self._connect() as con:
                 con.execute("PRAGMA journal_mode=WAL")
                 con.executescript(_SCHEMA)
+                have = {r["name"] for r in con.execute("PRAGMA table_info(items)")}
+                for column, decl in _COLUMNS.items():
+                    if column not in have:
+                        con.execute(f"ALTER TABLE items ADD COLUMN {column} {decl}")
+                con.execute("CREATE INDEX IF NOT EXISTS items_owner ON items (owner, state)")
         except sqlite3.DatabaseError as exc:
             raise BadInput(f"{self.path}: not a studio store ({exc})") from None
         except OSError as exc:
@@ -240,7 +258,9 @@ class Store:
 
     # -- submitting -------------------------------------------------------------------
 
-    def submit(self, job: Job) -> Submission:
+    def submit(self, job: Job, owner: str = "") -> Submission:
+        """Add a job's items (those new to the store). `owner`: who the items are fair to (the
+        service's tenant); claims go round robin over owners."""
         now = time.time()
         added = 0
         with self._transaction() as con:
@@ -249,9 +269,9 @@ class Store:
             for item in job.items:
                 cur = con.execute(
                     "INSERT OR IGNORE INTO items (id, kind, grp, ord, priority, label, payload, depends_on,"
-                    " max_attempts, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " max_attempts, created, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (item.id, item.kind, item.group, item.order, item.priority, item.label,
-                     json.dumps(item.payload), item.depends_on, self.retry.max_attempts, now),
+                     json.dumps(item.payload), item.depends_on, self.retry.max_attempts, now, owner),
                 )
                 added += cur.rowcount
                 con.execute("INSERT OR IGNORE INTO job_items (job, item) VALUES (?, ?)", (job.id, item.id))
@@ -269,15 +289,31 @@ class Store:
             self._requeue_orphans(con, now)
             self._fail_dependents(con, now)
             where, args = self._job_filter(job_ids, "i")
-            row = con.execute(
-                "SELECT i.* FROM items i LEFT JOIN items d ON d.id = i.depends_on"
-                " WHERE i.state = 'pending' AND i.not_before <= ?"
-                " AND (i.depends_on IS NULL OR d.state = 'done')" + where +
-                " ORDER BY i.priority, (i.grp = ?) DESC, i.grp, i.ord LIMIT 1",
-                (now, *args, prefer_group or ""),
-            ).fetchone()
+            runnable = ("FROM items i LEFT JOIN items d ON d.id = i.depends_on WHERE i.state = 'pending'"
+                        " AND i.not_before <= ? AND (i.depends_on IS NULL OR d.state = 'done')" + where)
+            owners = [r["owner"] for r in con.execute("SELECT DISTINCT i.owner " + runnable, (now, *args))]
+            if not owners:
+                return None
+            # Round robin: the owner served longest ago first (a new one before all), skipping
+            # one that already runs its limit; within the owner, the usual order.
+            served = {r["owner"]: (r["served"], r["max_running"]) for r in con.execute("SELECT * FROM owners")}
+            running = {r["owner"]: r["n"] for r in con.execute(
+                "SELECT owner, COUNT(*) AS n FROM items WHERE state = 'running' GROUP BY owner")}
+            row = None
+            for owner in sorted(owners, key=lambda o: (served.get(o, (0, None))[0], o)):
+                limit = served.get(owner, (0, None))[1]
+                if limit is not None and running.get(owner, 0) >= limit:
+                    continue
+                row = con.execute("SELECT i.* " + runnable + " AND i.owner = ?"
+                                  " ORDER BY i.priority, (i.grp = ?) DESC, i.grp, i.ord LIMIT 1",
+                                  (now, *args, owner, prefer_group or "")).fetchone()
+                if row is not None:
+                    break
             if row is None:
                 return None
+            con.execute("INSERT INTO owners (owner, served) VALUES (?, (SELECT COALESCE(MAX(served), 0) + 1 FROM owners))"
+                        " ON CONFLICT(owner) DO UPDATE SET served = (SELECT COALESCE(MAX(served), 0) + 1 FROM owners)",
+                        (row["owner"],))
             cur = con.execute(
                 "UPDATE items SET state = 'running', attempts = attempts + 1, worker = ?, host = ?, pid = ?,"
                 " pid_start = ?, started = ?, finished = NULL, seconds = NULL, lease_until = ?"
@@ -370,19 +406,60 @@ class Store:
                 " not_before = 0 WHERE id = ? AND state = 'running' AND worker = ?", (item_id, worker.id)).rowcount == 1
 
     def retry_failed(self, jobs: Iterable[str] | None = None) -> int:
+        """Queue failed (and cancelled) items again, attempts counted from zero."""
         where, args = self._job_filter(list(jobs) if jobs is not None else None, "items")
         with self._transaction() as con:
             return con.execute(
                 "UPDATE items SET state = 'pending', attempts = 0, error = NULL, error_kind = NULL, not_before = 0,"
-                " finished = NULL, seconds = NULL WHERE state = 'failed'" + where, args).rowcount
+                " finished = NULL, seconds = NULL, cancel = 0 WHERE state = 'failed'" + where, args).rowcount
 
-    def cancel(self, jobs: Iterable[str], reason: str = "cancelled") -> int:
-        """Fail every pending item of `jobs` at once (running items finish; nothing is re-run)."""
+    def cancel(self, jobs: Iterable[str], reason: str = "cancelled", running: bool = False) -> int:
+        """Fail every pending item of `jobs` at once; with `running`, flag their running items
+        too (each stops at its next progress write). Returns the items cancelled or flagged."""
         where, args = self._job_filter(list(jobs), "items")
         with self._transaction() as con:
-            return con.execute(
+            count = con.execute(
                 "UPDATE items SET state = 'failed', error = ?, error_kind = 'cancelled', finished = ?"
                 " WHERE state = 'pending'" + where, (reason, time.time(), *args)).rowcount
+            if running:
+                count += con.execute("UPDATE items SET cancel = 1 WHERE state = 'running'" + where, args).rowcount
+            return count
+
+    def cancel_requested(self, item_id: str) -> bool:
+        with self._connect() as con:
+            row = con.execute("SELECT cancel FROM items WHERE id = ?", (item_id,)).fetchone()
+        return bool(row and row["cancel"])
+
+    def settle_cancelled(self, item_id: str, worker: WorkerId, reason: str = "cancelled") -> bool:
+        """The worker stopped a flagged item: failed as cancelled (retry queues it again)."""
+        now = time.time()
+        with self._transaction() as con:
+            return con.execute(
+                "UPDATE items SET state = 'failed', error = ?, error_kind = 'cancelled', finished = ?,"
+                " seconds = ? - started, lease_until = NULL, cancel = 0 WHERE id = ? AND state = 'running'"
+                " AND worker = ?", (reason, now, now, item_id, worker.id)).rowcount == 1
+
+    # -- owners -----------------------------------------------------------------------------
+
+    def set_owner_limit(self, owner: str, max_running: int | None) -> None:
+        """At most `max_running` items of `owner` run at once (None: no limit)."""
+        with self._transaction() as con:
+            con.execute("INSERT INTO owners (owner, served, max_running) VALUES (?, 0, ?)"
+                        " ON CONFLICT(owner) DO UPDATE SET max_running = excluded.max_running", (owner, max_running))
+
+    def active_jobs(self, owner: str) -> int:
+        """The owner's jobs with an item queued or running."""
+        with self._connect() as con:
+            return con.execute("SELECT COUNT(DISTINCT j.job) FROM job_items j JOIN items i ON i.id = j.item"
+                               " WHERE i.owner = ? AND i.state IN ('pending', 'running')", (owner,)).fetchone()[0]
+
+    def owner_counts(self, owner: str) -> dict[str, int]:
+        """The owner's items per state (pending and running are its queue)."""
+        with self._connect() as con:
+            rows = con.execute("SELECT state, COUNT(*) AS n FROM items WHERE owner = ? GROUP BY state", (owner,)).fetchall()
+        counts = {state: 0 for state in STATES}
+        counts.update({r["state"]: r["n"] for r in rows})
+        return counts
 
     def forget(self, jobs: Iterable[str]) -> int:
         """Remove jobs and their items (those no other job shares) from the store, so nothing
@@ -407,12 +484,15 @@ class Store:
 
     # -- progress within an item ----------------------------------------------------------
 
-    def set_progress(self, item_id: str, data: dict[str, Any]) -> None:
-        """Where a running item is (phase, step, total): one upsert, written by the worker."""
+    def set_progress(self, item_id: str, data: dict[str, Any]) -> bool:
+        """Where a running item is (phase, step, total): one upsert, written by the worker.
+        Returns True when the item was cancelled meanwhile (the worker stops it)."""
         with self._connect() as con:
             con.execute("INSERT INTO item_progress (item, data, updated) VALUES (?, ?, ?)"
                         " ON CONFLICT(item) DO UPDATE SET data = excluded.data, updated = excluded.updated",
                         (item_id, json.dumps(data, default=str), time.time()))
+            row = con.execute("SELECT cancel FROM items WHERE id = ?", (item_id,)).fetchone()
+        return bool(row and row["cancel"])
 
     def progress(self, item_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         ids = list(item_ids)

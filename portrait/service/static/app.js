@@ -138,9 +138,10 @@ function watch(jobId, barSel, textSel, onEnd) {
   const tick = async () => {
     let job;
     try { job = await api(`/v1/jobs/${jobId}`); } catch (err) { $(textSel).textContent = err.message; return; }
-    const settled = job.state === "done" || job.state === "failed";
+    const settled = job.state === "done" || job.state === "failed" || job.state === "cancelled";
     setBar(barSel, settled ? 1 : job.progress.fraction, settled ? job.state : "");
     $(textSel).textContent = job.state === "failed" ? `failed (${job.error_kind}): ${job.error}` : progressText(job);
+    if (job.state === "cancelled") $(textSel).textContent = "cancelled";
     if (settled) { onEnd(job); loadQueue(); } else setTimeout(tick, 400);
   };
   tick();
@@ -223,16 +224,56 @@ $("#download").addEventListener("click", async () => {
 });
 
 // -- the queue ---------------------------------------------------------------------------------
+// GET /v1/jobs comes in pages ({jobs, next}); the table shows the newest page and "Older jobs"
+// appends the next. Each row has Cancel (queued or running) or Retry (failed or cancelled).
 
-async function loadQueue() {
-  const jobs = await api("/v1/jobs");
-  const names = Object.fromEntries(ui.identities.map((i) => [i.id, i.name]));
-  $("#queue tbody").replaceChildren(...jobs.map((job) => el("tr", { "data-job": job.id },
+const queue = { older: [], next: null };
+
+function jobRow(job, names) {
+  const actions = el("td", { class: "actions" });
+  if (job.state === "queued" || job.state === "running") {
+    actions.append(el("button", { class: "cancel", "data-job": job.id, onclick: () => jobAction(job.id, "cancel") }, "Cancel"));
+  } else if (job.state === "failed" || job.state === "cancelled") {
+    actions.append(el("button", { class: "retry", "data-job": job.id, onclick: () => jobAction(job.id, "retry") }, "Retry"));
+  }
+  return el("tr", { "data-job": job.id },
     el("td", {}, job.id), el("td", {}, job.kind), el("td", {}, job.identities.map((i) => names[i] || i).join(", ")),
     el("td", {}, el("span", { class: "badge state-" + job.state }, job.state)),
     el("td", {}, `${Math.round(job.progress.fraction * 100)}%`),
-    el("td", {}, new Date(job.created * 1000).toLocaleTimeString()))));
+    el("td", {}, new Date(job.created * 1000).toLocaleTimeString()), actions);
 }
+
+async function jobAction(jobId, action) {
+  try {
+    const job = action === "cancel"
+      ? await api(`/v1/jobs/${jobId}`, { method: "DELETE" })
+      : await api(`/v1/jobs/${jobId}/retry`, { method: "POST" });
+    const what = action === "retry" ? "queued again"
+      : job.state === "running" ? "cancelled; the running image stops at its next step" : "cancelled";
+    say(`job ${jobId}: ${what}`, true);
+    if (action === "retry" && ui.genJob === jobId) watch(jobId, "#generate-bar", "#generate-status", (done) => showResults(done.id));
+  } catch (err) { say(err.message); }
+  await loadQueue();
+}
+
+async function loadQueue() {
+  const page = await api("/v1/jobs?limit=20");
+  const names = Object.fromEntries(ui.identities.map((i) => [i.id, i.name]));
+  const seen = new Set(page.jobs.map((j) => j.id));
+  queue.older = queue.older.filter((j) => !seen.has(j.id));
+  if (!queue.older.length) queue.next = page.next;
+  $("#queue tbody").replaceChildren(...[...page.jobs, ...queue.older].map((job) => jobRow(job, names)));
+  $("#queue-more").hidden = !queue.next;
+}
+
+$("#queue-more").addEventListener("click", async () => {
+  if (!queue.next) return;
+  try {
+    const page = await api(`/v1/jobs?limit=20&after=${encodeURIComponent(queue.next)}`);
+    queue.older.push(...page.jobs); queue.next = page.next;
+    await loadQueue();
+  } catch (err) { say(err.message); }
+});
 
 // -- start --------------------------------------------------------------------------------------
 

@@ -28,7 +28,6 @@ import numpy as np
 from pydantic import Field
 
 from portrait.core.backend import BackendSpec
-from portrait.core.bundle import load_identity
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.options import CommonOptions, EmbedOptions, FaceIDAdapterOptions, GroupOptions, resolved
@@ -115,7 +114,7 @@ class FaceIDBackend:
     def generate(self, request: GenerationRequest, ctx: RunContext) -> Iterator[Candidate]:
         started = time.perf_counter()
         options = SPEC.read(request)
-        others = [n for n in options.identities or () if n != request.identity.name]
+        others = [p for p in request.people if p.name != request.identity.name]
         if others and "faceid_variant" not in options.model_fields_set:
             # regional: FaceID v1 unless the user asked otherwise (then parse_regions/inputs refuse Plus)
             options = options.model_copy(update={"faceid_variant": "faceid"})
@@ -124,7 +123,7 @@ class FaceIDBackend:
         af = zs.faceid_adapter(ctx, policy)
         regional: dict = {}
         if others:
-            people = [request.identity] + [load_identity(ctx.settings, n) for n in others]
+            people = [request.identity, *others]
             regions = parse_regions(options.regions, len(people))
             inputs, _found = regional_faceid_inputs(ctx, people, policy, af, embed_policy)
             mask = region_masks(regions, request.width, request.height)

@@ -30,11 +30,12 @@ import numpy as np
 
 from pydantic import Field
 
+from portrait.core.steps import report_step
 from portrait.core.backend import BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.models import load as load_model
-from portrait.core.options import CommonOptions, EmbedOptions
+from portrait.core.options import ASSET, CommonOptions, EmbedOptions
 from portrait.core.types import Candidate, GenerationRequest
 from portrait.stages import embed as emb
 from portrait.stages import flux
@@ -55,7 +56,8 @@ class InfiniteYouOptions(CommonOptions, EmbedOptions):
     infiniteyou_variant: Literal["aes_stage2", "sim_stage1"] = Field(
         "aes_stage2", description="aes_stage2 (aesthetics) or sim_stage1 (identity similarity)")
     control_image: str | None = Field(None, min_length=1, description="pose image whose face keypoints the "
-                                                                      "InfuseNet reads (default: a black canvas)")
+                                                                      "InfuseNet reads (default: a black canvas)",
+                                      json_schema_extra=ASSET)
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,7 @@ def denoise(pipe, infusenet, tokens, *, prompt: str, width: int, height: int, st
                                  controlnet_block_samples=blocks, controlnet_single_block_samples=single,
                                  txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
         latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
+        report_step(i + 1, n)
     if output_type == "latent":
         return latents
     latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)

@@ -35,7 +35,7 @@ from portrait.core.backend import BackendSpec
 from portrait.core.archs import ip_adapter as ip_arch
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
-from portrait.core.options import CommonOptions, EmbedOptions, resolved
+from portrait.core.options import ASSET, CommonOptions, EmbedOptions, resolved
 from portrait.core.types import Candidate, GenerationRequest, Identity
 from portrait.stages import embed as emb
 from portrait.stages import loras
@@ -53,7 +53,8 @@ class InstantIDOptions(CommonOptions, EmbedOptions):
     ip_adapter_scale: float = Field(0.8, ge=0.0, le=5.0, description="IP-Adapter scale of the face tokens")
     controlnet_conditioning_scale: float = Field(0.8, ge=0.0, le=5.0, description="IdentityNet scale")
     pose_image: str | None = Field(None, min_length=1, description="pose reference image (default: the template's "
-                                                                   "image, else the identity's reference photo)")
+                                                                   "image, else the identity's reference photo)",
+                                   json_schema_extra=ASSET)
 
 
 @dataclass(frozen=True)

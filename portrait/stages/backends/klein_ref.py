@@ -27,7 +27,6 @@ from typing import Any, ClassVar, Iterator
 from pydantic import Field
 
 from portrait.core.backend import NO_FACE_SPACE, BackendSpec
-from portrait.core.bundle import load_identity
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.options import CommonOptions, GroupOptions, resolved
@@ -52,12 +51,11 @@ class KleinRefOptions(CommonOptions, GroupOptions):
                                                                 "after the image and the user's references")
 
 
-def people_of(ctx: RunContext, request: GenerationRequest, identities: list[str] | None) -> list:
-    people = [request.identity]
-    for name in identities or ():
-        if name != request.identity.name:
-            people.append(load_identity(ctx.settings, name))
-    return people
+def people_of(request: GenerationRequest) -> list:
+    """The request's identity, then its people in the order given. The flow loaded them (from
+    the service's tenant-scoped handles, or the CLI's names): a backend never opens an identity
+    from a name (docs/ARCHITECTURE.md#service-tenants)."""
+    return [request.identity, *(p for p in request.people if p.name != request.identity.name)]
 
 
 def strips(count: int, width: int, height: int) -> list[list[float]]:
@@ -97,7 +95,7 @@ class KleinRefBackend:
         started = time.perf_counter()
         options = SPEC.read(request)
         frontier.check_request(request, ctx, ("flux2-klein",), "klein-4b")
-        people = people_of(ctx, request, options.identities)
+        people = people_of(request)
         size = references.reference_size(request.width, request.height, options.reference_size)
         face_backend = resolved(request).face_backend
         edit = resolved(request).edit

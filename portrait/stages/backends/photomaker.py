@@ -38,7 +38,7 @@ from portrait.core import models
 from portrait.core.backend import BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
-from portrait.core.options import CommonOptions, EmbedOptions
+from portrait.core.options import SERVER_ONLY, CommonOptions, EmbedOptions
 from portrait.core.types import Candidate, GenerationRequest
 from portrait.stages import embed as emb
 from portrait.stages import loras
@@ -57,7 +57,8 @@ class PhotoMakerOptions(CommonOptions, EmbedOptions):
 
     photomaker_version: Literal["v1", "v2", "1", "2"] | None = Field(
         None, description="1 or 2 (default: the preset's photomaker_v2 role when it has one, else v1)")
-    photomaker_model: str | None = Field(None, min_length=1, description="registry id or file overriding the role")
+    photomaker_model: str | None = Field(None, min_length=1, description="registry id or file overriding the role",
+                                         json_schema_extra=SERVER_ONLY)
     start_merge_step: int | None = Field(None, ge=0, le=10_000, description="steps on the text alone before the ID")
     style_strength: float = Field(0.2, ge=0.0, le=1.0, description="start_merge_step as a fraction of the steps")
     trigger: str = Field("img", min_length=1, description="the word after the class word that marks the identity")

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal
 import numpy as np
 from pydantic import Field
 
+from portrait.core.steps import report_step
 from portrait.core.backend import BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
@@ -132,6 +133,7 @@ def denoise(pipe, state: "arch.FluxIDState | None", tokens, *, prompt: str, nega
                 neg = run(uncond if with_id else None, neg_embeds, neg_pooled, neg_ids, latents, timestep)
                 pred = neg + true_cfg * (pred - neg)
             latents = pipe.scheduler.step(pred, t, latents, return_dict=False)[0]
+            report_step(i + 1, len(timesteps))
     finally:
         if state is not None:
             state.tokens = None

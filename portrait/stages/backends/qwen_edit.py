@@ -25,7 +25,6 @@ from typing import Any, ClassVar, Iterator
 from pydantic import Field
 
 from portrait.core.backend import NO_FACE_SPACE, BackendSpec
-from portrait.core.bundle import load_identity
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.options import CommonOptions, GroupOptions, resolved
@@ -88,8 +87,7 @@ class QwenEditBackend:
         started = time.perf_counter()
         options = SPEC.read(request)
         frontier.check_request(request, ctx, ("qwen-image-edit",), "qwen-edit")
-        people = [request.identity] + [load_identity(ctx.settings, n) for n in options.identities or ()
-                                       if n != request.identity.name]
+        people = [request.identity, *(p for p in request.people if p.name != request.identity.name)]
         if len(people) > MAX_PICTURES:
             raise BadInput(f"--with-identity: qwen-edit takes {MAX_PICTURES} pictures, so at most "
                            f"{MAX_PICTURES} people ({len(people)} given)")

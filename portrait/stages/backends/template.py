@@ -31,7 +31,6 @@ import numpy as np
 from pydantic import Field
 
 from portrait.core.backend import LORA_SELECTION, BackendSpec
-from portrait.core.bundle import load_identity
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.facemask import face_regions, feather
@@ -234,11 +233,8 @@ def template_faces(analyzer, template_path: Path, request: GenerationRequest,
 
 
 def _identities(ctx: RunContext, request: GenerationRequest, policy: TemplatePolicy) -> list[Identity]:
-    people = [request.identity]
-    for name in policy.identities:
-        if name != request.identity.name:
-            people.append(load_identity(ctx.settings, name))
-    return people
+    """The request's identity, then its people in the order given (loaded by the flow)."""
+    return [request.identity, *(p for p in request.people if p.name != request.identity.name)]
 
 
 def assign_faces(faces: Sequence[FaceObservation], people: Sequence[Identity], assign: Any,
