@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         photos: List[Path] = typer.Argument(..., help="Photo files, folders or zip archives of one person."),
         name: str = typer.Option(..., "--name", "-n", help="Identity name (HOME/identities/NAME)."),
-        steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default: preset, by photo count)."),
+        steps: Optional[int] = typer.Option(None, "--steps", min=1, help="The most training steps (default: preset, by photo count); the run stops earlier when held-out likeness stops improving (preset train.early_stop)."),
         rank: Optional[int] = typer.Option(None, "--rank", min=1, help="LoRA rank (default: preset)."),
         resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of this name from its last checkpoint."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing identity of this name."),
@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
                                                              help="Trade a second forward for memory (default: on for CUDA under 16 GB, off on CPU)."),
         mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="auto | no | fp16 | bf16 (default: auto: fp16/bf16 on CUDA; on CPU bf16 where it has bf16 instructions, else fp32)."),
     ) -> None:
-        """Find the person, train a LoRA, validate checkpoints by face similarity, write the bundle."""
+        """Find the person, train a LoRA (SD1.5/SDXL UNet, or FLUX.1 / FLUX.2 klein / Z-Image transformer), stop when held-out likeness plateaus, write the bundle."""
         from rich.console import Console
 
         from portrait.flows.train import train
