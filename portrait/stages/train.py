@@ -66,7 +66,10 @@ from portrait.stages.train_types import (FLOW_LOOP, LOOPS, TEXT_ENCODERS, UNET_L
                                          CheckpointRecord, LearningRate, MixedPrecision, Optimizer, TrainData,
                                          TrainModels, TrainPolicy, TrainResult, check_trainable)
 
+
 def restore_checkpoint(run: TrainingRun, record: CheckpointRecord) -> tuple[int, list[float]]:
+    """Load a checkpoint's LoRA, optimizer, LR schedule and RNG states into the run (state.pt is
+    the run's own file, read weights-only); returns (its step, the losses up to it)."""
     import torch
 
     load_lora_state(run.models, read_lora_file(record.path / "lora.safetensors"))

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from portrait.core.errors import BadInput
 from portrait.stages.train_run import (LatentCache, Precision, Residency, StepDraws, TrainingRun, add_adapters,
                                        gradient_checkpointing_for, lora_configs, make_optimizer, mixed_precision_for,
-                                       optimizer_available, step_generator, trained_modules)
+                                       optimizer_available, step_generator, trained_modules, vae_dtype)
 from portrait.stages.train_types import TrainData, TrainModels, TrainPolicy
 
 # latent: how the model input comes from the VAE's latent distribution (the scripts' choice).
@@ -122,8 +122,9 @@ def setup_flow_training(models: TrainModels, data: TrainData, policy: TrainPolic
     precision = Precision(device, mixed)
     weight_dtype = precision.dtype
     encoders = models.encoder_names()
-    # The VAE encodes once per image, in fp32; the text encoders in the training precision.
-    dtypes = {"vae": torch.float32, **{name: weight_dtype for name in encoders}}
+    # The VAE encodes once per image (bf16 when training in bf16, else fp32); the text encoders
+    # run in the training precision.
+    dtypes = {"vae": vae_dtype(weight_dtype), **{name: weight_dtype for name in encoders}}
     given = {"transformer": transformer.dtype,
              **{name: getattr(models.pipeline, name).dtype for name in encoders}}
     for name in ("transformer", "vae", *encoders):
