@@ -125,7 +125,7 @@ def setup_flow_training(models: TrainModels, data: TrainData, policy: TrainPolic
     # The VAE encodes once per image (bf16 when training in bf16, else fp32); the text encoders
     # run in the training precision.
     dtypes = {"vae": vae_dtype(weight_dtype), **{name: weight_dtype for name in encoders}}
-    given = {"transformer": transformer.dtype,
+    given = {"transformer": transformer.dtype, "vae": models.vae.dtype,
              **{name: getattr(models.pipeline, name).dtype for name in encoders}}
     for name in ("transformer", "vae", *encoders):
         getattr(models.pipeline, name).requires_grad_(False)

@@ -647,7 +647,8 @@ def setup_training(models: TrainModels, data: TrainData, policy: TrainPolicy, to
     precision = Precision(device, mixed)
     weight_dtype = precision.dtype
     dtypes = {"vae": vae_dtype(weight_dtype), **{name: weight_dtype for name, _t, _e in models.text_encoders()}}
-    given = {"unet": models.unet.dtype, **{name: enc.dtype for name, _t, enc in models.text_encoders()}}
+    given = {"unet": models.unet.dtype, "vae": models.vae.dtype,
+             **{name: enc.dtype for name, _t, enc in models.text_encoders()}}
     for module in (models.unet, models.vae, *[enc for _n, _t, enc in models.text_encoders()]):
         module.requires_grad_(False)
     if models.unet.device != precision.device or models.unet.dtype != weight_dtype:
