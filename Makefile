@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE ?= 1
 LOCAL_WHEELS := $(wildcard /opt/pypi-more/files)
 UV_SOURCES := $(if $(LOCAL_WHEELS),--find-links $(LOCAL_WHEELS))
 
-.PHONY: demo test test-fast install lock check-lock bench clean
+.PHONY: demo test test-fast install install-gpu lock check-lock bench clean
 
 check-lock:
 	@$(PYTHON) scripts/lock.py check
@@ -34,6 +34,16 @@ $(STAMP): locks/dev.lock pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# A CUDA machine: the runtime with onnxruntime-gpu in place of the CPU onnxruntime (never both:
+# they overwrite each other's files; scripts/lock.py says why an override does it) and
+# optimum-quanto for the memory plan's int8/fp8/int4 steps.
+install-gpu:
+	@$(PYTHON) scripts/lock.py check
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(UV) || $(PY) -m pip install -q uv==$(UV_VERSION)
+	$(UV) pip sync -q --python $(PY) --require-hashes --compile-bytecode $(UV_SOURCES) locks/gpu.lock
+	$(UV) pip install -q --python $(PY) --no-deps --compile-bytecode -e .
 
 lock:
 	test -x $(UV) || { test -x $(PY) || $(PYTHON) -m venv $(VENV); $(PY) -m pip install -q uv==$(UV_VERSION); }

@@ -6,6 +6,7 @@ The Python API mirrors the CLI:
     report = portrait.prepare(["photos/"], out="prepared/")
     identity = portrait.train(["photos/"], name="alice")
     results = portrait.generate("alice", template="business", n=4, out="out/")
+    report = portrait.plan(preset="flux", backend="infiniteyou", size="1024x1024", vram=24)
     edited = portrait.edit(results.paths[0], prompt="a sunny beach behind her", out="out/beach")
     report = portrait.evaluate(["out/"], out="out/eval")   # HTML + JSON comparison of runs
     studio = portrait.Studio("jobs.db"); studio.run("spec.yaml")
@@ -24,6 +25,7 @@ _EXPORTS = {
     "prepare": "portrait.flows.prepare:prepare",
     "train": "portrait.flows.train:train",
     "generate": "portrait.flows.generate:generate",
+    "plan": "portrait.flows.plan:plan",
     "edit": "portrait.flows.edit:edit",
     "evaluate": "portrait.flows.evaluate:evaluate",
     "Studio": "portrait.studio.api:Studio",

@@ -11,7 +11,7 @@ from .core.registry import Registry, model_table
 
 PACKAGES = (
     "portrait", "torch", "torchvision", "diffusers", "transformers", "accelerate", "peft", "safetensors",
-    "huggingface_hub", "insightface", "onnxruntime", "opencv-python-headless", "controlnet-aux", "spandrel",
+    "huggingface_hub", "insightface", "onnxruntime", "onnxruntime-gpu", "optimum-quanto", "opencv-python-headless", "controlnet-aux", "spandrel",
     "scikit-image", "dlib-bin", "face-recognition-models", "open_clip_torch",
 )
 
@@ -38,7 +38,54 @@ def environment_report() -> dict[str, Any]:
         report["vram"] = f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB"
     else:
         report["gpu"] = "none (CPU only: real models run, slowly; the tiny preset is instant)"
+    report["face analysis (onnxruntime)"] = onnxruntime_report(torch.cuda.is_available())
     return report
+
+
+def onnxruntime_report(cuda: bool) -> str:
+    """One line: which onnxruntime wheel is installed and whether its CUDA provider really starts.
+
+    `onnxruntime` (CPU) and `onnxruntime-gpu` install the same module and overwrite each other's
+    files; `get_available_providers()` lists CUDA even when cuDNN fails to load, so on a CUDA
+    machine a real session is made and its providers read (docs/ARCHITECTURE.md#onnxruntime)."""
+    versions = package_versions()
+    cpu, gpu = versions.get("onnxruntime"), versions.get("onnxruntime-gpu")
+    both = cpu != "not installed" and gpu != "not installed"
+    wheel = "onnxruntime-gpu " + gpu if gpu != "not installed" else "onnxruntime " + str(cpu)
+    if both:
+        return (f"BROKEN: onnxruntime {cpu} and onnxruntime-gpu {gpu} are both installed and overwrite each "
+                f"other: pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'portrait[gpu]' (make install-gpu)")
+    try:
+        import onnxruntime
+    except ImportError:
+        return "not installed: pip install portrait (CPU) or 'portrait[gpu]'"
+    available = onnxruntime.get_available_providers()
+    if not cuda:
+        return f"{wheel}: CPU (no CUDA device)"
+    if "CUDAExecutionProvider" not in available:
+        return f"{wheel}: CPU only on a CUDA machine (the CPU wheel): pip uninstall -y onnxruntime && pip install 'portrait[gpu]'"
+    got = cuda_session_providers()
+    if "CUDAExecutionProvider" in got:
+        return f"{wheel}: CUDA (a test session ran on CUDAExecutionProvider)"
+    return (f"{wheel}: CUDA is listed but a session fell back to {', '.join(got) or 'nothing'} (cuDNN or the CUDA "
+            f"runtime failed to load: install the CUDA 12 / cuDNN 9 libraries onnxruntime-gpu needs)")
+
+
+def cuda_session_providers() -> list[str]:
+    """The providers a one-node session really gets when CUDA is asked for."""
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "doctor",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    try:
+        session = onnxruntime.InferenceSession(model.SerializeToString(),
+                                               providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except Exception as exc:  # a broken install: report, do not crash doctor
+        return [f"error {exc.__class__.__name__}"]
+    return list(session.get_providers())
 
 
 def model_rows(settings: Settings) -> list[dict[str, Any]]:

@@ -32,10 +32,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOCKS = ROOT / "locks"
 OVERRIDES = LOCKS / "overrides.txt"
-# (lock file, extras) - runtime.lock is what `pip install portrait` without extras needs;
-# dev.lock is what `make test` installs. runtime is compiled with dev.lock as constraints,
-# so every package has one version in both.
-TARGETS = (("dev.lock", ("dev",)), ("runtime.lock", ()))
+GPU_OVERRIDES = LOCKS / "overrides-gpu.txt"
+# (lock file, extras, extra override files) - runtime.lock is what `pip install portrait` without
+# extras needs (the CPU onnxruntime); dev.lock is what `make test` installs; gpu.lock is the runtime
+# of a CUDA machine (`make install-gpu`): the `gpu` extra's onnxruntime-gpu and the `flux` extra,
+# with the CPU `onnxruntime` overridden away. Why an override and not extras or markers:
+# insightface requires `onnxruntime` by name, so any install of portrait pulls the CPU wheel,
+# and onnxruntime-gpu installed beside it overwrites the same `onnxruntime` module files (each
+# uninstall then breaks the other). Only a resolver override keeps one wheel per machine.
+# runtime and gpu are compiled with dev.lock as constraints, so shared packages agree.
+TARGETS = (("dev.lock", ("dev",), ()), ("runtime.lock", (), ()), ("gpu.lock", ("gpu", "flux"), (GPU_OVERRIDES,)))
 PYTHON = "3.11"
 PLATFORM = "x86_64-manylinux_2_28"
 MARK = "# portrait-lock-inputs: "
@@ -48,6 +54,7 @@ def inputs_digest() -> str:
         "dependencies": project.get("dependencies", []),
         "optional-dependencies": project.get("optional-dependencies", {}),
         "overrides": OVERRIDES.read_text() if OVERRIDES.exists() else "",
+        "overrides-gpu": GPU_OVERRIDES.read_text() if GPU_OVERRIDES.exists() else "",
         "python": PYTHON,
         "platform": PLATFORM,
     }
@@ -63,7 +70,7 @@ def recorded_digest(lock: Path) -> str | None:
 
 def check() -> int:
     want = inputs_digest()
-    for name, _ in TARGETS:
+    for name, _, _ in TARGETS:
         lock = LOCKS / name
         got = recorded_digest(lock)
         if got is None:
@@ -87,11 +94,13 @@ def uv() -> str:
 
 def compile_locks(upgrade: bool) -> int:
     digest = inputs_digest()
-    for name, extras in TARGETS:
+    for name, extras, more in TARGETS:
         lock = LOCKS / name
         cmd = [uv(), "pip", "compile", str(ROOT / "pyproject.toml"), "--python-version", PYTHON,
                "--python-platform", PLATFORM, "--generate-hashes", "--override", str(OVERRIDES),
                "--no-header", "--quiet", "-o", str(lock)]
+        for extra_override in more:
+            cmd += ["--override", str(extra_override)]
         for extra in extras:
             cmd += ["--extra", extra]
         if name != "dev.lock":

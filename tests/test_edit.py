@@ -75,7 +75,7 @@ def test_edit_keeps_the_identity_records_the_chain_and_gates(home, result_png, t
                           seed=1, finish={"fuse": False, "upscale": False})
     chain = json.loads((tmp_path / "again" / "results.json").read_text())["request"]["options"]["edit"]["chain"]
     assert [c["prompt"] for c in chain] == ["a sunny beach behind her", "evening light"]
-    assert again.results[0].candidate.request.options["edit"]["source_request"]["backend"] == "klein-ref"
+    assert again.results[0].candidate.request.resolved.edit["source_request"]["backend"] == "klein-ref"
 
 
 def test_cli_edit_says_what_it_kept(home, result_png, tmp_path, capsys):

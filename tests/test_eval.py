@@ -133,3 +133,38 @@ def test_eval_writes_a_report_a_browser_shows_with_its_plots(home, runs, capsys)
         assert page.locator("figure.copy-paste").count() == 1
         assert "dropped.jpg" in page.locator("ul.flags").inner_text()
         browser.close()
+
+
+def _write_run(folder: Path, preset: str, similarities: list) -> None:
+    folder.mkdir(parents=True)
+    rows = [{"path": f"{folder.name}_{k}.png", "seed": k, "rank": k + 1, "similarity": s, "similarity_space": "dlib",
+             "scores": {"dlib": {"role": "independent", "similarity": s}}, "passed_gate": s is not None and s >= 0.5,
+             "faces": 0 if s is None else 1, "copy_paste": None} for k, s in enumerate(similarities)]
+    (folder / "results.json").write_text(json.dumps({"identity": "eve", "backend": "lora", "template": "business",
+                                                     "preset": preset, "request": {}, "results": rows}))
+
+
+def test_eval_groups_by_run_and_preset_and_shows_two_presets_side_by_side(tmp_path):
+    """eval used to group by (backend, template) only: two presets or two runs merged into one."""
+    from portrait.flows.evaluate import evaluate
+
+    _write_run(tmp_path / "a", "sd15", [0.8, 0.6])
+    _write_run(tmp_path / "b", "sdxl", [0.4, None])  # the second output shows no face
+    _write_run(tmp_path / "c", "sd15", [0.7])  # a second run of the same preset is its own group
+    report = evaluate([tmp_path / "a", tmp_path / "b", tmp_path / "c"], out=tmp_path / "eval", rescore=False)
+    groups = {(Path(g["run"]).name, g["preset"]): g for g in report.data["groups"]}
+    assert set(groups) == {("a", "sd15"), ("b", "sdxl"), ("c", "sd15")}
+    b = groups[("b", "sdxl")]
+    assert b["n"] == 2 and b["no_face"] == 1 and b["similarity"]["dlib"] == 0.4  # null is not averaged as 0
+    assert groups[("a", "sd15")]["similarity"]["dlib"] == 0.7 and groups[("a", "sd15")]["no_face"] == 0
+    assert report.data["overall"]["no_face"] == 1
+    side = report.data["side_by_side"]
+    assert side["presets"] == ["sd15", "sdxl"]
+    (row,) = side["rows"]
+    assert (row["backend"], row["template"]) == ("lora", "business")
+    assert row["cells"]["sd15"]["n"] == 3 and row["cells"]["sdxl"]["n"] == 2
+    assert row["cells"]["sd15"]["similarity"] == 0.7 and row["cells"]["sdxl"]["similarity"] == 0.4
+    page = report.html.read_text()
+    assert 'data-compare="presets"' in page and "<th>sd15</th>" in page and "<th>sdxl</th>" in page
+    assert all(r["image"] is None or "b_1" not in r["image"] for r in report.data["best"])  # no face is not "best"
+    assert "b_1" in report.data["worst"][0]["image"]  # ranked last: the first of the worst

@@ -299,6 +299,76 @@ def test_second_trainer_of_a_name_is_refused_naming_the_holder(home, capsys, pho
     assert not (home.identities_dir / ".busy-eve.work").exists()
 
 
+def test_a_refused_train_leaves_no_lock_file(home, capsys, photos):
+    """A second `train` of a name in use used to leave identities/.NAME.lock behind."""
+    from portrait.core.lock import identity_lock
+
+    lock = home.identities_dir / ".busy-bob.lock"
+    with identity_lock(home.identities_dir, "busy-bob"):
+        code, _, err = cli(capsys, home.home, "train", str(photos), "--name", "busy-bob")
+        assert code == 2, err
+    assert not lock.exists()  # the holder took it away, and the refused one left none
+    # a name whose bundle exists (no --overwrite): refused inside the lock, which goes too
+    code, _, err = cli(capsys, home.home, "train", str(photos), "--name", IDENTITY)
+    assert code == 2
+    error_line(err, IDENTITY, "--overwrite")
+    assert not (home.identities_dir / f".{IDENTITY}.lock").exists()
+    assert leftovers(home.identities_dir) == []
+
+
+def test_a_waiting_taker_locks_the_file_the_path_names(tmp_path):
+    """The holder removes the lock file as it lets go; a taker that waited on the removed file
+    must take the path's new one, or a third taker would lock a fresh file beside it."""
+    import threading
+    import time
+
+    from portrait.core.errors import BadInput
+    from portrait.core.lock import held
+
+    path = tmp_path / ".x.lock"
+    holding, release = threading.Event(), threading.Event()
+
+    def waiter():
+        with held(path, "identity 'x'", wait=True):
+            holding.set()
+            release.wait(30)
+
+    with held(path, "identity 'x'"):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.3)  # the waiter has opened the file and blocks in flock
+        assert not holding.is_set()
+    assert holding.wait(30)
+    try:
+        with pytest.raises(BadInput, match="in use by process"):
+            with held(path, "identity 'x'"):
+                pass
+    finally:
+        release.set()
+        thread.join(30)
+    assert not path.exists()
+
+
+def test_a_damaged_bundle_lora_is_bad_input_naming_the_file(home, capsys, tmp_path):
+    """A truncated lora.safetensors used to end generate with `internal error: OSError` (exit 1)."""
+    damaged = home.identities_dir / "hostile-damaged"
+    shutil.copytree(home.identities_dir / IDENTITY, damaged)
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    manifest["name"] = "hostile-damaged"
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    lora = damaged / "lora.safetensors"
+    data = lora.read_bytes()
+    lora.write_bytes(data[: len(data) - len(data) // 3])
+    before = hashes(damaged)
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, home.home, "generate", "--identity", "hostile-damaged", "--template", "business",
+                       "--n", "1", "--seed", "1", "--out", str(out))
+    assert code == 2, err
+    error_line(err, str(lora), "truncated")
+    assert not out.exists() and leftovers(tmp_path) == []
+    check_untouched(before, damaged)
+
+
 def test_train_home_under_a_file(home, capsys, tmp_path, photos):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -343,19 +413,27 @@ def gen_args(out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.parametrize("extra,needles", [
-    (("--option", "ip_adapter_scale=abc"), ("--option ip_adapter_scale", "valid number", "'abc'")),
+    (("-b", "faceid", "--option", "ip_adapter_scale=abc"), ("--option ip_adapter_scale", "valid number", "'abc'")),
     (("--option", "frobnicate=7"), ("--option frobnicate", "unknown option", "ip_adapter_scale")),
     (("--option", "ip_adapter_scale"), ("--option 'ip_adapter_scale'", "KEY=VALUE")),
-    (("--option", "id_mode=median"), ("--option id_mode", "'mean'")),
-    (("--option", "pass2=[1, 2]"), ("--option pass2", "dictionary")),
-    (("--option", "denoise=1.5"), ("--option denoise", "less than or equal to 1")),
-    (("--size", "40000x40000"), ("--size 40000x40000", "generate.max_side")),
+    (("-b", "faceid", "--option", "id_mode=median"), ("--option id_mode", "'mean'")),
+    (("-t", "hopper", "--option", "pass2=[1, 2]"), ("--option pass2", "Pass2")),
+    (("-t", "hopper", "--option", "denoise=1.5"), ("--option denoise", "less than or equal to 1")),
+    # an option of another backend: refused, naming the backends that take it (it used to be ignored)
+    (("--option", "denoise=0.5"), ("--option denoise", "backend 'lora' does not take it", "template")),
+    (("--size", "40000x40000"), ("--size 40000x40000", "width", "8192")),
+    (("--size", "4096x4096"), ("--size 4096x4096", "generate.max_side")),
     (("--size", "big"), ("--size 'big'", "WIDTHxHEIGHT")),
     (("--size", "65x64"), ("--size 65x64", "multiples of 8")),
-    (("--steps", "100000"), ("--steps 100000", "generate.max_steps")),
+    (("--steps", "100000"), ("--steps", "less than or equal to 1000")),
+    (("--steps", "500"), ("--steps 500", "generate.max_steps")),
     (("--n", "5000"), ("--n 5000", "generate.max_n")),
-    (("--scheduler", "warp"), ("scheduler 'warp'",)),
-    (("--composition", "blend"), ("--composition 'blend'",)),
+    (("--scheduler", "warp"), ("--scheduler", "'warp'")),
+    (("--composition", "blend"), ("--composition", "'blend'")),
+    (("--control", "sketch=0.5"), ("controls.sketch", "'canny'")),
+    (("--fast", "-b", "pulid"), ("--fast", "'pulid'", "faceid")),
+    (("-b", "faceid", "--composition", "switch"), ("--composition switch", "'faceid'", "merge only", "lora")),
+    (("-b", "photomaker", "--control", "canny=0.5"), ("--control canny", "'photomaker'", "no ControlNets")),
     (("--backend", "dalle"), ("backend 'dalle'",)),
 ])
 def test_generate_bad_values_stop_before_any_work(home, capsys, tmp_path, extra, needles):
@@ -404,7 +482,7 @@ def write_template(folder: Path, text: str, name: str = "mine.yaml") -> Path:
     ("prompt: x\nsize: [512]\n", ("mine.yaml", "size")),
     ("prompt: x\noptions: {denoise: high}\n", ("mine.yaml", "options.denoise")),
     ("prompt: x\noptions: {frobnicate: 1}\n", ("mine.yaml", "unknown key 'frobnicate'")),
-    ("prompt: x\ncontrols: {sketch: 0.5}\n", ("mine.yaml", "control 'sketch'")),
+    ("prompt: x\ncontrols: {sketch: 0.5}\n", ("mine.yaml", "controls.sketch", "'canny'")),
     ("prompt: [unclosed\n", ("mine.yaml", "YAML")),
     ("- a\n- list\n", ("mine.yaml", "not a mapping")),
     ("prompt: x\nstyle_lora: not-a-lora.safetensors\n", ("mine.yaml", "not a safetensors LoRA")),

@@ -173,12 +173,16 @@ def test_an_unknown_kind_lists_the_known_ones(home):
         models.load(RunContext.create(home, preset="tiny"), "face-parsing-bisenet", "nope")
 
 
-@pytest.mark.parametrize("available, device, expected", [
-    (["CPUExecutionProvider"], "cuda", ["CPUExecutionProvider"]),  # the CPU wheel on a CUDA machine
-    (["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu", ["CPUExecutionProvider"]),
-    (["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda:1", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+@pytest.mark.parametrize("available, device, expected, ctx_id", [
+    (["CPUExecutionProvider"], "cuda", ["CPUExecutionProvider"], -1),  # the CPU wheel on a CUDA machine
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu", ["CPUExecutionProvider"], -1),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda",
+     [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"], 0),
+    # the device index follows cuda:N (it was 0 for every card)
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda:1",
+     [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"], 1),
 ])
-def test_onnx_providers_never_ask_for_cuda_that_is_not_there(monkeypatch, available, device, expected):
+def test_onnx_providers_never_ask_for_cuda_that_is_not_there(monkeypatch, available, device, expected, ctx_id):
     import onnxruntime
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(available))
@@ -186,14 +190,56 @@ def test_onnx_providers_never_ask_for_cuda_that_is_not_there(monkeypatch, availa
     ctx = SimpleNamespace(placement=Placement(device, dtype))
     assert models.onnx_providers(ctx) == expected
     assert models.onnx_providers(ctx.placement) == expected and models.onnx_providers(device) == expected
-    assert models.onnx_ctx_id(ctx) == (0 if "CUDAExecutionProvider" in expected else -1)
+    assert models.onnx_ctx_id(ctx) == ctx_id
+
+
+def test_cuda_asked_for_and_not_obtained_is_said_in_one_line(monkeypatch, capsys):
+    """onnxruntime lists CUDA as available even when cuDNN fails to load, then runs the session on
+    the CPU: the session's own providers are checked, and the fallback said once, in one line."""
+    import onnxruntime
+
+    from portrait.core import modelfiles
+
+    monkeypatch.setattr(modelfiles, "ONNX_FALLBACKS", [])  # where the provider checks live
+    asked = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    session = SimpleNamespace(get_providers=lambda: ["CPUExecutionProvider"])
+    models.check_session(session, asked, "glintr100.onnx")
+    models.check_session(session, asked, "glintr100.onnx")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "face analysis runs on the CPU" in err[0] and "CUDA provider for glintr100.onnx" in err[0]
+    models.check_session(SimpleNamespace(get_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+                         asked, "det_10g.onnx")
+    models.check_session(session, ["CPUExecutionProvider"], "det_10g.onnx")  # CPU asked for: nothing to say
+    assert capsys.readouterr().err == ""
+    # the CPU wheel on a CUDA device: said once too, naming the GPU extra
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert models.onnx_providers("cuda") == ["CPUExecutionProvider"]
+    line = capsys.readouterr().err.strip()
+    assert "no CUDA provider" in line and "portrait[gpu]" in line and "\n" not in line
+
+
+def test_real_session_reports_its_providers(tmp_path):
+    """A real onnxruntime session on this machine (the CPU wheel): asking for CUDA ends on the
+    CPU, which check_session reports (the path a failed cuDNN load takes on a GPU machine)."""
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_providers() == ["CPUExecutionProvider"]
 
 
 def test_onnx_providers_on_this_machine():
     import onnxruntime
 
     got = models.onnx_providers("cuda")
-    assert got[-1] == "CPUExecutionProvider" and set(got) <= set(onnxruntime.get_available_providers())
+    names = [p[0] if isinstance(p, tuple) else p for p in got]
+    assert names[-1] == "CPUExecutionProvider" and set(names) <= set(onnxruntime.get_available_providers())
 
 
 # --- nothing builds a model outside the door ----------------------------------------------------
@@ -206,7 +252,9 @@ ALLOWED_FILES = ("portrait/core/models.py", "portrait/core/modelfiles.py", "port
                  "portrait/core/tiny/")
 # Not registry models: the training run's own checkpoint state (RNG, optimizer), and the LoRA
 # file reader (portrait.core.formats.lora) for the checkpoints and bundles the project writes.
-OWN_FILES = {("portrait/stages/train.py", "torch.load"), ("portrait/core/formats/lora.py", "load_file")}
+# `portrait doctor`'s one-node test graph (built in memory) checks the CUDA provider, not a model.
+OWN_FILES = {("portrait/stages/train.py", "torch.load"), ("portrait/core/formats/lora.py", "load_file"),
+             ("portrait/doctor.py", "InferenceSession")}
 
 
 def _call_name(node: ast.Call) -> str | None:

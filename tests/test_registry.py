@@ -213,3 +213,117 @@ def test_codeformer_is_removed_not_offered_broken():
         assert not [m for m in load_preset(name).models.values() if "codeformer" in str(m).lower()], name
     with pytest.raises(BadInput, match="unknown model 'codeformer'"):
         registry.get("codeformer")
+
+
+# --- pins: every real entry downloads what it names, the same bytes every time -----------------------
+
+
+def test_every_real_entry_is_pinned_sized_and_hashed():
+    """A hub entry names a 40-hex revision and, per weight file, its exact size and sha256; the
+    few that cannot are named in one place (registry.PIN_EXCEPTIONS) with the reason."""
+    from portrait.core.registry import PIN_EXCEPTIONS, pin_problems
+
+    registry = Registry.load()
+    real = {s.id: s for s in registry.specs.values() if s.source != "tiny"}
+    failing = {i: pin_problems(s) for i, s in real.items() if pin_problems(s) and i not in PIN_EXCEPTIONS}
+    assert not failing, failing
+    stale = [i for i in PIN_EXCEPTIONS if i not in real or not pin_problems(real[i])]
+    assert not stale, f"PIN_EXCEPTIONS lists entries that now meet the rule (remove them): {stale}"
+    assert all(reason.strip() for reason in PIN_EXCEPTIONS.values())
+    # the ones this rule was written for, and the backends' own models
+    for model_id in ("sd15", "sd15-inpaint", "clip-vit-h-image-encoder", "sdxl", "controlnet-canny-sd15",
+                     "instantid-controlnet", "instantid-adapter", "ip-adapter-faceid-plusv2-sdxl", "pulid-flux-v0.9.1",
+                     "photomaker-v2", "flux-single", "auraface"):
+        assert not pin_problems(real[model_id]), model_id
+    # what is left is a package's files, a gated repo's folders, or a named not-found fact
+    assert all(r.startswith(("ships in", "gated repo", "InfuseNetModel/")) or "not found" in r
+               for r in PIN_EXCEPTIONS.values())
+    for spec in real.values():  # a recorded total agrees with the recorded files
+        if spec.sizes and spec.size and len(spec.sizes) == len([f for f in spec.files if "." in f.rsplit("/", 1)[-1]
+                                                                and f.endswith((".safetensors", ".bin", ".pt", ".pth",
+                                                                                ".onnx", ".ckpt"))]):
+            assert spec.size >= sum(spec.sizes.values()), spec.id
+
+
+def test_a_replaced_file_is_recorded_as_it_is_at_the_pin():
+    """h94 replaced ip-adapter-faceid_sdxl_lora.safetensors at 309dc56 (2ade2b53..., 371,828,616 bytes
+    -> 4fcf93d6..., 371,842,896; that commit's LFS pointers): the registry pins a later commit, so
+    it records the new file, and a download of the old bytes fails its hash check."""
+    spec = Registry.load().get("ip-adapter-faceid-sdxl")
+    name = "ip-adapter-faceid_sdxl_lora.safetensors"
+    assert spec.revision == "43907e6f44d079bf1a9102d9a6e56aef7a219bae"
+    assert spec.sha256[name].startswith("4fcf93d6") and spec.sizes[name] == 371842896
+
+
+def test_sd15_inpaint_names_files_that_exist():
+    """stable-diffusion-v1-5/stable-diffusion-inpainting at its only commit holds, under unet/ and
+    vae/, only .bin, .fp16.bin and .fp16.safetensors weights, and under text_encoder/
+    model.fp16.safetensors plus pickles (its HF tree pages at 8a4288a): the fp16 safetensors."""
+    spec = Registry.load().get("sd15-inpaint")
+    assert spec.revision == "8a4288a76071f7280aedbdb3253bdb9e9d5d84bb"
+    weights = sorted(f for f in spec.files if f.endswith(".safetensors"))
+    assert weights == ["text_encoder/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+                       "vae/diffusion_pytorch_model.fp16.safetensors"]
+    assert spec.sha256["unet/diffusion_pytorch_model.fp16.safetensors"].startswith("24b788b4")
+
+
+def test_download_asks_the_hub_for_the_pinned_files(tmp_path, monkeypatch):
+    """`models download sd15-inpaint` fetches exactly the listed files at the pinned revision."""
+    import huggingface_hub
+
+    from portrait.core import registry as reg
+
+    asked = []
+
+    def fake_download(repo, name, revision=None, local_dir=None, token=None):
+        asked.append((repo, name, revision))
+        raise RuntimeError("offline test: stop after the first request")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    spec = Registry.load().get("sd15-inpaint")
+    with pytest.raises(Exception):
+        reg.download(spec, Settings(home=tmp_path))
+    assert asked == [("stable-diffusion-v1-5/stable-diffusion-inpainting", spec.files[0], spec.revision)]
+
+
+def test_gated_repo_without_a_token_exits_3_in_one_line(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from portrait.cli.main import run
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("no request without a token"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("no request without a token"))
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run(["--home", str(tmp_path), "models", "download", "flux-single"])
+    lines = [line for line in err.getvalue().splitlines() if line.startswith("error")]
+    assert code == 3 and len(lines) == 1
+    assert "gated" in lines[0] and "accept its license" in lines[0] and "log in" in lines[0]
+    assert "https://huggingface.co/black-forest-labs/FLUX.1-dev" in lines[0]
+
+
+def test_gated_repo_refused_by_the_hub_is_the_same_line(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from portrait.core import registry as reg
+
+    class GatedRepoError(Exception):
+        pass
+
+    def refuse(*a, **k):
+        raise GatedRepoError("401 Client Error")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_accepted")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    with pytest.raises(reg.GatedModel, match="the hub refused this token") as caught:
+        reg.download(Registry.load().get("flux-single"), Settings(home=tmp_path))
+    assert caught.value.exit_code == 3

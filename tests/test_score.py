@@ -70,7 +70,7 @@ def test_score_faces_on_real_photos(analyzer, astronaut, hopper, t1_group):
     assert same.similarity > 0.95 and same.faces == 1 and sc.is_sane(same, policy)
     assert other.similarity < 0.2 and sc.is_sane(other, policy)
     assert group.faces >= 5 and not sc.is_sane(group, policy)
-    assert empty == CandidateScore(0.0, 0.0, 0, 0.0, None)
+    assert empty == CandidateScore(None, None, 0, 0.0, None)  # no face: not measured, not 0.0
     threshold = policy.threshold_for("faceid", analyzer.scale.threshold)
     assert sc.passes(same, policy, threshold) and not sc.passes(other, policy, threshold)
     assert sc.ScorePolicy(thresholds={"instantid": 0.7}).threshold_for("instantid", 0.5) == 0.7
@@ -150,6 +150,7 @@ def test_finish_keeps_faceless_candidates_and_ranks_them_last(finish_ctx, analyz
     ranked = finish(finish_ctx, astronaut_identity, cands, FinishSwitches(upscale=False, clip=False), analyzer=analyzer)
     assert [r.candidate.seed for r in ranked] == [2, 1]
     assert ranked[1].score.faces == 0 and not ranked[1].passed_gate
+    assert ranked[1].score.similarity is None and ranked[1].score.reference_similarity is None  # not measured: no face
     assert "fusion skipped: no face in the candidate" in ranked[1].candidate.info["finish_notes"]
 
 
@@ -231,3 +232,21 @@ def test_switches_layering():
     assert (switches.fuse, switches.upscale, switches.restore) == (True, False, True)
     with pytest.raises(BadInput, match="finish switch 'sharpen'"):
         FinishSwitches.from_options({"sharpen": True})
+
+
+def test_a_faceless_output_has_no_similarity_and_ranks_last():
+    """A faceless output used to score 0.0 and rank and average as if measured."""
+    from portrait.core.formats.results import results_row
+    from portrait.stages.score import ScorePolicy, passes, rank, score_faces
+
+    faceless = score_faces([], (64, 64, 3), np.ones(4, np.float32), None, "dlib")
+    assert faceless.similarity is None and faceless.reference_similarity is None and faceless.faces == 0
+    measured = CandidateScore(similarity=-0.2, reference_similarity=-0.2, faces=1, face_size=0.2)
+    request = GenerationRequest(identity=None, backend="lora", template=None, prompt="p", negative_prompt="",
+                                width=8, height=8, steps=1, guidance=1.0, scheduler="euler", seed=0, n=2)
+    cands = [Candidate(np.zeros((8, 8, 3), np.uint8), seed, request) for seed in (0, 1)]
+    policy = ScorePolicy()
+    ranked = rank(cands, [faceless, measured], policy, threshold=0.5)
+    assert [r.candidate.seed for r in ranked] == [1, 0]  # a poor likeness still ranks above no face
+    assert not passes(faceless, policy, 0.0)
+    assert results_row(ranked[1])["similarity"] is None

@@ -34,7 +34,6 @@ NOT_FROM_A_PRESET = {
     "FaceIDPolicy": "request options, declared in portrait.core.options.BackendOptions",
     "InstantIDPolicy": "request options, declared in portrait.core.options.BackendOptions",
     "PhotoMakerPolicy": "request options, declared in portrait.core.options.BackendOptions",
-    "TemplatePolicy": "request options, declared in portrait.core.options.BackendOptions",
     "InfiniteYouPolicy": "request options, declared by stages/backends/infiniteyou.py InfiniteYouOptions",
     "PuLIDPolicy": "request options, declared by stages/backends/pulid.py PuLIDOptions",
 }

@@ -48,11 +48,18 @@ def photos(tmp_path_factory):
     return folder
 
 
+def default_sigint() -> None:
+    """Run in the child before exec: a suite started from a background job (`make test &`)
+    ignores SIGINT, the child would inherit SIG_IGN and Python keeps an ignored SIGINT ignored
+    (it installs its KeyboardInterrupt handler only over the default), so Ctrl-C would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(home, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PORTRAIT_TEST_THREADS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "-m", "portrait.cli.main", "--home", str(home.home), "--preset", "tiny",
                              "--device", "cpu", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, stdin=subprocess.DEVNULL)
+                            env=env, stdin=subprocess.DEVNULL, preexec_fn=default_sigint)
 
 
 def signal_when(procs: dict, ready) -> dict[str, tuple[int, str]]:

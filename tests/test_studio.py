@@ -528,3 +528,25 @@ def test_rerun_replaces_a_crashed_attempts_outputs_without_extras(tmp_path):
     outcome = perform(FakeExecutor(str(tmp_path / "log")), item)
     assert outcome.ok and outcome.outputs == (str(dest / "lora-s5.png"),)
     assert sorted(p.name for p in dest.iterdir()) == ["lora-s5.png", "lora-s50.png"]
+
+
+def _open_store(path: str, barrier) -> None:
+    from portrait.studio.store import Store
+    barrier.wait()
+    Store(path)
+
+
+def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
+    """The schema check and the added columns run under one write lock: two processes that
+    opened a new store together once failed with 'duplicate column name: cancel'."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    for attempt in range(12):
+        path = str(tmp_path / f"store{attempt}.db")
+        barrier = ctx.Barrier(6)
+        procs = [ctx.Process(target=_open_store, args=(path, barrier)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert [p.exitcode for p in procs] == [0] * 6

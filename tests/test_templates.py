@@ -97,7 +97,7 @@ def test_resolution_order_preset_then_template_then_overrides(tmp_path):
                                           "scheduler": "euler_a", "lora_weight": 0.5})
     assert (over.steps, over.guidance, over.width, over.height, over.scheduler, over.lora_weight) == \
         (9, 3.5, 256, 320, "euler_a", 0.5)
-    resolved = over.resolved()
+    resolved = over.record()
     assert resolved["steps"] == 9 and resolved["template"] == "business"
 
 
@@ -126,7 +126,7 @@ def test_bad_options_are_bad_input(tmp_path):
     business = tpl.find_template("business")
     with pytest.raises(BadInput, match="unknown backend 'dalle'"):
         gen.resolve_request(person, policy, template=business, prompt=None, backend="dalle", n=1, seed=0)
-    with pytest.raises(BadInput, match="unknown scheduler 'warp'"):
+    with pytest.raises(BadInput, match="scheduler: input should be 'euler'.*got 'warp'"):
         gen.resolve_request(person, policy, template=business, prompt=None, backend=None, n=1, seed=0,
                             overrides={"scheduler": "warp"})
     with pytest.raises(BadInput, match="multiples of 8"):

@@ -224,3 +224,31 @@ def test_cli_trains_in_bf16_end_to_end(home, tmp_path, capsys):
     assert lora is not None and lora.path.is_file()
     params = identity.manifest["train"]["params"]
     assert params["precision"] == "bf16" and params["policy"]["mixed_precision"] == "bf16"
+
+
+def test_fp16_gradscaler_path_runs_on_the_cpu():
+    """The trainer's fp16 branch (stages/train.optimize) with torch's GradScaler on the CPU: the
+    loss is scaled, gradients unscaled before clipping, a step whose gradients overflow is
+    skipped and the scale backs off; the next finite step updates the weights."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from portrait.stages.train import Precision, optimize
+
+    precision = Precision("cpu", "fp16")
+    assert precision.scaler is not None
+    weight = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    run = SimpleNamespace(precision=precision, trained_params=[weight], optimizer=optimizer,
+                          policy=SimpleNamespace(max_grad_norm=1.0),
+                          lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0))
+    scale = precision.scaler.get_scale()
+    optimize(run, (weight * 2).sum())
+    first = weight.detach().clone()
+    assert (first < 1).all()  # unscaled and clipped: a normal SGD step
+    optimize(run, (weight * float("inf")).sum())
+    assert torch.equal(weight.detach(), first)  # the overflowing step was skipped
+    assert precision.scaler.get_scale() < scale  # and the scale backed off
+    optimize(run, weight.sum())
+    assert (weight.detach() < first).all() and weight.grad is None

@@ -45,12 +45,14 @@ def person(tiny_home, hopper, astronaut):
     return make_identity(tiny_home, "zs-person", [hopper, astronaut], reference=hopper)
 
 
-def request_for(ctx, identity, backend, prompt=None, seed=3, n=1, controls=None, lora_weight=None, **options):
+def request_for(ctx, identity, backend, prompt=None, seed=3, n=1, controls=None, lora_weight=None, people=(),
+                **options):
+    """`people`: the other identities in the picture (resolve_request takes the bundles themselves)."""
     policy = GeneratePolicy.from_preset(ctx.preset)
     overrides = {"width": SIZE, "height": SIZE, "steps": STEPS, "scheduler": "euler", "guidance": 5.0,
                  "options": options, "controls": controls, "lora_weight": lora_weight}
     return resolve_request(identity, policy, template=None, prompt=prompt, backend=backend, n=n, seed=seed,
-                           overrides=overrides)
+                           overrides=overrides, people=list(people))
 
 
 def run(ctx, request):
@@ -277,7 +279,9 @@ def test_faceid_sdxl_with_a_controlnet(ctx_xl, person):
     assert out.image.shape == (SIZE, SIZE, 3)
 
 
-def test_faceid_uncond_is_zeros_and_pipeline_is_restored(ctx15, person):
+def test_faceid_uncond_is_zeros_and_adapter_attached_once_per_pipeline(ctx15, person, monkeypatch):
+    """The adapter is attached once per loaded pipeline and kept while it is cached: a second
+    request attaches nothing; a backend without an adapter gets the UNet back without it."""
     from portrait.stages.sd import load_sd_pipeline
 
     policy = zs.FaceIDPolicy(variant="faceid")
@@ -286,10 +290,23 @@ def test_faceid_uncond_is_zeros_and_pipeline_is_restored(ctx15, person):
     assert inputs.id_embeds.shape == (2, 1, 512)
     assert not inputs.id_embeds[0].any() and torch.allclose(inputs.id_embeds[1].norm(dim=-1), torch.ones(1))
     pipe = load_sd_pipeline(ctx15, "txt2img")
+    loads = []
+    original = type(pipe).load_ip_adapter
+    monkeypatch.setattr(type(pipe), "load_ip_adapter", lambda self, *a, **k: (loads.append(1), original(self, *a, **k)))
+    for _ in range(2):  # two requests on the cached pipeline
+        pipe = load_sd_pipeline(ctx15, "txt2img", keep_adapter=True)
+        with zs.attached_faceid(pipe, af, inputs, policy):
+            assert zs.FACEID_LORA_ADAPTER in pipe.unet.peft_config
+        assert pipe.unet.encoder_hid_proj is not None  # kept between requests
+    assert len(loads) == 1
+    plain = load_sd_pipeline(ctx15, "txt2img")  # a backend that runs without an adapter
+    assert plain.unet is pipe.unet and plain.unet.encoder_hid_proj is None
+    assert zs.FACEID_LORA_ADAPTER not in (getattr(plain.unet, "peft_config", {}) or {})
+    pipe = load_sd_pipeline(ctx15, "txt2img", keep_adapter=True)
     with zs.attached_faceid(pipe, af, inputs, policy):
-        assert zs.FACEID_LORA_ADAPTER in pipe.unet.peft_config
-    assert pipe.unet.encoder_hid_proj is None
-    assert zs.FACEID_LORA_ADAPTER not in (getattr(pipe.unet, "peft_config", {}) or {})
+        pass
+    assert len(loads) == 2  # attached again after it was taken off
+    load_sd_pipeline(ctx15, "txt2img")  # leave the shared pipeline clean for the other tests
 
 
 def test_wrong_adapter_file_is_refused(ctx15, tiny_home):
@@ -433,6 +450,8 @@ def test_faceid_on_an_inpainting_pass(ctx15, person, hopper):
     with zs.faceid_for_request(ctx15, pipe, req, person) as faceid:
         painted = call_pipeline(pipe, req, req.seed, **args, **faceid.kwargs)
         assert faceid.info["embedding"]["space"] == "insightface:buffalo_l"
+    # the adapter stays on the cached pipeline; a pass without one gets the UNet back as it was
+    pipe = load_sd_pipeline(ctx15, "inpaint", role="inpaint")
     after = call_pipeline(pipe, req, req.seed, **args)
     assert maxdiff(painted, before) > 0
     assert maxdiff(after, before) == 0  # the shared pipeline is exactly as it was
@@ -481,7 +500,7 @@ def test_regional_faceid_masks_confine_each_identity_to_its_region(ctx15, person
     other = make_identity(tiny_home, "zs-other", [astronaut, np.ascontiguousarray(astronaut[:, ::-1])],
                           reference=astronaut)
     third = make_identity(tiny_home, "zs-third", [hopper], reference=hopper)
-    req = request_for(ctx15, person, "faceid", identities=[other.name])
+    req = request_for(ctx15, person, "faceid", people=[other])
     (cand,) = run(ctx15, req)  # the backend end to end: regional FaceID, faces listed for scoring
     assert [(f["identity"], f["face"]) for f in cand.info["faces"]] == [(person.name, 0), (other.name, 1)]
     assert cand.info["adapter"]["variant"] == "faceid" and cand.info["regions"] == [[0, 0, 0.5, 1], [0.5, 0, 1, 1]]
@@ -508,6 +527,6 @@ def test_regional_faceid_masks_confine_each_identity_to_its_region(ctx15, person
         # convolutions and self-attention after that layer spread the change over the whole
         # latent (measured: mean |diff| 0.0162 in A's half vs 0.0138 in B's).
     with pytest.raises(BadInput, match="option regions"):
-        run(ctx15, request_for(ctx15, person, "faceid", identities=[third.name], regions=[[0, 0, 1, 1]]))
+        run(ctx15, request_for(ctx15, person, "faceid", people=[third], regions=[[0, 0, 1, 1]]))
     with pytest.raises(BadInput, match="faceid_variant=faceid"):
-        run(ctx15, request_for(ctx15, person, "faceid", identities=[third.name], faceid_variant="plusv2"))
+        run(ctx15, request_for(ctx15, person, "faceid", people=[third], faceid_variant="plusv2"))

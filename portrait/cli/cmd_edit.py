@@ -10,9 +10,12 @@ from typing import Optional
 
 import typer
 
+from .declared import collect, declared_options
+
 
 def register(app: typer.Typer) -> None:
     @app.command("edit")
+    @declared_options(include=("steps", "guidance", "options"))
     def edit_cmd(
         ctx: typer.Context,
         image: Path = typer.Argument(..., help="One of your results (a PNG portrait wrote), or any photo with --identity."),
@@ -23,21 +26,14 @@ def register(app: typer.Typer) -> None:
         n: int = typer.Option(1, "--n", "-n", min=1, help="How many edits to keep (regenerated below the gate up to the preset's budget)."),
         seed: Optional[int] = typer.Option(None, "--seed", help="First seed; edit k uses seed+k. Random when omitted (recorded)."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder (PNGs + results.json)."),
-        steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the preset's)."),
-        guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance (default: the preset's)."),
         fuse: bool = typer.Option(False, "--fuse", help="Fuse the identity's reference face into the edit (off by default: it would undo an expression edit)."),
         no_finish: bool = typer.Option(False, "--no-finish", help="Skip scoring and the gate (and upscaling)."),
-        option: list[str] = typer.Option([], "--option", help="A backend option KEY=VALUE (repeatable), e.g. identity_references=0, true_cfg=4."),
+        **declared,  # --steps, --guidance, --option: generated from portrait.core.request (cli/declared.py)
     ) -> None:
         """Edit IMAGE by --prompt into OUT, keeping the identity's face (checked by the gate)."""
         from portrait.flows.edit import edit
 
-        from .cmd_generate import parse_options
-
-        overrides = {"steps": steps, "guidance": guidance}
-        options = parse_options(option)
-        if options:
-            overrides["options"] = options
+        overrides = collect(declared)  # e.g. --option identity_references=0 --option true_cfg=4
         finish = False if no_finish else {"fuse": fuse}
         result = edit(image, prompt=prompt, references=reference, backend=backend, identity=identity, n=n, seed=seed,
                       out=out, settings=ctx.obj, finish=finish, **overrides)

@@ -1,6 +1,8 @@
 """`portrait generate`: render portraits of a trained (or prepared) identity.
 
-Only composes the library call (portrait.flows.generate); every decision lives there.
+Only composes the library call (portrait.flows.generate); every decision lives there. The
+generate settings (--size, --steps, --guidance, --scheduler, --fast, --option, ...) are not
+written here: they are generated from their declaration (portrait.core.request, cli/declared.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Optional
 import typer
 from typer.core import TyperCommand
 
-from portrait.core.errors import BadInput
+from .declared import collect, declared_options
 
 
 def backend_help() -> tuple[str, str]:
@@ -19,7 +21,8 @@ def backend_help() -> tuple[str, str]:
     from portrait.stages.backends import BACKENDS
 
     names = ", ".join(BACKENDS.names())
-    lines = "\n\n".join(f"{s.name} ({', '.join(s.families)}): {s.help}" for s in BACKENDS.specs())
+    lines = "\n\n".join(f"{s.name} ({', '.join(s.families)}{'; --fast: ' + ', '.join(s.fast) if s.fast else ''}): "
+                        f"{s.help}. Options: {', '.join(s.option_names()) or 'none'}" for s in BACKENDS.specs())
     return f"One of {names} (default: the preset's; see Backends below).", f"Backends:\n\n{lines}"
 
 
@@ -36,18 +39,9 @@ class _GenerateCommand(TyperCommand):
         return super().format_help(ctx, formatter)
 
 
-def _size(value: Optional[str]) -> tuple[int | None, int | None]:
-    if not value:
-        return None, None
-    try:
-        w, h = value.lower().split("x")
-        return int(w), int(h)
-    except ValueError:
-        raise BadInput(f"--size '{value}': use WIDTHxHEIGHT, e.g. 512x640") from None
-
-
 def register(app: typer.Typer) -> None:
     @app.command("generate", cls=_GenerateCommand)
+    @declared_options
     def generate_cmd(
         ctx: typer.Context,
         identity: str = typer.Option(..., "--identity", "-i", help="Identity name (HOME/identities/NAME)."),
@@ -57,19 +51,12 @@ def register(app: typer.Typer) -> None:
         n: Optional[int] = typer.Option(None, "--n", "-n", min=1, help="How many images (default: the preset's; at most its generate.max_n)."),
         seed: Optional[int] = typer.Option(None, "--seed", help="First seed; image k uses seed+k. Random when omitted (recorded)."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder (PNGs + results.json)."),
-        size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT, overriding the template."),
-        steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps."),
-        guidance: Optional[float] = typer.Option(None, "--guidance", help="CFG scale."),
-        scheduler: Optional[str] = typer.Option(None, "--scheduler", help="euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras, lcm, ..."),
-        lora_weight: Optional[float] = typer.Option(None, "--lora-weight", help="Identity LoRA weight."),
-        composition: Optional[str] = typer.Option(None, "--composition", help="Identity + style LoRA: merge, switch or composite."),
-        fast: bool = typer.Option(False, "--fast", help="LCM-LoRA fast mode (few steps, low guidance)."),
         no_finish: bool = typer.Option(False, "--no-finish", help="Skip fusion / retouch / upscale / scoring and the gate."),
         no_fuse: bool = typer.Option(False, "--no-fuse", help="Skip the final face fusion."),
         no_retouch: bool = typer.Option(False, "--no-retouch", help="Skip skin retouch."),
         no_upscale: bool = typer.Option(False, "--no-upscale", help="Skip super-resolution."),
         also: list[str] = typer.Option([], "--with-identity", help="Another identity in the picture (repeatable): a group photo template assigns faces left to right; the faceid backend gives each identity its own region (IP-Adapter masks)."),
-        option: list[str] = typer.Option([], "--option", help="A backend option KEY=VALUE (repeatable), e.g. ip_adapter_scale=0.6, faceid_variant=plusv2, photomaker_version=v1, identity_adapter=faceid; the value is read as YAML."),
+        **declared,  # --size, --steps, --guidance, ... generated from portrait.core.request (cli/declared.py)
     ) -> None:
         """Generate portraits of IDENTITY from a template or a prompt into OUT."""
         from rich.console import Console
@@ -77,18 +64,9 @@ def register(app: typer.Typer) -> None:
 
         from portrait.flows.generate import generate
 
-        width, height = _size(size)
-        overrides = {"width": width, "height": height, "steps": steps, "guidance": guidance, "scheduler": scheduler,
-                     "lora_weight": lora_weight, "composition": composition}
-        options = parse_options(option)
-        if also:
-            options["identities"] = list(also)
-        if options:
-            overrides["options"] = options
+        overrides = collect(declared)
         finish = False if no_finish else {"fuse": False if no_fuse else None, "retouch": False if no_retouch else None,
                                           "upscale": False if no_upscale else None}
-        if fast:
-            overrides.update(fast="lcm", scheduler=scheduler or "lcm", steps=steps or 6, guidance=guidance or 1.5)
         console = Console(stderr=True)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}"),
                       TimeElapsedColumn(), console=console, transient=True) as bar:
@@ -98,27 +76,10 @@ def register(app: typer.Typer) -> None:
                 bar.update(task, description=what, completed=done, total=total)
 
             result = generate(identity, template=template, prompt=prompt, backend=backend, n=n, seed=seed, out=out,
-                              settings=ctx.obj, progress=progress, finish=finish, **overrides)
+                              settings=ctx.obj, progress=progress, finish=finish, with_identity=list(also),
+                              **overrides)
         for r in result.results:
             sim = "" if r.score.similarity is None else f"  similarity {r.score.similarity:.3f}"
             gate = "" if r.passed_gate else "  (below gate)"
             print(f"{r.rank:>3}  {r.path}  seed {r.candidate.seed}{sim}{gate}")
         print(f"wrote {len(result.results)} image(s) and {result.out / 'results.json'}")
-
-
-def parse_options(pairs: list[str]) -> dict:
-    """--option KEY=VALUE pairs; values are YAML so numbers and booleans arrive typed."""
-    import yaml
-
-    from portrait.core.errors import BadInput
-
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise BadInput(f"--option '{pair}': expected KEY=VALUE")
-        try:
-            options[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            raise BadInput(f"--option '{pair}': the value is not valid YAML") from None
-    return options

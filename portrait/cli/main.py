@@ -18,19 +18,11 @@ import typer
 from portrait.core.config import Settings
 from portrait.core.errors import ENVIRONMENT_ERRNOS, Interrupted, OutputFailed, PortraitError, output_failed
 
-from . import (cmd_batch, cmd_demo, cmd_doctor, cmd_edit, cmd_eval, cmd_generate, cmd_models, cmd_prepare, cmd_presets,
-               cmd_serve, cmd_templates, cmd_train)
-
-app = typer.Typer(
-    name="portrait",
-    help="Identity-preserving portrait studio: prepare photos, train a face, generate portraits.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+from . import (cmd_batch, cmd_demo, cmd_doctor, cmd_edit, cmd_eval, cmd_generate, cmd_models, cmd_plan, cmd_prepare,
+               cmd_presets, cmd_serve, cmd_templates, cmd_train)
 
 
-@app.callback()
+
 def main(
     ctx: typer.Context,
     home: Optional[Path] = typer.Option(None, "--home", envvar="PORTRAIT_HOME", help="Holds models/, identities/, jobs/ (default ~/.portrait)."),
@@ -54,12 +46,7 @@ def main(
 
 
 # The commands that run with the --preset: its file is checked whole before they start.
-PRESET_COMMANDS = ("prepare", "train", "generate", "eval")  # batch run and serve check it as they start
-
-
-for module in (cmd_prepare, cmd_train, cmd_generate, cmd_edit, cmd_templates, cmd_presets, cmd_batch, cmd_models, cmd_demo,
-               cmd_doctor, cmd_eval, cmd_serve):
-    module.register(app)
+PRESET_COMMANDS = ("prepare", "train", "generate", "eval", "plan")  # batch run and serve check it as they start
 
 
 class _Stopped(Exception):
@@ -89,10 +76,28 @@ def _guard_commands(typer_app: typer.Typer) -> None:
         _guard_commands(group.typer_instance)
 
 
-_guard_commands(app)
+def build_app() -> typer.Typer:
+    """The `portrait` app: the global options and every subcommand. Commands whose options are
+    generated from a declaration (generate's, cli/declared.py) take it as it is when this runs."""
+    built = typer.Typer(
+        name="portrait",
+        help="Identity-preserving portrait studio: prepare photos, train a face, generate portraits.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    built.callback()(main)
+    for module in (cmd_prepare, cmd_train, cmd_generate, cmd_edit, cmd_plan, cmd_templates, cmd_presets, cmd_batch,
+                   cmd_models, cmd_demo, cmd_doctor, cmd_eval, cmd_serve):
+        module.register(built)
+    _guard_commands(built)
+    return built
 
 
-def run(argv: list[str] | None = None) -> int:
+app = build_app()
+
+
+def run(argv: list[str] | None = None, app: typer.Typer | None = None) -> int:
     """Entry point: run the app and turn every outcome into one line and an exit code.
 
     typer runs with standalone_mode=False so errors reach us; it then *returns* the exit
@@ -105,7 +110,7 @@ def run(argv: list[str] | None = None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         with sigterm_raises():
-            returned = app(args=argv, standalone_mode=False)
+            returned = (app if app is not None else globals()["app"])(args=argv, standalone_mode=False)
         code = returned if isinstance(returned, int) else 0
         if code == 130:  # typer's own Exit(130): Ctrl-C while it parsed the arguments
             print("interrupted: stopped by Ctrl-C", file=sys.stderr)

@@ -13,10 +13,19 @@ through ctx (registry + ModelCache, so batch jobs reuse warm pipelines), never i
 another backend or the generate stage (the seeded loop is stages/seeding.py), and records
 in each Candidate.info what it actually did (for example {"identity_mode": "zero-shot"}).
 
-Options: `GenerationRequest.options` keeps the given keys as plain data (it is what
-results.json and the PNG metadata record); a backend reads it through its declared model,
-`SPEC.read(request)`, which gives every field typed with its default. The values were
-checked once, before any model loaded (stages/generate.resolve_request).
+Options: `GenerationRequest.options` is the backend's declared options model, built and checked
+once before any model loaded (stages/generate.resolve_request): every field typed with its
+default, `model_fields_set` holding what was given (what results.json and the PNG metadata
+record). `SPEC.read(request)` gives it (and types a plain mapping, as read back from a
+results.json).
+
+Modes: `fast` declares, per mode (`lcm`), how the backend renders in few steps: the preset model
+role of the distillation LoRA it attaches, the sampler, the steps and the CFG scale. The resolver
+applies these once for every door (`--fast`, a template's or a spec's `fast: lcm`, the service);
+a backend that declares no mode refuses it in one line naming the backends that have one. So
+do `compositions` (how it combines LoRAs) and `controls` (whether it feeds ControlNets): what a
+user asks for explicitly and the backend does not do is refused, what a template carries for
+other backends is left out of the request (and so out of its metadata).
 """
 
 from __future__ import annotations
@@ -24,14 +33,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from .context import RunContext
+from .options import NoOptions
+from .errors import BadInput
 from .types import Candidate, GenerationRequest
 
 
 LORA_SELECTION = "lora-selection"  # conditioning: the space that selected the LoRA's checkpoints
 NO_FACE_SPACE = ""  # conditioning: no face embedding drives the output (plain text to image)
+# Candidate.info["identity_mode"] of an image no sampler made (a face fused into a photo): its
+# metadata then records the fusion and its source, and no steps, sampler, CFG, LoRA or ControlNet.
+FUSION_ONLY = "fusion-only"
 
 class Backend(Protocol):
     def generate(self, request: GenerationRequest, ctx: RunContext) -> Iterator[Candidate]:
@@ -39,10 +53,22 @@ class Backend(Protocol):
         ...
 
 
-class NoOptions(BaseModel):
-    """A backend that reads no user option (only the shared ones every backend sees)."""
+@dataclass(frozen=True)
+class FastMode:
+    """How a backend renders in few steps: the LoRA it attaches (a preset model role; None when
+    the mode needs none), the sampler, and the steps and CFG scale the mode wants (a value the
+    user gives explicitly still wins)."""
 
-    model_config = ConfigDict(extra="forbid")
+    lora: str | None
+    scheduler: str
+    steps: int
+    guidance: float
+
+
+# LCM-LoRA (latent-consistency/lcm-lora-sdv1-5, -sdxl): the model cards swap in LCMScheduler and
+# sample 2 to 8 steps with guidance off or between 1.0 and 2.0; 6 steps at 1.5 sits in that range
+# (the numbers `--fast` has always used).
+LCM = FastMode(lora="lcm_lora", scheduler="lcm", steps=6, guidance=1.5)
 
 
 @dataclass(frozen=True)
@@ -67,13 +93,26 @@ class BackendSpec:
     # embedding drives it, LORA_SELECTION when it is the space that picked the identity LoRA's
     # checkpoints; or a function of its typed options returning one of those.
     conditioning: str | Callable[[Any], str] = LORA_SELECTION
+    # The few-step modes it does, by name ({"lcm": LCM}); `--fast` on a backend without one is refused.
+    fast: Mapping[str, FastMode] = field(default_factory=dict)
+    # How it combines the identity LoRA with a template's style LoRA (merge, switch, composite);
+    # an explicit `--composition` it does not do is refused, a template's falls back to merge.
+    compositions: tuple[str, ...] = ("merge",)
+    # It feeds the request's ControlNets (a template's `controls:`, `--control`): an explicit
+    # `--control` on a backend that does not is refused; a template's are left out of its request.
+    controls: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)  # room for a plugin's own facts
 
-    def read(self, request_or_options: GenerationRequest | Mapping[str, Any]) -> Any:
-        """This backend's typed options from a request (keys it does not declare are other
-        backends' or the resolver's and are left out; values were validated at resolution)."""
+    def read(self, request_or_options: GenerationRequest | BaseModel | Mapping[str, Any]) -> Any:
+        """This backend's typed options: a request's (typed at resolution), or a mapping typed here
+        (a results.json's recorded options: keys it does not declare are other backends' or the
+        resolver's and are left out)."""
         options = request_or_options.options if isinstance(request_or_options, GenerationRequest) \
             else request_or_options
+        if isinstance(options, self.options):
+            return options
+        if isinstance(options, BaseModel):
+            options = options.model_dump(exclude_unset=True)
         fields = self.options.model_fields
         return self.options.model_validate({k: v for k, v in options.items() if k in fields})
 
@@ -119,6 +158,13 @@ class BackendTable:
     def get(self, name: str) -> BackendSpec | None:
         return self._specs.get(name)
 
+    def spec(self, name: str) -> BackendSpec:
+        """The entry for a backend name, else one line (exit 2) with the known names."""
+        found = self._specs.get(name)
+        if found is None:
+            raise BadInput(f"unknown backend '{name}' (known: {', '.join(sorted(self._specs))})")
+        return found
+
     def names(self) -> tuple[str, ...]:
         return tuple(self._specs)
 
@@ -138,4 +184,5 @@ class BackendTable:
         return ", ".join(self._specs)
 
 
-__all__ = ["LORA_SELECTION", "NO_FACE_SPACE", "Backend", "BackendSpec", "BackendTable", "NoOptions"]
+__all__ = ["FUSION_ONLY", "LCM", "LORA_SELECTION", "NO_FACE_SPACE", "Backend", "BackendSpec", "BackendTable", "FastMode",
+           "NoOptions"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -118,10 +119,15 @@ def identity_from_manifest(root: Path, manifest: dict[str, Any]) -> Identity:
 
 
 def read_embeddings(path: Path) -> dict[str, np.ndarray]:
+    """A bundle's embeddings.npz; a damaged one is one line naming it (exit 2), as the LoRA is."""
     if not path.is_file():
         return {}
-    with np.load(path) as data:
-        return {key: data[key].astype(np.float32) for key in data.files}
+    try:
+        with np.load(path) as data:
+            return {key: data[key].astype(np.float32) for key in data.files}
+    except (ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise BadInput(f"{path}: damaged embeddings file ({exc.__class__.__name__}); retrain or re-prepare the "
+                       f"identity") from None
 
 
 def write_embeddings(path: Path, embeddings: dict[str, np.ndarray]) -> None:

@@ -3,12 +3,18 @@
 The front doors (CLI, API, batch runner) build one RunContext and pass it down. Stages
 take what they need from it: the registry to resolve ids, the cache to reuse loaded
 models, the placement for device and dtype, and a progress callback.
+
+`create` picks the device and the family's dtype only. Where each module goes (resident, CPU
+offload, quantized) is the request's memory plan (portrait.core.memplan), made by the generate
+stage before any model loads; `planned(plan)` is the context that follows it (same registry and
+cache, the plan's dtype and strategy).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from .cache import ModelCache
 from .config import Preset, RuntimePolicy, Settings, load_preset
@@ -30,6 +36,13 @@ class RunContext:
     cache: ModelCache
     placement: Placement
     progress: Progress = field(default=_no_progress)
+    plan: Any = None  # the request's MemoryPlan (portrait.core.memplan), once made
+
+    def planned(self, plan) -> "RunContext":
+        """This context under a memory plan: the plan's dtype and offload strategy, same cache."""
+        from .device import with_strategy
+
+        return dataclasses.replace(self, placement=with_strategy(self.placement, plan.dtype, plan.strategy), plan=plan)
 
     @classmethod
     def create(cls, settings: Settings | None = None, preset: str | None = None, cache: ModelCache | None = None,
@@ -46,7 +59,7 @@ class RunContext:
             preset=chosen,
             registry=Registry.load(),
             cache=cache or ModelCache(),
-            placement=placement(settings.device, precision),
+            placement=placement(settings.device, precision, chosen.family),
             progress=progress or _no_progress,
         )
 

@@ -1,7 +1,11 @@
 """Device and precision choice, in one place so every stage agrees.
 
-CPU runs fp32 (fp16 matmuls on CPU are slow or unsupported); CUDA runs fp16, or bf16 when
-the card supports it and the preset asks for it. Offload is decided from free VRAM.
+CPU runs fp32 (fp16 matmuls on CPU are slow or unsupported); CUDA runs the family's precision
+(portrait.core.memplan.FamilyRuntime): fp16 for SD1.5/SDXL, bf16 for FLUX. bf16 is never turned
+into fp16 for a family that does not run in fp16 (FLUX overflows: black images); on a card
+without bf16 such a family is planned in fp32 or refused (docs/ARCHITECTURE.md#precision-rules).
+Offload is not decided here: the memory plan (portrait.core.memplan) decides it per request,
+before anything loads, and sets `strategy`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from .errors import BadInput
 class Placement:
     device: str  # "cpu" | "cuda" | "cuda:N"
     dtype_name: str  # "float32" | "float16" | "bfloat16"
-    offload: bool = False  # enable_model_cpu_offload instead of .to(device)
+    offload: bool = False  # pipeline parts stay on the CPU for an offload strategy instead of .to(device)
+    strategy: str = "resident"  # the memory plan's: resident | model_offload | group_offload | sequential_offload
 
     @property
     def dtype(self):
@@ -41,24 +46,32 @@ def resolve_device(requested: str = "auto") -> str:
     return requested
 
 
-def placement(requested: str = "auto", precision: str = "auto", min_vram_gb: float = 0.0) -> Placement:
-    """Pick device, dtype and offload. `min_vram_gb` is what the pipeline needs resident."""
+def placement(requested: str = "auto", precision: str = "auto", family: str = "sd15") -> Placement:
+    """Pick device and dtype (offload comes later, from the request's memory plan).
+
+    On CUDA the dtype follows `precision` (auto: the family's first) under the family's rules
+    (portrait.core.memplan.choose_dtype): a bf16-only family on a card without bf16 gets fp32,
+    never fp16; an explicit fp16 for such a family is refused in one line (exit 2)."""
     device = resolve_device(requested)
     if device == "cpu":
         return Placement("cpu", "float32", offload=False)
     import torch
 
-    if precision == "auto":
-        dtype = "float16"
-    elif precision in ("float16", "fp16"):
-        dtype = "float16"
-    elif precision in ("bfloat16", "bf16"):
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    else:
-        dtype = "float32"
+    from .memplan import Budget, choose_dtype
+
     index = torch.device(device).index or 0
-    free, _total = torch.cuda.mem_get_info(index)
-    return Placement(device, dtype, offload=min_vram_gb > 0 and free / 2**30 < min_vram_gb)
+    try:
+        bf16 = bool(torch.cuda.is_bf16_supported())
+    except Exception:  # an old driver without the query: Ampere (sm_80) and newer have bf16
+        bf16 = getattr(torch.cuda.get_device_properties(index), "major", 0) >= 8
+    dtype, _notes = choose_dtype(family, precision, Budget(device, 0.0, 0.0, bf16, name=device))
+    return Placement(device, dtype)
+
+
+def with_strategy(place: Placement, dtype_name: str, strategy: str) -> Placement:
+    """The placement a memory plan chose: its dtype and offload strategy on the same device."""
+    strategy = "resident" if strategy == "cpu" else strategy  # on the CPU everything is "resident"
+    return Placement(place.device, dtype_name, offload=strategy != "resident", strategy=strategy)
 
 
 @functools.lru_cache(maxsize=8)  # read once per process: the trainer asks at load, setup and resume

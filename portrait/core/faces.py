@@ -32,7 +32,7 @@ import numpy as np
 
 from .cache import CacheKey
 from .errors import BadInput, ModelMissing
-from .models import insightface_model, onnx_ctx_id, onnx_providers
+from .models import check_insightface, insightface_model, onnx_ctx_id, onnx_providers
 from .types import FaceObservation
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -364,6 +364,8 @@ class InsightfaceAnalyzer:
                                                  allowed_modules=modules)
         self._app.prepare(ctx_id=onnx_ctx_id(device), det_thresh=det_thresh,
                           det_size=(det_size, det_size))
+        for model in self._app.models.values():
+            check_insightface(model, providers, f"{pack} {type(model).__name__}")
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
         return similarity(a, b, self.backend)

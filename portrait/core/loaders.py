@@ -15,8 +15,10 @@ All three go through the model door (portrait.core.models: resolve, verify, cach
 this module holds the door's "components", "vae" and "controlnet" builders (`build_*`), i.e. the
 diffusers-specific part of turning files into modules.
 
-Placement comes from `ctx.placement`: fp32 on CPU, fp16/bf16 on CUDA (with the fp16-fix
-VAE the sdxl preset names), `enable_model_cpu_offload` when placement.offload.
+Placement comes from `ctx.placement` under the request's memory plan (portrait.core.memplan):
+fp32 on CPU, fp16/bf16 on CUDA (with the fp16-fix VAE the sdxl preset names); resident parts go
+to the device as they load, and under an offload strategy they stay on the CPU until the
+pipeline is built and `portrait.core.offload.apply` hooks them (model / group / sequential).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from typing import Any, Iterable, Mapping
 from . import models
 from .errors import BadInput
 from .archs.diffusers import (FAMILIES, PARTS, PICKLE_SUFFIXES, QUANTIZABLE, QUANTIZE, WEIGHT_SUFFIXES,  # noqa: F401
-                             Components, build_components, build_controlnet, build_vae, quantize_flux,
-                             quantize_module, single_file_config, variant, weights_file)
+                             Components, build_components, build_controlnet, build_vae, family_parts,
+                             quantize_flux, quantize_module, single_file_config, variant, weights_file)
 from .modelspec import ResolvedModel
 
 # `edit`: a picture from reference images and a prompt (FLUX.2 [klein]'s multi-reference
@@ -159,11 +161,24 @@ def load_components(ctx, model_id: str | None = None, *, family: str | None = No
     resolved = models.resolve(ctx, model_id, explicit)
     fam = _family(ctx, resolved, family)
     vae_id = _default_vae_id(ctx, fam) if vae == "auto" else vae
-    quantize = str(ctx.preset.section("runtime").get("quantize", "none")) if fam in QUANTIZABLE else "none"
-    extra: dict[str, Any] = {"quantize": quantize} if quantize != "none" else {}
+    quantize = quantize_parts(ctx, fam)
+    extra: dict[str, Any] = {"quantize": tuple(sorted(quantize.items()))} if quantize else {}
     if dtypes:
         extra["dtypes"] = dict(dtypes)
     return models.load(ctx, model_id, "components", path=explicit, family=fam, vae=vae_id, requested=model_id, **extra)
+
+
+def quantize_parts(ctx, family: str) -> dict[str, str]:
+    """Part -> optimum-quanto scheme for a base: the memory plan's choice when the run has one
+    (portrait.core.memplan: runtime.quantize, or the largest part quantized to fit), else the
+    preset's runtime.quantize on the DiT and its big text encoder (FLUX.1: T5, as InfiniteYou's
+    --quantize_8bit; the frontier bases: their Qwen encoder)."""
+    plan = getattr(ctx, "plan", None)
+    if plan is not None:
+        return {k: v for k, v in plan.quantize.items() if k in PARTS.get(family, ())}
+    scheme = str(ctx.preset.section("runtime").get("quantize", "none")) if family in QUANTIZABLE else "none"
+    encoder = "text_encoder_2" if "text_encoder_2" in PARTS.get(family, ()) else "text_encoder"
+    return {name: scheme for name in ("transformer", encoder)} if scheme != "none" else {}
 
 
 
@@ -217,7 +232,9 @@ def load_pipeline(ctx, model_id: str | None = None, kind: str = "txt2img", contr
             extra["controlnet"] = nets[0] if len(nets) == 1 else nets
         pipe = _build(cls, components, extra)
         if ctx.placement.offload:
-            pipe.enable_model_cpu_offload(device=ctx.placement.device)
+            from .offload import apply
+
+            apply(pipe, ctx.placement)  # the memory plan's strategy (model / group / sequential offload)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -251,32 +268,9 @@ def _check_controlnet_fits(controlnet_id: str, net, components: Components) -> N
 # --- schedulers -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SchedulerChoice:
-    cls: str
-    options: Mapping[str, Any]
-    a1111: str  # A1111's "Sampler" label for the PNG parameters chunk
-    schedule: str = ""  # A1111's "Schedule type" (Karras) when not the default
-    families: tuple[str, ...] = ("sd15", "sdxl")  # the bases whose noise schedule it fits
-
-
-SCHEDULERS: dict[str, SchedulerChoice] = {
-    "euler": SchedulerChoice("EulerDiscreteScheduler", {}, "Euler"),
-    "euler_a": SchedulerChoice("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "ddim": SchedulerChoice("DDIMScheduler", {}, "DDIM"),
-    "pndm": SchedulerChoice("PNDMScheduler", {}, "PLMS"),
-    "unipc": SchedulerChoice("UniPCMultistepScheduler", {}, "UniPC"),
-    "dpmpp_2m": SchedulerChoice("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),
-    "dpmpp_2m_karras": SchedulerChoice("DPMSolverMultistepScheduler",
-                                       {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}, "DPM++ 2M", "Karras"),
-    "dpmpp_2m_sde_karras": SchedulerChoice("DPMSolverMultistepScheduler",
-                                           {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
-                                           "DPM++ 2M SDE", "Karras"),
-    "lcm": SchedulerChoice("LCMScheduler", {}, "LCM"),
-    # FLUX's flow-matching Euler (its only sampler in diffusers); Forge labels it Euler / Simple.
-    "flow_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler", {}, "Euler", "Simple",
-                                  ("flux", "flux2-klein", "zimage", "qwen-image-edit")),
-}
+# The sampler table is its own leaf module (core/schedulers.py): the request declaration reads its
+# names without importing the loaders.
+from .schedulers import SCHEDULERS, SchedulerChoice  # noqa: E402,F401
 
 
 def make_scheduler(name: str, config: Mapping[str, Any]):

@@ -136,6 +136,14 @@ def read_weights_file(path: Path) -> dict:
         raise bad_file(path, f"cannot be read as a weights-only torch checkpoint ({exc.__class__.__name__})") from exc
 
 
+def mapped_pickle(path: Path):
+    """A weights-only torch pickle memory-mapped: its tensors' shapes and dtypes without reading
+    their bytes (the memory plan counts parameters this way; nothing is built from it)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 def place(ctx, module, *, cast: bool = True, offloaded: bool = False):
     """Move a module (anything with `.to`) to ctx's device; on CUDA also to ctx's dtype.
 
@@ -176,20 +184,92 @@ def _device(ctx) -> str:
     return str(getattr(placement, "device", "cpu"))
 
 
-def onnx_providers(ctx) -> list[str]:
+def cuda_index(device: str) -> int:
+    """N of `cuda:N` (0 for plain `cuda`)."""
+    _, _, index = device.partition(":")
+    return int(index) if index.isdigit() else 0
+
+
+def onnx_providers(ctx) -> list:
     """onnxruntime execution providers for a RunContext (or a Placement, or a device string):
-    CUDA first only when the device is CUDA *and* this onnxruntime build has the CUDA
-    provider (the CPU wheel does not: asking for it anyway only logs a warning per session)."""
+    CUDA first, on the device index of `cuda:N`, when the device is CUDA *and* this onnxruntime
+    build has the CUDA provider; else the CPU, said once in one line when CUDA was asked for
+    (the CPU wheel has no CUDA provider: `pip install 'portrait[gpu]'`, docs/ARCHITECTURE.md#onnxruntime)."""
     import onnxruntime
 
-    if _device(ctx).startswith("cuda") and CUDA_PROVIDER in onnxruntime.get_available_providers():
-        return [CUDA_PROVIDER, CPU_PROVIDER]
+    device = _device(ctx)
+    if device.startswith("cuda"):
+        if CUDA_PROVIDER in onnxruntime.get_available_providers():
+            return [(CUDA_PROVIDER, {"device_id": cuda_index(device)}), CPU_PROVIDER]
+        onnx_fallback(f"this onnxruntime build ({_ort_distribution()}) has no CUDA provider; install the GPU "
+                      f"build alone: pip uninstall -y onnxruntime && pip install 'portrait[gpu]' (or make install-gpu)")
     return [CPU_PROVIDER]
 
 
 def onnx_ctx_id(ctx) -> int:
-    """insightface's `prepare(ctx_id=...)`: 0 on the GPU, -1 (CPU only) otherwise."""
-    return 0 if CUDA_PROVIDER in onnx_providers(ctx) else -1
+    """insightface's `prepare(ctx_id=...)`: the CUDA device index on the GPU, -1 (CPU only) otherwise."""
+    providers = onnx_providers(ctx)
+    return cuda_index(_device(ctx)) if any(_provider_name(p) == CUDA_PROVIDER for p in providers) else -1
+
+
+def _provider_name(provider) -> str:
+    return provider[0] if isinstance(provider, tuple) else str(provider)
+
+
+def _ort_distribution() -> str:
+    import importlib.metadata
+
+    found = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return " + ".join(found) or "onnxruntime"
+
+
+# What happened to the CUDA provider in this process (for `portrait doctor` and results): each
+# reason once, printed once on stderr.
+ONNX_FALLBACKS: list[str] = []
+
+
+def onnx_fallback(reason: str) -> None:
+    """Face analysis asked for CUDA and runs on the CPU: one line, once per reason."""
+    import sys
+
+    if reason not in ONNX_FALLBACKS:
+        ONNX_FALLBACKS.append(reason)
+        print(f"warning: face analysis runs on the CPU, not the GPU: {reason}", file=sys.stderr)
+
+
+def check_session(session, providers: list, what: str = "") -> None:
+    """After a session exists: when CUDA was asked for and onnxruntime did not take it (it lists
+    CUDA as available even when cuDNN or the CUDA runtime fails to load, and then falls back to
+    the CPU silently), say so in one line."""
+    asked = any(_provider_name(p) == CUDA_PROVIDER for p in providers)
+    if asked and CUDA_PROVIDER not in (session.get_providers() or []):
+        onnx_fallback(f"onnxruntime could not start its CUDA provider{f' for {what}' if what else ''} (cuDNN or the "
+                      f"CUDA runtime failed to load; see `portrait doctor`)")
+
+
+def check_insightface(model, providers: list, what: str = "") -> None:
+    session = getattr(model, "session", None)
+    if session is not None and hasattr(session, "get_providers"):
+        check_session(session, providers, what)
+
+
+def onnx_session(path: Path, ctx, what: str = "ONNX model"):
+    """An onnxruntime.InferenceSession on `onnx_providers(ctx)`, its providers checked; a file
+    onnxruntime cannot load is the user's file (one line, exit 2)."""
+    import onnxruntime
+
+    providers = onnx_providers(ctx)
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types for a bad file
+        raise bad_file(path, f"is not a loadable {what} ({exc.__class__.__name__})") from None
+    check_session(session, providers, Path(path).name)
+    return session
 
 
 @dataclass(frozen=True)
@@ -240,14 +320,16 @@ def insightface_model(path: Path | str, ctx, expect: str | None = None):
 
     import insightface
 
+    providers = onnx_providers(ctx)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = insightface.model_zoo.get_model(str(path), providers=onnx_providers(ctx))
+        model = insightface.model_zoo.get_model(str(path), providers=providers)
     found = type(model).__name__ if model is not None else "nothing"
     if model is None or (expect and found != expect):
         raise bad_file(path, f"is not an insightface {expect or 'model'} (insightface routed it to {found})")
     if hasattr(model, "prepare"):  # INSwapper has none: its session already has the providers
         model.prepare(ctx_id=onnx_ctx_id(ctx))
+    check_insightface(model, providers, Path(path).name)
     return model
 
 

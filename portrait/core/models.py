@@ -37,9 +37,10 @@ from typing import Any, Mapping
 
 from . import archs
 from .cache import CacheKey
-from .modelfiles import (CPU_PROVIDER, CUDA_PROVIDER, PICKLE_SUFFIXES, ClipVision, Kind, Source,  # noqa: F401
-                         Weights, friendly, insightface_model, onnx_ctx_id, onnx_providers, place, read_weights,
-                         read_weights_file, verify)
+from .modelfiles import (CPU_PROVIDER, CUDA_PROVIDER, ONNX_FALLBACKS, PICKLE_SUFFIXES, ClipVision,  # noqa: F401
+                         Kind, Source, Weights, check_insightface, check_session, cuda_index, friendly,
+                         insightface_model, mapped_pickle, onnx_ctx_id, onnx_fallback, onnx_providers,
+                         onnx_session, place, read_weights, read_weights_file, verify)
 from .modelspec import ResolvedModel
 
 
@@ -112,6 +113,8 @@ def load(ctx, model_id: str, kind: str, *, path: Path | str | None = None, file:
     explicit = Path(path).expanduser() if path is not None else None
     source = Source(ctx, resolved, file, explicit, door=load)
     key = cache_key(ctx, resolved.spec.id, kind, file, _stamp(explicit), _freeze(args))
+    if entry.offloaded or kind == "components":  # placed per the plan's strategy: one copy per strategy
+        key = CacheKey(key.model_id, key.device, key.dtype, (*key.variant, getattr(ctx.placement, "strategy", "resident")))
 
     def factory():
         built = entry.build(source, **args)

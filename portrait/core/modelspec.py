@@ -34,7 +34,10 @@ class ModelSpec(BaseModel):
     license: str = "unknown"
     commercial: bool = True
     size: int | None = None  # bytes, all files
+    sizes: dict[str, int] = Field(default_factory=dict)  # file -> exact bytes (the memory plan sizes absent files by them)
     sha256: dict[str, str] = Field(default_factory=dict)  # file -> hash where known
+    dtype: str | None = None  # what the weight files store (bf16 | fp16 | fp32; `.fp16.` names say fp16 themselves)
+    gated: bool = False  # the hub asks the user to accept a license and log in before downloading
     pickle: bool = False  # needs torch.load(weights_only=True) after the hash check
     tiny: str | None = None  # id of the make-tiny stand-in
     config: str | None = None  # shipped config folder (presets/configs/...) for single-file bases

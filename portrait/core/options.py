@@ -10,9 +10,15 @@ new backend's options are known as soon as it is in the table. A value given in 
 the backend(s) declaring its key: `--option ip_adapter_scale=abc` or `--option frobnicate=7`
 is one line, exit 2, with the list of known keys.
 
-The resolver (stages.generate.resolve_request) adds its own keys to a request's options
-(`composition`, `style_lora`, `control_images`, ...); those are not user options, are declared
-in `Resolved` and read typed through `resolved(request)`.
+A request carries its backend's options as that typed model (GenerationRequest.options), built
+once by the resolver from the template's options for that backend and the user's: a key no
+backend of the request declares is refused there with one line naming the backends that do
+(`backend_options`); a template's options for other backends are the template's tuning for
+them, not for this one, and are left out.
+
+The resolver (stages.generate.resolve_request) also fills values of its own (`composition`,
+`style_lora`, `control_images`, the fast mode, ...); those are not user options and travel typed
+as `Resolved` (GenerationRequest.resolved).
 
 Who may set an option is part of its declaration (`tenant_access`): the person at the CLI may
 set every option, but a tenant of the HTTP service only those a request may carry. A field
@@ -26,15 +32,21 @@ list kept somewhere else.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .declare import describe
 from .errors import BadInput
+from .request import CONTROL_NAMES, FAST_MODES, Strength
 
-if TYPE_CHECKING:
-    from .backend import BackendSpec
+
+class Declares(Protocol):
+    """What these checks read of a backend (a portrait.core.backend.BackendSpec): its name and its
+    options model. A protocol, not an import: the backend contract imports this module."""
+
+    name: str
+    options: type[BaseModel]
 
 
 # Who may set an option (json_schema_extra of the field, so the mark is also in /v1/backends' schemas).
@@ -52,7 +64,7 @@ def tenant_access(model: type[BaseModel], name: str) -> TenantAccess:
     return "asset" if mark == "asset" else "value"
 
 
-def tenant_options(specs: Iterable["BackendSpec"]) -> dict[str, TenantAccess]:
+def tenant_options(specs: Iterable[Declares]) -> dict[str, TenantAccess]:
     """Every option the backends declare, with how a tenant may give it. A key two backends
     declare differently is as strict as the stricter one."""
     order = {"value": 0, "asset": 1, "server": 2}
@@ -65,14 +77,21 @@ def tenant_options(specs: Iterable["BackendSpec"]) -> dict[str, TenantAccess]:
     return dict(sorted(found.items()))
 
 
-class Pass2(BaseModel):
-    """The template backend's second (ring) pass."""
+class NoOptions(BaseModel):
+    """A backend that reads no user option (only the shared ones every backend sees)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    denoise: float | None = Field(None, ge=0.0, le=1.0)
-    ring: float | None = Field(None, ge=0.0, le=1.0)
-    controls: dict[Literal["canny", "openpose", "depth", "tile", "color"], float] | None = None
+
+class Pass2(BaseModel):
+    """The template backend's second (ring) pass (EasyPhoto's defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    denoise: float = Field(0.3, ge=0.0, le=1.0, description="ring pass strength")
+    ring: float = Field(0.15, ge=0.0, le=1.0, description="ring width around the face mask, a fraction of the face size")
+    controls: dict[Literal[CONTROL_NAMES], Strength] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: {"tile": 1.0, "canny": 1.0}, description="the ring pass's ControlNets")
 
 
 FinishStage = Literal["fuse", "retouch", "upscale", "restore", "score", "clip"]
@@ -124,12 +143,14 @@ class GroupOptions(BaseModel):
 
 
 class Resolved(BaseModel):
-    """The keys the resolver puts into every request's options (never user options)."""
+    """What the resolver decided for a request besides the backend's options (never user options):
+    recorded with them in results.json and the PNG metadata."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     composition: Literal["merge", "switch", "composite"] = "merge"
-    fast: Literal["lcm"] | None = None
+    fast: Literal[FAST_MODES] | None = None  # type: ignore[valid-type]  # the backend's few-step mode, if asked
+    fast_lora: str | None = None  # the preset model role of that mode's LoRA (BackendSpec.fast), attached by the backend
     style_lora: dict[str, Any] | None = None  # {"model": id or path, "weight": w}
     control_images: dict[str, str] = Field(default_factory=dict)  # control name -> image path
     control_preprocessed: list[str] = Field(default_factory=list)
@@ -143,20 +164,11 @@ class Resolved(BaseModel):
     edit: dict[str, Any] | None = None
 
 
-RESOLVED_KEYS = tuple(Resolved.model_fields)
-
-
-def resolved(request_or_options: Any) -> Resolved:
-    """The resolver's keys of a request (or of its options mapping), typed."""
-    options = getattr(request_or_options, "options", request_or_options)
-    return Resolved.model_validate({k: v for k, v in options.items() if k in Resolved.model_fields})
-
-
-def known_options(specs: Iterable["BackendSpec"]) -> tuple[str, ...]:
+def known_options(specs: Iterable[Declares]) -> tuple[str, ...]:
     return tuple(sorted({name for spec in specs for name in spec.options.model_fields}))
 
 
-def validate_options(values: Mapping[str, Any] | None, where: str, specs: Iterable["BackendSpec"]) -> dict[str, Any]:
+def validate_options(values: Mapping[str, Any] | None, where: str, specs: Iterable[Declares]) -> dict[str, Any]:
     """Check user options against the backends that declare them; returns them typed (only
     the keys given). A key no backend declares is refused with the known ones listed.
 
@@ -186,8 +198,53 @@ def validate_options(values: Mapping[str, Any] | None, where: str, specs: Iterab
                 raise BadInput(f"--option {text}") from None
             raise BadInput(f"{where}: options.{text}") from None
         for key, value in model.model_dump(exclude_unset=True, mode="python").items():
-            typed.setdefault(key, value)
-    # Keep plain containers (backends read dicts and lists) and drop None-valued nested keys.
-    if typed.get("pass2") is not None:
-        typed["pass2"] = {k: v for k, v in typed["pass2"].items() if v is not None}
+            typed.setdefault(key, value)  # plain containers, nested keys as given
     return {k: typed[k] for k in values}
+
+
+def takers(key: str, specs: Iterable[Declares]) -> list[str]:
+    """The backends (of `specs`) that declare option `key`."""
+    return [s.name for s in specs if key in s.options.model_fields]
+
+
+def refuse_foreign(keys: Iterable[str], chosen: Iterable[Declares], specs: Iterable[Declares],
+                   where: str = "--option") -> None:
+    """An option none of the `chosen` backends takes (but another backend does) is refused with
+    one line naming the backends that take it; an option no backend declares is unknown."""
+    chosen, specs = tuple(chosen), tuple(specs)
+    keys = list(keys)
+    known = known_options(specs)
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        key = unknown[0]
+        if where == "--option":
+            raise BadInput(f"--option {key}: unknown option (known: {', '.join(known)})")
+        raise BadInput(f"{where}: options: unknown key {key!r} (known: {', '.join(known)})")
+    foreign = [k for k in keys if not any(k in s.options.model_fields for s in chosen)]
+    if not foreign:
+        return
+    names = ", ".join(f"'{s.name}'" for s in chosen)
+    who = f"backend {names}" if len(chosen) == 1 else f"none of the backends {names}"
+    verb = ("does" if len(chosen) == 1 else "takes") if len(foreign) == 1 else ("do" if len(chosen) == 1 else "take")
+    taken = "; ".join(f"{k}: {', '.join(takers(k, specs))}" for k in foreign)
+    label = "--option" if where == "--option" else f"{where}: option"
+    raise BadInput(f"{label} {', '.join(foreign)}: {who} {verb} not take {'it' if len(foreign) == 1 else 'them'} "
+                   f"(taken by {taken})")
+
+
+def backend_options(spec: Declares, values: Mapping[str, Any] | None, specs: Iterable[Declares],
+                    where: str = "--option") -> BaseModel:
+    """The backend's typed options object from the given values (every field typed, defaults
+    filled; `model_fields_set` holds what was given). A key of another backend is refused."""
+    values = dict(values or {})
+    refuse_foreign(values, [spec], specs, where)
+    try:
+        return spec.options.model_validate(values)
+    except ValidationError as exc:
+        text = describe(exc)
+        raise BadInput(f"--option {text}" if where == "--option" else f"{where}: options.{text}") from None
+
+
+def given_options(options: BaseModel) -> dict[str, Any]:
+    """What was given of a typed options object, as plain data (results.json, PNG metadata)."""
+    return options.model_dump(mode="json", exclude_unset=True)

@@ -120,6 +120,15 @@ class Registry:
                 return ResolvedModel(spec, cached, "hf-cache", tuple(spec.files))
         raise ModelMissing(spec.id)
 
+    def locate(self, model_id: str, settings: Settings, *, tiny: bool = False,
+               write_tiny: bool = True) -> ResolvedModel | None:
+        """Where the id's files are, or None when absent: no license check and nothing recorded
+        (the memory plan sizes what a request would load, before anything loads or downloads)."""
+        try:
+            return self._resolve(model_id, settings, tiny=tiny, write_tiny=write_tiny)
+        except ModelMissing:
+            return None
+
     def is_present(self, model_id: str, settings: Settings, *, tiny: bool = False) -> bool:
         """Whether the id would resolve (policy included); a look, so nothing is recorded as used."""
         try:
@@ -233,15 +242,112 @@ def download(spec: ModelSpec, settings: Settings, progress=None) -> Path:
     return root
 
 
+class GatedModel(ModelMissing):
+    """A gated hub repository without the user's accepted license and login (exit 3, one line)."""
+
+    def __init__(self, spec: ModelSpec, why: str = "no Hugging Face token found"):
+        self.model_id = spec.id
+        self.command = f"portrait models download {spec.id}"
+        PortraitError.__init__(self, f"model '{spec.id}' is gated ({why}): accept its license on "
+                                     f"https://huggingface.co/{spec.repo} and log in (`hf auth login`, or set "
+                                     f"HF_TOKEN), then run `{self.command}`")
+
+
+def hf_token() -> str | None:
+    """The user's Hugging Face token: HF_TOKEN, else huggingface_hub's cached login."""
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        return token
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # an unreadable token file is no token
+        return None
+
+
 def _download_hf(spec: ModelSpec, root: Path) -> None:
     from huggingface_hub import hf_hub_download, snapshot_download
 
-    folders = [f for f in spec.files if f.endswith("/")]
-    if folders:
-        snapshot_download(spec.repo, revision=spec.revision, allow_patterns=[f + "*" for f in folders], local_dir=root)
+    token = hf_token()
+    if spec.gated and not token:
+        raise GatedModel(spec)
+    try:
+        folders = [f for f in spec.files if f.endswith("/")]
+        if folders:
+            snapshot_download(spec.repo, revision=spec.revision, allow_patterns=[f + "*" for f in folders],
+                              local_dir=root, token=token)
+        for name in spec.files:
+            if not name.endswith("/"):
+                hf_hub_download(spec.repo, name, revision=spec.revision, local_dir=root, token=token)
+    except Exception as exc:  # huggingface_hub's GatedRepoError / 401 / 403: the license is not accepted
+        name = exc.__class__.__name__
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if name == "GatedRepoError" or status in (401, 403):
+            raise GatedModel(spec, "the hub refused this token") from None
+        raise
+
+
+# --- pins: every real entry names a revision and, per weight file, its size and sha256 -------------
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".zip", ".dat")
+# The entries that cannot meet the rule, each with its reason, in this one place (a GitHub
+# release asset is pinned by the release tag in its URL, so url entries need only sizes and
+# hashes). "not found" means the public facts could not be read from here: `portrait models
+# verify` records what was downloaded, and the entry stays listed until someone records them
+# (the registry test fails on a listed entry that meets the rule, so this list only shrinks).
+PIN_EXCEPTIONS: dict[str, str] = {
+    # A package's files are pinned by the package: version and wheel sha256 in locks/*.lock.
+    'dlib-face-recognition': 'ships in the face-recognition-models wheel: pinned by its version and wheel sha256 in locks/',
+    'dlib-landmarks-5': 'ships in the face-recognition-models wheel: pinned by its version and wheel sha256 in locks/',
+    'dlib-landmarks-68': 'ships in the face-recognition-models wheel: pinned by its version and wheel sha256 in locks/',
+    'dlib-cnn-detector': 'ships in the face-recognition-models wheel: pinned by its version and wheel sha256 in locks/',
+    # Gated: the official file pages need a login, so only mirrors' hashes are readable, and a
+    # mirror's copy is no proof of BFL's bytes (flux-single's file is pinned: BFL's README lists it).
+    'flux': "gated repo: the transformer/T5 shard list, bytes and sha256 on BFL's file pages are behind the login",
+    'flux-encoders': "gated repo: the T5 shard list, CLIP-L/VAE bytes and sha256 on BFL's file pages are behind the login",
+    # Not found from here (searched 2026-12: HF tree, blob and commit pages, pinned manifests).
+    'sdxl-vae-fp16-fix': "exact bytes of the file at 207b116 not found (its sha256 1b909373… is from one pinned manifest; "
+                         "the 2023-07 upload it replaced was 334,643,238 bytes)",
+    'infiniteyou-aes': "InfuseNetModel/ shard list, bytes and sha256 and the repo's full commit not found on ByteDance's pages "
+                       "(only a third party's local manifest of sim_stage1)",
+    'infiniteyou-sim': "InfuseNetModel/ shard list, bytes and sha256 and the repo's full commit not found on ByteDance's pages "
+                       "(only a third party's local manifest of its shards)",
+    'realistic-vision-v51': "the diffusers folders' weight bytes and sha256 not found (file pages list rounded sizes only)",
+    'realistic-vision-v60': 'the single file was re-uploaded at 2699b16; that commit and its bytes and sha256 not found',
+    'yamermix-v8': "the folder's file list, bytes and sha256 and a full commit not found",
+    # The frontier bases (issue 29) landed after this audit: what their entries record is in
+    # their notes; the rest is listed here until someone reads it from their file pages.
+    'flux2-klein-9b': "gated repo: the klein 9B file pages are behind the login",
+    'flux-kontext': "gated repo: FLUX.1 Kontext [dev]'s shard list, bytes and sha256 are behind the login",
+    'flux2-klein-4b': "the folders' shard lists, bytes, sha256 and a full commit not found (not yet audited)",
+    'flux2-klein-base-4b': "the folders' shard lists, bytes, sha256 and a full commit not found (not yet audited)",
+    'zimage-turbo': "the folders' shard lists, bytes and sha256 not found (not yet audited; the notes hold what is)",
+    'zimage': "the folders' shard lists, bytes and sha256 not found (not yet audited)",
+    'qwen-image-edit-2511': "the folders' shard lists, bytes, sha256 and a full commit not found (not yet audited)",
+    'qwen-image-edit-f2p': "the LoRA file's bytes, sha256 and a full commit not found (not yet audited)",
+}
+
+
+def pin_problems(spec: ModelSpec) -> list[str]:
+    """What a real entry lacks: a 40-hex revision (hub entries), and each weight file's exact size
+    and sha256 (a folder entry `x/` hides its files, so it is a problem too)."""
+    problems = []
+    if spec.source == "hf" and not (spec.revision and len(spec.revision) == 40 and
+                                    all(c in "0123456789abcdef" for c in spec.revision)):
+        problems.append("no 40-hex revision pin")
+    weights = [spec.archive] if spec.archive else []
     for name in spec.files:
-        if not name.endswith("/"):
-            hf_hub_download(spec.repo, name, revision=spec.revision, local_dir=root)
+        if name.endswith("/"):
+            problems.append(f"{name} is a folder (list its files)")
+        elif name.endswith(WEIGHT_SUFFIXES) and not spec.archive:
+            weights.append(name)
+    for name in weights:
+        if not spec.sizes.get(name):
+            problems.append(f"{name}: no size")
+        if len(spec.sha256.get(name) or "") != 64:
+            problems.append(f"{name}: no sha256")
+    return problems
 
 
 def _download_url(spec: ModelSpec, root: Path) -> None:

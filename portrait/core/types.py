@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
+from pydantic import BaseModel
+
+from .options import NoOptions, Resolved, given_options
 
 # Stable words for report.json (docs/ARCHITECTURE.md#report-json). Tests and users rely on them.
 RejectReason = Literal[
@@ -177,7 +180,9 @@ class Identity:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Everything one generate call needs, fully resolved (template + preset + overrides)."""
+    """Everything one generate call needs, fully resolved (template + preset + overrides) and
+    typed: `options` is the backend's own options model (BackendSpec.options, checked once at
+    resolution, defaults filled in), `resolved` what the resolver decided besides them."""
 
     identity: Identity
     backend: str
@@ -193,10 +198,11 @@ class GenerationRequest:
     n: int
     lora_weight: float = 1.0
     controls: dict[str, float] = field(default_factory=dict)  # control name -> strength
-    options: dict[str, Any] = field(default_factory=dict)  # backend-specific, from the template
+    options: BaseModel = field(default_factory=NoOptions)  # the backend's typed options
+    resolved: Resolved = field(default_factory=Resolved)  # composition, fast mode, style LoRA, template image, ...
     # More people in the same picture (a group template, regional FaceID), loaded by the flow:
     # a backend takes them from here and never opens a bundle by a name it was handed.
-    # options["identities"] records their names for the metadata.
+    # options.identities (GroupOptions) records their names for the metadata.
     people: tuple[Identity, ...] = ()
 
     def person(self, name: str) -> Identity:
@@ -206,8 +212,9 @@ class GenerationRequest:
                 return who
         raise KeyError(f"identity '{name}' is not one of this request's people")
 
-    def resolved(self) -> dict[str, Any]:
-        """The values recorded in every output's metadata."""
+    def record(self) -> dict[str, Any]:
+        """The values recorded in every output's metadata and results.json: `options` holds the
+        resolver's values and the options that were given (not every default)."""
         return {
             "identity": self.identity.name,
             "backend": self.backend,
@@ -223,7 +230,7 @@ class GenerationRequest:
             "n": self.n,
             "lora_weight": self.lora_weight,
             "controls": dict(self.controls),
-            "options": dict(self.options),
+            "options": {**self.resolved.model_dump(mode="json"), **given_options(self.options)},
         }
 
 
@@ -245,8 +252,8 @@ class FaceScore:
     identity: str
     face: int  # the template face index (left to right)
     box: tuple[float, float, float, float] | None  # the detected face in the finished image (None: not found)
-    similarity: float  # to this identity's consensus embedding
-    reference_similarity: float
+    similarity: float | None  # to this identity's consensus embedding; None: the face was not found (not measured)
+    reference_similarity: float | None
     face_size: float  # face box area / image area
     passed: bool = False  # found, of a judgeable size, at or above the gate threshold, and not confused
     # identity confusion: this face's similarity to each OTHER identity in the picture, and how much
@@ -264,8 +271,11 @@ class FaceScore:
 
 @dataclass(frozen=True)
 class CandidateScore:
-    similarity: float  # to the identity's consensus embedding, in the ranking space (`space`); a group: the lowest assigned face's
-    reference_similarity: float
+    # to the identity's consensus embedding, in the ranking space (`space`); a group: the lowest
+    # assigned face's. None when no face was found: not measured, so never ranked or averaged as a
+    # number (a faceless output used to score 0.0 and sit among the measured ones).
+    similarity: float | None
+    reference_similarity: float | None
     faces: int
     face_size: float
     clip_t: float | None = None

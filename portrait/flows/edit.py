@@ -75,7 +75,7 @@ def edit(image: str | Path, *, prompt: str, references: Sequence[str | Path] = (
             "backend": backend}
     if recorded and recorded.get("request"):
         step["source_request"] = {k: recorded["request"].get(k) for k in ("backend", "template", "seed", "prompt")}
-    request = _with_options(request, {"edit": {**step, "chain": previous + [step]}})
+    request = _with_edit(request, {**step, "chain": previous + [step]})
     preflight(ctx, request)
     switches = finish if finish is not None else {"fuse": False}
     return run_request(ctx, person, request, out, finish=switches, progress=progress)
@@ -89,10 +89,11 @@ def fit(width: int, height: int, policy: gen.GeneratePolicy) -> tuple[int, int]:
     return (max(m, int(round(width * scale / m)) * m), max(m, int(round(height * scale / m)) * m))
 
 
-def _with_options(request, extra: dict[str, Any]):
+def _with_edit(request, edit: dict[str, Any]):
+    """The request with the edit the flow set up (never a user option: request.resolved.edit)."""
     import dataclasses
 
-    return dataclasses.replace(request, options={**request.options, **extra})
+    return dataclasses.replace(request, resolved=request.resolved.model_copy(update={"edit": edit}))
 
 
 def _read_result(ctx: RunContext, path: Path, what: str = "IMAGE"):

@@ -7,6 +7,12 @@ for nested results.json, as a batch output tree is) or a batch store (`jobs.db`:
 generate items' results). Every row keeps its scores per embedding space, so two presets
 or two backends can be compared on the same identities and prompts in the same spaces.
 
+Rows are grouped by run (the results folder or store they came from), preset, backend and
+template, so two runs of one backend are two groups; where the rows hold more than one preset
+a second table puts the presets side by side for each backend and template. An output with
+no face has similarity null: it is counted as "no face", ranked after every measured one and
+left out of every mean (it used to score 0.0 and pull the means down as if measured).
+
 The report does not take a folder's word for it: an image lying in a results folder that
 its results.json does not list (a file someone dropped there, or a reference photo copied
 over an output) is scored afresh against the identity's bundle in the same spaces, with
@@ -89,6 +95,7 @@ def _row(run: dict[str, Any], r: dict[str, Any], image: Path | None, origin: str
     space = r.get("similarity_space") or (next(iter(scores)) if scores else None)
     return {
         "run": origin,
+        "preset": run.get("preset") or (run.get("request") or {}).get("preset") or "?",
         "identity": run.get("identity"),
         "backend": run.get("backend"),
         "template": run.get("template") or "prompt",
@@ -185,7 +192,7 @@ def _store_rows(path: Path) -> list[dict[str, Any]]:
         if item.item.kind != "generate" or item.state != "done":
             continue
         run = {"identity": item.item.payload.get("identity"), "backend": item.meta.get("backend"),
-               "template": item.meta.get("template")}
+               "template": item.meta.get("template"), "preset": item.item.payload.get("preset")}
         for output, r in zip(item.outputs, item.meta.get("results", [])):
             rows.append(_row(run, r, Path(output), str(path)))
     return rows
@@ -199,38 +206,64 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return round(statistics.fmean(found), 4) if found else None
 
 
+def _figures(members: list[dict[str, Any]], spaces: list[str]) -> dict[str, Any]:
+    """Count, mean similarity per space (measured rows only), CLIP-T, gate pass rate, copy-paste, no face."""
+    return {
+        "n": len(members),
+        "similarity": {s: _mean([m["scores"].get(s, {}).get("similarity") for m in members]) for s in spaces},
+        "roles": {s: next((m["scores"][s]["role"] for m in members if s in m["scores"]), None) for s in spaces},
+        "clip_t": _mean([m["clip_t"] for m in members]),
+        "pass_rate": round(sum(m["passed_gate"] for m in members) / len(members), 4),
+        "copy_paste": sum(1 for m in members if m["copy_paste"]),
+        "no_face": sum(1 for m in members if m["similarity"] is None),
+        # group pictures: own similarity beside the similarity to the other people (confusion)
+        "group_own": _mean([m.get("group_own") for m in members]),
+        "group_confusion": _mean([m.get("group_confusion") for m in members]),
+        "group_margin": _mean([m.get("group_margin") for m in members]),
+    }
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per (backend, template): count, mean similarity per space, CLIP-T, gate pass rate, copy-paste."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    """Per (run, preset, backend, template) the figures of `_figures`; the presets side by side
+    per (backend, template); the best and worst measured images."""
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((str(row["backend"]), str(row["template"])), []).append(row)
+        key = (str(row["run"]), str(row.get("preset") or "?"), str(row["backend"]), str(row["template"]))
+        groups.setdefault(key, []).append(row)
     spaces = sorted({s for row in rows for s in row["scores"]})
-    table = []
-    for (backend, template), members in sorted(groups.items()):
-        table.append({
-            "backend": backend, "template": template, "n": len(members),
-            "similarity": {s: _mean([m["scores"].get(s, {}).get("similarity") for m in members]) for s in spaces},
-            "roles": {s: next((m["scores"][s]["role"] for m in members if s in m["scores"]), None) for s in spaces},
-            "clip_t": _mean([m["clip_t"] for m in members]),
-            "pass_rate": round(sum(m["passed_gate"] for m in members) / len(members), 4),
-            "copy_paste": sum(1 for m in members if m["copy_paste"]),
-            # group pictures: own similarity beside the similarity to the other people (confusion)
-            "group_own": _mean([m.get("group_own") for m in members]),
-            "group_confusion": _mean([m.get("group_confusion") for m in members]),
-            "group_margin": _mean([m.get("group_margin") for m in members]),
-        })
-    ranked = sorted((r for r in rows if r["similarity"] is not None and r["image"]),
-                    key=lambda r: (r["copy_paste"] is not None, -float(r["similarity"])))
+    table = [{"run": run, "preset": preset, "backend": backend, "template": template, **_figures(members, spaces)}
+             for (run, preset, backend, template), members in sorted(groups.items())]
+    measured = sorted((r for r in rows if r["similarity"] is not None and r["image"]),
+                      key=lambda r: (r["copy_paste"] is not None, -float(r["similarity"])))
+    ranked = measured + [r for r in rows if r["similarity"] is None and r["image"]]  # no face: last
     return {
         "rows": rows,
         "spaces": spaces,
         "groups": table,
+        "side_by_side": side_by_side(rows, spaces),
         "overall": {"n": len(rows), "pass_rate": round(sum(r["passed_gate"] for r in rows) / len(rows), 4) if rows else None,
                     "copy_paste": sum(1 for r in rows if r["copy_paste"]),
+                    "no_face": sum(1 for r in rows if r["similarity"] is None),
                     "unlisted": sum(1 for r in rows if not r["listed"])},
-        "best": ranked[:EXTREMES],
-        "worst": [r for r in reversed(ranked) if r not in ranked[:EXTREMES]][:EXTREMES],
+        "best": measured[:EXTREMES],
+        "worst": [r for r in reversed(ranked) if r not in measured[:EXTREMES]][:EXTREMES],
     }
+
+
+def side_by_side(rows: list[dict[str, Any]], spaces: list[str]) -> dict[str, Any]:
+    """For each (backend, template) one cell per preset: its figures over every run of that
+    preset, with `similarity` in the ranking space (the rows' own `similarity_space`)."""
+    presets = sorted({str(r.get("preset") or "?") for r in rows})
+    by_style: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
+    for row in rows:
+        cells = by_style.setdefault((str(row["backend"]), str(row["template"])), {})
+        cells.setdefault(str(row.get("preset") or "?"), []).append(row)
+    out = []
+    for (backend, template), cells in sorted(by_style.items()):
+        out.append({"backend": backend, "template": template, "cells": {
+            preset: {**_figures(members, spaces), "similarity": _mean([m["similarity"] for m in members])}
+            for preset, members in cells.items()}})
+    return {"presets": presets, "rows": out}
 
 
 def _thumbs(data: dict[str, Any], side: int = 192) -> dict[str, str]:
@@ -260,6 +293,13 @@ def _esc(text: Any) -> str:
 
 def _seed(row: dict[str, Any]) -> str:
     return f"seed {row['seed']}" if row.get("seed") is not None else _esc(Path(str(row["image"])).name)
+
+
+def _measured(row: dict[str, Any]) -> str:
+    """A row's similarity in its space, or "no face" (not measured)."""
+    if row["similarity"] is None:
+        return "no face"
+    return f"{_esc(row['similarity_space'])} {_num(row['similarity'])}"
 
 
 def _num(value: Any, spec: str = ".3f") -> str:
@@ -326,9 +366,42 @@ def scatter(name: str, title: str, points: list[tuple[float, float, str, bool]],
     return "".join(parts)
 
 
+def _group_label(group: dict[str, Any], groups: list[dict[str, Any]]) -> str:
+    """backend/template, with the preset and run named only where they tell groups apart."""
+    label = f"{group['backend']}/{group['template']}"
+    if len({g["preset"] for g in groups}) > 1:
+        label += f" [{group['preset']}]"
+    if len({g["run"] for g in groups}) > 1:
+        label += f" ({Path(str(group['run'])).name})"
+    return label
+
+
+def _side_by_side_html(compare: dict[str, Any]) -> str:
+    """One row per backend and template, one column per preset (shown when there are two or more)."""
+    presets = compare["presets"]
+    if len(presets) < 2:
+        return ""
+    heads = "".join(f"<th>{_esc(p)}</th>" for p in presets)
+    body = []
+    for row in compare["rows"]:
+        cells = []
+        for preset in presets:
+            cell = row["cells"].get(preset)
+            if cell is None:
+                cells.append("<td>-</td>")
+                continue
+            no_face = f" &middot; no face {cell['no_face']}" if cell["no_face"] else ""
+            cells.append(f"<td>{_num(cell['similarity'])} &middot; gate {_num(cell['pass_rate'], '.0%')} &middot; "
+                         f"n {cell['n']}{no_face}</td>")
+        body.append(f"<tr><td>{_esc(row['backend'])}</td><td>{_esc(row['template'])}</td>{''.join(cells)}</tr>")
+    return (f'<h2>Presets side by side</h2><p>Mean similarity in each row\'s ranking space, gate pass rate and '
+            f'count, per preset.</p><table data-compare="presets"><tr><th>backend</th><th>template</th>{heads}</tr>'
+            f'{"".join(body)}</table>')
+
+
 def render_html(data: dict[str, Any], thumbs: dict[str, str]) -> str:
     groups = data["groups"]
-    labels = [f"{g['backend']}/{g['template']}" for g in groups]
+    labels = [_group_label(g, groups) for g in groups]
     spaces = data["spaces"]
     sim_series = {f"{s} ({next((g['roles'][s] for g in groups if g['roles'].get(s)), '?')})":
                   [g["similarity"].get(s) for g in groups] for s in spaces}
@@ -346,10 +419,13 @@ def render_html(data: dict[str, Any], thumbs: dict[str, str]) -> str:
     points = [(float(r["similarity"]), float(r["clip_t"]), f"{r['backend']}/{r['template']} seed {r['seed']}",
                bool(r["copy_paste"])) for r in data["rows"] if r["clip_t"] is not None and r["similarity"] is not None]
     rows_html = "".join(
-        f"<tr><td>{_esc(g['backend'])}</td><td>{_esc(g['template'])}</td><td>{g['n']}</td>"
+        f"<tr><td>{_esc(g['run'])}</td><td>{_esc(g['preset'])}</td><td>{_esc(g['backend'])}</td>"
+        f"<td>{_esc(g['template'])}</td><td>{g['n']}</td>"
         + "".join(f"<td>{_num(g['similarity'].get(s))}</td>" for s in spaces)
-        + f"<td>{_num(g['clip_t'])}</td><td>{_num(g['pass_rate'], '.0%')}</td><td>{g['copy_paste']}</td></tr>"
+        + f"<td>{_num(g['clip_t'])}</td><td>{_num(g['pass_rate'], '.0%')}</td><td>{g['copy_paste']}</td>"
+        f"<td>{g['no_face']}</td></tr>"
         for g in groups)
+    compare_html = _side_by_side_html(data["side_by_side"])
     flagged = "".join(f"<li><code>{_esc(Path(r['image']).name if r['image'] else '?')}</code> "
                       f"({_esc(r['backend'])}/{_esc(r['template'])}): {_esc(r['copy_paste'])}</li>"
                       for r in data["rows"] if r["copy_paste"]) or "<li>none</li>"
@@ -365,7 +441,7 @@ def render_html(data: dict[str, Any], thumbs: dict[str, str]) -> str:
             name_ = _esc(Path(r["image"]).name)
             cells.append(f'<figure class="thumb{flag}"><img alt="{name_}" src="{src}">'
                          f'<figcaption>{_esc(r["backend"])}/{_esc(r["template"])} {_seed(r)}<br>'
-                         f'{_esc(r["similarity_space"])} {_num(r["similarity"])}{mark}</figcaption></figure>')
+                         f'{_measured(r)}{mark}</figcaption></figure>')
         return f'<div class="gallery" data-gallery="{name}">{"".join(cells) or "<p>none</p>"}</div>'
 
     overall = data["overall"]
@@ -378,7 +454,7 @@ def render_html(data: dict[str, Any], thumbs: dict[str, str]) -> str:
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-th {{ background: #f3f3f3; }} td:nth-child(-n+2) {{ text-align: left; }}
+th {{ background: #f3f3f3; }} td:nth-child(-n+4) {{ text-align: left; }}
 .gallery {{ display: flex; flex-wrap: wrap; gap: 12px; }} figure {{ margin: 0; width: 200px; }}
 figure img {{ width: 192px; border: 3px solid #4aa564; }} figure.copy-paste img {{ border-color: #d22; }}
 figcaption {{ font-size: 12px; }} .pair {{ display: grid; grid-template-columns: 1fr 1fr; gap: 24px; }}
@@ -386,11 +462,12 @@ figcaption {{ font-size: 12px; }} .pair {{ display: grid; grid-template-columns:
 <h1>portrait eval</h1>
 <p>{overall['n']} images from {len(data['inputs'])} input(s); gate pass rate
 {pass_rate}; {overall['copy_paste']} flagged copy-paste;
-{overall['unlisted']} unlisted image(s) rescored. Ranking uses the independent space where one is available;
-both spaces are shown.</p>
-<table><tr><th>backend</th><th>template</th><th>n</th>{space_heads}
-<th>CLIP-T</th><th>gate</th><th>copy-paste</th></tr>{rows_html}</table>
-<h2>Identity similarity per backend and template, in each space</h2>
+{overall['unlisted']} unlisted image(s) rescored; {overall['no_face']} with no face (not measured: left out of
+the means and ranked last). Ranking uses the independent space where one is available; both spaces are shown.</p>
+<table><tr><th>run</th><th>preset</th><th>backend</th><th>template</th><th>n</th>{space_heads}
+<th>CLIP-T</th><th>gate</th><th>copy-paste</th><th>no face</th></tr>{rows_html}</table>
+{compare_html}
+<h2>Identity similarity per run, backend and template, in each space</h2>
 {bar_chart("similarity", "mean identity similarity per space", labels, sim_series)}
 <h2>Prompt adherence (CLIP-T) against identity similarity</h2>
 {scatter("clip-vs-similarity", "CLIP-T against similarity", points, "identity similarity (ranking space)", "CLIP-T")}

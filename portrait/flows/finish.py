@@ -350,6 +350,45 @@ def finish(ctx, identity: Identity, candidates: Sequence[Candidate], switches: F
     return score_stage.rank(finished, scores, policy.score, threshold)
 
 
+def finishing_plan(ctx, switches: FinishSwitches, policy: FinishPolicy):
+    """What `_prepare` will put on the device for these switches, for the memory plan
+    (portrait.stages.planning.Finishing): the face analysis pack (insightface or AuraFace; dlib
+    runs on the CPU), the face parser, the swapper, the upscaler, the face restorer, the scoring
+    CLIP; the preset roles that name none are left out, as `_prepare` skips them."""
+    from portrait.core.faces import COMMERCIAL_BACKEND
+    from portrait.stages.planning import Finishing
+
+    models: list[str] = []
+    try:
+        face = pick_backend(policy.face_backend, ctx.registry, ctx.settings)
+    except BadInput:
+        face = "dlib"
+    if face.startswith("insightface:"):
+        models.append(face.split(":", 1)[1])
+    elif face == COMMERCIAL_BACKEND:
+        models.append("auraface")
+    role = ctx.preset.models.get
+    if policy.face_parsing and (switches.fuse or switches.retouch) and role("face_parser"):
+        models.append(role("face_parser"))
+    if switches.fuse and policy.fuse.method == "inswapper":
+        models.append(SWAPPER)
+    scale = 0
+    if switches.upscale:
+        scale = upscale_stage.native_scale_needed(policy.upscale.outscale)
+        upscaler = role("upscaler_x2" if scale == 2 else "upscaler")
+        if upscaler:
+            models.append(upscaler)
+        else:
+            scale = 0
+    if switches.restore and role("face_restorer"):
+        models.append(role("face_restorer"))
+    clip = switches.clip and switches.score and bool(role("clip"))
+    if clip:
+        models.append(role("clip"))
+    return Finishing(tuple(models), scale, policy.upscale.tile, policy.upscale.overlap,
+                     restore=switches.restore and bool(role("face_restorer")), clip=clip)
+
+
 def _prepare(ctx, identity: Identity, switches: FinishSwitches, policy: FinishPolicy,
              analyzer: FaceAnalyzer | None, who: IdentityFaces | None) -> _Finishers:
     analyzer = analyzer or make_analyzer(ctx, policy.face_backend)
@@ -580,8 +619,9 @@ def _count_passed(pool: Sequence[RankedResult]) -> int:
 
 
 def _order_key(result: RankedResult) -> tuple:
-    # ranks from different rounds are not comparable; similarity is
-    return (-result.score.similarity, -result.score.reference_similarity, result.candidate.seed)
+    # ranks from different rounds are not comparable; similarity is (not measured: after every measured one)
+    s = result.score
+    return (s.similarity is None, -(s.similarity or 0.0), -(s.reference_similarity or 0.0), result.candidate.seed)
 
 
 def gate(ctx, identity: Identity, candidates: Sequence[Candidate], switches: FinishSwitches | None,
@@ -617,12 +657,19 @@ def result_tiles(results: Sequence[RankedResult]) -> list[Tile]:
         colour = (60, 190, 90) if result.passed_gate else (220, 70, 60)
         clip = f"  clip {s.clip_t:.3f}" if s.clip_t is not None else ""
         boxes = tuple(FaceBox(tuple(face.box), (60, 190, 90) if face.passed else (220, 70, 60),
-                              f"{face.identity} {face.similarity:.2f}") for face in s.per_face if face.box is not None)
+                              f"{face.identity} {_num(face.similarity, '.2f')}") for face in s.per_face
+                      if face.box is not None)
+        measured = (f"id {_num(s.similarity)}  ref {_num(s.reference_similarity)}" if s.similarity is not None
+                    else "no face")
         lines = ((f"#{result.rank}  seed {result.candidate.seed}  faces {s.faces}", (235, 235, 235)),
-                 (f"id {s.similarity:.3f}  ref {s.reference_similarity:.3f}{clip}", colour),
+                 (f"{measured}{clip}", colour),
                  ("passed" if result.passed_gate else "below gate", colour))
         tiles.append(Tile(result.candidate.image, lines, frame=colour, boxes=boxes))
     return tiles
+
+
+def _num(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(float(value), spec)
 
 
 def write_results_sheet(target: Path, results: Sequence[RankedResult], thumb: int = 256, columns: int = 4) -> Path:

@@ -35,6 +35,7 @@ from portrait.core.types import Candidate, CandidateScore, GenerationRequest, Id
 from portrait.core.versions import versions
 from portrait.stages import generate as gen
 from portrait.stages import metadata, seeding, templates
+from portrait.stages.planning import planned
 from portrait.stages.backends import BACKENDS
 
 
@@ -54,7 +55,7 @@ class GenerationResult:
 
     def as_json(self) -> dict[str, Any]:
         """results.json (docs/ARCHITECTURE.md#results-json), plus the resolved request for reproducibility."""
-        return results_document(self.identity, self.backend, self.template, self.results, self.request.resolved(),
+        return results_document(self.identity, self.backend, self.template, self.results, self.request.record(),
                                 self.info)
 
 
@@ -97,6 +98,10 @@ def run_request(ctx: RunContext, person: Identity, request: GenerationRequest, o
     candidates, the finish and gate, the images with their metadata and results.json, written in
     a staging folder published whole. `generate` and `edit` (flows/edit.py) share it."""
     report = progress or ctx.progress
+    # The memory plan before any model loads (printed under --debug, recorded in results.json),
+    # the finishing models included: they share the card with the generation the gate reruns.
+    chosen_finish = _switches(ctx, request, finish)
+    ctx = planned(ctx, request, None if chosen_finish is None else _finishing_plan(ctx, chosen_finish))
 
     def run(req: GenerationRequest) -> list[Candidate]:
         found = []
@@ -117,8 +122,9 @@ def run_request(ctx: RunContext, person: Identity, request: GenerationRequest, o
             ranked, notes = _finish(ctx, person, request, candidates, run, finish)
             written = _write(ctx, staging, person, ranked)
         # what made these images, for reproducing them: versions and the bill of materials
-        notes = {**notes, "versions": versions(ctx.placement), "license_policy": ctx.settings.license,
-                 "bom": bill_of_materials(ctx, used)}
+        notes = {"preset": ctx.preset.name, **notes, "versions": versions(ctx.placement),
+                 "license_policy": ctx.settings.license, "bom": bill_of_materials(ctx, used),
+                 "memory_plan": ctx.plan.as_dict() if ctx.plan else None}
         staged = GenerationResult(person.name, request.backend, request.template, out, request, tuple(written), notes)
         write_json(staging / "results.json", staged.as_json())
         if notes.get("gate") and written:  # finishing ran (notes always carry versions and the BOM)
@@ -129,7 +135,7 @@ def run_request(ctx: RunContext, person: Identity, request: GenerationRequest, o
     except OutputFailed as exc:
         raise as_published(exc, staging, out) from None
     except KeyboardInterrupt as exc:
-        raise Interrupted(f"{'edit' if request.options.get('edit') else 'generate'} stopped; nothing written to "
+        raise Interrupted(f"{'edit' if request.resolved.edit else 'generate'} stopped; nothing written to "
                           f"{out}", signal_of(exc)) from None
     finally:
         discard_dir(staging)
@@ -206,10 +212,7 @@ def _finish(ctx: RunContext, identity: Identity, request: GenerationRequest, can
     from portrait.flows import finish as finish_flow
 
     policy = finish_flow.FinishPolicy.from_preset(ctx.preset)
-    backend_default = dict(gen.backend_spec(request.backend).finish)
-    chosen = finish_flow.FinishSwitches.from_options(policy.switches, backend_default,
-                                                     gen.backend_spec(request.backend).read(request).finish or {},
-                                                     switches if isinstance(switches, dict) else {})
+    chosen = _switches(ctx, request, switches)
 
     def generate_more(seeds: Sequence[int]) -> list[Candidate]:
         # One request per run of consecutive seeds (the gate asks for consecutive ones), so a
@@ -224,6 +227,25 @@ def _finish(ctx: RunContext, identity: Identity, request: GenerationRequest, can
                                                   "extra_seeds": list(outcome.extra_seeds), "passed": outcome.passed},
              "scoring": outcome.scoring}
     return outcome.results, notes
+
+
+def _switches(ctx: RunContext, request: GenerationRequest, switches: bool | dict[str, bool]):
+    """The finishing stages that run: the preset's, the backend's and the template's defaults,
+    then `switches` (False: none, so None)."""
+    if switches is False:
+        return None
+    from portrait.flows import finish as finish_flow
+
+    policy = finish_flow.FinishPolicy.from_preset(ctx.preset)
+    spec = gen.backend_spec(request.backend)
+    return finish_flow.FinishSwitches.from_options(policy.switches, dict(spec.finish), spec.read(request).finish or {},
+                                                   switches if isinstance(switches, dict) else {})
+
+
+def _finishing_plan(ctx: RunContext, chosen):
+    from portrait.flows import finish as finish_flow
+
+    return finish_flow.finishing_plan(ctx, chosen, finish_flow.FinishPolicy.from_preset(ctx.preset))
 
 
 def consecutive_runs(seeds: Sequence[int]) -> list[tuple[int, int]]:
@@ -249,9 +271,9 @@ def _write(ctx: RunContext, out: Path, identity: Identity, ranked: list[RankedRe
     for r in ranked:
         cand = r.candidate
         started = time.perf_counter()
-        kind = cand.request.template or ("edit" if cand.request.options.get("edit") else "prompt")
+        kind = cand.request.template or ("edit" if cand.request.resolved.edit else "prompt")
         name = f"{_slug(identity.name)}_{_slug(kind)}_{cand.seed}.png"
-        model = cand.info.get("model", {})
+        model = cand.info.get("model") or {}
         loras = [metadata.LoraUse(u["name"], float(u["weight"]), _lora_hash12(ctx, Path(u["path"])))
                  for u in cand.info.get("loras", []) if u.get("path")]
         model_file = model.get("file")

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from portrait.core.errors import BadInput, ModelMissing, PortraitError
 
-from .requests import BatchRequest, GenerateRequest, TrainRequest
+from .requests import TrainRequest, batch_request_model, generate_request_model
 from .service import SETTLED, Busy, InvalidField, NotFound, QuotaExceeded, RejectedUpload, StudioService
 from .tenants import LOCAL_TENANT
 from .uploads import Upload
@@ -219,13 +219,19 @@ def create_app(service: StudioService, workers: Any = None, auth: str | None = N
     def train(body: TrainRequest, request: Request) -> dict[str, Any]:
         return service.submit_train(tenant(request), body.identity, zero_shot=body.zero_shot, steps=body.steps)
 
-    @app.post("/v1/jobs/generate", tags=["jobs"], status_code=202)
-    def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
+    def generate(body, request: Request) -> dict[str, Any]:
         return service.submit_generate(tenant(request), body)
 
-    @app.post("/v1/jobs/batch", tags=["jobs"], status_code=202)
-    def batch(body: BatchRequest, request: Request) -> dict[str, Any]:
+    def batch(body, request: Request) -> dict[str, Any]:
         return service.submit_generate(tenant(request), body)
+
+    # The bodies' models are generated from the declared generate settings when the app is built
+    # (service/requests.py): the annotations are set here, not written, because FastAPI reads
+    # them and a model built in this function has no global name to write.
+    generate.__annotations__["body"] = generate_request_model()
+    batch.__annotations__["body"] = batch_request_model()
+    app.post("/v1/jobs/generate", tags=["jobs"], status_code=202)(generate)
+    app.post("/v1/jobs/batch", tags=["jobs"], status_code=202)(batch)
 
     @app.get("/v1/jobs", tags=["jobs"])
     def list_jobs(request: Request, limit: int = Query(50, ge=1, le=1000, description="Jobs per page."),

@@ -13,6 +13,12 @@ Backend options (`options`) are a mapping checked at submit against the backends
 declarations: the keys a tenant may set are derived from the declarations' marks
 (portrait.core.options.tenant_options), asset-typed ones are references too.
 
+The generate settings (size, steps, guidance, scheduler, lora_weight, negative_prompt,
+composition, fast, controls, options) are not written here: `generate_request_model` and
+`batch_request_model` add them from their declaration (portrait.core.request), with its bounds
+and help, leaving out any field marked `tenant: False`. The app builds its body models when it
+is built, so they follow the declaration.
+
 Numbers are finite: JSON has no NaN or Infinity, and Python's JSON reader accepting them is
 no reason for the service to; a request holding one is refused naming the field.
 """
@@ -68,22 +74,17 @@ class TrainRequest(RequestModel):
 
 
 class GenerateOptions(RequestModel):
+    """What every generate request takes besides the declared generate settings (added by
+    `generate_request_model` / `batch_request_model`). `options` (declared there) is checked at
+    submit: a tenant sets the options not marked server-only, and names images by asset id."""
+
     count: int = Field(1, ge=1, description="Images to make (one item each in the store; the server's limit: "
                                             "the preset's service.max_count).")
     seed: int = Field(0, ge=0, le=2**32 - 1)
-    options: dict[str, Any] = Field(default_factory=dict, description="Backend options (each backend's schema: "
-                                    "/v1/backends; a tenant sets the options not marked server-only, and names "
-                                    "images by asset id).")
     finish: bool | dict[FinishStage, bool] = Field(True, description="Finishing stages (fuse, retouch, upscale, ...).")
-    steps: Optional[int] = Field(None, ge=1, le=1000, description="Denoising steps (the preset's "
-                                                                   "generate.max_steps bounds them).")
-    guidance: Optional[float] = Field(None, ge=0, le=50)
-    size: Optional[tuple[int, int]] = Field(None, description="width, height (multiples of the preset's "
-                                                              "generate.size_multiple, within generate.max_side)")
-    negative_prompt: Optional[str] = Field(None, max_length=2000)
 
 
-class GenerateRequest(GenerateOptions):
+class GenerateFields(GenerateOptions):
     identity: IdentityRef
     with_identity: list[IdentityRef] = Field(default_factory=list, max_length=8,
                                              description="More people in the picture (a group template, or faceid "
@@ -96,13 +97,44 @@ class GenerateRequest(GenerateOptions):
                                                                     "from the template.")
 
 
-class BatchRequest(GenerateOptions):
+class BatchFields(GenerateOptions):
     identities: list[IdentityRef] = Field(min_length=1, max_length=100)
     templates: list[str] = Field(default_factory=list, max_length=100)
     prompts: list[str] = Field(default_factory=list, max_length=100)
     backends: list[str] = Field(default_factory=lambda: ["lora"], min_length=1, max_length=20)
 
 
+# A declared setting marked `tenant: False` (a file or model override) is the operator's: the
+# request models leave it out, so a tenant cannot send it.
+TENANT_MARKS = ("tenant",)
+
+
+def generate_request_model() -> type[GenerateFields]:
+    """POST /v1/jobs/generate's body: its own fields and the declared generate settings."""
+    from portrait.core.request import door_model
+
+    return door_model("GenerateRequest", base=GenerateFields, drop_marked=TENANT_MARKS)  # type: ignore[return-value]
+
+
+def batch_request_model() -> type[BatchFields]:
+    """POST /v1/jobs/batch's body: its own fields and the declared generate settings."""
+    from portrait.core.request import door_model
+
+    return door_model("BatchRequest", base=BatchFields, drop_marked=TENANT_MARKS)  # type: ignore[return-value]
+
+
+def declared_settings(body: BaseModel) -> dict[str, Any]:
+    """The declared generate settings a body gave, by their declared names (`size` split into
+    width and height; not given: left out)."""
+    from portrait.core.request import door_names, split_pairs
+
+    given = {name: getattr(body, name) for name in door_names(drop_marked=TENANT_MARKS)
+             if getattr(body, name, None) is not None}
+    return split_pairs(given)
+
+
+GenerateRequest = generate_request_model()  # the declaration as it stands at import (create_app builds its own)
+BatchRequest = batch_request_model()
 REQUEST_MODELS: dict[str, type[RequestModel]] = {m.__name__: m for m in (TrainRequest, GenerateRequest, BatchRequest)}
 
 

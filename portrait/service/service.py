@@ -49,11 +49,11 @@ from portrait.core.config import Settings, load_preset
 from portrait.core.errors import BadInput, PortraitError
 from portrait.core.lock import identity_lock
 from portrait.studio.runner import StudioPolicy
-from portrait.studio.spec import Job, content_id, expand, parse_spec, train_item
+from portrait.studio.spec import Job, backend_overrides, content_id, expand, parse_spec, train_item
 from portrait.studio.store import ItemRow, Store
 
 from .policy import ServicePolicy, TenantPolicy
-from .requests import BatchRequest, GenerateRequest
+from .requests import BatchFields, GenerateFields, declared_settings
 from .scope import AssetHandle, IdentityHandle, JobHandle, NotFound, Scope
 from .tenants import AssetRow, IdentityRow, JobRow, TenantDB, new_id
 from .uploads import Screened, Upload, screen, sniff
@@ -517,7 +517,7 @@ class StudioService:
         self.wake()
         return self.job_view(tenant, job_id)
 
-    def submit_generate(self, tenant: str, body: GenerateRequest | BatchRequest) -> dict[str, Any]:
+    def submit_generate(self, tenant: str, body: GenerateFields | BatchFields) -> dict[str, Any]:
         """A generation (one identity, one template or prompt) or a batch (identities x
         templates x prompts x backends), checked whole before anything is queued."""
         now = time.time()
@@ -527,19 +527,19 @@ class StudioService:
         job = plan["job"]
         self._submit(job, tenant)
         self.db.count_images(tenant, len(items), now)
-        kind = "generate" if isinstance(body, GenerateRequest) else "batch"
+        kind = "generate" if isinstance(body, GenerateFields) else "batch"
         params = body.model_dump(mode="json", exclude={"identity", "identities", "with_identity"})
         self.db.add_job(JobRow(plan["job_id"], tenant, kind, job.id, tuple(plan["identities"]), params, now),
                         tuple(plan["assets"]))
         self.wake()
         return self.job_view(tenant, plan["job_id"])
 
-    def _plan(self, tenant: str, body: GenerateRequest | BatchRequest) -> dict[str, Any]:
+    def _plan(self, tenant: str, body: GenerateFields | BatchFields) -> dict[str, Any]:
         from portrait.stages import generate as gen
         from portrait.stages.backends import BACKENDS
         from portrait.stages.templates import find_template, shipped_templates
 
-        single = isinstance(body, GenerateRequest)
+        single = isinstance(body, GenerateFields)
         gpolicy = gen.GeneratePolicy.from_preset(self.base)
         # 1. references, each resolved in the tenant's scope
         named = [("identity", body.identity)] if single else [(f"identities.{i}", v) for i, v in enumerate(body.identities)]
@@ -548,7 +548,7 @@ class StudioService:
                   for i, v in enumerate(body.with_identity)] if single else []
         photo = self.scope.asset(tenant, body.template_photo, "template_photo") \
             if single and body.template_photo else None
-        options, assets = self._tenant_options(tenant, body.options)
+        options, assets = self._tenant_options(tenant, body.options or {})
         if photo is not None:
             assets.append(photo.id)
         # 2. what to make: templates (shipped names, or the tenant's photo), prompts, backends
@@ -615,18 +615,19 @@ class StudioService:
             if self.identity_state(handle.row) != "ready":
                 raise Busy(f"identity '{handle.id}' (with_identity) is not trained yet; train it first")
         # 5. a dry run of the generate stage's own resolver for each (backend, template or prompt)
-        overrides = {"options": options or None, "steps": body.steps, "guidance": body.guidance,
-                     "negative_prompt": body.negative_prompt,
-                     "width": body.size[0] if body.size else None, "height": body.size[1] if body.size else None}
+        # the declared settings the body gave (size as width, height), the options as resolved above
+        overrides = {**declared_settings(body), "options": options or None}
         styles = [(f, find_template(t)) for f, t in templates] + [(f, None) for f, _ in prompts]
         if photo is not None:
             styles.append(("template_photo", self._photo_template(photo)))
         for _, backend in backends:
             for field, template in styles:
                 try:
+                    # each backend gets the options it takes (a batch's options may be meant for its others)
                     gen.resolve_request(_stand_in(people[0]), gpolicy, template=template,
                                         prompt=None if template is not None else "portrait of {trigger} {class}",
-                                        backend=backend, n=1, seed=body.seed, overrides=overrides)
+                                        backend=backend, n=1, seed=body.seed,
+                                        overrides=backend_overrides(overrides, backend))
                 except BadInput as exc:
                     raise InvalidField(field, f"{exc} (backend {backend})") from None
         # 6. the items: paths from handles only
@@ -634,9 +635,10 @@ class StudioService:
         spec = {"output": str(self.job_root(job_id)), "identities": [h.id for h in people],
                 "templates": [t for _, t in templates] + ([str(photo.folder)] if photo is not None else []),
                 "prompts": [p for _, p in prompts], "backends": [b for _, b in backends], "count": body.count,
-                "seed": body.seed, "generate": {"options": options} if options else {}, "finish": body.finish,
-                "steps": body.steps, "guidance": body.guidance, "size": list(body.size) if body.size else None,
-                "negative_prompt": body.negative_prompt}
+                "seed": body.seed, "finish": body.finish,
+                # the declared settings by their Python API names (width, height, ...), options as resolved
+                "generate": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()
+                             if v is not None}}
         parsed = parse_spec({k: v for k, v in spec.items() if v is not None}, source="request")
         job = expand(parsed, base_dir=self.root, default_preset=self.settings.preset,
                      source=f"service:{tenant}:{job_id}", identity_exists=lambda name: True)
@@ -921,6 +923,8 @@ class StudioService:
 
         return [{"name": s.name, "families": list(s.families), "help": s.help, "needs_lora": s.needs_lora,
                  "group": s.group, "photo_template": s.photo_template, "license": s.license or None,
+                 "fast": {mode: dataclasses.asdict(how) for mode, how in s.fast.items()},
+                 "compositions": list(s.compositions), "controls": s.controls,
                  "options": s.options.model_json_schema()} for s in BACKENDS.specs()]
 
     def template_preview(self, name: str) -> tuple[bytes, str]:

@@ -57,8 +57,8 @@ def load_flux_pipeline(ctx: RunContext, request: GenerationRequest, kind: str = 
 
 
 def true_cfg(request: GenerationRequest) -> float:
-    """Option true_cfg (declared with bounds by the FLUX backends' options; 1 when absent)."""
-    return float(request.options.get("true_cfg") or 1.0)
+    """Option true_cfg (declared with bounds by the FLUX backends' options; 1 for a backend without it)."""
+    return float(getattr(request.options, "true_cfg", None) or 1.0)
 
 
 def call_args(request: GenerationRequest, ctx: RunContext, seed: int) -> dict[str, Any]:

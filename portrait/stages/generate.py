@@ -18,15 +18,16 @@ from typing import Annotated, Any, ClassVar, Iterable, Literal, Mapping, Sequenc
 
 from pydantic import Field
 
-from portrait.core.backend import BackendSpec
+from portrait.core.backend import BackendSpec, FastMode
 from portrait.core.config import Preset
 from portrait.core.declare import policy_from
 from portrait.core.errors import BadInput
 from portrait.core.loaders import SCHEDULERS
-from portrait.core.options import validate_options
+from portrait.core.options import Resolved, backend_options
+from portrait.core.request import bounds, given_settings
 from portrait.core.types import Candidate, GenerationRequest, Identity
 from portrait.stages.backends import BACKENDS
-from portrait.stages.templates import COMPOSITIONS, CONTROL_NAMES, Template
+from portrait.stages.templates import Template
 
 
 # --- request resolution ------------------------------------------------------------------
@@ -34,7 +35,9 @@ from portrait.stages.templates import COMPOSITIONS, CONTROL_NAMES, Template
 
 @dataclass(frozen=True)
 class GeneratePolicy:
-    """The preset's `generate` section (the declaration: type, default, bounds)."""
+    """The preset's `generate` section (the declaration: type, default, bounds). The bounds of the
+    settings a request can override (steps, guidance, LoRA weight) are the request declaration's
+    (portrait.core.request), not restated here."""
 
     SECTION: ClassVar[str] = "generate"
 
@@ -44,11 +47,11 @@ class GeneratePolicy:
     resolution: Annotated[int, Field(ge=8, le=8192)] = 512  # templates' sizes are given at 512 and scaled to this
     size_multiple: Annotated[int, Field(ge=1, le=512)] = 8
     n: Annotated[int, Field(ge=1)] = 4
-    steps: Annotated[int, Field(ge=1)] = 30
-    steps_cap: Annotated[int, Field(ge=1)] | None = None  # the tiny preset caps steps so tests run in seconds
-    guidance: float = 7.0
+    steps: Annotated[int, *bounds("steps")] = 30
+    steps_cap: Annotated[int, *bounds("steps")] | None = None  # the tiny preset caps steps so tests run in seconds
+    guidance: Annotated[float, *bounds("guidance")] = 7.0
     scheduler: str = "dpmpp_2m_karras"
-    lora_weight: float = 0.9
+    lora_weight: Annotated[float, *bounds("lora_weight")] = 0.9
     negative: str = ""  # appended to every negative prompt
     face_backend: str = "dlib"  # to find faces in photo templates
     memory: dict[Literal["vae_slicing", "vae_tiling", "batch", "offload"], Any] = field(default_factory=dict)  # auto: decided from free VRAM on CUDA; true/false forces (batch: candidates per call, auto or a number)
@@ -56,16 +59,12 @@ class GeneratePolicy:
     max_side: Annotated[int, Field(ge=8)] = 2048  # px, width and height each
     max_pixels: Annotated[int, Field(ge=64)] = 2048 * 2048  # width x height
     max_n: Annotated[int, Field(ge=1)] = 64  # images per call
-    max_steps: Annotated[int, Field(ge=1)] = 150  # denoising steps
+    max_steps: Annotated[int, *bounds("steps")] = 150  # denoising steps
     max_sequence_length: Annotated[int, Field(ge=16, le=512)] = 512  # FLUX: T5 tokens of the prompt
 
     @classmethod
     def from_preset(cls, preset: Preset) -> "GeneratePolicy":
         return policy_from(cls, preset.section("generate"), f"preset '{preset.name}' generate")
-
-
-OVERRIDABLE = ("width", "height", "steps", "guidance", "scheduler", "lora_weight", "negative_prompt", "composition",
-               "fast", "controls", "options")
 
 
 def default_template_name(policy: GeneratePolicy, backend: str) -> str:
@@ -88,12 +87,18 @@ def fill_prompt(text: str, identity: Identity) -> str:
 def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Template | None, prompt: str | None,
                     backend: str | None, n: int | None, seed: int | None,
                     overrides: Mapping[str, Any] | None = None, people: Sequence[Identity] = ()) -> GenerationRequest:
-    """`people`: more identities in the picture, already loaded (the flow resolves names; the
-    service resolves a tenant's own ids), recorded by name in options["identities"]."""
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    unknown = sorted(set(overrides) - set(OVERRIDABLE))
-    if unknown:
-        raise BadInput(f"unknown generate option(s): {', '.join(unknown)} (known: {', '.join(OVERRIDABLE)})")
+    """The one resolution every door goes through (CLI, Python API, batch items, the service):
+    the overrides checked against their declaration (portrait.core.request), the backend's
+    options typed and checked against that backend alone, the fast mode applied from what the
+    backend declares, the limits checked; then every value is trusted downstream.
+
+    Order, lowest first: preset < template < explicit override. A fast mode sits just above
+    where it was asked for: a template's `fast: lcm` gives way to that template's own steps,
+    sampler and CFG; `--fast` (or a spec's / request's `fast`) to explicit values only.
+
+    `people`: more identities in the picture, already loaded (the flow resolves names; the
+    service resolves a tenant's own ids), recorded by name in the options' `identities`."""
+    given = given_settings(overrides)
     backend = backend or policy.backend
     spec = backend_spec(backend)
     if spec.photo_template and (template is None or template.kind != "photo"):
@@ -104,72 +109,118 @@ def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Tem
     if not text:
         text = fill_prompt("portrait photo of {trigger} {class}", identity)
     negative = ", ".join(x for x in (t.negative, policy.negative) if x)
-    width, height = _size(t, policy, overrides)
+    width, height = _size(t, policy, given)
     if policy.scheduler == "flow_euler" and t.scheduler != "flow_euler":
         # A FLUX preset: style templates are written for SD (their sampler and CFG scale mean
         # nothing to FLUX's flow-matching Euler and distilled guidance): the preset's apply.
         t = replace(t, scheduler=None, guidance=None, fast=None)
-    steps = int(t.steps or policy.steps)
-    if policy.steps_cap:  # caps the template's and preset's steps; an explicit --steps wins
+    mode_name, mode = _fast_mode(spec, given.get("fast"), t.fast, t.name)
+
+    def pick(name: str, from_template: Any, from_preset: Any) -> Any:
+        if name in given:
+            return given[name]
+        if mode is not None and "fast" in given:
+            return getattr(mode, name)
+        if from_template is not None:
+            return from_template
+        return getattr(mode, name) if mode is not None else from_preset
+
+    steps = int(pick("steps", t.steps, policy.steps))
+    if policy.steps_cap and "steps" not in given:  # caps the template's, preset's and mode's steps; --steps wins
         steps = min(steps, policy.steps_cap)
-    steps = _whole(overrides.get("steps", steps), "--steps")
     n = _whole(n if n is not None else policy.n, "--n")
     check_limits(n, steps, policy)
-    fast = overrides.get("fast", t.fast)
-    if fast not in (None, "lcm"):
-        raise BadInput(f"fast mode '{fast}' is not 'lcm'")
-    controls = {c.name: c.strength for c in t.controls}
-    controls.update(_control_overrides(overrides.get("controls") or {}))
-    user_options = validate_options(overrides.get("options"), "--option", BACKENDS.specs())
+    scheduler = str(pick("scheduler", t.scheduler, policy.scheduler))
+    if scheduler not in SCHEDULERS:
+        raise BadInput(f"unknown scheduler '{scheduler}' (known: {', '.join(SCHEDULERS)})")
+    composition = _composition(spec, given.get("composition"), t.composition)
+    if given.get("controls") and not spec.controls:
+        able = [s.name for s in BACKENDS.specs() if s.controls]
+        raise BadInput(f"--control {', '.join(given['controls'])}: backend '{backend}' takes no ControlNets "
+                       f"(backends that do: {', '.join(able)})")
+    # A template's ControlNets are for the backends that feed them; the others' requests leave them out.
+    template_controls = list(t.controls) if spec.controls else []
+    controls = {c.name: c.strength for c in template_controls}
+    controls.update(given.get("controls") or {})
+    user_options = dict(given.get("options") or {})
     others = tuple(p for p in people if p.name != identity.name)
     if user_options.get("identities") and [p.name for p in others] != [n for n in user_options["identities"]
                                                                        if n != identity.name]:
         raise BadInput("option identities: give the identities themselves (people=), not only their names")
     if others:
         user_options["identities"] = [p.name for p in others]
-    options: dict[str, Any] = {
-        "composition": overrides.get("composition", t.composition),
-        "fast": fast,
-        "style_lora": {"model": t.style_lora.model, "weight": t.style_lora.weight} if t.style_lora else None,
-        "control_images": {c.name: str(c.image) for c in t.controls if c.image},
-        "control_preprocessed": [c.name for c in t.controls if c.preprocessed],
-        "control_range": {c.name: [c.start, c.end] for c in t.controls},
-        "template_image": str(t.image) if t.image else None,
-        "template_faces": t.faces,
-        "memory": dict(policy.memory),
-        "face_backend": policy.face_backend,
-        **t.options,
-        **user_options,
-    }
-    scheduler = str(overrides.get("scheduler", t.scheduler or ("lcm" if fast == "lcm" else policy.scheduler)))
-    if scheduler not in SCHEDULERS:
-        raise BadInput(f"unknown scheduler '{scheduler}' (known: {', '.join(SCHEDULERS)})")
-    if options["composition"] not in COMPOSITIONS:
-        raise BadInput(f"--composition '{options['composition']}' is not one of {', '.join(COMPOSITIONS)}")
+    if user_options.get("identities") and not spec.group:
+        groups = [s.name for s in BACKENDS.specs() if s.group]
+        raise BadInput(f"--with-identity: backend '{backend}' paints one identity; several people in one "
+                       f"picture need a group photo template (backend template) or --backend "
+                       f"{'|'.join(g for g in groups if g != 'template') or 'faceid'}")
+    # The template's options are its tuning per backend: this backend's apply, the others' stay
+    # out (they were checked against their backends when the template was read).
+    from_template = {k: v for k, v in t.options.items() if k in spec.options.model_fields}
+    options = backend_options(spec, {**from_template, **user_options}, BACKENDS.specs())
+    resolved = Resolved(
+        composition=composition,
+        fast=mode_name,
+        fast_lora=mode.lora if mode is not None else None,
+        style_lora={"model": t.style_lora.model, "weight": t.style_lora.weight} if t.style_lora else None,
+        control_images={c.name: str(c.image) for c in template_controls if c.image},
+        control_preprocessed=[c.name for c in template_controls if c.preprocessed],
+        control_range={c.name: (c.start, c.end) for c in template_controls},
+        template_image=str(t.image) if t.image else None,
+        template_faces=t.faces,
+        memory=dict(policy.memory),
+        face_backend=policy.face_backend,
+    )
     return GenerationRequest(
         identity=identity,
         backend=backend,
         template=t.name or None,
         prompt=text,
-        negative_prompt=str(overrides.get("negative_prompt", negative)),
+        negative_prompt=str(given.get("negative_prompt", negative)),
         width=width,
         height=height,
         steps=steps,
-        guidance=_number(overrides.get("guidance", t.guidance if t.guidance is not None else policy.guidance),
-                         "--guidance", 0.0, 50.0),
+        guidance=float(pick("guidance", t.guidance, policy.guidance)),
         scheduler=scheduler,
         seed=int(seed) if seed is not None else secrets.randbelow(2**31),
         n=n,
-        lora_weight=_number(overrides.get("lora_weight",
-                                          t.lora_weight if t.lora_weight is not None else policy.lora_weight),
-                            "--lora-weight", -5.0, 5.0),
+        lora_weight=float(given.get("lora_weight", t.lora_weight if t.lora_weight is not None else policy.lora_weight)),
         controls=controls,
         options=options,
+        resolved=resolved,
         people=others,
     )
 
 
-def _size(t: Template, policy: GeneratePolicy, overrides: Mapping[str, Any]) -> tuple[int, int]:
+def _fast_mode(spec: BackendSpec, asked: str | None, from_template: str | None,
+               template: str) -> tuple[str | None, FastMode | None]:
+    """The fast mode asked for (explicitly, else by the template) and how this backend does it;
+    a backend that declares no such mode refuses it in one line naming those that do."""
+    name = asked or from_template
+    if name is None:
+        return None, None
+    mode = spec.fast.get(name)
+    if mode is None:
+        able = [s.name for s in BACKENDS.specs() if name in s.fast]
+        where = "--fast" if asked else f"template {template}: fast: {name}"
+        raise BadInput(f"{where}: backend '{spec.name}' has no {name} mode (backends with one: "
+                       f"{', '.join(able) or 'none'})")
+    return name, mode
+
+
+def _composition(spec: BackendSpec, asked: str | None, from_template: str) -> str:
+    """How the backend combines the identity LoRA with a style LoRA: the one asked for, refused
+    when the backend does not do it; a template's where the backend does it, else merge."""
+    if asked is not None:
+        if asked not in spec.compositions:
+            able = [s.name for s in BACKENDS.specs() if asked in s.compositions]
+            raise BadInput(f"--composition {asked}: backend '{spec.name}' combines LoRAs by "
+                           f"{', '.join(spec.compositions)} only ({asked}: {', '.join(able) or 'none'})")
+        return asked
+    return from_template if from_template in spec.compositions else spec.compositions[0]
+
+
+def _size(t: Template, policy: GeneratePolicy, given: Mapping[str, Any]) -> tuple[int, int]:
     if t.kind == "photo" and t.size is None and t.image is not None:
         from portrait.core.formats.images import image_size
 
@@ -180,10 +231,9 @@ def _size(t: Template, policy: GeneratePolicy, overrides: Mapping[str, Any]) -> 
         width, height = scaled_size((int(size[0]), int(size[1])), policy)
     else:
         width, height = scaled_size(t.size or (512, 512), policy)
-    width = _whole(overrides.get("width", width), "--size width")
-    height = _whole(overrides.get("height", height), "--size height")
+    width, height = int(given.get("width", width)), int(given.get("height", height))
     m = policy.size_multiple
-    if width % m or height % m or width <= 0 or height <= 0:
+    if width % m or height % m:
         raise BadInput(f"--size {width}x{height}: width and height must be positive multiples of {m}")
     if max(width, height) > policy.max_side or width * height > policy.max_pixels:
         raise BadInput(f"--size {width}x{height}: over the limit of {policy.max_side} px a side and "
@@ -201,33 +251,14 @@ def _whole(value: Any, what: str) -> int:
         raise BadInput(f"{what}: '{value}' is not a whole number") from None
 
 
-def _number(value: Any, what: str, low: float, high: float) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise BadInput(f"{what}: '{value}' is not a number") from None
-    if not low <= number <= high:
-        raise BadInput(f"{what} {number:g}: must be in [{low:g}, {high:g}]")
-    return number
-
-
-def _control_overrides(value: Any) -> dict[str, float]:
-    if not isinstance(value, Mapping):
-        raise BadInput(f"controls: expected a mapping of control name to strength, got {type(value).__name__}")
-    out = {}
-    for name, strength in value.items():
-        if name not in CONTROL_NAMES:
-            raise BadInput(f"control '{name}' is not one of {', '.join(CONTROL_NAMES)}")
-        out[name] = _number(strength, f"control {name}", 0.0, 5.0)
-    return out
-
-
 def check_limits(n: int, steps: int, policy: GeneratePolicy) -> None:
-    """n and steps against the preset's limits (before any model loads)."""
+    """n and steps against the preset's limits (before any model loads); the steps' own bounds
+    are the declaration's, checked with the other overrides."""
     if n < 1 or n > policy.max_n:
         raise BadInput(f"--n {n}: must be 1 to {policy.max_n} (preset key generate.max_n)")
-    if steps < 1 or steps > policy.max_steps:
-        raise BadInput(f"--steps {steps}: must be 1 to {policy.max_steps} (preset key generate.max_steps)")
+    if steps > policy.max_steps:
+        raise BadInput(f"--steps {steps}: over the preset's limit of {policy.max_steps} (preset key "
+                       f"generate.max_steps)")
 
 
 # --- backend dispatch ----------------------------------------------------------------------
@@ -235,10 +266,7 @@ def check_limits(n: int, steps: int, policy: GeneratePolicy) -> None:
 
 def backend_spec(name: str) -> BackendSpec:
     """The table's entry for a backend name (one line, exit 2, with the known names)."""
-    spec = BACKENDS.get(name)
-    if spec is None:
-        raise BadInput(f"unknown backend '{name}' (known: {', '.join(sorted(BACKENDS.names()))})")
-    return spec
+    return BACKENDS.spec(name)
 
 
 def generate_candidates(request: GenerationRequest, ctx) -> Iterable[Candidate]:
@@ -246,9 +274,8 @@ def generate_candidates(request: GenerationRequest, ctx) -> Iterable[Candidate]:
     if ctx.preset.family not in spec.families:
         raise BadInput(f"backend '{request.backend}' runs on {', '.join(spec.families)}; "
                        f"preset '{ctx.preset.name}' is {ctx.preset.family}")
-    if request.options.get("identities") and not spec.group:
-        groups = [s.name for s in BACKENDS.specs() if s.group]
-        raise BadInput(f"--with-identity: backend '{request.backend}' paints one identity; several people in one "
-                       f"picture need a group photo template (backend template) or --backend "
-                       f"{'|'.join(g for g in groups if g != 'template') or 'faceid'}")
-    return spec.make().generate(request, ctx)
+    from portrait.stages.planning import planned
+
+    # The memory plan comes before anything loads: the backend runs under the context that
+    # follows it (dtype, offload strategy, quantization); refused in one line when it fits nowhere.
+    return spec.make().generate(request, planned(ctx, request))

@@ -17,7 +17,7 @@ import numpy as np
 
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
-from portrait.core.options import EmbedOptions, resolved
+from portrait.core.options import EmbedOptions
 from portrait.core.types import GenerationRequest
 from portrait.stages import embed as emb
 
@@ -36,7 +36,7 @@ def request_controls(ctx: RunContext, request: GenerationRequest, *, find_faces:
     """ControlImages of the request's controls, at generation size, in the request's order."""
     from portrait.stages import controls as ctl
 
-    r = resolved(request)
+    r = request.resolved
     preprocessed = set(r.control_preprocessed)
     made = []
     for name, strength in request.controls.items():
@@ -75,7 +75,7 @@ def analyzer_face_finder(ctx: RunContext, request: GenerationRequest) -> FaceFin
     def find(image: np.ndarray, where: str) -> list:
         from portrait.core.faces import make_analyzer
 
-        faces = make_analyzer(ctx, resolved(request).face_backend).detect(image, embed=False)
+        faces = make_analyzer(ctx, request.resolved.face_backend).detect(image, embed=False)
         if not faces:
             raise BadInput(f"template {request.template}: no face found in its pose image")
         return faces

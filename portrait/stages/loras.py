@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from portrait.core.errors import BadInput, bad_file
+from portrait.core.formats.weights import check_complete
+from portrait.core.request import FAST_MODES
 
 MAX_LOADED_ADAPTERS = 6  # beyond this the oldest unused adapters are deleted (long batch runs)
 
@@ -36,7 +38,7 @@ class AdapterUse:
     adapter: str
     path: Path
     weight: float
-    role: str  # identity | style | lcm
+    role: str  # identity | style | a fast mode (lcm)
     label: str  # the name shown in `<lora:NAME:W>` and `Lora hashes`
 
     def as_info(self) -> dict[str, Any]:
@@ -71,12 +73,19 @@ def attach(pipe, uses: Sequence[AdapterUse]) -> None:
             continue
         if not use.path.is_file():
             raise bad_file(use.path, f"{use.role} LoRA file is missing")
+        if use.path.suffix == ".safetensors":
+            check_complete(use.path)  # a truncated file: one line naming it, not the loader's OSError
         try:
             with _quiet_diffusers():
                 pipe.load_lora_weights(str(use.path), adapter_name=use.adapter)
         except (ValueError, KeyError, RuntimeError) as exc:
             raise bad_file(use.path, f"not a LoRA for this base model ({exc.__class__.__name__}: "
                                      f"{str(exc).splitlines()[0][:160]})") from None
+        except OSError as exc:
+            if exc.errno is not None:  # the machine refused a read (EIO, EACCES): not the file's fault
+                raise
+            raise bad_file(use.path, f"{use.role} LoRA file cannot be loaded ({str(exc).splitlines()[0][:160]})") \
+                from None
 
 
 @contextlib.contextmanager
@@ -106,8 +115,8 @@ def composed(pipe, uses: Sequence[AdapterUse], mode: str) -> Iterator[dict[str, 
 
     On exit every LoRA is switched off, so the next user of a cached pipeline starts clean.
     """
-    always = [u for u in uses if u.role == "lcm"]
-    turns = [u for u in uses if u.role != "lcm"]
+    always = [u for u in uses if u.role in FAST_MODES]  # a fast mode's LoRA stays on at every step
+    turns = [u for u in uses if u.role not in FAST_MODES]
     try:
         if mode == "merge" or len(turns) < 2:
             _activate(pipe, list(uses))
@@ -192,7 +201,11 @@ def style_use(ctx, spec: dict[str, Any] | None) -> AdapterUse | None:
     return AdapterUse(adapter_name("style", label, path), path, float(spec.get("weight", 0.6)), "style", label)
 
 
-def lcm_use(ctx) -> AdapterUse:
-    resolved = ctx.resolve_role("lcm_lora")
-    label = ctx.preset.model("lcm_lora")
-    return AdapterUse(adapter_name("lcm", label, resolved.path), resolved.path, 1.0, "lcm", label)
+def fast_use(ctx, resolved) -> AdapterUse | None:
+    """The request's fast-mode LoRA (the preset role its backend declares for the mode, e.g. the
+    LCM-LoRA; request.resolved.fast / fast_lora), or None when no fast mode was asked for."""
+    if resolved.fast is None or resolved.fast_lora is None:
+        return None
+    found = ctx.resolve_role(resolved.fast_lora)
+    label = ctx.preset.model(resolved.fast_lora)
+    return AdapterUse(adapter_name(resolved.fast, label, found.path), found.path, 1.0, resolved.fast, label)

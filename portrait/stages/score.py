@@ -76,18 +76,20 @@ class ScorePolicy:
 
 def score_faces(faces: Sequence[FaceObservation], image_shape: tuple[int, ...], consensus: np.ndarray,
                 reference: np.ndarray | None, space: str, clip_t: float | None = None) -> CandidateScore:
-    """The score of one candidate from its detected faces (largest face is the subject)."""
+    """The score of one candidate from its detected faces (largest face is the subject). No face
+    (or one the backend could not embed): similarity None, "no face", not a measured 0."""
     if not faces:
-        return CandidateScore(similarity=0.0, reference_similarity=0.0, faces=0, face_size=0.0, clip_t=clip_t)
+        return CandidateScore(similarity=None, reference_similarity=None, faces=0, face_size=0.0, clip_t=clip_t)
     face = max(faces, key=lambda f: f.area)
     h, w = image_shape[:2]
+    size = round(face.area / float(h * w), 4)
     if face.embedding is None:
-        sim = ref_sim = 0.0
-    else:
-        sim = similarity(face.embedding, consensus, space)
-        ref_sim = similarity(face.embedding, reference, space) if reference is not None else sim
+        return CandidateScore(similarity=None, reference_similarity=None, faces=len(faces), face_size=size,
+                              clip_t=clip_t)
+    sim = similarity(face.embedding, consensus, space)
+    ref_sim = similarity(face.embedding, reference, space) if reference is not None else sim
     return CandidateScore(similarity=round(float(sim), 4), reference_similarity=round(float(ref_sim), 4),
-                          faces=len(faces), face_size=round(face.area / float(h * w), 4), clip_t=clip_t)
+                          faces=len(faces), face_size=size, clip_t=clip_t)
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ def score_group(found: Sequence[FaceObservation], image_shape: tuple[int, ...], 
     others_of = {a.identity: [b.identity for b in assigned if b.identity != a.identity] for a in assigned}
     for want, face in zip(assigned, match_faces(found, assigned)):
         if face is None or face.embedding is None:
-            per_face.append(FaceScore(want.identity, want.face, None if face is None else face.box, 0.0, 0.0,
+            per_face.append(FaceScore(want.identity, want.face, None if face is None else face.box, None, None,
                                       0.0 if face is None else round(face.area / float(h * w), 4), False))
             continue
         who = people[want.identity]
@@ -163,8 +165,9 @@ def score_group(found: Sequence[FaceObservation], image_shape: tuple[int, ...], 
             (margin is None or margin >= policy.group_margin)
         per_face.append(FaceScore(want.identity, want.face, tuple(float(v) for v in face.box), round(sim, 4),
                                   round(ref, 4), size, bool(ok), confusion, margin))
-    return CandidateScore(similarity=min(f.similarity for f in per_face) if per_face else 0.0,
-                          reference_similarity=min(f.reference_similarity for f in per_face) if per_face else 0.0,
+    measured = [f for f in per_face if f.similarity is not None]  # a face not found is not a 0
+    return CandidateScore(similarity=min(f.similarity for f in measured) if measured else None,
+                          reference_similarity=min(f.reference_similarity for f in measured) if measured else None,
                           faces=len(found), face_size=min(f.face_size for f in per_face) if per_face else 0.0,
                           clip_t=clip_t, per_face=tuple(per_face))
 
@@ -182,12 +185,17 @@ def is_sane(score: CandidateScore, policy: ScorePolicy) -> bool:
 def passes(score: CandidateScore, policy: ScorePolicy, threshold: float) -> bool:
     if score.per_face:  # a group passes only when every assigned face does, each unconfused with the others
         return is_sane(score, policy) and all(
-            f.similarity >= threshold and (f.margin is None or f.margin >= policy.group_margin) for f in score.per_face)
-    return is_sane(score, policy) and score.similarity >= threshold
+            f.similarity is not None and f.similarity >= threshold and (f.margin is None or f.margin >= policy.group_margin)
+            for f in score.per_face)
+    return is_sane(score, policy) and score.similarity is not None and score.similarity >= threshold
 
 
 def rank_key(score: CandidateScore, policy: ScorePolicy) -> float:
-    identity = (1 - policy.reference_weight) * score.similarity + policy.reference_weight * score.reference_similarity
+    """Higher is better; an output with no face measured has no key (`rank` puts it last)."""
+    if score.similarity is None:
+        return float("-inf")
+    reference = score.similarity if score.reference_similarity is None else score.reference_similarity
+    identity = (1 - policy.reference_weight) * score.similarity + policy.reference_weight * reference
     if policy.clip_weight and score.clip_t is not None:
         return (1 - policy.clip_weight) * identity + policy.clip_weight * score.clip_t
     return identity
@@ -196,12 +204,13 @@ def rank_key(score: CandidateScore, policy: ScorePolicy) -> float:
 def rank(candidates: Sequence[Candidate], scores: Sequence[CandidateScore], policy: ScorePolicy,
          threshold: float) -> list[RankedResult]:
     """Best first: candidates that pass the gate, then sane ones, then the rest, each by rank_key;
-    within each group a copy-paste output comes after every clean one."""
+    within each group a copy-paste output comes after every clean one, and one with no face
+    measured (similarity None) after every measured one."""
     if len(candidates) != len(scores):
         raise ValueError("one score per candidate")
     order = sorted(range(len(candidates)), key=lambda i: (
         not passes(scores[i], policy, threshold), scores[i].copy_paste is not None, not is_sane(scores[i], policy),
-        -rank_key(scores[i], policy)))
+        scores[i].similarity is None, -rank_key(scores[i], policy)))
     return [RankedResult(candidate=candidates[i], score=scores[i], rank=position + 1,
                          passed_gate=passes(scores[i], policy, threshold))
             for position, i in enumerate(order)]

@@ -14,7 +14,6 @@ import numpy as np
 
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
-from portrait.core.options import resolved
 from portrait.core.steps import step_callback
 from portrait.core.types import GenerationRequest
 
@@ -23,15 +22,6 @@ CONTROL_ROLES = {"canny": "controlnet_canny", "openpose": "controlnet_openpose",
                  "tile": "controlnet_tile", "color": "controlnet_tile"}
 # Above this many pixels per image, VAE tiling is switched on under `auto` on CUDA.
 TILING_PIXELS = 1536 * 1536
-# Resident fp16 footprint of a pipeline with up to three ControlNets, by family (GB). Below
-# this much free VRAM, `offload: auto` moves idle modules to the CPU between uses.
-# FLUX.1-dev in bf16: transformer 23.8 GB + T5-XXL 9.5 GB + CLIP-L + VAE (int8 roughly halves
-# the first two); InfiniteYou reports a 43 GB bf16 peak with its InfuseNet.
-# The frontier bases in bf16 (their pages' file sizes): klein 4B transformer 7.75 GB + Qwen3-4B
-# 8.05 GB; Z-Image-Turbo 12.3 GB + Qwen3-4B 8 GB; Qwen-Image-Edit-2511 40.9 GB + Qwen2.5-VL-7B
-# 16.6 GB (+ the VAEs).
-RESIDENT_GB = {"sd15": 5.0, "sdxl": 11.0, "flux": 34.0, "flux2-klein": 16.0, "zimage": 20.5, "qwen-image-edit": 58.0}
-
 
 def controlnet_ids(ctx: RunContext, names: Sequence[str]) -> tuple[str, ...]:
     unknown = [n for n in names if n not in CONTROL_ROLES]
@@ -40,11 +30,40 @@ def controlnet_ids(ctx: RunContext, names: Sequence[str]) -> tuple[str, ...]:
     return tuple(ctx.preset.model(CONTROL_ROLES[n]) for n in names)
 
 
-def load_sd_pipeline(ctx: RunContext, kind: str, controlnets: tuple[str, ...] = (), role: str = "base"):
-    """The preset's base pipeline of `kind` (txt2img | img2img | inpaint) with ControlNets."""
+def load_sd_pipeline(ctx: RunContext, kind: str, controlnets: tuple[str, ...] = (), role: str = "base",
+                     keep_adapter: bool = False):
+    """The preset's base pipeline of `kind` (txt2img | img2img | inpaint) with ControlNets.
+
+    An IP-Adapter attached by an earlier request stays on the shared UNet while the pipeline is
+    cached (attached once per loaded pipeline: stages/zeroshot.attached_ip_adapter); a caller
+    that runs without one (`keep_adapter=False`) gets the UNet without it."""
     from portrait.core.loaders import load_pipeline
 
-    return load_pipeline(ctx, ctx.preset.model(role), kind=kind, controlnets=controlnets)
+    pipe = load_pipeline(ctx, ctx.preset.model(role), kind=kind, controlnets=controlnets)
+    if not keep_adapter:
+        detach_ip_adapter(pipe)
+    return pipe
+
+
+IP_ADAPTER_MARK = "_portrait_ip_adapter"  # on the UNet: which adapter checkpoint is attached
+FACEID_LORA_ADAPTER = "faceid_0"  # the name diffusers gives the first IP-Adapter's LoRA
+
+
+def attached_adapter(pipe) -> Any:
+    """The key of the IP-Adapter attached to the pipeline's UNet, None when there is none."""
+    unet = getattr(pipe, "unet", None)
+    return getattr(unet, IP_ADAPTER_MARK, None) if unet is not None else None
+
+
+def detach_ip_adapter(pipe) -> None:
+    """Unload an attached IP-Adapter (and FaceID's LoRA) from the pipeline's UNet."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None or getattr(unet, IP_ADAPTER_MARK, None) is None:
+        return
+    pipe.unload_ip_adapter()
+    if FACEID_LORA_ADAPTER in (getattr(unet, "peft_config", {}) or {}):
+        pipe.delete_adapters([FACEID_LORA_ADAPTER])
+    setattr(unet, IP_ADAPTER_MARK, None)
 
 
 def prepare_pipeline(pipe, request: GenerationRequest, ctx: RunContext) -> None:
@@ -58,30 +77,14 @@ def prepare_pipeline(pipe, request: GenerationRequest, ctx: RunContext) -> None:
         raise BadInput(f"--scheduler {request.scheduler}: a sampler for {', '.join(choice.families)}, not "
                        f"{ctx.preset.family} (preset '{ctx.preset.name}')")
     pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler.config)
-    memory = resolved(request).memory
+    memory = request.resolved.memory
     big = request.width * request.height >= TILING_PIXELS
     _toggle(pipe.vae, "tiling", _decide(memory.get("vae_tiling", "auto"), ctx.placement.is_cuda and big))
     _toggle(pipe.vae, "slicing", _decide(memory.get("vae_slicing", "auto"), ctx.placement.is_cuda and big))
-    if ctx.placement.is_cuda and not ctx.placement.offload and not getattr(pipe, "_portrait_offloaded", False):
-        if offload_needed(memory.get("offload", "auto"), _free_vram_gb(ctx.placement.device),
-                          RESIDENT_GB.get(ctx.preset.family, 5.0)):
-            pipe.enable_model_cpu_offload(device=ctx.placement.device)
-            pipe._portrait_offloaded = True
+    # Offload is the request's memory plan (stages/planning.py), applied when the pipeline was
+    # built (core/offload.py): nothing is decided here after loading.
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-
-
-def offload_needed(setting: Any, free_gb: float, need_gb: float) -> bool:
-    """Model CPU offload: forced on/off by the preset, else on when free VRAM is short."""
-    return _decide(setting, free_gb < need_gb)
-
-
-def _free_vram_gb(device: str) -> float:
-    import torch
-
-    index = torch.device(device).index or 0
-    free, _total = torch.cuda.mem_get_info(index)
-    return free / 2**30
 
 
 def _decide(setting: Any, auto: bool) -> bool:
@@ -178,17 +181,21 @@ def candidate_batch_size(ctx: RunContext, request: GenerationRequest) -> int:
     `generate.memory.batch` in the preset (or options) forces a number; `auto` (the default)
     reads free VRAM on CUDA and available RAM on CPU. Offloaded pipelines render one at a time.
     """
-    setting = resolved(request).memory.get("batch", "auto")
+    setting = request.resolved.memory.get("batch", "auto")
     if setting != "auto":
         if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
             raise BadInput(f"generate.memory.batch '{setting}': use auto or a whole number of at least 1")
         return max(1, min(int(setting), request.n))
     if request.n <= 1 or ctx.placement.offload:
         return 1
+    if ctx.placement.is_cuda and getattr(ctx, "plan", None) is not None:
+        return max(1, min(request.n, MAX_BATCH, ctx.plan.max_batch))  # what the plan's headroom holds
     gb, native = PER_IMAGE_GB.get(ctx.preset.family, PER_IMAGE_GB["sd15"])
     per_image = gb * request.width * request.height / native**2
     if ctx.placement.is_cuda:
-        free = _free_vram_gb(ctx.placement.device)
+        from portrait.core.memplan import device_budget
+
+        free = device_budget(ctx.placement.device).free / 2**30
     else:
         free, per_image = _available_ram_gb(), per_image * 2
     return max(1, min(request.n, MAX_BATCH, int(0.5 * free / max(per_image, 1e-3))))

@@ -1,11 +1,13 @@
 """Templates: style templates (a prompt + settings, a YAML file) and photo templates (a photo
 + face options, a folder with template.yaml), shipped or the user's own.
 
-A template file is declared once (TemplateFile: every field, its type and bounds); unknown
-keys are refused with the known ones listed, and its `options:` are checked against the
-options the registered backends declare (portrait.core.options). Every path a template names
-is relative to its own folder and is checked (exists, is an image, is a LoRA) when the
-template is read, before any model loads.
+A template file is declared once: its own fields (prompt, negative, image, controls, ...) here,
+and the generate settings it shares with every other door (size, steps, guidance, scheduler,
+lora_weight, composition, fast) generated from their declaration (portrait.core.request), so
+their bounds are written in one place (`template_file_model`). Unknown keys are refused with the
+known ones listed, and its `options:` are checked against the options the registered backends
+declare (portrait.core.options). Every path a template names is relative to its own folder and
+is checked (exists, is an image, is a LoRA) when the template is read, before any model loads.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -21,13 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from portrait.core.config import load_yaml, templates_root
 from portrait.core.declare import describe, refuse_unknown
 from portrait.core.errors import BadInput
-from portrait.core.loaders import SCHEDULERS
 from portrait.core.options import validate_options
+from portrait.core.request import COMPOSITIONS, CONTROL_NAMES, Strength, door_model  # noqa: F401 (re-exported)
 
-COMPOSITIONS = ("merge", "switch", "composite")
-CONTROL_NAMES = ("canny", "openpose", "depth", "tile", "color")  # color feeds the tile ControlNet a mosaic
-
-
+# The generate settings a template file may set (their declaration: portrait.core.request).
+TEMPLATE_SETTINGS = ("width", "height", "steps", "guidance", "scheduler", "lora_weight", "composition", "fast")
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ class _ControlFile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    strength: float = Field(1.0, ge=0.0, le=5.0)
+    strength: Strength = 1.0
     image: str | None = Field(None, min_length=1)
     preprocessed: bool = False
     start: float = Field(0.0, ge=0.0, le=1.0)
@@ -150,9 +150,9 @@ class _StyleLoraFile(BaseModel):
     weight: float = Field(0.6, ge=-5.0, le=5.0)
 
 
-class TemplateFile(BaseModel):
-    """A template YAML, declared once: every field, its type and bounds. Unknown keys are
-    refused with this list; `options` is checked against portrait.core.options."""
+class TemplateFileFields(BaseModel):
+    """A template YAML's own fields; the shared generate settings are added from their
+    declaration by `template_file_model`. Unknown keys are refused with the full list."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -160,16 +160,10 @@ class TemplateFile(BaseModel):
     title: str = ""
     description: str = ""
     prompt: str = ""
-    negative: str = ""
-    size: tuple[Annotated[int, Field(ge=8, le=8192)], Annotated[int, Field(ge=8, le=8192)]] | None = None
-    steps: int | None = Field(None, ge=1, le=1000)
-    guidance: float | None = Field(None, ge=0.0, le=50.0)
-    scheduler: str | None = None
-    lora_weight: float | None = Field(None, ge=-5.0, le=5.0)
-    composition: Literal["merge", "switch", "composite"] = "merge"
-    fast: Literal["lcm"] | None = None
+    negative: str = ""  # appended to the preset's negative prompt
     style_lora: str | _StyleLoraFile | None = None
-    controls: dict[str, float | _ControlFile] = Field(default_factory=dict)
+    controls: dict[Literal[CONTROL_NAMES], Strength | _ControlFile] = Field(  # type: ignore[valid-type]
+        default_factory=dict)
     image: str | None = Field(None, min_length=1)
     faces: int | None = Field(None, ge=1, le=64)
     options: dict[str, Any] = Field(default_factory=dict)
@@ -180,18 +174,23 @@ class TemplateFile(BaseModel):
         return {} if value is None else value
 
 
+def template_file_model() -> type[BaseModel]:
+    """The template file's schema: its own fields and the declared settings it shares (the size
+    as `size: [W, H]` at a 512 px base)."""
+    return door_model("TemplateFile", base=TemplateFileFields, include=TEMPLATE_SETTINGS)
+
+
 def load_template_file(path: Path, kind: str) -> Template:
     path = Path(path).resolve()
     data = _read_yaml(path)
     root = path.parent
-    refuse_unknown(data, f"template {path}", TemplateFile)
+    schema = template_file_model()
+    refuse_unknown(data, f"template {path}", schema.model_fields)
     try:
-        spec = TemplateFile.model_validate(data)
+        spec: Any = schema.model_validate(data)
     except ValidationError as exc:
         raise bad_template(path, describe(exc)) from None
     options = validate_options(spec.options, f"template {path}", _backend_specs())
-    if spec.scheduler is not None and spec.scheduler not in SCHEDULERS:
-        raise bad_template(path, f"scheduler '{spec.scheduler}' is not one of {', '.join(SCHEDULERS)}")
     template = Template(
         name=spec.name or (root.name if kind == "photo" else path.stem),
         kind=kind,
@@ -205,7 +204,7 @@ def load_template_file(path: Path, kind: str) -> Template:
         guidance=spec.guidance,
         scheduler=spec.scheduler,
         lora_weight=spec.lora_weight,
-        composition=spec.composition,
+        composition=spec.composition or "merge",
         fast=spec.fast,
         style_lora=_style_lora(spec.style_lora, root, path),
         controls=tuple(_control(name, c, root) for name, c in spec.controls.items()),
@@ -282,11 +281,7 @@ def _check_image(file: Path, template: Path, what: str) -> None:
 
 
 def _checked(t: Template, path: Path) -> Template:
-    if t.composition not in COMPOSITIONS:
-        raise bad_template(path, f"composition '{t.composition}' is not one of {', '.join(COMPOSITIONS)}")
     for c in t.controls:
-        if c.name not in CONTROL_NAMES:
-            raise bad_template(path, f"control '{c.name}' is not one of {', '.join(CONTROL_NAMES)}")
         if c.image is not None:
             _check_image(c.image, path, "control image")
     if t.kind == "photo":
@@ -295,8 +290,6 @@ def _checked(t: Template, path: Path) -> Template:
         _check_image(t.image, path, "photo template image")
     if t.kind == "style" and not t.prompt:
         raise bad_template(path, "a style template needs a prompt")
-    if t.fast not in (None, "lcm"):
-        raise bad_template(path, f"fast mode '{t.fast}' is not 'lcm'")
     return t
 
 

@@ -8,9 +8,10 @@ and keypoints in stages/backends/instantid.py, FaceID's regions in stages/backen
 checkpoint detection by keys in portrait/core/archs/ip_adapter.py.
 
 Pipelines come from portrait.core.loaders and share their UNet with every other pipeline
-of the base (and with other backends in a batch run). An adapter is therefore attached
-for one request and detached when it ends (`attached_ip_adapter`, `attached_faceid`); its
-state dict is read once and kept in ctx.cache, so re-attaching costs no disk read.
+of the base (and with other backends in a batch run). An adapter is attached once per loaded
+pipeline and kept while the pipeline is cached (`attached_ip_adapter`); a backend that runs
+without it gets the UNet back without it (sd.load_sd_pipeline), and another checkpoint
+replaces it. Its state dict is read once and kept in ctx.cache.
 
 FaceID / FaceID-Plus / PlusV2 go through diffusers' own `load_ip_adapter` (their LoRA becomes
 the PEFT adapter `faceid_0`, as diffusers does it) and `ip_adapter_image_embeds` =
@@ -37,10 +38,10 @@ from portrait.core.archs.ip_adapter import adapter_kind
 from portrait.core.options import EmbedOptions, FaceIDAdapterOptions
 from portrait.core.types import GenerationRequest, Identity
 from portrait.stages import embed as emb
+from portrait.stages.sd import FACEID_LORA_ADAPTER, IP_ADAPTER_MARK, attached_adapter, detach_ip_adapter  # noqa: F401
 
 FaceIDVariant = Literal["faceid", "plusv2", "plus"]
 FACEID_ROLES = {"faceid": "faceid", "plusv2": "faceid_plus", "plus": "faceid_plus_v1"}
-FACEID_LORA_ADAPTER = "faceid_0"  # the name diffusers gives the first IP-Adapter's LoRA
 
 
 # --- policies (template / request options) -----------------------------------------------------
@@ -68,8 +69,13 @@ class FaceIDPolicy:
         return self.variant in ("plus", "plusv2")
 
 
-def _typed(model: type[BaseModel], options: Mapping[str, Any]) -> Any:
-    """The keys of `options` that `model` declares, validated (a bad value is one BadInput line)."""
+def _typed(model: type[BaseModel], options: BaseModel | Mapping[str, Any]) -> Any:
+    """`options` as `model`: a request's typed options that include it as they are, else the keys
+    of a mapping that `model` declares, validated (a bad value is one BadInput line)."""
+    if isinstance(options, model):
+        return options
+    if isinstance(options, BaseModel):
+        options = options.model_dump(exclude_unset=True)
     try:
         return model.model_validate({k: v for k, v in options.items() if k in model.model_fields})
     except ValidationError as exc:
@@ -142,20 +148,23 @@ def quiet(logger_name: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def attached_ip_adapter(pipe, af: AdapterFile) -> Iterator[None]:
-    """Attach an IP-Adapter checkpoint for the duration of a block, then restore the UNet."""
-    peft = getattr(pipe.unet, "peft_config", {}) or {}
-    if FACEID_LORA_ADAPTER in peft:
-        # diffusers names every first IP-Adapter LoRA `faceid_0` and skips loading when the
-        # name exists: a stale one (another FaceID variant) must go first.
-        pipe.delete_adapters([FACEID_LORA_ADAPTER])
-    with quiet("diffusers.loaders.ip_adapter"):  # "image_encoder is not loaded": we pass embeddings
-        pipe.load_ip_adapter(af.state, subfolder=None, weight_name=None, image_encoder_folder=None)
-    try:
-        yield
-    finally:
-        pipe.unload_ip_adapter()
-        if FACEID_LORA_ADAPTER in (getattr(pipe.unet, "peft_config", {}) or {}):
+    """An IP-Adapter checkpoint on the pipeline's UNet for the block: attached once per loaded
+    pipeline and kept while it is cached (a second request with the same checkpoint attaches
+    nothing; another checkpoint replaces it; a backend without one gets the UNet without it
+    from sd.load_sd_pipeline). Attaching goes through diffusers' `load_ip_adapter`, which under
+    an offload strategy re-applies the offload hooks."""
+    key = (af.model_id, str(af.path), id(af.state))
+    if attached_adapter(pipe) != key:
+        detach_ip_adapter(pipe)
+        peft = getattr(pipe.unet, "peft_config", {}) or {}
+        if FACEID_LORA_ADAPTER in peft:
+            # diffusers names every first IP-Adapter LoRA `faceid_0` and skips loading when the
+            # name exists: a stale one (another FaceID variant) must go first.
             pipe.delete_adapters([FACEID_LORA_ADAPTER])
+        with quiet("diffusers.loaders.ip_adapter"):  # "image_encoder is not loaded": we pass embeddings
+            pipe.load_ip_adapter(af.state, subfolder=None, weight_name=None, image_encoder_folder=None)
+        setattr(pipe.unet, IP_ADAPTER_MARK, key)
+    yield
 
 
 # --- FaceID ----------------------------------------------------------------------------------------

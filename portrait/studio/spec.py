@@ -10,6 +10,13 @@ Each item's id is a hash of its content (never of its position or of the time), 
 submitting the same spec twice adds nothing, and two specs that ask for the same image
 share it. Relative paths in a spec are relative to the spec file, like compose files,
 so a spec means the same thing from any working directory.
+
+The generate settings a spec may give (size, steps, guidance, scheduler, lora_weight,
+negative_prompt, composition, fast, controls, options) are not written here: `job_spec_model`
+adds them from their declaration (portrait.core.request), with its bounds, at the top level;
+`generate:` takes the same settings by their Python API names (width, height, ...). Backend
+options must be taken by at least one of the spec's backends (one line names the backends that
+take a stray one), and each item carries only its own backend's.
 """
 
 from __future__ import annotations
@@ -78,7 +85,8 @@ class IdentitySpec(BaseModel):
 
 
 class JobSpec(BaseModel):
-    """The batch spec (see examples/studio.yaml)."""
+    """The batch spec (see examples/studio.yaml): its own fields; `job_spec_model` adds the
+    declared generate settings. Parse with `parse_spec`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -86,17 +94,12 @@ class JobSpec(BaseModel):
     identities: list[IdentitySpec] = Field(min_length=1)
     templates: list[str] = Field(default_factory=list)
     prompts: list[str] = Field(default_factory=list)
-    negative_prompt: str | None = None
     backends: list[str] = Field(default_factory=lambda: ["lora"], min_length=1)
     count: int = Field(default=1, ge=1, le=10_000)
     seed: int = Field(default=0, ge=0)
     preset: str | None = None
-    steps: int | None = Field(default=None, ge=1)
-    guidance: float | None = Field(default=None, ge=0)
-    scheduler: str | None = None
-    lora_weight: float | None = Field(default=None, ge=0)
-    size: tuple[int, int] | None = None  # width, height
-    # Any other generate override (composition, controls, fast, options), as on the API.
+    # The generate settings by their Python API names (width, height, steps, fast, options, ...), as
+    # on the API; the top-level ones win.
     generate: dict[str, Any] = Field(default_factory=dict)
     # Post-processing switches for the finish flow (fuse, retouch, upscale, gate, ...);
     # `finish: false` turns finishing off.
@@ -125,28 +128,26 @@ class JobSpec(BaseModel):
 
     @field_validator("generate")
     @classmethod
-    def _known_overrides(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from portrait.stages.generate import OVERRIDABLE
+    def _declared_settings(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from portrait.core.request import given_settings
 
-        unknown = sorted(set(value) - set(OVERRIDABLE))
-        if unknown:
-            raise ValueError(f"unknown generate option {', '.join(unknown)} (known: {', '.join(OVERRIDABLE)})")
-        if value.get("options"):
-            from portrait.core.options import validate_options
-            from portrait.stages.backends import BACKENDS
-
-            if not isinstance(value["options"], dict):
-                raise ValueError("options: expected a mapping of option name to value")
-            # each key against the backend(s) declaring it (BadInput is our one line: exit 2)
-            validate_options(value["options"], "generate", BACKENDS.specs())
+        given_settings(value, "generate")  # against the declaration (BadInput is our one line: exit 2)
         return value
+
+    def settings(self) -> dict[str, Any]:
+        """The declared settings given at the top level, by their declared names (size split)."""
+        from portrait.core.request import door_names, split_pairs
+
+        return split_pairs({name: getattr(self, name, None) for name in door_names()
+                            if getattr(self, name, None) is not None})
 
     def overrides(self) -> dict[str, Any]:
         """The generate overrides every item of this spec carries (None means: template default)."""
-        named = {"negative_prompt": self.negative_prompt, "steps": self.steps, "guidance": self.guidance,
-                 "scheduler": self.scheduler, "lora_weight": self.lora_weight,
-                 "width": self.size[0] if self.size else None, "height": self.size[1] if self.size else None}
-        return {**self.generate, **{k: v for k, v in named.items() if v is not None}}
+        merged = {**self.generate, **self.settings()}
+        options = {**(self.generate.get("options") or {}), **(self.settings().get("options") or {})}
+        if options:
+            merged["options"] = options
+        return {k: v for k, v in merged.items() if v is not None}
 
     @model_validator(mode="after")
     def _something_to_make(self) -> "JobSpec":
@@ -156,7 +157,39 @@ class JobSpec(BaseModel):
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"identity listed twice: {', '.join(duplicated)}")
+        options = self.overrides().get("options")
+        if options:
+            from portrait.core.options import refuse_foreign, validate_options
+            from portrait.stages.backends import BACKENDS
+
+            chosen = [BACKENDS.get(b) for b in self.backends]
+            # each key taken by one of the spec's backends, its value checked by them (one line, exit 2)
+            refuse_foreign(options, chosen, BACKENDS.specs(), "generate")
+            validate_options(options, "generate", chosen)
         return self
+
+
+def job_spec_model() -> type[JobSpec]:
+    """The spec's schema: JobSpec's own fields and the declared generate settings at the top level."""
+    from portrait.core.request import door_model
+
+    return door_model("JobSpec", base=JobSpec)  # type: ignore[return-value]
+
+
+def backend_overrides(overrides: dict[str, Any], backend: str) -> dict[str, Any]:
+    """One item's overrides: the backend options its backend takes (a spec's options may be
+    meant for its other backends), the rest as given."""
+    from portrait.stages.backends import BACKENDS
+
+    options = overrides.get("options")
+    if not options:
+        return overrides
+    spec = BACKENDS.get(backend)
+    mine = {k: v for k, v in options.items() if spec is not None and k in spec.options.model_fields}
+    out = {k: v for k, v in overrides.items() if k != "options"}
+    if mine:
+        out["options"] = dict(sorted(mine.items()))
+    return out
 
 
 @dataclass(frozen=True)
@@ -225,7 +258,7 @@ def parse_spec(data: Any, source: str = "spec") -> JobSpec:
     if not isinstance(data, dict):
         raise bad_file(source, "a spec must be a mapping (output, identities, templates, ...)")
     try:
-        return JobSpec.model_validate(data)
+        return job_spec_model().model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "spec"
@@ -306,7 +339,7 @@ def expand(spec: JobSpec, *, base_dir: Path, default_preset: str, identity_exist
                         "backend": backend,
                         "preset": preset,
                         "seed": seed,
-                        "overrides": overrides,
+                        "overrides": backend_overrides(overrides, backend),
                         "finish": finish,
                         "dest": str(Path(output) / ident.name / folder),
                         "stem": f"{backend}-s{seed}",

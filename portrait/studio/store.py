@@ -229,11 +229,20 @@ class Store:
             with self._connect() as con:
                 con.execute("PRAGMA journal_mode=WAL")
                 con.executescript(_SCHEMA)
-                have = {r["name"] for r in con.execute("PRAGMA table_info(items)")}
-                for column, decl in _COLUMNS.items():
-                    if column not in have:
-                        con.execute(f"ALTER TABLE items ADD COLUMN {column} {decl}")
-                con.execute("CREATE INDEX IF NOT EXISTS items_owner ON items (owner, state)")
+                # Look and add under one write lock: two processes opening a new store at once
+                # both saw the column missing and the second ALTER failed ("duplicate column
+                # name: cancel", seen once in test_studio's Ctrl-C test).
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    have = {r["name"] for r in con.execute("PRAGMA table_info(items)")}
+                    for column, decl in _COLUMNS.items():
+                        if column not in have:
+                            con.execute(f"ALTER TABLE items ADD COLUMN {column} {decl}")
+                    con.execute("CREATE INDEX IF NOT EXISTS items_owner ON items (owner, state)")
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+                con.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise BadInput(f"{self.path}: not a studio store ({exc})") from None
         except OSError as exc:

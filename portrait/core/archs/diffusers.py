@@ -57,10 +57,17 @@ QUANTIZABLE = ("flux", "flux2-klein", "zimage", "qwen-image-edit")
 PIPELINE_CONFIG = ("is_distilled",)
 
 
+def family_parts(family: str) -> tuple[str, ...] | None:
+    """The pipeline parts of a family a base folder holds (None for a family loaders do not know)."""
+    return PARTS.get(family)
+
+
 # 8-bit weight formats for the FLUX transformer and T5 (preset runtime.quantize), through
 # optimum-quanto (extra `flux`): qint8 is what InfiniteYou's own pipeline uses; both halve
 # the bf16 weights (FLUX.1-dev transformer 23.8 GB -> ~12 GB, T5-XXL 9.5 GB -> ~4.8 GB).
-QUANTIZE = {"none": None, "int8": "qint8", "fp8": "qfloat8"}
+# qint4 (4-bit weights, group scales) is the plan's last step before refusing; NF4 would need
+# bitsandbytes, which the lock does not carry.
+QUANTIZE = {"none": None, "int8": "qint8", "fp8": "qfloat8", "int4": "qint4"}
 
 
 @dataclass(frozen=True)
@@ -357,11 +364,13 @@ def single_file_components(ctx, resolved: ResolvedModel, file: Path, family: str
 
 
 def build_components(source: Source, family: str, vae_id: str | None, requested: str | None = None,
-                     quantize: str = "none", dtypes: Mapping[str, str] | None = None) -> Components:
+                     quantize: Any = (), dtypes: Mapping[str, str] | None = None) -> Components:
     """A Stable Diffusion / FLUX base's modules (unet or transformer, vae, text encoders, tokenizers,
-    scheduler): a single file or a diffusers folder, placed and in eval
-    (FLUX: the transformer and T5 quantized first when runtime.quantize asks). `dtypes` maps
-    parts to a dtype name of their own (default: the placement's)."""
+    scheduler): a single file or a diffusers folder, placed and in eval. `quantize` maps parts to
+    an optimum-quanto scheme (the memory plan's, portrait.core.memplan; quantized before any
+    placement). Parts go to the device only when the plan keeps them resident; under an offload
+    strategy they stay on the CPU for the pipeline's hooks. `dtypes` maps parts to a dtype name
+    of their own (default: the placement's)."""
     ctx, resolved = source.ctx, source.resolved
     file = weights_file(resolved)
     if file is not None:
@@ -378,8 +387,13 @@ def build_components(source: Source, family: str, vae_id: str | None, requested:
         modules = folder_components(resolved, family, source.dtype, parts=parts, dtypes=dtypes)
     if vae_id:
         modules["vae"] = source.load(vae_id, "vae")
-    if family in QUANTIZABLE:
-        quantize_flux(modules, quantize)
+    if isinstance(quantize, str):  # the single-scheme form (runtime.quantize): the DiT and its big text encoder
+        if family in QUANTIZABLE and quantize != "none":
+            quantize_flux(modules, quantize)
+        quantize = ()
+    for name, scheme in dict(quantize).items():
+        if name in modules:
+            quantize_module(modules[name], scheme)
     for name, module in modules.items():
         if not name.startswith(("tokenizer", "scheduler", "processor")):
             modules[name] = place(ctx, module, cast=False, offloaded=True)
@@ -399,7 +413,7 @@ def _controlnet(source: Source):
 
 CONTROLNET = Kind("controlnet", _controlnet, place=True, offloaded=True)
 def _components(source: Source, family: str, vae: str | None = None, requested: str | None = None,
-                quantize: str = "none", dtypes: Mapping[str, str] | None = None):
+                quantize: Any = (), dtypes: Mapping[str, str] | None = None):
     """A Stable Diffusion / FLUX base's modules (unet or transformer, vae, text encoders,
     tokenizers, scheduler); the pipelines portrait.core.loaders composes around them live with them."""
     return build_components(source, family, vae, requested, quantize, dtypes)

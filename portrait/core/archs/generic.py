@@ -3,8 +3,7 @@ routed by insightface's model zoo to its class by its shapes."""
 
 from __future__ import annotations
 
-from ..errors import bad_file
-from ..modelfiles import PICKLE_SUFFIXES, Kind, Source, insightface_model, onnx_providers, read_weights, weights_name
+from ..modelfiles import PICKLE_SUFFIXES, Kind, Source, insightface_model, onnx_session, read_weights, weights_name
 
 
 def _weights(source: Source) -> dict:
@@ -14,15 +13,9 @@ def _weights(source: Source) -> dict:
 
 
 def _onnx(source: Source):
-    """An onnxruntime.InferenceSession on `onnx_providers(ctx)`."""
-    import onnxruntime
-
-    path = source.verified()
-    try:
-        return onnxruntime.InferenceSession(str(path), providers=onnx_providers(source.ctx))
-    except Exception as exc:  # onnxruntime raises its own exception types for a bad file
-        raise bad_file(path, f"is not a loadable ONNX model ({exc.__class__.__name__})") from None
-
+    """An onnxruntime.InferenceSession on `onnx_providers(ctx)` (a CUDA provider asked for and not
+    obtained is said in one line)."""
+    return onnx_session(source.verified(), source.ctx)
 
 
 def _insightface(source: Source, expect: str | None = None):

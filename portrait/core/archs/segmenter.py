@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import bad_file
-from ..modelfiles import Kind, onnx_providers
+from ..modelfiles import Kind, onnx_session
 
 SIZE = 320  # U^2-Net's input side
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -38,13 +37,7 @@ class Segmenter:
 
 def _build_segmenter(source) -> Segmenter:
     """A U2-Net-style ONNX (one RGB input, a foreground map first) on `onnx_providers(ctx)`."""
-    import onnxruntime
-
-    path = source.verified()
-    try:
-        session = onnxruntime.InferenceSession(str(path), providers=onnx_providers(source.ctx))
-    except Exception as exc:  # onnxruntime raises its own exception types for a bad file
-        raise bad_file(path, f"is not a loadable ONNX segmenter ({exc.__class__.__name__})") from None
+    session = onnx_session(source.verified(), source.ctx, "ONNX segmenter")
     return Segmenter(session, source.model_id, source.resolved.spec.license)
 
 

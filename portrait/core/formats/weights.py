@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from portrait.core.errors import bad_file
 
-__all__ = ["safetensors_header", "stored_dtypes", "iter_safetensors", "folder_weight_files"]
+__all__ = ["safetensors_header", "check_complete", "stored_dtypes", "iter_safetensors", "folder_weight_files"]
 
 # safetensors dtype codes -> torch dtype names (the ones model weights use)
 DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
@@ -45,6 +45,24 @@ def safetensors_header(path: Path | str) -> tuple[dict[str, Any], int]:
             raise bad_file(path, "cannot be read as safetensors (its header is not JSON)") from None
     header.pop("__metadata__", None)
     return header, 8 + size
+
+
+def check_complete(path: Path | str) -> dict[str, Any]:
+    """The header of a safetensors file whose data is all there: a file cut short (a copy that
+    stopped, a full disk) has a header promising more bytes than follow it, which the loaders
+    report as `OSError: Unable to load weights from checkpoint file`. One line naming the file
+    instead (exit 2), before anything is loaded."""
+    path = Path(path)
+    header, start = safetensors_header(path)
+    try:
+        end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise bad_file(path, "cannot be read as safetensors (a header entry has no data_offsets)") from None
+    size = path.stat().st_size
+    if size < start + end:
+        raise bad_file(path, f"truncated or damaged: its header promises {start + end:,} bytes, the file has "
+                             f"{size:,}")
+    return header
 
 
 def stored_dtypes(headers: list[dict[str, Any]]) -> set[str]:

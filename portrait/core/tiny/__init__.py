@@ -25,7 +25,7 @@ from ..integrity import record_hashes
 from ..io import atomic_dir
 from ..modelspec import ModelSpec
 
-TINY_VERSION = "2"  # 2: SD VAEs downsample by 8, as the real ones do
+TINY_VERSION = "3"  # 2: SD VAEs downsample by 8, as the real ones do; 3: SD1.5 ControlNets are single files
 STAMP = ".tiny-version"
 
 

@@ -365,22 +365,34 @@ def _controlnet_folder(family: str, variant: str | None = None):
     return write
 
 
-# lllyasviel's control_v11 repos and diffusers' SDXL depth ship fp16 variants; the others plain.
+# diffusers' SDXL depth ships an fp16 variant; the others plain (the SD1.5 ControlNets are single files,
+# below; the fp16 folder writer stays for the folder layout users bring with --controlnet PATH).
 write_controlnet_sd15_fp16 = _controlnet_folder("sd15", "fp16")
 write_controlnet_sdxl = _controlnet_folder("sdxl")
 write_controlnet_sdxl_fp16 = _controlnet_folder("sdxl", "fp16")
 
 
-def write_controlnet_sd15_single(root: Path, seed: int) -> None:
-    """ControlNet-v1-1 single-file layout (comfyanonymous' fp16 tile file) + `config/`."""
-    import torch
+def _controlnet_sd15_single(name: str):
+    """ControlNet-v1-1 single-file layout (comfyanonymous' fp16 files, which the registry's SD1.5
+    ControlNets are) + `config/`."""
 
-    from . import ldm
+    def write(root: Path, seed: int) -> None:
+        import torch
 
-    net = _controlnet(seed, "sd15")
-    state = {k: v.to(torch.float16) for k, v in ldm.controlnet_to_ldm(net.state_dict(), net.config).items()}
-    save_state(Path(root) / "tiny-controlnet-tile.safetensors", state)
-    net.save_config(Path(root) / "config")
+        from . import ldm
+
+        net = _controlnet(seed, "sd15")
+        state = {k: v.to(torch.float16) for k, v in ldm.controlnet_to_ldm(net.state_dict(), net.config).items()}
+        save_state(Path(root) / name, state)
+        net.save_config(Path(root) / "config")
+
+    return write
+
+
+write_controlnet_sd15_single = _controlnet_sd15_single("tiny-controlnet-tile.safetensors")
+write_controlnet_sd15_canny = _controlnet_sd15_single("tiny-controlnet-canny.safetensors")
+write_controlnet_sd15_openpose = _controlnet_sd15_single("tiny-controlnet-openpose.safetensors")
+write_controlnet_sd15_depth = _controlnet_sd15_single("tiny-controlnet-depth.safetensors")
 
 
 def write_instantid_controlnet(root: Path, seed: int) -> None:

@@ -27,10 +27,10 @@ import numpy as np
 
 from pydantic import Field
 
-from portrait.core.backend import BackendSpec
+from portrait.core.backend import LCM, BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
-from portrait.core.options import CommonOptions, EmbedOptions, FaceIDAdapterOptions, GroupOptions, resolved
+from portrait.core.options import CommonOptions, EmbedOptions, FaceIDAdapterOptions, GroupOptions
 from portrait.core.types import Candidate, GenerationRequest, Identity
 from portrait.stages import embed as emb
 from portrait.stages import loras
@@ -135,9 +135,10 @@ class FaceIDBackend:
         else:
             inputs = zs.faceid_inputs(ctx, request.identity, policy, af, embed_policy)
         controls = self._controls(request, ctx, embed_policy)
-        pipe = load_sd_pipeline(ctx, "txt2img", controlnet_ids(ctx, [c.name for c in controls]))
+        pipe = load_sd_pipeline(ctx, "txt2img", controlnet_ids(ctx, [c.name for c in controls]), keep_adapter=True)
         identity_lora = loras.identity_use(request.identity, ctx.preset.family, request.lora_weight)
-        stack = [identity_lora] if identity_lora else []
+        fast = loras.fast_use(ctx, request.resolved)  # --fast: the LCM-LoRA, active beside the FaceID LoRA
+        stack = [u for u in (identity_lora, fast) if u is not None]
         loras.attach(pipe, stack)
         prepare_pipeline(pipe, request, ctx)
         info = {
@@ -171,7 +172,7 @@ class FaceIDBackend:
     def _controls(self, request: GenerationRequest, ctx: RunContext, embed_policy: emb.EmbedPolicy) -> list:
         if not request.controls:
             return []
-        pose = resolved(request).template_image or str(request.identity.reference)
+        pose = request.resolved.template_image or str(request.identity.reference)
         image = emb.read_rgb(pose) if pose else None
         return request_controls(ctx, request, find_faces=pack_face_finder(ctx, embed_policy),
                                 fallback=(image, str(pose)))
@@ -186,4 +187,6 @@ SPEC = BackendSpec(
     models=_models,
     group=True,
     conditioning="insightface:buffalo_l",  # IP-Adapter FaceID embeds with buffalo_l
+    fast={"lcm": LCM},
+    controls=True,
 )

@@ -96,8 +96,12 @@ def load_models(ctx: RunContext, policy: InfiniteYouPolicy) -> InfiniteYouModels
     infusenet = load_controlnet(ctx, model_id)
     if infusenet.__class__.__name__ != "FluxControlNetModel":
         raise BadInput(f"model '{model_id}': its InfuseNetModel/ is not a FluxControlNetModel")
-    # runtime.quantize: the InfuseNet too, as InfiniteYou's --quantize_8bit does.
-    quantize_module(infusenet, str(ctx.preset.section("runtime").get("quantize", "none")))
+    # The memory plan's scheme for the InfuseNet (runtime.quantize applies to it too, as
+    # InfiniteYou's --quantize_8bit does; the plan may also quantize it to fit the card).
+    plan = getattr(ctx, "plan", None)
+    scheme = plan.part_quant(f"infusenet:{model_id}") if plan is not None else \
+        str(ctx.preset.section("runtime").get("quantize", "none"))
+    quantize_module(infusenet, scheme)
     name = next(f for f in resolved.files if f.endswith("image_proj_model.bin"))
     return InfiniteYouModels(model_id, infusenet, load_model(ctx, model_id, "infiniteyou-projection", file=name))
 
@@ -221,11 +225,12 @@ class InfiniteYouBackend:
         tokens = id_tokens(models.projection, found.vectors)
         control, control_source = control_image(ctx, request, embed_policy, options.control_image)
         pipe = flux.load_flux_pipeline(ctx, request)
-        device = pipe._execution_device
-        if next(models.infusenet.parameters()).device != device:
-            # Under model CPU offload the door leaves ControlNets on the CPU for the pipeline's
-            # hooks; our loop calls the InfuseNet itself, so it sits with the transformer.
-            models.infusenet.to(device)
+        # The door leaves ControlNets on the CPU under an offload strategy for the pipeline's
+        # hooks; our loop calls the InfuseNet itself, so it is placed as the plan counts it
+        # (with the transformer under model offload, block by block under group offload).
+        from portrait.core.offload import place_module
+
+        place_module(models.infusenet, ctx.placement)
         msl = flux.max_sequence_length(ctx)
         info = {"identity_mode": "zero-shot", "model": model_info(ctx),
                 "adapter": {"id": models.model_id, "variant": policy.variant,

@@ -31,11 +31,11 @@ import numpy as np
 
 from pydantic import Field
 
-from portrait.core.backend import BackendSpec
+from portrait.core.backend import LCM, BackendSpec
 from portrait.core.archs import ip_adapter as ip_arch
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
-from portrait.core.options import ASSET, CommonOptions, EmbedOptions, resolved
+from portrait.core.options import ASSET, CommonOptions, EmbedOptions
 from portrait.core.types import Candidate, GenerationRequest, Identity
 from portrait.stages import embed as emb
 from portrait.stages import loras
@@ -100,7 +100,7 @@ def pose_reference(ctx, request: GenerationRequest, embed_policy: emb.EmbedPolic
                    pose_image: str | None = None) -> PoseReference:
     """Where the face should be: option pose_image, else the template's image, else its
     openpose image, else the identity's reference photo."""
-    r = resolved(request)
+    r = request.resolved
     candidates = [pose_image, r.template_image, r.control_images.get("openpose")]
     chosen = next((str(p) for p in candidates if p), None) or str(request.identity.reference)
     path = Path(chosen)
@@ -141,13 +141,19 @@ def instantid_inputs(ctx, identity: Identity, af: zs.AdapterFile, embed_policy: 
 
 
 def face_tokens(pipe, id_embeds) -> Any:
-    """The 16 projected face tokens (uncond first), by the UNet's own projection module."""
+    """The 16 projected face tokens (uncond first), by the UNet's own projection module.
+
+    The Resampler is `unet.encoder_hid_proj`, called here directly, so no offload hook fires:
+    under model / group offload it would run wherever the UNet's weights sit (the CPU). It runs
+    on the pipeline's execution device instead (portrait.core.offload.on_execution_device)."""
     import torch
 
-    projection = pipe.unet.encoder_hid_proj
-    where = next(projection.parameters())  # under CPU offload the UNet may sit on the CPU now
-    with torch.no_grad():
-        return projection([id_embeds.to(device=where.device, dtype=where.dtype)])[0].flatten(1, 2)  # [2, 16, D]
+    from portrait.core.offload import on_execution_device
+
+    device = pipe._execution_device
+    with on_execution_device(pipe.unet.encoder_hid_proj, device) as projection, torch.no_grad():
+        dtype = next(projection.parameters()).dtype
+        return projection([id_embeds.to(device=device, dtype=dtype)])[0].flatten(1, 2)  # [2, 16, D]
 
 
 @contextlib.contextmanager
@@ -213,10 +219,12 @@ class InstantIDBackend:
                                           fallback=(pose.image, pose.source))
         identitynet_id = ctx.preset.model("instantid_controlnet")
         pipe = load_sd_pipeline(ctx, "txt2img",
-                                (identitynet_id, *controlnet_ids(ctx, [c.name for c in extra_controls])))
+                                (identitynet_id, *controlnet_ids(ctx, [c.name for c in extra_controls])),
+                                keep_adapter=True)
         identitynet = pipe.controlnet.nets[0] if hasattr(pipe.controlnet, "nets") else pipe.controlnet
         identity_lora = loras.identity_use(request.identity, "sdxl", request.lora_weight)
-        stack = [identity_lora] if identity_lora else []
+        fast = loras.fast_use(ctx, request.resolved)  # --fast: the LCM-LoRA, merged with the identity LoRA
+        stack = [u for u in (identity_lora, fast) if u is not None]
         loras.attach(pipe, stack)
         prepare_pipeline(pipe, request, ctx)
         controls = [kps, *extra_controls]
@@ -248,4 +256,6 @@ SPEC = BackendSpec(
     options=InstantIDOptions,
     models=("instantid_controlnet", "instantid_adapter", "face_pack_instantid"),
     conditioning="insightface:antelopev2",
+    fast={"lcm": LCM},
+    controls=True,
 )

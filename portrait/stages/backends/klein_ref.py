@@ -29,7 +29,7 @@ from pydantic import Field
 from portrait.core.backend import NO_FACE_SPACE, BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
-from portrait.core.options import CommonOptions, GroupOptions, resolved
+from portrait.core.options import CommonOptions, GroupOptions
 from portrait.core.types import Candidate, GenerationRequest
 from portrait.stages import frontier, loras, references
 from portrait.stages.sd import model_info, to_uint8
@@ -97,8 +97,8 @@ class KleinRefBackend:
         frontier.check_request(request, ctx, ("flux2-klein",), "klein-4b")
         people = people_of(request)
         size = references.reference_size(request.width, request.height, options.reference_size)
-        face_backend = resolved(request).face_backend
-        edit = resolved(request).edit
+        face_backend = request.resolved.face_backend
+        edit = request.resolved.edit
         if edit:  # portrait edit: the result first, the user's references, then the identity's crops
             pictures = references.edit_pictures(edit, request.width, request.height, request.identity.name)
             room = MAX_REFERENCES + 1 - len(pictures)

@@ -22,7 +22,7 @@ from pydantic import Field
 from portrait.core.backend import NO_FACE_SPACE, BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
-from portrait.core.options import CommonOptions, resolved
+from portrait.core.options import CommonOptions
 from portrait.core.types import Candidate, GenerationRequest
 from portrait.stages import frontier, references
 from portrait.stages.sd import model_info, to_uint8
@@ -61,7 +61,7 @@ class KontextBackend:
         started = time.perf_counter()
         options = SPEC.read(request)
         frontier.check_request(request, ctx, ("flux",), "flux")
-        edit = resolved(request).edit
+        edit = request.resolved.edit
         if not edit:
             raise BadInput("backend 'kontext' edits an image: run `portrait edit RESULT.png --prompt ... "
                            "--backend kontext`")

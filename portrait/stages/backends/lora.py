@@ -10,10 +10,11 @@ from __future__ import annotations
 import time
 from typing import Iterator
 
-from portrait.core.backend import BackendSpec
+from portrait.core.backend import LCM, BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
-from portrait.core.options import CommonOptions, resolved
+from portrait.core.options import CommonOptions
+from portrait.core.request import COMPOSITIONS
 from portrait.core.types import Candidate, GenerationRequest
 from portrait.stages import loras
 from portrait.stages.identity_inputs import analyzer_face_finder, request_controls
@@ -38,7 +39,7 @@ class LoraBackend:
     def generate(self, request: GenerationRequest, ctx: RunContext) -> Iterator[Candidate]:
         started = time.perf_counter()
         family = ctx.preset.family
-        r = resolved(request)
+        r = request.resolved
         identity = loras.identity_use(request.identity, family, request.lora_weight)
         if identity is None:
             raise BadInput(f"identity '{request.identity.name}' has no {family} LoRA; run `portrait train` on a "
@@ -47,8 +48,9 @@ class LoraBackend:
         style = loras.style_use(ctx, r.style_lora)
         if style is not None:
             stack.append(style)
-        if r.fast == "lcm":
-            stack.append(loras.lcm_use(ctx))
+        fast = loras.fast_use(ctx, r)
+        if fast is not None:
+            stack.append(fast)
         control_images = request_controls(ctx, request, find_faces=analyzer_face_finder(ctx, request))
         pipe = load_sd_pipeline(ctx, "txt2img", controlnet_ids(ctx, [c.name for c in control_images]))
         loras.attach(pipe, stack)
@@ -77,4 +79,7 @@ SPEC = BackendSpec(
     help="txt2img with the identity's trained LoRA and a style template (FaceChain style)",
     options=LoraOptions,
     needs_lora=True,
+    fast={"lcm": LCM},
+    compositions=COMPOSITIONS,  # with a template's style LoRA (stages/loras.py composed)
+    controls=True,
 )

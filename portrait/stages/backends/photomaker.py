@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal
 from pydantic import Field, field_validator
 
 from portrait.core import models
-from portrait.core.backend import BackendSpec
+from portrait.core.backend import LCM, BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.options import SERVER_ONLY, CommonOptions, EmbedOptions
@@ -319,7 +319,8 @@ class PhotoMakerBackend:
         ids = id_images(ctx, request, model)
         pipe = load_sd_pipeline(ctx, "txt2img")
         identity_lora = loras.identity_use(request.identity, "sdxl", request.lora_weight)
-        stack = [identity_lora] if identity_lora else []
+        fast = loras.fast_use(ctx, request.resolved)  # --fast: the LCM-LoRA beside PhotoMaker's own LoRA
+        stack = [u for u in (identity_lora, fast) if u is not None]
         loras.attach(pipe, stack)  # first: it prunes adapters it does not know, PhotoMaker's among them
         photomaker_lora = attach_lora(pipe, model)
         prepare_pipeline(pipe, request, ctx)
@@ -366,4 +367,5 @@ SPEC = BackendSpec(
     options=PhotoMakerOptions,
     models=_models,
     conditioning=_conditioning,
+    fast={"lcm": LCM},
 )

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
@@ -30,11 +30,11 @@ import numpy as np
 
 from pydantic import Field
 
-from portrait.core.backend import LORA_SELECTION, BackendSpec
+from portrait.core.backend import FUSION_ONLY, LCM, LORA_SELECTION, BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.facemask import face_regions, feather
-from portrait.core.options import CommonOptions, EmbedOptions, FaceIDAdapterOptions, GroupOptions, Pass2, resolved
+from portrait.core.options import CommonOptions, EmbedOptions, FaceIDAdapterOptions, GroupOptions, Pass2
 from portrait.core.types import Candidate, FaceObservation, GenerationRequest, Identity
 from portrait.stages import controls as ctl
 from portrait.stages import fuse as fusion
@@ -52,8 +52,9 @@ from portrait.stages.seeding import candidate_seeds, with_seed
 
 
 class TemplateOptions(CommonOptions, GroupOptions, FaceIDAdapterOptions, EmbedOptions):
-    """A photo template's options (EasyPhoto's defaults); with `identity_adapter: faceid` the
-    FaceID adapter's and embedding options apply to the inpainting passes too."""
+    """A photo template's options (EasyPhoto's defaults, declared here once: the backend reads
+    the request's typed copy of this model); with `identity_adapter: faceid` the FaceID
+    adapter's and embedding options apply to the inpainting passes too."""
 
     identity_adapter: Literal["faceid"] | None = Field(None, description="add IP-Adapter FaceID to the passes")
     passes: Literal[0, 1, 2] = Field(2, description="2 face + ring, 1 face only, 0 fusion only (preview)")
@@ -62,9 +63,11 @@ class TemplateOptions(CommonOptions, GroupOptions, FaceIDAdapterOptions, EmbedOp
     mask_grow: float = Field(0.10, ge=0.0, le=2.0, description="face mask dilation, a fraction of the face size")
     color_transfer: bool = Field(True, description="LAB shift of the face skin toward the template's skin")
     fuse_ratio: float = Field(0.6, ge=0.0, le=1.0, description="skin mixing when the reference face is fused in")
-    pass2: Pass2 | None = None
-    assign: Literal["left_to_right"] | list[int] = "left_to_right"
-    crop_size: int | None = Field(None, ge=8, le=4096, description="processing size of the face crop")
+    pass2: Pass2 = Field(default_factory=Pass2, description="the ring pass (2)")
+    assign: Literal["left_to_right"] | list[int] = Field(
+        "left_to_right", description="or a list of face indexes (left to right), one per identity")
+    crop_size: int | None = Field(None, ge=8, le=4096, description="processing size of the face crop; default: the "
+                                                                   "longer output side")
 
 
 def _models(options: TemplateOptions) -> tuple[str, ...]:
@@ -73,43 +76,9 @@ def _models(options: TemplateOptions) -> tuple[str, ...]:
     return ()
 
 
-@dataclass(frozen=True)
-class TemplatePolicy:
-    """A photo template's pass settings (template `options` + `controls`), EasyPhoto's defaults."""
-
-    denoise: float = 0.45
-    controls: dict[str, float] = field(default_factory=lambda: {"canny": 0.5, "openpose": 0.5, "color": 0.85})
-    crop_scale: float = 2.0
-    mask_grow: float = 0.10
-    color_transfer: bool = True
-    fuse_ratio: float = 0.6
-    pass2_denoise: float = 0.3
-    ring: float = 0.15
-    pass2_controls: dict[str, float] = field(default_factory=lambda: {"tile": 1.0, "canny": 1.0})
-    assign: Any = "left_to_right"  # or a list of face indexes (left to right), one per identity
-    identities: tuple[str, ...] = ()  # more identities for a group template (the request's comes first)
-    crop_size: int | None = None  # processing size of the face crop; default: the longer output side
-    passes: int = 2  # 2: face + ring (EasyPhoto); 1: face only; 0: fusion only, no diffusion (a quick preview)
-
-    @classmethod
-    def from_request(cls, request: GenerationRequest) -> "TemplatePolicy":
-        o = SPEC.read(request)
-        pass2 = o.pass2 or Pass2()
-        return cls(
-            denoise=o.denoise,
-            controls=dict(request.controls) if request.controls else cls().controls,
-            crop_scale=o.crop_scale,
-            mask_grow=o.mask_grow,
-            color_transfer=o.color_transfer,
-            fuse_ratio=o.fuse_ratio,
-            pass2_denoise=pass2.denoise if pass2.denoise is not None else cls.pass2_denoise,
-            ring=pass2.ring if pass2.ring is not None else cls.ring,
-            pass2_controls=dict(pass2.controls or cls().pass2_controls),
-            assign=o.assign,
-            identities=tuple(o.identities or ()),
-            crop_size=o.crop_size or None,
-            passes=o.passes,
-        )
+# Pass 1's ControlNets when the template names none (EasyPhoto's): canny and openpose from the
+# fused crop, and the tile ControlNet fed a colour mosaic of it.
+PASS1_CONTROLS = {"canny": 0.5, "openpose": 0.5, "color": 0.85}
 
 
 @dataclass(frozen=True)
@@ -138,51 +107,61 @@ class TemplateBackend:
 
     def render(self, request: GenerationRequest, ctx: RunContext, seed: int) -> tuple[np.ndarray, list[FacePaint], dict]:
         """The finished template image for one seed, with each face's intermediate steps."""
-        policy = TemplatePolicy.from_request(request)
-        r = resolved(request)
+        options: TemplateOptions = request.options  # typed and checked once, at resolution
+        r = request.resolved
         if not r.template_image:
             raise BadInput(f"the template backend needs a photo template (got {request.template or 'a prompt'})")
         template_path = Path(r.template_image)
         canvas = ctl.fit(ctl.read_rgb(template_path), request.width, request.height)
         analyzer = _analyzer(ctx, request)
         faces = template_faces(analyzer, template_path, request, canvas.shape)
-        people = _identities(ctx, request, policy)
-        pairs = assign_faces(faces, people, policy.assign, request.template or str(template_path))
-        fuse_policy = _fuse_policy(ctx, policy)
+        people = _identities(ctx, request, options)
+        pairs = assign_faces(faces, people, options.assign, request.template or str(template_path))
+        fuse_policy = _fuse_policy(ctx, options)
         paints = []
         used_loras: list[loras.AdapterUse] = []
-        # A style LoRA (merged: inpainting a face keeps both active) and LCM apply to every face.
-        shared = [u for u in (loras.style_use(ctx, r.style_lora), loras.lcm_use(ctx) if r.fast == "lcm" else None) if u]
+        sampled = options.passes > 0  # passes=0 loads no pipeline: no model, LoRA or sampler shaped the image
+        # A style LoRA (merged: inpainting a face keeps both active) and the fast mode's LoRA apply to every face.
+        shared = [u for u in (loras.style_use(ctx, r.style_lora), loras.fast_use(ctx, r)) if u] if sampled else []
         for person, index in pairs:
-            use = loras.identity_use(person, ctx.preset.family, request.lora_weight)
+            use = loras.identity_use(person, ctx.preset.family, request.lora_weight) if sampled else None
             stack = ([use] if use is not None else []) + shared
             used_loras += [use] if use is not None else []
             reference, reference_face = _reference(analyzer, person)
             others = [f for k, f in enumerate(faces) if k != index]
-            canvas, paint = paint_face(ctx, request, policy, fuse_policy, canvas, faces[index], index, others,
+            canvas, paint = paint_face(ctx, request, options, fuse_policy, canvas, faces[index], index, others,
                                        reference, reference_face, person.name, stack, seed, person=person)
             paints.append(paint)
-        adapter = SPEC.read(request).identity_adapter
+        adapter = options.identity_adapter
         modes = (["lora"] if used_loras else []) + ([adapter] if adapter else [])
+        controls = pass1_controls(request)
         info = {
-            "identity_mode": "+".join(modes) if modes and policy.passes else "fusion-only",
-            "model": model_info(ctx),
+            "identity_mode": "+".join(modes) if modes and sampled else FUSION_ONLY,
+            "model": model_info(ctx) if sampled else None,
             "loras": [u.as_info() for u in used_loras + shared],
             # `box`: the painted face in output pixels; finishing fuses and scores each face by it
             "faces": [{"identity": p.identity, "face": p.face_index, "crop": list(p.box),
                        "box": [round(float(v), 1) for v in faces[p.face_index].box]} for p in paints],
             "template_faces": len(faces),
             "unassigned_faces": [k for k in range(len(faces)) if k not in {i for _, i in pairs}],
-            "passes": {"count": policy.passes, "denoise": [policy.denoise, policy.pass2_denoise][:policy.passes],
-                       "steps": [list(p.steps[:policy.passes]) for p in paints],
-                       "controls": [policy.controls, policy.pass2_controls][:policy.passes]},
+            "passes": {"count": options.passes, "denoise": [options.denoise, options.pass2.denoise][:options.passes],
+                       "steps": [list(p.steps[:options.passes]) for p in paints],
+                       "controls": [controls, dict(options.pass2.controls)][:options.passes]},
         }
-        if not policy.passes:
+        if not sampled:
             info["note"] = "passes=0: the reference face fused into the template, no diffusion"
+            # what made the image: each person's reference face, fused into the template photo
+            info["fusion"] = {"source": [f"{p.name}/{p.reference.name}" for p, _ in pairs],
+                              "target": request.template or str(template_path)}
         elif not used_loras:
             info["note"] = (f"no {ctx.preset.family} LoRA in the bundle: the face comes from "
                             + (f"fusion and {adapter}" if adapter else "fusion alone"))
         return canvas, paints, info
+
+
+def pass1_controls(request: GenerationRequest) -> dict[str, float]:
+    """Pass 1's ControlNets: the template's (and `--control`'s), else EasyPhoto's."""
+    return dict(request.controls) if request.controls else dict(PASS1_CONTROLS)
 
 
 # --- faces and identities --------------------------------------------------------------------
@@ -191,7 +170,7 @@ class TemplateBackend:
 def _analyzer(ctx: RunContext, request: GenerationRequest):
     from portrait.core.faces import make_analyzer
 
-    return make_analyzer(ctx, resolved(request).face_backend)
+    return make_analyzer(ctx, request.resolved.face_backend)
 
 
 def scale_face(face: FaceObservation, sx: float, sy: float, dx: float = 0.0, dy: float = 0.0) -> FaceObservation:
@@ -219,7 +198,7 @@ def template_faces(analyzer, template_path: Path, request: GenerationRequest,
     name = request.template or str(template_path)
     if not found:
         raise BadInput(f"template {name}: no face found in {template_path}")
-    expected = resolved(request).template_faces
+    expected = request.resolved.template_faces
     if expected and len(found) < int(expected):
         raise BadInput(f"template {name}: {len(found)} face(s) found in {template_path}, the template says {expected}")
     h, w = original.shape[:2]
@@ -232,7 +211,7 @@ def template_faces(analyzer, template_path: Path, request: GenerationRequest,
     return sorted(faces, key=lambda f: (f.box[0] + f.box[2]) / 2)
 
 
-def _identities(ctx: RunContext, request: GenerationRequest, policy: TemplatePolicy) -> list[Identity]:
+def _identities(ctx: RunContext, request: GenerationRequest, options: TemplateOptions) -> list[Identity]:
     """The request's identity, then its people in the order given (loaded by the flow)."""
     return [request.identity, *(p for p in request.people if p.name != request.identity.name)]
 
@@ -262,9 +241,9 @@ def _reference(analyzer, identity: Identity) -> tuple[np.ndarray, FaceObservatio
     return image, fusion.require_face(analyzer.detect(image, embed=False), str(identity.reference))
 
 
-def _fuse_policy(ctx: RunContext, policy: TemplatePolicy) -> fusion.FusePolicy:
+def _fuse_policy(ctx: RunContext, options: TemplateOptions) -> fusion.FusePolicy:
     section = dict(ctx.preset.section("finish").get("fuse") or {})
-    section["skin_ratio"] = policy.fuse_ratio
+    section["skin_ratio"] = options.fuse_ratio
     return fusion.FusePolicy.from_section(section)
 
 
@@ -333,7 +312,8 @@ def _inpaint(ctx, request, image, mask, denoise, controls: list[ctl.ControlImage
     person known) the pass also carries IP-Adapter FaceID, its LoRA active beside `stack`."""
     from PIL import Image
 
-    pipe = load_sd_pipeline(ctx, "inpaint", controlnet_ids(ctx, [c.name for c in controls]))
+    faceid = person is not None and request.options.identity_adapter == "faceid"
+    pipe = load_sd_pipeline(ctx, "inpaint", controlnet_ids(ctx, [c.name for c in controls]), keep_adapter=faceid)
     loras.attach(pipe, stack)
     prepare_pipeline(pipe, request, ctx)
     size = image.shape[0]
@@ -344,22 +324,22 @@ def _inpaint(ctx, request, image, mask, denoise, controls: list[ctl.ControlImage
                              mask_image=_pil_mask(mask), strength=float(denoise), width=size, height=size,
                              **control_kwargs(controls, key="control_image"), **extra)
 
-    if person is not None and SPEC.read(request).identity_adapter == "faceid":
-        with zs.faceid_for_request(ctx, pipe, request, person, [(u.adapter, u.weight) for u in stack]) as faceid:
-            return run(**faceid.kwargs), steps
+    if faceid:
+        with zs.faceid_for_request(ctx, pipe, request, person, [(u.adapter, u.weight) for u in stack]) as use:
+            return run(**use.kwargs), steps
     with loras.composed(pipe, stack, "merge"):
         return run(), steps
 
 
-def paint_face(ctx: RunContext, request: GenerationRequest, policy: TemplatePolicy, fuse_policy,
+def paint_face(ctx: RunContext, request: GenerationRequest, options: TemplateOptions, fuse_policy,
                canvas: np.ndarray, face: FaceObservation, index: int, others: Sequence[FaceObservation],
                reference: np.ndarray, reference_face: FaceObservation, who: str,
                stack: Sequence[loras.AdapterUse], seed: int, person: Identity | None = None
                ) -> tuple[np.ndarray, FacePaint]:
     """Both passes on one face; returns the new canvas and what happened."""
-    x0, y0, x1, y1 = crop_box(face, canvas.shape, policy.crop_scale)
+    x0, y0, x1, y1 = crop_box(face, canvas.shape, options.crop_scale)
     side = x1 - x0
-    size = policy.crop_size or _round8(max(request.width, request.height))
+    size = options.crop_size or _round8(max(request.width, request.height))
     s = size / side
     crop = _resize(canvas[y0:y1, x0:x1], size)
     local = scale_face(face, s, s, x0, y0)
@@ -369,33 +349,33 @@ def paint_face(ctx: RunContext, request: GenerationRequest, policy: TemplatePoli
         protect |= _grow(face_regions(crop.shape, scale_face(other, s, s, x0, y0)).face, regions.size * 0.05)
 
     fused = fusion.fuse(reference, reference_face, crop, local, fuse_policy, "reference", "template").image
-    mask1 = _grow(regions.face, regions.size * policy.mask_grow) & (1 - protect)
+    mask1 = _grow(regions.face, regions.size * options.mask_grow) & (1 - protect)
     soft1 = feather(mask1, regions.size * 0.04, inside=True)
-    if policy.passes == 0:  # fusion only: no pipeline is loaded, so it runs without a base model
+    if options.passes == 0:  # fusion only: no pipeline is loaded, so it runs without a base model
         only = composite(crop, fused, soft1)
         none = np.zeros_like(mask1)
         out = _paste(canvas, (x0, y0, x1, y1), only, mask1, size)
         return out, FacePaint(who, index, (x0, y0, x1, y1), crop, fused, mask1, only, none, only, (0, 0))
-    pass1_controls = _controls(ctx, policy.controls, fused, local)
-    painted, steps1 = _inpaint(ctx, request, fused, mask1, policy.denoise, pass1_controls, stack, seed, person)
+    controls1 = _controls(ctx, pass1_controls(request), fused, local)
+    painted, steps1 = _inpaint(ctx, request, fused, mask1, options.denoise, controls1, stack, seed, person)
     pass1 = composite(crop, painted, soft1)
 
     recolored = pass1
-    if policy.color_transfer:
+    if options.color_transfer:
         skin = (regions.skin & mask1).astype(np.uint8)
         shifted = fusion.lab_transfer(pass1, skin, crop, regions.skin)
         recolored = composite(pass1, shifted, feather(skin, regions.size * 0.04, inside=True))
     refused = fusion.fuse(reference, reference_face, recolored, local, fuse_policy, "reference", "pass 1").image
     before_ring = composite(recolored, refused, soft1)
 
-    width = max(1.0, regions.size * policy.ring)
+    width = max(1.0, regions.size * options.pass2.ring)
     ring = (_grow(mask1, width) & (1 - _shrink(mask1, width)) & (1 - protect)).astype(np.uint8)
-    if policy.passes == 1:
+    if options.passes == 1:
         ring = np.zeros_like(mask1)
         pass2, steps2 = before_ring, 0
     else:
-        pass2_controls = _controls(ctx, policy.pass2_controls, before_ring, local)
-        painted2, steps2 = _inpaint(ctx, request, before_ring, ring, policy.pass2_denoise, pass2_controls, stack,
+        pass2_controls = _controls(ctx, options.pass2.controls, before_ring, local)
+        painted2, steps2 = _inpaint(ctx, request, before_ring, ring, options.pass2.denoise, pass2_controls, stack,
                                     seed, person)
         pass2 = composite(before_ring, painted2, feather(ring, width * 0.3, inside=True))
 
@@ -443,4 +423,6 @@ SPEC = BackendSpec(
     photo_template=True,
     finish={"fuse": False},  # it fuses inside its own passes
     conditioning=_conditioning,
+    fast={"lcm": LCM},
+    controls=True,  # the LCM-LoRA beside the identity LoRA in both inpainting passes
 )

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from portrait.core.backend import LORA_SELECTION, BackendSpec
 from portrait.core.context import RunContext
-from portrait.core.options import CommonOptions, resolved
+from portrait.core.options import CommonOptions
 from portrait.core.types import Candidate, GenerationRequest
 from portrait.stages import frontier, loras
 from portrait.stages.sd import model_info, to_uint8
@@ -70,7 +70,7 @@ class ZImageBackend:
         if identity is not None:
             stack.append(identity)
         notes = []
-        style_spec = resolved(request).style_lora
+        style_spec = request.resolved.style_lora
         style_family = _registry_family(ctx, style_spec)
         if style_spec and style_family not in (None, ctx.preset.family):
             # the style templates name SD style LoRAs: they do not fit Z-Image's transformer
