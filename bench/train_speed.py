@@ -415,6 +415,7 @@ def main() -> None:
         rows = [json.loads(line) for line in Path(args.from_results).read_text().splitlines() if line.strip()]
         rows = [r for r in rows if r["arch"] == args.arch and r["precision"] == args.precision]
         args.steps = sorted({r["steps"] for r in rows})
+        args.repeats = min(sum(1 for r in rows if r["variant"] == "portrait" and r["steps"] == n) for n in args.steps)
         return report(args, rows, sorted({r["load"] for r in rows}))
     if min(args.steps) < 2:
         raise SystemExit("--steps: each run needs at least 2 steps (the first is the warm-up)")
