@@ -3,7 +3,7 @@
 What the step computes is diffusers' reference scripts' step, family by family
 (examples/dreambooth/train_dreambooth_lora_flux.py, train_dreambooth_lora_flux2_klein.py,
 train_dreambooth_lora_z_image.py), and tests/test_train_flow_reference.py checks it against
-fixtures those scripts produced on the tiny stand-ins (scripts/train_reference_step.py):
+fixtures those scripts produced on the tiny stand-ins (recorded by scripts/reference_fixtures.py):
 
 - the model input: the VAE latent, drawn from the latent distribution for FLUX.1 (`sample()`,
   then `(x - shift) * scale`), its mode for Z-Image (`(mode - shift) * scale`) and FLUX.2
@@ -182,7 +182,7 @@ def setup_flow_training(models: TrainModels, data: TrainData, policy: TrainPolic
 class FlowInputs:
     """Everything random in one flow-matching step, drawn in a fixed order from the step's
     generator: the batch and flips, the latent sample's eps (StepDraws), then the noise and u.
-    scripts/train_reference_step.py feeds these same tensors to diffusers' script."""
+    tests/train_reference.py feeds these same tensors to diffusers' script when recording."""
 
     draws: StepDraws
     noise: Any  # [B, C, H, W] of the model input (FLUX.2: the patchified latent)
