@@ -23,13 +23,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MIRRORS = ("xinntao+facexlib", "bytedance+InfiniteYou", "ToTheBeginning+PuLID")
+MIRRORS = ("xinntao+facexlib", "bytedance+InfiniteYou", "ToTheBeginning+PuLID", "instantX-research+InstantID")
 # test file -> the checks in it that run a reference (pytest -k expression)
 CHECKS = {
     "tests/test_arcface_irse.py": "facexlib or infiniteyou_reference",
     "tests/test_flux.py": "reference",
     "tests/test_pulid.py": "reference",
     "tests/test_pulid_flux.py": "reference",
+    "tests/test_zero_shot.py": "instantid and reference",
 }
 
 
