@@ -46,7 +46,8 @@ MODES = ("mean", "all", "best")
 
 @dataclass(frozen=True)
 class EmbedPolicy:
-    """How the identity's photos become one embedding (template/request `options`)."""
+    """How the identity's photos become one embedding (a backend's typed EmbedOptions, by
+    portrait.stages.identity_inputs.embed_policy_of)."""
 
     mode: Mode = "mean"
     max_photos: int = 8  # the bundle's best photos; more add little and cost time

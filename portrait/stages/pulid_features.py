@@ -11,7 +11,7 @@ stages/embed.py in FACE_SPACE below; the parser is the preset's `face_parser`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -103,8 +103,7 @@ def pulid_inputs(ctx: RunContext, identity: Identity, models, embed_policy: emb.
     """`models` has `.eva` (portrait.core.archs.pulid.EvaVisual) and `.encoder` (IDFormer)."""
     from portrait.core.parsing import load_face_parser
 
-    all_policy = emb.EmbedPolicy("all", embed_policy.max_photos, embed_policy.locator, embed_policy.pack)
-    found = emb.embed_identity(ctx, identity, FACE_SPACE, all_policy)
+    found = emb.embed_identity(ctx, identity, FACE_SPACE, replace(embed_policy, mode="all"))
     parser = load_face_parser(ctx, ctx.preset.model("face_parser"))
     faces = []
     for crop in found.crops:
@@ -112,4 +111,4 @@ def pulid_inputs(ctx: RunContext, identity: Identity, models, embed_policy: emb.
         faces.append(eva_input(aligned, parser.parse_crop(aligned), models.eva.image_size))
     rows = id_features(models.eva, faces, found.vectors, ctx.placement.device, ctx.placement.dtype)
     uncond, cond = encode_identity(models.encoder, rows, embed_policy.mode)
-    return PuLIDInputs(cond, uncond, emb.IdEmbedding(found.space, found.vectors, found.crops, embed_policy.mode))
+    return PuLIDInputs(cond, uncond, replace(found, mode=embed_policy.mode))

@@ -39,6 +39,7 @@ from portrait.core.archs.ip_adapter import adapter_kind
 from portrait.core.options import EmbedOptions, FaceIDAdapterOptions
 from portrait.core.types import GenerationRequest, Identity
 from portrait.stages import embed as emb
+from portrait.stages.identity_inputs import embed_policy_of
 from portrait.stages.sd import FACEID_LORA_ADAPTER, IP_ADAPTER_MARK, attached_adapter, detach_ip_adapter  # noqa: F401
 
 FaceIDVariant = Literal["faceid", "plusv2", "plus"]
@@ -266,10 +267,8 @@ def faceid_for_request(ctx, pipe, request: GenerationRequest, identity: Identity
             image = call_pipeline(pipe, request, seed, **faceid.kwargs, ...)
     """
     policy = FaceIDPolicy.from_options(request.options)
-    embed = _typed(EmbedOptions, request.options)
     af = faceid_adapter(ctx, policy)
-    inputs = faceid_inputs(ctx, identity, policy, af, emb.EmbedPolicy(mode=embed.id_mode, max_photos=embed.id_photos,
-                                                                      locator=embed.face_locator, pack=embed.face_pack))
+    inputs = faceid_inputs(ctx, identity, policy, af, embed_policy_of(_typed(EmbedOptions, request.options)))
     with attached_faceid(pipe, af, inputs, policy) as extra:
         activate_with_faceid(pipe, others, policy)
         try:
