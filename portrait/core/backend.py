@@ -2,7 +2,8 @@
 
 A backend is one module, `stages/backends/<name>.py`, that declares itself with a
 `BackendSpec` (its name, the base families it runs on, its typed options, the preset model
-roles it loads, whether it needs a trained LoRA, a one-line help) and is listed by one line
+roles it loads, the face-embedding space its adapter reads, whether it needs a trained LoRA, a
+one-line help) and is listed by one line
 in the table `portrait.stages.backends.BACKENDS`. Everything that names backends reads that
 table: request resolution and dispatch (stages/generate.py), `portrait generate --help`,
 studio spec validation, the service's backend list and option schema, the license
