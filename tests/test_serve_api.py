@@ -91,6 +91,9 @@ def test_train_job_progress_and_summary(studio, alice, trained):
     assert results["train"]["steps"] == 2 and results["train"]["lora"] == ["sd15"]
     identity = client.get(f"/v1/identities/{alice['id']}", headers=studio["a"]).json()
     assert identity["state"] == "ready" and identity["trained"]["lora"] == ["sd15"]
+    # the likeness curve of training (issue 28): step 0 is the base model, then each validation
+    curve = identity["trained"]["curve"]
+    assert curve[0]["step"] == 0 and curve[-1]["step"] == 2 and identity["trained"]["stopped_early"] is False
     again = client.post("/v1/jobs/train", json={"identity": alice["id"]}, headers=studio["a"])
     assert again.status_code == 409 and again.json()["reason"] == "busy"
 

@@ -326,10 +326,14 @@ class StudioService:
         manifest_path = handle.bundle / "manifest.json"
         if state == "ready" and manifest_path.is_file():
             manifest = json.loads(manifest_path.read_text())
+            record = manifest.get("train") or {}
             trained = {"lora": sorted((manifest.get("loras") or {})), "trigger": manifest.get("trigger"),
-                       "class_word": manifest.get("class_word"),
-                       "resumed_from": (manifest.get("train") or {}).get("resumed_from"),
-                       "steps": (manifest.get("train") or {}).get("steps")}
+                       "class_word": manifest.get("class_word"), "resumed_from": record.get("resumed_from"),
+                       "steps": record.get("steps"), "max_steps": record.get("max_steps"),
+                       "stopped_early": record.get("stopped_early"), "stop_reason": record.get("stop_reason"),
+                       # the likeness curve (step 0 = the base model), as the train summary plots it
+                       "curve": [{"step": r.get("step"), "likeness": r.get("score"), "clip_t": r.get("clip_t"),
+                                  "selected": r.get("selected")} for r in manifest.get("validation") or []]}
         return {"id": row.id, "name": row.name, "created": row.created, "state": state, "trained": trained or None,
                 "train_job": row.train_job, "report": row.report, "expired": row.expired,
                 "contact_sheet": f"/v1/identities/{row.id}/contact-sheet"}
