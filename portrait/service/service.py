@@ -928,7 +928,7 @@ class StudioService:
         return [{"name": s.name, "families": list(s.families), "help": s.help, "needs_lora": s.needs_lora,
                  "group": s.group, "photo_template": s.photo_template, "license": s.license or None,
                  "fast": {mode: dataclasses.asdict(how) for mode, how in s.fast.items()},
-                 "compositions": list(s.compositions), "controls": s.controls,
+                 "compositions": list(s.compositions), "controls": s.controls, "style_lora": s.style_lora,
                  "options": s.options.model_json_schema()} for s in BACKENDS.specs()]
 
     def template_preview(self, name: str) -> tuple[bytes, str]:

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 
 from portrait.core.context import RunContext
-from portrait.core.errors import BadInput
 from portrait.core.steps import step_callback
 from portrait.core.types import GenerationRequest
+from portrait.stages import frontier
 from portrait.stages.sd import generator, prepare_pipeline, to_uint8
 
-SAMPLER = "flow_euler"
+SAMPLER = frontier.SAMPLER
 # The bases the `flux` backend renders text to image on (with the identity's LoRA for that base
 # when the bundle has one): FLUX.1 and FLUX.2 [klein]; InfiniteYou and PuLID-FLUX need FLUX.1
 # itself, Z-Image has its own backend (`zimage`).
@@ -27,21 +27,14 @@ FLOW_FAMILIES = ("flux", "flux2-klein")
 
 
 def check_request(request: GenerationRequest, ctx: RunContext, families: tuple[str, ...] = ("flux",)) -> None:
-    """FLUX runs on the flux family (or `families`) with its flow-matching sampler, at sizes of 16 px."""
-    if ctx.preset.family not in families:
-        raise BadInput(f"backend '{request.backend}' runs on the {' / '.join(families)} famil"
-                       f"{'ies' if len(families) > 1 else 'y'}; preset '{ctx.preset.name}' is "
-                       f"{ctx.preset.family} (use --preset flux)")
-    if request.scheduler != SAMPLER:
-        raise BadInput(f"--scheduler {request.scheduler}: FLUX samples with {SAMPLER} only")
-    if request.width % 16 or request.height % 16:
-        raise BadInput(f"--size {request.width}x{request.height}: FLUX needs multiples of 16")
+    """FLUX runs on the flux family (or `families`) with its flow-matching sampler, at sizes of
+    16 px: the frontier families' one check (stages/frontier.py)."""
+    frontier.check_request(request, ctx, families, "flux")
 
 
-def max_sequence_length(ctx: RunContext) -> int:
-    """The preset's generate.max_sequence_length (FLUX.1-dev 512; declared and bounded in
-    stages/generate.GeneratePolicy, which checks the preset before a request resolves)."""
-    return int(ctx.preset.section("generate").get("max_sequence_length", 512))
+# The preset's generate.max_sequence_length (FLUX.1-dev 512; declared and bounded in
+# stages/generate.GeneratePolicy, which checks the preset before a request resolves).
+max_sequence_length = frontier.max_sequence_length
 
 
 def load_flux_pipeline(ctx: RunContext, request: GenerationRequest, kind: str = "txt2img",
