@@ -1,36 +1,42 @@
-"""Training speed and memory: our LoRA trainer vs diffusers' DreamBooth-LoRA script, side by side.
+"""Training speed and memory: our LoRA trainer against the real peers, each a whole process.
 
-What a user feels is the time to a finished identity and the peak memory, so each variant
-runs as a whole process (Python start, imports, model load, training, the LoRA written) and
-the parent times it from outside. Both train the same LoRA (rank, targets, AdamW, learning
-rate, batch 1, text encoder frozen) on the same model and photos for the same step count.
-The script's SD1.5 dataset does not flip images, so ours runs with `flip: false` here too
-(with flips on, each mirror a run draws costs one more VAE encode, once).
+What a user feels is the time to a finished LoRA and the peak memory, so every variant runs as
+a whole process (Python start, imports, model load, caching, training, the LoRA written) and
+the parent times it from outside. The peers are the ACTUAL reference scripts, given by path
+and run unmodified (this bench ships none of their code):
 
-- baseline: a faithful re-implementation of the loop of diffusers'
-  `examples/dreambooth/train_dreambooth_lora.py` (defaults: fp32 on CPU, no gradient
-  checkpointing, text encoder frozen, no pre-computed embeddings). Per step the dataset opens
-  the image file, applies Resize + CenterCrop + ToTensor + Normalize and tokenizes the prompt;
-  then VAE encode + sample, text encode, UNet forward and backward, clip, AdamW step. The VAE
-  and text encoder stay loaded all run. At the end it writes the LoRA with
-  `save_lora_weights`, as the script does.
-- ours: `portrait.stages.train.train_lora`, the trainer `portrait train` runs (latents and
-  prompt embeddings encoded on first use, the VAE and text encoder freed once everything the
-  run will draw is cached, a checkpoint with optimizer and RNG state at the end), with
-  validation renders off as in the baseline.
+- diffusers: `--diffusers-script PATH` (examples/dreambooth/train_dreambooth_lora.py for the
+  SD1.5 architecture; train_dreambooth_lora_flux.py / _flux2_klein.py / _z_image.py for the
+  flow-matching tiny models), run with this interpreter;
+- kohya sd-scripts: `--kohya-script PATH` (train_network.py, SD1.5 only), run with
+  `--kohya-python` (sd-scripts pins its own diffusers/transformers: give it its own venv).
 
-Figures, each the median over `--repeats` interleaved pairs (baseline, then ours, then the
-next pair), with `--threads` torch threads per process:
-- steps/s after warm-up: the steps after the first, timed inside the process (CPU time, the
-  figure least disturbed by other load on a shared machine; wall time is printed beside it);
-- whole process: wall time of the child process, per step count in `--steps`;
-- peak memory: the process's max RSS on CPU (max allocated on CUDA).
+Every process (ours included) is started through this file's `--clock` launcher, which
+registers a global optimizer step hook (`torch.optim.optimizer.register_optimizer_step_post_hook`)
+and then runs the script as `__main__`: the step times of all sides come from the same clock,
+and nothing inside a peer is changed. From the marks: steps/s after warm-up (steps 2..N; wall
+and CPU time of the process), seconds to the first step, and seconds from the last step to the
+process's exit. Peak memory is the child's max RSS from wait4 (on CUDA a process's own
+`torch.cuda.max_memory_allocated` is not visible from outside: CPU only).
 
-`--arch sd15` builds the real SD1.5 architecture (presets/configs/sd15, random weights: the
-values do not change the work) once in the home folder, and trains at 256 px by default.
+Matched settings on every side: batch 1, rank 4 (alpha 4: the diffusers SD script's
+lora_alpha = rank), lr 1e-4, AdamW, constant schedule, no flips, text encoder frozen, no
+gradient checkpointing, the frozen weights in --precision (fp32 or bf16), one torch thread per
+process (--threads), the same attention LoRA modules (SD1.5: to_q/to_k/to_v/to_out.0 of all
+32 attention layers = 128 modules; kohya is limited to them by a network-module shim written
+here, since its networks.lora also adapts proj_in/proj_out/ff; flow families: each script's own
+default target list, which is ours too). Each side keeps its own default for the LoRA weights'
+precision under bf16 (ours fp32; diffusers' scripts bf16; kohya fp32 unless --full_bf16).
 
-    python bench/train_speed.py                          # tiny model, 64 px, 8 and 100 steps
-    python bench/train_speed.py --arch sd15 --steps 8    # SD1.5 architecture, 256 px
+    # SD1.5 architecture, random weights, 256 px (the peers fetched as mirrors):
+    python bench/train_speed.py --arch sd15 --precision bf16 --steps 8,100 --repeats 1 \\
+        --diffusers-script /tmp/peers/diffusers-examples/examples/dreambooth/train_dreambooth_lora.py \\
+        --kohya-script /tmp/peers/sd-scripts/train_network.py --kohya-python /tmp/peers/kohya-venv/bin/python
+    # a flow-matching tiny stand-in against its diffusers script:
+    python bench/train_speed.py --arch tiny-flux2-klein --steps 8,100 \\
+        --diffusers-script .../train_dreambooth_lora_flux2_klein.py
+
+Variants run interleaved (one of each, then the next round), the load average is printed.
 """
 
 from __future__ import annotations
@@ -47,55 +53,216 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPT = "a photo of sks person"
+ROOT = Path(__file__).resolve().parents[1]
+# arch -> (preset, family, diffusers script name)
+ARCHES = {
+    "sd15": ("sd15", "sd15", "train_dreambooth_lora.py"),
+    "tiny": ("tiny", "sd15", "train_dreambooth_lora.py"),
+    "tiny-flux": ("tiny-flux", "flux", "train_dreambooth_lora_flux.py"),
+    "tiny-flux2-klein": ("tiny-flux2-klein", "flux2-klein", "train_dreambooth_lora_flux2_klein.py"),
+    "tiny-zimage": ("tiny-zimage", "zimage", "train_dreambooth_lora_z_image.py"),
+}
+RANK = ALPHA = 4
+LR = 1e-4
 
 
-def sample_images(folder: Path, resolution: int) -> list[Path]:
-    """Three real photos, at twice the training size so the baseline's resize does real work."""
-    import numpy as np
-    from PIL import Image
-    from skimage import data
-
-    from portrait.samples import hopper_photo
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate((data.astronaut()[0:300, 100:400], hopper_photo()[100:400, 100:400], data.chelsea()[0:300, 0:300])):
-        path = folder / f"{resolution}-{i}.png"
-        if not path.exists():
-            Image.fromarray(np.ascontiguousarray(image)).resize((resolution * 2, resolution * 2), Image.LANCZOS).save(path)
-        paths.append(path)
-    return paths
+# --- the clock: every process runs through it ------------------------------------------------
 
 
-def loader(settings, preset: str, model_dir: str | None, ours: bool = False, dtypes=None, ctx=None):
-    """(ctx, load()) where load() returns a fresh pipeline. Ours: the shipped loader, as
-    `portrait train` calls it (the folder as `--base`, the parts in `dtypes`); the baseline:
-    diffusers' from_pretrained on the folder, as the script loads it."""
+def clock(out: str, script: str, argv: list[str]) -> None:
+    """Run `script` as __main__ with `argv`, marking (epoch, CPU seconds) at every optimizer step."""
+    import atexit
+    import runpy
+
+    marks: list[tuple[float, float]] = []
+    start = time.time() - process_age_s()
+
+    def save() -> None:
+        Path(out).write_text(json.dumps({"start": start, "marks": marks, "exit": time.time()}))
+
+    atexit.register(save)
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    register_optimizer_step_post_hook(
+        lambda *_: marks.append((time.time(), time.process_time())))
+    sys.argv = [script, *argv]
+    sys.path.insert(0, str(Path(script).resolve().parent))
+    runpy.run_path(script, run_name="__main__")
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux /proc)."""
+    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+# --- ours, as a script the clock runs ---------------------------------------------------------
+
+
+def ours(args) -> None:
+    """Our trainer as `portrait train` runs it after prepare: the base loaded (the parts that
+    train in bf16 loaded as bf16), train_lora (latents and prompts cached before step 1, the VAE
+    and text encoders freed, a checkpoint at the end), the LoRA written in diffusers' layout."""
     import dataclasses
 
     from portrait.core.cache import ModelCache
+    from portrait.core.config import Settings
     from portrait.core.context import RunContext
+    from portrait.core.formats.images import read_rgb
     from portrait.core.loaders import load_pipeline
+    from portrait.flows.train import train_base
+    from portrait.stages.train import TrainData, TrainModels, TrainPolicy, load_dtypes, save_diffusers_lora, train_lora
 
-    ctx = ctx or RunContext.create(settings, preset=preset)
-    if model_dir and not ours:
-        from diffusers import StableDiffusionPipeline
+    preset, family, _script = ARCHES[args.arch]
+    settings = Settings(home=Path(args.home), preset=preset, device="cpu")
+    ctx = RunContext.create(settings, preset=preset)
+    overrides = {"unet_targets": ("to_q", "to_k", "to_v", "to_out.0")} if family == "sd15" else {}
+    policy = TrainPolicy.from_section(
+        ctx.preset.section("train"), steps=args.steps[0], resolution=args.resolution, rank=RANK, alpha=ALPHA,
+        learning_rate=LR, train_text_encoder=False, gradient_checkpointing=False, snr_gamma=None, flip=False,
+        validation_seeds=[], checkpoint_every=10**9, optimizer="adamw", batch_size=1, lr_scheduler="constant",
+        mixed_precision="bf16" if args.precision == "bf16" else "no", max_sequence_length=args.sequence, **overrides)
+    dtypes = load_dtypes(policy, "cpu", "float32")
+    where = {"base_path": args.model_dir, "family": family, "vae": None} if args.model_dir else {}
 
-        return ctx, lambda: StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None,
-                                                                    requires_safety_checker=False)
-    where = {"base_path": model_dir, "family": "sd15", "vae": None} if model_dir else {}
-    return ctx, lambda: load_pipeline(dataclasses.replace(ctx, cache=ModelCache()), dtypes=dtypes, **where)
+    def load():
+        return load_pipeline(dataclasses.replace(ctx, cache=ModelCache()), None if args.model_dir else train_base(ctx),
+                             dtypes=dtypes, **where)
+
+    def reload(names):
+        fresh = load()
+        return {name: getattr(fresh, name) for name in names}
+
+    images = tuple(read_rgb(p) for p in sorted(Path(args.data).glob("*.png")))
+    data = TrainData(images, (PROMPT,) * len(images), "sks", "person")
+    with tempfile.TemporaryDirectory() as out:
+        result = train_lora(TrainModels(family, load(), reload=reload), data, policy, Path(out) / "work",
+                            restore_pipeline=False)
+        save_diffusers_lora(Path(args.out) / "lora.safetensors", family, result.lora, result.rank, result.alpha,
+                            transformer_targets=result.targets or None)
+    from portrait.cli.main import leave
+
+    leave(0)  # as `portrait train` ends (the CLI's entry): no interpreter teardown once the work is written
+
+
+# --- the peers' command lines -------------------------------------------------------------------
+
+
+def diffusers_args(args, family: str, model: Path, data: Path, out: Path, steps: int) -> list[str]:
+    line = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data), "--instance_prompt",
+            PROMPT, "--output_dir", str(out), "--resolution", str(args.resolution), "--train_batch_size", "1",
+            "--max_train_steps", str(steps), "--learning_rate", str(LR), "--rank", str(RANK), "--seed", "0",
+            "--mixed_precision", "bf16" if args.precision == "bf16" else "no", "--lr_scheduler", "constant",
+            "--lr_warmup_steps", "0", "--checkpointing_steps", str(10**9)]
+    if family != "sd15":
+        line += ["--lora_alpha", str(ALPHA), "--max_sequence_length", str(args.sequence)]
+    if family == "flux2-klein":
+        line += ["--text_encoder_out_layers", "9", "18", "27"]  # the pipeline's layers (the tiny Qwen3 has 28)
+    return line
+
+
+KOHYA_SHIM = '''"""The bench's kohya network module: networks.lora limited to the attention projections
+(attn1/attn2 to_q, to_k, to_v, to_out.0), the modules diffusers' SD script and ours adapt."""
+import re
+
+from networks import lora as _lora
+
+_KEEP = re.compile(r"_attn[12]_to_(q|k|v|out_0)$")
+
+
+def create_network(*args, **kwargs):
+    # The LoRA modules are registered on the network only by apply_to(), from these lists.
+    network = _lora.create_network(*args, **kwargs)
+    network.unet_loras = [m for m in network.unet_loras if _KEEP.search(m.lora_name)]
+    network.text_encoder_loras = []
+    print(f"bench shim: {len(network.unet_loras)} attention LoRA modules")
+    return network
+
+
+create_network_from_weights = _lora.create_network_from_weights
+'''
+
+
+def kohya_args(args, model: Path, data: Path, out: Path, steps: int) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
+            "--output_name", "lora", "--resolution", str(args.resolution), "--train_batch_size", "1",
+            "--max_train_steps", str(steps), "--learning_rate", str(LR), "--optimizer_type", "AdamW",
+            "--network_module", "bench_kohya_attention", "--network_dim", str(RANK), "--network_alpha", str(ALPHA),
+            "--network_train_unet_only", "--mixed_precision", "bf16" if args.precision == "bf16" else "no",
+            "--save_precision", "float", "--save_model_as", "safetensors", "--cache_latents", "--sdpa",
+            "--seed", "0", "--max_data_loader_n_workers", "0", "--caption_extension", ".txt",
+            "--lr_scheduler", "constant", "--tokenizer_cache_dir", str(Path(data).parent / "kohya-tokenizers")]
+
+
+# --- running one variant ------------------------------------------------------------------------
+
+
+def run_variant(args, variant: str, steps: int, env_paths: dict) -> dict:
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{variant}-"))
+    marks_file = work / "marks.json"
+    python, script = sys.executable, str(Path(__file__).resolve())
+    preset, family, _ = ARCHES[args.arch]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "BENCH_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if variant == "portrait":
+        argv = ["--variant", "ours", "--arch", args.arch, "--steps", str(steps), "--resolution", str(args.resolution),
+                "--home", str(env_paths["home"]), "--data", str(env_paths["data"]), "--out", str(work),
+                "--precision", args.precision, "--sequence", str(args.sequence)]
+        if args.arch == "sd15":
+            argv += ["--model-dir", str(env_paths["model"])]
+        target = script
+    elif variant == "diffusers":
+        target, argv = args.diffusers_script, diffusers_args(args, family, env_paths["model"], env_paths["data"],
+                                                             work / "out", steps)
+    else:
+        python, target = args.kohya_python, args.kohya_script
+        argv = kohya_args(args, env_paths["model"], env_paths["kohya_data"], work / "out", steps)
+        env["PYTHONPATH"] = os.pathsep.join([str(env_paths["shim"]), str(Path(target).resolve().parent)])
+    cmd = [python, script, "--clock", str(marks_file), "--", target, *argv]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    output = proc.stdout.read()
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    ended = time.time()
+    if status != 0 or not marks_file.is_file():
+        raise SystemExit(f"{variant} failed ({status}):\n{output[-4000:]}")
+    clock_data = json.loads(marks_file.read_text())
+    marks = clock_data["marks"]
+    if len(marks) != steps:
+        raise SystemExit(f"{variant}: {len(marks)} optimizer steps seen, {steps} asked:\n{output[-2000:]}")
+    (w0, c0), (w1, c1) = marks[0], marks[-1]
+    row = {"variant": variant, "steps": steps, "process_s": wall, "peak_mb": usage.ru_maxrss / 1024,
+           "first_step_s": w0 - clock_data["start"], "after_last_s": ended - w1,
+           "teardown_s": ended - clock_data["exit"],  # the interpreter's exit after the script returned
+           "steps_per_s": (steps - 1) / (w1 - w0) if steps > 1 else None,
+           "steps_per_cpu_s": (steps - 1) / (c1 - c0) if steps > 1 else None, "load": load_average(),
+           "arch": args.arch, "precision": args.precision, "resolution": args.resolution, "threads": args.threads}
+    with open(Path(env_paths["home"]) / "train-bench.jsonl", "a") as log:
+        log.write(json.dumps(row) + "\n")
+    return row
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+# --- inputs: the model and the photos -----------------------------------------------------------
 
 
 def write_sd15_architecture(root: Path) -> Path:
-    """A diffusers SD1.5 folder: the real configs, random weights, the real CLIP tokenizer."""
+    """A diffusers SD1.5 folder: the real configs (portrait/presets/configs/sd15), random weights,
+    the real CLIP tokenizer."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from portrait.core.tiny.diffusion import write_pipeline_folder
 
-    configs = Path(__file__).resolve().parents[1] / "presets" / "configs" / "sd15"
+    configs = ROOT / "portrait" / "presets" / "configs" / "sd15"
     target = root / "sd15-architecture"
     if (target / "model_index.json").exists():
         return target
@@ -110,306 +277,171 @@ def write_sd15_architecture(root: Path) -> Path:
     return target
 
 
-def policy_for(ctx, steps: int, resolution: int, rank: int | None, precision: str | None = None):
-    """The preset's train section with the bench's fixed knobs; `precision` None keeps the preset's."""
-    from portrait.stages.train import TrainPolicy
-
-    extra = {"mixed_precision": precision} if precision else {}
-    return TrainPolicy.from_section(ctx.preset.section("train"), steps=steps, resolution=resolution, rank=rank,
-                                    train_text_encoder=False, gradient_checkpointing=False, snr_gamma=0.0, flip=False,
-                                    validation_seeds=[], checkpoint_every=10**9, optimizer="adamw", **extra)
-
-
-class StepClock:
-    """Wall and CPU time at the end of the first step and of the last."""
-
-    def __init__(self):
-        self.marks: list[tuple[float, float]] = []
-
-    def mark(self) -> None:
-        self.marks.append((time.perf_counter(), time.process_time()))
-
-    def figures(self) -> dict:
-        (w0, c0), (w1, c1) = self.marks[0], self.marks[-1]
-        return {"timed_steps": len(self.marks) - 1, "loop_s": w1 - w0, "loop_cpu_s": c1 - c0}
-
-
-def run_ours(settings, preset, images, steps, resolution, rank, model_dir, out: Path, precision: str) -> dict:
-    from portrait.core.context import RunContext
-    from portrait.core.formats.images import read_rgb
-    from portrait.stages.train import TrainData, TrainModels, load_dtypes, save_diffusers_lora, train_lora
-
-    ctx = RunContext.create(settings, preset=preset)
-    policy = policy_for(ctx, steps, resolution, rank, precision)
-    # As the train flow: the parts that train in bf16 on this CPU are loaded as bf16.
-    ctx, load = loader(settings, preset, model_dir, ours=True, ctx=ctx,
-                       dtypes=load_dtypes(policy, ctx.placement.device, ctx.placement.dtype_name))
-    pipe = load()
-
-    def reload(names):
-        fresh = load()
-        return {name: getattr(fresh, name) for name in names}
-
-    # The trainer's input: RGB arrays (portrait train reads its prepared crops the same way).
-    arrays = tuple(read_rgb(p) for p in images)
-    data = TrainData(arrays, (PROMPT,) * len(arrays), "sks", "person")
-    clock = StepClock()
-    result = train_lora(TrainModels(ctx.preset.family, pipe, reload=reload), data, policy, out / "work",
-                        device=ctx.placement.device, dtype_name=ctx.placement.dtype_name, restore_pipeline=False,
-                        on_event=lambda e: clock.mark() if e.phase == "step" else None)
-    save_diffusers_lora(out / "lora.safetensors", ctx.preset.family, result.lora, result.rank, result.alpha)
-    return {**clock.figures(), "trained_in": "bf16" if load_dtypes(policy, ctx.placement.device, "float32") else "fp32"}
-
-
-def run_baseline(settings, preset, images, steps, resolution, rank, model_dir, out: Path, precision: str) -> dict:
-    """diffusers' train_dreambooth_lora.py loop, on the same model (no caching). `precision`:
-    the script's --mixed_precision (its default, no, is fp32); under bf16 it casts the loaded
-    UNet, VAE and text encoder to bf16, keeps the LoRA in fp32, and runs the UNet under autocast
-    (accelerate wraps the prepared UNet's forward so)."""
-    import torch
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+def sample_images(folder: Path, kohya: Path, resolution: int) -> None:
+    """Three photos at twice the training size (every side resizes them), and kohya's copy in
+    its `<repeats>_<prompt>` folder layout with caption files."""
+    import numpy as np
     from PIL import Image
-    from PIL.ImageOps import exif_transpose
-    from torchvision import transforms
+    from skimage import data
 
-    ctx, load = loader(settings, preset, model_dir)
-    if ctx.preset.family != "sd15":
-        raise SystemExit("the baseline mirrors the SD1.5 script; use an sd15-family preset")
-    pipe = load()
-    policy = policy_for(ctx, steps, resolution, rank, "no")
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    device = ctx.placement.device
-    weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-        module.to(device, dtype=weight_dtype)
-    torch.manual_seed(policy.seed)
-    unet.add_adapter(LoraConfig(r=policy.rank, lora_alpha=policy.alpha, init_lora_weights="gaussian",
-                                target_modules=list(policy.unet_targets)))
-    cast_training_params(unet, dtype=torch.float32)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=policy.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    lr_scheduler = get_scheduler(policy.lr_scheduler, optimizer=optimizer, num_warmup_steps=0, num_training_steps=steps)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    image_transforms = transforms.Compose([
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-        transforms.CenterCrop(resolution),
-        transforms.ToTensor(),
-        transforms.Normalize([0.5], [0.5]),
-    ])
-    clock = StepClock()
-    unet.train()
-    for step in range(steps):
-        # DreamBoothDataset.__getitem__: open, exif-transpose, convert, transform, tokenize
-        image = exif_transpose(Image.open(images[step % len(images)]))
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        pixel_values = image_transforms(image).unsqueeze(0).to(device, dtype=weight_dtype)
-        input_ids = tokenizer(PROMPT, truncation=True, padding="max_length", max_length=tokenizer.model_max_length,
-                              return_tensors="pt").input_ids.to(device)
-        # the training step
-        model_input = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
-        noise = torch.randn_like(model_input)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (model_input.shape[0],), device=device)
-        noisy = noise_scheduler.add_noise(model_input, noise, timesteps)
-        encoder_hidden_states = text_encoder(input_ids)[0]
-        with torch.autocast("cpu" if device == "cpu" else "cuda", dtype=weight_dtype, enabled=precision == "bf16"):
-            model_pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
-        loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, policy.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad()
-        float(loss.detach().item())  # the script logs the loss every step
-        clock.mark()
-    StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=get_peft_model_state_dict(unet))
-    return {**clock.figures(), "trained_in": "bf16" if precision == "bf16" else "fp32"}
+    from portrait.samples import hopper_photo
+
+    concept = kohya / "1_sks person"
+    for where in (folder, concept):
+        where.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate((data.astronaut()[0:300, 100:400], hopper_photo()[100:400, 100:400],
+                               data.chelsea()[0:300, 0:300])):
+        pil = Image.fromarray(np.ascontiguousarray(image)).resize((resolution * 2, resolution * 2), Image.LANCZOS)
+        pil.save(folder / f"{i}.png")
+        pil.save(concept / f"{i}.png")
+        (concept / f"{i}.txt").write_text(PROMPT)
 
 
-def process_age_s() -> float:
-    """Seconds since this process started (Linux /proc): its whole-process time, seen from inside."""
-    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-    uptime = float(Path("/proc/uptime").read_text().split()[0])
-    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-
-
-def peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def child(args) -> None:
-    import torch
-
-    torch.set_num_threads(args.threads)
+def prepare_inputs(args, home: Path) -> dict:
     from portrait.core.config import Settings
-
-    settings = Settings(home=Path(args.home), preset=args.preset, device=args.device)
-    images = sample_images(Path(args.home) / "bench-images", args.resolution)
-    fn = run_ours if args.variant == "ours" else run_baseline
-    precision = args.ours_precision if args.variant == "ours" else args.baseline_precision
-    precision = None if precision == "preset" else precision
-    with tempfile.TemporaryDirectory() as out:
-        result = fn(settings, args.preset, images, args.steps[0], args.resolution, args.rank, args.model_dir, Path(out),
-                    precision)
-    result.update(variant=args.variant, steps=args.steps[0], peak_mb=peak_memory_mb(settings.device), precision=precision,
-                  arch="sd15" if args.model_dir else "tiny", resolution=args.resolution, rank=args.rank,
-                  threads=args.threads, finished=time.time(), load=load_average(), process_s=process_age_s())
-    print(json.dumps(result))
-    # Every run is also appended to HOME/train-bench.jsonl, so a long run cut short still leaves
-    # its finished pairs (`--from-results` prints the table from such a file).
-    with open(Path(args.home) / "train-bench.jsonl", "a") as log:
-        log.write(json.dumps(result) + "\n")
-
-
-def ensure_tiny(home: Path, preset: str) -> None:
-    from portrait.core.config import Settings, load_preset
+    from portrait.core.context import RunContext
     from portrait.core.registry import Registry
     from portrait.core.registry import make_tiny
+    from portrait.flows.train import train_base
 
-    if not load_preset(preset).tiny:
+    preset, family, _ = ARCHES[args.arch]
+    paths = {"home": home, "data": home / "bench-images", "kohya_data": home / "bench-images-kohya",
+             "shim": home / "bench-shim"}
+    sample_images(paths["data"], paths["kohya_data"], args.resolution)
+    paths["shim"].mkdir(exist_ok=True)
+    (paths["shim"] / "bench_kohya_attention.py").write_text(KOHYA_SHIM)
+    if args.arch == "sd15":
+        paths["model"] = write_sd15_architecture(home)
+        # kohya loads its CLIP tokenizer by hub id unless a cache folder holds it: the model's own
+        # (the real CLIP vocabulary, built offline) is put where it looks.
+        import shutil
+
+        cached = home / "kohya-tokenizers" / "openai_clip-vit-large-patch14"
+        if not cached.exists():
+            shutil.copytree(paths["model"] / "tokenizer", cached)
+    else:
+        settings = Settings(home=home, preset=preset, device="cpu")
+        ctx = RunContext.create(settings, preset=preset)
+        registry = Registry.load()
+        make_tiny(settings, registry, only={registry.stand_in(train_base(ctx), True).id})
+        paths["model"] = ctx.resolve(train_base(ctx)).root
+    return paths
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+
+def report(args, rows: list[dict], loads: list[str]) -> None:
+    med = statistics.median
+    variants = [v for v in ("portrait", "kohya", "diffusers") if any(r["variant"] == v for r in rows)]
+
+    def pick(variant, key, steps=None):
+        values = [r[key] for r in rows if r["variant"] == variant and (steps is None or r["steps"] == steps)
+                  and r[key] is not None]
+        return med(values) if values else None
+
+    names = {"portrait": "portrait", "kohya": "kohya sd-scripts train_network.py",
+             "diffusers": f"diffusers {ARCHES[args.arch][2]}"}
+    print(f"{args.arch} architecture, {args.resolution} px, batch 1, rank {RANK}, {args.precision} on every side, "
+          f"{args.threads} torch thread(s) per process, median of {args.repeats} interleaved round(s); "
+          f"load average seen: {', '.join(loads)}")
+    print()
+    print("| | " + " | ".join(names[v] for v in variants) + " |")
+    print("| --- |" + " --- |" * len(variants))
+
+    def line(label, key, fmt, steps=None):
+        cells = []
+        for v in variants:
+            value = pick(v, key, steps)
+            cells.append("-" if value is None else fmt.format(value))
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+    line("steps/s after warm-up (wall)", "steps_per_s", "{:.3f}")
+    line("steps per CPU-second after warm-up", "steps_per_cpu_s", "{:.3f}")
+    for steps in args.steps:
+        line(f"whole process, {steps} steps", "process_s", "{:.1f} s", steps)
+    line("peak RSS", "peak_mb", "{:.0f} MB")
+    line("seconds to the first step", "first_step_s", "{:.1f}")
+    line("seconds after the last step", "after_last_s", "{:.1f}")
+    line("... of which interpreter exit", "teardown_s", "{:.1f}")
+    print()
+    peers = [v for v in variants if v != "portrait"]
+    if not peers or "portrait" not in variants:
         return
-    registry = Registry.load()
-    roles = load_preset(preset).models
-    wanted = {registry.stand_in(roles[r], True).id for r in ("base", "vae") if r in roles}
-    make_tiny(Settings(home=home, preset=preset), registry, only=wanted)
-
-
-def run_child(args, variant: str, steps: int, home: Path, model_args: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--variant", variant, "--steps", str(steps), "--resolution", str(args.resolution),
-           "--preset", args.preset, "--device", args.device, "--home", str(home), "--threads", str(args.threads),
-           "--rank", str(args.rank), "--ours-precision", args.ours_precision,
-           "--baseline-precision", args.baseline_precision, *model_args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    if out.returncode:
-        raise SystemExit(f"{variant} child failed:\n{out.stderr[-3000:]}")
-    row = json.loads(out.stdout.strip().splitlines()[-1])
-    row["process_s"] = wall
-    return row
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    # Steps per CPU-second is the per-step figure least disturbed by other load on a shared
+    # machine (a process's wall steps/s moves with the load average); both are printed.
+    fastest = max(peers, key=lambda v: pick(v, "steps_per_cpu_s") or 0)
+    lowest = min(peers, key=lambda v: pick(v, "peak_mb") or 1e12)
+    ratio = (pick("portrait", "steps_per_cpu_s") or 0) / (pick(fastest, "steps_per_cpu_s") or 1)
+    wall = (pick("portrait", "steps_per_s") or 0) / (pick(fastest, "steps_per_s") or 1)
+    print(f"steps per CPU-second: portrait / faster peer ({fastest}) = {ratio:.2f}x (wall: {wall:.2f}x) "
+          f"(target >= 1.5x): {'met' if ratio >= 1.5 else 'NOT met'}")
+    for steps in args.steps:
+        worst = min(pick(v, "process_s", steps) for v in peers) / pick("portrait", "process_s", steps)
+        print(f"whole process at {steps} steps: fastest peer / portrait = {worst:.2f}x (target > 1.0): "
+              f"{'met' if worst > 1.0 else 'NOT met'}")
+    mem = pick("portrait", "peak_mb") / pick(lowest, "peak_mb")
+    print(f"peak RSS: portrait / lower peer ({lowest}) = {mem:.2f}x (target <= 0.6): {'met' if mem <= 0.6 else 'NOT met'}")
 
 
 def main() -> None:
+    if "--clock" in sys.argv:
+        i = sys.argv.index("--clock")
+        j = sys.argv.index("--", i)
+        return clock(sys.argv[i + 1], sys.argv[j + 1], sys.argv[j + 2:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=("tiny", "sd15"), default="tiny",
-                        help="tiny: the preset's stand-in models; sd15: the real SD1.5 architecture, random weights")
-    parser.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                        help="comma-separated step counts, each a whole run (default 8,100 tiny; 8 sd15)")
-    parser.add_argument("--resolution", type=int, default=None, help="training size (default 64 tiny, 256 sd15)")
-    parser.add_argument("--rank", type=int, default=4, help="LoRA rank, both variants")
-    parser.add_argument("--preset", default=None, help="preset for the training policy (default tiny / sd15)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--home", default=None, help="HOME holding the models (default: a temp home with make-tiny)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved (baseline, ours) pairs per step count")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads per process (1 keeps a shared machine's load from skewing the ratio)")
-    parser.add_argument("--ours-precision", choices=("preset", "auto", "no", "bf16"), default="preset",
-                        help="portrait train --mixed-precision (preset: the preset's, auto unless it sets one; "
-                             "auto: bf16 on CPUs with bf16 instructions, else fp32; the tiny preset sets no)")
-    parser.add_argument("--baseline-precision", choices=("no", "bf16"), default="no",
-                        help="the script's --mixed_precision (its default: no, fp32)")
+    parser.add_argument("--arch", choices=tuple(ARCHES), default="tiny-flux2-klein")
+    parser.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")], default=[8, 100])
+    parser.add_argument("--resolution", type=int, default=None, help="default 256 for sd15, 64 for the tiny models")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--sequence", type=int, default=128, help="text tokens (flow-matching families)")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds of every variant")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--home", default=None, help="a home to keep the models and the runs' log in")
+    parser.add_argument("--diffusers-script", default=None, help="diffusers' examples/dreambooth script for the arch")
+    parser.add_argument("--kohya-script", default=None, help="kohya sd-scripts' train_network.py (SD1.5 only)")
+    parser.add_argument("--kohya-python", default=sys.executable, help="the interpreter with sd-scripts' requirements")
     parser.add_argument("--from-results", default=None,
-                        help="print the table from a train-bench.jsonl (pairs in order) instead of running")
-    parser.add_argument("--variant", choices=("ours", "baseline"), help=argparse.SUPPRESS)
+                        help="print the table from a HOME/train-bench.jsonl of earlier runs instead of running")
+    parser.add_argument("--variant", choices=("ours",), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    real = args.arch == "sd15"
-    args.steps = args.steps or ([8] if real else [8, 100])
-    args.resolution = args.resolution or (256 if real else 64)
-    args.preset = args.preset or ("sd15" if real else "tiny")
+    args.resolution = args.resolution or (256 if args.arch == "sd15" else 64)
     if args.variant:
-        return child(args)
+        return ours(args)
     if args.from_results:
-        return report_file(args, Path(args.from_results))
+        rows = [json.loads(line) for line in Path(args.from_results).read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r["arch"] == args.arch and r["precision"] == args.precision]
+        args.steps = sorted({r["steps"] for r in rows})
+        args.repeats = min(sum(1 for r in rows if r["variant"] == "portrait" and r["steps"] == n) for n in args.steps)
+        return report(args, rows, sorted({r["load"] for r in rows}))
     if min(args.steps) < 2:
         raise SystemExit("--steps: each run needs at least 2 steps (the first is the warm-up)")
-
+    variants = ["portrait"]
+    if args.kohya_script:
+        if ARCHES[args.arch][1] != "sd15":
+            raise SystemExit("--kohya-script: the kohya comparison is for the SD1.5 architecture (--arch sd15)")
+        variants.append("kohya")
+    if args.diffusers_script:
+        variants.append("diffusers")
     loads = [load_average()]
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(args.home) if args.home else Path(tmp)
-        model_args = []
-        if real:
-            model_args = ["--model-dir", str(write_sd15_architecture(home))]
-        else:
-            ensure_tiny(home, args.preset)
-        runs: dict[int, list[tuple[dict, dict]]] = {}
+        home.mkdir(parents=True, exist_ok=True)
+        paths = prepare_inputs(args, home)
+        rows = []
         for steps in args.steps:
-            runs[steps] = []
             for _ in range(args.repeats):
-                base = run_child(args, "baseline", steps, home, model_args)
-                ours = run_child(args, "ours", steps, home, model_args)
-                runs[steps].append((base, ours))
+                for variant in variants:
+                    row = run_variant(args, variant, steps, paths)
+                    rows.append(row)
+                    print(f"  {variant} {steps} steps: {row['process_s']:.1f} s, {row['peak_mb']:.0f} MB, "
+                          f"{row['steps_per_s'] or 0:.3f} steps/s, {row['after_last_s']:.1f} s after the last step",
+                          file=sys.stderr, flush=True)
                 loads.append(load_average())
-                print(f"  {steps} steps: baseline {base['process_s']:.1f} s, {base['peak_mb']:.0f} MB; "
-                      f"ours {ours['process_s']:.1f} s, {ours['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
-    report(args, runs, loads)
-
-
-def report_file(args, path: Path) -> None:
-    """The table from logged runs of this --arch: each baseline paired with the next ours run."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("arch") == args.arch and "process_s" in r]
-    runs: dict[int, list[tuple[dict, dict]]] = {}
-    pending: dict[int, dict] = {}
-    for row in rows:
-        if row["variant"] == "baseline":
-            pending[row["steps"]] = row
-        elif row["steps"] in pending:
-            runs.setdefault(row["steps"], []).append((pending.pop(row["steps"]), row))
-    args.repeats = min(len(v) for v in runs.values())
-    report(args, runs, sorted({r["load"] for r in rows}))
-
-
-def report(args, runs: dict[int, list[tuple[dict, dict]]], loads: list[str]) -> None:
-    med = statistics.median
-    pairs = [pair for rows in runs.values() for pair in rows]
-
-    def speed(row, key="loop_cpu_s"):
-        return row["timed_steps"] / row[key]
-
-    def trained(side: int) -> str:
-        return "/".join(sorted({pair[side].get("trained_in", "fp32") for pair in pairs}))
-
-    title = (f"{args.arch} architecture, {args.resolution} px, batch 1, rank {args.rank}; "
-             f"script {trained(0)}, portrait {trained(1)}")
-    print(f"{title}; {args.threads} torch thread(s) per process; median of {args.repeats} interleaved pairs "
-          f"per step count ({len(pairs)} pairs for the per-step figures); load average seen: {', '.join(loads)}")
-    print()
-    print(f"| {title} | diffusers' script (re-implemented) | portrait | ratio |")
-    print("| --- | --- | --- | --- |")
-    b, o = med(speed(b) for b, _ in pairs), med(speed(o) for _, o in pairs)
-    r = med(speed(o) / speed(b) for b, o in pairs)
-    print(f"| steps per CPU-second after warm-up | {b:.3f} | {o:.3f} | {r:.2f}x faster |")
-    b, o = med(speed(b, "loop_s") for b, _ in pairs), med(speed(o, "loop_s") for _, o in pairs)
-    r = med(speed(o, "loop_s") / speed(b, "loop_s") for b, o in pairs)
-    print(f"| steps/s (wall) after warm-up | {b:.3f} | {o:.3f} | {r:.2f}x faster |")
-    for steps, rows in runs.items():
-        b, o = med(b["process_s"] for b, _ in rows), med(o["process_s"] for _, o in rows)
-        r = med(b["process_s"] / o["process_s"] for b, o in rows)
-        print(f"| whole process, {steps} steps | {b:.1f} s | {o:.1f} s | {r:.2f}x faster |")
-    b, o = med(b["peak_mb"] for b, _ in pairs), med(o["peak_mb"] for _, o in pairs)
-    r = med(o["peak_mb"] / b["peak_mb"] for b, o in pairs)
-    what = "peak allocated" if args.device.startswith("cuda") else "peak RSS"
-    print(f"| {what} | {b:.0f} MB | {o:.0f} MB | {r:.2f}x |")
-    print()
-    print("targets: steps/s ratio >= 2.0, whole-process ratio > 1.0 at every step count, peak memory ratio <= 0.8")
+    report(args, rows, loads)
 
 
 if __name__ == "__main__":

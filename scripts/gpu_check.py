@@ -6,7 +6,9 @@
 What it runs, each step timed and recorded in one JSON (`--out`, default gpu_check.json):
 
 1. training: a LoRA on the tiny preset in fp16 (GradScaler: loss scaling, unscale, skipped
-   overflow steps) and in bf16 (the dry run: bf16, and fp16's GradScaler logic on the CPU);
+   overflow steps) and in bf16 (the dry run: bf16, and fp16's GradScaler logic on the CPU), and
+   the flow-matching loop (klein, Z-Image, FLUX.1 tiny stand-ins) in bf16 (the dry run: two
+   bf16 steps of the klein loop);
 2. every backend on its tiny preset in its family's precision: resident, with offload forced
    (model and group offload) and with int8 where the family declares it, each image checked
    (not NaN, not black);
@@ -33,6 +35,8 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -106,8 +110,20 @@ def training(check: Check, home: Path, photos: list[Path]) -> None:
     settings = Settings(home=home, device=check.device, preset="tiny")
     check.run("train fp16 GradScaler logic", gradscaler_logic)
     check.run("train bf16 autocast step", autocast_step)
+    # The flow-matching loop (stages/train_flow.py) in bf16, the precision FLUX and klein train in.
+    check.run("train flow-matching step bf16 (tiny klein base)", lambda: flow_matching_step(check, home))
     if check.dry_run:  # the whole trainer takes ~35 s on 2 CPU cores: the GPU run trains for real
         return
+    for preset in ("tiny-flux2-klein", "tiny-zimage", "tiny-flux"):
+        def run_flow(preset=preset):
+            flow_settings = Settings(home=home, device=check.device, preset=preset)
+            identity = train(photos, name=f"gpu-{preset}", settings=flow_settings, preset=preset, steps=4,
+                             mixed_precision="bf16", overwrite=True)
+            record = identity.manifest["train"]
+            assert all(np.isfinite(record["losses"])), record["losses"]
+            return {"identity": identity.name, "precision": "bf16", "steps": record["steps"],
+                    "final_loss": record["final_loss"], "peak_vram_gb": check.peak_gb()}
+        check.run(f"train lora {preset} bf16", run_flow)
     for mode in ("fp16", "bf16"):
         def run(mode=mode):
             identity = train(photos, name=f"gpu-{mode}", settings=settings, preset="tiny", steps=4,
@@ -117,6 +133,48 @@ def training(check: Check, home: Path, photos: list[Path]) -> None:
             return {"identity": identity.name, "precision": mode, "peak_vram_gb": check.peak_gb(),
                     "report_bytes": len(losses)}
         check.run(f"train lora tiny {mode}", run)
+
+
+def flow_matching_step(check: Check, home: Path) -> dict[str, Any]:
+    """Two steps of the flow-matching trainer on the tiny FLUX.2 [klein] base in bf16 (on CUDA
+    the card's; in the dry run the CPU's autocast): latents and prompts cached, the transformer
+    in bf16 with fp32 LoRA weights, the loss finite and every LoRA tensor moved by AdamW."""
+    import dataclasses as dc
+
+    import torch
+
+    from portrait.core.cache import ModelCache
+    from portrait.core.config import Settings
+    from portrait.core.context import RunContext
+    from portrait.core.loaders import load_pipeline
+    from portrait.flows.train import train_base
+    from portrait.stages.train import TrainData, TrainModels, TrainPolicy, optimize
+    from portrait.stages.train_flow import flow_step_loss, lora_parameters, setup_flow_training
+
+    preset = "tiny-flux2-klein"
+    ctx = RunContext.create(Settings(home=home, device=check.device, preset=preset), preset=preset)
+    pipe = load_pipeline(dc.replace(ctx, cache=ModelCache()), train_base(ctx))
+    policy = TrainPolicy.from_section(ctx.preset.section("train"), steps=2, mixed_precision="bf16", flip=False,
+                                      validation_seeds=[], learning_rate=1e-2)
+    rng = np.random.default_rng(0)
+    images = tuple(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(2))
+    run = setup_flow_training(TrainModels("flux2-klein", pipe), TrainData(images, ("a photo of sks person",) * 2, "sks",
+                                                                          "person"),
+                              policy, total=2, device=check.device, dtype_name="bfloat16")
+    run.prefill(0)
+    before = {n: p.detach().clone() for n, p in lora_parameters(pipe.transformer).items()}
+    pipe.transformer.train()
+    losses = []
+    for step in range(2):
+        loss = flow_step_loss(run, step)
+        optimize(run, loss)
+        losses.append(float(loss.detach()))
+    after = lora_parameters(pipe.transformer)
+    moved = sum(not torch.equal(before[n], p.detach()) for n, p in after.items())
+    assert all(np.isfinite(losses)) and moved == len(after), (losses, moved, len(after))
+    assert pipe.transformer.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in after.values())
+    return {"losses": [round(x, 5) for x in losses], "lora_tensors": len(after), "moved": moved,
+            "peak_vram_gb": check.peak_gb()}
 
 
 def gradscaler_logic() -> dict[str, Any]:

@@ -23,13 +23,18 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MIRRORS = ("xinntao+facexlib", "bytedance+InfiniteYou", "ToTheBeginning+PuLID")
+MIRRORS = ("xinntao+facexlib", "bytedance+InfiniteYou", "ToTheBeginning+PuLID", "huggingface+diffusers",
+           "instantX-research+InstantID")
 # test file -> the checks in it that run a reference (pytest -k expression)
 CHECKS = {
     "tests/test_arcface_irse.py": "facexlib or infiniteyou_reference",
     "tests/test_flux.py": "reference",
     "tests/test_pulid.py": "reference",
     "tests/test_pulid_flux.py": "reference",
+    # one training step of ours against diffusers' train_dreambooth_lora_{flux,flux2_klein,z_image}.py
+    "tests/test_train_flow_reference.py": "reference",
+    # InstantID's draw_kps, Resampler and pipeline (tests/instantid_reference.py: its two shims)
+    "tests/test_zero_shot.py": "instantid and reference",
 }
 
 

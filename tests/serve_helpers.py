@@ -29,6 +29,33 @@ def service_home(tiny_home: Settings, folder: Path) -> Settings:
     return Settings(home=folder, preset="tiny", device="cpu")
 
 
+def two_tenant_studio(tiny_home: Settings, root: Path) -> dict:
+    """A service on the tiny preset with two tenants (acme = "a", globex = "b": their auth headers),
+    a FastAPI test client, the demo photos, and `drain()`, which runs the store's items in this
+    process with the executor the server's workers use (so no test waits on a clock)."""
+    from fastapi.testclient import TestClient
+
+    from portrait.service.app import create_app
+    from portrait.service.service import StudioService
+    from portrait.service.workers import ProgressRecorder
+    from portrait.studio.executor import FlowExecutor
+    from portrait.studio.runner import LocalWorker
+
+    settings = service_home(tiny_home, root / "home")
+    service = StudioService(settings)
+    _, token_a = service.db.create_token("acme")
+    _, token_b = service.db.create_token("globex")
+    client = TestClient(create_app(service))
+    executor = FlowExecutor(settings, progress=ProgressRecorder(service.store, 0.05))
+
+    def drain() -> int:
+        return LocalWorker(service.store, executor, service.studio_policy).run()
+
+    return {"service": service, "client": client, "a": {"Authorization": f"Bearer {token_a}"},
+            "b": {"Authorization": f"Bearer {token_b}"}, "drain": drain, "photos": sample_files(root / "photos"),
+            "root": root, "settings": settings}
+
+
 def sample_files(folder: Path) -> list[Path]:
     """The demo set: six astronaut shots, Hopper (other_person), a truncated JPEG (unreadable)."""
     from portrait.samples import write_sample_photos

@@ -25,6 +25,8 @@ from portrait.core.context import RunContext
 from portrait.core.errors import PortraitError
 from portrait.core.models import load
 from portrait.stages import embed as emb
+from portrait.stages.backends.infiniteyou import FACE_SPACE as INFINITEYOU
+from portrait.stages.pulid_features import FACE_SPACE as PULID
 
 from reference_fixtures import max_diff, mirror, reference, seeded_state
 
@@ -143,7 +145,7 @@ def test_embedding_matches_infiniteyou_reference(ctx, tiny_model, hopper, astron
     """Our RGB-in recognizer vs the reference fed as its pipeline feeds it (cv2 RGB2BGR photo,
     antelopev2-style 5 keypoints): the same vector."""
     ours = emb.TorchArcFace(tiny_model)
-    space = emb.space_for("infiniteyou")
+    space = INFINITEYOU
     locator = emb.make_locator(ctx, space, emb.EmbedPolicy())
     faces = [emb.largest_face(locator, photo) for photo in (hopper, astronaut)]
     assert all(face is not None for face in faces)
@@ -173,12 +175,12 @@ def test_embedding_matches_infiniteyou_reference(ctx, tiny_model, hopper, astron
 
 
 def test_infiniteyou_space_embeds_with_irse50(ctx, tiny_model, hopper):
-    found = emb.embed_images(ctx, [("hopper", hopper)], "infiniteyou", emb.EmbedPolicy(mode="best"))
+    found = emb.embed_images(ctx, [("hopper", hopper)], INFINITEYOU, emb.EmbedPolicy(mode="best"))
     assert found.info()["space"] == "facexlib:arcface-irse50" and found.info()["normalized"] is True
     face = found.crops[0].face
     expected = emb.TorchArcFace(tiny_model).embed(hopper, face.kps)
     assert np.allclose(found.vectors[0], expected, rtol=0, atol=1e-6) and abs(float(np.linalg.norm(expected)) - 1) < 1e-5
     # the other spaces are unchanged: PuLID still embeds with antelopev2's glintr100
-    pulid = emb.embed_images(ctx, [("hopper", hopper)], "pulid", emb.EmbedPolicy(mode="best"))
+    pulid = emb.embed_images(ctx, [("hopper", hopper)], PULID, emb.EmbedPolicy(mode="best"))
     assert pulid.info()["space"] == "insightface:antelopev2" and pulid.dim == 512
     assert not np.allclose(emb.normalize(pulid.vectors[0]), found.vectors[0], atol=1e-2)

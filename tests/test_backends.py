@@ -29,14 +29,17 @@ def toy():
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
+def home(tmp_path_factory, tiny_home, hopper):
+    """A home of its own sharing the session's tiny models (the toy embeds faces with the tiny
+    antelopev2 pack), with one identity whose photo shows a face."""
     from portrait.core.config import Settings
 
     from test_embed import make_identity
 
-    settings = Settings(home=tmp_path_factory.mktemp("backends-home"), preset="tiny", device="cpu")
-    rng = np.random.default_rng(0)
-    make_identity(settings, "toy-ann", [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)])
+    root = tmp_path_factory.mktemp("backends-home")
+    (root / "models").symlink_to(tiny_home.models_dir, target_is_directory=True)
+    settings = Settings(home=root, preset="tiny", device="cpu")
+    make_identity(settings, "toy-ann", [hopper])
     return settings
 
 
@@ -75,6 +78,29 @@ def test_dispatch_runs_one_way_through_the_table():
         assert not {m for m in imported if m.endswith("stages.generate")}, path.name
         others = {f"portrait.stages.backends.{n}" for n in names - {path.stem}}
         assert not imported & others, (path.name, imported & others)
+
+
+def test_face_spaces_are_declared_by_the_backends_not_the_embed_stage():
+    """Each zero-shot backend declares the face space its adapter reads on its SPEC (its own
+    module, or the shared stage module of the adapter it runs); stages/embed.py is handed the
+    space and names no backend or adapter in its code (docstrings aside)."""
+    tree = ast.parse((STAGES / "embed.py").read_text())
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    strings = {n.value for n in ast.walk(tree)
+               if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings}
+    spaces = {name: spec.adapter_space({}) for name, spec in zip(BACKENDS.names(), BACKENDS.specs())}
+    adapters = {s.adapter for s in spaces.values() if s} | {"faceid_plus"}
+    assert not strings & (set(BACKENDS.names()) | adapters), strings & (set(BACKENDS.names()) | adapters)
+    assert {n: (s.adapter, s.pack, s.normalized) for n, s in spaces.items() if s} == {
+        "instantid": ("instantid", "antelopev2", False), "faceid": ("faceid_plus", "buffalo_l", True),
+        "photomaker": ("photomaker_v2", "buffalo_l", False), "pulid": ("pulid", "antelopev2", False),
+        "infiniteyou": ("infiniteyou", "antelopev2", True), "pulid-flux": ("pulid", "antelopev2", False)}
+    assert BACKENDS.get("faceid").adapter_space({"faceid_variant": "faceid"}).adapter == "faceid"
+    assert BACKENDS.get("photomaker").adapter_space({"photomaker_version": "v1"}) is None
+    assert BACKENDS.get("template").adapter_space({"identity_adapter": "faceid"}).pack == "buffalo_l"
+    assert BACKENDS.get("infiniteyou").adapter_space({}).embedder == "facexlib:arcface-irse50"
 
 
 def test_a_registered_backend_is_in_the_cli_help(toy, capsys, home):
@@ -124,6 +150,9 @@ def test_a_registered_backend_runs_end_to_end_and_is_recorded(toy, capsys, home,
         assert abs(pixels.mean() - 40) < 2
         assert meta["request"]["backend"] == "toy" and meta["request"]["options"]["toy_shade"] == 40
         assert meta["info"]["identity_mode"] == "toy"
+        # the face space the toy declares (antelopev2, normalized) is the one its identity was embedded in
+        assert meta["info"]["embedding"]["space"] == "insightface:antelopev2"
+        assert meta["info"]["embedding"]["normalized"] is True and meta["info"]["embedding_norm"] == 1.0
     # the toy's option is checked against its declaration before anything runs
     bad = tmp_path / "bad"
     code, _, err = cli(capsys, home.home, "generate", "--identity", "toy-ann", "--prompt", "x", "--backend", "toy",
@@ -192,7 +221,7 @@ def test_each_backend_declares_the_space_it_is_conditioned_with():
         unregister("toy-conditioned")
 
 
-def test_a_backend_from_one_file_reaches_every_door(capsys, home):
+def test_a_backend_from_one_file_reaches_every_door(capsys, home, tmp_path):
     """tests/toy_backend.py alone adds a backend (and the kind of model it loads): `register()`
     there, and it is in `portrait generate --help`, the model kinds, the service's catalogue
     (GET /v1/backends, with its options' schema) and the web page, which builds its backend list
@@ -212,6 +241,24 @@ def test_a_backend_from_one_file_reaches_every_door(capsys, home):
         code, out, _ = cli(capsys, home.home, "generate", "--help")
         assert code == 0 and "toy (sd15, sdxl): a flat grey test card" in " ".join(out.split())
         assert kinds()["toy-card"].startswith("A toy card's shade")
+        # its face space, declared in its own file: embed.py takes it from the SPEC, the finish
+        # scores knowing the toy was conditioned in antelopev2, and a wrong pack is refused by name
+        from portrait.flows.finish import conditioning_space
+
+        assert BACKENDS.get("toy").adapter_space({}) is toy_backend.FACE_SPACE
+        assert conditioning_space("toy", {}, "dlib") == "insightface:antelopev2"
+        code, _, _ = cli(capsys, home.home, "generate", "--identity", "toy-ann", "--prompt", "x", "--backend", "toy",
+                         "--seed", "1", "--size", "64x64", "--no-finish", "--out", str(tmp_path / "one-file"))
+        assert code == 0
+        row = json.loads((tmp_path / "one-file" / "results.json").read_text())["results"][0]
+        with Image.open(tmp_path / "one-file" / row["path"]) as im:
+            info = json.loads(im.text["portrait"])["info"]
+        assert info["embedding"] == {"space": "insightface:antelopev2", "normalized": True, "mode": "mean",
+                                     "photos": [info["embedding"]["photos"][0]]}
+        code, _, err = cli(capsys, home.home, "generate", "--identity", "toy-ann", "--prompt", "x", "--backend", "toy",
+                           "--option", "face_pack=buffalo_l", "--no-finish", "--out", str(tmp_path / "wrong-pack"))
+        assert code == 2
+        error_line(err, "toy was trained on insightface antelopev2", "face_pack=antelopev2")
         service = StudioService(home)
         _, token = service.db.create_token("acme")
         client = TestClient(create_app(service))

@@ -11,6 +11,8 @@ from PIL import Image
 from portrait.core.bundle import load_identity, write_bundle
 from portrait.core.errors import BadInput
 from portrait.stages import embed as emb
+from portrait.stages.backends.instantid import FACE_SPACE as INSTANTID
+from portrait.stages.zeroshot import FACEID_PLUS_SPACE, FACEID_SPACE
 
 
 def make_identity(settings, name: str, photos: list[np.ndarray], reference: np.ndarray | None = None):
@@ -37,8 +39,8 @@ def test_mean_of_directions_keeps_raw_magnitude():
 
 
 def test_each_adapter_gets_its_own_space(ctx, two_photo_identity):
-    instantid = emb.embed_identity(ctx, two_photo_identity, "instantid")
-    faceid = emb.embed_identity(ctx, two_photo_identity, "faceid", emb.EmbedPolicy(mode="all"))
+    instantid = emb.embed_identity(ctx, two_photo_identity, INSTANTID)
+    faceid = emb.embed_identity(ctx, two_photo_identity, FACEID_SPACE, emb.EmbedPolicy(mode="all"))
     assert instantid.space.backend == "insightface:antelopev2" and not instantid.space.normalized
     assert faceid.space.backend == "insightface:buffalo_l" and faceid.space.normalized
     assert instantid.vectors.shape == (1, 512) and faceid.vectors.shape == (2, 512)
@@ -57,7 +59,7 @@ def test_embedding_is_what_insightface_computes(ctx, hopper):
     """Reference: insightface's own ArcFaceONNX.get on a Face with the same keypoints."""
     from insightface.app.common import Face
 
-    space = emb.space_for("faceid")
+    space = FACEID_SPACE
     recognizer = emb.load_recognizer(ctx, space)
     locator = emb.make_locator(ctx, space, emb.EmbedPolicy())
     face = emb.largest_face(locator, hopper)
@@ -69,24 +71,24 @@ def test_embedding_is_what_insightface_computes(ctx, hopper):
 
 def test_wrong_pack_is_refused(ctx, two_photo_identity):
     with pytest.raises(BadInput, match="trained on insightface buffalo_l"):
-        emb.embed_identity(ctx, two_photo_identity, "faceid", emb.EmbedPolicy(pack="antelopev2"))
-    with pytest.raises(BadInput, match="antelopev2"):
-        emb.check_space("instantid", "insightface:buffalo_l")
-    with pytest.raises(BadInput, match="id_mode"):
-        emb.EmbedPolicy.from_options({"id_mode": "median"})
+        emb.embed_identity(ctx, two_photo_identity, FACEID_SPACE, emb.EmbedPolicy(pack="antelopev2"))
+    with pytest.raises(BadInput, match="instantid was trained on insightface antelopev2"):
+        emb.pose_keypoints(ctx, np.zeros((64, 64, 3), np.uint8), "pose.png", INSTANTID,
+                           emb.EmbedPolicy(pack="insightface:buffalo_l"))
+    assert emb.check_pack(INSTANTID, emb.EmbedPolicy(pack="insightface:antelopev2")) is INSTANTID
 
 
 def test_no_face_in_photos_or_pose_reference(ctx, tiny_home):
     blank = np.full((96, 96, 3), 128, dtype=np.uint8)
     identity = make_identity(tiny_home, "embed-blank", [blank])
     with pytest.raises(BadInput, match="no face found"):
-        emb.embed_identity(ctx, identity, "instantid")
+        emb.embed_identity(ctx, identity, INSTANTID)
     with pytest.raises(BadInput, match="pose reference"):
-        emb.pose_keypoints(ctx, blank, "blank.png")
+        emb.pose_keypoints(ctx, blank, "blank.png", INSTANTID)
 
 
 def test_clip_face_crops_are_224_aligned(ctx, two_photo_identity):
-    found = emb.embed_identity(ctx, two_photo_identity, "faceid_plus", emb.EmbedPolicy(mode="all"))
+    found = emb.embed_identity(ctx, two_photo_identity, FACEID_PLUS_SPACE, emb.EmbedPolicy(mode="all"))
     crops = emb.clip_face_crops(found.crops)
     assert [c.shape for c in crops] == [(224, 224, 3)] * 2
     # norm_crop at 224 is the 112 alignment at twice the scale

@@ -232,7 +232,7 @@ def test_matches_infiniteyou_reference_pipeline(ctx, person, hopper, tmp_path_fa
     from portrait.stages.keypoints import draw_kps
 
     cases = (("aes_stage2", 1.0, 0.0, 1.0, False), ("sim_stage1", 0.7, 0.0, 0.5, True))
-    found = emb.embed_identity(ctx, person, "infiniteyou", emb.EmbedPolicy())
+    found = emb.embed_identity(ctx, person, iy.FACE_SPACE, emb.EmbedPolicy())
     setups = []
     for variant, scale, start, end, with_pose in cases:
         req = request_for(ctx, person, "infiniteyou", seed=9, infiniteyou_variant=variant)

@@ -33,6 +33,8 @@ def test_gpu_check_dry_run_passes_on_the_cpu(tmp_path):
     assert steps["backend flux int8"]["details"]["quantize"]["transformer"] == "int8"
     assert steps["real-size sd15 random weights"]["details"]["plan_error"] <= 0.10
     assert steps["face analysis (onnxruntime)"]["details"]["providers"] == ["CPUExecutionProvider"]
+    flow = steps["train flow-matching step bf16 (tiny klein base)"]["details"]  # the flow-matching loop (issue 28)
+    assert flow["moved"] == flow["lora_tensors"] > 0 and len(flow["losses"]) == 2
 
 
 def test_gpu_check_without_cuda_and_without_dry_run_exits_2(tmp_path, capsys):

@@ -150,6 +150,29 @@ def test_a_mode_the_backend_does_not_do_is_refused_and_a_templates_is_left_out(t
     assert photomaker.controls == {} and photomaker.resolved.control_images == {}
 
 
+def test_a_templates_style_lora_is_recorded_only_where_the_backend_applies_one(tmp_path):
+    """A template's style LoRA used to ride in every backend's request.resolved (so results.json
+    and the metadata of a faceid or instantid image claimed it); a backend declares whether it
+    applies one (BackendSpec.style_lora) and the request records only what runs."""
+    from portrait.stages import generate as gen
+    from portrait.stages.backends import BACKENDS
+    from portrait.stages.templates import load_template_file
+
+    path = tmp_path / "styled.yaml"
+    path.write_text("prompt: a photo of {trigger}\nstyle_lora: {model: tiny-style-lora-sd15, weight: 0.8}\n")
+    styled = load_template_file(path, "style")
+    applying = [s.name for s in BACKENDS.specs() if s.style_lora]
+    assert applying == ["lora", "template", "zimage"]
+    for spec in BACKENDS.specs():
+        if spec.photo_template:
+            continue  # takes a photo template, not this style template
+        req = gen.resolve_request(_person(tmp_path), gen.GeneratePolicy(), template=styled, prompt=None,
+                                  backend=spec.name, n=1, seed=1)
+        expected = {"model": "tiny-style-lora-sd15", "weight": 0.8} if spec.style_lora else None
+        assert req.resolved.style_lora == expected, spec.name
+        assert req.record()["options"]["style_lora"] == expected, spec.name
+
+
 def test_a_batch_specs_fast_mode_gets_the_modes_steps_not_the_templates(tmp_path):
     """`fast: lcm` in a spec used to keep the template's 30 steps and DPM++."""
     from portrait.studio.spec import expand, parse_spec
@@ -260,6 +283,27 @@ def test_one_bound_changed_in_the_declaration_moves_all_four_doors(home, monkeyp
     file.write_text("prompt: a photo of {trigger}\nsteps: 41\n")
     with pytest.raises(BadInput, match=r"t\.yaml.*steps.*40"):
         load_template_file(file, "style")
+
+
+def test_a_generated_option_out_of_bounds_is_one_line_with_the_option_value_and_bound(home, capsys, tmp_path):
+    """click's range types said `Invalid value for '--steps': Input should be less than or equal
+    to 1000` (no value); the generated options say the option, the value and the bound, exit 2,
+    before anything runs (nothing is written)."""
+    out = tmp_path / "out"
+    for args, line in ((("--steps", "5000"), "error: --steps 5000: input should be less than or equal to 1000"),
+                       (("--steps", "0"), "error: --steps 0: input should be greater than or equal to 1"),
+                       (("--guidance", "-1"), "error: --guidance -1: input should be greater than or equal to 0"),
+                       (("--steps", "2.5"), "error: --steps 2.5: input should be a valid integer"),
+                       (("--lora-weight", "9"), "error: --lora-weight 9: input should be less than or equal to 5")):
+        code, _, err = cli(capsys, home.home, "generate", "-i", NAME, "--prompt", "x", *args, "--out", str(out))
+        assert code == 2, err
+        assert error_line(err).startswith(line), err
+        assert not out.exists()
+    # the same parser reads the other commands' generated options
+    code, _, err = cli(capsys, home.home, "edit", str(tmp_path / "none.png"), "--prompt", "x", "--steps", "1001")
+    assert code == 2 and error_line(err).startswith("error: --steps 1001: input should be less than or equal to 1000")
+    code, _, _ = cli(capsys, home.home, "generate", "--help")
+    assert code == 0
 
 
 def test_the_doors_name_the_same_settings():

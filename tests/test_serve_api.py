@@ -15,35 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve_helpers import multipart, sample_files, service_home, zip_bytes
+from serve_helpers import multipart, service_home, two_tenant_studio, zip_bytes
 
 pytest.importorskip("fastapi")
 
 
 @pytest.fixture(scope="module")
 def studio(tiny_home, tmp_path_factory):
-    from fastapi.testclient import TestClient
-
-    from portrait.service.app import create_app
-    from portrait.service.service import StudioService
-    from portrait.service.workers import ProgressRecorder
-    from portrait.studio.executor import FlowExecutor
-    from portrait.studio.runner import LocalWorker
-
-    root = tmp_path_factory.mktemp("serve-api")
-    settings = service_home(tiny_home, root / "home")
-    service = StudioService(settings)
-    _, token_a = service.db.create_token("acme")
-    _, token_b = service.db.create_token("globex")
-    client = TestClient(create_app(service))
-    executor = FlowExecutor(settings, progress=ProgressRecorder(service.store, 0.05))
-
-    def drain() -> int:
-        return LocalWorker(service.store, executor, service.studio_policy).run()
-
-    photos = sample_files(root / "photos")
-    return {"service": service, "client": client, "a": {"Authorization": f"Bearer {token_a}"},
-            "b": {"Authorization": f"Bearer {token_b}"}, "drain": drain, "photos": photos, "root": root}
+    return two_tenant_studio(tiny_home, tmp_path_factory.mktemp("serve-api"))
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +91,9 @@ def test_train_job_progress_and_summary(studio, alice, trained):
     assert results["train"]["steps"] == 2 and results["train"]["lora"] == ["sd15"]
     identity = client.get(f"/v1/identities/{alice['id']}", headers=studio["a"]).json()
     assert identity["state"] == "ready" and identity["trained"]["lora"] == ["sd15"]
+    # the likeness curve of training (issue 28): step 0 is the base model, then each validation
+    curve = identity["trained"]["curve"]
+    assert curve[0]["step"] == 0 and curve[-1]["step"] == 2 and identity["trained"]["stopped_early"] is False
     again = client.post("/v1/jobs/train", json={"identity": alice["id"]}, headers=studio["a"])
     assert again.status_code == 409 and again.json()["reason"] == "busy"
 

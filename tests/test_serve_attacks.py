@@ -24,36 +24,14 @@ import time
 
 import pytest
 
-from serve_helpers import Server, free_port, multipart, sample_files, service_home
+from serve_helpers import Server, free_port, multipart, service_home, two_tenant_studio
 
 pytest.importorskip("fastapi")
 
 
 @pytest.fixture(scope="module")
 def studio(tiny_home, tmp_path_factory):
-    from fastapi.testclient import TestClient
-
-    from portrait.service.app import create_app
-    from portrait.service.service import StudioService
-    from portrait.service.workers import ProgressRecorder
-    from portrait.studio.executor import FlowExecutor
-    from portrait.studio.runner import LocalWorker
-
-    root = tmp_path_factory.mktemp("serve-attacks")
-    settings = service_home(tiny_home, root / "home")
-    service = StudioService(settings)
-    _, token_a = service.db.create_token("acme")
-    _, token_b = service.db.create_token("globex")
-    client = TestClient(create_app(service))
-    executor = FlowExecutor(settings, progress=ProgressRecorder(service.store, 0.05))
-
-    def drain() -> int:
-        return LocalWorker(service.store, executor, service.studio_policy).run()
-
-    photos = sample_files(root / "photos")
-    return {"service": service, "client": client, "a": {"Authorization": f"Bearer {token_a}"},
-            "b": {"Authorization": f"Bearer {token_b}"}, "drain": drain, "photos": photos, "root": root,
-            "settings": settings}
+    return two_tenant_studio(tiny_home, tmp_path_factory.mktemp("serve-attacks"))
 
 
 def _identity(studio, headers, name, photos=None):

@@ -150,10 +150,10 @@ def test_every_shipped_preset_loads_and_builds_every_policy(name):
     train = built["train"]["TrainPolicy"]
     # defaults are the declaration's; a preset states only what differs
     expected_rank = {"sd15": 64, "commercial": 64, "sdxl": 32, "tiny": 4, "tiny-sdxl": 4, "tiny-commercial": 4,
-                     "flux": 64, "tiny-flux": 64,  # FLUX presets keep sd15's train section (no FLUX training)
-                     # the frontier presets (issue 29) too, until the flow-matching trainer (issue 28) sets theirs
-                     "klein-4b": 64, "klein-base-4b": 64, "zimage": 64, "qwen-edit": 64,
-                     "tiny-flux2-klein": 64, "tiny-zimage": 64, "tiny-qwen-edit": 64}
+                     # the flow-matching trainer's bases (issue 28) set their own train sections
+                     "flux": 16, "tiny-flux": 4, "klein-4b": 16, "klein-base-4b": 16, "zimage": 16,
+                     "tiny-flux2-klein": 4, "tiny-zimage": 4,
+                     "qwen-edit": 64, "tiny-qwen-edit": 64}  # keeps sd15's: Qwen-Image-Edit has no trainer
     assert train.rank == expected_rank[name]
     assert built["studio"]["StudioPolicy"] == StudioPolicy()
 

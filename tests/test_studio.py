@@ -498,12 +498,17 @@ def test_batch_exit_codes_follow_the_cli_contract():
 
 
 def test_heartbeat_keeps_a_long_item_from_being_stolen(tmp_path):
-    policy = StudioPolicy(lease_seconds=0.6, heartbeat_seconds=0.1, poll_seconds=0.05)
-    studio = fake_studio(tmp_path, tmp_path / "log", sleep=1.5, policy=policy)
+    # the item runs two leases; the heartbeat must keep a thief that claims every 50 ms off it
+    policy = StudioPolicy(lease_seconds=1.0, heartbeat_seconds=0.1, poll_seconds=0.05)
+    studio = fake_studio(tmp_path, tmp_path / "log", sleep=2.0, policy=policy)
     spec = write_spec(tmp_path, identities=["alice"], templates=["business"], count=1)
     runner = threading.Thread(target=studio.run, args=(spec,))
     runner.start()
     thief = WorkerId("elsewhere:1:thief", "elsewhere", 1, "")
+    # The thief starts once the runner holds the item: a thief that claimed the freshly queued
+    # item first simply won it (1 run in 6, and once on CI), which says nothing of the heartbeat.
+    while runner.is_alive() and not any(r.state == "running" for r in studio.status().items):
+        time.sleep(0.01)
     stolen = []
     while runner.is_alive():
         item = studio.store.claim(thief, lease_seconds=60)

@@ -207,7 +207,9 @@ def test_kill_then_resume_equals_uninterrupted_and_cli_end_to_end(home, photos):
     lora = identity.lora_for("sd15")
     assert lora and (lora.rank, lora.alpha, lora.base_model) == (4, 2.0, "sd15")
     manifest = identity.manifest
-    assert manifest["train"]["steps"] == 12 and [row["step"] for row in manifest["validation"]] == [4, 8, 12]
+    # 6 photos kept, 1 held out for validation: 5 train, 2 steps each; step 0 is the base model
+    assert manifest["train"]["steps"] == 10 and [row["step"] for row in manifest["validation"]] == [0, 4, 8, 10]
+    assert manifest["train"]["validation"]["against"] == "held-out photos"
     assert all(row["score"] == 0.0 for row in manifest["validation"])  # tiny models draw no faces
     assert manifest["train"]["selection"] == "last"
     assert manifest["base_model"]["sha256"] and manifest["versions"]["diffusers"]
@@ -229,7 +231,7 @@ def test_kill_then_resume_equals_uninterrupted_and_cli_end_to_end(home, photos):
 
     resumed = cli(home, "train", str(photos), "--name", "bob", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming at step" in resumed.stderr and "checkpoint 12" in resumed.stdout
+    assert "resuming at step" in resumed.stderr and "checkpoint 10" in resumed.stdout
     bob = load_identity(home, "bob")
     assert bob.manifest["train"]["resumed_from"] in (4, 8)
     a, b = lora_tensors(root / "lora.safetensors"), lora_tensors(bob.root / "lora.safetensors")

@@ -19,7 +19,7 @@ from portrait.core.device import cpu_bf16_native
 from portrait.core.errors import BadInput
 from portrait.core.archs.diffusers import diffusers_part
 from portrait.core.formats import weights
-from portrait.stages import train as train_stage
+from portrait.stages import train_run
 from portrait.stages.train import TrainData, TrainModels, TrainPolicy, load_dtypes, mixed_precision_for, train_lora
 
 
@@ -139,15 +139,15 @@ def test_cpu_bf16_flags_and_the_auto_rule(monkeypatch):
     assert not cpu_bf16_native("")
 
     auto = TrainPolicy(mixed_precision="auto")
-    monkeypatch.setattr(train_stage, "cpu_bf16_native", lambda: True)
+    monkeypatch.setattr(train_run, "cpu_bf16_native", lambda: True)
     assert mixed_precision_for(auto, "cpu", "float32") == "bf16"
-    assert load_dtypes(auto, "cpu", "float32") == {"unet": "bfloat16", "text_encoder": "bfloat16",
-                                                   "text_encoder_2": "bfloat16"}
+    assert load_dtypes(auto, "cpu", "float32") == {"unet": "bfloat16", "transformer": "bfloat16",
+                                                   "text_encoder": "bfloat16", "text_encoder_2": "bfloat16"}
     # A UNet handed in already loaded: auto follows it, never rounding an fp32 pipeline in place.
     assert mixed_precision_for(auto, "cpu", "float32", unet_dtype=torch.float32) == "no"
     assert mixed_precision_for(auto, "cpu", "float32", unet_dtype=torch.bfloat16) == "bf16"
     assert load_dtypes(TrainPolicy(mixed_precision="no"), "cpu", "float32") == {}
-    monkeypatch.setattr(train_stage, "cpu_bf16_native", lambda: False)
+    monkeypatch.setattr(train_run, "cpu_bf16_native", lambda: False)
     assert mixed_precision_for(auto, "cpu", "float32") == "no" and load_dtypes(auto, "cpu", "float32") == {}
     assert mixed_precision_for(TrainPolicy(mixed_precision="bf16"), "cpu", "float32") == "bf16"
     with pytest.raises(BadInput, match="--mixed-precision fp16: needs a CUDA device"):

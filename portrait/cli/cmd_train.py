@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         photos: List[Path] = typer.Argument(..., help="Photo files, folders or zip archives of one person."),
         name: str = typer.Option(..., "--name", "-n", help="Identity name (HOME/identities/NAME)."),
-        steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default: preset, by photo count)."),
+        steps: Optional[int] = typer.Option(None, "--steps", min=1, help="The most training steps (default: preset, by photo count); the run stops earlier when held-out likeness stops improving (preset train.early_stop)."),
         rank: Optional[int] = typer.Option(None, "--rank", min=1, help="LoRA rank (default: preset)."),
         resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of this name from its last checkpoint."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing identity of this name."),
@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
                                                              help="Trade a second forward for memory (default: on for CUDA under 16 GB, off on CPU)."),
         mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="auto | no | fp16 | bf16 (default: auto: fp16/bf16 on CUDA; on CPU bf16 where it has bf16 instructions, else fp32)."),
     ) -> None:
-        """Find the person, train a LoRA, validate checkpoints by face similarity, write the bundle."""
+        """Find the person, train a LoRA (SD1.5/SDXL UNet, or FLUX.1 / FLUX.2 klein / Z-Image transformer), stop when held-out likeness plateaus, write the bundle."""
         from rich.console import Console
 
         from portrait.flows.train import train
@@ -84,7 +84,9 @@ class TrainProgress:
         elif event.phase == "resume":
             self.progress.update(self._task("train", event.total), completed=event.step, total=event.total)
             self.progress.console.print(f"[cyan]{event.message}")
-        elif event.phase in ("validate", "class_images"):
+        elif event.phase == "stop":
+            self.progress.console.print(f"[cyan]stopping at step {event.step}: {event.message}")
+        elif event.phase in ("validate", "class_images", "cache"):
             self.progress.update(self._task("train", event.total), description=f"train ({event.phase})")
         elif event.phase == "select":
             self.progress.update(self._task("train", event.total), description="train")
@@ -115,15 +117,31 @@ def summary_table(identity):
         table.add_row(f"LoRA {family}", f"{lora.path.name} + {lora.kohya_path.name if lora.kohya_path else '-'} "
                                         f"(rank {lora.rank}, alpha {lora.alpha:g}, base {lora.base_model})")
     if train:
-        table.add_row("steps", f"{train['steps']}" + (f" (resumed at {train['resumed_from']})" if train.get("resumed_from") else ""))
+        steps = f"{train['steps']}"
+        if train.get("stopped_early"):
+            steps += f" of {train.get('max_steps')} (stopped: {train.get('stop_reason')})"
+        table.add_row("steps", steps + (f" (resumed at {train['resumed_from']})" if train.get("resumed_from") else ""))
         table.add_row("loss", f"{train.get('first_loss')} -> {train.get('final_loss')}")
         precision = (train.get("params") or {}).get("precision")
         if precision:  # what --mixed-precision auto resolved to on this machine
             table.add_row("precision", "fp32" if precision == "no" else f"{precision} (LoRA weights in fp32)")
         table.add_row("selection", f"{train['selection']} of steps {', '.join(map(str, train['selected_steps']))}")
-    for row in manifest.get("validation", []):
+    rows = manifest.get("validation", [])
+    for row in rows:
         mark = " *" if row.get("selected") else ""
-        table.add_row(f"checkpoint {row['step']}", f"face similarity {row['score']:.3f}, loss {row['loss']:.4f}{mark}")
+        clip = f", CLIP-T {row['clip_t']:.3f}" if row.get("clip_t") is not None else ""
+        if row.get("keeps_prompt") is False:
+            clip += " (lost the prompt: not selectable)"
+        loss = f", loss {row['loss']:.4f}" if row.get("loss") is not None else " (base model)"
+        table.add_row(f"checkpoint {row['step']}", f"likeness {row['score']:.3f}{clip}{loss}{mark}")
+    if len(rows) > 1:  # the curve as a small plot: one character per validation, step 0 first
+        from portrait.core.formats.curve import sparkline
+
+        validation = (train or {}).get("validation") or {}
+        space = f" ({validation.get('space')}, {validation.get('against')})" if validation.get("space") else ""
+        table.add_row("likeness curve", f"{sparkline([r.get('score') for r in rows])}{space}")
+        if any(r.get("clip_t") is not None for r in rows):
+            table.add_row("CLIP-T curve", sparkline([r.get("clip_t") for r in rows]))
     timings = manifest.get("timings", {})
     if "total" in timings:
         table.add_row("time", f"{timings['total']:.1f} s")

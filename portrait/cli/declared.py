@@ -1,11 +1,12 @@
 """Command-line options generated from a declaration (portrait.core.request.GenerateSettings).
 
 `declared_options(func)` adds one typer option per declared setting to a command's signature,
-so `portrait generate --help` shows the declaration's bounds and help and click refuses an
-out-of-range value before anything runs; `collect(values)` turns what was given back into the
+so `portrait generate --help` shows the declaration's bounds and help and an out-of-range value
+is refused while the command line is parsed, before anything runs; `collect(values)` turns what was given back into the
 declared names (None: not given). How each kind of field is written on the command line:
 
-- a number with bounds: `--steps N` (click's IntRange/FloatRange from ge/le);
+- a number with bounds: `--steps N`, parsed and bounds-checked against the declared field, so a
+  refusal names the option, the value and the bound in one line (exit 2);
 - a Literal of several choices: `--scheduler NAME` (a choice); of one choice: a flag
   (`--fast` gives "lcm");
 - a pair (width, height marked `pair: size`): `--size WxH`;
@@ -70,12 +71,35 @@ def _option(name: str, annotation: Any, info, pairs: Mapping[str, tuple[str, ...
         kind = Optional[typing.Literal[choices]]  # typer offers a Literal as click's Choice
     elif _is(annotation, int) or _is(annotation, float):
         number = int if _is(annotation, int) else float
-        option = typer.Option(None, flag, min=_bound(info, "ge"), max=_bound(info, "le"), help=help_)
+        low, high = _bound(info, "ge"), _bound(info, "le")
+        span = f"{low if low is not None else ''}<=x{'<=' + str(high) if high is not None else ''}"
+        option = typer.Option(None, flag, metavar=number.__name__.upper().replace("INT", "INTEGER"),
+                              parser=_number(name, flag), help=f"{help_} ({span})")
         kind = Optional[number]
     else:
         option = typer.Option(None, flag, help=help_)
         kind = Optional[str]
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+
+
+def _number(name: str, flag: str) -> Callable[[str], Any]:
+    """A number option's parser: the text checked against the declared field (type and bounds) as
+    it is written, so a refusal is the project's one line with the option, the value and the
+    bound (`--steps 5000: input should be less than or equal to 1000`, exit 2). click's own
+    range types said `Invalid value for '--steps'` without the value given."""
+
+    def parse(text: Any) -> Any:
+        from pydantic import ValidationError
+
+        from portrait.core.declare import option_error
+        from portrait.core.request import door_model
+
+        try:
+            return getattr(door_model("GenerateSettings", pairs=False).model_validate({name: text}), name)
+        except ValidationError as exc:
+            raise BadInput(option_error(flag, text, exc)) from None
+
+    return parse
 
 
 def declared_options(func: Callable | None = None, *, include: tuple[str, ...] | None = None,

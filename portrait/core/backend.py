@@ -2,7 +2,8 @@
 
 A backend is one module, `stages/backends/<name>.py`, that declares itself with a
 `BackendSpec` (its name, the base families it runs on, its typed options, the preset model
-roles it loads, whether it needs a trained LoRA, a one-line help) and is listed by one line
+roles it loads, the face-embedding space its adapter reads, whether it needs a trained LoRA, a
+one-line help) and is listed by one line
 in the table `portrait.stages.backends.BACKENDS`. Everything that names backends reads that
 table: request resolution and dispatch (stages/generate.py), `portrait generate --help`,
 studio spec validation, the service's backend list and option schema, the license
@@ -25,7 +26,8 @@ applies these once for every door (`--fast`, a template's or a spec's `fast: lcm
 a backend that declares no mode refuses it in one line naming the backends that have one. So
 do `compositions` (how it combines LoRAs) and `controls` (whether it feeds ControlNets): what a
 user asks for explicitly and the backend does not do is refused, what a template carries for
-other backends is left out of the request (and so out of its metadata).
+other backends is left out of the request (and so out of its metadata). So is a template's
+style LoRA for a backend that does not declare `style_lora`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,30 @@ NO_FACE_SPACE = ""  # conditioning: no face embedding drives the output (plain t
 # Candidate.info["identity_mode"] of an image no sampler made (a face fused into a photo): its
 # metadata then records the fusion and its source, and no steps, sampler, CFG, LoRA or ControlNet.
 FUSION_ONLY = "fusion-only"
+
+
+@dataclass(frozen=True)
+class AdapterSpace:
+    """The face-embedding space one identity adapter was trained on, declared by the backend that
+    feeds it (`BackendSpec.face_space`, handed to portrait.stages.embed): only that space works,
+    another pack's embeddings give a stranger's face."""
+
+    adapter: str  # the adapter's name (messages, and which checkpoint was trained on it)
+    pack: str  # insightface pack (registry id) that locates faces and, without `arcface`, embeds them
+    recognizer: str  # the pack's ArcFace ONNX file
+    normalized: bool  # normed_embedding (True) or raw embedding (False)
+    arcface: str | None = None  # preset role of a torch recognizer that replaces the pack's ONNX one
+
+    @property
+    def backend(self) -> str:
+        """The pack that locates faces (and, without `arcface`, embeds them)."""
+        return f"insightface:{self.pack}"
+
+    @property
+    def embedder(self) -> str:
+        """The embedding space's name (results.json `embedding.space`)."""
+        return "facexlib:arcface-irse50" if self.arcface else self.backend
+
 
 class Backend(Protocol):
     def generate(self, request: GenerationRequest, ctx: RunContext) -> Iterator[Candidate]:
@@ -88,13 +114,21 @@ class BackendSpec:
     photo_template: bool = False  # takes a photo template (not a style template or a prompt)
     license: str = ""  # a note on the license of what it loads, when it is not the preset's
     finish: Mapping[str, bool] = field(default_factory=dict)  # finish switches it changes by default
+    # The face-embedding space its identity adapter reads (stages/embed.py embeds the identity's
+    # photos in it): an AdapterSpace, None when no face embedding feeds it, or a function of its
+    # typed options returning one of those (a variant or version that reads another space).
+    face_space: AdapterSpace | Callable[[Any], AdapterSpace | None] | None = None
     # The face-embedding space its output was conditioned with (scoring ranks in another one:
     # stages/score.py). A space name ("insightface:antelopev2"), NO_FACE_SPACE when no face
     # embedding drives it, LORA_SELECTION when it is the space that picked the identity LoRA's
-    # checkpoints; or a function of its typed options returning one of those.
-    conditioning: str | Callable[[Any], str] = LORA_SELECTION
+    # checkpoints; or a function of its typed options returning one of those. Left out: the
+    # locating pack of its `face_space` when it has one, else LORA_SELECTION.
+    conditioning: str | Callable[[Any], str] | None = None
     # The few-step modes it does, by name ({"lcm": LCM}); `--fast` on a backend without one is refused.
     fast: Mapping[str, FastMode] = field(default_factory=dict)
+    # It applies a template's style LoRA: else the template's is left out of its request (and so
+    # out of results.json and the metadata, which record only what ran).
+    style_lora: bool = False
     # How it combines the identity LoRA with a template's style LoRA (merge, switch, composite);
     # an explicit `--composition` it does not do is refused, a template's falls back to merge.
     compositions: tuple[str, ...] = ("merge",)
@@ -121,9 +155,19 @@ class BackendSpec:
             return tuple(self.models(self.read(request)))
         return tuple(self.models)
 
+    def adapter_space(self, options: GenerationRequest | BaseModel | Mapping[str, Any]) -> AdapterSpace | None:
+        """The face space its adapter reads for these options (None: no face embedding feeds it)."""
+        return self.face_space(self.read(options)) if callable(self.face_space) else self.face_space
+
     def conditioning_space(self, options: Mapping[str, Any], selection_space: str | None) -> str | None:
         """The space that shaped this backend's output for these (request) options."""
-        space = self.conditioning(self.read(options)) if callable(self.conditioning) else self.conditioning
+        if self.conditioning is None:
+            adapter = self.adapter_space(options)
+            space = adapter.backend if adapter is not None else LORA_SELECTION
+        elif callable(self.conditioning):
+            space = self.conditioning(self.read(options))
+        else:
+            space = self.conditioning
         if space == LORA_SELECTION:
             return selection_space
         return space or None
@@ -184,5 +228,5 @@ class BackendTable:
         return ", ".join(self._specs)
 
 
-__all__ = ["FUSION_ONLY", "LCM", "LORA_SELECTION", "NO_FACE_SPACE", "Backend", "BackendSpec", "BackendTable", "FastMode",
+__all__ = ["FUSION_ONLY", "LCM", "AdapterSpace", "LORA_SELECTION", "NO_FACE_SPACE", "Backend", "BackendSpec", "BackendTable", "FastMode",
            "NoOptions"]

@@ -13,7 +13,8 @@ Layout (manifest.json is the source of truth; other files are named by it):
     photos/NNN.png       the top-k photos, for zero-shot embeddings with any face backend
     embeddings.npz       "<backend>" -> normalized consensus embedding
     report.json          prepare's report
-    lora*.safetensors    per base family
+    lora*.safetensors    per base family (diffusers' layout, and the family's A1111/ComfyUI layout)
+    curve.png            the likeness / CLIP-T curve of training (steps vs validation figures)
 
 A bundle without "loras" is a zero-shot identity (`portrait train --zero-shot`).
 
@@ -150,13 +151,14 @@ def update_manifest(root: Path, **fields: Any) -> Path:
 class BundleLora:
     """One trained LoRA for a bundle: per-component peft state dicts (`unet`, `text_encoder`, ...)."""
 
-    family: str  # sd15 | sdxl
+    family: str  # sd15 | sdxl | flux | flux2-klein | zimage
     state: Mapping[str, Mapping[str, Any]]
     rank: int
     alpha: float
     base_model: str = ""
     unet_targets: Sequence[str] = UNET_TARGETS
     text_targets: Sequence[str] = TEXT_TARGETS
+    transformer_targets: Sequence[str] = ()  # flow-matching families: the transformer modules (default: the family's)
     kohya_metadata: Mapping[str, str] | None = None  # None: no A1111/ComfyUI copy
     row: Mapping[str, Any] = field(default_factory=dict)  # more facts for manifest["loras"][family]
 
@@ -195,7 +197,7 @@ def write_bundle(root: Path, manifest: Mapping[str, Any], *, reference: Path | n
     tail: dict[str, Any] = {}
     if lora is not None:
         save_diffusers_lora(root / "lora.safetensors", lora.family, lora.state, lora.rank, lora.alpha,
-                            lora.unet_targets, lora.text_targets)
+                            lora.unet_targets, lora.text_targets, tuple(lora.transformer_targets) or None)
         row: dict[str, Any] = {"file": "lora.safetensors"}
         if lora.kohya_metadata is not None:
             save_kohya_lora(root / "lora_kohya.safetensors", lora.family, lora.state, lora.alpha, lora.kohya_metadata)

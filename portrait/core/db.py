@@ -31,3 +31,21 @@ def connect(path: Path | str, *, synchronous: str | None = None) -> Iterator[sql
         yield con
     finally:
         con.close()
+
+
+@contextlib.contextmanager
+def opening(path: Path | str) -> Iterator[None]:
+    """Hold while a database's schema is set up (WAL switch, CREATE IF NOT EXISTS, added columns).
+
+    Several processes opening one new database at once failed with "database is locked" even
+    under the busy timeout (2 of 6 runs of test_studio's six-process test): SQLite answers BUSY
+    at once, without waiting, to a reader that asks to write while another connection holds the
+    write lock (its deadlock rule), and the WAL switch and the schema script do exactly that.
+    An flock on a lock file beside the database puts the openers in line; it is not SQLite's own
+    lock file and the holder removes it (portrait.core.lock), so nothing is left behind.
+    """
+    from .lock import held
+
+    path = Path(path)
+    with held(path.with_name(f".{path.name}.opening"), f"database {path}", wait=True):
+        yield

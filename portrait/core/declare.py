@@ -200,12 +200,19 @@ def _explain(cls: type, exc: ValidationError, where: str, given: Mapping[str, An
     name = path[0] if path else ""
     fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
     if name in given and name in fields:
-        option = fields[name].metadata.get("option", name)
-        return f"{option} {given[name]}: {_reason(first)}{more}".replace("\n", " ")
+        return option_error(fields[name].metadata.get("option", name), given[name], exc)
     if name in fields:
         path[0] = fields[name].metadata.get("key", name)
     key = ".".join(path)
     return f"{where}{'.' + key if key else ''}: {_reason(first)}{_got(first)}{more}".replace("\n", " ")
+
+
+def option_error(option: str, given: Any, exc: ValidationError) -> str:
+    """A value a command-line option gave, refused: `--steps 5000: input should be less than or
+    equal to 1000`, one line (the option, the value and the reason with its bound)."""
+    first = exc.errors()[0]
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{option} {given}: {_reason(first)}{more}".replace("\n", " ")
 
 
 def describe(exc: ValidationError) -> str:

@@ -106,6 +106,25 @@ def check_model(spec: Any, root: Path, home: Path | None) -> None:
         _save_stamps(home, stamps)
 
 
+def file_sha256(path: Path, home: Path | None) -> str:
+    """The sha256 of a file, computed once per (path, size, mtime): from this process's memory,
+    else HOME/cache/verified.json, else hashed now and remembered in both. The train flow's bill
+    of materials and base-model record hash a 4 GB base through here; re-hashing it at the end
+    of every run cost ~6 s after the last step (issue 28)."""
+    from .io import sha256_file
+
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    known = _memory.get(key) or _load_stamps(home).get(_stamp_key(key))
+    if known:
+        _memory[key] = known
+        return known
+    digest = sha256_file(path)
+    _memory[key] = digest
+    _save_stamps(home, {_stamp_key(key): digest})
+    return digest
+
+
 def _import_record(root: Path, name: str) -> str | None:
     try:
         from .ncnn import imported_hash

@@ -186,6 +186,14 @@ def independent_space(ctx, conditioning: str | None) -> str:
     return "dlib"
 
 
+def selection_space(identity: Identity) -> str | None:
+    """The embedding space whose similarity picked the identity's LoRA checkpoints: the space
+    its training validated likeness in (manifest train.validation.space), or for bundles from
+    before that record, the face backend of its prepare."""
+    validation = (identity.manifest.get("train") or {}).get("validation") or {}
+    return validation.get("space") or identity.manifest.get("face_backend")
+
+
 def conditioning_space(backend: str, options: Mapping[str, Any], selection_space: str | None) -> str | None:
     """The embedding space that shaped a run of `backend`, as its BackendSpec declares it (the
     LoRA backends: `selection_space`, the space whose similarity picked the LoRA's checkpoints)."""
@@ -203,7 +211,7 @@ def scoring_for(ctx, identity: Identity, backend: str, options: Mapping[str, Any
     space; otherwise `score.rank_space` picks the independent space (default) or the
     conditioning one.
     """
-    conditioning = conditioning_space(backend, options, identity.manifest.get("face_backend"))
+    conditioning = conditioning_space(backend, options, selection_space(identity))
     if analyzer is not None:
         ranking = analyzer.backend
     elif policy.face_backend != "auto":

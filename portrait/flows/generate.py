@@ -375,6 +375,10 @@ def _file_hashes(ctx: RunContext) -> dict:
 
 
 def _hashed(ctx: RunContext, path: Path, kind: str, compute: Callable[[Path], str]) -> str:
+    if kind == "sha256":  # a whole-file hash is remembered across runs by (path, size, mtime)
+        from portrait.core.integrity import file_sha256
+
+        return file_sha256(path, ctx.settings.home)
     stat = path.stat()
     key = (kind, str(path), stat.st_size, stat.st_mtime_ns)
     hashes = _file_hashes(ctx)

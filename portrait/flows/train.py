@@ -34,7 +34,7 @@ from portrait.core.errors import ENVIRONMENT_ERRNOS, BadInput, Interrupted, Outp
 from portrait.core.declare import from_preset
 from portrait.core.interrupt import signal_of
 from portrait.core.formats.images import read_rgb
-from portrait.core.io import discard_dir, publish_dir, sha256_file, sync_tree
+from portrait.core.io import discard_dir, publish_dir, sync_tree
 from portrait.core.lock import identity_lock
 from portrait.core.types import Identity, TrainingSet
 from portrait.stages.train import (
@@ -54,6 +54,9 @@ from portrait.stages.train import (
 )
 
 EventSink = Callable[[TrainEvent], None]
+# `ss_base_model_version` as kohya's trainers write it, which A1111 / Forge / ComfyUI UIs show.
+KOHYA_BASE_NAMES = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "flux2-klein": "flux2_klein",
+                    "zimage": "z_image"}
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "insightface",
                       "dlib", "numpy")
 
@@ -121,7 +124,8 @@ def _train_locked(ctx: RunContext, photos, name: str, *, overrides: dict[str, An
     if not zero_shot:
         # Types and bounds against the declaration (a `learning_rate: fast` would fail deep in torch).
         policy = from_preset(TrainPolicy, ctx.preset, overrides=overrides)
-        check_runtime(policy, ctx.placement.device, ctx.placement.dtype_name)
+        # The family decides the loop; one that has none is refused here, before any work.
+        check_runtime(policy, ctx.placement.device, ctx.placement.dtype_name, ctx.preset.family, ctx.preset.name)
     work = settings.identities_dir / f".{name}.work"
     if not resume and work.exists():
         shutil.rmtree(work)
@@ -132,7 +136,7 @@ def _train_locked(ctx: RunContext, photos, name: str, *, overrides: dict[str, An
     from portrait.flows.prepare import prepare
 
     if not zero_shot:  # a license policy refuses the base before any work
-        preflight(ctx.registry, [ctx.preset.models.get("base")], settings.license)
+        preflight(ctx.registry, [train_base(ctx)], settings.license)
     with ctx.registry.recording() as used:
         t0 = time.perf_counter()
         emit(TrainEvent("prepare", 0, 0, message="analysing photos"))
@@ -203,9 +207,11 @@ def policy_overrides(*, steps: int | None = None, rank: int | None = None, **opt
 
 def train_identity(ctx: RunContext, tset: TrainingSet, face_backend: str, policy: TrainPolicy, work: Path,
                    resume: bool, emit: EventSink) -> tuple[TrainResult, dict[str, Any]]:
+    """Train the preset's base on the prepared set; returns the result and the base's record
+    (with `validation`: how likeness was measured)."""
     from portrait.core.loaders import load_pipeline
 
-    base_id = ctx.preset.model("base")
+    base_id = train_base(ctx)
     # The trainer adds an adapter to the UNet: give it a pipeline of its own, never one shared
     # through the ModelCache with generation.
     # Training needs every module resident: no CPU offload hooks.
@@ -223,21 +229,110 @@ def train_identity(ctx: RunContext, tset: TrainingSet, face_backend: str, policy
         return {name: getattr(fresh, name) for name in names}
 
     models = TrainModels(ctx.preset.family, pipe, reload=reload)
-    data = training_data(tset)
+    train_idx, held = split_holdout(len(tset.images), policy)
+    data = training_data(tset, train_idx)
     if policy.prior_preservation:
         prompt = policy.class_prompt.format(**{"class": tset.class_word})
         folder = class_image_folder(ctx, base_id, policy, prompt)
         extra = class_images(models, prompt, policy, folder, ctx.placement.device, emit)
         data = dataclasses.replace(data, class_images=extra, class_prompt=prompt)
+    scorer, validation = validation_scorer(ctx, face_backend, tset, held)
+    prompts, note = prompt_scorer(ctx)
+    if note:
+        validation["notes"] = [note]
     result = train_lora(models, data, policy, work, device=ctx.placement.device, dtype_name=ctx.placement.dtype_name,
-                        scorer=face_scorer(ctx, face_backend, tset.consensus), resume=resume, base_model=base_id, on_event=emit,
+                        scorer=scorer, prompt_scorer=prompts, resume=resume, base_model=base_id, on_event=emit,
                         restore_pipeline=False)
-    return result, base_model_record(ctx, base_id)
+    return result, {**base_model_record(ctx, base_id), "validation": validation}
 
 
-def training_data(tset: TrainingSet) -> TrainData:
-    images = tuple(read_rgb(path) for path in tset.images)
-    return TrainData(images, tuple(tset.captions), tset.trigger, tset.class_word)
+def train_base(ctx: RunContext) -> str:
+    """The base a LoRA trains on: the preset's `train_base` role where it has one (the
+    undistilled FLUX.2 [klein] base 4B for the 4-step klein; Z-Image for Z-Image-Turbo: a LoRA
+    trained on the base serves the distilled model), else its `base`."""
+    return ctx.preset.models.get("train_base") or ctx.preset.model("base")
+
+
+def training_data(tset: TrainingSet, indices: Sequence[int] | None = None) -> TrainData:
+    indices = range(len(tset.images)) if indices is None else indices
+    images = tuple(read_rgb(tset.images[i]) for i in indices)
+    return TrainData(images, tuple(tset.captions[i] for i in indices), tset.trigger, tset.class_word)
+
+
+def split_holdout(n: int, policy: TrainPolicy) -> tuple[list[int], list[int]]:
+    """(training, held-out) indices of the prepared photos, best first.
+
+    Likeness is validated on photos the LoRA never saw, so a LoRA that memorised its training
+    photos does not look better than one that learned the face. `policy.holdout` photos are
+    held out, spread over the ranking below the best one (the best photo always trains), but
+    only when at least `holdout_min_train` remain to train on; otherwise none, and validation
+    compares with the training photos (the manifest says which).
+    """
+    count = policy.holdout if n - policy.holdout >= policy.holdout_min_train else 0
+    held = sorted({min(n - 1, max(1, round((j + 1) * n / (count + 1)))) for j in range(count)})
+    return [i for i in range(n) if i not in held], held
+
+
+def validation_scorer(ctx: RunContext, face_backend: str, tset: TrainingSet,
+                      held: Sequence[int]) -> tuple[FaceScorer | None, dict[str, Any]]:
+    """Likeness of a validation render: the similarity of its largest face to the held-out
+    photos' mean embedding, in a space independent of the one that chose the photos
+    (portrait.flows.finish.independent_space; dlib offline). None when no reference face can be
+    embedded in that space."""
+    from portrait.core.faces import make_analyzer
+    from portrait.flows.finish import independent_space
+
+    space = independent_space(ctx, face_backend)
+    analyzer = make_analyzer(ctx, space)
+    sources = [tset.kept_photos[i] for i in held] if held else list(tset.kept_photos)
+    embeddings = []
+    for path in sources:
+        faces = [f for f in analyzer.detect(read_rgb(path)) if f.embedding is not None]
+        if faces:
+            embeddings.append(max(faces, key=lambda f: f.area).embedding)
+    info: dict[str, Any] = {"space": space, "against": "held-out photos" if held else "training photos",
+                            "held_out": [Path(tset.images[i]).name for i in held]}
+    if not embeddings:
+        info["against"] = "nothing (no face embedded in that space)"
+        return None, info
+    if space == "dlib":  # euclidean space: the mean descriptor
+        target = np.mean(embeddings, axis=0)
+    else:
+        mean = np.mean([e / max(np.linalg.norm(e), 1e-8) for e in embeddings], axis=0)
+        target = mean / max(np.linalg.norm(mean), 1e-8)
+
+    def score(image: np.ndarray) -> float | None:
+        faces = [f for f in analyzer.detect(image) if f.embedding is not None]
+        return analyzer.similarity(target, max(faces, key=lambda f: f.area).embedding) if faces else None
+
+    return score, info
+
+
+def prompt_scorer(ctx: RunContext) -> tuple[Any, str]:
+    """CLIP-T of validation renders against their prompts, or (None, why not). CLIP is loaded
+    for each validation and let go after it, so it never sits beside the training step."""
+    from portrait.core.errors import ModelMissing
+    from portrait.core.licenses import allowed
+    from portrait.stages import score as score_stage
+
+    clip_id = ctx.preset.models.get("clip")
+    if not clip_id:
+        return None, "no CLIP in the preset: prompt adherence (CLIP-T) not measured"
+    if not allowed(ctx.registry, clip_id, ctx.settings.license):
+        return None, f"CLIP-T not measured: '{clip_id}' is refused by the {ctx.settings.license} license policy"
+    if not ctx.registry.is_present(clip_id, ctx.settings) and not ctx.preset.tiny:
+        return None, f"CLIP-T not measured: '{clip_id}' is not downloaded (portrait models download {clip_id})"
+
+    def measure(images, prompts):
+        own = dataclasses.replace(ctx, cache=ModelCache(max_items=1))
+        try:
+            return score_stage.clip_t(score_stage.load_clip(own, clip_id), images, prompts)
+        except (ModelMissing, BadInput):
+            return []
+        finally:
+            own.cache.clear()
+
+    return measure, ""
 
 
 def face_scorer(ctx: RunContext, face_backend: str, consensus_by_backend: dict[str, np.ndarray]) -> FaceScorer | None:
@@ -265,23 +360,31 @@ def class_image_folder(ctx: RunContext, base_id: str, policy: TrainPolicy, promp
 
 
 def base_model_record(ctx: RunContext, base_id: str) -> dict[str, Any]:
+    from portrait.core.integrity import file_sha256
+
     resolved = ctx.resolve(base_id)
     weights = main_weights_file(resolved.root, resolved.files)
     digest = None
     if weights is not None:
-        digest = resolved.spec.sha256.get(weights.relative_to(resolved.root).as_posix()) or sha256_file(weights)
+        # A hash known for this file's size and mtime is not recomputed (a 4 GB base: ~6 s).
+        digest = resolved.spec.sha256.get(weights.relative_to(resolved.root).as_posix()) or \
+            file_sha256(weights, ctx.settings.home)
     return {"id": base_id, "resolved": resolved.spec.id, "origin": resolved.origin,
             "file": weights.relative_to(resolved.root).as_posix() if weights else None,
             "sha256": digest, "hash": digest[:10] if digest else None}
 
 
 def main_weights_file(root: Path, files: Sequence[str]) -> Path | None:
-    """The file whose hash names a base: a single checkpoint, or the diffusers UNet weights."""
+    """The file whose hash names a base: a single checkpoint, or the diffusers denoiser's weights
+    (the UNet's, or a transformer's first shard)."""
     singles = [root / f for f in files if f.endswith((".safetensors", ".ckpt")) and "/" not in f]
     if len(singles) == 1 and singles[0].is_file():
         return singles[0]
-    unet = sorted((root / "unet").glob("diffusion_pytorch_model*.safetensors")) if (root / "unet").is_dir() else []
-    return unet[0] if unet else None
+    for part in ("unet", "transformer"):
+        found = sorted((root / part).glob("diffusion_pytorch_model*.safetensors")) if (root / part).is_dir() else []
+        if found:
+            return found[0]
+    return None
 
 
 # --- the bundle -----------------------------------------------------------------------
@@ -310,19 +413,29 @@ def write_bundle(staging: Path, name: str, ctx: RunContext, prepared, result: Tr
     lora = None
     if result is not None and policy is not None:
         family = ctx.preset.family
+        flow = "transformer" in result.lora
         lora = BundleLora(family, result.lora, result.rank, result.alpha, base_model=base.get("id", ""),
                           unet_targets=policy.unet_targets, text_targets=policy.text_targets,
+                          transformer_targets=result.targets if flow else (),
                           kohya_metadata={"ss_network_dim": str(result.rank), "ss_network_alpha": str(result.alpha),
-                                          "ss_base_model_version": family, "ss_output_name": name,
-                                          "portrait_trigger": tset.trigger},
-                          row={"base_hash": base.get("hash"), "text_encoder": policy.train_text_encoder})
-        manifest["base_model"] = base
+                                          "ss_base_model_version": KOHYA_BASE_NAMES.get(family, family),
+                                          "ss_output_name": name, "portrait_trigger": tset.trigger},
+                          row={"base_hash": base.get("hash"), "text_encoder": policy.train_text_encoder,
+                               "layout": "transformer" if flow else "unet"})
+        manifest["base_model"] = {k: v for k, v in base.items() if k != "validation"}
         manifest["train"] = {**result_summary(result), "seed": policy.seed,
                              "validation_seeds": list(policy.validation_seeds),
+                             "validation": base.get("validation"),
                              "losses": [round(x, 6) for x in result.losses]}
         manifest["validation"] = validation_summary(result)
     write_bundle_files(staging, manifest, reference=tset.reference, photos=tset.kept_photos,
                                 embeddings=tset.consensus, report=prepared.report, lora=lora)
+    if result is not None and any(row.get("scores") for row in manifest.get("validation", [])):
+        from portrait.core.formats.curve import curve_image
+        from portrait.core.io import write_image
+
+        write_image(staging / "curve.png", curve_image(manifest["validation"]))
+        update_manifest(staging, curve="curve.png")
     from portrait.flows.finish import photo_spreads
 
     # the copy-paste guard's yardstick: how alike this person's own photos are, per space

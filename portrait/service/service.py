@@ -347,10 +347,14 @@ class StudioService(StudioDesk):
         manifest_path = handle.bundle / "manifest.json"
         if state == "ready" and manifest_path.is_file():
             manifest = json.loads(manifest_path.read_text())
+            record = manifest.get("train") or {}
             trained = {"lora": sorted((manifest.get("loras") or {})), "trigger": manifest.get("trigger"),
-                       "class_word": manifest.get("class_word"),
-                       "resumed_from": (manifest.get("train") or {}).get("resumed_from"),
-                       "steps": (manifest.get("train") or {}).get("steps")}
+                       "class_word": manifest.get("class_word"), "resumed_from": record.get("resumed_from"),
+                       "steps": record.get("steps"), "max_steps": record.get("max_steps"),
+                       "stopped_early": record.get("stopped_early"), "stop_reason": record.get("stop_reason"),
+                       # the likeness curve (step 0 = the base model), as the train summary plots it
+                       "curve": [{"step": r.get("step"), "likeness": r.get("score"), "clip_t": r.get("clip_t"),
+                                  "selected": r.get("selected")} for r in manifest.get("validation") or []]}
         return {"id": row.id, "name": row.name, "created": row.created, "state": state, "trained": trained or None,
                 "train_job": row.train_job, "report": row.report, "expired": row.expired,
                 "contact_sheet": f"/v1/identities/{row.id}/contact-sheet"}
@@ -1007,7 +1011,7 @@ class StudioService(StudioDesk):
         return [{"name": s.name, "families": list(s.families), "help": s.help, "needs_lora": s.needs_lora,
                  "group": s.group, "photo_template": s.photo_template, "license": s.license or None,
                  "fast": {mode: dataclasses.asdict(how) for mode, how in s.fast.items()},
-                 "compositions": list(s.compositions), "controls": s.controls,
+                 "compositions": list(s.compositions), "controls": s.controls, "style_lora": s.style_lora,
                  # whether this server's preset can run it (the web page offers only those)
                  "runs_here": self.base.family in s.families,
                  "options": s.options.model_json_schema()} for s in BACKENDS.specs()]

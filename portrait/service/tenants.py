@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from portrait.core.db import connect
+from portrait.core.db import connect, opening
 from portrait.core.errors import BadInput
 
 LOCAL_TENANT = "local"  # the single tenant of a server without tokens
@@ -124,7 +124,7 @@ class TenantDB:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
+        with opening(self.path), self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(_SCHEMA)
             for table, columns in _COLUMNS.items():

@@ -1,6 +1,9 @@
 """Embed stage: identity embeddings for the zero-shot adapters, from the identity's photos.
 
-Each adapter was trained on one embedding space, and only that space works:
+Each adapter was trained on one embedding space, and only that space works. A backend declares
+its adapter's space (`AdapterSpace`, portrait/core/backend.py) in its own module, as its SPEC's
+`face_space`, and hands it to `embed_identity` / `embed_images`; this stage keeps no table of
+backends. The spaces the shipped adapters read:
 
     InstantID          insightface antelopev2 (glintr100), raw `embedding` (not normalized)
     FaceID             insightface buffalo_l (w600k_r50), `normed_embedding`
@@ -31,6 +34,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from portrait.core.backend import AdapterSpace
 from portrait.core.errors import BadInput
 from portrait.core.formats.images import read_rgb  # noqa: F401  (backends call <stage>.read_rgb)
 from portrait.core.archs.recognizer import Recognizer, insightface_crop
@@ -41,57 +45,14 @@ MODES = ("mean", "all", "best")
 
 
 @dataclass(frozen=True)
-class AdapterSpace:
-    """The embedding space one adapter was trained on."""
-
-    adapter: str
-    pack: str  # insightface pack (registry id)
-    recognizer: str  # the pack's ArcFace ONNX file
-    normalized: bool  # normed_embedding (True) or raw embedding (False)
-    arcface: str | None = None  # preset role of a torch recognizer that replaces the pack's ONNX one
-
-    @property
-    def backend(self) -> str:
-        """The pack that locates faces (and, without `arcface`, embeds them)."""
-        return f"insightface:{self.pack}"
-
-    @property
-    def embedder(self) -> str:
-        """The embedding space's name (results.json `embedding.space`)."""
-        return "facexlib:arcface-irse50" if self.arcface else self.backend
-
-
-SPACES: dict[str, AdapterSpace] = {
-    "instantid": AdapterSpace("instantid", "antelopev2", "glintr100.onnx", normalized=False),
-    "faceid": AdapterSpace("faceid", "buffalo_l", "w600k_r50.onnx", normalized=True),
-    "faceid_plus": AdapterSpace("faceid_plus", "buffalo_l", "w600k_r50.onnx", normalized=True),
-    "photomaker_v2": AdapterSpace("photomaker_v2", "buffalo_l", "w600k_r50.onnx", normalized=False),
-    "pulid": AdapterSpace("pulid", "antelopev2", "glintr100.onnx", normalized=False),
-    # InfiniteYou detects with antelopev2 and embeds with facexlib's ArcFace IR-SE50 (normalized).
-    "infiniteyou": AdapterSpace("infiniteyou", "antelopev2", "glintr100.onnx", normalized=True,
-                                arcface="arcface_infiniteyou"),
-}
-
-
-@dataclass(frozen=True)
 class EmbedPolicy:
-    """How the identity's photos become one embedding (template/request `options`)."""
+    """How the identity's photos become one embedding (a backend's typed EmbedOptions, by
+    portrait.stages.identity_inputs.embed_policy_of)."""
 
     mode: Mode = "mean"
     max_photos: int = 8  # the bundle's best photos; more add little and cost time
     locator: str = "auto"  # auto | pack | dlib: who finds the faces (see module docstring)
     pack: str | None = None  # override the adapter's pack; a different one is refused
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any], default_mode: Mode = "mean") -> "EmbedPolicy":
-        mode = str(options.get("id_mode", default_mode))
-        if mode not in MODES:
-            raise BadInput(f"option id_mode='{mode}' is not one of {', '.join(MODES)}")
-        locator = str(options.get("face_locator", "auto"))
-        if locator not in ("auto", "pack", "dlib"):
-            raise BadInput(f"option face_locator='{locator}' is not one of auto, pack, dlib")
-        return cls(mode=mode, max_photos=int(options.get("id_photos", 8)), locator=locator,
-                   pack=options.get("face_pack"))
 
 
 @dataclass(frozen=True)
@@ -125,27 +86,16 @@ class IdEmbedding:
 # --- checks ---------------------------------------------------------------------------------
 
 
-def space_for(adapter: str, policy: EmbedPolicy | None = None) -> AdapterSpace:
-    try:
-        space = SPACES[adapter]
-    except KeyError:
-        raise BadInput(f"no identity embedding is defined for adapter '{adapter}' "
-                       f"(known: {', '.join(SPACES)})") from None
+def check_pack(space: AdapterSpace, policy: EmbedPolicy | None = None) -> AdapterSpace:
+    """The space, after refusing a `face_pack` option that names another pack than the adapter's."""
     if policy is not None and policy.pack and policy.pack not in (space.pack, space.backend):
-        raise wrong_pack(adapter, policy.pack, space)
+        raise wrong_pack(space, policy.pack)
     return space
 
 
-def wrong_pack(adapter: str, given: str, space: AdapterSpace) -> BadInput:
-    return BadInput(f"{adapter} was trained on insightface {space.pack} embeddings; '{given}' embeddings live in "
+def wrong_pack(space: AdapterSpace, given: str) -> BadInput:
+    return BadInput(f"{space.adapter} was trained on insightface {space.pack} embeddings; '{given}' embeddings live in "
                     f"another space and would give a stranger's face (use face_pack={space.pack})")
-
-
-def check_space(adapter: str, backend: str) -> None:
-    """Refuse embeddings that were computed in another space than the adapter's."""
-    space = space_for(adapter)
-    if backend != space.backend:
-        raise wrong_pack(adapter, backend, space)
 
 
 # --- locating and embedding ------------------------------------------------------------------
@@ -249,17 +199,18 @@ def combine(vectors: np.ndarray, mode: Mode, normalized: bool) -> np.ndarray:
     return mean[None, :].astype(np.float32)
 
 
-def embed_identity(ctx, identity: Identity, adapter: str, policy: EmbedPolicy = EmbedPolicy()) -> IdEmbedding:
-    """The identity's embedding for `adapter` from its top-k photos (BadInput if none shows a face)."""
-    space_for(adapter, policy)  # refuses a wrong pack for this adapter before any photo is read
+def embed_identity(ctx, identity: Identity, space: AdapterSpace, policy: EmbedPolicy = EmbedPolicy()) -> IdEmbedding:
+    """The identity's embedding in the adapter's `space` from its top-k photos (BadInput if none
+    shows a face)."""
+    check_pack(space, policy)  # refuses a wrong pack for this adapter before any photo is read
     paths = identity_photos(identity, policy.max_photos)
     sources = [(str(p), read_rgb(p)) for p in paths]
-    return embed_images(ctx, sources, adapter, policy, owner=f"identity '{identity.name}'")
+    return embed_images(ctx, sources, space, policy, owner=f"identity '{identity.name}'")
 
 
-def embed_images(ctx, sources: Sequence[tuple[str, np.ndarray]], adapter: str, policy: EmbedPolicy = EmbedPolicy(),
-                 owner: str = "the given photos") -> IdEmbedding:
-    space = space_for(adapter, policy)
+def embed_images(ctx, sources: Sequence[tuple[str, np.ndarray]], space: AdapterSpace,
+                 policy: EmbedPolicy = EmbedPolicy(), owner: str = "the given photos") -> IdEmbedding:
+    check_pack(space, policy)
     crops = face_crops(sources, make_locator(ctx, space, policy), load_recognizer(ctx, space), space)
     if not crops:
         where = ", ".join(s for s, _ in sources[:3]) + (" ..." if len(sources) > 3 else "")
@@ -271,11 +222,11 @@ def embed_images(ctx, sources: Sequence[tuple[str, np.ndarray]], adapter: str, p
 # --- pose reference (InstantID keypoints) ------------------------------------------------------
 
 
-def pose_keypoints(ctx, image: np.ndarray, source: str, space_adapter: str = "instantid",
+def pose_keypoints(ctx, image: np.ndarray, source: str, space: AdapterSpace,
                    policy: EmbedPolicy = EmbedPolicy()) -> np.ndarray:
-    """The 5 keypoints of the largest face of a pose reference (BadInput when it has none)."""
-    space = space_for(space_adapter, policy)
-    face = largest_face(make_locator(ctx, space, policy), image)
+    """The 5 keypoints of the largest face of a pose reference, found by the adapter space's
+    locator (BadInput when it has none)."""
+    face = largest_face(make_locator(ctx, check_pack(space, policy), policy), image)
     if face is None:
         raise BadInput(f"{source}: no face found in the pose reference")
     return np.asarray(face.kps, dtype=np.float32)

@@ -14,36 +14,36 @@ from typing import Any
 import numpy as np
 
 from portrait.core.context import RunContext
-from portrait.core.errors import BadInput
 from portrait.core.steps import step_callback
 from portrait.core.types import GenerationRequest
+from portrait.stages import frontier
 from portrait.stages.sd import generator, prepare_pipeline, to_uint8
 
-SAMPLER = "flow_euler"
+SAMPLER = frontier.SAMPLER
+# The bases the `flux` backend renders text to image on (with the identity's LoRA for that base
+# when the bundle has one): FLUX.1 and FLUX.2 [klein]; InfiniteYou and PuLID-FLUX need FLUX.1
+# itself, Z-Image has its own backend (`zimage`).
+FLOW_FAMILIES = ("flux", "flux2-klein")
 
 
-def check_request(request: GenerationRequest, ctx: RunContext) -> None:
-    """FLUX runs on the flux family with its flow-matching sampler, at sizes of 16 px."""
-    if ctx.preset.family != "flux":
-        raise BadInput(f"backend '{request.backend}' runs on the flux family; preset '{ctx.preset.name}' is "
-                       f"{ctx.preset.family} (use --preset flux)")
-    if request.scheduler != SAMPLER:
-        raise BadInput(f"--scheduler {request.scheduler}: FLUX samples with {SAMPLER} only")
-    if request.width % 16 or request.height % 16:
-        raise BadInput(f"--size {request.width}x{request.height}: FLUX needs multiples of 16")
+def check_request(request: GenerationRequest, ctx: RunContext, families: tuple[str, ...] = ("flux",)) -> None:
+    """FLUX runs on the flux family (or `families`) with its flow-matching sampler, at sizes of
+    16 px: the frontier families' one check (stages/frontier.py)."""
+    frontier.check_request(request, ctx, families, "flux")
 
 
-def max_sequence_length(ctx: RunContext) -> int:
-    """The preset's generate.max_sequence_length (FLUX.1-dev 512; declared and bounded in
-    stages/generate.GeneratePolicy, which checks the preset before a request resolves)."""
-    return int(ctx.preset.section("generate").get("max_sequence_length", 512))
+# The preset's generate.max_sequence_length (FLUX.1-dev 512; declared and bounded in
+# stages/generate.GeneratePolicy, which checks the preset before a request resolves).
+max_sequence_length = frontier.max_sequence_length
 
 
-def load_flux_pipeline(ctx: RunContext, request: GenerationRequest, kind: str = "txt2img"):
-    """The preset's FLUX base as a diffusers Flux pipeline, with sampler and memory options set."""
+def load_flux_pipeline(ctx: RunContext, request: GenerationRequest, kind: str = "txt2img",
+                       families: tuple[str, ...] = ("flux",)):
+    """The preset's FLUX (or other flow-matching) base as a diffusers pipeline, with sampler and
+    memory options set."""
     from portrait.stages.sd import load_sd_pipeline
 
-    check_request(request, ctx)
+    check_request(request, ctx, families)
     pipe = load_sd_pipeline(ctx, kind)
     prepare_pipeline(pipe, request, ctx)
     return pipe
@@ -55,8 +55,13 @@ def true_cfg(request: GenerationRequest) -> float:
 
 
 def call_args(request: GenerationRequest, ctx: RunContext, seed: int) -> dict[str, Any]:
-    """The keyword arguments of one FluxPipeline call for this request and seed."""
+    """The keyword arguments of one FluxPipeline call for this request and seed (a FLUX.2 [klein]
+    pipeline takes no negative prompt: the distilled one has no CFG, the base's runs on an empty one)."""
     cfg = true_cfg(request)
+    if ctx.preset.family != "flux":
+        return {"prompt": request.prompt, "num_inference_steps": request.steps, "guidance_scale": request.guidance,
+                "width": request.width, "height": request.height, "max_sequence_length": max_sequence_length(ctx),
+                "generator": generator(seed)}
     args: dict[str, Any] = {
         "prompt": request.prompt,
         "num_inference_steps": request.steps,

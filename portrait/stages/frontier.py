@@ -1,6 +1,7 @@
 """What the frontier backends share (FLUX.2 [klein], Z-Image, Qwen-Image-Edit): the checks a
-request must pass, the base pipeline, the pipeline arguments every call takes, and the
-identity LoRA of the family when the bundle has one.
+request must pass (the FLUX.1 backends' too: stages/flux.py runs the same check), the base
+pipeline, the pipeline arguments every call takes, and the identity LoRA of the family when the
+bundle has one.
 
 All three are flow-matching transformers sampled by FlowMatchEulerDiscreteScheduler (the
 only sampler: `flow_euler`), at sizes of 16 px (VAE /8, then 2x2 patches), with one Qwen text

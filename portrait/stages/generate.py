@@ -162,7 +162,9 @@ def resolve_request(identity: Identity, policy: GeneratePolicy, *, template: Tem
         composition=composition,
         fast=mode_name,
         fast_lora=mode.lora if mode is not None else None,
-        style_lora={"model": t.style_lora.model, "weight": t.style_lora.weight} if t.style_lora else None,
+        # A template's style LoRA only where the backend applies one: the request records what runs.
+        style_lora={"model": t.style_lora.model, "weight": t.style_lora.weight}
+        if t.style_lora and spec.style_lora else None,
         control_images={c.name: str(c.image) for c in template_controls if c.image},
         control_preprocessed=[c.name for c in template_controls if c.preprocessed],
         control_range={c.name: (c.start, c.end) for c in template_controls},

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from portrait.core.backend import AdapterSpace
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.options import EmbedOptions
@@ -57,11 +58,12 @@ def request_controls(ctx: RunContext, request: GenerationRequest, *, find_faces:
     return made
 
 
-def pack_face_finder(ctx: RunContext, embed_policy: emb.EmbedPolicy) -> FaceFinder:
-    """Zero-shot backends: the largest face by the InstantID pack's locator (its keypoints)."""
+def pack_face_finder(ctx: RunContext, space: AdapterSpace, embed_policy: emb.EmbedPolicy) -> FaceFinder:
+    """Zero-shot backends: the largest face by the locator of the backend's own face space (its
+    pack's keypoints; the tiny preset's dlib), so a backend needs no other pack than its own."""
 
     def find(image: np.ndarray, where: str) -> list:
-        face = emb.largest_face(emb.make_locator(ctx, emb.space_for("instantid"), embed_policy), image)
+        face = emb.largest_face(emb.make_locator(ctx, space, embed_policy), image)
         if face is None:
             raise BadInput(f"{where}: no face found for the openpose control")
         return [face]

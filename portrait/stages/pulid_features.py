@@ -6,19 +6,24 @@ features of that face aligned to facexlib's 512 FFHQ template, with the backgrou
 neck, clothes and hat painted white by a BiSeNet face parser and the rest turned gray. The
 ID vector [arcface 512 ++ unit EVA embedding] and the EVA hidden states go into the IDFormer;
 the unconditional tokens are the IDFormer on zeros. Faces are located and embedded by
-stages/embed.py (space `pulid`); the parser is the preset's `face_parser`.
+stages/embed.py in FACE_SPACE below; the parser is the preset's `face_parser`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from portrait.core.backend import AdapterSpace
 from portrait.core.context import RunContext
 from portrait.core.types import Identity
 from portrait.stages import embed as emb
+
+# The face space PuLID's IDFormer was trained on (both backends read it): insightface
+# antelopev2's glintr100, the raw `embedding` of each aligned face (ToTheBeginning/PuLID).
+FACE_SPACE = AdapterSpace("pulid", "antelopev2", "glintr100.onnx", normalized=False)
 
 # facexlib's FaceRestoreHelper 5-point template for a 512 face (crop ratio 1), which PuLID
 # aligns with before parsing: eyes, nose, mouth corners.
@@ -98,8 +103,7 @@ def pulid_inputs(ctx: RunContext, identity: Identity, models, embed_policy: emb.
     """`models` has `.eva` (portrait.core.archs.pulid.EvaVisual) and `.encoder` (IDFormer)."""
     from portrait.core.parsing import load_face_parser
 
-    all_policy = emb.EmbedPolicy("all", embed_policy.max_photos, embed_policy.locator, embed_policy.pack)
-    found = emb.embed_identity(ctx, identity, "pulid", all_policy)
+    found = emb.embed_identity(ctx, identity, FACE_SPACE, replace(embed_policy, mode="all"))
     parser = load_face_parser(ctx, ctx.preset.model("face_parser"))
     faces = []
     for crop in found.crops:
@@ -107,4 +111,4 @@ def pulid_inputs(ctx: RunContext, identity: Identity, models, embed_policy: emb.
         faces.append(eva_input(aligned, parser.parse_crop(aligned), models.eva.image_size))
     rows = id_features(models.eva, faces, found.vectors, ctx.placement.device, ctx.placement.dtype)
     uncond, cond = encode_identity(models.encoder, rows, embed_policy.mode)
-    return PuLIDInputs(cond, uncond, emb.IdEmbedding(found.space, found.vectors, found.crops, embed_policy.mode))
+    return PuLIDInputs(cond, uncond, replace(found, mode=embed_policy.mode))

@@ -1,21 +1,24 @@
-"""Identity LoRA training: DreamBooth-style LoRA on the UNet (and optionally the text encoders).
+"""Identity LoRA training: DreamBooth-style LoRA on the denoiser (and optionally the text encoders).
 
 Inputs: the base pipeline's components (`TrainModels`), the prepared images and captions
 (`TrainData`), a `TrainPolicy` from the preset's `train` section, and a work folder.
 Output: a `TrainResult` holding the selected LoRA weights, every checkpoint's validation
-scores, the loss curve and timings.
+scores (the likeness curve), the loss curve and timings.
+
+The family decides the loop (`LOOPS`): SD1.5 and SDXL train a UNet LoRA with the DDPM loss here;
+FLUX.1 [dev], FLUX.2 [klein] and Z-Image train a transformer LoRA with the flow-matching loss of
+diffusers' reference scripts (stages/train_flow.py). Everything around the step is shared.
 
 Why it is fast: the VAE latents and, when the text encoders are frozen, the text embeddings
-are computed once each, on first use: the first step starts as soon as the models are loaded
-(no up-front pass over every photo), a mirror is encoded only if a flip ever draws it, and a
-step that finds everything cached costs only the UNet forward and backward. diffusers'
+are computed once each, all before step 1 (`TrainingRun.prefill`); a mirror is encoded only if
+a flip ever draws it, and a step costs only the denoiser's forward and backward. diffusers'
 train_dreambooth_lora.py runs the VAE and text encoder on every step instead
 (bench/train_speed.py measures the difference).
 
 Why it is small: the draws of every step are a pure function of (seed, step), so the run
 knows in advance which latents and prompts it will ever need; once they are cached the VAE
 and the frozen text encoders leave the device, and leave RAM when the caller can reload them
-(`TrainModels.reload`) for validation renders. A training step holds the UNet alone.
+(`TrainModels.reload`) for validation renders. A training step holds the denoiser alone.
 
 Why it is resumable: every `checkpoint_every` steps the LoRA, the optimizer, the LR
 schedule and the RNG states are written atomically (a temp folder renamed into place), and
@@ -23,717 +26,50 @@ all randomness of step k comes from a generator seeded by (seed, k), so a run ki
 point and resumed from its last checkpoint reproduces the uninterrupted run on CPU.
 
 Validation and selection follow EasyPhoto: each checkpoint renders a few images from fixed
-seeds, a face scorer rates their identity similarity, and the final LoRA is the average of
-the checkpoints behind the best images (or the best single checkpoint, per preset).
+seeds, a face scorer rates their likeness (held-out photos, an independent space) and CLIP-T
+their prompt adherence; the run stops when likeness stops improving (`--steps` is the ceiling),
+and the final LoRA is the average of the checkpoints behind the best images (or the best
+single checkpoint, per preset) among those that kept the prompt.
 
 This module is the loop (values, setup, caches, one step, the run). Around it:
-stages/train_state.py (work folder, checkpoints, RNG states), stages/train_select.py
-(validation renders, scoring, checkpoint choice, the manifest's training record),
-stages/train_prior.py (prior-preservation class images) and portrait/core/formats/lora.py
-(the LoRA files). Their public names are re-exported here, so `portrait.stages.train` stays
-the one import for the train flow.
+stages/train_flow.py (the flow-matching step), stages/train_state.py (work folder,
+checkpoints, RNG states), stages/train_select.py (validation renders, scoring, stopping,
+checkpoint choice, the manifest's training record), stages/train_prior.py (prior-preservation
+class images) and portrait/core/formats/lora.py (the LoRA files). Their public names are
+re-exported here, so `portrait.stages.train` stays the one import for the train flow.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Callable
 
-import numpy as np
-
-from portrait.core.device import cpu_bf16_native
 from portrait.core.errors import BadInput, PortraitError
-from portrait.core.formats.lora import (TEXT_COMPONENTS, kohya_state, read_lora_file,
-                                        save_diffusers_lora, save_kohya_lora)
-from portrait.stages.train_prior import class_images
-from portrait.stages.train_select import (FaceScorer, average_states, choose_checkpoints, render_validation,
-                                          result_summary, score_images, validation_prompts, validation_summary)
-from portrait.stages.train_types import (CheckpointRecord, LearningRate, MixedPrecision, Optimizer, TrainData,  # noqa: F401
-                                         TrainModels, TrainPolicy, TrainResult)
-from portrait.stages.train_state import ( TrainEvent, completed_checkpoints, discard_checkpoints,
-                                         prepare_workdir, read_checkpoint_meta, restore_rng, run_params, save_checkpoint)
-
-
-# --- setup ----------------------------------------------------------------------------
-
-
-def lora_configs(policy: TrainPolicy, models: TrainModels) -> dict[str, Any]:
-    """One peft LoraConfig per trained component (gaussian init as in diffusers' scripts)."""
-    from peft import LoraConfig
-
-    configs = {
-        "unet": LoraConfig(r=policy.rank, lora_alpha=policy.alpha, init_lora_weights="gaussian",
-                           target_modules=list(policy.unet_targets))
-    }
-    if policy.train_text_encoder:
-        for name, _tok, _enc in models.text_encoders():
-            configs[name] = LoraConfig(r=policy.rank, lora_alpha=policy.alpha, init_lora_weights="gaussian",
-                                       target_modules=list(policy.text_targets))
-    return configs
-
-
-def trained_modules(models: TrainModels, names: Iterable[str]) -> dict[str, Any]:
-    return {name: getattr(models.pipeline, name) for name in names}
-
-
-def add_adapters(models: TrainModels, configs: Mapping[str, Any], seed: int) -> None:
-    import torch
-
-    if getattr(models.unet, "peft_config", None):
-        raise PortraitError("the base UNet already carries a LoRA adapter; give the trainer a fresh pipeline")
-    # peft draws the initial LoRA A matrices from the global RNG; seed it so runs repeat.
-    torch.manual_seed(seed)
-    for name, config in configs.items():
-        getattr(models.pipeline, name).add_adapter(config)
-
-
-def mixed_precision_for(policy: TrainPolicy, device: str, dtype_name: str, unet_dtype: Any = None) -> str:
-    """fp16/bf16 per the placement on CUDA; on CPU, `auto` is bf16 where the CPU does bf16 in
-    hardware (a step in half the time, the frozen weights in half the memory: see
-    core.device.cpu_bf16_native) and fp32 elsewhere. fp16 matmuls on CPU are slow or unsupported.
-    The LoRA weights and their optimizer state stay fp32 in every mode (diffusers does the same).
-
-    `unet_dtype`: the dtype of a UNet already loaded. On CPU `auto` then follows it: the train
-    flow loads the UNet as bf16 when it will train in bf16 (load_dtypes), while an fp32 pipeline
-    a caller hands in is not rounded to bf16 in place under `auto` (only an explicit bf16 does that).
-    """
-    if not device.startswith("cuda"):
-        if policy.mixed_precision == "fp16":
-            raise BadInput("--mixed-precision fp16: needs a CUDA device; on CPU use bf16 or no")
-        if policy.mixed_precision == "auto":
-            if unet_dtype is not None:
-                return "bf16" if str(unet_dtype) == "torch.bfloat16" else "no"
-            return "bf16" if cpu_bf16_native() else "no"
-        return policy.mixed_precision
-    if policy.mixed_precision != "auto":
-        return policy.mixed_precision
-    return {"float16": "fp16", "bfloat16": "bf16"}.get(dtype_name, "no")
-
-
-def load_dtypes(policy: TrainPolicy, device: str, dtype_name: str) -> dict[str, str]:
-    """The parts the trainer wants loaded in a dtype other than the placement's: on CPU under
-    bf16 the UNet and text encoders come off disk as bf16 (never held in fp32 first); the VAE
-    encodes in fp32. On CUDA the pipeline already loads in the placement's fp16/bf16."""
-    if device.startswith("cuda") or mixed_precision_for(policy, device, dtype_name) != "bf16":
-        return {}
-    return {"unet": "bfloat16", "text_encoder": "bfloat16", "text_encoder_2": "bfloat16"}
-
-
-def gradient_checkpointing_for(policy: TrainPolicy, device: str) -> bool:
-    """Checkpointing trades a second forward for activation memory: on only where memory needs it.
-
-    `auto` switches it on for CUDA devices under 16 GB (SD1.5 at 512 px trains in about 7 GB
-    without it in fp16, SDXL at 1024 px does not fit 16 GB without it); on CPU the RAM is there
-    and the extra forward would cost about 40% of a step.
-    """
-    if policy.gradient_checkpointing != "auto":
-        return bool(policy.gradient_checkpointing)
-    if not device.startswith("cuda"):
-        return False
-    import torch
-
-    index = torch.device(device).index or 0
-    return torch.cuda.get_device_properties(index).total_memory < 16 * 2**30
-
-
-def optimizer_available(name: str) -> None:
-    """Refuse an optimizer whose package is missing, naming what to install (exit 2)."""
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes  # noqa: F401  (optional: not in the lock, its CPU wheel is not needed)
-        except ImportError:
-            raise BadInput("--optimizer adamw8bit: needs the bitsandbytes package (pip install bitsandbytes); "
-                           "use adamw or prodigy") from None
-    if name == "prodigy":
-        try:
-            import prodigyopt  # noqa: F401
-        except ImportError:
-            raise BadInput("--optimizer prodigy: needs the prodigyopt package (pip install prodigyopt)") from None
-
-
-def check_runtime(policy: TrainPolicy, device: str, dtype_name: str) -> None:
-    """What the policy asks of this machine (the optimizer's package, the precision on this
-    device): checked before any work so a bad option costs nothing (exit 2)."""
-    optimizer_available(policy.optimizer)
-    mixed_precision_for(policy, device, dtype_name)
-
-
-def make_optimizer(params_groups: list[dict[str, Any]], policy: TrainPolicy, device: str):
-    import torch
-
-    optimizer_available(policy.optimizer)
-    if policy.optimizer == "adamw8bit":
-        import bitsandbytes as bnb  # 8-bit states: a quarter of AdamW's optimizer memory
-
-        return bnb.optim.AdamW8bit(params_groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    if policy.optimizer == "prodigy":
-        from prodigyopt import Prodigy  # learning-rate free: `lr` scales its estimate (use ~1.0)
-
-        # Prodigy refuses groups with different non-zero lr; as diffusers' script does, every
-        # group takes the UNet's (text_encoder_lr is ignored with prodigy).
-        for group in params_groups:
-            group["lr"] = policy.learning_rate
-
-        # diffusers' script: safeguard warmup and bias correction on, decoupled weight decay.
-        return Prodigy(params_groups, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-8, decouple=True,
-                       use_bias_correction=True, safeguard_warmup=True)
-    # The fused kernel updates every LoRA tensor in one call instead of a Python loop over a few
-    # hundred small ones; on CPU and CUDA it is the same AdamW, just without the per-tensor overhead.
-    return torch.optim.AdamW(params_groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
-                             fused=device.split(":")[0] in ("cpu", "cuda"))
-
-
-# --- caching --------------------------------------------------------------------------
-
-
-def images_to_tensor(images: Sequence[np.ndarray], resolution: int):
-    import torch
-    from PIL import Image
-
-    batch = []
-    for image in images:
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise BadInput(f"training image of shape {image.shape}: expected HxWx3 RGB")
-        pil = Image.fromarray(image)
-        if pil.size != (resolution, resolution):
-            pil = pil.resize((resolution, resolution), Image.LANCZOS)
-        batch.append(torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float() / 127.5 - 1.0)
-    return torch.stack(batch)
-
-
-def encode_image(vae, image: np.ndarray, mirrored: bool, resolution: int, device) -> tuple[Any, Any]:
-    """Latent distribution (mean, std) of one image or its mirror, as fp32 CPU tensors [c, h, w].
-
-    The VAE runs in fp32 whatever the training precision (the trainer keeps it so): it runs
-    once per image, and the SDXL VAE overflows in fp16.
-    """
-    import torch
-
-    pixels = images_to_tensor([image], resolution)
-    if mirrored:
-        pixels = torch.flip(pixels, dims=[3])
-    with torch.no_grad():
-        dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-    return dist.mean[0].float().cpu(), dist.std[0].float().cpu()
-
-
-class LatentCache:
-    """Latent mean/std per (example, mirrored), filled on first use.
-
-    Each pair is encoded alone (a batch of one), so a latent never depends on which other
-    pairs were encoded beside it: a resumed run, which refills the cache in another order,
-    gets bit-identical latents.
-    """
-
-    def __init__(self, images: Sequence[np.ndarray], prompt_index: Sequence[int], resolution: int):
-        self.images = tuple(images)
-        self.prompt_index = tuple(prompt_index)
-        self.resolution = resolution
-        self.mean: dict[tuple[int, bool], Any] = {}
-        self.std: dict[tuple[int, bool], Any] = {}
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def missing(self, picks: Iterable[tuple[int, bool]]) -> list[tuple[int, bool]]:
-        return [p for p in dict.fromkeys(picks) if p not in self.mean]
-
-    def fill(self, vae, picks: Iterable[tuple[int, bool]], device) -> None:
-        for index, mirrored in self.missing(picks):
-            self.mean[(index, mirrored)], self.std[(index, mirrored)] = encode_image(
-                vae, self.images[index], mirrored, self.resolution, device)
-
-    def sample(self, picks: Sequence[tuple[int, bool]], eps, scaling: float, shift: float):
-        import torch
-
-        mean = torch.stack([self.mean[p] for p in picks])
-        std = torch.stack([self.std[p] for p in picks])
-        return (mean + std * eps - shift) * scaling
-
-
-class PromptCache:
-    """Token ids per unique prompt and encoder; with frozen encoders also each prompt's
-    embedding (and SDXL's pooled one), filled on first use, one prompt at a time."""
-
-    def __init__(self, prompts: Sequence[str], token_ids: Mapping[str, Any]):
-        self.prompts = tuple(prompts)
-        self.token_ids = dict(token_ids)  # component -> [n_prompts, L]
-        self.embeds: dict[int, Any] = {}  # prompt index -> [L, D]
-        self.pooled: dict[int, Any] = {}  # prompt index -> [D2] (SDXL)
-
-    def missing(self, indices: Iterable[int]) -> list[int]:
-        return [i for i in dict.fromkeys(indices) if i not in self.embeds]
-
-    def fill(self, models: "TrainModels", indices: Iterable[int], device) -> None:
-        import torch
-
-        for i in self.missing(indices):
-            with torch.no_grad():
-                embeds, pooled = encode_prompts(models, {k: v[i:i + 1] for k, v in self.token_ids.items()}, device)
-            self.embeds[i] = embeds[0].float().cpu()
-            if pooled is not None:
-                self.pooled[i] = pooled[0].float().cpu()
-
-    def cond(self, indices: Sequence[int]) -> tuple[Any, Any | None]:
-        import torch
-
-        embeds = torch.stack([self.embeds[i] for i in indices])
-        pooled = torch.stack([self.pooled[i] for i in indices]) if self.pooled else None
-        return embeds, pooled
-
-
-def tokenize(tokenizer, prompts: Sequence[str]):
-    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
-def encode_prompts(models: TrainModels, token_ids: Mapping[str, Any], device: str) -> tuple[Any, Any | None]:
-    """Text conditioning the way each family's pipeline builds it.
-
-    SD1.5: the last hidden state. SDXL: the penultimate hidden states of both encoders,
-    concatenated, and the pooled projection of the second as `text_embeds`.
-    """
-    import torch
-
-    if models.family != "sdxl":
-        encoder = models.pipeline.text_encoder
-        return encoder(token_ids["text_encoder"].to(device))[0], None
-    hidden, pooled = [], None
-    for name, _tok, encoder in models.text_encoders():
-        out = encoder(token_ids[name].to(device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]
-    return torch.cat(hidden, dim=-1), pooled
-
-
-def prompt_cache(models: TrainModels, prompts: Sequence[str]) -> PromptCache:
-    unique = tuple(dict.fromkeys(prompts))
-    return PromptCache(unique, {name: tokenize(tok, unique) for name, tok, _enc in models.text_encoders()})
-
-
-class Residency:
-    """Where the modules a step no longer needs live: the VAE once every latent the run will
-    draw is cached, the frozen text encoders once every prompt is.
-
-    With `TrainModels.reload` they leave RAM (the pipeline's attribute is set to None and the
-    module is freed) and come back, freshly loaded, for validation renders; without it they
-    stay in RAM, parked off the GPU on CUDA.
-    """
-
-    def __init__(self, models: TrainModels, device, dtypes: Mapping[str, Any]):
-        self.models = models
-        self.device = device
-        self.dtypes = dict(dtypes)  # component -> the dtype it works in
-        self.dropped: set[str] = set()  # freed; `need` reloads them
-        self.parked: set[str] = set()  # released but kept (no reloader): on the CPU
-
-    def need(self, names: Iterable[str]) -> None:
-        names = [n for n in names if n in self.dtypes]
-        missing = [n for n in names if n in self.dropped]
-        if missing:
-            fresh = self.models.reload(missing)
-            for name in missing:
-                module = fresh[name]
-                module.requires_grad_(False)
-                module.eval()
-                setattr(self.models.pipeline, name, module)
-                self.dropped.discard(name)
-        for name in names:
-            self.parked.discard(name)
-            module = getattr(self.models.pipeline, name)
-            if module.device != self.device or module.dtype != self.dtypes[name]:
-                module.to(self.device, dtype=self.dtypes[name])
-
-    def release(self, names: Iterable[str]) -> None:
-        import torch
-
-        names = [n for n in names if n in self.dtypes and n not in self.dropped | self.parked]
-        if not names:
-            return
-        for name in names:
-            if self.models.reload is not None:
-                # Moving the weights to the meta device frees them now, whoever still holds the
-                # module object; dropping the module and waiting for gc.collect() (it holds
-                # reference cycles) cost 0.36 s a call with torch, diffusers and transformers
-                # imported (cProfile, tiny model).
-                getattr(self.models.pipeline, name).to("meta")
-                setattr(self.models.pipeline, name, None)
-                self.dropped.add(name)
-            else:
-                if str(self.device).startswith("cuda"):
-                    getattr(self.models.pipeline, name).to("cpu")
-                self.parked.add(name)
-        if str(self.device).startswith("cuda"):
-            torch.cuda.empty_cache()
-
-
-# --- one step -------------------------------------------------------------------------
-
-
-def step_generator(seed: int, step: int):
-    """All randomness of one step comes from here, so resuming at step k repeats step k."""
-    import torch
-
-    return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
-
-
-def example_indices(n: int, count: int, step: int, seed: int) -> list[int]:
-    """Epoch-wise shuffling, a pure function of (seed, step) for exact resumes."""
-    import torch
-
-    picks = []
-    for i in range(count):
-        flat = step * count + i
-        epoch, offset = divmod(flat, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        picks.append(int(order[offset]))
-    return picks
-
-
-@dataclass(frozen=True)
-class StepDraws:
-    """What step k samples before the UNet runs: examples, flips and latent noise."""
-
-    picks: tuple[tuple[int, bool], ...]  # (example, mirrored)
-    eps: Any  # [b, c, h, w] standard normal, for sampling the latent distribution
-    prior_picks: tuple[tuple[int, bool], ...] = ()
-    prior_eps: Any = None
-
-
-def step_draws(policy: TrainPolicy, step: int, gen, n_images: int, n_class: int, latent_shape: Sequence[int]) -> StepDraws:
-    """The step's draws, in a fixed order on `gen`. The planner runs it too, to know in advance
-    which latents a run will ever need, so it must stay a pure function of (seed, step)."""
-    import torch
-
-    def draw(n: int, seed: int):
-        idx = example_indices(n, policy.batch_size, step, seed)
-        flips = (torch.rand(len(idx), generator=gen) < 0.5).tolist() if policy.flip else [False] * len(idx)
-        eps = torch.randn((len(idx), *latent_shape), generator=gen)
-        return tuple(zip(idx, map(bool, flips))), eps
-
-    picks, eps = draw(n_images, policy.seed)
-    if not n_class:
-        return StepDraws(picks, eps)
-    prior_picks, prior_eps = draw(n_class, policy.seed + 1)
-    return StepDraws(picks, eps, prior_picks, prior_eps)
-
-
-def time_ids(resolution: int, count: int):
-    """SDXL micro-conditioning: original size, crop top-left, target size (aligned crops)."""
-    import torch
-
-    row = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)
-    return row.repeat(count, 1)
-
-
-def diffusion_loss(models: TrainModels, scheduler, latents, cond, pooled, policy: TrainPolicy, gen, device, dtype,
-                   prior_count: int = 0):
-    """Noise the latents at random timesteps and return the UNet's denoising loss."""
-    import torch
-    import torch.nn.functional as F
-
-    noise = torch.randn(latents.shape, generator=gen)
-    if policy.noise_offset:
-        noise = noise + policy.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    kwargs = {}
-    if models.family == "sdxl":
-        kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(device, dtype),
-                                       "time_ids": time_ids(policy.resolution, latents.shape[0]).to(device, dtype)}
-    pred = models.unet(noisy.to(device, dtype), timesteps.to(device), encoder_hidden_states=cond.to(device, dtype),
-                       return_dict=False, **kwargs)[0].float()
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    target = target.to(device)
-    per_example = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-    if policy.snr_gamma:
-        from diffusers.training_utils import compute_snr
-
-        snr = compute_snr(scheduler, timesteps).to(device)
-        weights = torch.minimum(snr, torch.full_like(snr, policy.snr_gamma)) / snr
-        if scheduler.config.prediction_type == "v_prediction":
-            weights = weights / (snr + 1)
-        per_example = per_example * weights
-    n_instance = latents.shape[0] - prior_count
-    loss = per_example[:n_instance].mean()
-    if prior_count:
-        loss = loss + policy.prior_loss_weight * per_example[n_instance:].mean()
-    return loss
-
-
-# --- checkpoints ----------------------------------------------------------------------
-
-
-def lora_state(models: TrainModels, names: Iterable[str]) -> dict[str, dict[str, Any]]:
-    from peft.utils import get_peft_model_state_dict
-
-    return {
-        name: {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(module).items()}
-        for name, module in trained_modules(models, names).items()
-    }
-
-
-def load_lora_state(models: TrainModels, state: Mapping[str, Mapping[str, Any]]) -> None:
-    from peft.utils import set_peft_model_state_dict
-
-    for name, module in trained_modules(models, state).items():
-        result = set_peft_model_state_dict(module, dict(state[name]))
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise PortraitError(f"checkpoint LoRA for {name} does not fit the model: {unexpected[:3]}")
-
-
-# --- the loop -------------------------------------------------------------------------
-
-
-class Precision:
-    """Where and in what precision the steps run: the device, autocast, and fp16's loss scaler.
-
-    Why not accelerate's `Accelerator`: its state is one per process, and a second trainer in
-    the same process (the service, a batch runner, the test suite) with another mixed precision
-    gets "AcceleratorState has already been initialized and cannot be changed". Single-device
-    training needs only what it wrapped: torch.autocast and torch.amp.GradScaler.
-    """
-
-    def __init__(self, device: str, mixed: str):
-        import torch
-
-        self.device = torch.device(device)
-        self.mixed = mixed
-        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
-        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
-        self.scaler = torch.amp.GradScaler(self.device.type) if mixed == "fp16" else None
-
-    def autocast(self):
-        import torch
-
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.mixed != "no")
-
-
-@dataclass
-class TrainingRun:
-    """Everything the loop needs once setup is done: the models with their adapters, the caches,
-    the optimizer and schedule. Built by `setup_training`; `step_loss` reads it."""
-
-    models: TrainModels
-    policy: TrainPolicy
-    precision: Precision
-    weight_dtype: Any
-    noise_scheduler: Any
-    configs: dict[str, Any]
-    param_groups: list[dict[str, Any]]
-    optimizer: Any
-    lr_scheduler: Any
-    prompts: PromptCache
-    instances: LatentCache
-    priors: LatentCache | None
-    total: int
-    scaling: float
-    shift: float
-    latent_shape: tuple[int, int, int]
-    residency: Residency
-    trained_params: list[Any] = field(default_factory=list)
-    # The dtypes the caller's modules came in: restored after training (restore_pipeline), so a
-    # pipeline handed in as fp32 renders as fp32 again after a bf16 run on CPU.
-    given_dtypes: dict[str, Any] = field(default_factory=dict)
-    # What the steps still to run will draw and is not cached yet; None until planned.
-    pending_latents: set[tuple[str, int, bool]] | None = None
-    pending_prompts: set[int] | None = None
-
-    @property
-    def device(self):
-        return self.precision.device
-
-    @property
-    def n_images(self) -> int:
-        return len(self.instances)
-
-    @property
-    def n_class_images(self) -> int:
-        return len(self.priors) if self.priors is not None else 0
-
-    @property
-    def frozen_text(self) -> bool:
-        return not self.policy.train_text_encoder
-
-    def draws(self, step: int, gen) -> StepDraws:
-        return step_draws(self.policy, step, gen, self.n_images, self.n_class_images, self.latent_shape)
-
-    def prompt_indices(self, draws: StepDraws) -> list[int]:
-        found = [self.instances.prompt_index[i] for i, _m in draws.picks]
-        if self.priors is not None:
-            found += [self.priors.prompt_index[i] for i, _m in draws.prior_picks]
-        return found
-
-    def plan(self, start: int) -> None:
-        """Replay the draws of steps start..total (no model runs) to learn what they will need."""
-        latents: set[tuple[str, int, bool]] = set()
-        prompts: set[int] = set()
-        for step in range(start, self.total):
-            draws = self.draws(step, step_generator(self.policy.seed, step))
-            latents.update(("instance",) + p for p in draws.picks)
-            latents.update(("prior",) + p for p in draws.prior_picks)
-            prompts.update(self.prompt_indices(draws))
-        self.pending_latents = {k for k in latents if (k[1], k[2]) not in self.cache(k[0]).mean}
-        self.pending_prompts = set(self.prompts.missing(prompts)) if self.frozen_text else set()
-
-    def cache(self, name: str) -> LatentCache:
-        return self.instances if name == "instance" else self.priors  # type: ignore[return-value]
-
-    def idle_names(self) -> list[str]:
-        """What a step never touches once everything it draws is cached."""
-        names = ["vae"]
-        if self.frozen_text:
-            names += [name for name, _tok, _enc in self.models.text_encoders()]
-        return names
-
-    def fill(self, draws: StepDraws) -> None:
-        """Encode what this step draws and the cache lacks; release what has done its work."""
-        if self.pending_latents is None:
-            self.plan(0)
-        wanted = [("instance",) + p for p in draws.picks] + [("prior",) + p for p in draws.prior_picks]
-        if any((k[1], k[2]) not in self.cache(k[0]).mean for k in wanted):
-            self.residency.need(["vae"])
-            self.instances.fill(self.models.vae, draws.picks, self.device)
-            if self.priors is not None:
-                self.priors.fill(self.models.vae, draws.prior_picks, self.device)
-        prompts = self.prompt_indices(draws)
-        if self.frozen_text and self.prompts.missing(prompts):
-            texts = [name for name, _tok, _enc in self.models.text_encoders()]
-            self.residency.need(texts)
-            self.prompts.fill(self.models, prompts, self.device)
-        self.pending_latents.difference_update(wanted)
-        self.pending_prompts.difference_update(prompts)  # type: ignore[union-attr]
-        self.release_done()
-
-    def release_done(self) -> None:
-        done = []
-        if not self.pending_latents:
-            done.append("vae")
-        if self.frozen_text and not self.pending_prompts:
-            done += [name for name, _tok, _enc in self.models.text_encoders()]
-        self.residency.release(done)
-
-
-def setup_training(models: TrainModels, data: TrainData, policy: TrainPolicy, total: int, *, device: str = "cpu",
-                   dtype_name: str = "float32", emit: Callable[[TrainEvent], None] | None = None) -> TrainingRun:
-    """Place the models, add the LoRA adapters, build the (empty) caches and the optimizer.
-
-    Nothing is encoded here: the first step encodes what it draws (see TrainingRun.fill).
-    """
-    import torch
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-
-    mixed = mixed_precision_for(policy, device, dtype_name, unet_dtype=models.unet.dtype)
-    optimizer_available(policy.optimizer)  # refuse a missing package before any work
-    precision = Precision(device, mixed)
-    weight_dtype = precision.dtype
-    # The VAE encodes in fp32 (once per image; the SDXL VAE overflows in fp16).
-    dtypes = {"vae": torch.float32, **{name: weight_dtype for name, _t, _e in models.text_encoders()}}
-    given = {"unet": models.unet.dtype, **{name: enc.dtype for name, _t, enc in models.text_encoders()}}
-    for module in (models.unet, models.vae, *[enc for _n, _t, enc in models.text_encoders()]):
-        module.requires_grad_(False)
-    if models.unet.device != precision.device or models.unet.dtype != weight_dtype:
-        models.unet.to(precision.device, dtype=weight_dtype)
-    residency = Residency(models, precision.device, dtypes)
-    residency.need(dtypes)
-
-    configs = lora_configs(policy, models)
-    add_adapters(models, configs, policy.seed)
-    trainables = trained_modules(models, configs)
-    for module in trainables.values():
-        for name, p in module.named_parameters():
-            p.requires_grad_("lora_" in name)
-    # LoRA weights train in fp32 even when the frozen base runs in fp16 (diffusers does the same).
-    cast_training_params(list(trainables.values()), dtype=torch.float32)
-    if gradient_checkpointing_for(policy, str(precision.device)):
-        models.unet.enable_gradient_checkpointing()
-        for name in TEXT_COMPONENTS:
-            if name in trainables:
-                trainables[name].gradient_checkpointing_enable()
-    # Attention already runs through torch's scaled_dot_product_attention (diffusers' default
-    # AttnProcessor2_0): flash / memory-efficient kernels on CUDA, the flash kernel on CPU.
-    # channels_last was measured slower on CPU (SD1.5 step at 256 px: 7.3 s against 7.0 s).
-
-    class_prompt = data.class_prompt or policy.class_prompt.format(**{"class": data.class_word})
-    prompts = prompt_cache(models, list(data.captions) + ([class_prompt] if data.class_images else []))
-    instances = LatentCache(data.images, [prompts.prompts.index(c) for c in data.captions], policy.resolution)
-    priors = (LatentCache(data.class_images, [prompts.prompts.index(class_prompt)] * len(data.class_images),
-                          policy.resolution) if data.class_images else None)
-    vae_config = models.vae.config
-    factor = 2 ** (len(vae_config.block_out_channels) - 1)
-    latent_shape = (int(vae_config.latent_channels), policy.resolution // factor, policy.resolution // factor)
-
-    groups = [{"params": [p for p in models.unet.parameters() if p.requires_grad], "lr": policy.learning_rate}]
-    for name in TEXT_COMPONENTS:
-        if name in trainables:
-            groups.append({"params": [p for p in trainables[name].parameters() if p.requires_grad],
-                           "lr": policy.text_encoder_lr})
-    optimizer = make_optimizer(groups, policy, device)
-    lr_scheduler = get_scheduler(policy.lr_scheduler, optimizer=optimizer, num_warmup_steps=policy.lr_warmup_steps,
-                                 num_training_steps=total)
-    return TrainingRun(
-        models=models, policy=policy, precision=precision, weight_dtype=weight_dtype,
-        noise_scheduler=DDPMScheduler.from_config(models.pipeline.scheduler.config), configs=configs,
-        param_groups=groups, optimizer=optimizer, lr_scheduler=lr_scheduler, prompts=prompts, instances=instances,
-        priors=priors, total=total, scaling=float(vae_config.scaling_factor),
-        shift=float(vae_config.get("shift_factor") or 0.0), latent_shape=latent_shape, residency=residency,
-        trained_params=[p for g in groups for p in g["params"]], given_dtypes=given,
-    )
-
-
-def step_loss(run: TrainingRun, step: int):
-    """The loss of training step `step`: its batch, flips, noise and timesteps depend only on (seed, step)."""
-    import torch
-
-    policy = run.policy
-    gen = step_generator(policy.seed, step)
-    draws = run.draws(step, gen)
-    run.fill(draws)
-    latents = run.instances.sample(draws.picks, draws.eps, run.scaling, run.shift)
-    prompt_idx = run.prompt_indices(draws)
-    prior_count = 0
-    if run.priors is not None:
-        plat = run.priors.sample(draws.prior_picks, draws.prior_eps, run.scaling, run.shift)
-        latents, prior_count = torch.cat([latents, plat]), len(draws.prior_picks)
-    with run.precision.autocast():
-        if run.frozen_text:
-            cond, pooled = run.prompts.cond(prompt_idx)
-        else:
-            cond, pooled = encode_prompts(run.models, {k: v[prompt_idx] for k, v in run.prompts.token_ids.items()},
-                                          run.device)
-        return diffusion_loss(run.models, run.noise_scheduler, latents, cond, pooled, policy, gen, run.device,
-                              run.weight_dtype, prior_count)
-
-
-def optimize(run: TrainingRun, loss) -> None:
-    import torch
-
-    scaler = run.precision.scaler
-    if scaler is None:
-        loss.backward()
-        if run.policy.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(run.trained_params, run.policy.max_grad_norm, foreach=True)
-        run.optimizer.step()
-    else:  # fp16: scale the loss, unscale before clipping, skip a step whose gradients overflowed
-        scaler.scale(loss).backward()
-        scaler.unscale_(run.optimizer)
-        if run.policy.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(run.trained_params, run.policy.max_grad_norm, foreach=True)
-        scaler.step(run.optimizer)
-        scaler.update()
-    run.lr_scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+from portrait.core.formats.lora import kohya_state, read_lora_file, save_diffusers_lora, save_kohya_lora  # noqa: F401
+from portrait.stages.train_flow import flow_step_loss, setup_flow_training
+from portrait.stages.train_prior import class_images  # noqa: F401
+from portrait.stages.train_run import (LatentCache, Precision, PromptCache, Residency, StepDraws,  # noqa: F401
+                                       TrainingRun, add_adapters, check_runtime, denoiser_targets, diffusion_loss,
+                                       encode_image, encode_prompts, example_indices, gradient_checkpointing_for,
+                                       images_to_tensor, load_dtypes, load_lora_state, lora_configs, lora_state,
+                                       make_optimizer, mixed_precision_for, optimize, optimizer_available,
+                                       prompt_cache, setup_training, step_draws, step_generator, step_loss, time_ids,
+                                       tokenize, trained_modules)
+from portrait.stages.train_select import (FaceScorer, PromptScorer, average_states, choose_checkpoints,  # noqa: F401
+                                          render_validation, result_summary, score_images, stop_reason,
+                                          validation_prompts, validation_summary)
+from portrait.stages.train_state import (TrainEvent, completed_checkpoints, discard_checkpoints,  # noqa: F401
+                                         prepare_workdir, read_baseline, read_checkpoint_meta, restore_rng, run_params,
+                                         save_baseline, save_checkpoint)
+from portrait.stages.train_types import (FLOW_LOOP, LOOPS, TEXT_ENCODERS, UNET_LOOP, Baseline,  # noqa: F401
+                                         CheckpointRecord, LearningRate, MixedPrecision, Optimizer, TrainData,
+                                         TrainModels, TrainPolicy, TrainResult, check_trainable)
 
 
 def restore_checkpoint(run: TrainingRun, record: CheckpointRecord) -> tuple[int, list[float]]:
+    """Load a checkpoint's LoRA, optimizer, LR schedule and RNG states into the run (state.pt is
+    the run's own file, read weights-only); returns (its step, the losses up to it)."""
     import torch
 
     load_lora_state(run.models, read_lora_file(record.path / "lora.safetensors"))
@@ -745,19 +81,25 @@ def restore_checkpoint(run: TrainingRun, record: CheckpointRecord) -> tuple[int,
 
 
 def train_lora(models: TrainModels, data: TrainData, policy: TrainPolicy, workdir: Path, *, device: str = "cpu",
-               dtype_name: str = "float32", scorer: FaceScorer | None = None, resume: bool = False,
-               base_model: str = "", on_event: Callable[[TrainEvent], None] | None = None,
+               dtype_name: str = "float32", scorer: FaceScorer | None = None, prompt_scorer: PromptScorer | None = None,
+               resume: bool = False, base_model: str = "", on_event: Callable[[TrainEvent], None] | None = None,
                restore_pipeline: bool = True) -> TrainResult:
-    """Train, checkpoint, validate and select. The models come in loaded; `workdir` holds the run.
+    """Train, checkpoint, validate, stop when likeness stops improving, and select. The models
+    come in loaded; `workdir` holds the run. The family picks the loop: the UNet loop of this
+    module for SD1.5/SDXL, stages/train_flow.py for the flow-matching transformers.
 
-    Prior-preservation images (`data.class_images`) must come from the base model before any
-    LoRA is added: make them with `class_images` first. `restore_pipeline=False` leaves the
-    modules the trainer dropped (see Residency) dropped: for callers done with the pipeline.
+    `scorer` rates a validation image's likeness (held-out photos, an independent space: the
+    train flow builds it), `prompt_scorer` its prompt adherence (CLIP-T). Prior-preservation
+    images (`data.class_images`) must come from the base model before any LoRA is added: make
+    them with `class_images` first. `restore_pipeline=False` leaves the modules the trainer
+    dropped (see Residency) dropped: for callers done with the pipeline.
     """
     if not data.images:
         raise BadInput("no usable training photos")
     if len(data.images) != len(data.captions):
         raise PortraitError("training data: one caption per image is required")
+    loop = check_trainable(models.family)
+    check_runtime(policy, device, dtype_name, models.family)
     emit = on_event or (lambda event: None)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -765,89 +107,130 @@ def train_lora(models: TrainModels, data: TrainData, policy: TrainPolicy, workdi
     params = run_params(policy, data, total, base_model)
     # The precision `auto` resolved to on this machine: a resume elsewhere (another CPU, a GPU)
     # that would train in another precision is refused rather than silently mixed.
-    params["precision"] = mixed_precision_for(policy, device, dtype_name, unet_dtype=models.unet.dtype)
+    params["precision"] = mixed_precision_for(policy, device, dtype_name, unet_dtype=models.denoiser.dtype)
     previous = prepare_workdir(Path(workdir), params, resume)
 
     t0 = time.perf_counter()
-    run = setup_training(models, data, policy, total, device=device, dtype_name=dtype_name, emit=emit)
+    if loop == UNET_LOOP:
+        run, one_step = setup_training(models, data, policy, total, device=device, dtype_name=dtype_name), step_loss
+    else:
+        run = setup_flow_training(models, data, policy, total, device=device, dtype_name=dtype_name)
+        one_step = flow_step_loss
     timings["setup"] = time.perf_counter() - t0
+    val_prompts = validation_prompts(policy, data.trigger, data.class_word)
+    # The base model's figures (step 0 of the curve), before any training: the new LoRA's
+    # B matrices are zero, so this render is the base model's own.
+    baseline = read_baseline(workdir)
+    if baseline is None and scorer is not None and val_prompts and policy.validation_seeds:
+        scores, clips = validate_checkpoint(run, val_prompts, scorer, prompt_scorer, emit, 0)
+        baseline = Baseline(scores, clips)
+        save_baseline(workdir, baseline)
     losses: list[float] = []
     start_step = 0
     if previous:
         start_step, losses = restore_checkpoint(run, max(previous, key=lambda r: r.step))
         emit(TrainEvent("resume", start_step, total, message=f"resuming at step {start_step}"))
-    run.plan(start_step)
+    # Every latent and prompt embedding the remaining steps will draw, encoded before step 1;
+    # then the VAE and frozen text encoders leave (a step holds the denoiser alone).
+    t0 = time.perf_counter()
+    emit(TrainEvent("cache", start_step, total, message="encoding photos and prompts"))
+    run.prefill(start_step)
+    timings["cache"] = time.perf_counter() - t0
     records = list(previous)
     checkpoints = set(policy.checkpoint_steps(total))
-    val_prompts = validation_prompts(policy, data.trigger, data.class_word)
+    stopped = stop_reason(records, policy, baseline)  # a resumed run that had already decided to stop
 
     t0 = time.perf_counter()
-    models.unet.train()
+    models.denoiser.train()
     for step in range(start_step, total):
-        loss = step_loss(run, step)
+        if stopped:
+            break
+        loss = one_step(run, step)
         optimize(run, loss)
         losses.append(float(loss.detach().item()))
         done = step + 1
         emit(TrainEvent("step", done, total, loss=losses[-1]))
         if done in checkpoints:
-            scores = validate_checkpoint(run, val_prompts, scorer, emit, done)
+            scores, clips = validate_checkpoint(run, val_prompts, scorer, prompt_scorer, emit, done)
             path = save_checkpoint(workdir, done, lora_state(models, run.configs), run.optimizer, run.lr_scheduler,
-                                   losses, scores)
+                                   losses, scores, clips)
             records.append(read_checkpoint_meta(path))
+            if scores:
+                emit(TrainEvent("scores", done, total, message=curve_line(records[-1])))
+            stopped = stop_reason(records, policy, baseline)
+            if stopped:
+                emit(TrainEvent("stop", done, total, message=stopped))
     timings["train"] = time.perf_counter() - t0
+    steps_run = max(r.step for r in records) if stopped else total
 
     t0 = time.perf_counter()
-    how, chosen = choose_checkpoints(records, policy)
+    how, chosen = choose_checkpoints(records, policy, baseline)
     states = [read_lora_file(r.path / "lora.safetensors") for r in chosen]
     final = average_states(states) if len(states) > 1 else states[0]
     load_lora_state(models, final)
-    models.unet.eval()
+    models.denoiser.eval()
     if restore_pipeline:
         run.residency.need(run.idle_names())
         for name, dtype in run.given_dtypes.items():
             module = getattr(models.pipeline, name)
             if module.dtype != dtype:
                 module.to(dtype=dtype)
-    emit(TrainEvent("select", total, total, message=f"{how}: steps {', '.join(str(r.step) for r in chosen)}"))
+    emit(TrainEvent("select", steps_run, total, message=f"{how}: steps {', '.join(str(r.step) for r in chosen)}"))
     timings["select"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     return TrainResult(
         lora=final,
         rank=policy.rank,
         alpha=float(policy.alpha),
-        steps=total,
-        losses=tuple(losses),
+        steps=steps_run,
+        losses=tuple(losses[:steps_run]),
         checkpoints=tuple(sorted(records, key=lambda r: r.step)),
         selected=tuple(r.step for r in chosen),
         selection=how,
         timings={k: round(v, 3) for k, v in timings.items()},
         resumed_from=start_step,
         params=params,
+        max_steps=total,
+        stop_reason=stopped,
+        baseline=baseline,
+        targets=denoiser_targets(policy, models.family),
     )
 
 
-def validate_checkpoint(run: TrainingRun, prompts, scorer, emit, step) -> tuple[float, ...]:
-    """Render the fixed-seed validation images: the dropped modules come back for it and go again."""
+def curve_line(record: CheckpointRecord) -> str:
+    clip = f", CLIP-T {record.prompt_score:.3f}" if record.prompt_score is not None else ""
+    return f"step {record.step}: likeness {record.score:.3f}{clip}"
+
+
+def validate_checkpoint(run: TrainingRun, prompts, scorer, prompt_scorer, emit, step) -> tuple[tuple[float, ...],
+                                                                                                tuple[float, ...]]:
+    """Render the fixed-seed validation images and score them: (likeness, CLIP-T) per image.
+    The dropped modules come back for the render and go again."""
     import torch
 
     policy, models = run.policy, run.models
     if scorer is None or not prompts or not policy.validation_seeds:
-        return ()
+        return (), ()
     emit(TrainEvent("validate", step, run.total, message="rendering validation images"))
-    models.unet.eval()
+    models.denoiser.eval()
     run.residency.need(run.idle_names())
     try:
         with torch.no_grad(), run.precision.autocast():
             images = render_validation(models, prompts, policy, run.device)
     finally:
         run.release_done()
-        models.unet.train()
-    return score_images(images, scorer)
+        models.denoiser.train()
+    clips: tuple[float, ...] = ()
+    if prompt_scorer is not None:
+        per_image = [p for p in prompts for _seed in policy.validation_seeds]
+        clips = tuple(float(c) for c in prompt_scorer(images, per_image))
+    return score_images(images, scorer), clips
 
 
 __all__ = [
     "TrainPolicy", "TrainModels", "TrainData", "TrainEvent", "TrainResult", "CheckpointRecord", "FaceScorer",
-    "TrainingRun", "setup_training", "step_loss", "optimize", "check_runtime",
+    "PromptScorer", "Baseline", "TrainingRun", "setup_training", "step_loss", "optimize", "check_runtime",
+    "check_trainable", "LOOPS", "denoiser_targets", "stop_reason",
     "train_lora", "class_images", "save_diffusers_lora", "save_kohya_lora", "kohya_state", "average_states",
     "result_summary", "validation_summary", "discard_checkpoints", "completed_checkpoints", "choose_checkpoints",
     "score_images", "read_lora_file",

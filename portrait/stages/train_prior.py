@@ -25,10 +25,10 @@ def class_images(models: TrainModels, prompt: str, policy: TrainPolicy, cache_di
     from portrait.core.formats.images import read_rgb, write_image
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    # Under CPU bf16 training the UNet and text encoders are bf16 and the VAE fp32: autocast
+    # Under CPU bf16 training the denoiser and text encoders are bf16 and the VAE fp32: autocast
     # lets the pipeline pass latents between them (as the trainer's validation renders do).
-    unet, vae = models.pipeline.unet, models.pipeline.vae
-    mixed = unet.dtype != vae.dtype
+    denoiser, vae = models.denoiser, models.pipeline.vae
+    mixed = denoiser.dtype != vae.dtype
     images = []
     for i in range(policy.class_images):
         path = cache_dir / f"{i:04d}.png"
@@ -36,7 +36,7 @@ def class_images(models: TrainModels, prompt: str, policy: TrainPolicy, cache_di
             if on_event:
                 on_event(TrainEvent("class_images", i, policy.class_images))
             gen = torch.Generator(device="cpu").manual_seed(policy.seed * 10_007 + i)
-            with torch.autocast(torch.device(device).type, dtype=unet.dtype, enabled=mixed):
+            with torch.autocast(torch.device(device).type, dtype=denoiser.dtype, enabled=mixed):
                 out = models.pipeline(prompt=prompt, height=policy.resolution, width=policy.resolution,
                                       num_inference_steps=policy.class_steps, generator=gen, output_type="np")
             write_image(path, (np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8))

@@ -28,7 +28,7 @@ from portrait.core.errors import BadInput
 from portrait.core.formats.lora import write_lora_file
 from portrait.core.io import fsync_dir, sync_tree, write_json
 
-from portrait.stages.train_types import CheckpointRecord, TrainData, TrainPolicy
+from portrait.stages.train_types import Baseline, CheckpointRecord, TrainData, TrainPolicy
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -36,13 +36,28 @@ CHECKPOINTS = "checkpoints"
 
 @dataclass(frozen=True)
 class TrainEvent:
-    """Progress, for bars and logs. phase: cache | class_images | step | validate | select."""
+    """Progress, for bars and logs. phase: cache | class_images | step | validate | scores | stop | select."""
 
     phase: str
     step: int
     total: int
     loss: float | None = None
     message: str = ""
+
+
+BASELINE_FILE = "baseline.json"
+
+
+def save_baseline(workdir: Path, baseline: Baseline) -> None:
+    write_json(Path(workdir) / BASELINE_FILE, {"scores": list(baseline.scores), "clip_t": list(baseline.clip_t)})
+
+
+def read_baseline(workdir: Path) -> Baseline | None:
+    path = Path(workdir) / BASELINE_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return Baseline(tuple(float(x) for x in data["scores"]), tuple(float(x) for x in data.get("clip_t", ())))
 
 
 def rng_state() -> dict[str, Any]:
@@ -76,7 +91,7 @@ def checkpoint_dir(workdir: Path, step: int) -> Path:
 
 
 def save_checkpoint(workdir: Path, step: int, state: Mapping[str, Mapping[str, Any]], optimizer, lr_scheduler,
-                    losses: Sequence[float], scores: Sequence[float]) -> Path:
+                    losses: Sequence[float], scores: Sequence[float], clip_t: Sequence[float] = ()) -> Path:
     """Write LoRA + optimizer + schedule + RNG into a temp folder, fsync its files and the
     folder, then rename it into place and fsync the parent: after a power cut the checkpoint
     folder is complete or absent, never present with empty files."""
@@ -89,7 +104,7 @@ def save_checkpoint(workdir: Path, step: int, state: Mapping[str, Mapping[str, A
         write_lora_file(tmp / "lora.safetensors", state)
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "rng": rng_state(),
                     "step": step, "losses": list(losses)}, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "scores": list(scores),
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "scores": list(scores), "clip_t": list(clip_t),
                                                    "loss": float(np.mean(losses[-50:])) if losses else 0.0}))
         sync_tree(tmp)  # every file and the folder itself
         if target.exists():
@@ -104,7 +119,8 @@ def save_checkpoint(workdir: Path, step: int, state: Mapping[str, Mapping[str, A
 
 def read_checkpoint_meta(path: Path) -> CheckpointRecord:
     meta = json.loads((path / "meta.json").read_text())
-    return CheckpointRecord(int(meta["step"]), path, float(meta["loss"]), tuple(float(s) for s in meta["scores"]))
+    return CheckpointRecord(int(meta["step"]), path, float(meta["loss"]), tuple(float(s) for s in meta["scores"]),
+                            tuple(float(c) for c in meta.get("clip_t", ())))
 
 
 def completed_checkpoints(workdir: Path) -> list[CheckpointRecord]:
@@ -135,6 +151,7 @@ def prepare_workdir(workdir: Path, params: dict[str, Any], resume: bool) -> list
         return completed_checkpoints(workdir)
     if workdir.exists():
         shutil.rmtree(workdir / CHECKPOINTS, ignore_errors=True)
+        (workdir / BASELINE_FILE).unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(run_file, jsonable)
     return []
@@ -145,6 +162,7 @@ def discard_checkpoints(workdir: Path, keep: bool) -> None:
         shutil.rmtree(Path(workdir) / CHECKPOINTS, ignore_errors=True)
 
 
-__all__ = ["RUN_FILE", "CHECKPOINTS", "TrainEvent", "CheckpointRecord", "rng_state", "restore_rng", "checkpoint_dir",
+__all__ = ["RUN_FILE", "CHECKPOINTS", "TrainEvent", "CheckpointRecord", "Baseline", "save_baseline", "read_baseline",
+           "rng_state", "restore_rng", "checkpoint_dir",
            "save_checkpoint", "read_checkpoint_meta", "completed_checkpoints", "run_params", "prepare_workdir",
            "discard_checkpoints"]

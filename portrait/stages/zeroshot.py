@@ -30,6 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from portrait.core import models
+from portrait.core.backend import AdapterSpace
 from portrait.core.declare import describe
 from portrait.core.errors import BadInput
 from portrait.core.models import Weights
@@ -38,10 +39,17 @@ from portrait.core.archs.ip_adapter import adapter_kind
 from portrait.core.options import EmbedOptions, FaceIDAdapterOptions
 from portrait.core.types import GenerationRequest, Identity
 from portrait.stages import embed as emb
+from portrait.stages.identity_inputs import embed_policy_of
 from portrait.stages.sd import FACEID_LORA_ADAPTER, IP_ADAPTER_MARK, attached_adapter, detach_ip_adapter  # noqa: F401
 
 FaceIDVariant = Literal["faceid", "plusv2", "plus"]
 FACEID_ROLES = {"faceid": "faceid", "plusv2": "faceid_plus", "plus": "faceid_plus_v1"}
+
+# The face space IP-Adapter FaceID was trained on: insightface buffalo_l's w600k_r50
+# `normed_embedding`. Plus / PlusV2 read the same space (with CLIP ViT-H of the face crop beside
+# it); they are named apart so a message says which adapter refused a pack.
+FACEID_SPACE = AdapterSpace("faceid", "buffalo_l", "w600k_r50.onnx", normalized=True)
+FACEID_PLUS_SPACE = AdapterSpace("faceid_plus", "buffalo_l", "w600k_r50.onnx", normalized=True)
 
 
 # --- policies (template / request options) -----------------------------------------------------
@@ -67,6 +75,15 @@ class FaceIDPolicy:
     @property
     def plus(self) -> bool:
         return self.variant in ("plus", "plusv2")
+
+    @property
+    def space(self) -> AdapterSpace:
+        return FACEID_PLUS_SPACE if self.plus else FACEID_SPACE
+
+
+def faceid_space(options: FaceIDAdapterOptions | Mapping[str, Any]) -> AdapterSpace:
+    """The face space of the FaceID variant these options choose (a BackendSpec's `face_space`)."""
+    return FaceIDPolicy.from_options(options).space
 
 
 def _typed(model: type[BaseModel], options: BaseModel | Mapping[str, Any]) -> Any:
@@ -199,8 +216,7 @@ def faceid_inputs(ctx, identity: Identity, policy: FaceIDPolicy, af: AdapterFile
     """buffalo_l normed embeddings (+ CLIP ViT-H of the 224 face crops for Plus) of the identity."""
     import torch
 
-    adapter = "faceid_plus" if policy.plus else "faceid"
-    found = emb.embed_identity(ctx, identity, adapter, embed_policy)
+    found = emb.embed_identity(ctx, identity, policy.space, embed_policy)
     check_embedding_fits(af, found.vectors)
     dtype, device = ctx.placement.dtype, ctx.placement.device
     cond = torch.from_numpy(found.vectors).to(device=device, dtype=dtype)[None]  # [1, k, d]
@@ -251,10 +267,8 @@ def faceid_for_request(ctx, pipe, request: GenerationRequest, identity: Identity
             image = call_pipeline(pipe, request, seed, **faceid.kwargs, ...)
     """
     policy = FaceIDPolicy.from_options(request.options)
-    embed = _typed(EmbedOptions, request.options)
     af = faceid_adapter(ctx, policy)
-    inputs = faceid_inputs(ctx, identity, policy, af, emb.EmbedPolicy(mode=embed.id_mode, max_photos=embed.id_photos,
-                                                                      locator=embed.face_locator, pack=embed.face_pack))
+    inputs = faceid_inputs(ctx, identity, policy, af, embed_policy_of(_typed(EmbedOptions, request.options)))
     with attached_faceid(pipe, af, inputs, policy) as extra:
         activate_with_faceid(pipe, others, policy)
         try:

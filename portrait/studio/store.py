@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from portrait.core.db import connect
+from portrait.core.db import connect, opening
 from portrait.core.errors import BadInput
 
 from .spec import Item, Job
@@ -226,7 +226,7 @@ class Store:
         self.retry = retry or RetryPolicy()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._connect() as con:
+            with opening(self.path), self._connect() as con:
                 con.execute("PRAGMA journal_mode=WAL")
                 con.executescript(_SCHEMA)
                 # Look and add under one write lock: two processes opening a new store at once

@@ -275,6 +275,18 @@ def write_pipeline_folder(root: Path, parts: dict[str, Any], family: str, inpain
     _write_tokenizers(root, family)
 
 
+def write_model_folder(root: Path, index: dict[str, Any], parts: dict[str, Any], models: tuple[str, ...]) -> Path:
+    """A transformer family's diffusers folder (FLUX, FLUX.2 [klein], Z-Image, Qwen-Image-Edit):
+    its model_index.json, each of `models` saved, the scheduler's config; tokenizers and
+    processors are the caller's (each family ships its own)."""
+    root = Path(root)
+    _write_json(root / "model_index.json", index)
+    for name in models:
+        _save_model(parts[name], root / name)
+    parts["scheduler"].save_pretrained(root / "scheduler")
+    return root
+
+
 def write_config_folder(root: Path, parts: dict[str, Any], family: str) -> None:
     """What `from_single_file(config=root)` needs offline: configs and tokenizers, no weights."""
     root = Path(root)

@@ -22,7 +22,6 @@ lives in TINY_FLUX.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -196,11 +195,6 @@ def write_t5_tokenizer(folder: Path) -> None:
         tok.save_pretrained(str(folder))
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 def model_index() -> dict[str, Any]:
     import diffusers
 
@@ -222,14 +216,10 @@ def _write_clip_tokenizer(folder: Path) -> None:
 
 def write_flux(root: Path, seed: int) -> None:
     """A FLUX.1-dev-shaped diffusers folder."""
-    from .diffusion import save_model
+    from .diffusion import write_model_folder
 
-    root = Path(root)
-    parts = flux_parts(seed)
-    _write_json(root / "model_index.json", model_index())
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        save_model(parts[name], root / name)
-    parts["scheduler"].save_pretrained(root / "scheduler")
+    root = write_model_folder(root, model_index(), flux_parts(seed), ("transformer", "vae", "text_encoder",
+                                                                        "text_encoder_2"))
     _write_clip_tokenizer(root / "tokenizer")
     write_t5_tokenizer(root / "tokenizer_2")
 

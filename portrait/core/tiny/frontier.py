@@ -22,7 +22,6 @@ in the TINY_* tables below. Facts they rely on: docs/ARCHITECTURE.md#frontier-ba
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +83,6 @@ def _seed(seed: int) -> None:
     import torch
 
     torch.manual_seed(seed)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _random_buffers(module, seed: int, names: tuple[str, ...], low: float = 0.5, high: float = 1.5) -> None:
@@ -161,15 +155,10 @@ def klein_parts(seed: int) -> dict[str, Any]:
 
 
 def _write_klein(root: Path, seed: int, distilled: bool) -> None:
-    from .diffusion import save_model
+    from .diffusion import write_model_folder
     from .qwen import write_tokenizer
 
-    root = Path(root)
-    parts = klein_parts(seed)
-    _write_json(root / "model_index.json", klein_index(distilled))
-    for name in ("transformer", "vae", "text_encoder"):
-        save_model(parts[name], root / name)
-    parts["scheduler"].save_pretrained(root / "scheduler")
+    root = write_model_folder(root, klein_index(distilled), klein_parts(seed), ("transformer", "vae", "text_encoder"))
     write_tokenizer(root / "tokenizer", TINY_KLEIN["max_sequence_length"])
 
 
@@ -238,15 +227,10 @@ def zimage_parts(seed: int) -> dict[str, Any]:
 
 def write_zimage(root: Path, seed: int) -> None:
     """Z-Image(-Turbo)'s folder at tiny size (Turbo and base differ in weights and use)."""
-    from .diffusion import save_model
+    from .diffusion import write_model_folder
     from .qwen import write_tokenizer
 
-    root = Path(root)
-    parts = zimage_parts(seed)
-    _write_json(root / "model_index.json", zimage_index())
-    for name in ("transformer", "vae", "text_encoder"):
-        save_model(parts[name], root / name)
-    parts["scheduler"].save_pretrained(root / "scheduler")
+    root = write_model_folder(root, zimage_index(), zimage_parts(seed), ("transformer", "vae", "text_encoder"))
     write_tokenizer(root / "tokenizer", 512)
 
 
@@ -302,15 +286,10 @@ def qwen_edit_parts(seed: int) -> dict[str, Any]:
 
 def write_qwen_edit(root: Path, seed: int) -> None:
     """Qwen-Image-Edit-2511's folder at tiny size (tokenizer/ and processor/ as the hub has them)."""
-    from .diffusion import save_model
+    from .diffusion import write_model_folder
     from .qwen import processor, write_tokenizer
 
-    root = Path(root)
-    parts = qwen_edit_parts(seed)
-    _write_json(root / "model_index.json", qwen_edit_index())
-    for name in ("transformer", "vae", "text_encoder"):
-        save_model(parts[name], root / name)
-    parts["scheduler"].save_pretrained(root / "scheduler")
+    root = write_model_folder(root, qwen_edit_index(), qwen_edit_parts(seed), ("transformer", "vae", "text_encoder"))
     write_tokenizer(root / "tokenizer", 1024)
     processor(1024).save_pretrained(str(root / "processor"))
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from pydantic import Field
 
-from portrait.core.backend import LCM, BackendSpec
+from portrait.core.backend import LCM, AdapterSpace, BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.options import CommonOptions, EmbedOptions, FaceIDAdapterOptions, GroupOptions
@@ -100,7 +100,7 @@ def regional_faceid_inputs(ctx, people: Sequence[Identity], policy: zs.FaceIDPol
     if policy.plus:
         raise BadInput("regional identities (option identities) need faceid_variant=faceid: the Plus variants "
                        "carry one CLIP face crop set per call")
-    found = [emb.embed_identity(ctx, person, "faceid", embed_policy) for person in people]
+    found = [emb.embed_identity(ctx, person, policy.space, embed_policy) for person in people]
     vectors = []
     for f in found:
         zs.check_embedding_fits(af, f.vectors)
@@ -134,7 +134,7 @@ class FaceIDBackend:
                      for k, (p, b) in enumerate(zip(people, regions))]
         else:
             inputs = zs.faceid_inputs(ctx, request.identity, policy, af, embed_policy)
-        controls = self._controls(request, ctx, embed_policy)
+        controls = self._controls(request, ctx, policy.space, embed_policy)
         pipe = load_sd_pipeline(ctx, "txt2img", controlnet_ids(ctx, [c.name for c in controls]), keep_adapter=True)
         identity_lora = loras.identity_use(request.identity, ctx.preset.family, request.lora_weight)
         fast = loras.fast_use(ctx, request.resolved)  # --fast: the LCM-LoRA, active beside the FaceID LoRA
@@ -169,12 +169,13 @@ class FaceIDBackend:
                 if stack:
                     pipe.disable_lora()
 
-    def _controls(self, request: GenerationRequest, ctx: RunContext, embed_policy: emb.EmbedPolicy) -> list:
+    def _controls(self, request: GenerationRequest, ctx: RunContext, space: AdapterSpace,
+                  embed_policy: emb.EmbedPolicy) -> list:
         if not request.controls:
             return []
         pose = request.resolved.template_image or str(request.identity.reference)
         image = emb.read_rgb(pose) if pose else None
-        return request_controls(ctx, request, find_faces=pack_face_finder(ctx, embed_policy),
+        return request_controls(ctx, request, find_faces=pack_face_finder(ctx, space, embed_policy),
                                 fallback=(image, str(pose)))
 
 
@@ -186,7 +187,7 @@ SPEC = BackendSpec(
     options=FaceIDOptions,
     models=_models,
     group=True,
-    conditioning="insightface:buffalo_l",  # IP-Adapter FaceID embeds with buffalo_l
+    face_space=zs.faceid_space,  # IP-Adapter FaceID embeds with buffalo_l
     fast={"lcm": LCM},
     controls=True,
 )

@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import Field
 
 from portrait.core.steps import report_step
-from portrait.core.backend import BackendSpec
+from portrait.core.backend import AdapterSpace, BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.models import load as load_model
@@ -45,6 +45,11 @@ from portrait.stages.sd import model_info, to_uint8
 from portrait.stages.seeding import seeded_candidates
 
 VARIANTS = {"aes_stage2": "infiniteyou_aes", "sim_stage1": "infiniteyou_sim"}  # variant -> preset role
+
+# InfiniteYou's face space: antelopev2 finds the face, facexlib's ArcFace IR-SE50 (the preset's
+# `arcface_infiniteyou` role, a torch network) embeds it, normalized, as its
+# `extract_arcface_bgr_embedding` does.
+FACE_SPACE = AdapterSpace("infiniteyou", "antelopev2", "glintr100.onnx", normalized=True, arcface="arcface_infiniteyou")
 
 
 class InfiniteYouOptions(CommonOptions, EmbedOptions):
@@ -139,7 +144,7 @@ def control_image(ctx: RunContext, request: GenerationRequest, policy: emb.Embed
         return np.zeros((request.height, request.width, 3), dtype=np.uint8), "none (black)"
     image = emb.read_rgb(Path(path).expanduser())
     fitted = resize_and_pad(image, request.width, request.height)
-    kps = emb.pose_keypoints(ctx, fitted, f"--option control_image {path}", "infiniteyou", policy)
+    kps = emb.pose_keypoints(ctx, fitted, f"--option control_image {path}", FACE_SPACE, policy)
     return draw_kps(request.width, request.height, kps), f"keypoints of {path}"
 
 
@@ -218,7 +223,7 @@ class InfiniteYouBackend:
         embed_policy = embed_policy_of(options)
         flux.check_request(request, ctx)
         models = load_models(ctx, policy)
-        found = emb.embed_identity(ctx, request.identity, "infiniteyou", embed_policy)
+        found = emb.embed_identity(ctx, request.identity, FACE_SPACE, embed_policy)
         if found.dim != models.projection.proj_in.in_features:
             raise BadInput(f"model '{models.model_id}' projects {models.projection.proj_in.in_features}-d embeddings; "
                            f"the identity's are {found.dim}-d")
@@ -261,5 +266,5 @@ SPEC = BackendSpec(
     # Faces found and aligned by antelopev2, embedded by facexlib's IR-SE50 (stages/embed.py), a
     # space no analyzer scores in: antelopev2's ArcFace is the nearest one we score with, so it is
     # the one kept out of the independent ranking.
-    conditioning="insightface:antelopev2",
+    face_space=FACE_SPACE,
 )

@@ -31,7 +31,7 @@ import numpy as np
 
 from pydantic import Field
 
-from portrait.core.backend import LCM, BackendSpec
+from portrait.core.backend import LCM, AdapterSpace, BackendSpec
 from portrait.core.archs import ip_adapter as ip_arch
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
@@ -70,6 +70,10 @@ class InstantIDPolicy:
 
 # --- InstantID's internals ---------------------------------------------------------------------
 
+# The face space InstantID's Resampler and IdentityNet were trained on: insightface antelopev2's
+# glintr100, the raw `embedding` (not normalized) of the largest face (its reference code).
+FACE_SPACE = AdapterSpace("instantid", "antelopev2", "glintr100.onnx", normalized=False)
+
 # InstantID's `draw_kps` (shared with InfiniteYou, which draws the same map).
 from portrait.stages.keypoints import KPS_COLORS, KPS_LIMB_DIM, KPS_LIMBS, KPS_RADIUS, KPS_STICK_WIDTH, draw_kps  # noqa: E402,F401
 
@@ -107,7 +111,7 @@ def pose_reference(ctx, request: GenerationRequest, embed_policy: emb.EmbedPolic
     if not path.is_file():
         raise BadInput(f"{path}: pose reference does not exist")
     image = emb.read_rgb(path)
-    return PoseReference(str(path), image, emb.pose_keypoints(ctx, image, str(path), "instantid", embed_policy))
+    return PoseReference(str(path), image, emb.pose_keypoints(ctx, image, str(path), FACE_SPACE, embed_policy))
 
 
 def keypoint_image(pose: PoseReference, width: int, height: int) -> np.ndarray:
@@ -133,7 +137,7 @@ def instantid_inputs(ctx, identity: Identity, af: zs.AdapterFile, embed_policy: 
 
     if embed_policy.mode == "all":
         raise BadInput("InstantID takes one face embedding: use id_mode=mean or best")
-    found = emb.embed_identity(ctx, identity, "instantid", embed_policy)
+    found = emb.embed_identity(ctx, identity, FACE_SPACE, embed_policy)
     zs.check_embedding_fits(af, found.vectors)
     cond = torch.from_numpy(found.vectors[:1]).to(device=ctx.placement.device, dtype=ctx.placement.dtype)
     cond = cond[None, :, None, :]  # [1, 1 image, 1 token, 512]: the Resampler reads a sequence
@@ -215,7 +219,7 @@ class InstantIDBackend:
         pose = pose_reference(ctx, request, embed_policy, options.pose_image)
         kps = ControlImage("identitynet", keypoint_image(pose, request.width, request.height),
                            policy.identitynet_scale, source=f"keypoints of {pose.source}")
-        extra_controls = request_controls(ctx, request, find_faces=pack_face_finder(ctx, embed_policy),
+        extra_controls = request_controls(ctx, request, find_faces=pack_face_finder(ctx, FACE_SPACE, embed_policy),
                                           fallback=(pose.image, pose.source))
         identitynet_id = ctx.preset.model("instantid_controlnet")
         pipe = load_sd_pipeline(ctx, "txt2img",
@@ -255,7 +259,7 @@ SPEC = BackendSpec(
     help="InstantID: face tokens + IdentityNet keypoints (SDXL, zero-shot)",
     options=InstantIDOptions,
     models=("instantid_controlnet", "instantid_adapter", "face_pack_instantid"),
-    conditioning="insightface:antelopev2",
+    face_space=FACE_SPACE,
     fast={"lcm": LCM},
     controls=True,
 )

@@ -82,4 +82,5 @@ SPEC = BackendSpec(
     fast={"lcm": LCM},
     compositions=COMPOSITIONS,  # with a template's style LoRA (stages/loras.py composed)
     controls=True,
+    style_lora=True,  # a template's style LoRA, beside the identity LoRA
 )

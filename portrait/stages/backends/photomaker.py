@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal
 from pydantic import Field, field_validator
 
 from portrait.core import models
-from portrait.core.backend import LCM, BackendSpec
+from portrait.core.backend import LCM, NO_FACE_SPACE, AdapterSpace, BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.options import SERVER_ONLY, CommonOptions, EmbedOptions
@@ -204,6 +204,11 @@ def model_for(ctx, policy: PhotoMakerPolicy, options: PhotoMakerOptions) -> tupl
     return ctx.preset.model(f"photomaker_v{version}"), version
 
 
+# PhotoMaker v2's face space: insightface buffalo_l's w600k_r50, the raw `embedding` of each photo
+# (its ID encoder's insightface branch). v1 reads CLIP image features only.
+V2_FACE_SPACE = AdapterSpace("photomaker_v2", "buffalo_l", "w600k_r50.onnx", normalized=False)
+
+
 @dataclass(frozen=True)
 class IdImages:
     pixels: Any  # [n, 3, H, W]
@@ -222,7 +227,7 @@ def id_images(ctx, request: GenerationRequest, model: PhotoMakerModel) -> IdImag
     images = [(str(p), emb.read_rgb(p)) for p in paths]
     found, ids = None, None
     if model.version == 2:
-        found = emb.embed_images(ctx, images, "photomaker_v2", embed_policy,
+        found = emb.embed_images(ctx, images, V2_FACE_SPACE, embed_policy,
                                  owner=f"identity '{request.identity.name}'")
         images = [(c.source, c.image) for c in found.crops]
         ids = torch.from_numpy(found.vectors).to(device=ctx.placement.device, dtype=ctx.placement.dtype)
@@ -354,9 +359,15 @@ class PhotoMakerBackend:
             pipe.disable_lora()
 
 
-def _conditioning(options: PhotoMakerOptions) -> str:
+def _face_space(options: PhotoMakerOptions) -> AdapterSpace | None:
     """v2 adds a buffalo_l embedding to its ID encoder; v1 reads CLIP image features only."""
-    return "" if options.version == 1 else "insightface:buffalo_l"
+    return None if options.version == 1 else V2_FACE_SPACE
+
+
+def _conditioning(options: PhotoMakerOptions) -> str:
+    """v1: no face embedding shapes the output (CLIP features of the photos do)."""
+    space = _face_space(options)
+    return space.backend if space else NO_FACE_SPACE
 
 
 SPEC = BackendSpec(
@@ -366,6 +377,7 @@ SPEC = BackendSpec(
     help="PhotoMaker v1/v2 stacked ID embedding (SDXL, zero-shot; the prompt needs `CLASS img`)",
     options=PhotoMakerOptions,
     models=_models,
+    face_space=_face_space,
     conditioning=_conditioning,
     fast={"lcm": LCM},
 )

@@ -46,7 +46,7 @@ from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.options import CommonOptions, EmbedOptions
 from portrait.core.types import Candidate, GenerationRequest
-from portrait.stages.pulid_features import pulid_inputs
+from portrait.stages.pulid_features import FACE_SPACE, pulid_inputs
 from portrait.stages import loras
 from portrait.stages.identity_inputs import embed_policy_of
 from portrait.stages.sd import load_sd_pipeline, model_info, prepare_pipeline, to_uint8
@@ -303,5 +303,5 @@ SPEC = BackendSpec(
     options=PuLIDOptions,
     models=("pulid", "eva_clip", "face_pack_instantid", "face_parser"),
     license="PuLID weights Apache-2.0, conditioned on insightface antelopev2 (non-commercial); EVA-CLIP MIT",
-    conditioning="insightface:antelopev2",
+    face_space=FACE_SPACE,  # the PuLID encoder's (stages/pulid_features.py)
 )

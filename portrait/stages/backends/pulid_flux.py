@@ -37,7 +37,7 @@ from portrait.core.options import CommonOptions, EmbedOptions
 from portrait.core.types import Candidate, GenerationRequest
 from portrait.stages import flux
 from portrait.stages.identity_inputs import embed_policy_of
-from portrait.stages.pulid_features import pulid_inputs
+from portrait.stages.pulid_features import FACE_SPACE, pulid_inputs
 from portrait.stages.sd import generator, model_info, to_uint8
 from portrait.stages.seeding import seeded_candidates
 
@@ -186,5 +186,5 @@ SPEC = BackendSpec(
     options=PuLIDFluxOptions,
     models=("base", "pulid_flux", "eva_clip", "face_pack_instantid", "face_parser"),
     license="PuLID-FLUX weights Apache-2.0, conditioned on antelopev2 (non-commercial); FLUX.1-dev non-commercial",
-    conditioning="insightface:antelopev2",
+    face_space=FACE_SPACE,  # the PuLID encoder's (stages/pulid_features.py)
 )

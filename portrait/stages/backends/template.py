@@ -30,7 +30,7 @@ import numpy as np
 
 from pydantic import Field
 
-from portrait.core.backend import FUSION_ONLY, LCM, LORA_SELECTION, BackendSpec
+from portrait.core.backend import FUSION_ONLY, LCM, AdapterSpace, BackendSpec
 from portrait.core.context import RunContext
 from portrait.core.errors import BadInput
 from portrait.core.facemask import face_regions, feather
@@ -406,9 +406,10 @@ def _controls(ctx: RunContext, strengths: dict[str, float], image: np.ndarray,
             for name, strength in strengths.items() if strength > 0]
 
 
-def _conditioning(options: TemplateOptions) -> str:
-    """With FaceID in its passes the buffalo_l space shapes the face too; else the LoRA does."""
-    return "insightface:buffalo_l" if options.identity_adapter == "faceid" else LORA_SELECTION
+def _face_space(options: TemplateOptions) -> AdapterSpace | None:
+    """With FaceID in its passes (`identity_adapter: faceid`) FaceID's space shapes the face too;
+    else the LoRA does (the space that picked its checkpoints)."""
+    return zs.faceid_space(options) if options.identity_adapter == "faceid" else None
 
 
 SPEC = BackendSpec(
@@ -422,7 +423,8 @@ SPEC = BackendSpec(
     group=True,
     photo_template=True,
     finish={"fuse": False},  # it fuses inside its own passes
-    conditioning=_conditioning,
-    fast={"lcm": LCM},
-    controls=True,  # the LCM-LoRA beside the identity LoRA in both inpainting passes
+    face_space=_face_space,
+    fast={"lcm": LCM},  # the LCM-LoRA beside the identity LoRA in both inpainting passes
+    controls=True,
+    style_lora=True,  # a template's style LoRA, beside the identity LoRA in both passes
 )

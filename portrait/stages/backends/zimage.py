@@ -103,4 +103,5 @@ SPEC = BackendSpec(
     options=ZImageOptions,
     models=("base",),
     conditioning=LORA_SELECTION,  # the LoRA's checkpoints were picked in the selection space
+    style_lora=True,  # a template's style LoRA, beside the identity LoRA
 )
