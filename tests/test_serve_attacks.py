@@ -458,9 +458,10 @@ def test_a_foreign_id_in_any_field_of_any_request_is_refused(studio, people):
             "GenerateRequest": {"identity": people["bob"], "template": "business", "steps": 2},
             "BatchRequest": {"identities": [people["bob"]], "templates": ["business"], "steps": 2},
             "ShootRequest": {"identity": people["bob"], "package": "corporate", "backdrops": ["grey"],
-                             "outfits": ["navy-suit"], "poses": ["front"], "steps": 2}}
+                             "outfits": ["navy-suit"], "poses": ["front"], "steps": 2},
+            "EditRequest": {"identity": people["bob"], "result": "0" * 16, "prompt": "a grey backdrop"}}
     routes = {"TrainRequest": "/v1/jobs/train", "GenerateRequest": "/v1/jobs/generate",
-              "BatchRequest": "/v1/jobs/batch", "ShootRequest": "/v1/jobs/shoot"}
+              "BatchRequest": "/v1/jobs/batch", "ShootRequest": "/v1/jobs/shoot", "EditRequest": "/v1/jobs/edit"}
     assert set(api.REQUEST_MODELS) == set(routes), "a new request model needs its route here"
     checked = 0
     for name, model in api.REQUEST_MODELS.items():

@@ -162,6 +162,9 @@ class Resolved(BaseModel):
     # `portrait edit` (flows/edit.py): {"source": path, "source_sha256", "references": [{"file",
     # "sha256"}], "chain": the edits that made the source}; set by the edit flow, never a user option
     edit: dict[str, Any] | None = None
+    # Where the edit's pictures are read from, by the names the record gives them (the service
+    # records "result ID" and "asset ID" instead of its own paths): left out of every record.
+    edit_files: dict[str, str] = Field(default_factory=dict, exclude=True)
 
 
 def known_options(specs: Iterable[Declares]) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from portrait.core.bundle import load_identity
 from portrait.core.config import Settings
@@ -41,8 +41,15 @@ def edit(image: str | Path, *, prompt: str, references: Sequence[str | Path] = (
          identity: str | Identity | None = None, n: int | None = 1, seed: int | None = None, out: str | Path,
          settings: Settings | None = None, preset: str | None = None, ctx: RunContext | None = None,
          progress: Progress | None = None, finish: bool | dict[str, bool] | None = None,
+         job: str | None = None, record: bool = True, public: Callable[[Path], str] | None = None,
          **overrides: Any) -> GenerationResult:
-    """Edit `image` (one of the identity's results) by `prompt` into `out`; returns the ranked edits."""
+    """Edit `image` (one of the identity's results) by `prompt` into `out`; returns the ranked edits.
+
+    `job` names the run in results.json and the history (a new id when omitted); `record=False`
+    leaves the results history to the caller (the studio records the images as it places them);
+    `public` names the source and reference files in the edit chain (default: their resolved
+    paths; the service names them by result and asset id, so no server path reaches a tenant)."""
+    name_of = public or (lambda path: str(path.resolve()))
     from portrait.flows.prepare import check_out as check_inputs_out
 
     ctx = ctx or RunContext.create(settings, preset=preset, progress=progress)
@@ -61,7 +68,7 @@ def edit(image: str | Path, *, prompt: str, references: Sequence[str | Path] = (
     for ref in references:
         ref_path = Path(ref).expanduser()
         ref_pixels, ref_sha, _ = _read_result(ctx, ref_path, what="--reference")
-        refs.append({"file": str(ref_path.resolve()), "sha256": ref_sha})
+        refs.append({"file": name_of(ref_path), "sha256": ref_sha})
     person = _identity(ctx, identity, recorded, source)
     out = Path(out).expanduser()
     check_inputs_out(out, [source, *references], marker="results.json", what="generate or edit")
@@ -71,17 +78,20 @@ def edit(image: str | Path, *, prompt: str, references: Sequence[str | Path] = (
     request = gen.resolve_request(person, policy, template=None, prompt=prompt, backend=backend, n=n, seed=seed,
                                   overrides={"width": width, "height": height, **overrides})
     previous = list(((recorded or {}).get("request", {}).get("options", {}).get("edit") or {}).get("chain") or [])
-    step = {"source": str(source.resolve()), "source_sha256": sha, "prompt": request.prompt, "references": refs,
+    step = {"source": name_of(source), "source_sha256": sha, "prompt": request.prompt, "references": refs,
             "backend": backend}
     if recorded and recorded.get("request"):
         step["source_request"] = {k: recorded["request"].get(k) for k in ("backend", "template", "seed", "prompt")}
-    request = _with_edit(request, {**step, "chain": previous + [step]})
+    files = {step["source"]: str(source), **{row["file"]: str(Path(ref).expanduser())
+                                             for row, ref in zip(refs, references)}}
+    request = _with_edit(request, {**step, "chain": previous + [step]}, files)
     preflight(ctx, request)
     switches = finish if finish is not None else {"fuse": False}
-    result = run_request(ctx, person, request, out, finish=switches, progress=progress)
-    from portrait.flows.history import record_generation
+    result = run_request(ctx, person, request, out, finish=switches, progress=progress, job=job)
+    if record:
+        from portrait.flows.history import record_generation
 
-    record_generation(ctx.settings, result, job=result.info["run"])  # the identity's results history
+        record_generation(ctx.settings, result, job=result.info["run"])  # the identity's results history
     return result
 
 
@@ -93,11 +103,13 @@ def fit(width: int, height: int, policy: gen.GeneratePolicy) -> tuple[int, int]:
     return (max(m, int(round(width * scale / m)) * m), max(m, int(round(height * scale / m)) * m))
 
 
-def _with_edit(request, edit: dict[str, Any]):
-    """The request with the edit the flow set up (never a user option: request.resolved.edit)."""
+def _with_edit(request, edit: dict[str, Any], files: dict[str, str]):
+    """The request with the edit the flow set up (never a user option: request.resolved.edit) and
+    where its pictures are read from (request.resolved.edit_files, kept out of the record)."""
     import dataclasses
 
-    return dataclasses.replace(request, resolved=request.resolved.model_copy(update={"edit": edit}))
+    return dataclasses.replace(request, resolved=request.resolved.model_copy(update={"edit": edit,
+                                                                                     "edit_files": files}))
 
 
 def _read_result(ctx: RunContext, path: Path, what: str = "IMAGE"):

@@ -29,7 +29,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from portrait.core.config import Settings
 from portrait.core.db import connect
@@ -280,8 +280,9 @@ class History:
             con.execute("COMMIT")
         return len(rows)
 
-    def zip(self, identity: str, ids: Iterable[str]) -> bytes:
-        """The chosen images (those still on disk) and a results.json describing them, as a zip."""
+    def zip(self, identity: str, ids: Iterable[str], read: Callable[[Path], bytes] | None = None) -> bytes:
+        """The chosen images (those still on disk) and a results.json describing them, as a zip;
+        `read` gives each image's bytes (default: the file's; the service strips its paths)."""
         rows = [r for r in self.get(identity, ids) if r.present]
         if not rows:
             raise UnknownResult("none of the chosen results is on disk any more")
@@ -291,7 +292,10 @@ class History:
             for index, r in enumerate(rows, 1):
                 label = (r.cell or r.template or "prompt").replace("/", "-")
                 name = f"{index:03d}_{label}_s{r.seed}{r.path.suffix.lower()}"
-                zf.write(r.path, name)
+                if read is None:
+                    zf.write(r.path, name)
+                else:
+                    zf.writestr(name, read(r.path))
                 listing.append({**r.as_dict(), "file": name})
             zf.writestr("results.json", json.dumps({"identity": identity, "results": listing}, indent=2, default=str))
         return buffer.getvalue()

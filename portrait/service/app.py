@@ -33,9 +33,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from portrait.core.errors import BadInput, ModelMissing, PortraitError
 
-from .desk import public_text
-from .requests import (ResultSelection, StarRequest, TrainRequest, batch_request_model, generate_request_model,
-                       shoot_request_model)
+from .desk import public_image, public_text
+from .requests import (ResultSelection, StarRequest, TrainRequest, batch_request_model, edit_request_model,
+                       generate_request_model, shoot_request_model)
 from .service import SETTLED, Busy, InvalidField, NotFound, QuotaExceeded, RejectedUpload, StudioService
 from .tenants import LOCAL_TENANT
 from .uploads import Upload
@@ -205,10 +205,10 @@ def create_app(service: StudioService, workers: Any = None, auth: str | None = N
         return service.identity_results(tenant(request), identity_id, page=page, per_page=per_page, job=job,
                                         starred=starred)
 
-    @app.get("/v1/identities/{identity_id}/results/{result_id}/image", tags=["results"],
-             response_class=FileResponse)
-    def identity_result_image(identity_id: str, result_id: str, request: Request) -> FileResponse:
-        return FileResponse(service.result_file(tenant(request), identity_id, result_id), media_type="image/png")
+    @app.get("/v1/identities/{identity_id}/results/{result_id}/image", tags=["results"], response_class=Response)
+    def identity_result_image(identity_id: str, result_id: str, request: Request) -> Response:
+        return Response(public_image(service.result_file(tenant(request), identity_id, result_id)),
+                        media_type="image/png")
 
     @app.post("/v1/identities/{identity_id}/results/star", tags=["results"])
     def star_results(identity_id: str, body: StarRequest, request: Request) -> dict[str, Any]:
@@ -283,15 +283,25 @@ def create_app(service: StudioService, workers: Any = None, auth: str | None = N
         `count` images per cell, or with `keep` that many portraits that pass every check."""
         return service.submit_generate(tenant(request), body)
 
+    def edit(body, request: Request) -> dict[str, Any]:
+        """Edit one of the identity's results by a prompt (background, outfit, expression,
+        lighting), optionally from up to 3 uploaded references; the face is kept and checked:
+        each edit is re-scored against the identity and regenerated with new seeds below the
+        likeness check. Runs on a server whose preset has an edit model (FLUX.2 [klein],
+        Qwen-Image-Edit, FLUX.1 Kontext)."""
+        return service.submit_edit(tenant(request), body)
+
     # The bodies' models are generated from the declared generate settings when the app is built
     # (service/requests.py): the annotations are set here, not written, because FastAPI reads
     # them and a model built in this function has no global name to write.
     generate.__annotations__["body"] = generate_request_model()
     batch.__annotations__["body"] = batch_request_model()
     shoot.__annotations__["body"] = shoot_request_model()
+    edit.__annotations__["body"] = edit_request_model()
     app.post("/v1/jobs/generate", tags=["jobs"], status_code=202)(generate)
     app.post("/v1/jobs/batch", tags=["jobs"], status_code=202)(batch)
     app.post("/v1/jobs/shoot", tags=["jobs"], status_code=202)(shoot)
+    app.post("/v1/jobs/edit", tags=["jobs"], status_code=202)(edit)
 
     @app.get("/v1/jobs", tags=["jobs"])
     def list_jobs(request: Request, limit: int = Query(50, ge=1, le=1000, description="Jobs per page."),
@@ -348,9 +358,9 @@ def create_app(service: StudioService, workers: Any = None, auth: str | None = N
             image.pop("_path", None)
         return results
 
-    @app.get("/v1/jobs/{job_id}/images/{image_id}", tags=["results"], response_class=FileResponse)
-    def job_image(job_id: str, image_id: str, request: Request) -> FileResponse:
-        return FileResponse(service.image_path(tenant(request), job_id, image_id), media_type="image/png")
+    @app.get("/v1/jobs/{job_id}/images/{image_id}", tags=["results"], response_class=Response)
+    def job_image(job_id: str, image_id: str, request: Request) -> Response:
+        return Response(public_image(service.image_path(tenant(request), job_id, image_id)), media_type="image/png")
 
     @app.get("/v1/jobs/{job_id}/zip", tags=["results"])
     def job_zip(job_id: str, request: Request) -> Response:

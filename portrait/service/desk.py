@@ -15,7 +15,11 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from portrait.core.errors import BadInput
+from portrait.core.errors import BadInput, PortraitError
+
+class Busy(PortraitError):
+    """The object is in a state that does not allow this now (HTTP 409)."""
+
 
 class InvalidField(BadInput):
     """A request value refused at submit (HTTP 422), naming the field."""
@@ -41,6 +45,18 @@ def public_text(text: str | None, labels: Mapping[str, str] | None = None) -> st
     text = _ABSOLUTE.sub(lambda m: m.group(1), text)
     text = _DOWNLOAD.sub(lambda m: f"the studio's operator can install it (model {m.group(1)})", text)
     return _DEBUG.sub("", text)
+
+
+def public_image(path: Path) -> bytes:
+    """A result's PNG as a tenant receives it: its text chunks (A1111 `parameters`, the `portrait`
+    JSON: model files, LoRA and reference paths) with every server path reduced to its file name
+    by public_text; the pixels are the file's own bytes."""
+    from portrait.core.formats.images import rewrite_png_text
+
+    data = Path(path).read_bytes()
+    if not data.startswith(b"\x89PNG"):
+        return data
+    return rewrite_png_text(data, lambda _key, text: public_text(text) or "")
 
 
 class StudioDesk:
@@ -109,6 +125,80 @@ class StudioDesk:
                                               f"choose {', '.join(others) or 'another backend'}, or train a new "
                                               "identity with LoRA training")
 
+    # -- edits ------------------------------------------------------------------------------------
+
+    def submit_edit(self, tenant: str, body) -> dict[str, Any]:
+        """An edit of one of the identity's results (POST /v1/jobs/edit): `count` items, each one
+        edit from its own seed, re-scored and gated by the edit flow. Every name in the body is
+        resolved in the tenant's scope (the identity and the references first, the result in that
+        identity's history once the server is known to edit), so a foreign id answers 404."""
+        import dataclasses
+        import time
+
+        from portrait.flows.edit import EDIT_BACKENDS
+        from portrait.stages import generate as gen
+        from portrait.stages.backends import BACKENDS
+        from portrait.studio.spec import Item, Job, content_id
+
+        from .requests import declared_settings
+        from .tenants import JobRow, new_id
+
+        handle = self.scope.identity(tenant, body.identity, "identity")
+        refs = [self.scope.asset(tenant, value, f"references.{i}") for i, value in enumerate(body.references)]
+        family = self.base.family
+        backend = body.backend or EDIT_BACKENDS.get(family)
+        if backend is None:
+            raise InvalidField("backend", f"this server's preset '{self.base.name}' ({family}) has no edit model; "
+                                          "edits run on a FLUX.2 [klein], Qwen-Image-Edit or FLUX.1 preset")
+        if backend not in EDIT_BACKENDS.values():
+            raise InvalidField("backend", f"'{backend}' is not an edit backend (choose "
+                                          f"{', '.join(sorted(set(EDIT_BACKENDS.values())))})")
+        spec = BACKENDS.get(backend)
+        if family not in spec.families:
+            raise InvalidField("backend", f"backend '{backend}' runs on {', '.join(spec.families)}; this server's "
+                                          f"preset '{self.base.name}' is {family}")
+        source = self.result_file(tenant, handle.id, body.result, field="result")
+        if len(body.prompt) > self.policy.max_prompt_chars:
+            raise InvalidField("prompt", f"{len(body.prompt)} characters; the limit is {self.policy.max_prompt_chars}")
+        if not body.prompt.strip():
+            raise InvalidField("prompt", "say what to change (e.g. \"a sunny beach behind her\")")
+        if not 1 <= body.count <= self.policy.max_count:
+            raise InvalidField("count", f"{body.count}; use 1-{self.policy.max_count} (preset key service.max_count)")
+        gpolicy = gen.GeneratePolicy.from_preset(self.base)
+        if body.steps is not None and body.steps > gpolicy.max_steps:
+            raise InvalidField("steps", f"{body.steps}; use 1-{gpolicy.max_steps} (preset key generate.max_steps)")
+        options, assets = self._tenant_options(tenant, body.options or {})
+        self._check_options(options, [spec])
+        if self.identity_state(handle.row) != "ready":
+            raise Busy(f"identity '{handle.id}' is not ready (state {self.identity_state(handle.row)})")
+        now = time.time()
+        self._admit(tenant, body.count, body.count, now)
+        job_id = new_id("j")
+        overrides = {**declared_settings(body), "options": options or None}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        dest = self.job_root(job_id) / handle.id / "edit"
+        edit = {"source": str(source), "source_name": body.result, "prompt": body.prompt,
+                "references": [str(r.path) for r in refs], "reference_names": [r.id for r in refs]}
+        items = []
+        for index in range(body.count):
+            seed = body.seed + index
+            payload = {"identity": handle.id, "bundle": str(handle.bundle), "template": None, "prompt": None,
+                       "backend": backend, "preset": self.settings.preset, "seed": seed, "overrides": overrides,
+                       "finish": body.finish, "dest": str(dest), "stem": f"{backend}-edit-s{seed}", "edit": edit}
+            items.append(Item(id=content_id({"kind": "generate", **payload}), kind="generate",
+                              group=f"{self.settings.preset}/{backend}/{handle.id}", order=index,
+                              label=f"{handle.row.name} / edit / {backend} #{index + 1}",
+                              payload={**payload, "run": job_id}))
+        job = Job(id=content_id({"service_job": job_id}, 12), source=f"service:{tenant}:{job_id}",
+                  spec={"service_job": job_id, "kind": "edit"}, items=tuple(items))
+        self._submit(job, tenant)
+        self.db.count_images(tenant, body.count, now)
+        params = body.model_dump(mode="json", exclude={"identity"})
+        self.db.add_job(JobRow(job_id, tenant, "edit", job.id, (handle.id,), params, now),
+                        tuple([r.id for r in refs] + assets))
+        self.wake()
+        return self.job_view(tenant, job_id)
+
     # -- the catalogue ------------------------------------------------------------------------------
 
     def server_facts(self) -> dict[str, Any]:
@@ -119,8 +209,12 @@ class StudioDesk:
         from portrait.flows.prepare import PREPARE_READERS, PrepareFlowPolicy
         from portrait.stages.generate import GeneratePolicy
 
+        from portrait.flows.edit import EDIT_BACKENDS
+
         score = FinishPolicy.from_preset(self.base).score
         return {"preset": self.base.name, "family": self.base.family,
+                # the backend that edits results on this server (None: its preset has no edit model)
+                "edit_backend": EDIT_BACKENDS.get(self.base.family),
                 "min_photos": from_preset(PrepareFlowPolicy, self.base, shared=PREPARE_READERS).min_photos,
                 "default_backend": GeneratePolicy.from_preset(self.base).backend,
                 "keep_attempts": score.keep_attempts, "max_count": self.policy.max_count}
@@ -137,7 +231,7 @@ class StudioDesk:
 
         return History(self.settings)
 
-    def _result_rows(self, tenant: str, identity_id: str, ids: Sequence[str]):
+    def _result_rows(self, tenant: str, identity_id: str, ids: Sequence[str], field: str = "ids"):
         from portrait.flows.history import UnknownResult
 
         from .scope import NotFound
@@ -146,7 +240,7 @@ class StudioDesk:
         try:
             return handle, self._history().get(handle.id, ids)
         except UnknownResult as exc:
-            raise NotFound(str(exc), "ids") from None
+            raise NotFound(str(exc), field) from None
 
     def identity_results(self, tenant: str, identity_id: str, *, page: int = 1, per_page: int = 24,
                          job: str | None = None, starred: bool | None = None) -> dict[str, Any]:
@@ -172,12 +266,12 @@ class StudioDesk:
         out["identity"] = handle.id
         return out
 
-    def result_file(self, tenant: str, identity_id: str, result_id: str) -> Path:
+    def result_file(self, tenant: str, identity_id: str, result_id: str, field: str = "ids") -> Path:
         from .scope import NotFound
 
-        _, rows = self._result_rows(tenant, identity_id, [result_id])
+        _, rows = self._result_rows(tenant, identity_id, [result_id], field)
         if not rows[0].present:
-            raise NotFound(f"result '{result_id}' is no longer on disk")
+            raise NotFound(f"result '{result_id}' is no longer on disk", field)
         return rows[0].path
 
     def star_results(self, tenant: str, identity_id: str, ids: Sequence[str], starred: bool = True) -> dict[str, Any]:
@@ -192,7 +286,7 @@ class StudioDesk:
 
         handle, rows = self._result_rows(tenant, identity_id, ids)
         try:
-            return self._history().zip(handle.id, [r.id for r in rows])
+            return self._history().zip(handle.id, [r.id for r in rows], read=public_image)
         except UnknownResult as exc:
             raise NotFound(str(exc), "ids") from None
 

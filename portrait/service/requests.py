@@ -141,6 +141,30 @@ class StarRequest(ResultSelection):
     starred: bool = True
 
 
+class EditFields(RequestModel):
+    """One of the identity's results, changed by a prompt (background, outfit, expression,
+    lighting) with the face kept and checked (portrait.flows.edit): each edit is re-scored
+    against the identity and regenerated with new seeds below the likeness check."""
+
+    identity: IdentityRef
+    result: ResultId = Field(description="The result to edit: an id from GET /v1/identities/{id}/results.")
+    prompt: str = Field(min_length=1, description="What to change, e.g. \"a sunny beach behind her\".")
+    references: list[AssetRef] = Field(default_factory=list, max_length=3,
+                                       description="Up to 3 uploaded images to take from (an outfit, a backdrop).")
+    backend: Optional[str] = Field(None, max_length=64, description="klein-ref, qwen-edit or kontext (default: the "
+                                                                    "one of this server's preset).")
+    count: int = Field(1, ge=1, description="Edits to make, each from its own seed (the server's limit: the preset's "
+                                            "service.max_count).")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    finish: bool | dict[FinishStage, bool] = Field(
+        {"fuse": False}, description="Finishing stages; fusion is off (pasting the reference face back would undo "
+                                     "an expression edit).")
+
+
+# The declared settings an edit takes (its size is the result's own, fitted to the preset).
+EDIT_SETTINGS = ("steps", "guidance", "options")
+
+
 # A declared setting marked `tenant: False` (a file or model override) is the operator's: the
 # request models leave it out, so a tenant cannot send it.
 TENANT_MARKS = ("tenant",)
@@ -177,11 +201,20 @@ def shoot_request_model() -> type[ShootFields]:
     return door_model("ShootRequest", base=ShootFields, drop_marked=TENANT_MARKS)  # type: ignore[return-value]
 
 
+def edit_request_model() -> type[EditFields]:
+    """POST /v1/jobs/edit's body: its own fields and the declared steps, guidance and options."""
+    from portrait.core.request import door_model
+
+    return door_model("EditRequest", base=EditFields, include=EDIT_SETTINGS,  # type: ignore[return-value]
+                      drop_marked=TENANT_MARKS)
+
+
 GenerateRequest = generate_request_model()  # the declaration as it stands at import (create_app builds its own)
 BatchRequest = batch_request_model()
 ShootRequest = shoot_request_model()
+EditRequest = edit_request_model()
 REQUEST_MODELS: dict[str, type[RequestModel]] = {m.__name__: m for m in (TrainRequest, GenerateRequest, BatchRequest,
-                                                                          ShootRequest)}
+                                                                          ShootRequest, EditRequest)}
 
 
 def _ref_kind(info: Any) -> str | None:

@@ -52,7 +52,7 @@ from portrait.studio.runner import StudioPolicy
 from portrait.studio.spec import Job, backend_overrides, content_id, expand, parse_spec, train_item
 from portrait.studio.store import ItemRow, Store
 
-from .desk import InvalidField, StudioDesk, public_text
+from .desk import Busy, InvalidField, StudioDesk, public_image, public_text
 from .policy import ServicePolicy, TenantPolicy
 from .requests import BatchFields, GenerateFields, ShootFields, declared_settings
 from .scope import AssetHandle, IdentityHandle, JobHandle, NotFound, Scope
@@ -60,10 +60,6 @@ from .tenants import AssetRow, IdentityRow, JobRow, TenantDB, new_id
 from .uploads import Screened, Upload, screen, sniff
 
 __all__ = ["Busy", "InvalidField", "NotFound", "QuotaExceeded", "RejectedUpload", "StudioService"]
-
-
-class Busy(PortraitError):
-    """The object is in a state that does not allow this now (HTTP 409)."""
 
 
 class QuotaExceeded(PortraitError):
@@ -945,7 +941,7 @@ class StudioService(StudioDesk):
             rows = []
             for image in images:
                 name = f"{image['rank']:03d}_{image['backend']}_s{image['seed']}.png"
-                zf.write(image["_path"], name)
+                zf.writestr(name, public_image(Path(image["_path"])))
                 rows.append({**{k: v for k, v in image.items() if k not in ("_path", "url")}, "file": name})
             zf.writestr("results.json", json.dumps({"job": job_id, "results": rows}, indent=2))
         return buffer.getvalue()

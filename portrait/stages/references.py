@@ -128,19 +128,26 @@ def reference_size(request_width: int, request_height: int, asked: int, multiple
     return max(MIN_SIDE, side // multiple * multiple)
 
 
-def edit_pictures(edit: dict[str, Any], width: int, height: int, identity: str) -> list[ReferencePicture]:
+def edit_pictures(edit: dict[str, Any], width: int, height: int, identity: str,
+                  files: dict[str, str] | None = None) -> list[ReferencePicture]:
     """An edit's pictures: the image being edited (at the output's size) first, then the user's
-    references (outfit, backdrop), their longer side at most the output's longer side."""
+    references (outfit, backdrop), their longer side at most the output's longer side. `files`
+    maps the names the edit records to the files to read (Resolved.edit_files; a name it does
+    not hold is the file's path)."""
     from PIL import Image
 
     from portrait.core.formats.images import read_rgb
 
-    source = Path(edit["source"])
+    where = files or {}
+    source = Path(where.get(edit["source"], edit["source"]))
     pixels = np.asarray(Image.fromarray(read_rgb(source)).resize((width, height), Image.LANCZOS))
-    pictures = [ReferencePicture(identity, source, _at_least(pixels), str(edit["source_sha256"]), "edit-source")]
+    # each picture is recorded under the edit's own name for it
+    pictures = [ReferencePicture(identity, Path(edit["source"]), _at_least(pixels), str(edit["source_sha256"]),
+                                 "edit-source")]
     longest = max(width, height, 256)
     for row in edit.get("references") or ():
-        image = read_rgb(row["file"])
+        file = Path(where.get(row["file"], row["file"]))
+        image = read_rgb(file)
         h, w = image.shape[:2]
         if max(h, w) > longest:
             scale = longest / max(h, w)

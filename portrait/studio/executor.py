@@ -223,11 +223,22 @@ class FlowExecutor:
             found = shoots.find_cell(shoots.find_package(p["shoot"]["package"]), p["shoot"]["cell"])
             template, cell = shoots.cell_template(found), found.as_dict()
         keep = p.get("keep")
-        result = generate(identity, template=template, prompt=p["prompt"], backend=p["backend"],
-                          n=None if keep else 1, keep=keep, attempts=p.get("attempts"), seed=p["seed"], out=staging,
-                          ctx=self.context(p["preset"]), finish=p["finish"], progress=self._reporter(item),
-                          with_identity=people, job=p.get("run"), cell=cell, record=False,
-                          upscale_factor=p.get("upscale_factor"), **p["overrides"])
+        if p.get("edit"):  # an edit of one of the identity's results (portrait.flows.edit)
+            from portrait.flows.edit import edit
+
+            e = p["edit"]
+            names = {Path(e["source"]): f"result {e['source_name']}",
+                     **{Path(f): f"asset {n}" for f, n in zip(e["references"], e["reference_names"])}}
+            result = edit(e["source"], prompt=e["prompt"], references=e["references"], backend=p["backend"],
+                          identity=identity, n=1, seed=p["seed"], out=staging, ctx=self.context(p["preset"]),
+                          finish=p["finish"], progress=self._reporter(item), job=p.get("run"), record=False,
+                          public=lambda path: names.get(path, path.name), **p["overrides"])
+        else:
+            result = generate(identity, template=template, prompt=p["prompt"], backend=p["backend"],
+                              n=None if keep else 1, keep=keep, attempts=p.get("attempts"), seed=p["seed"],
+                              out=staging, ctx=self.context(p["preset"]), finish=p["finish"],
+                              progress=self._reporter(item), with_identity=people, job=p.get("run"), cell=cell,
+                              record=False, upscale_factor=p.get("upscale_factor"), **p["overrides"])
         report = result.as_json()
         rows = [{k: v for k, v in row.items() if k != "path"} for row in report["results"]]
         meta = {"backend": report["backend"], "template": report["template"], "results": rows}

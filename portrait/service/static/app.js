@@ -700,10 +700,58 @@ function resultFigure(who, row) {
     if (pick.checked) ui.results.selected.add(row.id); else ui.results.selected.delete(row.id);
     updateSelection();
   });
+  // An edit (background, outfit, light) of this portrait, where this server has an edit model.
+  const edit = ui.me && ui.me.edit_backend && row.present
+    ? el("button", { class: "quiet edit", title: `Edit this portrait of ${who.name}` }, "Edit") : null;
+  if (edit) edit.addEventListener("click", () => openEdit(who, row, img));
   return el("figure", { class: "shot", "data-id": row.id }, img,
-    el("figcaption", {}, el("div", { class: "row" }, pick, star, el("span", {}, `seed ${row.seed}`)), likeness(row),
+    el("figcaption", {}, el("div", { class: "row" }, pick, star, el("span", {}, `seed ${row.seed}`), edit), likeness(row),
       el("div", { class: "muted" }, `${row.backend}${row.rank ? " · #" + row.rank : ""}`)));
 }
+
+// -- an edit of one portrait -----------------------------------------------------------------------
+// The box remembers whose portrait it edits (its identity and result id); the button reads them
+// from there when it runs, so it never edits a portrait of another identity.
+
+function openEdit(who, row, img) {
+  const box = $("#edit-box");
+  box.dataset.identity = who.id; box.dataset.name = who.name; box.dataset.result = row.id;
+  $("#edit-title").textContent = `Edit this portrait of ${who.name}`;
+  $("#edit-source").src = img.src || "";
+  $("#edit-prompt").value = ""; $("#edit-references").value = "";
+  $("#edit-status").textContent = "Say what to change; the face is kept and checked against your photos.";
+  setBar("#edit-bar", 0, "");
+  box.hidden = false; $("#edit-prompt").focus();
+  box.scrollIntoView({ block: "nearest" });
+}
+
+$("#edit-close").addEventListener("click", () => { $("#edit-box").hidden = true; });
+
+$("#edit-button").addEventListener("click", async () => {
+  const box = $("#edit-box");
+  const who = panelIdentity();
+  if (!who || who.id !== box.dataset.identity) { say("Open the portrait to edit again: another identity is on screen."); box.hidden = true; return; }
+  const prompt = $("#edit-prompt").value.trim();
+  if (!prompt) { say("Say what to change, for example \"a sunny beach behind her\"."); return; }
+  const files = [...$("#edit-references").files];
+  if (files.length > 3) { say("Choose at most 3 pictures to take from."); return; }
+  try {
+    const references = [];
+    for (const file of files) {
+      const form = new FormData(); form.append("file", file);
+      $("#edit-status").textContent = `Sending ${file.name}…`;
+      references.push((await api("/v1/assets", { method: "POST", body: form })).id);
+    }
+    const job = await post("/v1/jobs/edit", { identity: who.id, result: box.dataset.result, prompt, references });
+    say(""); loadQueue();
+    watch(job.id, who.id, "edit", (done, mine) => {
+      if (!mine) return;
+      if (done.state === "done") $("#edit-status").textContent = `Done: the edit of ${who.name}'s portrait is first in the results below.`;
+      ui.results = { page: 1, pages: 1, job: done.id, selected: new Set() };
+      loadResults(); showWarnings(done.id, "edit");
+    });
+  } catch (err) { $("#edit-status").textContent = ""; say(err.message); }
+});
 
 function updateSelection() {
   const n = ui.results.selected.size;

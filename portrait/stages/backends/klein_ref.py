@@ -100,7 +100,8 @@ class KleinRefBackend:
         face_backend = request.resolved.face_backend
         edit = request.resolved.edit
         if edit:  # portrait edit: the result first, the user's references, then the identity's crops
-            pictures = references.edit_pictures(edit, request.width, request.height, request.identity.name)
+            pictures = references.edit_pictures(edit, request.width, request.height, request.identity.name,
+                                                request.resolved.edit_files)
             room = MAX_REFERENCES + 1 - len(pictures)
             if room < 0:
                 raise BadInput(f"--reference: klein-ref edits with at most {MAX_REFERENCES} references "

@@ -68,7 +68,8 @@ class KontextBackend:
         if edit.get("references"):
             raise BadInput("--reference: kontext edits one image and takes no references "
                            "(use --backend klein-ref or qwen-edit)")
-        (source,) = references.edit_pictures(edit, request.width, request.height, request.identity.name)
+        (source,) = references.edit_pictures(edit, request.width, request.height, request.identity.name,
+                                             request.resolved.edit_files)
         prompt = request.prompt
         pipe = frontier.load_frontier_pipeline(ctx, request, "edit", role="kontext")
         info = {"identity_mode": "edit", "model": model_info(ctx, "kontext"), "references": [source.info()],

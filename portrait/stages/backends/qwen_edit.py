@@ -98,7 +98,8 @@ class QwenEditBackend:
         face_backend = request.resolved.face_backend
         edit = request.resolved.edit
         if edit:  # portrait edit: the result first, the user's references, then the identity's crops
-            pictures = references.edit_pictures(edit, request.width, request.height, request.identity.name)
+            pictures = references.edit_pictures(edit, request.width, request.height, request.identity.name,
+                                                request.resolved.edit_files)
             if len(pictures) > MAX_PICTURES:
                 raise BadInput(f"--reference: Qwen-Image-Edit takes {MAX_PICTURES} pictures, the image being "
                                f"edited and at most {MAX_PICTURES - 1} references ({len(pictures) - 1} given)")
