@@ -23,14 +23,14 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "outputs" / "test-artifacts" / "serve"
 
 
-def service_home(tiny_home: Settings, folder: Path) -> Settings:
+def service_home(tiny_home: Settings, folder: Path, preset: str = "tiny") -> Settings:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "models").symlink_to(tiny_home.models_dir, target_is_directory=True)
-    return Settings(home=folder, preset="tiny", device="cpu")
+    return Settings(home=folder, preset=preset, device="cpu")
 
 
-def two_tenant_studio(tiny_home: Settings, root: Path) -> dict:
-    """A service on the tiny preset with two tenants (acme = "a", globex = "b": their auth headers),
+def two_tenant_studio(tiny_home: Settings, root: Path, preset: str = "tiny") -> dict:
+    """A service on a tiny preset (default: the SD1.5 one) with two tenants (acme = "a", globex = "b": their auth headers),
     a FastAPI test client, the demo photos, and `drain()`, which runs the store's items in this
     process with the executor the server's workers use (so no test waits on a clock)."""
     from fastapi.testclient import TestClient
@@ -41,7 +41,7 @@ def two_tenant_studio(tiny_home: Settings, root: Path) -> dict:
     from portrait.studio.executor import FlowExecutor
     from portrait.studio.runner import LocalWorker
 
-    settings = service_home(tiny_home, root / "home")
+    settings = service_home(tiny_home, root / "home", preset)
     service = StudioService(settings)
     _, token_a = service.db.create_token("acme")
     _, token_b = service.db.create_token("globex")

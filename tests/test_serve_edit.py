@@ -11,36 +11,16 @@ import json
 import pytest
 from PIL import Image
 
-from serve_helpers import multipart, sample_files
+from serve_helpers import multipart, two_tenant_studio
 
 pytest.importorskip("fastapi")
 
 
 @pytest.fixture(scope="module")
 def klein(tiny_home, tmp_path_factory):
-    from fastapi.testclient import TestClient
-
-    from portrait.core.config import Settings
-    from portrait.service.app import create_app
-    from portrait.service.service import StudioService
-    from portrait.service.workers import ProgressRecorder
-    from portrait.studio.executor import FlowExecutor
-    from portrait.studio.runner import LocalWorker
-
     root = tmp_path_factory.mktemp("serve-edit")
-    (root / "home").mkdir()
-    (root / "home" / "models").symlink_to(tiny_home.models_dir, target_is_directory=True)
-    settings = Settings(home=root / "home", preset="tiny-flux2-klein", device="cpu")
-    service = StudioService(settings)
-    _, token_a = service.db.create_token("acme")
-    _, token_b = service.db.create_token("globex")
-    client = TestClient(create_app(service))
-    executor = FlowExecutor(settings, progress=ProgressRecorder(service.store, 0.05))
-    a, b = {"Authorization": f"Bearer {token_a}"}, {"Authorization": f"Bearer {token_b}"}
-    photos = sample_files(root / "photos")
-
-    def drain() -> int:
-        return LocalWorker(service.store, executor, service.studio_policy).run()
+    studio = two_tenant_studio(tiny_home, root, preset="tiny-flux2-klein")
+    client, a, b, drain, photos = studio["client"], studio["a"], studio["b"], studio["drain"], studio["photos"]
 
     def person(headers, name):
         response = client.post("/v1/identities", data={"name": name}, files=multipart(photos), headers=headers)
@@ -52,13 +32,11 @@ def klein(tiny_home, tmp_path_factory):
 
     ana, bea = person(a, "ana"), person(b, "bea")
     drain()
-    made = {}
     for who, headers in ((ana, a), (bea, b)):
         job = client.post("/v1/jobs/generate", json={"identity": who, "prompt": "portrait photo of {trigger} {class}",
                                                      "backend": "klein-ref", "steps": 2, "seed": 3,
                                                      "finish": {"upscale": False}}, headers=headers)
         assert job.status_code == 202, job.text
-        made[who] = job.json()["id"]
     drain()
     results = {who: client.get(f"/v1/identities/{who}/results", headers=h).json()["results"]
                for who, h in ((ana, a), (bea, b))}
@@ -142,8 +120,6 @@ def test_edit_requests_are_checked_in_the_tenants_scope(klein, change, status, f
 
 
 def test_a_server_without_an_edit_model_says_so(tiny_home, tmp_path):
-    from serve_helpers import two_tenant_studio
-
     studio = two_tenant_studio(tiny_home, tmp_path)
     client, a = studio["client"], studio["a"]
     response = client.post("/v1/identities", data={"name": "cy"}, files=multipart(studio["photos"]), headers=a)

@@ -15,7 +15,7 @@ import zipfile
 import pytest
 
 import face_backend
-from serve_helpers import multipart, sample_files, service_home
+from serve_helpers import multipart, two_tenant_studio
 
 pytest.importorskip("fastapi")
 
@@ -24,30 +24,10 @@ CARD = {"size": [256, 320], "finish": {"upscale": False}}
 
 @pytest.fixture(scope="module")
 def studio(tiny_home, tmp_path_factory):
-    from fastapi.testclient import TestClient
-
-    from portrait.service.app import create_app
-    from portrait.service.service import StudioService
-    from portrait.service.workers import ProgressRecorder
     from portrait.stages.backends import register, unregister
-    from portrait.studio.executor import FlowExecutor
-    from portrait.studio.runner import LocalWorker
 
     register(face_backend.SPEC, replace=True)
-    root = tmp_path_factory.mktemp("serve-studio")
-    settings = service_home(tiny_home, root / "home")
-    service = StudioService(settings)
-    _, token_a = service.db.create_token("acme")
-    _, token_b = service.db.create_token("globex")
-    client = TestClient(create_app(service))
-    executor = FlowExecutor(settings, progress=ProgressRecorder(service.store, 0.05))
-
-    def drain() -> int:
-        return LocalWorker(service.store, executor, service.studio_policy).run()
-
-    yield {"service": service, "client": client, "a": {"Authorization": f"Bearer {token_a}"},
-           "b": {"Authorization": f"Bearer {token_b}"}, "drain": drain, "photos": sample_files(root / "photos"),
-           "root": root, "settings": settings}
+    yield two_tenant_studio(tiny_home, tmp_path_factory.mktemp("serve-studio"))
     unregister("facecard")
 
 

@@ -7,8 +7,9 @@ written here: they are generated from their declaration (portrait.core.request, 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 from typer.core import TyperCommand
@@ -63,26 +64,28 @@ def register(app: typer.Typer) -> None:
         **declared,  # --size, --steps, --guidance, ... generated from portrait.core.request (cli/declared.py)
     ) -> None:
         """Generate portraits of IDENTITY from a template or a prompt into OUT."""
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
         from portrait.flows.generate import generate
 
         overrides = collect(declared)
         finish = finish_switches(no_finish, no_fuse=no_fuse, no_retouch=no_retouch, no_upscale=no_upscale,
                                  restore=restore)
-        console = Console(stderr=True)
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}"),
-                      TimeElapsedColumn(), console=console, transient=True) as bar:
-            task = bar.add_task("loading models", total=n or 1)
-
-            def progress(what: str, done: float, total: float) -> None:
-                bar.update(task, description=what, completed=done, total=total)
-
+        with progress_bar(n or 1) as progress:
             result = generate(identity, template=template, prompt=prompt, backend=backend, n=n, seed=seed, out=out,
                               settings=ctx.obj, progress=progress, finish=finish, with_identity=list(also),
                               keep=keep, attempts=attempts, upscale_factor=upscale_factor, **overrides)
         print_result(result)
+
+
+@contextlib.contextmanager
+def progress_bar(total: float) -> Iterator[Callable[[str, float, float], None]]:
+    """A transient bar on stderr while a flow runs; yields the flow's `progress(what, done, total)`."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("loading models", total=total)
+        yield lambda what, done, total: bar.update(task, description=what, completed=done, total=total)
 
 
 def finish_switches(no_finish: bool, *, no_fuse: bool = False, no_retouch: bool = False, no_upscale: bool = False,

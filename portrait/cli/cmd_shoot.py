@@ -46,24 +46,14 @@ def register(app: typer.Typer) -> None:
         **declared,  # --size, --steps, --guidance, --option, ...: generated from portrait.core.request (cli/declared.py)
     ) -> None:
         """Render a studio package's cells (backdrop x outfit x pose) for IDENTITY into OUT, grouped by cell."""
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
         from portrait.flows.shoot import shoot
 
-        from .cmd_generate import finish_switches, print_result
+        from .cmd_generate import finish_switches, print_result, progress_bar
 
         overrides = collect(declared)
         finish = finish_switches(no_finish, no_fuse=no_fuse, no_retouch=no_retouch, no_upscale=no_upscale,
                                  restore=restore)
-        console = Console(stderr=True)
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}"),
-                      TimeElapsedColumn(), console=console, transient=True) as bar:
-            task = bar.add_task("loading models", total=1)
-
-            def progress(what: str, done: float, total: float) -> None:
-                bar.update(task, description=what, completed=done, total=total)
-
+        with progress_bar(1) as progress:
             result = shoot(identity, package, cells=_names(cells), backdrops=_names(backdrops),
                            outfits=_names(outfits), poses=_names(poses), n=n, keep=keep, attempts=attempts,
                            backend=backend, seed=seed, out=out, settings=ctx.obj, progress=progress, finish=finish,
