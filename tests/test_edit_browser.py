@@ -60,6 +60,7 @@ def test_a_portrait_is_edited_from_the_page(tiny_home, tmp_path):
             expect(edits).to_have_count(1)
             heading = page.locator("#results section.job-results h4").first
             expect(heading).to_contain_text("edit")
+            expect(page.locator("#results .cell h5").first).to_have_text("Edited: “a sunny beach behind her”")
             page.screenshot(path=str(tmp_path / "edit-done.png"), full_page=True)
             browser.close()
         jobs = [j for j in server.get("/v1/jobs")["jobs"] if j["kind"] == "edit"]

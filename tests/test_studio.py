@@ -330,10 +330,20 @@ def test_stop_after_current_item_then_resume(tmp_path):
     stop = threading.Event()
     studio = fake_studio(tmp_path, log, sleep=0.05)
     spec = write_spec(tmp_path)
-    timer = threading.Timer(0.3, stop.set)
-    timer.start()
+
+    def stop_after_two() -> None:
+        # Stop once two items are done (a 0.3 s timer could fire before the first one on a
+        # loaded machine, and then nothing was done).
+        while not stop.is_set():
+            if log.exists() and sum(line.startswith("end") for line in log.read_text().splitlines()) >= 2:
+                stop.set()
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=stop_after_two, daemon=True)
+    watcher.start()
     first = studio.run(spec, stop=stop)
-    timer.cancel()
+    stop.set()
+    watcher.join()
     assert first.stopped and 0 < first.status.counts["done"] < 12 and first.status.counts["running"] == 0
     second = fake_studio(tmp_path, log).run(spec)
     assert second.ok and len(starts(log)) == 12

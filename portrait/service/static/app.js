@@ -663,7 +663,9 @@ async function loadResults() {
     if (cellKey !== lastCell) {
       const keep = reports[`${row.job}/${row.cell || ""}`];
       cellBox = el("div", { class: "gallery" });
-      jobBox.append(el("div", { class: "cell", "data-cell": cellKey }, el("h5", { title: cellKey }, cellTitle(row),
+      const job = page.jobs[row.job] || {};
+      const title = job.kind === "edit" ? `Edited: “${(job.params || {}).prompt || ""}”` : cellTitle(row);
+      jobBox.append(el("div", { class: "cell", "data-cell": cellKey }, el("h5", { title: cellKey }, title,
         keep ? el("span", { class: "muted" }, ` · ${keepWords(keep)}`) : null), cellBox));
       lastCell = cellKey;
     }
