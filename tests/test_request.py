@@ -294,7 +294,10 @@ def test_a_generated_option_out_of_bounds_is_one_line_with_the_option_value_and_
                        (("--steps", "0"), "error: --steps 0: input should be greater than or equal to 1"),
                        (("--guidance", "-1"), "error: --guidance -1: input should be greater than or equal to 0"),
                        (("--steps", "2.5"), "error: --steps 2.5: input should be a valid integer"),
-                       (("--lora-weight", "9"), "error: --lora-weight 9: input should be less than or equal to 5")):
+                       (("--lora-weight", "9"), "error: --lora-weight 9: input should be less than or equal to 5"),
+                       # a choice: typer's pydantic check said "Value error, 'bogus' is not one of ..."
+                       (("--scheduler", "bogus"), "error: Invalid value for '--scheduler': 'bogus' is not one of "
+                                                  "'euler', ")):
         code, _, err = cli(capsys, home.home, "generate", "-i", NAME, "--prompt", "x", *args, "--out", str(out))
         assert code == 2, err
         assert error_line(err).startswith(line), err

@@ -161,6 +161,8 @@ def _interrupted(exc: BaseException | None) -> int:
 def usage_line(exc: Exception) -> str:
     """click's usage error as one line (click prints usage, a hint and the error on three)."""
     message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    # typer checks a Literal option through pydantic, whose reason starts "Value error, "
+    message = message.replace("Value error, ", "")
     ctx = getattr(exc, "ctx", None)
     where = f" (see `{ctx.command_path} --help`)" if ctx is not None and getattr(ctx, "command_path", None) else ""
     return " ".join(message.split()) + where
