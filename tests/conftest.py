@@ -37,6 +37,17 @@ def ctx(tiny_home):
     return RunContext.create(tiny_home, preset="tiny")
 
 
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> Path:
+    """The demo's sample photos (six astronaut shots, Hopper, a truncated JPEG), written once per
+    session; tests read them and copy them before changing anything."""
+    from portrait.samples import write_sample_photos
+
+    folder = tmp_path_factory.mktemp("sample-photos") / "photos"
+    write_sample_photos(folder)
+    return folder
+
+
 @pytest.fixture()
 def own_home(tmp_path, tiny_home):
     """A home of its own (identities are per test) sharing the session's tiny models."""

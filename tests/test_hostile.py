@@ -31,15 +31,6 @@ def home(tiny_home, astronaut):
     return tiny_home
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    from portrait.samples import write_sample_photos
-
-    folder = tmp_path_factory.mktemp("hostile-photos") / "photos"
-    write_sample_photos(folder)
-    return folder
-
-
 @pytest.fixture()
 def user_files(tmp_path, photos):
     """A user's folder next to the run: photos copied in, and hashes to compare after."""

@@ -39,15 +39,6 @@ def home(tmp_path_factory, tiny_home, astronaut):
     return settings
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    from portrait.samples import write_sample_photos
-
-    folder = tmp_path_factory.mktemp("signal-photos") / "photos"
-    write_sample_photos(folder)
-    return folder
-
-
 def default_sigint() -> None:
     """Run in the child before exec: a suite started from a background job (`make test &`)
     ignores SIGINT, the child would inherit SIG_IGN and Python keeps an ignored SIGINT ignored

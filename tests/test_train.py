@@ -50,15 +50,6 @@ def home(own_home) -> Settings:
     return own_home
 
 
-@pytest.fixture(scope="session")
-def photos(tmp_path_factory) -> Path:
-    from portrait.samples import write_sample_photos
-
-    folder = tmp_path_factory.mktemp("sample-photos")
-    write_sample_photos(folder)
-    return folder
-
-
 def fresh_pipeline(settings: Settings, preset: str = "tiny"):
     """A pipeline not shared through any cache (the trainer adds adapters to it)."""
     from portrait.core.loaders import load_pipeline

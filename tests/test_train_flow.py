@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,15 +38,6 @@ PROMPT = "a photo of sks person"
 @pytest.fixture()
 def home(own_home) -> Settings:
     return own_home
-
-
-@pytest.fixture(scope="session")
-def photos(tmp_path_factory) -> Path:
-    from portrait.samples import write_sample_photos
-
-    folder = tmp_path_factory.mktemp("sample-photos")
-    write_sample_photos(folder)
-    return folder
 
 
 def command(settings: Settings, preset: str, *args: str, license: str = "") -> list[str]:
