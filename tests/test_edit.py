@@ -110,8 +110,11 @@ def test_bad_edits_are_one_line(home, result_png, tmp_path, astronaut, capsys):
     Image.fromarray(astronaut).save(plain)
     with pytest.raises(BadInput, match="not a portrait result .* give --identity NAME"):
         portrait.edit(plain, prompt="x", out=tmp_path / "o1", settings=home)
-    with pytest.raises(BadInput, match="portrait edit runs klein-ref"):
+    # no backend given on a preset without an edit model: the preset is named, not "--backend None"
+    with pytest.raises(BadInput, match="^--preset tiny: portrait edit runs klein-ref.*sd15, which has no edit model"):
         portrait.edit(result_png, prompt="x", out=tmp_path / "o2", settings=home.with_(preset="tiny"))
+    with pytest.raises(BadInput, match="^--backend lora: portrait edit runs klein-ref.* is flux2-klein$"):
+        portrait.edit(result_png, prompt="x", backend="lora", out=tmp_path / "o2", settings=home)
     with pytest.raises(BadInput, match="at most 3 references"):
         portrait.edit(result_png, prompt="x", references=[plain] * 4, out=tmp_path / "o3", settings=home)
     with pytest.raises(BadInput, match="--out is inside the input"):

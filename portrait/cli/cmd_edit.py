@@ -33,18 +33,16 @@ def register(app: typer.Typer) -> None:
         """Edit IMAGE by --prompt into OUT, keeping the identity's face (checked by the gate)."""
         from portrait.flows.edit import edit
 
+        from .cmd_generate import print_result
+
         overrides = collect(declared)  # e.g. --option identity_references=0 --option true_cfg=4
         finish = False if no_finish else {"fuse": fuse}
         result = edit(image, prompt=prompt, references=reference, backend=backend, identity=identity, n=n, seed=seed,
                       out=out, settings=ctx.obj, finish=finish, **overrides)
-        for r in result.results:
-            sim = "" if r.score.similarity is None else f"  similarity {r.score.similarity:.3f}"
-            gate = "" if r.passed_gate else "  (below gate)"
-            print(f"{r.rank:>3}  {r.path}  seed {r.candidate.seed}{sim}{gate}")
         gate = result.info.get("gate")
         if gate:
             kept = sum(r.passed_gate for r in result.results)
             print(f"kept {kept} of {len(result.results)} above the gate after {gate['evaluated']} edit(s) "
                   f"({len(gate['extra_seeds'])} regenerated); the face was re-scored in "
                   f"{', '.join(result.info.get('scoring', {}).get('spaces', {})) or 'no space'}")
-        print(f"wrote {len(result.results)} image(s) and {result.out / 'results.json'}")
+        print_result(result)  # the ranked files, warnings and results.json, as generate prints them

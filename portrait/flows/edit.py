@@ -55,11 +55,13 @@ def edit(image: str | Path, *, prompt: str, references: Sequence[str | Path] = (
     ctx = ctx or RunContext.create(settings, preset=preset, progress=progress)
     if not prompt or not str(prompt).strip():
         raise BadInput("--prompt: say what to change (e.g. \"a sunny beach behind her\")")
-    backend = backend or EDIT_BACKENDS.get(ctx.preset.family)
-    if backend not in EDIT_BACKENDS.values():
-        raise BadInput(f"--backend {backend}: portrait edit runs klein-ref (--preset klein-4b), qwen-edit "
+    chosen = backend or EDIT_BACKENDS.get(ctx.preset.family)
+    if chosen not in EDIT_BACKENDS.values():
+        where = f"--backend {backend}" if backend else f"--preset {ctx.preset.name}"
+        raise BadInput(f"{where}: portrait edit runs klein-ref (--preset klein-4b), qwen-edit "
                        f"(--preset qwen-edit) or kontext (--preset flux); preset '{ctx.preset.name}' is "
-                       f"{ctx.preset.family}")
+                       f"{ctx.preset.family}" + ("" if backend else ", which has no edit model"))
+    backend = chosen
     if len(references) > MAX_REFERENCES:
         raise BadInput(f"--reference: at most {MAX_REFERENCES} references ({len(references)} given)")
     source = Path(image).expanduser()

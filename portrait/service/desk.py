@@ -100,6 +100,17 @@ class StudioDesk:
             field = "attempts" if str(exc).startswith("--attempts") else "keep"
             raise InvalidField(field, str(exc).replace("--attempts", "attempts").replace("--keep", "keep")) from None
 
+    def _check_prompt(self, field: str, text: str) -> None:
+        if len(text) > self.policy.max_prompt_chars:
+            raise InvalidField(field, f"{len(text)} characters; the limit is {self.policy.max_prompt_chars}")
+
+    def _check_count_steps(self, body, gpolicy) -> None:
+        """`count` against the server's limit and `steps` against the preset's."""
+        if not 1 <= body.count <= self.policy.max_count:
+            raise InvalidField("count", f"{body.count}; use 1-{self.policy.max_count} (preset key service.max_count)")
+        if body.steps is not None and body.steps > gpolicy.max_steps:
+            raise InvalidField("steps", f"{body.steps}; use 1-{gpolicy.max_steps} (preset key generate.max_steps)")
+
     def _check_trained_for(self, people: Sequence[Any], specs: Sequence[Any], training: Mapping[str, str],
                            fields: Sequence[str]) -> None:
         """A backend that needs a trained LoRA refuses, at submit and in words, an identity that
@@ -132,7 +143,6 @@ class StudioDesk:
         edit from its own seed, re-scored and gated by the edit flow. Every name in the body is
         resolved in the tenant's scope (the identity and the references first, the result in that
         identity's history once the server is known to edit), so a foreign id answers 404."""
-        import dataclasses
         import time
 
         from portrait.flows.edit import EDIT_BACKENDS
@@ -158,15 +168,10 @@ class StudioDesk:
             raise InvalidField("backend", f"backend '{backend}' runs on {', '.join(spec.families)}; this server's "
                                           f"preset '{self.base.name}' is {family}")
         source = self.result_file(tenant, handle.id, body.result, field="result")
-        if len(body.prompt) > self.policy.max_prompt_chars:
-            raise InvalidField("prompt", f"{len(body.prompt)} characters; the limit is {self.policy.max_prompt_chars}")
+        self._check_prompt("prompt", body.prompt)
         if not body.prompt.strip():
             raise InvalidField("prompt", "say what to change (e.g. \"a sunny beach behind her\")")
-        if not 1 <= body.count <= self.policy.max_count:
-            raise InvalidField("count", f"{body.count}; use 1-{self.policy.max_count} (preset key service.max_count)")
-        gpolicy = gen.GeneratePolicy.from_preset(self.base)
-        if body.steps is not None and body.steps > gpolicy.max_steps:
-            raise InvalidField("steps", f"{body.steps}; use 1-{gpolicy.max_steps} (preset key generate.max_steps)")
+        self._check_count_steps(body, gen.GeneratePolicy.from_preset(self.base))
         options, assets = self._tenant_options(tenant, body.options or {})
         self._check_options(options, [spec])
         if self.identity_state(handle.row) != "ready":

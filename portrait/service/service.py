@@ -618,8 +618,7 @@ class StudioService(StudioDesk):
             if name not in shipped:  # only shipped templates by name: a path from a request is never opened
                 raise InvalidField(field, f"unknown template '{name}' (known: {', '.join(sorted(shipped))})")
         for field, text in prompts:
-            if len(text) > self.policy.max_prompt_chars:
-                raise InvalidField(field, f"{len(text)} characters; the limit is {self.policy.max_prompt_chars}")
+            self._check_prompt(field, text)
         specs = []
         for field, name in backends:
             spec = BACKENDS.get(name)
@@ -638,10 +637,7 @@ class StudioService(StudioDesk):
         self._check_options(options, specs)
         self._check_keep(body)
         # 3. numbers against the server's and the preset's limits
-        if not 1 <= body.count <= self.policy.max_count:
-            raise InvalidField("count", f"{body.count}; use 1-{self.policy.max_count} (preset key service.max_count)")
-        if body.steps is not None and body.steps > gpolicy.max_steps:
-            raise InvalidField("steps", f"{body.steps}; use 1-{gpolicy.max_steps} (preset key generate.max_steps)")
+        self._check_count_steps(body, gpolicy)
         if body.size is not None:
             w, h = body.size
             m = gpolicy.size_multiple
