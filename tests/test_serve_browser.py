@@ -58,10 +58,11 @@ def test_whole_flow_in_a_real_browser(tiny_home, tmp_path):
             page.screenshot(path=str(shots / "01-report.png"), full_page=True)
 
             # Train: the bar moves while the job runs, and the identity becomes ready.
-            # 40 steps: the page polls the job every 0.4 s and tiny steps take ~25 ms each (4 of
-            # them could start and end between two polls). Every text and width the page shows
-            # is recorded as it changes (a MutationObserver), not sampled.
-            page.fill("#train-steps", "40")
+            # 160 steps: the page polls the job every 0.4 s and tiny steps take ~25 ms each, so
+            # 40 steps (about 1 s) were once missed by every poll on CI (only "done 40/40" seen);
+            # 160 give about ten polls. Every text and width the page shows is recorded as it
+            # changes (a MutationObserver), not sampled.
+            page.fill("#train-steps", "160")
             page.evaluate("""() => {
                 window.seenTexts = []; window.seenWidths = [];
                 const status = document.querySelector('#train-status'), bar = document.querySelector('#train-bar');
@@ -76,7 +77,7 @@ def test_whole_flow_in_a_real_browser(tiny_home, tmp_path):
                 time.sleep(0.1)
             widths, texts = set(page.evaluate("window.seenWidths")), set(page.evaluate("window.seenTexts"))
             assert any(w not in ("", "0%", "100%") for w in widths), widths  # a live bar, not only start and end
-            assert any("step" in t and "/40" in t for t in texts), texts
+            assert any("step" in t and "/160" in t and "160/160" not in t for t in texts), texts
             expect(page.locator("#train-status")).to_contain_text("trained: LoRA")
             page.screenshot(path=str(shots / "02-trained.png"), full_page=True)
 
